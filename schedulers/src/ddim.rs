@@ -1,0 +1,68 @@
+//! DDIM (Song et al. 2021), deterministic (η = 0): `scheduling_ddim.py`.
+
+use crate::config::{ConfigError, Resolved};
+use crate::schedule::{NoiseSchedule, eps_coefficients, integer_timesteps, predict_x0};
+use crate::{SampleOps, StepOutput};
+
+#[derive(Debug, Clone)]
+pub struct Ddim {
+    pub schedule: NoiseSchedule,
+    pub config: Resolved,
+    pub timesteps: Vec<f32>,
+    pub step_index: usize,
+    int_timesteps: Vec<i64>,
+    /// ᾱ used past the last timestep: 1 with `set_alpha_to_one`, else ᾱ_0.
+    final_alpha_cumprod: f32,
+}
+
+impl Ddim {
+    pub fn new(schedule: NoiseSchedule, config: Resolved) -> Self {
+        let final_alpha_cumprod = if config.set_alpha_to_one {
+            1.0
+        } else {
+            schedule.alphas_cumprod[0]
+        };
+        Ddim {
+            schedule,
+            config,
+            timesteps: Vec::new(),
+            step_index: 0,
+            int_timesteps: Vec::new(),
+            final_alpha_cumprod,
+        }
+    }
+
+    pub fn set_timesteps(&mut self, n: usize) -> Result<(), ConfigError> {
+        let c = &self.config;
+        self.int_timesteps =
+            integer_timesteps(c.timestep_spacing, n, c.num_train_timesteps, c.steps_offset);
+        self.timesteps = self.int_timesteps.iter().map(|&t| t as f32).collect();
+        self.step_index = 0;
+        Ok(())
+    }
+
+    /// ᾱ at an integer timestep, or the final ᾱ before timestep 0.
+    fn alpha_bar_or_final(&self, t: i64) -> f32 {
+        if t >= 0 {
+            self.schedule.alphas_cumprod[t as usize]
+        } else {
+            self.final_alpha_cumprod
+        }
+    }
+
+    pub fn step<T: SampleOps>(&mut self, model_output: &T, sample: &T) -> StepOutput<T> {
+        let t = self.int_timesteps[self.step_index];
+        // diffusers steps back by train/n whatever the spacing (scheduling_ddim.py, `step`).
+        let prev_t = t - (self.config.num_train_timesteps / self.int_timesteps.len()) as i64;
+        let alpha_t = self.schedule.alphas_cumprod[t as usize];
+        let alpha_prev = self.alpha_bar_or_final(prev_t);
+        let clip = self.config.clip_sample.then_some(self.config.clip_sample_range);
+        let x0 = predict_x0(self.config.prediction, alpha_t, model_output, sample, clip);
+        // The direction term uses the unclipped ε.
+        let (ea, eb) = eps_coefficients(self.config.prediction, alpha_t);
+        let eps = sample.axpby(ea, model_output, eb);
+        let prev_sample = x0.axpby(alpha_prev.sqrt(), &eps, (1.0 - alpha_prev).sqrt());
+        self.step_index += 1;
+        StepOutput { prev_sample, denoised: x0 }
+    }
+}

@@ -1,0 +1,146 @@
+//! Parity with the real diffusers schedulers, from `tests/fixtures/schedulers.json`
+//! (made by `tests/fixtures/make_scheduler_fixtures.py`).
+
+use fewstep_schedulers::{Algorithm, Scheduler, SchedulerConfig};
+use serde_json::Value;
+
+fn fixtures() -> Value {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/schedulers.json");
+    let text = std::fs::read_to_string(path).expect("scheduler fixtures present");
+    // Python's json writes -Infinity for DPM-Solver's lambda_min_clipped.
+    serde_json::from_str(&text.replace("-Infinity", "null")).expect("valid fixture JSON")
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// ≤ 1e-5 absolute, relative to the value's magnitude where it exceeds 1 (σ-space samples reach
+/// ~150, where one f32 ulp is already 1.5e-5).
+fn assert_close(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let tol = 1e-5 * w.abs().max(1.0);
+        assert!(
+            (g - w).abs() <= tol,
+            "{what}[{i}]: got {g}, diffusers {w} (|diff| {} > {tol})",
+            (g - w).abs()
+        );
+    }
+}
+
+#[test]
+/// Bit-exact for the plain schedules; zero-terminal-SNR rescaling is within one ulp.
+fn alphas_cumprod_match_diffusers_in_f32() {
+    let f = fixtures();
+    for (name, entry) in f["alphas_cumprod"].as_object().unwrap() {
+        let cfg = SchedulerConfig::from_map(entry["config"].as_object().unwrap()).unwrap();
+        let schedule = cfg.noise_schedule(Algorithm::Ddpm).unwrap();
+        let want = floats(&entry["alphas_cumprod"]);
+        for (t, (g, w)) in schedule.alphas_cumprod.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= f32::EPSILON * w.abs(),
+                "{name}: alphas_cumprod[{t}] = {g}, diffusers {w}"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_algorithm_matches_diffusers_step_by_step() {
+    let f = fixtures();
+    let cases = f["cases"].as_array().unwrap();
+    assert!(cases.len() > 50, "fixture holds every algorithm x prediction x spacing");
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let algo = Algorithm::from_cli_name(case["algorithm"].as_str().unwrap()).unwrap();
+        let cfg = SchedulerConfig::from_map(case["config"].as_object().unwrap())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut s: Scheduler<Vec<f32>> = cfg.build(Some(algo)).unwrap();
+        s.set_timesteps(case["steps"].as_u64().unwrap() as usize)
+            .unwrap();
+        assert_eq!(
+            s.timesteps(),
+            floats(&case["timesteps"]).as_slice(),
+            "{name}: timesteps"
+        );
+        let sigma = case["init_noise_sigma"].as_f64().unwrap() as f32;
+        assert!(
+            (s.init_noise_sigma() - sigma).abs() <= 1e-6 * sigma,
+            "{name}: init_noise_sigma {} vs {sigma}",
+            s.init_noise_sigma()
+        );
+        let calls = case["calls"].as_array().unwrap();
+        // Truncated trajectories only keep their first calls in order.
+        let n = if case.get("calls_truncated").is_some() { 3 } else { calls.len() };
+        for (i, call) in calls.iter().take(n).enumerate() {
+            let what = format!("{name} call {i}");
+            assert_eq!(s.current_timestep(), Some(call["timestep"].as_f64().unwrap() as f32));
+            let sample = floats(&call["sample"]);
+            assert_close(
+                &format!("{what} model_input"),
+                &s.scale_model_input(&sample),
+                &floats(&call["model_input"]),
+            );
+            let noise = call.get("noise").map(floats);
+            assert_eq!(s.needs_noise(), noise.is_some(), "{what}: needs_noise");
+            let out = s
+                .step(&floats(&call["model_output"]), &sample, noise.as_ref())
+                .unwrap();
+            assert_close(&format!("{what} prev_sample"), &out.prev_sample, &floats(&call["prev_sample"]));
+            if let Some(d) = call.get("denoised") {
+                assert_close(&format!("{what} denoised"), &out.denoised, &floats(d));
+            }
+        }
+    }
+}
+
+#[test]
+fn wrong_types_and_unsupported_values_are_named() {
+    let err = SchedulerConfig::from_json_str(r#"{"beta_start": "0.1"}"#).unwrap_err();
+    assert!(err.to_string().contains("beta_start"), "{err}");
+    let err = SchedulerConfig::from_json_str(r#"{"timestep_spacing": "weird"}"#).unwrap_err();
+    assert!(err.to_string().contains("timestep_spacing") && err.to_string().contains("leading"));
+    let err = SchedulerConfig::from_json_str(r#"{"thresholding": true}"#).unwrap_err();
+    assert!(err.to_string().contains("thresholding"));
+    let err = SchedulerConfig::from_json_str("{not json").unwrap_err();
+    assert!(err.to_string().contains("JSON"));
+    // Unknown keys are ignored.
+    let cfg = SchedulerConfig::from_json_str(r#"{"_class_name": "DDIMScheduler", "whatever": [1]}"#)
+        .unwrap();
+    assert_eq!(cfg.class, Some(Algorithm::Ddim));
+}
+
+#[test]
+fn switching_algorithm_keeps_shared_fields_and_fills_own_defaults() {
+    let cfg = SchedulerConfig::from_json_str(
+        r#"{"_class_name": "DDPMScheduler", "beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}"#,
+    )
+    .unwrap();
+    let euler = cfg.resolve(Algorithm::Euler);
+    assert_eq!(euler.prediction, fewstep_schedulers::Prediction::V);
+    assert_eq!(euler.beta_schedule, fewstep_schedulers::BetaSchedule::SquaredcosCapV2);
+    assert_eq!(euler.timestep_spacing, fewstep_schedulers::TimestepSpacing::Linspace);
+    let lcm = SchedulerConfig::default().resolve(Algorithm::Lcm);
+    assert_eq!(lcm.beta_schedule, fewstep_schedulers::BetaSchedule::ScaledLinear);
+    // And what to_json writes reads back to the same resolved numbers.
+    let back = SchedulerConfig::from_map(cfg.to_json(Algorithm::Lcm).as_object().unwrap()).unwrap();
+    assert_eq!(back.resolve(Algorithm::Lcm), cfg.resolve(Algorithm::Lcm));
+}
+
+#[test]
+fn step_count_bounds_and_missing_noise_are_errors() {
+    let mut s: Scheduler<Vec<f32>> = SchedulerConfig::default().build(None).unwrap();
+    assert!(s.set_timesteps(0).is_err());
+    assert!(s.set_timesteps(1001).is_err());
+    s.set_timesteps(2).unwrap();
+    let x = vec![0.5f32; 4];
+    assert!(s.step(&x, &x, None).is_err(), "DDPM needs noise before t = 0");
+    s.step(&x, &x, Some(&x)).unwrap();
+    s.step(&x, &x, None).unwrap();
+    assert!(s.step(&x, &x, None).is_err(), "past the last timestep");
+}
