@@ -34,16 +34,18 @@ fn assert_close(what: &str, got: &[f32], want: &[f32]) {
 }
 
 #[test]
-/// Bit-exact for the plain schedules; zero-terminal-SNR rescaling is within one ulp.
+/// Bit-exact for the plain schedules; zero-terminal-SNR rescaling is within a few ulps (ATen's
+/// vectorised subtract/sqrt round a handful of elements differently).
 fn alphas_cumprod_match_diffusers_in_f32() {
     let f = fixtures();
     for (name, entry) in f["alphas_cumprod"].as_object().unwrap() {
         let cfg = SchedulerConfig::from_map(entry["config"].as_object().unwrap()).unwrap();
         let schedule = cfg.noise_schedule(Algorithm::Ddpm).unwrap();
         let want = floats(&entry["alphas_cumprod"]);
+        let ulps = if name.contains("zero_snr") { 4.0 } else { 0.0 };
         for (t, (g, w)) in schedule.alphas_cumprod.iter().zip(&want).enumerate() {
             assert!(
-                (g - w).abs() <= f32::EPSILON * w.abs(),
+                (g - w).abs() <= ulps * f32::EPSILON * w.abs(),
                 "{name}: alphas_cumprod[{t}] = {g}, diffusers {w}"
             );
         }
