@@ -1,1 +1,13 @@
+//! fewstep: few-step generation by distillation (progressive, consistency/LCM, KD-GAN), on burn.
+//!
+//! Floors, top down: `cli` → `sample` → `models` → `fewstep_schedulers`. The backend is picked
+//! once, in [`backend`].
 
+pub mod backend;
+pub mod error;
+pub mod io;
+pub mod models;
+pub mod noise;
+pub mod sample;
+
+pub use error::{Error, Result};

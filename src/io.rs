@@ -1,0 +1,357 @@
+//! diffusers folders ↔ modules: safetensors weights with diffusers' parameter names, configs,
+//! pipeline folders (`model_index.json`, `unet/`, `scheduler/`, `vae/`), atomic writes.
+//!
+//! burn stores a `Linear` weight as [in, out] and a `GroupNorm`'s affine parameters as
+//! `gamma`/`beta`; PyTorch stores [out, in] and `weight`/`bias`. The mapping happens here, once,
+//! by walking the module tree with its parameter paths.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{Error, Result};
+use crate::models::{UNet, UNetConfig, Vae, VaeConfig};
+use fewstep_schedulers::{Algorithm, SchedulerConfig};
+
+pub const WEIGHTS_NAME: &str = "diffusion_pytorch_model.safetensors";
+pub const CONFIG_NAME: &str = "config.json";
+pub const SCHEDULER_CONFIG_NAME: &str = "scheduler_config.json";
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a crash
+/// leaves either the old file or the new one, never a torn one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, format!("cannot create folder: {e}")))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| Error::file(&tmp, format!("cannot write: {e}")))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::file(path, format!("cannot replace: {e}"))
+    })
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::file(path, "file not found"),
+        _ => Error::file(path, format!("cannot read: {e}")),
+    })
+}
+
+/// The PyTorch name of a burn parameter and whether its layout is transposed.
+fn torch_name(path: &[String], container: &str) -> (String, bool) {
+    let mut parts: Vec<String> = path.to_vec();
+    let mut transpose = false;
+    if let Some(last) = parts.last_mut() {
+        match (container, last.as_str()) {
+            ("Struct:GroupNorm", "gamma") | ("Struct:LayerNorm", "gamma") => *last = "weight".into(),
+            ("Struct:GroupNorm", "beta") | ("Struct:LayerNorm", "beta") => *last = "bias".into(),
+            ("Struct:Linear", "weight") => transpose = true,
+            _ => {}
+        }
+    }
+    (parts.join("."), transpose)
+}
+
+/// Tracks the module path (`down_blocks.0.resnets.1.conv1.weight`) during a walk.
+#[derive(Default)]
+struct PathTracker {
+    path: Vec<String>,
+    containers: Vec<String>,
+}
+
+impl PathTracker {
+    fn enter(&mut self, name: &str, container: &str) {
+        self.path.push(name.to_string());
+        self.containers.push(container.to_string());
+    }
+    fn exit(&mut self) {
+        self.path.pop();
+        self.containers.pop();
+    }
+    fn current(&self) -> (String, bool) {
+        torch_name(&self.path, self.containers.last().map(String::as_str).unwrap_or(""))
+    }
+}
+
+/// A tensor read from a safetensors file, as f32 in PyTorch layout.
+struct LoadedTensor {
+    shape: Vec<usize>,
+    data: Vec<f32>,
+}
+
+fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32)
+            .collect(),
+        _ => return None,
+    })
+}
+
+/// Reads every tensor of a safetensors file (f32, f16, bf16 or f64) as f32.
+fn read_safetensors(path: &Path) -> Result<HashMap<String, LoadedTensor>> {
+    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::file(path, "file not found"),
+        _ => Error::file(path, format!("cannot read: {e}")),
+    })?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::file(path, format!("corrupt or truncated safetensors file ({e})")))?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let data = to_f32(view.dtype(), view.data()).ok_or_else(|| {
+            Error::file(path, format!("tensor `{name}` has dtype {:?}; expected F32, F16, BF16 or F64", view.dtype()))
+        })?;
+        out.insert(name, LoadedTensor { shape: view.shape().to_vec(), data });
+    }
+    Ok(out)
+}
+
+struct Loader {
+    tracker: PathTracker,
+    tensors: HashMap<String, LoadedTensor>,
+    errors: Vec<String>,
+}
+
+impl ModuleMapper for Loader {
+    fn enter_module(&mut self, name: &str, container: &str) {
+        self.tracker.enter(name, container);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.tracker.exit();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (name, transpose) = self.tracker.current();
+        let mut expected: Vec<usize> = param.lazy_shape().dims::<D>().to_vec();
+        if transpose {
+            expected.reverse();
+        }
+        let Some(t) = self.tensors.remove(&name) else {
+            self.errors.push(format!("missing tensor `{name}` (expected shape {expected:?})"));
+            return param;
+        };
+        if t.shape != expected {
+            self.errors.push(format!(
+                "tensor `{name}` has shape {:?} but the config needs {expected:?}",
+                t.shape
+            ));
+            return param;
+        }
+        let device = param.lazy_device();
+        let mut tensor = Tensor::<D>::from_data(TensorData::new(t.data, t.shape.clone()), &device);
+        if transpose {
+            tensor = tensor.transpose();
+        }
+        let id = param.id;
+        param.transform_for_load(tensor, id)
+    }
+}
+
+/// Loads diffusers-named weights from a safetensors file into `module`. Every parameter must be
+/// present with the config's shape, and every tensor in the file must be used.
+pub fn load_weights<M: Module>(module: M, path: &Path) -> Result<M> {
+    let tensors = read_safetensors(path)?;
+    let mut loader = Loader { tracker: PathTracker::default(), tensors, errors: Vec::new() };
+    let module = module.map(&mut loader);
+    if let Some(first) = loader.errors.first() {
+        let more = loader.errors.len() - 1;
+        let suffix = if more > 0 { format!(" (and {more} more problems)") } else { String::new() };
+        return Err(Error::file(path, format!("{first}{suffix}")));
+    }
+    if !loader.tensors.is_empty() {
+        let mut extra: Vec<&String> = loader.tensors.keys().collect();
+        extra.sort();
+        return Err(Error::file(
+            path,
+            format!(
+                "unexpected tensor `{}` not in the model the config describes ({} unexpected in all)",
+                extra[0],
+                extra.len()
+            ),
+        ));
+    }
+    Ok(module)
+}
+
+struct Collector {
+    tracker: PathTracker,
+    tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)>,
+}
+
+impl ModuleVisitor for Collector {
+    fn enter_module(&mut self, name: &str, container: &str) {
+        self.tracker.enter(name, container);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.tracker.exit();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let (name, transpose) = self.tracker.current();
+        let mut tensor = param.val();
+        if transpose {
+            tensor = tensor.transpose();
+        }
+        let shape = tensor.dims().to_vec();
+        let data = tensor.into_data();
+        let values: Vec<f32> = data.try_to_vec::<f32>().expect("f32 data");
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.tensors.insert(name, (shape, bytes));
+    }
+}
+
+/// The module's parameters under their diffusers names, as safetensors bytes (f32).
+pub fn weights_to_bytes<M: Module>(module: &M) -> Result<Vec<u8>> {
+    let mut c = Collector { tracker: PathTracker::default(), tensors: BTreeMap::new() };
+    module.visit(&mut c);
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = c
+        .tensors
+        .iter()
+        .map(|(name, (shape, bytes))| {
+            let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes)
+                .expect("shape matches data");
+            (name.clone(), view)
+        })
+        .collect();
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    safetensors::serialize(views, Some(meta)).map_err(|e| Error::Config(format!("cannot serialise weights: {e}")))
+}
+
+/// Saves the module's weights (diffusers names, f32) atomically.
+pub fn save_weights<M: Module>(module: &M, path: &Path) -> Result<()> {
+    write_atomic(path, &weights_to_bytes(module)?)
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).expect("JSON serialises");
+    write_atomic(path, format!("{text}\n").as_bytes())
+}
+
+/// `DIR/config.json` + `DIR/diffusion_pytorch_model.safetensors` of a UNet.
+pub fn load_unet(dir: &Path, device: &Device) -> Result<(UNetConfig, UNet)> {
+    let config_path = dir.join(CONFIG_NAME);
+    let config = UNetConfig::from_json_str(&read_text(&config_path)?).map_err(|e| e.in_file(&config_path))?;
+    let unet = load_weights(config.init(device), &dir.join(WEIGHTS_NAME))?;
+    Ok((config, unet))
+}
+
+pub fn save_unet(dir: &Path, config: &UNetConfig, unet: &UNet) -> Result<()> {
+    write_json(&dir.join(CONFIG_NAME), &config.to_json())?;
+    save_weights(unet, &dir.join(WEIGHTS_NAME))
+}
+
+pub fn load_vae(dir: &Path, device: &Device) -> Result<(VaeConfig, Vae)> {
+    let config_path = dir.join(CONFIG_NAME);
+    let config = VaeConfig::from_json_str(&read_text(&config_path)?).map_err(|e| e.in_file(&config_path))?;
+    let vae = load_weights(config.init(device), &dir.join(WEIGHTS_NAME))?;
+    Ok((config, vae))
+}
+
+pub fn save_vae(dir: &Path, config: &VaeConfig, vae: &Vae) -> Result<()> {
+    write_json(&dir.join(CONFIG_NAME), &config.to_json())?;
+    save_weights(vae, &dir.join(WEIGHTS_NAME))
+}
+
+pub fn load_scheduler_config(dir: &Path) -> Result<SchedulerConfig> {
+    let path = dir.join(SCHEDULER_CONFIG_NAME);
+    SchedulerConfig::from_json_str(&read_text(&path)?).map_err(|e| Error::file(&path, e.0))
+}
+
+/// A diffusers pipeline folder: a UNet, its scheduler config, and optionally a VAE (then the UNet
+/// works on latents).
+pub struct Pipeline {
+    pub unet_config: UNetConfig,
+    pub unet: UNet,
+    pub scheduler: SchedulerConfig,
+    pub vae: Option<(VaeConfig, Vae)>,
+}
+
+impl Pipeline {
+    /// Loads `DIR` (`model_index.json`, `unet/`, `scheduler/`, optional `vae/`).
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::file(dir, "pipeline folder not found"));
+        }
+        let index_path = dir.join("model_index.json");
+        let index: serde_json::Value = serde_json::from_str(&read_text(&index_path)?)
+            .map_err(|e| Error::file(&index_path, format!("not valid JSON: {e}")))?;
+        if !index.is_object() {
+            return Err(Error::file(&index_path, "expected a JSON object"));
+        }
+        let (unet_config, unet) = load_unet(&dir.join("unet"), device)?;
+        let scheduler = load_scheduler_config(&dir.join("scheduler"))?;
+        let vae = if dir.join("vae").is_dir() {
+            Some(load_vae(&dir.join("vae"), device)?)
+        } else {
+            None
+        };
+        if let Some((vc, _)) = &vae
+            && vc.latent_channels != unet_config.in_channels
+        {
+            return Err(Error::file(
+                dir,
+                format!(
+                    "vae latent_channels ({}) differs from unet in_channels ({})",
+                    vc.latent_channels, unet_config.in_channels
+                ),
+            ));
+        }
+        Ok(Pipeline { unet_config, unet, scheduler, vae })
+    }
+
+    /// Writes the pipeline as a diffusers folder with `algorithm`'s scheduler config.
+    pub fn save(&self, dir: &Path, algorithm: Algorithm) -> Result<()> {
+        save_pipeline(dir, &self.unet_config, &self.unet, &self.scheduler, algorithm, self.vae.as_ref().map(|(c, v)| (c, v)))
+    }
+
+    /// The shape of one sample in model space: [C, H, W] of the UNet's input.
+    pub fn sample_shape(&self) -> Result<[usize; 3]> {
+        let size = self.unet_config.sample_size.ok_or_else(|| {
+            Error::Config("unet config.json has no `sample_size`: cannot tell the sample resolution".into())
+        })?;
+        Ok([self.unet_config.in_channels, size, size])
+    }
+}
+
+/// Writes a diffusers pipeline folder.
+pub fn save_pipeline(
+    dir: &Path,
+    unet_config: &UNetConfig,
+    unet: &UNet,
+    scheduler: &SchedulerConfig,
+    algorithm: Algorithm,
+    vae: Option<(&VaeConfig, &Vae)>,
+) -> Result<()> {
+    let mut index = serde_json::json!({
+        "_class_name": "DDPMPipeline",
+        "_diffusers_version": "0.31.0",
+        "scheduler": ["diffusers", algorithm.class_name()],
+        "unet": ["diffusers", "UNet2DModel"],
+    });
+    if let Some((vc, v)) = vae {
+        index["vae"] = serde_json::json!(["diffusers", "AutoencoderKL"]);
+        save_vae(&dir.join("vae"), vc, v)?;
+    }
+    save_unet(&dir.join("unet"), unet_config, unet)?;
+    write_json(&dir.join("scheduler").join(SCHEDULER_CONFIG_NAME), &scheduler.to_json(algorithm))?;
+    write_json(&dir.join("model_index.json"), &index)
+}
+
+/// A path relative to the crate root (for shipped weights and fixtures).
+pub fn crate_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}

@@ -1,0 +1,467 @@
+//! A `UNet2DModel`-compatible UNet (diffusers `models/unets/unet_2d.py`): the config is diffusers'
+//! `config.json`, the parameters carry diffusers' state-dict names.
+
+use burn::module::Module;
+use burn::nn::conv::Conv2d;
+use burn::nn::{Embedding, EmbeddingConfig, GroupNorm};
+use burn::prelude::*;
+use burn::tensor::activation::silu;
+use serde::{Deserialize, Serialize};
+
+use super::blocks::{
+    Attention, BlockSpec, Downsample, MidBlock, ResnetBlock, TimestepEmbedding, Upsample, conv,
+    group_norm, timestep_embedding,
+};
+use crate::error::{Error, Result};
+
+fn default_down() -> Vec<String> {
+    ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"]
+        .map(String::from)
+        .to_vec()
+}
+fn default_up() -> Vec<String> {
+    ["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"]
+        .map(String::from)
+        .to_vec()
+}
+fn default_channels() -> Vec<usize> {
+    vec![224, 448, 672, 896]
+}
+fn three() -> usize {
+    3
+}
+fn two() -> usize {
+    2
+}
+fn one() -> usize {
+    1
+}
+fn one_f() -> f32 {
+    1.0
+}
+fn yes() -> bool {
+    true
+}
+fn eight() -> Option<usize> {
+    Some(8)
+}
+fn thirty_two() -> Option<usize> {
+    Some(32)
+}
+fn norm_eps() -> f64 {
+    1e-5
+}
+fn positional() -> String {
+    "positional".into()
+}
+fn mid() -> Option<String> {
+    Some("UNetMidBlock2D".into())
+}
+fn conv_type() -> String {
+    "conv".into()
+}
+fn silu_name() -> String {
+    "silu".into()
+}
+fn default_shift() -> String {
+    "default".into()
+}
+
+/// diffusers' `UNet2DModel` config, field for field (names, defaults, meanings).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UNetConfig {
+    #[serde(default)]
+    pub sample_size: Option<usize>,
+    #[serde(default = "three")]
+    pub in_channels: usize,
+    #[serde(default = "three")]
+    pub out_channels: usize,
+    #[serde(default)]
+    pub center_input_sample: bool,
+    #[serde(default = "positional")]
+    pub time_embedding_type: String,
+    #[serde(default)]
+    pub time_embedding_dim: Option<usize>,
+    #[serde(default)]
+    pub freq_shift: f32,
+    #[serde(default = "yes")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default = "default_down")]
+    pub down_block_types: Vec<String>,
+    #[serde(default = "mid")]
+    pub mid_block_type: Option<String>,
+    #[serde(default = "default_up")]
+    pub up_block_types: Vec<String>,
+    #[serde(default = "default_channels")]
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "two")]
+    pub layers_per_block: usize,
+    #[serde(default = "one_f")]
+    pub mid_block_scale_factor: f32,
+    #[serde(default = "one")]
+    pub downsample_padding: usize,
+    #[serde(default = "conv_type")]
+    pub downsample_type: String,
+    #[serde(default = "conv_type")]
+    pub upsample_type: String,
+    #[serde(default)]
+    pub dropout: f64,
+    #[serde(default = "silu_name")]
+    pub act_fn: String,
+    #[serde(default = "eight")]
+    pub attention_head_dim: Option<usize>,
+    #[serde(default = "thirty_two")]
+    pub norm_num_groups: Option<usize>,
+    #[serde(default)]
+    pub attn_norm_num_groups: Option<usize>,
+    #[serde(default = "norm_eps")]
+    pub norm_eps: f64,
+    #[serde(default = "default_shift")]
+    pub resnet_time_scale_shift: String,
+    #[serde(default = "yes")]
+    pub add_attention: bool,
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    #[serde(default)]
+    pub num_class_embeds: Option<usize>,
+    #[serde(default)]
+    pub num_train_timesteps: Option<usize>,
+}
+
+impl Default for UNetConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("all fields have defaults")
+    }
+}
+
+fn unsupported(field: &str, value: impl std::fmt::Debug, supported: &str) -> Error {
+    Error::Config(format!(
+        "field `{field}` = {value:?} is not supported by fewstep (supported: {supported})"
+    ))
+}
+
+impl UNetConfig {
+    /// The 32×32 config of issue #2's benchmark: diffusers'
+    /// `UNet2DModel(block_out_channels=(32, 64, 128), layers_per_block=1, down_block_types=(DownBlock2D,
+    /// DownBlock2D, AttnDownBlock2D), up_block_types=(AttnUpBlock2D, UpBlock2D, UpBlock2D), norm_num_groups=8)`.
+    pub fn bench32() -> Self {
+        UNetConfig {
+            sample_size: Some(32),
+            block_out_channels: vec![32, 64, 128],
+            layers_per_block: 1,
+            down_block_types: ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"]
+                .map(String::from)
+                .to_vec(),
+            up_block_types: ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]
+                .map(String::from)
+                .to_vec(),
+            norm_num_groups: Some(8),
+            ..Default::default()
+        }
+    }
+
+    /// Parses a diffusers `config.json`; errors name the offending field.
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let cfg: UNetConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            Error::Config(format!("field `{}`: {}", e.path(), e.inner()))
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The config as diffusers writes it (with `_class_name`).
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).expect("config serialises");
+        let m = v.as_object_mut().expect("object");
+        m.insert("_class_name".into(), "UNet2DModel".into());
+        m.insert("_diffusers_version".into(), "0.31.0".into());
+        v
+    }
+
+    /// Rejects what this implementation does not compute, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let n = self.block_out_channels.len();
+        if n == 0 {
+            return Err(Error::Config("field `block_out_channels` is empty".into()));
+        }
+        if self.down_block_types.len() != n || self.up_block_types.len() != n {
+            return Err(Error::Config(format!(
+                "`down_block_types` ({}) and `up_block_types` ({}) must have one entry per `block_out_channels` ({n})",
+                self.down_block_types.len(),
+                self.up_block_types.len()
+            )));
+        }
+        for t in &self.down_block_types {
+            if t != "DownBlock2D" && t != "AttnDownBlock2D" {
+                return Err(unsupported("down_block_types", t, "DownBlock2D, AttnDownBlock2D"));
+            }
+        }
+        for t in &self.up_block_types {
+            if t != "UpBlock2D" && t != "AttnUpBlock2D" {
+                return Err(unsupported("up_block_types", t, "UpBlock2D, AttnUpBlock2D"));
+            }
+        }
+        if self.mid_block_type.as_deref() != Some("UNetMidBlock2D") {
+            return Err(unsupported("mid_block_type", &self.mid_block_type, "UNetMidBlock2D"));
+        }
+        if self.time_embedding_type != "positional" {
+            return Err(unsupported("time_embedding_type", &self.time_embedding_type, "positional"));
+        }
+        if self.act_fn != "silu" {
+            return Err(unsupported("act_fn", &self.act_fn, "silu"));
+        }
+        if self.resnet_time_scale_shift != "default" {
+            return Err(unsupported(
+                "resnet_time_scale_shift",
+                &self.resnet_time_scale_shift,
+                "default",
+            ));
+        }
+        if self.downsample_type != "conv" || self.upsample_type != "conv" {
+            return Err(unsupported("downsample_type/upsample_type", (&self.downsample_type, &self.upsample_type), "conv"));
+        }
+        if self.class_embed_type.is_some() {
+            return Err(unsupported("class_embed_type", &self.class_embed_type, "null (use num_class_embeds)"));
+        }
+        if self.num_class_embeds == Some(0) {
+            return Err(Error::Config("field `num_class_embeds` must be at least 1".into()));
+        }
+        let groups = self.groups();
+        if groups == 0 {
+            return Err(Error::Config("field `norm_num_groups` must be at least 1".into()));
+        }
+        for &c in &self.block_out_channels {
+            if c == 0 || c % groups != 0 {
+                return Err(Error::Config(format!(
+                    "every `block_out_channels` entry must be a positive multiple of norm_num_groups ({groups}), got {c}"
+                )));
+            }
+        }
+        if self.attn_norm_num_groups.is_some_and(|g| g == 0 || self.block_out_channels.iter().any(|c| c % g != 0)) {
+            return Err(Error::Config("field `attn_norm_num_groups` must divide every block_out_channels entry".into()));
+        }
+        if self.attention_head_dim == Some(0) {
+            return Err(Error::Config("field `attention_head_dim` must be at least 1".into()));
+        }
+        if self.in_channels == 0 || self.out_channels == 0 || self.layers_per_block == 0 {
+            return Err(Error::Config("`in_channels`, `out_channels` and `layers_per_block` must be at least 1".into()));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::Config(format!("field `dropout` must lie in [0, 1), got {}", self.dropout)));
+        }
+        Ok(())
+    }
+
+    fn groups(&self) -> usize {
+        self.norm_num_groups
+            .unwrap_or_else(|| (self.block_out_channels[0] / 4).min(32))
+    }
+
+    /// Width of the time embedding.
+    pub fn time_embed_dim(&self) -> usize {
+        self.time_embedding_dim
+            .unwrap_or(self.block_out_channels[0] * 4)
+    }
+
+    /// Builds the UNet with freshly initialised weights.
+    pub fn init(&self, device: &Device) -> UNet {
+        let ch = &self.block_out_channels;
+        let temb = self.time_embed_dim();
+        let spec = BlockSpec {
+            groups: self.groups(),
+            eps: self.norm_eps,
+            temb: Some(temb),
+            dropout: self.dropout,
+            output_scale_factor: 1.0,
+        };
+        let head_dim = |c: usize| self.attention_head_dim.unwrap_or(c);
+        let n = ch.len();
+        let mut down_blocks = Vec::with_capacity(n);
+        let mut c_out = ch[0];
+        for (i, kind) in self.down_block_types.iter().enumerate() {
+            let c_in = c_out;
+            c_out = ch[i];
+            let attn = kind == "AttnDownBlock2D";
+            down_blocks.push(DownBlock {
+                resnets: (0..self.layers_per_block)
+                    .map(|j| ResnetBlock::new(if j == 0 { c_in } else { c_out }, c_out, spec, device))
+                    .collect(),
+                attentions: if attn {
+                    (0..self.layers_per_block)
+                        .map(|_| Attention::new(c_out, head_dim(c_out), spec, device))
+                        .collect()
+                } else {
+                    vec![]
+                },
+                downsamplers: if i + 1 < n {
+                    vec![Downsample::new(c_out, self.downsample_padding, device)]
+                } else {
+                    vec![]
+                },
+            });
+        }
+        let mid_spec = BlockSpec {
+            output_scale_factor: self.mid_block_scale_factor,
+            ..spec
+        };
+        let mid_attn_spec = BlockSpec {
+            groups: self.attn_norm_num_groups.unwrap_or(spec.groups),
+            ..mid_spec
+        };
+        let mut mid_block = MidBlock::new(ch[n - 1], head_dim(ch[n - 1]), false, mid_spec, device);
+        if self.add_attention {
+            mid_block.attentions = vec![Attention::new(ch[n - 1], head_dim(ch[n - 1]), mid_attn_spec, device)];
+        }
+        let rev: Vec<usize> = ch.iter().rev().copied().collect();
+        let mut up_blocks = Vec::with_capacity(n);
+        let mut c_out = rev[0];
+        for (i, kind) in self.up_block_types.iter().enumerate() {
+            let prev_out = c_out;
+            c_out = rev[i];
+            let c_in = rev[(i + 1).min(n - 1)];
+            let layers = self.layers_per_block + 1;
+            let attn = kind == "AttnUpBlock2D";
+            up_blocks.push(UpBlock {
+                resnets: (0..layers)
+                    .map(|j| {
+                        let skip = if j == layers - 1 { c_in } else { c_out };
+                        let res_in = if j == 0 { prev_out } else { c_out };
+                        ResnetBlock::new(res_in + skip, c_out, spec, device)
+                    })
+                    .collect(),
+                attentions: if attn {
+                    (0..layers)
+                        .map(|_| Attention::new(c_out, head_dim(c_out), spec, device))
+                        .collect()
+                } else {
+                    vec![]
+                },
+                upsamplers: if i + 1 < n {
+                    vec![Upsample::new(c_out, device)]
+                } else {
+                    vec![]
+                },
+            });
+        }
+        UNet {
+            conv_in: conv(self.in_channels, ch[0], 3, device),
+            time_embedding: TimestepEmbedding::new(ch[0], temb, device),
+            class_embedding: self
+                .num_class_embeds
+                .map(|k| EmbeddingConfig::new(k, temb).init(device)),
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: group_norm(spec.groups, ch[0], self.norm_eps, device),
+            conv_out: conv(ch[0], self.out_channels, 3, device),
+            time_proj_dim: ch[0],
+            flip_sin_to_cos: self.flip_sin_to_cos,
+            freq_shift: self.freq_shift,
+            center_input_sample: self.center_input_sample,
+        }
+    }
+}
+
+/// `DownBlock2D` (no attentions) or `AttnDownBlock2D`.
+#[derive(Module, Debug)]
+pub struct DownBlock {
+    pub resnets: Vec<ResnetBlock>,
+    pub attentions: Vec<Attention>,
+    pub downsamplers: Vec<Downsample>,
+}
+
+impl DownBlock {
+    /// Returns the block output and every skip activation it produced, in order.
+    fn forward(&self, mut x: Tensor<4>, temb: &Tensor<2>, skips: &mut Vec<Tensor<4>>) -> Tensor<4> {
+        for (j, resnet) in self.resnets.iter().enumerate() {
+            x = resnet.forward(x, Some(temb));
+            if let Some(attn) = self.attentions.get(j) {
+                x = attn.forward(x);
+            }
+            skips.push(x.clone());
+        }
+        if let Some(down) = self.downsamplers.first() {
+            x = down.forward(x); // [B, C, H, W] -> [B, C, H/2, W/2]
+            skips.push(x.clone());
+        }
+        x
+    }
+}
+
+/// `UpBlock2D` (no attentions) or `AttnUpBlock2D`.
+#[derive(Module, Debug)]
+pub struct UpBlock {
+    pub resnets: Vec<ResnetBlock>,
+    pub attentions: Vec<Attention>,
+    pub upsamplers: Vec<Upsample>,
+}
+
+impl UpBlock {
+    fn forward(&self, mut x: Tensor<4>, temb: &Tensor<2>, skips: &mut Vec<Tensor<4>>) -> Tensor<4> {
+        for (j, resnet) in self.resnets.iter().enumerate() {
+            let skip = skips.pop().expect("one skip per up-block resnet");
+            x = resnet.forward(Tensor::cat(vec![x, skip], 1), Some(temb)); // [B, C + C_skip, H, W] -> [B, C_out, H, W]
+            if let Some(attn) = self.attentions.get(j) {
+                x = attn.forward(x);
+            }
+        }
+        if let Some(up) = self.upsamplers.first() {
+            x = up.forward(x); // [B, C, H, W] -> [B, C, 2H, 2W]
+        }
+        x
+    }
+}
+
+/// The UNet. `forward(x, t, class_labels)` predicts what the scheduler config's
+/// `prediction_type` says (ε, v or x0); the model does not know.
+#[derive(Module, Debug)]
+pub struct UNet {
+    pub conv_in: Conv2d,
+    pub time_embedding: TimestepEmbedding,
+    pub class_embedding: Option<Embedding>,
+    pub down_blocks: Vec<DownBlock>,
+    pub mid_block: MidBlock,
+    pub up_blocks: Vec<UpBlock>,
+    pub conv_norm_out: GroupNorm,
+    pub conv_out: Conv2d,
+    pub time_proj_dim: usize,
+    pub flip_sin_to_cos: bool,
+    pub freq_shift: f32,
+    pub center_input_sample: bool,
+}
+
+impl UNet {
+    /// x: [B, C_in, H, W], t: [B] (fractional timesteps allowed), class_labels: [B] when the
+    /// model is class-conditional → [B, C_out, H, W].
+    pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, class_labels: Option<Tensor<1, Int>>) -> Tensor<4> {
+        let x = if self.center_input_sample { x * 2.0 - 1.0 } else { x };
+        let t_emb = timestep_embedding(t, self.time_proj_dim, self.flip_sin_to_cos, self.freq_shift);
+        let mut emb = self.time_embedding.forward(t_emb); // [B, temb]
+        if let (Some(embedding), Some(labels)) = (&self.class_embedding, class_labels) {
+            let [b] = labels.dims();
+            let class_emb = embedding.forward(labels.reshape([b, 1])); // [B, 1, temb]
+            let d = class_emb.dims()[2];
+            emb = emb + class_emb.reshape([b, d]);
+        }
+        // Every resnet applies SiLU to the embedding before its projection: do it once here.
+        let emb = silu(emb);
+
+        let mut x = self.conv_in.forward(x); // [B, C0, H, W]
+        let mut skips = vec![x.clone()];
+        for block in &self.down_blocks {
+            x = block.forward(x, &emb, &mut skips);
+        }
+        x = self.mid_block.forward(x, Some(&emb));
+        for block in &self.up_blocks {
+            x = block.forward(x, &emb, &mut skips);
+        }
+        let x = silu(self.conv_norm_out.forward(x));
+        self.conv_out.forward(x) // [B, C_out, H, W]
+    }
+
+    /// Whether the model takes class labels.
+    pub fn num_classes(&self) -> Option<usize> {
+        self.class_embedding.as_ref().map(|e| e.weight.dims()[0])
+    }
+}

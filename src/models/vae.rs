@@ -1,0 +1,308 @@
+//! An `AutoencoderKL`-compatible VAE (diffusers `models/autoencoders/autoencoder_kl.py` and
+//! `vae.py`: `Encoder`, `Decoder` with `DownEncoderBlock2D` / `UpDecoderBlock2D` and a mid block
+//! with attention). Parameter names follow diffusers' state dict.
+
+use burn::module::Module;
+use burn::nn::GroupNorm;
+use burn::nn::conv::Conv2d;
+use burn::prelude::*;
+use burn::tensor::activation::silu;
+use serde::{Deserialize, Serialize};
+
+use super::blocks::{BlockSpec, Downsample, MidBlock, ResnetBlock, Upsample, conv, group_norm};
+use crate::error::{Error, Result};
+
+fn three() -> usize {
+    3
+}
+fn four() -> usize {
+    4
+}
+fn one() -> usize {
+    1
+}
+fn thirty_two() -> usize {
+    32
+}
+fn yes() -> bool {
+    true
+}
+fn silu_name() -> String {
+    "silu".into()
+}
+fn down_types() -> Vec<String> {
+    vec!["DownEncoderBlock2D".into()]
+}
+fn up_types() -> Vec<String> {
+    vec!["UpDecoderBlock2D".into()]
+}
+fn channels() -> Vec<usize> {
+    vec![64]
+}
+fn scaling() -> f32 {
+    0.18215
+}
+
+/// diffusers' `AutoencoderKL` config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VaeConfig {
+    #[serde(default = "three")]
+    pub in_channels: usize,
+    #[serde(default = "three")]
+    pub out_channels: usize,
+    #[serde(default = "down_types")]
+    pub down_block_types: Vec<String>,
+    #[serde(default = "up_types")]
+    pub up_block_types: Vec<String>,
+    #[serde(default = "channels")]
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "one")]
+    pub layers_per_block: usize,
+    #[serde(default = "silu_name")]
+    pub act_fn: String,
+    #[serde(default = "four")]
+    pub latent_channels: usize,
+    #[serde(default = "thirty_two")]
+    pub norm_num_groups: usize,
+    #[serde(default)]
+    pub sample_size: Option<usize>,
+    #[serde(default = "scaling")]
+    pub scaling_factor: f32,
+    #[serde(default)]
+    pub shift_factor: Option<f32>,
+    #[serde(default = "yes")]
+    pub force_upcast: bool,
+    #[serde(default = "yes")]
+    pub use_quant_conv: bool,
+    #[serde(default = "yes")]
+    pub use_post_quant_conv: bool,
+    #[serde(default = "yes")]
+    pub mid_block_add_attention: bool,
+}
+
+impl Default for VaeConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("all fields have defaults")
+    }
+}
+
+/// The VAE's norm epsilon (fixed in diffusers' Encoder/Decoder).
+const EPS: f64 = 1e-6;
+
+impl VaeConfig {
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let cfg: VaeConfig = serde_path_to_error::deserialize(de)
+            .map_err(|e| Error::Config(format!("field `{}`: {}", e.path(), e.inner())))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).expect("config serialises");
+        let m = v.as_object_mut().expect("object");
+        m.insert("_class_name".into(), "AutoencoderKL".into());
+        m.insert("_diffusers_version".into(), "0.31.0".into());
+        v
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let n = self.block_out_channels.len();
+        if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
+            return Err(Error::Config(format!(
+                "`down_block_types` ({}) and `up_block_types` ({}) must have one entry per `block_out_channels` ({n}), at least one",
+                self.down_block_types.len(),
+                self.up_block_types.len()
+            )));
+        }
+        if let Some(t) = self.down_block_types.iter().find(|t| *t != "DownEncoderBlock2D") {
+            return Err(Error::Config(format!(
+                "field `down_block_types` = {t:?} is not supported by fewstep (supported: DownEncoderBlock2D)"
+            )));
+        }
+        if let Some(t) = self.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
+            return Err(Error::Config(format!(
+                "field `up_block_types` = {t:?} is not supported by fewstep (supported: UpDecoderBlock2D)"
+            )));
+        }
+        if self.act_fn != "silu" {
+            return Err(Error::Config(format!(
+                "field `act_fn` = {:?} is not supported by fewstep (supported: silu)",
+                self.act_fn
+            )));
+        }
+        let g = self.norm_num_groups;
+        if g == 0 || self.block_out_channels.iter().any(|&c| c == 0 || c % g != 0) {
+            return Err(Error::Config(format!(
+                "every `block_out_channels` entry must be a positive multiple of norm_num_groups ({g})"
+            )));
+        }
+        if self.latent_channels == 0 || self.layers_per_block == 0 {
+            return Err(Error::Config("`latent_channels` and `layers_per_block` must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// The spatial downsampling factor: 2^(blocks − 1).
+    pub fn downsampling(&self) -> usize {
+        1 << (self.block_out_channels.len() - 1)
+    }
+
+    pub fn init(&self, device: &Device) -> Vae {
+        let ch = &self.block_out_channels;
+        let n = ch.len();
+        let spec = BlockSpec {
+            groups: self.norm_num_groups,
+            eps: EPS,
+            temb: None,
+            dropout: 0.0,
+            output_scale_factor: 1.0,
+        };
+        let last = ch[n - 1];
+        let mut down_blocks = Vec::with_capacity(n);
+        let mut c_out = ch[0];
+        for i in 0..n {
+            let c_in = c_out;
+            c_out = ch[i];
+            down_blocks.push(EncoderBlock {
+                resnets: (0..self.layers_per_block)
+                    .map(|j| ResnetBlock::new(if j == 0 { c_in } else { c_out }, c_out, spec, device))
+                    .collect(),
+                downsamplers: if i + 1 < n { vec![Downsample::new(c_out, 0, device)] } else { vec![] },
+            });
+        }
+        let encoder = Encoder {
+            conv_in: conv(self.in_channels, ch[0], 3, device),
+            down_blocks,
+            mid_block: MidBlock::new(last, last, self.mid_block_add_attention, spec, device),
+            conv_norm_out: group_norm(self.norm_num_groups, last, EPS, device),
+            conv_out: conv(last, 2 * self.latent_channels, 3, device),
+        };
+        let rev: Vec<usize> = ch.iter().rev().copied().collect();
+        let mut up_blocks = Vec::with_capacity(n);
+        let mut c_out = rev[0];
+        for i in 0..n {
+            let prev = c_out;
+            c_out = rev[i];
+            up_blocks.push(DecoderBlock {
+                resnets: (0..self.layers_per_block + 1)
+                    .map(|j| ResnetBlock::new(if j == 0 { prev } else { c_out }, c_out, spec, device))
+                    .collect(),
+                upsamplers: if i + 1 < n { vec![Upsample::new(c_out, device)] } else { vec![] },
+            });
+        }
+        let decoder = Decoder {
+            conv_in: conv(self.latent_channels, last, 3, device),
+            mid_block: MidBlock::new(last, last, self.mid_block_add_attention, spec, device),
+            up_blocks,
+            conv_norm_out: group_norm(self.norm_num_groups, ch[0], EPS, device),
+            conv_out: conv(ch[0], self.out_channels, 3, device),
+        };
+        let l = self.latent_channels;
+        Vae {
+            encoder,
+            decoder,
+            quant_conv: self.use_quant_conv.then(|| conv(2 * l, 2 * l, 1, device)),
+            post_quant_conv: self.use_post_quant_conv.then(|| conv(l, l, 1, device)),
+        }
+    }
+}
+
+/// `DownEncoderBlock2D`.
+#[derive(Module, Debug)]
+pub struct EncoderBlock {
+    pub resnets: Vec<ResnetBlock>,
+    pub downsamplers: Vec<Downsample>,
+}
+
+/// `UpDecoderBlock2D`.
+#[derive(Module, Debug)]
+pub struct DecoderBlock {
+    pub resnets: Vec<ResnetBlock>,
+    pub upsamplers: Vec<Upsample>,
+}
+
+#[derive(Module, Debug)]
+pub struct Encoder {
+    pub conv_in: Conv2d,
+    pub down_blocks: Vec<EncoderBlock>,
+    pub mid_block: MidBlock,
+    pub conv_norm_out: GroupNorm,
+    pub conv_out: Conv2d,
+}
+
+impl Encoder {
+    /// [B, C, H, W] → [B, 2L, H/f, W/f]
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let mut x = self.conv_in.forward(x);
+        for block in &self.down_blocks {
+            for resnet in &block.resnets {
+                x = resnet.forward(x, None);
+            }
+            if let Some(down) = block.downsamplers.first() {
+                x = down.forward(x);
+            }
+        }
+        x = self.mid_block.forward(x, None);
+        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Decoder {
+    pub conv_in: Conv2d,
+    pub mid_block: MidBlock,
+    pub up_blocks: Vec<DecoderBlock>,
+    pub conv_norm_out: GroupNorm,
+    pub conv_out: Conv2d,
+}
+
+impl Decoder {
+    /// [B, L, h, w] → [B, C, h·f, w·f]
+    pub fn forward(&self, z: Tensor<4>) -> Tensor<4> {
+        let mut x = self.mid_block.forward(self.conv_in.forward(z), None);
+        for block in &self.up_blocks {
+            for resnet in &block.resnets {
+                x = resnet.forward(x, None);
+            }
+            if let Some(up) = block.upsamplers.first() {
+                x = up.forward(x);
+            }
+        }
+        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+    }
+}
+
+/// The VAE: `encode` gives the diagonal Gaussian posterior, `decode` maps latents to images.
+#[derive(Module, Debug)]
+pub struct Vae {
+    pub encoder: Encoder,
+    pub decoder: Decoder,
+    pub quant_conv: Option<Conv2d>,
+    pub post_quant_conv: Option<Conv2d>,
+}
+
+impl Vae {
+    /// [B, C, H, W] → (mean, logvar), each [B, L, H/f, W/f]; logvar clamped to [−30, 20] as
+    /// diffusers' `DiagonalGaussianDistribution` does.
+    pub fn encode(&self, x: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        let h = self.encoder.forward(x);
+        let moments = match &self.quant_conv {
+            Some(c) => c.forward(h),
+            None => h,
+        };
+        let mut halves = moments.chunk(2, 1);
+        let logvar = halves.pop().expect("two halves").clamp(-30.0, 20.0);
+        let mean = halves.pop().expect("two halves");
+        (mean, logvar)
+    }
+
+    /// [B, L, h, w] (unscaled latents) → [B, C, h·f, w·f]
+    pub fn decode(&self, z: Tensor<4>) -> Tensor<4> {
+        let z = match &self.post_quant_conv {
+            Some(c) => c.forward(z),
+            None => z,
+        };
+        self.decoder.forward(z)
+    }
+}

@@ -1,0 +1,31 @@
+//! Seeded Gaussian noise made on the host, so a seed means the same noise on every backend
+//! (burn's own random tensors differ across backends).
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+/// A reproducible stream of N(0, 1) samples.
+pub struct NoiseStream {
+    rng: StdRng,
+}
+
+impl NoiseStream {
+    pub fn new(seed: u64) -> Self {
+        NoiseStream { rng: StdRng::seed_from_u64(seed) }
+    }
+
+    /// `n` standard normal samples (Box–Muller on f64 uniforms).
+    pub fn gaussian(&mut self, n: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(n + 1);
+        while out.len() < n {
+            let u1: f64 = 1.0 - self.rng.random::<f64>(); // (0, 1]
+            let u2: f64 = self.rng.random::<f64>();
+            let r = (-2.0 * u1.ln()).sqrt();
+            let theta = std::f64::consts::TAU * u2;
+            out.push((r * theta.cos()) as f32);
+            out.push((r * theta.sin()) as f32);
+        }
+        out.truncate(n);
+        out
+    }
+}
