@@ -78,10 +78,19 @@ impl PathTracker {
     }
 }
 
-/// A tensor read from a safetensors file, as f32 in PyTorch layout.
-struct LoadedTensor {
-    shape: Vec<usize>,
-    data: Vec<f32>,
+/// A tensor read from a safetensors file, as f32 in PyTorch layout, on the host.
+#[derive(Debug, Clone)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    /// Uploads as a rank-`D` tensor; `None` when the rank differs.
+    pub fn to_device<const D: usize>(&self, device: &Device) -> Option<Tensor<D>> {
+        (self.shape.len() == D)
+            .then(|| Tensor::<D>::from_data(TensorData::new(self.data.clone(), self.shape.clone()), device))
+    }
 }
 
 fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
@@ -104,7 +113,7 @@ fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
 }
 
 /// Reads every tensor of a safetensors file (f32, f16, bf16 or f64) as f32.
-fn read_safetensors(path: &Path) -> Result<HashMap<String, LoadedTensor>> {
+pub fn read_safetensors(path: &Path) -> Result<HashMap<String, HostTensor>> {
     let bytes = std::fs::read(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Error::file(path, "file not found"),
         _ => Error::file(path, format!("cannot read: {e}")),
@@ -116,14 +125,14 @@ fn read_safetensors(path: &Path) -> Result<HashMap<String, LoadedTensor>> {
         let data = to_f32(view.dtype(), view.data()).ok_or_else(|| {
             Error::file(path, format!("tensor `{name}` has dtype {:?}; expected F32, F16, BF16 or F64", view.dtype()))
         })?;
-        out.insert(name, LoadedTensor { shape: view.shape().to_vec(), data });
+        out.insert(name, HostTensor { shape: view.shape().to_vec(), data });
     }
     Ok(out)
 }
 
 struct Loader {
     tracker: PathTracker,
-    tensors: HashMap<String, LoadedTensor>,
+    tensors: HashMap<String, HostTensor>,
     errors: Vec<String>,
 }
 
@@ -211,6 +220,26 @@ impl ModuleVisitor for Collector {
         let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.tensors.insert(name, (shape, bytes));
     }
+}
+
+/// Writes named f32 tensors ([shape], data) as a safetensors file, atomically.
+pub fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> Result<()> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, data)| data.iter().flat_map(|v| v.to_le_bytes()).collect())
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, shape, _), b)| {
+            let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), b)
+                .expect("shape matches data");
+            (name.to_string(), view)
+        })
+        .collect();
+    let out = safetensors::serialize(views, None)
+        .map_err(|e| Error::file(path, format!("cannot serialise tensors: {e}")))?;
+    write_atomic(path, &out)
 }
 
 /// The module's parameters under their diffusers names, as safetensors bytes (f32).
