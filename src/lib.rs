@@ -4,7 +4,9 @@
 //! once, in [`backend`].
 
 pub mod backend;
+pub mod cli;
 pub mod error;
+pub mod image_grid;
 pub mod io;
 pub mod models;
 pub mod noise;

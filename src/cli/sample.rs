@@ -1,0 +1,153 @@
+//! `fewstep sample`: generate from a diffusers pipeline folder with any scheduler.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::prelude::*;
+use fewstep_schedulers::{Algorithm, Scheduler};
+
+use super::DeviceArgs;
+use crate::error::{Error, Result};
+use crate::io::{self, Pipeline};
+use crate::noise::NoiseStream;
+use crate::sample::{DeviceSample, cycling_labels, host_noise, sample};
+
+#[derive(Debug, clap::Args)]
+pub struct SampleArgs {
+    /// A diffusers pipeline folder (model_index.json, unet/, scheduler/, optional vae/).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Sampling algorithm; default: the folder's own scheduler.
+    #[arg(long, value_parser = ["ddpm", "ddim", "euler", "heun", "dpmpp-2m", "lcm"])]
+    pub scheduler: Option<String>,
+    /// Number of sampling steps (default: 4 for lcm, num_train_timesteps for ddpm, else 50).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Number of images (ignored with --latents, whose batch size decides).
+    #[arg(long, default_value_t = 16)]
+    pub num: usize,
+    /// Seed of the initial noise (and of the noise stochastic schedulers inject).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Initial noise from a safetensors file with tensor `latents` [N, C, H, W] (f32).
+    #[arg(long)]
+    pub latents: Option<PathBuf>,
+    /// Class label for every image of a class-conditional model (default: cycle through classes).
+    #[arg(long)]
+    pub class_label: Option<usize>,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Where to write the PNG grid.
+    #[arg(long, default_value = "grid.png")]
+    pub out: PathBuf,
+    /// Also write the raw samples (tensor `samples`, NCHW f32, model space, before clamping).
+    #[arg(long)]
+    pub save_tensors: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// Default step count per algorithm.
+fn default_steps(algorithm: Algorithm, train: usize) -> usize {
+    match algorithm {
+        Algorithm::Lcm => 4,
+        Algorithm::Ddpm => train,
+        _ => 50,
+    }
+}
+
+/// Loads `--latents` and checks it against the model's sample shape.
+fn read_latents(path: &Path, shape: [usize; 3]) -> Result<(Vec<usize>, Vec<f32>)> {
+    let tensors = io::read_safetensors(path)?;
+    let t = tensors
+        .get("latents")
+        .ok_or_else(|| Error::file(path, "no tensor named `latents`"))?;
+    if t.shape.len() != 4 || t.shape[1..] != shape || t.shape[0] == 0 {
+        return Err(Error::file(
+            path,
+            format!(
+                "tensor `latents` has shape {:?}, expected [N, {}, {}, {}]",
+                t.shape, shape[0], shape[1], shape[2]
+            ),
+        ));
+    }
+    Ok((t.shape.clone(), t.data.clone()))
+}
+
+pub fn run(args: SampleArgs) -> Result<()> {
+    if args.batch == 0 {
+        return Err(Error::Usage("--batch must be at least 1".into()));
+    }
+    let device = args.device.device()?;
+    let pipeline = Pipeline::load(&args.model, &device)?;
+    let algorithm = args
+        .scheduler
+        .as_deref()
+        .and_then(Algorithm::from_cli_name)
+        .or(pipeline.scheduler.class)
+        .unwrap_or(Algorithm::Ddpm);
+    let mut scheduler: Scheduler<DeviceSample> = pipeline.scheduler.build(Some(algorithm))?;
+    let train = scheduler.schedule().num_train_timesteps();
+    let steps = args.steps.unwrap_or_else(|| default_steps(algorithm, train));
+    scheduler
+        .set_timesteps(steps)
+        .map_err(|e| Error::Usage(e.0))?;
+    let [c, h, w] = pipeline.sample_shape()?;
+    let (num, initial) = match &args.latents {
+        Some(path) => {
+            let (shape, data) = read_latents(path, [c, h, w])?;
+            (shape[0], Some(data))
+        }
+        None => (args.num, None),
+    };
+    if num == 0 {
+        return Err(Error::Usage("--num must be at least 1".into()));
+    }
+    let classes = pipeline.unet.num_classes();
+    if let (Some(label), Some(k)) = (args.class_label, classes)
+        && label >= k
+    {
+        return Err(Error::Usage(format!("--class-label {label}: the model has {k} classes (0..{})", k - 1)));
+    }
+    eprintln!(
+        "sampling {num} images with {algorithm} in {steps} steps ({} model calls each) on {}",
+        scheduler.timesteps().len(),
+        args.device.device
+    );
+    let mut initial_noise = NoiseStream::new(args.seed);
+    let mut step_noise = NoiseStream::new(args.seed.wrapping_add(0x5eed));
+    let started = Instant::now();
+    let mut outputs: Vec<f32> = Vec::with_capacity(num * 3 * h * w);
+    let mut out_shape = [0usize; 3];
+    for first in (0..num).step_by(args.batch) {
+        let b = args.batch.min(num - first);
+        let latents = match &initial {
+            Some(data) => {
+                let per = c * h * w;
+                Tensor::<1>::from_floats(&data[first * per..(first + b) * per], &device).reshape([b, c, h, w])
+            }
+            None => host_noise(&mut initial_noise, [b, c, h, w], &device),
+        };
+        let labels = classes.map(|k| match args.class_label {
+            Some(l) => Tensor::<1, Int>::full([b], l as i64, &device),
+            None => cycling_labels(first, b, k, &device),
+        });
+        scheduler.set_timesteps(steps).map_err(|e| Error::Usage(e.0))?;
+        let x = sample(&pipeline, &mut scheduler, latents, labels, &mut step_noise)?;
+        let [_, oc, oh, ow] = x.dims();
+        out_shape = [oc, oh, ow];
+        outputs.extend(x.into_data().try_to_vec::<f32>().expect("f32 samples"));
+        let done = first + b;
+        let secs = started.elapsed().as_secs_f64();
+        eprintln!("  {done}/{num} images, {:.2} images/s", done as f64 / secs);
+    }
+    if let Some(path) = &args.save_tensors {
+        let [oc, oh, ow] = out_shape;
+        io::write_safetensors(path, &[("samples", vec![num, oc, oh, ow], outputs.clone())])?;
+        eprintln!("wrote {}", path.display());
+    }
+    crate::image_grid::write_grid(&args.out, &outputs, num, out_shape)?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
