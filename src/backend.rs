@@ -74,6 +74,29 @@ pub fn device(choice: DeviceChoice) -> Result<Device> {
     }
 }
 
+/// Every backend compiled into this build that can run here, by `--device` name (for benchmarks
+/// and cross-backend tests). wgpu appears only where an adapter exists.
+pub fn compiled_devices() -> Vec<(&'static str, Device)> {
+    let mut out = Vec::new();
+    if let Some(d) = flex_device() {
+        out.push(("flex", d));
+    }
+    if let Some(d) = ndarray_device() {
+        out.push(("ndarray", d));
+    }
+    if cfg!(feature = "wgpu")
+        && let Ok(d) = wgpu_device()
+    {
+        out.push(("wgpu", d));
+    }
+    if cfg!(feature = "tch")
+        && let Ok(d) = tch_device(DeviceChoice::TchCpu)
+    {
+        out.push(("tch-cpu", d));
+    }
+    out
+}
+
 /// The default CPU device.
 pub fn cpu_device() -> Option<Device> {
     flex_device().or_else(ndarray_device)
