@@ -6,7 +6,13 @@ use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Dropout, DropoutConfig, GroupNorm, GroupNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::module::attention;
+
+/// SiLU, x·σ(x), computed as x / (1 + e^−x): one exp and two cheap element-wise ops, about twice
+/// as fast on flex as burn's `x · sigmoid(x)` (benches: 2.5 vs 5.2 ms on [16, 32, 32, 32]).
+pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    x.clone() / (x.neg().exp() + 1.0)
+}
 
 /// A 3×3 (or k×k) convolution with "same" padding, as `nn.Conv2d(c_in, c_out, k, padding=k//2)`.
 pub fn conv(c_in: usize, c_out: usize, k: usize, device: &Device) -> Conv2d {
@@ -174,8 +180,9 @@ impl Attention {
         let k = split(self.to_k.forward(tokens.clone()));
         let v = split(self.to_v.forward(tokens));
         let d = q.dims()[3];
-        let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (d as f64).sqrt()); // [B, h, N, N]
-        let attn = softmax(scores, 3).matmul(v); // [B, h, N, d]
+        // softmax(q·kᵀ/√d)·v, fused on backends that have a kernel (flex: 10 vs 18 ms at
+        // [16, 16, 64, 8]); autodiff falls back to the decomposition.
+        let attn = attention(q, k, v, None, None, Default::default()); // [B, h, N, d]
         let merged = attn.swap_dims(1, 2).reshape([b, n, self.heads * d]); // [B, N, inner]
         let out = self.to_out[0]
             .forward(merged)

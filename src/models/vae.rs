@@ -6,10 +6,9 @@ use burn::module::Module;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 use serde::{Deserialize, Serialize};
 
-use super::blocks::{BlockSpec, Downsample, MidBlock, ResnetBlock, Upsample, conv, group_norm};
+use super::blocks::{silu, BlockSpec, Downsample, MidBlock, ResnetBlock, Upsample, conv, group_norm};
 use crate::error::{Error, Result};
 
 fn three() -> usize {
