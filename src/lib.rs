@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod cli;
+pub mod data;
 pub mod error;
 pub mod image_grid;
 pub mod io;
