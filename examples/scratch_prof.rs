@@ -1,5 +1,8 @@
+use burn::module::Module;
 fn main() {
-    let n = 36;
-    let data: Vec<f32> = (0..n).flat_map(|i| fewstep::data::shapes::render(0, i).0).collect();
-    fewstep::image_grid::write_grid(std::path::Path::new("/tmp/shapes.png"), &data, n as usize, [3, 32, 32]).unwrap();
+    let d = burn::prelude::Device::flex();
+    for n in ["tiny", "shapes32", "bench32"] {
+        let c = fewstep::models::UNetConfig::preset(n).unwrap();
+        println!("{n}: {}", c.init(&d).num_params());
+    }
 }

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use safetensors::{Dtype, SafeTensors};
@@ -35,7 +35,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
-fn read_text(path: &Path) -> Result<String> {
+pub fn read_text(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Error::file(path, "file not found"),
         _ => Error::file(path, format!("cannot read: {e}")),
@@ -130,13 +130,15 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, HostTensor>> {
     Ok(out)
 }
 
-struct Loader {
+struct Loader<'a> {
     tracker: PathTracker,
     tensors: HashMap<String, HostTensor>,
     errors: Vec<String>,
+    /// Parameter ids to restore by name (training state), else the module's own.
+    ids: Option<&'a BTreeMap<String, u64>>,
 }
 
-impl ModuleMapper for Loader {
+impl ModuleMapper for Loader<'_> {
     fn enter_module(&mut self, name: &str, container: &str) {
         self.tracker.enter(name, container);
     }
@@ -165,7 +167,10 @@ impl ModuleMapper for Loader {
         if transpose {
             tensor = tensor.transpose();
         }
-        let id = param.id;
+        let id = match self.ids.and_then(|ids| ids.get(&name)) {
+            Some(&id) => ParamId::from(id),
+            None => param.id,
+        };
         param.transform_for_load(tensor, id)
     }
 }
@@ -173,8 +178,18 @@ impl ModuleMapper for Loader {
 /// Loads diffusers-named weights from a safetensors file into `module`. Every parameter must be
 /// present with the config's shape, and every tensor in the file must be used.
 pub fn load_weights<M: Module>(module: M, path: &Path) -> Result<M> {
+    load_weights_with_ids(module, path, None)
+}
+
+/// [`load_weights`], also restoring each parameter's id from `ids` (by diffusers name), so that
+/// optimizer state saved against those ids applies again after a restart.
+pub fn load_weights_with_ids<M: Module>(
+    module: M,
+    path: &Path,
+    ids: Option<&BTreeMap<String, u64>>,
+) -> Result<M> {
     let tensors = read_safetensors(path)?;
-    let mut loader = Loader { tracker: PathTracker::default(), tensors, errors: Vec::new() };
+    let mut loader = Loader { tracker: PathTracker::default(), tensors, errors: Vec::new(), ids };
     let module = module.map(&mut loader);
     if let Some(first) = loader.errors.first() {
         let more = loader.errors.len() - 1;
@@ -242,6 +257,30 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) 
     write_atomic(path, &out)
 }
 
+struct IdCollector {
+    tracker: PathTracker,
+    ids: BTreeMap<String, u64>,
+}
+
+impl ModuleVisitor for IdCollector {
+    fn enter_module(&mut self, name: &str, container: &str) {
+        self.tracker.enter(name, container);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.tracker.exit();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.ids.insert(self.tracker.current().0, param.id.val());
+    }
+}
+
+/// Every parameter's id by diffusers name.
+pub fn param_ids<M: Module>(module: &M) -> BTreeMap<String, u64> {
+    let mut c = IdCollector { tracker: PathTracker::default(), ids: BTreeMap::new() };
+    module.visit(&mut c);
+    c.ids
+}
+
 /// The module's parameters under their diffusers names, as safetensors bytes (f32).
 pub fn weights_to_bytes<M: Module>(module: &M) -> Result<Vec<u8>> {
     let mut c = Collector { tracker: PathTracker::default(), tensors: BTreeMap::new() };
@@ -265,7 +304,7 @@ pub fn save_weights<M: Module>(module: &M, path: &Path) -> Result<()> {
     write_atomic(path, &weights_to_bytes(module)?)
 }
 
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value).expect("JSON serialises");
     write_atomic(path, format!("{text}\n").as_bytes())
 }

@@ -12,5 +12,6 @@ pub mod io;
 pub mod models;
 pub mod noise;
 pub mod sample;
+pub mod train;
 
 pub use error::{Error, Result};

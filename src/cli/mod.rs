@@ -6,6 +6,7 @@ use crate::backend::{DeviceChoice, device};
 use crate::error::Result;
 
 pub mod sample;
+pub mod train;
 
 #[derive(Debug, Parser)]
 #[command(name = "fewstep", version, about = "Few-step diffusion and GAN generation by distillation")]
@@ -18,6 +19,8 @@ pub struct Cli {
 pub enum Command {
     /// Sample images from a diffusers pipeline folder.
     Sample(sample::SampleArgs),
+    /// Train a diffusion model (a teacher) with checkpoints and resume.
+    Train(train::TrainArgs),
 }
 
 /// `--device`, shared by every command that computes.
@@ -37,5 +40,6 @@ impl DeviceArgs {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Sample(args) => sample::run(args),
+        Command::Train(args) => train::run(args),
     }
 }

@@ -159,6 +159,50 @@ impl UNetConfig {
         }
     }
 
+    /// `tiny`: a ≤ 100 k-parameter 32×32 UNet with one attention level, so that every training
+    /// test runs in seconds.
+    pub fn tiny() -> Self {
+        UNetConfig {
+            sample_size: Some(32),
+            block_out_channels: vec![8, 16],
+            layers_per_block: 1,
+            down_block_types: ["DownBlock2D", "AttnDownBlock2D"].map(String::from).to_vec(),
+            up_block_types: ["AttnUpBlock2D", "UpBlock2D"].map(String::from).to_vec(),
+            norm_num_groups: Some(4),
+            attention_head_dim: Some(8),
+            ..Default::default()
+        }
+    }
+
+    /// `shapes32`: the default teacher for the `shapes` data (32×32, three levels, attention
+    /// at 8×8), sized so that training fits in about two hours on two CPU cores.
+    pub fn shapes32() -> Self {
+        UNetConfig {
+            sample_size: Some(32),
+            block_out_channels: vec![32, 48, 64],
+            layers_per_block: 1,
+            down_block_types: ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"]
+                .map(String::from)
+                .to_vec(),
+            up_block_types: ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]
+                .map(String::from)
+                .to_vec(),
+            norm_num_groups: Some(8),
+            attention_head_dim: Some(32),
+            ..Default::default()
+        }
+    }
+
+    /// A named preset (`tiny`, `shapes32`, `bench32`).
+    pub fn preset(name: &str) -> Option<Self> {
+        match name {
+            "tiny" => Some(Self::tiny()),
+            "shapes32" => Some(Self::shapes32()),
+            "bench32" => Some(Self::bench32()),
+            _ => None,
+        }
+    }
+
     /// Parses a diffusers `config.json`; errors name the offending field.
     pub fn from_json_str(text: &str) -> Result<Self> {
         let de = &mut serde_json::Deserializer::from_str(text);

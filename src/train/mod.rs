@@ -1,0 +1,358 @@
+//! Training: the only autodiff-aware code. A plain loop over burn's AdamW with warm-up, gradient
+//! clipping and EMA, crash-safe checkpoints every K steps, exact resume, Ctrl-C and NaN guards.
+
+pub mod checkpoint;
+pub mod diffusion;
+pub mod ema;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::prelude::*;
+use fewstep_schedulers::{Algorithm, SchedulerConfig};
+use serde_json::json;
+
+use crate::data;
+use crate::error::{Error, Result};
+use crate::io;
+use crate::models::{UNet, UNetConfig};
+use crate::noise::NoiseStream;
+
+/// The `run.json` kind of a diffusion training run.
+pub const DIFFUSION_RUN: &str = "train-diffusion";
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Makes Ctrl-C request a checkpoint and a clean stop instead of killing the process.
+pub fn install_interrupt_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
+    });
+}
+
+/// Optimisation settings.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainConfig {
+    pub steps: usize,
+    pub batch: usize,
+    pub lr: f64,
+    /// Linear warm-up steps from 0 to `lr`.
+    pub warmup: usize,
+    pub ema_decay: f32,
+    /// Global gradient-norm clip.
+    pub grad_clip: f32,
+    pub weight_decay: f32,
+    /// Probability of replacing a class label by the null class (classifier-free guidance).
+    pub label_dropout: f32,
+    pub seed: u64,
+    pub checkpoint_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            steps: 10_000,
+            batch: 32,
+            lr: 2e-4,
+            warmup: 200,
+            ema_decay: 0.999,
+            grad_clip: 1.0,
+            weight_decay: 0.0,
+            label_dropout: 0.1,
+            seed: 0,
+            checkpoint_every: 500,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.batch == 0 {
+            return Err(Error::Usage("--batch must be at least 1".into()));
+        }
+        if self.steps == 0 {
+            return Err(Error::Usage("--steps must be at least 1".into()));
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(Error::Usage(format!("--lr must be a positive number, got {}", self.lr)));
+        }
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            return Err(Error::Usage(format!("--ema must lie in [0, 1), got {}", self.ema_decay)));
+        }
+        if self.checkpoint_every == 0 {
+            return Err(Error::Usage("--checkpoint-every must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// Learning rate at `step` (linear warm-up, then constant).
+    pub fn lr_at(&self, step: usize) -> f64 {
+        if step < self.warmup {
+            self.lr * (step + 1) as f64 / self.warmup as f64
+        } else {
+            self.lr
+        }
+    }
+}
+
+/// Where training images come from.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum DataSource {
+    /// The procedural `shapes` dataset under a seed.
+    Shapes { seed: u64 },
+}
+
+/// Everything that defines a diffusion training run (stored as `run.json`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiffusionRun {
+    pub unet: UNetConfig,
+    pub scheduler: SchedulerConfig,
+    pub train: TrainConfig,
+    pub data: DataSource,
+}
+
+impl DiffusionRun {
+    fn to_json(&self) -> serde_json::Value {
+        json!({
+            "kind": DIFFUSION_RUN,
+            "unet": self.unet.to_json(),
+            "scheduler": self.scheduler.to_json(Algorithm::Ddim),
+            "train": self.train,
+            "data": self.data,
+        })
+    }
+
+    fn from_json(v: &serde_json::Value, path: &Path) -> Result<Self> {
+        let bad = |what: &str, e: String| Error::file(path, format!("{what}: {e}"));
+        Ok(DiffusionRun {
+            unet: UNetConfig::from_json_str(&v["unet"].to_string()).map_err(|e| bad("unet", e.to_string()))?,
+            scheduler: SchedulerConfig::from_map(v["scheduler"].as_object().ok_or_else(|| bad("scheduler", "missing".into()))?)
+                .map_err(|e| bad("scheduler", e.0))?,
+            train: serde_json::from_value(v["train"].clone()).map_err(|e| bad("train", e.to_string()))?,
+            data: serde_json::from_value(v["data"].clone()).map_err(|e| bad("data", e.to_string()))?,
+        })
+    }
+}
+
+/// What a finished (or interrupted) run reports.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    pub step: usize,
+    pub last_loss: f32,
+    pub interrupted: bool,
+    pub checkpoint: PathBuf,
+    pub seconds: f64,
+}
+
+struct State {
+    model: UNet,
+    ema: UNet,
+    optim: ModuleOptimizer,
+    step: usize,
+}
+
+fn new_optimizer(cfg: &TrainConfig) -> ModuleOptimizer {
+    AdamWConfig::new()
+        .with_weight_decay(cfg.weight_decay)
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.grad_clip)))
+        .init()
+}
+
+fn save_checkpoint(run_dir: &Path, run: &DiffusionRun, state: &State) -> Result<PathBuf> {
+    let dir = checkpoint::incoming(run_dir)?;
+    io::save_pipeline(&dir, &run.unet, &state.ema, &run.scheduler, Algorithm::Ddim, None)?;
+    let s = dir.join("state");
+    io::save_weights(&state.model, &s.join("model.safetensors"))?;
+    checkpoint::write_param_ids(&s.join("param_ids.json"), &io::param_ids(&state.model))?;
+    state
+        .optim
+        .save(s.join("optimizer.bpk"))
+        .map_err(|e| Error::file(s.join("optimizer.bpk"), format!("cannot save optimizer state: {e:?}")))?;
+    io::write_json(&s.join("state.json"), &json!({ "step": state.step }))?;
+    checkpoint::publish(run_dir)
+}
+
+fn load_checkpoint(ckpt: &Path, run: &DiffusionRun, device: &Device) -> Result<State> {
+    let s = ckpt.join("state");
+    let ids = checkpoint::read_param_ids(&s.join("param_ids.json"))?;
+    let ad = device.clone().autodiff();
+    let model = io::load_weights_with_ids(run.unet.init(&ad), &s.join("model.safetensors"), Some(&ids))?;
+    let ema = io::load_weights_with_ids(
+        run.unet.init(device),
+        &ckpt.join("unet").join(io::WEIGHTS_NAME),
+        Some(&ids),
+    )?;
+    let optim = new_optimizer(&run.train)
+        .load(s.join("optimizer.bpk"))
+        .map_err(|e| Error::file(s.join("optimizer.bpk"), format!("cannot load optimizer state: {e:?}")))?;
+    let state_path = s.join("state.json");
+    let v: serde_json::Value = serde_json::from_str(&io::read_text(&state_path)?)
+        .map_err(|e| Error::file(&state_path, format!("not valid JSON: {e}")))?;
+    let step = v["step"].as_u64().ok_or_else(|| Error::file(&state_path, "no `step`"))? as usize;
+    Ok(State { model, ema, optim, step })
+}
+
+/// One batch of training data for `step`.
+struct Batch {
+    x0: Tensor<4>,
+    eps: Tensor<4>,
+    t: Vec<usize>,
+    labels: Option<Tensor<1, Int>>,
+}
+
+fn draw_batch(run: &DiffusionRun, step: usize, train_t: usize, device: &Device) -> Batch {
+    let cfg = &run.train;
+    let mut rng = NoiseStream::for_step(cfg.seed, step as u64);
+    let indices: Vec<u64> = (0..cfg.batch).map(|_| rng.below(data::shapes::EVAL_START)).collect();
+    let t: Vec<usize> = (0..cfg.batch).map(|_| rng.below(train_t as u64) as usize).collect();
+    let DataSource::Shapes { seed } = run.data;
+    let (x0, labels) = data::shapes_batch(seed, &indices, device);
+    let [b, c, h, w] = x0.dims();
+    let eps = crate::sample::host_noise(&mut rng, [b, c, h, w], device);
+    let labels = run.unet.num_class_embeds.map(|k| {
+        // The last class index is the null label used for classifier-free guidance.
+        let null = (k - 1) as i64;
+        let keep: Vec<i64> = (0..b).map(|_| (rng.uniform() >= cfg.label_dropout as f64) as i64).collect();
+        let keep = Tensor::<1, Int>::from_ints(keep.as_slice(), device);
+        labels.clone() * keep.clone() + (keep.neg() + 1) * null
+    });
+    Batch { x0, eps, t, labels }
+}
+
+/// Trains (or resumes) a diffusion model in `run_dir`, printing progress unless `quiet`.
+pub fn train_diffusion(
+    run_dir: &Path,
+    run: Option<DiffusionRun>,
+    resume: bool,
+    steps_override: Option<usize>,
+    device: &Device,
+    quiet: bool,
+) -> Result<TrainOutcome> {
+    let (mut run, mut state) = if resume {
+        let v = checkpoint::read_run(run_dir, DIFFUSION_RUN)?;
+        let run = DiffusionRun::from_json(&v, &run_dir.join(checkpoint::RUN_FILE))?;
+        let ckpt = checkpoint::latest(run_dir)
+            .ok_or_else(|| Error::file(run_dir, "--resume: the run has no checkpoint yet"))?;
+        let state = load_checkpoint(&ckpt, &run, device)?;
+        (run, state)
+    } else {
+        let run = run.ok_or_else(|| Error::Usage("nothing to train: give a model config".into()))?;
+        run.unet.validate()?;
+        run.train.validate()?;
+        checkpoint::prepare_new_run(run_dir)?;
+        let ad = device.clone().autodiff();
+        // Seeded initialisation: the same --seed gives the same run on this backend.
+        ad.seed(run.train.seed);
+        let model = run.unet.init(&ad);
+        let ema = model.valid();
+        let optim = new_optimizer(&run.train);
+        (run, State { model, ema, optim, step: 0 })
+    };
+    if let Some(steps) = steps_override {
+        run.train.steps = steps;
+    }
+    run.train.validate()?;
+    io::write_json(&run_dir.join(checkpoint::RUN_FILE), &run.to_json())?;
+    let algorithm = run.scheduler.class.unwrap_or(Algorithm::Ddim);
+    let schedule = run.scheduler.noise_schedule(algorithm)?;
+    let prediction = run.scheduler.resolve(algorithm).prediction;
+    let train_t = schedule.num_train_timesteps();
+
+    let csv_path = run_dir.join("loss.csv");
+    let mut csv = open_loss_csv(&csv_path, state.step)?;
+    let bar = progress_bar(run.train.steps, state.step, quiet);
+    let started = Instant::now();
+    let first_step = state.step;
+    let mut last_loss = f32::NAN;
+    let mut smoothed: Option<f32> = None;
+    let mut checkpoint_path = checkpoint::latest(run_dir).unwrap_or_else(|| run_dir.to_path_buf());
+    let mut interrupted = false;
+    while state.step < run.train.steps {
+        let step = state.step;
+        let batch = draw_batch(&run, step, train_t, &state.model.devices()[0]);
+        let loss = diffusion::denoising_loss(&state.model, batch.x0, batch.eps, &batch.t, batch.labels, &schedule, prediction);
+        let loss_value: f32 = loss.clone().into_scalar::<f32>();
+        if !loss_value.is_finite() {
+            bar.abandon();
+            return Err(Error::Config(format!(
+                "training stopped: the loss became {loss_value} at step {step}; the last good checkpoint ({}) is untouched — try a lower --lr",
+                checkpoint_path.display()
+            )));
+        }
+        let lr = run.train.lr_at(step);
+        let grads = GradientsParams::from_grads(loss.backward(), &state.model);
+        state.model = state.optim.step(lr, state.model, grads);
+        state.ema = ema::update(state.ema, &state.model.valid(), ema::decay_at(step, run.train.ema_decay));
+        state.step += 1;
+        last_loss = loss_value;
+        let s = smoothed.map_or(loss_value, |s| 0.98 * s + 0.02 * loss_value);
+        smoothed = Some(s);
+        writeln!(csv, "{},{loss_value},{lr},{:.3}", state.step, started.elapsed().as_secs_f64())
+            .map_err(|e| Error::file(&csv_path, format!("cannot write: {e}")))?;
+        let per_sec = (state.step - first_step) as f64 / started.elapsed().as_secs_f64();
+        bar.set_position(state.step as u64);
+        bar.set_message(format!("loss {s:.4} | lr {lr:.2e} | {per_sec:.2} it/s"));
+        interrupted = INTERRUPTED.load(Ordering::SeqCst);
+        if state.step % run.train.checkpoint_every == 0 || state.step == run.train.steps || interrupted {
+            csv.flush().map_err(|e| Error::file(&csv_path, format!("cannot write: {e}")))?;
+            checkpoint_path = save_checkpoint(run_dir, &run, &state)?;
+        }
+        if interrupted {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    Ok(TrainOutcome {
+        step: state.step,
+        last_loss,
+        interrupted,
+        checkpoint: checkpoint_path,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Opens `loss.csv` for appending, dropping rows past `step` (a resumed run rewrites them).
+fn open_loss_csv(path: &Path, step: usize) -> Result<std::io::BufWriter<std::fs::File>> {
+    let kept: Vec<String> = match std::fs::read_to_string(path) {
+        Ok(text) => text
+            .lines()
+            .skip(1)
+            .filter(|l| l.split(',').next().and_then(|s| s.parse::<usize>().ok()).is_some_and(|s| s <= step))
+            .map(String::from)
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    let mut text = String::from("step,loss,lr,seconds\n");
+    for l in kept {
+        text.push_str(&l);
+        text.push('\n');
+    }
+    io::write_atomic(path, text.as_bytes())?;
+    let f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
+    Ok(std::io::BufWriter::new(f))
+}
+
+fn progress_bar(total: usize, at: usize, quiet: bool) -> indicatif::ProgressBar {
+    let bar = if quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(total as u64)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} step {pos}/{len} | {msg} | {elapsed_precise} < {eta_precise}",
+        )
+        .expect("valid template"),
+    );
+    bar.set_position(at as u64);
+    bar
+}
