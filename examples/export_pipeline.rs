@@ -14,7 +14,10 @@ fn main() {
     };
     let device = fewstep::backend::cpu_device().expect("a CPU backend is compiled in");
     let result = fewstep::io::Pipeline::load(&PathBuf::from(input), &device).and_then(|p| {
-        let algorithm = p.scheduler.class.unwrap_or(fewstep_schedulers::Algorithm::Ddim);
+        let algorithm = p
+            .scheduler
+            .class
+            .unwrap_or(fewstep_schedulers::Algorithm::Ddim);
         p.save(&PathBuf::from(output), algorithm)
     });
     if let Err(e) = result {

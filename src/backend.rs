@@ -68,7 +68,9 @@ pub fn device(choice: DeviceChoice) -> Result<Device> {
     match choice {
         DeviceChoice::Cpu => cpu_device().ok_or_else(|| not_compiled(choice, "flex", "")),
         DeviceChoice::Flex => flex_device().ok_or_else(|| not_compiled(choice, "flex", "")),
-        DeviceChoice::Ndarray => ndarray_device().ok_or_else(|| not_compiled(choice, "ndarray", "")),
+        DeviceChoice::Ndarray => {
+            ndarray_device().ok_or_else(|| not_compiled(choice, "ndarray", ""))
+        }
         DeviceChoice::Wgpu => wgpu_device(),
         DeviceChoice::TchCpu | DeviceChoice::Cuda => tch_device(choice),
     }

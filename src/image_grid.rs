@@ -24,13 +24,20 @@ pub fn write_grid(path: &Path, data: &[f32], n: usize, [c, h, w]: [usize; 3]) ->
         for y in 0..h {
             for xx in 0..w {
                 let ch = |k: usize| to_u8(x[k.min(c - 1) * h * w + y * w + xx]);
-                let px = if c >= 3 { [ch(0), ch(1), ch(2)] } else { [ch(0); 3] };
+                let px = if c >= 3 {
+                    [ch(0), ch(1), ch(2)]
+                } else {
+                    [ch(0); 3]
+                };
                 img.put_pixel((c0 + xx) as u32, (r0 + y) as u32, image::Rgb(px));
             }
         }
     }
     let mut bytes = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
-        .map_err(|e| Error::file(path, format!("cannot encode PNG: {e}")))?;
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .map_err(|e| Error::file(path, format!("cannot encode PNG: {e}")))?;
     crate::io::write_atomic(path, &bytes)
 }

@@ -24,9 +24,16 @@ pub const SCHEDULER_CONFIG_NAME: &str = "scheduler_config.json";
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a crash
 /// leaves either the old file or the new one, never a torn one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, format!("cannot create folder: {e}")))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::file(dir, format!("cannot create folder: {e}")))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     std::fs::write(&tmp, bytes).map_err(|e| Error::file(&tmp, format!("cannot write: {e}")))?;
     std::fs::rename(&tmp, path).map_err(|e| {
@@ -48,7 +55,9 @@ fn torch_name(path: &[String], container: &str) -> (String, bool) {
     let mut transpose = false;
     if let Some(last) = parts.last_mut() {
         match (container, last.as_str()) {
-            ("Struct:GroupNorm", "gamma") | ("Struct:LayerNorm", "gamma") => *last = "weight".into(),
+            ("Struct:GroupNorm", "gamma") | ("Struct:LayerNorm", "gamma") => {
+                *last = "weight".into()
+            }
             ("Struct:GroupNorm", "beta") | ("Struct:LayerNorm", "beta") => *last = "bias".into(),
             ("Struct:Linear", "weight") => transpose = true,
             _ => {}
@@ -74,7 +83,10 @@ impl PathTracker {
         self.containers.pop();
     }
     fn current(&self) -> (String, bool) {
-        torch_name(&self.path, self.containers.last().map(String::as_str).unwrap_or(""))
+        torch_name(
+            &self.path,
+            self.containers.last().map(String::as_str).unwrap_or(""),
+        )
     }
 }
 
@@ -88,14 +100,21 @@ pub struct HostTensor {
 impl HostTensor {
     /// Uploads as a rank-`D` tensor; `None` when the rank differs.
     pub fn to_device<const D: usize>(&self, device: &Device) -> Option<Tensor<D>> {
-        (self.shape.len() == D)
-            .then(|| Tensor::<D>::from_data(TensorData::new(self.data.clone(), self.shape.clone()), device))
+        (self.shape.len() == D).then(|| {
+            Tensor::<D>::from_data(
+                TensorData::new(self.data.clone(), self.shape.clone()),
+                device,
+            )
+        })
     }
 }
 
 fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     Some(match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
         Dtype::F16 => bytes
             .chunks_exact(2)
             .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
@@ -123,9 +142,21 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, HostTensor>> {
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         let data = to_f32(view.dtype(), view.data()).ok_or_else(|| {
-            Error::file(path, format!("tensor `{name}` has dtype {:?}; expected F32, F16, BF16 or F64", view.dtype()))
+            Error::file(
+                path,
+                format!(
+                    "tensor `{name}` has dtype {:?}; expected F32, F16, BF16 or F64",
+                    view.dtype()
+                ),
+            )
         })?;
-        out.insert(name, HostTensor { shape: view.shape().to_vec(), data });
+        out.insert(
+            name,
+            HostTensor {
+                shape: view.shape().to_vec(),
+                data,
+            },
+        );
     }
     Ok(out)
 }
@@ -152,7 +183,9 @@ impl ModuleMapper for Loader<'_> {
             expected.reverse();
         }
         let Some(t) = self.tensors.remove(&name) else {
-            self.errors.push(format!("missing tensor `{name}` (expected shape {expected:?})"));
+            self.errors.push(format!(
+                "missing tensor `{name}` (expected shape {expected:?})"
+            ));
             return param;
         };
         if t.shape != expected {
@@ -189,11 +222,20 @@ pub fn load_weights_with_ids<M: Module>(
     ids: Option<&BTreeMap<String, u64>>,
 ) -> Result<M> {
     let tensors = read_safetensors(path)?;
-    let mut loader = Loader { tracker: PathTracker::default(), tensors, errors: Vec::new(), ids };
+    let mut loader = Loader {
+        tracker: PathTracker::default(),
+        tensors,
+        errors: Vec::new(),
+        ids,
+    };
     let module = module.map(&mut loader);
     if let Some(first) = loader.errors.first() {
         let more = loader.errors.len() - 1;
-        let suffix = if more > 0 { format!(" (and {more} more problems)") } else { String::new() };
+        let suffix = if more > 0 {
+            format!(" (and {more} more problems)")
+        } else {
+            String::new()
+        };
         return Err(Error::file(path, format!("{first}{suffix}")));
     }
     if !loader.tensors.is_empty() {
@@ -276,14 +318,20 @@ impl ModuleVisitor for IdCollector {
 
 /// Every parameter's id by diffusers name.
 pub fn param_ids<M: Module>(module: &M) -> BTreeMap<String, u64> {
-    let mut c = IdCollector { tracker: PathTracker::default(), ids: BTreeMap::new() };
+    let mut c = IdCollector {
+        tracker: PathTracker::default(),
+        ids: BTreeMap::new(),
+    };
     module.visit(&mut c);
     c.ids
 }
 
 /// The module's parameters under their diffusers names, as safetensors bytes (f32).
 pub fn weights_to_bytes<M: Module>(module: &M) -> Result<Vec<u8>> {
-    let mut c = Collector { tracker: PathTracker::default(), tensors: BTreeMap::new() };
+    let mut c = Collector {
+        tracker: PathTracker::default(),
+        tensors: BTreeMap::new(),
+    };
     module.visit(&mut c);
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = c
         .tensors
@@ -296,7 +344,8 @@ pub fn weights_to_bytes<M: Module>(module: &M) -> Result<Vec<u8>> {
         .collect();
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    safetensors::serialize(views, Some(meta)).map_err(|e| Error::Config(format!("cannot serialise weights: {e}")))
+    safetensors::serialize(views, Some(meta))
+        .map_err(|e| Error::Config(format!("cannot serialise weights: {e}")))
 }
 
 /// Saves the module's weights (diffusers names, f32) atomically.
@@ -312,7 +361,8 @@ pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
 /// `DIR/config.json` + `DIR/diffusion_pytorch_model.safetensors` of a UNet.
 pub fn load_unet(dir: &Path, device: &Device) -> Result<(UNetConfig, UNet)> {
     let config_path = dir.join(CONFIG_NAME);
-    let config = UNetConfig::from_json_str(&read_text(&config_path)?).map_err(|e| e.in_file(&config_path))?;
+    let config = UNetConfig::from_json_str(&read_text(&config_path)?)
+        .map_err(|e| e.in_file(&config_path))?;
     let unet = load_weights(config.init(device), &dir.join(WEIGHTS_NAME))?;
     Ok((config, unet))
 }
@@ -324,7 +374,8 @@ pub fn save_unet(dir: &Path, config: &UNetConfig, unet: &UNet) -> Result<()> {
 
 pub fn load_vae(dir: &Path, device: &Device) -> Result<(VaeConfig, Vae)> {
     let config_path = dir.join(CONFIG_NAME);
-    let config = VaeConfig::from_json_str(&read_text(&config_path)?).map_err(|e| e.in_file(&config_path))?;
+    let config =
+        VaeConfig::from_json_str(&read_text(&config_path)?).map_err(|e| e.in_file(&config_path))?;
     let vae = load_weights(config.init(device), &dir.join(WEIGHTS_NAME))?;
     Ok((config, vae))
 }
@@ -378,18 +429,32 @@ impl Pipeline {
                 ),
             ));
         }
-        Ok(Pipeline { unet_config, unet, scheduler, vae })
+        Ok(Pipeline {
+            unet_config,
+            unet,
+            scheduler,
+            vae,
+        })
     }
 
     /// Writes the pipeline as a diffusers folder with `algorithm`'s scheduler config.
     pub fn save(&self, dir: &Path, algorithm: Algorithm) -> Result<()> {
-        save_pipeline(dir, &self.unet_config, &self.unet, &self.scheduler, algorithm, self.vae.as_ref().map(|(c, v)| (c, v)))
+        save_pipeline(
+            dir,
+            &self.unet_config,
+            &self.unet,
+            &self.scheduler,
+            algorithm,
+            self.vae.as_ref().map(|(c, v)| (c, v)),
+        )
     }
 
     /// The shape of one sample in model space: [C, H, W] of the UNet's input.
     pub fn sample_shape(&self) -> Result<[usize; 3]> {
         let size = self.unet_config.sample_size.ok_or_else(|| {
-            Error::Config("unet config.json has no `sample_size`: cannot tell the sample resolution".into())
+            Error::Config(
+                "unet config.json has no `sample_size`: cannot tell the sample resolution".into(),
+            )
         })?;
         Ok([self.unet_config.in_channels, size, size])
     }
@@ -415,7 +480,10 @@ pub fn save_pipeline(
         save_vae(&dir.join("vae"), vc, v)?;
     }
     save_unet(&dir.join("unet"), unet_config, unet)?;
-    write_json(&dir.join("scheduler").join(SCHEDULER_CONFIG_NAME), &scheduler.to_json(algorithm))?;
+    write_json(
+        &dir.join("scheduler").join(SCHEDULER_CONFIG_NAME),
+        &scheduler.to_json(algorithm),
+    )?;
     write_json(&dir.join("model_index.json"), &index)
 }
 

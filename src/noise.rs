@@ -11,7 +11,9 @@ pub struct NoiseStream {
 
 impl NoiseStream {
     pub fn new(seed: u64) -> Self {
-        NoiseStream { rng: StdRng::seed_from_u64(seed) }
+        NoiseStream {
+            rng: StdRng::seed_from_u64(seed),
+        }
     }
 
     /// The stream of training step `step` of a run seeded `seed`: every step draws from its own

@@ -33,7 +33,12 @@ pub fn host_noise(noise: &mut NoiseStream, shape: [usize; 4], device: &Device) -
 }
 
 /// Class labels for a batch: row i gets class `(first + i) mod K`.
-pub fn cycling_labels(first: usize, batch: usize, classes: usize, device: &Device) -> Tensor<1, Int> {
+pub fn cycling_labels(
+    first: usize,
+    batch: usize,
+    classes: usize,
+    device: &Device,
+) -> Tensor<1, Int> {
     let labels: Vec<i64> = (0..batch).map(|i| ((first + i) % classes) as i64).collect();
     Tensor::<1, Int>::from_ints(labels.as_slice(), device)
 }
@@ -51,14 +56,20 @@ pub fn sample(
     let device = latents.device();
     let [b, c, h, w] = latents.dims();
     if pipeline.unet.num_classes().is_some() && labels.is_none() {
-        return Err(Error::Config("this UNet is class-conditional (num_classes set): class labels are required".into()));
+        return Err(Error::Config(
+            "this UNet is class-conditional (num_classes set): class labels are required".into(),
+        ));
     }
     let mut x = DeviceSample(latents * scheduler.init_noise_sigma());
     let mut last = None;
     while let Some(t) = scheduler.current_timestep() {
         let model_input = scheduler.scale_model_input(&x);
         let t_batch = Tensor::<1>::full([b], t, &device);
-        let out = DeviceSample(pipeline.unet.forward(model_input.0, t_batch, labels.clone()));
+        let out = DeviceSample(
+            pipeline
+                .unet
+                .forward(model_input.0, t_batch, labels.clone()),
+        );
         let step_noise = scheduler
             .needs_noise()
             .then(|| DeviceSample(host_noise(noise, [b, c, h, w], &device)));

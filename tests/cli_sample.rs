@@ -17,7 +17,10 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn fewstep(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_fewstep")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_fewstep"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 /// A copy of a fixture folder, to be damaged by a test.
@@ -41,14 +44,33 @@ fn sample_with_latents_file_reproduces_diffusers_for_each_deterministic_schedule
     let reference = io::read_safetensors(&pipe.join("io.safetensors")).unwrap();
     let latents = &reference["latents"];
     let latents_file = dir.join("latents.safetensors");
-    io::write_safetensors(&latents_file, &[("latents", latents.shape.clone(), latents.data.clone())]).unwrap();
-    for (algo, steps) in [("ddim", "4"), ("euler", "4"), ("heun", "3"), ("dpmpp-2m", "5")] {
+    io::write_safetensors(
+        &latents_file,
+        &[("latents", latents.shape.clone(), latents.data.clone())],
+    )
+    .unwrap();
+    for (algo, steps) in [
+        ("ddim", "4"),
+        ("euler", "4"),
+        ("heun", "3"),
+        ("dpmpp-2m", "5"),
+    ] {
         let out = dir.join(format!("{algo}.safetensors"));
         let png = dir.join(format!("{algo}.png"));
         let o = fewstep(&[
-            "sample", "--model", pipe.to_str().unwrap(), "--scheduler", algo, "--steps", steps,
-            "--latents", latents_file.to_str().unwrap(), "--out", png.to_str().unwrap(),
-            "--save-tensors", out.to_str().unwrap(),
+            "sample",
+            "--model",
+            pipe.to_str().unwrap(),
+            "--scheduler",
+            algo,
+            "--steps",
+            steps,
+            "--latents",
+            latents_file.to_str().unwrap(),
+            "--out",
+            png.to_str().unwrap(),
+            "--save-tensors",
+            out.to_str().unwrap(),
         ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert!(png.exists());
@@ -56,7 +78,11 @@ fn sample_with_latents_file_reproduces_diffusers_for_each_deterministic_schedule
         let want = &reference[&format!("{algo}_{steps}")];
         assert_eq!(got.shape, want.shape);
         let scale = want.data.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let diff = got.data.iter().zip(&want.data).fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+        let diff = got
+            .data
+            .iter()
+            .zip(&want.data)
+            .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
         assert!(diff <= 1e-4 * scale, "{algo}: {diff} > 1e-4 * {scale}");
     }
 }
@@ -68,7 +94,10 @@ fn assert_clean_failure(args: &[&str], needle: &str) {
     assert_eq!(o.status.code(), Some(1), "exit code for {args:?}: {err}");
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 1, "one line for {args:?}, got: {err}");
-    assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "{args:?}: {err}");
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains(needle),
+        "{args:?}: {err}"
+    );
 }
 
 #[test]
@@ -79,10 +108,22 @@ fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
     let png = dir.join("x.png");
     let png = png.to_str().unwrap();
 
-    assert_clean_failure(&["sample", "--model", "/no/such/folder", "--out", png], "/no/such/folder");
-    assert_clean_failure(&["sample", "--model", p, "--steps", "0", "--out", png], "--steps");
-    assert_clean_failure(&["sample", "--model", p, "--steps", "1001", "--out", png], "--steps");
-    assert_clean_failure(&["sample", "--model", p, "--device", "nope", "--out", png], "--device nope");
+    assert_clean_failure(
+        &["sample", "--model", "/no/such/folder", "--out", png],
+        "/no/such/folder",
+    );
+    assert_clean_failure(
+        &["sample", "--model", p, "--steps", "0", "--out", png],
+        "--steps",
+    );
+    assert_clean_failure(
+        &["sample", "--model", p, "--steps", "1001", "--out", png],
+        "--steps",
+    );
+    assert_clean_failure(
+        &["sample", "--model", p, "--device", "nope", "--out", png],
+        "--device nope",
+    );
 
     // Truncated weights.
     let broken = dir.join("truncated");
@@ -90,29 +131,56 @@ fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
     let weights = broken.join("unet").join(io::WEIGHTS_NAME);
     let bytes = std::fs::read(&weights).unwrap();
     std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
-    assert_clean_failure(&["sample", "--model", broken.to_str().unwrap(), "--out", png], "corrupt or truncated");
+    assert_clean_failure(
+        &["sample", "--model", broken.to_str().unwrap(), "--out", png],
+        "corrupt or truncated",
+    );
 
     // A config whose shapes disagree with the weights: name the tensor and both shapes.
     let mismatch = dir.join("mismatch");
     copy_dir(&pipe, &mismatch);
     let cfg = mismatch.join("unet").join("config.json");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("\"out_channels\": 3", "\"out_channels\": 4");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"out_channels\": 3", "\"out_channels\": 4");
     std::fs::write(&cfg, text).unwrap();
-    assert_clean_failure(&["sample", "--model", mismatch.to_str().unwrap(), "--out", png], "conv_out.weight");
+    assert_clean_failure(
+        &[
+            "sample",
+            "--model",
+            mismatch.to_str().unwrap(),
+            "--out",
+            png,
+        ],
+        "conv_out.weight",
+    );
 
     // An unknown block type.
     let unknown = dir.join("unknown");
     copy_dir(&pipe, &unknown);
     let cfg = unknown.join("unet").join("config.json");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("\"AttnDownBlock2D\"", "\"CrossAttnDownBlock2D\"");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"AttnDownBlock2D\"", "\"CrossAttnDownBlock2D\"");
     std::fs::write(&cfg, text).unwrap();
-    assert_clean_failure(&["sample", "--model", unknown.to_str().unwrap(), "--out", png], "CrossAttnDownBlock2D");
+    assert_clean_failure(
+        &["sample", "--model", unknown.to_str().unwrap(), "--out", png],
+        "CrossAttnDownBlock2D",
+    );
 
     // Latents of the wrong shape.
     let latents = dir.join("latents.safetensors");
     io::write_safetensors(&latents, &[("latents", vec![1, 3, 4, 4], vec![0.0; 48])]).unwrap();
     assert_clean_failure(
-        &["sample", "--model", p, "--latents", latents.to_str().unwrap(), "--out", png],
+        &[
+            "sample",
+            "--model",
+            p,
+            "--latents",
+            latents.to_str().unwrap(),
+            "--out",
+            png,
+        ],
         "[N, 3, 8, 8]",
     );
     assert!(!Path::new(png).exists(), "nothing written on failure");

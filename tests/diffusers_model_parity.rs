@@ -14,7 +14,9 @@ fn device() -> Device {
 }
 
 fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models")
+        .join(rel)
 }
 
 fn io_tensors(dir: &Path) -> std::collections::HashMap<String, HostTensor> {
@@ -26,8 +28,14 @@ fn assert_close(what: &str, got: Tensor<4>, want: &HostTensor) {
     assert_eq!(got.dims().to_vec(), want.shape, "{what}: shape");
     let got: Vec<f32> = got.into_data().try_to_vec().unwrap();
     let scale = want.data.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let diff = got.iter().zip(&want.data).fold(0f32, |m, (g, w)| m.max((g - w).abs()));
-    assert!(diff <= 1e-4 * scale, "{what}: max |diff| {diff} > 1e-4 * {scale}");
+    let diff = got
+        .iter()
+        .zip(&want.data)
+        .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+    assert!(
+        diff <= 1e-4 * scale,
+        "{what}: max |diff| {diff} > 1e-4 * {scale}"
+    );
 }
 
 fn unet_matches(rel: &str) {
@@ -76,7 +84,11 @@ fn vae_encode_and_decode_match_diffusers() {
     let (mean, logvar) = vae.encode(t["x"].to_device::<4>(&dev).unwrap());
     assert_close("vae mean", mean, &t["mean"]);
     assert_close("vae logvar", logvar, &t["logvar"]);
-    assert_close("vae decode", vae.decode(t["z"].to_device::<4>(&dev).unwrap()), &t["decoded"]);
+    assert_close(
+        "vae decode",
+        vae.decode(t["z"].to_device::<4>(&dev).unwrap()),
+        &t["decoded"],
+    );
 }
 
 fn pipeline_matches(rel: &str) {
@@ -87,11 +99,20 @@ fn pipeline_matches(rel: &str) {
     let latents = t["latents"].to_device::<4>(&dev).unwrap();
     let mut checked = 0;
     for (name, want) in &t {
-        let Some((algo, steps)) = name.split_once('_') else { continue };
+        let Some((algo, steps)) = name.split_once('_') else {
+            continue;
+        };
         let algo = Algorithm::from_cli_name(algo).unwrap();
         let mut scheduler: Scheduler<DeviceSample> = pipeline.scheduler.build(Some(algo)).unwrap();
         scheduler.set_timesteps(steps.parse().unwrap()).unwrap();
-        let got = sample(&pipeline, &mut scheduler, latents.clone(), None, &mut NoiseStream::new(0)).unwrap();
+        let got = sample(
+            &pipeline,
+            &mut scheduler,
+            latents.clone(),
+            None,
+            &mut NoiseStream::new(0),
+        )
+        .unwrap();
         assert_close(&format!("{rel} {name}"), got, want);
         checked += 1;
     }
@@ -122,8 +143,18 @@ fn saved_pipeline_reloads_to_identical_outputs() {
     );
     let x = Tensor::<4>::ones([1, 4, 4, 4], &dev);
     let t = Tensor::<1>::from_floats([250.0], &dev);
-    let a: Vec<f32> = pipeline.unet.forward(x.clone(), t.clone(), None).into_data().try_to_vec().unwrap();
-    let b: Vec<f32> = again.unet.forward(x, t, None).into_data().try_to_vec().unwrap();
+    let a: Vec<f32> = pipeline
+        .unet
+        .forward(x.clone(), t.clone(), None)
+        .into_data()
+        .try_to_vec()
+        .unwrap();
+    let b: Vec<f32> = again
+        .unet
+        .forward(x, t, None)
+        .into_data()
+        .try_to_vec()
+        .unwrap();
     assert_eq!(a, b, "weights survive save + load bit for bit");
     std::fs::remove_dir_all(&out).unwrap();
 }

@@ -14,11 +14,23 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn fewstep(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fewstep")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_fewstep"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn train(out: &Path, extra: &[&str]) -> Output {
-    let mut args = vec!["train", "--model-config", "tiny", "--batch", "4", "--quiet", "--out", out.to_str().unwrap()];
+    let mut args = vec![
+        "train",
+        "--model-config",
+        "tiny",
+        "--batch",
+        "4",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ];
     args.extend_from_slice(extra);
     fewstep(&args)
 }
@@ -36,7 +48,15 @@ fn resumed_run_reaches_the_uninterrupted_weights() {
     let (a, b) = (scratch("whole"), scratch("split"));
     ok(&train(&a, &["--steps", "6", "--checkpoint-every", "3"]));
     ok(&train(&b, &["--steps", "3", "--checkpoint-every", "3"]));
-    ok(&fewstep(&["train", "--out", b.to_str().unwrap(), "--resume", "--steps", "6", "--quiet"]));
+    ok(&fewstep(&[
+        "train",
+        "--out",
+        b.to_str().unwrap(),
+        "--resume",
+        "--steps",
+        "6",
+        "--quiet",
+    ]));
     let (wa, wb) = (raw_weights(&a), raw_weights(&b));
     assert_eq!(wa.len(), wb.len());
     let mut max = 0f32;
@@ -49,13 +69,26 @@ fn resumed_run_reaches_the_uninterrupted_weights() {
     // SIMD paths on freshly loaded buffers).
     assert!(max <= 1e-6, "resumed weights differ by {max}");
     let rows = std::fs::read_to_string(b.join("loss.csv")).unwrap();
-    assert_eq!(rows.lines().count(), 7, "header + one row per step, none duplicated");
+    assert_eq!(
+        rows.lines().count(),
+        7,
+        "header + one row per step, none duplicated"
+    );
 }
 
 #[test]
 fn checkpoint_is_a_pipeline_folder_that_samples() {
     let run = scratch("pipeline");
-    ok(&train(&run, &["--steps", "2", "--checkpoint-every", "1", "--class-conditional"]));
+    ok(&train(
+        &run,
+        &[
+            "--steps",
+            "2",
+            "--checkpoint-every",
+            "1",
+            "--class-conditional",
+        ],
+    ));
     let latest = run.join("checkpoints/latest");
     assert!(run.join("checkpoints/previous/state/state.json").is_file());
     let device = fewstep::backend::cpu_device().unwrap();
@@ -63,8 +96,15 @@ fn checkpoint_is_a_pipeline_folder_that_samples() {
     assert_eq!(pipeline.unet.num_classes(), Some(4));
     let png = run.join("grid.png");
     ok(&fewstep(&[
-        "sample", "--model", latest.to_str().unwrap(), "--steps", "2", "--num", "2",
-        "--out", png.to_str().unwrap(),
+        "sample",
+        "--model",
+        latest.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--num",
+        "2",
+        "--out",
+        png.to_str().unwrap(),
     ]));
     assert!(png.is_file());
 }
@@ -72,33 +112,67 @@ fn checkpoint_is_a_pipeline_folder_that_samples() {
 #[test]
 fn diverging_loss_stops_and_keeps_the_last_good_checkpoint() {
     let run = scratch("nan");
-    let o = train(&run, &["--steps", "50", "--checkpoint-every", "1", "--lr", "1e30", "--warmup", "0"]);
+    let o = train(
+        &run,
+        &[
+            "--steps",
+            "50",
+            "--checkpoint-every",
+            "1",
+            "--lr",
+            "1e30",
+            "--warmup",
+            "0",
+        ],
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("the loss became"), "{err}");
     let state = std::fs::read_to_string(run.join("checkpoints/latest/state/state.json")).unwrap();
     let step: serde_json::Value = serde_json::from_str(&state).unwrap();
     let step = step["step"].as_u64().unwrap();
-    assert!(step >= 1 && step < 50, "checkpoint at step {step}");
+    assert!((1..50).contains(&step), "checkpoint at step {step}");
 }
 
 #[test]
 fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
     let run = scratch("interrupt");
     let child = Command::new(env!("CARGO_BIN_EXE_fewstep"))
-        .args(["train", "--model-config", "tiny", "--batch", "2", "--quiet", "--steps", "100000",
-               "--checkpoint-every", "100000", "--out", run.to_str().unwrap()])
+        .args([
+            "train",
+            "--model-config",
+            "tiny",
+            "--batch",
+            "2",
+            "--quiet",
+            "--steps",
+            "100000",
+            "--checkpoint-every",
+            "100000",
+            "--out",
+            run.to_str().unwrap(),
+        ])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let csv = run.join("loss.csv");
     let started = Instant::now();
-    while std::fs::read_to_string(&csv).map(|t| t.lines().count()).unwrap_or(0) < 2 {
-        assert!(started.elapsed() < Duration::from_secs(60), "training never started");
+    while std::fs::read_to_string(&csv)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+        < 2
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "training never started"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_millis(300));
-    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -118,22 +192,45 @@ fn assert_clean_failure(o: Output, needle: &str) {
 fn bad_input_is_one_clear_line_and_harms_nothing() {
     let run = scratch("bad");
     let r = run.to_str().unwrap();
-    assert_clean_failure(fewstep(&["train", "--model-config", "huge", "--out", r]), "unknown preset");
-    assert_clean_failure(fewstep(&["train", "--model-config", "tiny", "--batch", "0", "--out", r]), "--batch");
-    assert_clean_failure(fewstep(&["train", "--out", r, "--resume"]), "no run to resume");
+    assert_clean_failure(
+        fewstep(&["train", "--model-config", "huge", "--out", r]),
+        "unknown preset",
+    );
+    assert_clean_failure(
+        fewstep(&[
+            "train",
+            "--model-config",
+            "tiny",
+            "--batch",
+            "0",
+            "--out",
+            r,
+        ]),
+        "--batch",
+    );
+    assert_clean_failure(
+        fewstep(&["train", "--out", r, "--resume"]),
+        "no run to resume",
+    );
     assert_clean_failure(train(&run, &["--data", "/no/images"]), "--data");
 
     // A folder that already holds a run is not overwritten.
     ok(&train(&run, &["--steps", "1"]));
     let before = std::fs::read(run.join("checkpoints/latest/state/model.safetensors")).unwrap();
     assert_clean_failure(train(&run, &["--steps", "1"]), "already holds a run");
-    assert_eq!(before, std::fs::read(run.join("checkpoints/latest/state/model.safetensors")).unwrap());
+    assert_eq!(
+        before,
+        std::fs::read(run.join("checkpoints/latest/state/model.safetensors")).unwrap()
+    );
 
     // A run folder of another kind.
     let other = scratch("other");
     std::fs::create_dir_all(&other).unwrap();
     std::fs::write(other.join("run.json"), r#"{"kind": "train-gan"}"#).unwrap();
-    assert_clean_failure(fewstep(&["train", "--out", other.to_str().unwrap(), "--resume"]), "train-gan");
+    assert_clean_failure(
+        fewstep(&["train", "--out", other.to_str().unwrap(), "--resume"]),
+        "train-gan",
+    );
 
     // An invalid config file names the field.
     let cfg = scratch("cfg");
@@ -141,7 +238,13 @@ fn bad_input_is_one_clear_line_and_harms_nothing() {
     let path = cfg.join("config.json");
     std::fs::write(&path, r#"{"block_out_channels": [16, "x"]}"#).unwrap();
     assert_clean_failure(
-        fewstep(&["train", "--model-config", path.to_str().unwrap(), "--out", cfg.join("run").to_str().unwrap()]),
+        fewstep(&[
+            "train",
+            "--model-config",
+            path.to_str().unwrap(),
+            "--out",
+            cfg.join("run").to_str().unwrap(),
+        ]),
         "block_out_channels",
     );
 }

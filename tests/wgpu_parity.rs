@@ -14,7 +14,10 @@ fn max_rel_diff(a: Tensor<4>, b: Tensor<4>) -> f32 {
     let a: Vec<f32> = a.into_data().try_to_vec().unwrap();
     let b: Vec<f32> = b.into_data().try_to_vec().unwrap();
     let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
-    a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    a.iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+        / scale
 }
 
 #[test]
@@ -26,8 +29,16 @@ fn unet_forward_and_vae_decode_match_cpu_on_wgpu() {
     let (_, unet_gpu) = io::load_unet(&pipe.join("unet"), &gpu).unwrap();
     let x = io::read_safetensors(&pipe.join("unet/io.safetensors")).unwrap();
     let (xs, ts) = (&x["x"], &x["t"]);
-    let out_cpu = unet_cpu.forward(xs.to_device::<4>(&cpu).unwrap(), ts.to_device::<1>(&cpu).unwrap(), None);
-    let out_gpu = unet_gpu.forward(xs.to_device::<4>(&gpu).unwrap(), ts.to_device::<1>(&gpu).unwrap(), None);
+    let out_cpu = unet_cpu.forward(
+        xs.to_device::<4>(&cpu).unwrap(),
+        ts.to_device::<1>(&cpu).unwrap(),
+        None,
+    );
+    let out_gpu = unet_gpu.forward(
+        xs.to_device::<4>(&gpu).unwrap(),
+        ts.to_device::<1>(&gpu).unwrap(),
+        None,
+    );
     let d = max_rel_diff(out_cpu, out_gpu);
     assert!(d <= 1e-4, "UNet: wgpu differs from CPU by {d} (relative)");
 
@@ -38,5 +49,8 @@ fn unet_forward_and_vae_decode_match_cpu_on_wgpu() {
         vae_cpu.decode(z.to_device::<4>(&cpu).unwrap()),
         vae_gpu.decode(z.to_device::<4>(&gpu).unwrap()),
     );
-    assert!(d <= 1e-4, "VAE decode: wgpu differs from CPU by {d} (relative)");
+    assert!(
+        d <= 1e-4,
+        "VAE decode: wgpu differs from CPU by {d} (relative)"
+    );
 }

@@ -8,7 +8,7 @@
 use serde_json::{Map, Value};
 
 use crate::schedule::NoiseSchedule;
-use crate::{Scheduler, SampleOps, ddim, ddpm, dpmpp_2m, euler, heun, lcm};
+use crate::{SampleOps, Scheduler, ddim, ddpm, dpmpp_2m, euler, heun, lcm};
 
 /// A configuration error: one line naming the field and what was expected.
 #[derive(Debug, Clone, PartialEq)]
@@ -266,7 +266,12 @@ impl SchedulerConfig {
         };
         require(map, "thresholding", &[Value::Bool(false)], "false")?;
         require(map, "use_karras_sigmas", &[Value::Bool(false)], "false")?;
-        require(map, "use_exponential_sigmas", &[Value::Bool(false)], "false")?;
+        require(
+            map,
+            "use_exponential_sigmas",
+            &[Value::Bool(false)],
+            "false",
+        )?;
         require(map, "use_beta_sigmas", &[Value::Bool(false)], "false")?;
         require(map, "use_lu_lambdas", &[Value::Bool(false)], "false")?;
         require(map, "interpolation_type", &["linear".into()], "\"linear\"")?;
@@ -327,14 +332,20 @@ impl SchedulerConfig {
             solver_type: get_choice(
                 map,
                 "solver_type",
-                &[("midpoint", SolverType::Midpoint), ("heun", SolverType::Heun)],
+                &[
+                    ("midpoint", SolverType::Midpoint),
+                    ("heun", SolverType::Heun),
+                ],
             )?,
             lower_order_final: get_bool(map, "lower_order_final")?,
             euler_at_final: get_bool(map, "euler_at_final")?,
             final_sigmas_type: get_choice(
                 map,
                 "final_sigmas_type",
-                &[("zero", FinalSigmas::Zero), ("sigma_min", FinalSigmas::SigmaMin)],
+                &[
+                    ("zero", FinalSigmas::Zero),
+                    ("sigma_min", FinalSigmas::SigmaMin),
+                ],
             )?,
         };
         if let Some(order) = cfg.solver_order
@@ -345,7 +356,9 @@ impl SchedulerConfig {
             )));
         }
         if cfg.num_train_timesteps == Some(0) {
-            return Err(ConfigError::new("field `num_train_timesteps` must be at least 1"));
+            return Err(ConfigError::new(
+                "field `num_train_timesteps` must be at least 1",
+            ));
         }
         Ok(cfg)
     }
@@ -378,7 +391,10 @@ impl SchedulerConfig {
         };
         m.insert("timestep_spacing".into(), spacing.into());
         m.insert("steps_offset".into(), r.steps_offset.into());
-        m.insert("rescale_betas_zero_snr".into(), r.rescale_betas_zero_snr.into());
+        m.insert(
+            "rescale_betas_zero_snr".into(),
+            r.rescale_betas_zero_snr.into(),
+        );
         match algorithm {
             Algorithm::Ddpm | Algorithm::Ddim | Algorithm::Heun | Algorithm::Lcm => {
                 m.insert("clip_sample".into(), r.clip_sample.into());
@@ -386,7 +402,10 @@ impl SchedulerConfig {
             }
             _ => {}
         }
-        if matches!(algorithm, Algorithm::Ddpm | Algorithm::Ddim | Algorithm::Lcm | Algorithm::DpmPp2m) {
+        if matches!(
+            algorithm,
+            Algorithm::Ddpm | Algorithm::Ddim | Algorithm::Lcm | Algorithm::DpmPp2m
+        ) {
             m.insert("thresholding".into(), false.into());
         }
         if matches!(algorithm, Algorithm::Ddim | Algorithm::Lcm) {
@@ -396,7 +415,10 @@ impl SchedulerConfig {
             m.insert("variance_type".into(), "fixed_small".into());
         }
         if algorithm == Algorithm::Lcm {
-            m.insert("original_inference_steps".into(), r.original_inference_steps.into());
+            m.insert(
+                "original_inference_steps".into(),
+                r.original_inference_steps.into(),
+            );
             m.insert("timestep_scaling".into(), r.timestep_scaling.into());
         }
         if matches!(algorithm, Algorithm::Euler | Algorithm::DpmPp2m) {
@@ -440,9 +462,7 @@ impl SchedulerConfig {
             prediction: self.prediction_type.unwrap_or(Prediction::Epsilon),
             timestep_spacing: self.timestep_spacing.unwrap_or(spacing),
             steps_offset: self.steps_offset.unwrap_or(0),
-            clip_sample: self
-                .clip_sample
-                .unwrap_or(matches!(algorithm, Ddpm | Ddim)),
+            clip_sample: self.clip_sample.unwrap_or(matches!(algorithm, Ddpm | Ddim)),
             clip_sample_range: self.clip_sample_range.unwrap_or(1.0),
             set_alpha_to_one: self.set_alpha_to_one.unwrap_or(true),
             rescale_betas_zero_snr: self.rescale_betas_zero_snr.unwrap_or(false),

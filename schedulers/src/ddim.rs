@@ -56,13 +56,19 @@ impl Ddim {
         let prev_t = t - (self.config.num_train_timesteps / self.int_timesteps.len()) as i64;
         let alpha_t = self.schedule.alphas_cumprod[t as usize];
         let alpha_prev = self.alpha_bar_or_final(prev_t);
-        let clip = self.config.clip_sample.then_some(self.config.clip_sample_range);
+        let clip = self
+            .config
+            .clip_sample
+            .then_some(self.config.clip_sample_range);
         let x0 = predict_x0(self.config.prediction, alpha_t, model_output, sample, clip);
         // The direction term uses the unclipped ε.
         let (ea, eb) = eps_coefficients(self.config.prediction, alpha_t);
         let eps = sample.axpby(ea, model_output, eb);
         let prev_sample = x0.axpby(alpha_prev.sqrt(), &eps, (1.0 - alpha_prev).sqrt());
         self.step_index += 1;
-        StepOutput { prev_sample, denoised: x0 }
+        StepOutput {
+            prev_sample,
+            denoised: x0,
+        }
     }
 }

@@ -58,7 +58,10 @@ impl Ddpm {
         let (beta_t, beta_prev) = (1.0 - alpha_t, 1.0 - alpha_prev);
         let current_alpha = alpha_t / alpha_prev;
         let current_beta = 1.0 - current_alpha;
-        let clip = self.config.clip_sample.then_some(self.config.clip_sample_range);
+        let clip = self
+            .config
+            .clip_sample
+            .then_some(self.config.clip_sample_range);
         let x0 = predict_x0(self.config.prediction, alpha_t, model_output, sample, clip);
         // Posterior mean, Ho et al. eq. 7.
         let x0_coeff = alpha_prev.sqrt() * current_beta / beta_t;
@@ -71,6 +74,9 @@ impl Ddpm {
             prev_sample = prev_sample.axpby(1.0, noise, variance.sqrt());
         }
         self.step_index += 1;
-        StepOutput { prev_sample, denoised: x0 }
+        StepOutput {
+            prev_sample,
+            denoised: x0,
+        }
     }
 }

@@ -126,6 +126,9 @@ impl<T: SampleOps> DpmPp2m<T> {
         }
         self.previous_x0 = Some(x0.clone());
         self.step_index += 1;
-        StepOutput { prev_sample, denoised: x0 }
+        StepOutput {
+            prev_sample,
+            denoised: x0,
+        }
     }
 }

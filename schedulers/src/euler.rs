@@ -32,7 +32,11 @@ pub(crate) fn sigma_space_x0<T: SampleOps>(
 }
 
 /// Interpolated σ at each timestep plus the final σ (`set_timesteps` of Euler and DPM-Solver).
-pub(crate) fn grid_sigmas(schedule: &NoiseSchedule, timesteps: &[f64], last: FinalSigmas) -> Vec<f32> {
+pub(crate) fn grid_sigmas(
+    schedule: &NoiseSchedule,
+    timesteps: &[f64],
+    last: FinalSigmas,
+) -> Vec<f32> {
     let mut sigmas: Vec<f32> = schedule
         .interp_sigmas(timesteps)
         .into_iter()
@@ -43,6 +47,12 @@ pub(crate) fn grid_sigmas(schedule: &NoiseSchedule, timesteps: &[f64], last: Fin
         FinalSigmas::SigmaMin => schedule.sigma(0),
     });
     sigmas
+}
+
+/// `scale_model_input`'s factor 1/√(σ² + 1) at step `i` of a σ grid.
+pub(crate) fn sigma_space_input_scale(sigmas: &[f32], i: usize) -> f32 {
+    let sigma = sigmas[i.min(sigmas.len() - 1)];
+    1.0 / (sigma * sigma + 1.0).sqrt()
 }
 
 /// `init_noise_sigma` of the σ-space schedulers: σ_max, or √(σ_max² + 1) for `leading` spacing.
@@ -64,7 +74,8 @@ impl Euler {
             step_index: 0,
         };
         let n = s.config.num_train_timesteps;
-        s.set_timesteps(n).expect("the training grid is always valid");
+        s.set_timesteps(n)
+            .expect("the training grid is always valid");
         s
     }
 
@@ -84,8 +95,7 @@ impl Euler {
 
     /// 1/√(σ² + 1) at the current step.
     pub fn model_input_scale(&self) -> f32 {
-        let sigma = self.sigmas[self.step_index.min(self.sigmas.len() - 1)];
-        1.0 / (sigma * sigma + 1.0).sqrt()
+        sigma_space_input_scale(&self.sigmas, self.step_index)
     }
 
     pub fn step<T: SampleOps>(&mut self, model_output: &T, sample: &T) -> StepOutput<T> {
@@ -95,6 +105,9 @@ impl Euler {
         let dt = self.sigmas[self.step_index + 1] - sigma;
         let prev_sample = sample.axpby(1.0, &derivative, dt);
         self.step_index += 1;
-        StepOutput { prev_sample, denoised: x0 }
+        StepOutput {
+            prev_sample,
+            denoised: x0,
+        }
     }
 }

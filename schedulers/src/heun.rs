@@ -3,7 +3,7 @@
 //! repeats every interior timestep.
 
 use crate::config::{ConfigError, FinalSigmas, Resolved};
-use crate::euler::{grid_sigmas, sigma_space_init_noise, sigma_space_x0};
+use crate::euler::{grid_sigmas, sigma_space_init_noise, sigma_space_input_scale, sigma_space_x0};
 use crate::schedule::{NoiseSchedule, float_timesteps};
 use crate::{SampleOps, StepOutput};
 
@@ -29,7 +29,8 @@ impl<T: SampleOps> Heun<T> {
             first_order: None,
         };
         let n = s.config.num_train_timesteps;
-        s.set_timesteps(n).expect("the training grid is always valid");
+        s.set_timesteps(n)
+            .expect("the training grid is always valid");
         s
     }
 
@@ -56,13 +57,15 @@ impl<T: SampleOps> Heun<T> {
     }
 
     pub fn model_input_scale(&self) -> f32 {
-        let sigma = self.sigmas[self.step_index.min(self.sigmas.len() - 1)];
-        1.0 / (sigma * sigma + 1.0).sqrt()
+        sigma_space_input_scale(&self.sigmas, self.step_index)
     }
 
     pub fn step(&mut self, model_output: &T, sample: &T) -> StepOutput<T> {
         let i = self.step_index;
-        let clip = self.config.clip_sample.then_some(self.config.clip_sample_range);
+        let clip = self
+            .config
+            .clip_sample
+            .then_some(self.config.clip_sample_range);
         let clipped = |x: T| match clip {
             Some(r) => x.clamp(-r, r),
             None => x,
@@ -70,7 +73,12 @@ impl<T: SampleOps> Heun<T> {
         let (prev_sample, x0) = match self.first_order.take() {
             None => {
                 let (sigma, sigma_next) = (self.sigmas[i], self.sigmas[i + 1]);
-                let x0 = clipped(sigma_space_x0(self.config.prediction, sigma, model_output, sample));
+                let x0 = clipped(sigma_space_x0(
+                    self.config.prediction,
+                    sigma,
+                    model_output,
+                    sample,
+                ));
                 let derivative = sample.axpby(1.0 / sigma, &x0, -1.0 / sigma);
                 let dt = sigma_next - sigma;
                 let prev = sample.axpby(1.0, &derivative, dt);
@@ -91,6 +99,9 @@ impl<T: SampleOps> Heun<T> {
             }
         };
         self.step_index += 1;
-        StepOutput { prev_sample, denoised: x0 }
+        StepOutput {
+            prev_sample,
+            denoised: x0,
+        }
     }
 }

@@ -74,7 +74,10 @@ impl Lcm {
         let alpha_t = self.schedule.alphas_cumprod[t as usize];
         let alpha_prev = self.schedule.alphas_cumprod[prev_t as usize];
         let (c_skip, c_out) = boundary_scalings(t as f64, self.config.timestep_scaling as f64);
-        let clip = self.config.clip_sample.then_some(self.config.clip_sample_range);
+        let clip = self
+            .config
+            .clip_sample
+            .then_some(self.config.clip_sample_range);
         let x0 = predict_x0(self.config.prediction, alpha_t, model_output, sample, clip);
         let denoised = x0.axpby(c_out as f32, sample, c_skip as f32);
         let prev_sample = match noise {
@@ -84,6 +87,9 @@ impl Lcm {
             _ => denoised.clone(),
         };
         self.step_index += 1;
-        StepOutput { prev_sample, denoised }
+        StepOutput {
+            prev_sample,
+            denoised,
+        }
     }
 }

@@ -162,7 +162,11 @@ impl<T: SampleOps> Scheduler<T> {
     /// diffusers' `scale_model_input`: what the model sees at the current step.
     pub fn scale_model_input(&self, sample: &T) -> T {
         let c = self.model_input_scale();
-        if c == 1.0 { sample.clone() } else { sample.scale(c) }
+        if c == 1.0 {
+            sample.clone()
+        } else {
+            sample.scale(c)
+        }
     }
 
     /// Whether the current step injects fresh noise (and so needs `noise` in [`Self::step`]).

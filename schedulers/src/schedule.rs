@@ -38,7 +38,11 @@ pub fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
 
 /// `betas_for_alpha_bar` with the cosine transform (Nichol & Dhariwal), capped at 0.999.
 fn squaredcos_cap_v2(n: usize) -> Vec<f32> {
-    let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+    let alpha_bar = |t: f64| {
+        ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+            .cos()
+            .powi(2)
+    };
     (0..n)
         .map(|i| {
             let t1 = i as f64 / n as f64;
@@ -105,7 +109,9 @@ impl NoiseSchedule {
                 b.to_vec()
             }
             None => match schedule {
-                BetaSchedule::Linear => torch_linspace_f32(beta_start, beta_end, num_train_timesteps),
+                BetaSchedule::Linear => {
+                    torch_linspace_f32(beta_start, beta_end, num_train_timesteps)
+                }
                 BetaSchedule::ScaledLinear => {
                     torch_linspace_f32(beta_start.sqrt(), beta_end.sqrt(), num_train_timesteps)
                         .into_iter()
@@ -128,7 +134,10 @@ impl NoiseSchedule {
             // As diffusers' Euler/DPM do, so that σ stays finite at the last timestep.
             *alphas_cumprod.last_mut().unwrap() = 2f32.powi(-24);
         }
-        Ok(NoiseSchedule { betas, alphas_cumprod })
+        Ok(NoiseSchedule {
+            betas,
+            alphas_cumprod,
+        })
     }
 
     pub fn num_train_timesteps(&self) -> usize {
@@ -148,7 +157,9 @@ impl NoiseSchedule {
 
     /// All σ_t, computed as diffusers does in f32.
     pub fn sigmas(&self) -> Vec<f32> {
-        (0..self.num_train_timesteps()).map(|t| self.sigma(t)).collect()
+        (0..self.num_train_timesteps())
+            .map(|t| self.sigma(t))
+            .collect()
     }
 
     /// (√ᾱ_t, √(1 − ᾱ_t)): `add_noise`'s coefficients of x0 and of the noise.

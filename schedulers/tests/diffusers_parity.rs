@@ -5,7 +5,10 @@ use fewstep_schedulers::{Algorithm, Scheduler, SchedulerConfig};
 use serde_json::Value;
 
 fn fixtures() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/schedulers.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/schedulers.json"
+    );
     let text = std::fs::read_to_string(path).expect("scheduler fixtures present");
     // Python's json writes -Infinity for DPM-Solver's lambda_min_clipped.
     serde_json::from_str(&text.replace("-Infinity", "null")).expect("valid fixture JSON")
@@ -56,7 +59,10 @@ fn alphas_cumprod_match_diffusers_in_f32() {
 fn every_algorithm_matches_diffusers_step_by_step() {
     let f = fixtures();
     let cases = f["cases"].as_array().unwrap();
-    assert!(cases.len() > 50, "fixture holds every algorithm x prediction x spacing");
+    assert!(
+        cases.len() > 50,
+        "fixture holds every algorithm x prediction x spacing"
+    );
     for case in cases {
         let name = case["name"].as_str().unwrap();
         let algo = Algorithm::from_cli_name(case["algorithm"].as_str().unwrap()).unwrap();
@@ -78,10 +84,17 @@ fn every_algorithm_matches_diffusers_step_by_step() {
         );
         let calls = case["calls"].as_array().unwrap();
         // Truncated trajectories only keep their first calls in order.
-        let n = if case.get("calls_truncated").is_some() { 3 } else { calls.len() };
+        let n = if case.get("calls_truncated").is_some() {
+            3
+        } else {
+            calls.len()
+        };
         for (i, call) in calls.iter().take(n).enumerate() {
             let what = format!("{name} call {i}");
-            assert_eq!(s.current_timestep(), Some(call["timestep"].as_f64().unwrap() as f32));
+            assert_eq!(
+                s.current_timestep(),
+                Some(call["timestep"].as_f64().unwrap() as f32)
+            );
             let sample = floats(&call["sample"]);
             assert_close(
                 &format!("{what} model_input"),
@@ -93,7 +106,11 @@ fn every_algorithm_matches_diffusers_step_by_step() {
             let out = s
                 .step(&floats(&call["model_output"]), &sample, noise.as_ref())
                 .unwrap();
-            assert_close(&format!("{what} prev_sample"), &out.prev_sample, &floats(&call["prev_sample"]));
+            assert_close(
+                &format!("{what} prev_sample"),
+                &out.prev_sample,
+                &floats(&call["prev_sample"]),
+            );
             if let Some(d) = call.get("denoised") {
                 assert_close(&format!("{what} denoised"), &out.denoised, &floats(d));
             }
@@ -112,8 +129,9 @@ fn wrong_types_and_unsupported_values_are_named() {
     let err = SchedulerConfig::from_json_str("{not json").unwrap_err();
     assert!(err.to_string().contains("JSON"));
     // Unknown keys are ignored.
-    let cfg = SchedulerConfig::from_json_str(r#"{"_class_name": "DDIMScheduler", "whatever": [1]}"#)
-        .unwrap();
+    let cfg =
+        SchedulerConfig::from_json_str(r#"{"_class_name": "DDIMScheduler", "whatever": [1]}"#)
+            .unwrap();
     assert_eq!(cfg.class, Some(Algorithm::Ddim));
 }
 
@@ -125,10 +143,19 @@ fn switching_algorithm_keeps_shared_fields_and_fills_own_defaults() {
     .unwrap();
     let euler = cfg.resolve(Algorithm::Euler);
     assert_eq!(euler.prediction, fewstep_schedulers::Prediction::V);
-    assert_eq!(euler.beta_schedule, fewstep_schedulers::BetaSchedule::SquaredcosCapV2);
-    assert_eq!(euler.timestep_spacing, fewstep_schedulers::TimestepSpacing::Linspace);
+    assert_eq!(
+        euler.beta_schedule,
+        fewstep_schedulers::BetaSchedule::SquaredcosCapV2
+    );
+    assert_eq!(
+        euler.timestep_spacing,
+        fewstep_schedulers::TimestepSpacing::Linspace
+    );
     let lcm = SchedulerConfig::default().resolve(Algorithm::Lcm);
-    assert_eq!(lcm.beta_schedule, fewstep_schedulers::BetaSchedule::ScaledLinear);
+    assert_eq!(
+        lcm.beta_schedule,
+        fewstep_schedulers::BetaSchedule::ScaledLinear
+    );
     // And what to_json writes reads back to the same resolved numbers.
     let back = SchedulerConfig::from_map(cfg.to_json(Algorithm::Lcm).as_object().unwrap()).unwrap();
     assert_eq!(back.resolve(Algorithm::Lcm), cfg.resolve(Algorithm::Lcm));
@@ -141,7 +168,10 @@ fn step_count_bounds_and_missing_noise_are_errors() {
     assert!(s.set_timesteps(1001).is_err());
     s.set_timesteps(2).unwrap();
     let x = vec![0.5f32; 4];
-    assert!(s.step(&x, &x, None).is_err(), "DDPM needs noise before t = 0");
+    assert!(
+        s.step(&x, &x, None).is_err(),
+        "DDPM needs noise before t = 0"
+    );
     s.step(&x, &x, Some(&x)).unwrap();
     s.step(&x, &x, None).unwrap();
     assert!(s.step(&x, &x, None).is_err(), "past the last timestep");

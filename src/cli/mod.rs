@@ -9,7 +9,11 @@ pub mod sample;
 pub mod train;
 
 #[derive(Debug, Parser)]
-#[command(name = "fewstep", version, about = "Few-step diffusion and GAN generation by distillation")]
+#[command(
+    name = "fewstep",
+    version,
+    about = "Few-step diffusion and GAN generation by distillation"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -89,7 +89,9 @@ pub fn run(args: SampleArgs) -> Result<()> {
         .unwrap_or(Algorithm::Ddpm);
     let mut scheduler: Scheduler<DeviceSample> = pipeline.scheduler.build(Some(algorithm))?;
     let train = scheduler.schedule().num_train_timesteps();
-    let steps = args.steps.unwrap_or_else(|| default_steps(algorithm, train));
+    let steps = args
+        .steps
+        .unwrap_or_else(|| default_steps(algorithm, train));
     scheduler
         .set_timesteps(steps)
         .map_err(|e| Error::Usage(e.0))?;
@@ -108,7 +110,10 @@ pub fn run(args: SampleArgs) -> Result<()> {
     if let (Some(label), Some(k)) = (args.class_label, classes)
         && label >= k
     {
-        return Err(Error::Usage(format!("--class-label {label}: the model has {k} classes (0..{})", k - 1)));
+        return Err(Error::Usage(format!(
+            "--class-label {label}: the model has {k} classes (0..{})",
+            k - 1
+        )));
     }
     eprintln!(
         "sampling {num} images with {algorithm} in {steps} steps ({} model calls each) on {}",
@@ -125,7 +130,8 @@ pub fn run(args: SampleArgs) -> Result<()> {
         let latents = match &initial {
             Some(data) => {
                 let per = c * h * w;
-                Tensor::<1>::from_floats(&data[first * per..(first + b) * per], &device).reshape([b, c, h, w])
+                Tensor::<1>::from_floats(&data[first * per..(first + b) * per], &device)
+                    .reshape([b, c, h, w])
             }
             None => host_noise(&mut initial_noise, [b, c, h, w], &device),
         };
@@ -133,7 +139,9 @@ pub fn run(args: SampleArgs) -> Result<()> {
             Some(l) => Tensor::<1, Int>::full([b], l as i64, &device),
             None => cycling_labels(first, b, k, &device),
         });
-        scheduler.set_timesteps(steps).map_err(|e| Error::Usage(e.0))?;
+        scheduler
+            .set_timesteps(steps)
+            .map_err(|e| Error::Usage(e.0))?;
         let x = sample(&pipeline, &mut scheduler, latents, labels, &mut step_noise)?;
         let [_, oc, oh, ow] = x.dims();
         out_shape = [oc, oh, ow];

@@ -91,7 +91,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
         if args.class_conditional {
             unet.num_class_embeds = Some(crate::data::shapes::KINDS.len() + 1);
         }
-        if unet.sample_size.is_some_and(|s| s != crate::data::shapes::SIZE) || unet.in_channels != 3 || unet.out_channels != 3 {
+        if unet
+            .sample_size
+            .is_some_and(|s| s != crate::data::shapes::SIZE)
+            || unet.in_channels != 3
+            || unet.out_channels != 3
+        {
             return Err(Error::Usage(format!(
                 "--model-config {}: `shapes` images are 3×32×32; the config needs sample_size 32 and 3 in/out channels",
                 args.model_config
@@ -124,11 +129,23 @@ pub fn run(args: TrainArgs) -> Result<()> {
             checkpoint_every: args.checkpoint_every,
         };
         train.validate()?;
-        Some(DiffusionRun { unet, scheduler, train, data: DataSource::Shapes { seed: args.data_seed } })
+        Some(DiffusionRun {
+            unet,
+            scheduler,
+            train,
+            data: DataSource::Shapes {
+                seed: args.data_seed,
+            },
+        })
     };
     train::install_interrupt_handler();
-    let outcome = train::train_diffusion(&args.out, run, args.resume, args.steps, &device, args.quiet)?;
-    let what = if outcome.interrupted { "interrupted" } else { "finished" };
+    let outcome =
+        train::train_diffusion(&args.out, run, args.resume, args.steps, &device, args.quiet)?;
+    let what = if outcome.interrupted {
+        "interrupted"
+    } else {
+        "finished"
+    };
     eprintln!(
         "{what} at step {} (loss {:.4}) after {:.1} s; checkpoint: {}",
         outcome.step,
@@ -137,7 +154,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         outcome.checkpoint.display()
     );
     if outcome.interrupted {
-        eprintln!("resume with: fewstep train --out {} --resume", args.out.display());
+        eprintln!(
+            "resume with: fewstep train --out {} --resume",
+            args.out.display()
+        );
     }
     Ok(())
 }

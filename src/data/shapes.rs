@@ -117,8 +117,19 @@ pub fn render(seed: u64, index: u64) -> (Vec<f32>, ShapeLabels) {
             let r = size / 2.0;
             let cx = rng.uniform(r, SIZE as f32 - r);
             let cy = rng.uniform(r, SIZE as f32 - r);
-            let theta = if kind == 0 { 0.0 } else { rng.uniform(0.0, std::f32::consts::TAU) };
-            Shape { kind, colour, size, cx, cy, theta }
+            let theta = if kind == 0 {
+                0.0
+            } else {
+                rng.uniform(0.0, std::f32::consts::TAU)
+            };
+            Shape {
+                kind,
+                colour,
+                size,
+                cx,
+                cy,
+                theta,
+            }
         })
         .collect();
     let mut img = vec![0f32; 3 * SIZE * SIZE];
@@ -129,7 +140,10 @@ pub fn render(seed: u64, index: u64) -> (Vec<f32>, ShapeLabels) {
                 let mut inside = 0;
                 for sy in 0..4 {
                     for sx in 0..4 {
-                        let (fx, fy) = (x as f32 + (sx as f32 + 0.5) / 4.0, y as f32 + (sy as f32 + 0.5) / 4.0);
+                        let (fx, fy) = (
+                            x as f32 + (sx as f32 + 0.5) / 4.0,
+                            y as f32 + (sy as f32 + 0.5) / 4.0,
+                        );
                         inside += shape.contains(fx, fy) as u32;
                     }
                 }
@@ -147,7 +161,11 @@ pub fn render(seed: u64, index: u64) -> (Vec<f32>, ShapeLabels) {
         .iter()
         .max_by(|a, b| a.size.total_cmp(&b.size))
         .expect("at least one shape");
-    let mut labels = ShapeLabels { largest_kind: largest.kind, kind_counts: [0; 3], colour_counts: [0; 8] };
+    let mut labels = ShapeLabels {
+        largest_kind: largest.kind,
+        kind_counts: [0; 3],
+        colour_counts: [0; 8],
+    };
     for s in &shapes {
         labels.kind_counts[s.kind] += 1;
         labels.colour_counts[s.colour] += 1;
@@ -186,8 +204,8 @@ mod tests {
         for i in 0..500 {
             let (_, l) = render(1, i);
             kinds[l.largest_kind] += 1;
-            for c in 0..8 {
-                colours[c] += l.colour_counts[c] as usize;
+            for (total, &n) in colours.iter_mut().zip(&l.colour_counts) {
+                *total += n as usize;
             }
         }
         assert!(kinds.iter().all(|&k| k > 100), "{kinds:?}");

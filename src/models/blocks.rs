@@ -4,7 +4,9 @@
 
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{Dropout, DropoutConfig, GroupNorm, GroupNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::nn::{
+    Dropout, DropoutConfig, GroupNorm, GroupNormConfig, Linear, LinearConfig, PaddingConfig2d,
+};
 use burn::prelude::*;
 use burn::tensor::module::attention;
 
@@ -29,7 +31,12 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, device: &Device) -> 
 
 /// Sinusoidal timestep features (`get_timestep_embedding`, DDPM/transformer style).
 /// `t`: [B] → [B, dim]; frequencies exp(−ln(10000)·i/(dim/2 − shift)).
-pub fn timestep_embedding(t: Tensor<1>, dim: usize, flip_sin_to_cos: bool, shift: f32) -> Tensor<2> {
+pub fn timestep_embedding(
+    t: Tensor<1>,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    shift: f32,
+) -> Tensor<2> {
     let device = t.device();
     let half = dim / 2;
     let freqs: Vec<f32> = (0..half)
@@ -120,7 +127,9 @@ impl ResnetBlock {
             }
             _ => h,
         };
-        let h = self.conv2.forward(self.dropout.forward(silu(self.norm2.forward(h))));
+        let h = self
+            .conv2
+            .forward(self.dropout.forward(silu(self.norm2.forward(h))));
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x),
             None => x,
@@ -174,7 +183,8 @@ impl Attention {
             .swap_dims(1, 2); // [B, N, C]
         let split = |t: Tensor<3>| {
             let inner = t.dims()[2];
-            t.reshape([b, n, self.heads, inner / self.heads]).swap_dims(1, 2) // [B, h, N, d]
+            t.reshape([b, n, self.heads, inner / self.heads])
+                .swap_dims(1, 2) // [B, h, N, d]
         };
         let q = split(self.to_q.forward(tokens.clone()));
         let k = split(self.to_k.forward(tokens.clone()));

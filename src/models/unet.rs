@@ -7,21 +7,31 @@ use burn::nn::{Embedding, EmbeddingConfig, GroupNorm};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::blocks::{silu, 
+use super::blocks::{
     Attention, BlockSpec, Downsample, MidBlock, ResnetBlock, TimestepEmbedding, Upsample, conv,
-    group_norm, timestep_embedding,
+    group_norm, silu, timestep_embedding,
 };
 use crate::error::{Error, Result};
 
+/// Block type names as the config stores them.
+fn names(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
 fn default_down() -> Vec<String> {
-    ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"]
-        .map(String::from)
-        .to_vec()
+    names(&[
+        "DownBlock2D",
+        "AttnDownBlock2D",
+        "AttnDownBlock2D",
+        "AttnDownBlock2D",
+    ])
 }
 fn default_up() -> Vec<String> {
-    ["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"]
-        .map(String::from)
-        .to_vec()
+    names(&[
+        "AttnUpBlock2D",
+        "AttnUpBlock2D",
+        "AttnUpBlock2D",
+        "UpBlock2D",
+    ])
 }
 fn default_channels() -> Vec<usize> {
     vec![224, 448, 672, 896]
@@ -148,12 +158,8 @@ impl UNetConfig {
             sample_size: Some(32),
             block_out_channels: vec![32, 64, 128],
             layers_per_block: 1,
-            down_block_types: ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"]
-                .map(String::from)
-                .to_vec(),
-            up_block_types: ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]
-                .map(String::from)
-                .to_vec(),
+            down_block_types: names(&["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"]),
+            up_block_types: names(&["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]),
             norm_num_groups: Some(8),
             ..Default::default()
         }
@@ -166,8 +172,8 @@ impl UNetConfig {
             sample_size: Some(32),
             block_out_channels: vec![8, 16],
             layers_per_block: 1,
-            down_block_types: ["DownBlock2D", "AttnDownBlock2D"].map(String::from).to_vec(),
-            up_block_types: ["AttnUpBlock2D", "UpBlock2D"].map(String::from).to_vec(),
+            down_block_types: names(&["DownBlock2D", "AttnDownBlock2D"]),
+            up_block_types: names(&["AttnUpBlock2D", "UpBlock2D"]),
             norm_num_groups: Some(4),
             attention_head_dim: Some(8),
             ..Default::default()
@@ -181,12 +187,8 @@ impl UNetConfig {
             sample_size: Some(32),
             block_out_channels: vec![32, 48, 64],
             layers_per_block: 1,
-            down_block_types: ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"]
-                .map(String::from)
-                .to_vec(),
-            up_block_types: ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]
-                .map(String::from)
-                .to_vec(),
+            down_block_types: names(&["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"]),
+            up_block_types: names(&["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]),
             norm_num_groups: Some(8),
             attention_head_dim: Some(32),
             ..Default::default()
@@ -206,9 +208,8 @@ impl UNetConfig {
     /// Parses a diffusers `config.json`; errors name the offending field.
     pub fn from_json_str(text: &str) -> Result<Self> {
         let de = &mut serde_json::Deserializer::from_str(text);
-        let cfg: UNetConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            Error::Config(format!("field `{}`: {}", e.path(), e.inner()))
-        })?;
+        let cfg: UNetConfig = serde_path_to_error::deserialize(de)
+            .map_err(|e| Error::Config(format!("field `{}`: {}", e.path(), e.inner())))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -237,7 +238,11 @@ impl UNetConfig {
         }
         for t in &self.down_block_types {
             if t != "DownBlock2D" && t != "AttnDownBlock2D" {
-                return Err(unsupported("down_block_types", t, "DownBlock2D, AttnDownBlock2D"));
+                return Err(unsupported(
+                    "down_block_types",
+                    t,
+                    "DownBlock2D, AttnDownBlock2D",
+                ));
             }
         }
         for t in &self.up_block_types {
@@ -246,10 +251,18 @@ impl UNetConfig {
             }
         }
         if self.mid_block_type.as_deref() != Some("UNetMidBlock2D") {
-            return Err(unsupported("mid_block_type", &self.mid_block_type, "UNetMidBlock2D"));
+            return Err(unsupported(
+                "mid_block_type",
+                &self.mid_block_type,
+                "UNetMidBlock2D",
+            ));
         }
         if self.time_embedding_type != "positional" {
-            return Err(unsupported("time_embedding_type", &self.time_embedding_type, "positional"));
+            return Err(unsupported(
+                "time_embedding_type",
+                &self.time_embedding_type,
+                "positional",
+            ));
         }
         if self.act_fn != "silu" {
             return Err(unsupported("act_fn", &self.act_fn, "silu"));
@@ -262,17 +275,29 @@ impl UNetConfig {
             ));
         }
         if self.downsample_type != "conv" || self.upsample_type != "conv" {
-            return Err(unsupported("downsample_type/upsample_type", (&self.downsample_type, &self.upsample_type), "conv"));
+            return Err(unsupported(
+                "downsample_type/upsample_type",
+                (&self.downsample_type, &self.upsample_type),
+                "conv",
+            ));
         }
         if self.class_embed_type.is_some() {
-            return Err(unsupported("class_embed_type", &self.class_embed_type, "null (use num_class_embeds)"));
+            return Err(unsupported(
+                "class_embed_type",
+                &self.class_embed_type,
+                "null (use num_class_embeds)",
+            ));
         }
         if self.num_class_embeds == Some(0) {
-            return Err(Error::Config("field `num_class_embeds` must be at least 1".into()));
+            return Err(Error::Config(
+                "field `num_class_embeds` must be at least 1".into(),
+            ));
         }
         let groups = self.groups();
         if groups == 0 {
-            return Err(Error::Config("field `norm_num_groups` must be at least 1".into()));
+            return Err(Error::Config(
+                "field `norm_num_groups` must be at least 1".into(),
+            ));
         }
         for &c in &self.block_out_channels {
             if c == 0 || c % groups != 0 {
@@ -281,17 +306,29 @@ impl UNetConfig {
                 )));
             }
         }
-        if self.attn_norm_num_groups.is_some_and(|g| g == 0 || self.block_out_channels.iter().any(|c| c % g != 0)) {
-            return Err(Error::Config("field `attn_norm_num_groups` must divide every block_out_channels entry".into()));
+        if self
+            .attn_norm_num_groups
+            .is_some_and(|g| g == 0 || self.block_out_channels.iter().any(|c| c % g != 0))
+        {
+            return Err(Error::Config(
+                "field `attn_norm_num_groups` must divide every block_out_channels entry".into(),
+            ));
         }
         if self.attention_head_dim == Some(0) {
-            return Err(Error::Config("field `attention_head_dim` must be at least 1".into()));
+            return Err(Error::Config(
+                "field `attention_head_dim` must be at least 1".into(),
+            ));
         }
         if self.in_channels == 0 || self.out_channels == 0 || self.layers_per_block == 0 {
-            return Err(Error::Config("`in_channels`, `out_channels` and `layers_per_block` must be at least 1".into()));
+            return Err(Error::Config(
+                "`in_channels`, `out_channels` and `layers_per_block` must be at least 1".into(),
+            ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(Error::Config(format!("field `dropout` must lie in [0, 1), got {}", self.dropout)));
+            return Err(Error::Config(format!(
+                "field `dropout` must lie in [0, 1), got {}",
+                self.dropout
+            )));
         }
         Ok(())
     }
@@ -328,7 +365,9 @@ impl UNetConfig {
             let attn = kind == "AttnDownBlock2D";
             down_blocks.push(DownBlock {
                 resnets: (0..self.layers_per_block)
-                    .map(|j| ResnetBlock::new(if j == 0 { c_in } else { c_out }, c_out, spec, device))
+                    .map(|j| {
+                        ResnetBlock::new(if j == 0 { c_in } else { c_out }, c_out, spec, device)
+                    })
                     .collect(),
                 attentions: if attn {
                     (0..self.layers_per_block)
@@ -354,7 +393,12 @@ impl UNetConfig {
         };
         let mut mid_block = MidBlock::new(ch[n - 1], head_dim(ch[n - 1]), false, mid_spec, device);
         if self.add_attention {
-            mid_block.attentions = vec![Attention::new(ch[n - 1], head_dim(ch[n - 1]), mid_attn_spec, device)];
+            mid_block.attentions = vec![Attention::new(
+                ch[n - 1],
+                head_dim(ch[n - 1]),
+                mid_attn_spec,
+                device,
+            )];
         }
         let rev: Vec<usize> = ch.iter().rev().copied().collect();
         let mut up_blocks = Vec::with_capacity(n);
@@ -477,9 +521,19 @@ pub struct UNet {
 impl UNet {
     /// x: [B, C_in, H, W], t: [B] (fractional timesteps allowed), class_labels: [B] when the
     /// model is class-conditional → [B, C_out, H, W].
-    pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, class_labels: Option<Tensor<1, Int>>) -> Tensor<4> {
-        let x = if self.center_input_sample { x * 2.0 - 1.0 } else { x };
-        let t_emb = timestep_embedding(t, self.time_proj_dim, self.flip_sin_to_cos, self.freq_shift);
+    pub fn forward(
+        &self,
+        x: Tensor<4>,
+        t: Tensor<1>,
+        class_labels: Option<Tensor<1, Int>>,
+    ) -> Tensor<4> {
+        let x = if self.center_input_sample {
+            x * 2.0 - 1.0
+        } else {
+            x
+        };
+        let t_emb =
+            timestep_embedding(t, self.time_proj_dim, self.flip_sin_to_cos, self.freq_shift);
         let mut emb = self.time_embedding.forward(t_emb); // [B, temb]
         if let (Some(embedding), Some(labels)) = (&self.class_embedding, class_labels) {
             let [b] = labels.dims();

@@ -8,7 +8,9 @@ use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::blocks::{silu, BlockSpec, Downsample, MidBlock, ResnetBlock, Upsample, conv, group_norm};
+use super::blocks::{
+    BlockSpec, Downsample, MidBlock, ResnetBlock, Upsample, conv, group_norm, silu,
+};
 use crate::error::{Error, Result};
 
 fn three() -> usize {
@@ -114,12 +116,20 @@ impl VaeConfig {
                 self.up_block_types.len()
             )));
         }
-        if let Some(t) = self.down_block_types.iter().find(|t| *t != "DownEncoderBlock2D") {
+        if let Some(t) = self
+            .down_block_types
+            .iter()
+            .find(|t| *t != "DownEncoderBlock2D")
+        {
             return Err(Error::Config(format!(
                 "field `down_block_types` = {t:?} is not supported by fewstep (supported: DownEncoderBlock2D)"
             )));
         }
-        if let Some(t) = self.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
+        if let Some(t) = self
+            .up_block_types
+            .iter()
+            .find(|t| *t != "UpDecoderBlock2D")
+        {
             return Err(Error::Config(format!(
                 "field `up_block_types` = {t:?} is not supported by fewstep (supported: UpDecoderBlock2D)"
             )));
@@ -131,13 +141,20 @@ impl VaeConfig {
             )));
         }
         let g = self.norm_num_groups;
-        if g == 0 || self.block_out_channels.iter().any(|&c| c == 0 || c % g != 0) {
+        if g == 0
+            || self
+                .block_out_channels
+                .iter()
+                .any(|&c| c == 0 || c % g != 0)
+        {
             return Err(Error::Config(format!(
                 "every `block_out_channels` entry must be a positive multiple of norm_num_groups ({g})"
             )));
         }
         if self.latent_channels == 0 || self.layers_per_block == 0 {
-            return Err(Error::Config("`latent_channels` and `layers_per_block` must be at least 1".into()));
+            return Err(Error::Config(
+                "`latent_channels` and `layers_per_block` must be at least 1".into(),
+            ));
         }
         Ok(())
     }
@@ -160,14 +177,20 @@ impl VaeConfig {
         let last = ch[n - 1];
         let mut down_blocks = Vec::with_capacity(n);
         let mut c_out = ch[0];
-        for i in 0..n {
+        for (i, &c) in ch.iter().enumerate() {
             let c_in = c_out;
-            c_out = ch[i];
+            c_out = c;
             down_blocks.push(EncoderBlock {
                 resnets: (0..self.layers_per_block)
-                    .map(|j| ResnetBlock::new(if j == 0 { c_in } else { c_out }, c_out, spec, device))
+                    .map(|j| {
+                        ResnetBlock::new(if j == 0 { c_in } else { c_out }, c_out, spec, device)
+                    })
                     .collect(),
-                downsamplers: if i + 1 < n { vec![Downsample::new(c_out, 0, device)] } else { vec![] },
+                downsamplers: if i + 1 < n {
+                    vec![Downsample::new(c_out, 0, device)]
+                } else {
+                    vec![]
+                },
             });
         }
         let encoder = Encoder {
@@ -180,14 +203,20 @@ impl VaeConfig {
         let rev: Vec<usize> = ch.iter().rev().copied().collect();
         let mut up_blocks = Vec::with_capacity(n);
         let mut c_out = rev[0];
-        for i in 0..n {
+        for (i, &c) in rev.iter().enumerate() {
             let prev = c_out;
-            c_out = rev[i];
+            c_out = c;
             up_blocks.push(DecoderBlock {
                 resnets: (0..self.layers_per_block + 1)
-                    .map(|j| ResnetBlock::new(if j == 0 { prev } else { c_out }, c_out, spec, device))
+                    .map(|j| {
+                        ResnetBlock::new(if j == 0 { prev } else { c_out }, c_out, spec, device)
+                    })
                     .collect(),
-                upsamplers: if i + 1 < n { vec![Upsample::new(c_out, device)] } else { vec![] },
+                upsamplers: if i + 1 < n {
+                    vec![Upsample::new(c_out, device)]
+                } else {
+                    vec![]
+                },
             });
         }
         let decoder = Decoder {

@@ -45,12 +45,14 @@ pub fn publish(run: &Path) -> Result<PathBuf> {
     let latest = dir.join("latest");
     let previous = dir.join("previous");
     let rename = |from: &Path, to: &Path| {
-        std::fs::rename(from, to).map_err(|e| Error::file(to, format!("cannot rename checkpoint: {e}")))
+        std::fs::rename(from, to)
+            .map_err(|e| Error::file(to, format!("cannot rename checkpoint: {e}")))
     };
     if latest.exists() {
         if previous.exists() {
-            std::fs::remove_dir_all(&previous)
-                .map_err(|e| Error::file(&previous, format!("cannot remove old checkpoint: {e}")))?;
+            std::fs::remove_dir_all(&previous).map_err(|e| {
+                Error::file(&previous, format!("cannot remove old checkpoint: {e}"))
+            })?;
         }
         rename(&latest, &previous)?;
     }
@@ -62,9 +64,11 @@ pub fn publish(run: &Path) -> Result<PathBuf> {
 pub fn incoming(run: &Path) -> Result<PathBuf> {
     let dir = checkpoints_dir(run).join(".incoming");
     if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(|e| Error::file(&dir, format!("cannot clear: {e}")))?;
+        std::fs::remove_dir_all(&dir)
+            .map_err(|e| Error::file(&dir, format!("cannot clear: {e}")))?;
     }
-    std::fs::create_dir_all(dir.join("state")).map_err(|e| Error::file(&dir, format!("cannot create: {e}")))?;
+    std::fs::create_dir_all(dir.join("state"))
+        .map_err(|e| Error::file(&dir, format!("cannot create: {e}")))?;
     Ok(dir)
 }
 
@@ -73,21 +77,31 @@ pub fn write_param_ids(path: &Path, ids: &BTreeMap<String, u64>) -> Result<()> {
 }
 
 pub fn read_param_ids(path: &Path) -> Result<BTreeMap<String, u64>> {
-    serde_json::from_str(&io::read_text(path)?).map_err(|e| Error::file(path, format!("not a parameter id map: {e}")))
+    serde_json::from_str(&io::read_text(path)?)
+        .map_err(|e| Error::file(path, format!("not a parameter id map: {e}")))
 }
 
 /// Reads `run.json` and checks that it is a run of `kind`.
 pub fn read_run(run: &Path, kind: &str) -> Result<Value> {
     let path = run.join(RUN_FILE);
     if !path.is_file() {
-        return Err(Error::file(run, "--resume: no run to resume here (run.json not found)"));
+        return Err(Error::file(
+            run,
+            "--resume: no run to resume here (run.json not found)",
+        ));
     }
     let v: Value = serde_json::from_str(&io::read_text(&path)?)
         .map_err(|e| Error::file(&path, format!("not valid JSON: {e}")))?;
     match v.get("kind").and_then(Value::as_str) {
         Some(k) if k == kind => Ok(v),
-        Some(k) => Err(Error::file(&path, format!("this folder holds a `{k}` run, not a `{kind}` run"))),
-        None => Err(Error::file(&path, "no `kind` field: not a fewstep run folder")),
+        Some(k) => Err(Error::file(
+            &path,
+            format!("this folder holds a `{k}` run, not a `{kind}` run"),
+        )),
+        None => Err(Error::file(
+            &path,
+            "no `kind` field: not a fewstep run folder",
+        )),
     }
 }
 
@@ -99,13 +113,22 @@ pub fn prepare_new_run(run: &Path) -> Result<()> {
             .next()
             .is_some();
         if non_empty {
-            let what = if run.join(RUN_FILE).exists() { "already holds a run (add --resume to continue it)" } else { "is not empty" };
-            return Err(Error::file(run, format!("--out {what}; choose another --out")));
+            let what = if run.join(RUN_FILE).exists() {
+                "already holds a run (add --resume to continue it)"
+            } else {
+                "is not empty"
+            };
+            return Err(Error::file(
+                run,
+                format!("--out {what}; choose another --out"),
+            ));
         }
     }
-    std::fs::create_dir_all(run).map_err(|e| Error::file(run, format!("--out is not writable: {e}")))?;
+    std::fs::create_dir_all(run)
+        .map_err(|e| Error::file(run, format!("--out is not writable: {e}")))?;
     let probe = run.join(".write-test");
-    std::fs::write(&probe, b"").map_err(|e| Error::file(run, format!("--out is not writable: {e}")))?;
+    std::fs::write(&probe, b"")
+        .map_err(|e| Error::file(run, format!("--out is not writable: {e}")))?;
     let _ = std::fs::remove_file(probe);
     Ok(())
 }

@@ -25,7 +25,10 @@ pub fn denoising_loss(
     prediction: Prediction,
 ) -> Tensor<1> {
     let device = x0.device();
-    let coeffs: Vec<(f32, f32)> = t.iter().map(|&t| schedule.add_noise_coefficients(t)).collect();
+    let coeffs: Vec<(f32, f32)> = t
+        .iter()
+        .map(|&t| schedule.add_noise_coefficients(t))
+        .collect();
     let a = per_row(coeffs.iter().map(|c| c.0).collect(), &device);
     let s = per_row(coeffs.iter().map(|c| c.1).collect(), &device);
     let z = x0.clone() * a + eps.clone() * s; // [B, C, H, W]
@@ -37,6 +40,10 @@ pub fn denoising_loss(
     let tb = per_row(targets.iter().map(|c| c.1).collect(), &device);
     let target = x0 * ta + eps * tb;
     let t_in: Vec<f32> = t.iter().map(|&t| t as f32).collect();
-    let out = unet.forward(z, Tensor::<1>::from_floats(t_in.as_slice(), &device), labels);
+    let out = unet.forward(
+        z,
+        Tensor::<1>::from_floats(t_in.as_slice(), &device),
+        labels,
+    );
     (out - target).powf_scalar(2.0).mean()
 }

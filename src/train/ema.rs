@@ -38,9 +38,14 @@ impl ModuleMapper for Blend {
 
 /// Moves `ema` towards `model` (both without autodiff, same parameter ids).
 pub fn update<M: Module>(ema: M, model: &M, decay: f32) -> M {
-    let mut c = Collect { params: HashMap::new() };
+    let mut c = Collect {
+        params: HashMap::new(),
+    };
     model.visit(&mut c);
-    ema.map(&mut Blend { params: c.params, decay })
+    ema.map(&mut Blend {
+        params: c.params,
+        decay,
+    })
 }
 
 /// The EMA decay at `step` with warm-up, min(μ, (1 + step)/(10 + step)) as diffusers'

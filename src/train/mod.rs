@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use fewstep_schedulers::{Algorithm, SchedulerConfig};
 use serde_json::json;
@@ -80,10 +80,16 @@ impl TrainConfig {
             return Err(Error::Usage("--steps must be at least 1".into()));
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(Error::Usage(format!("--lr must be a positive number, got {}", self.lr)));
+            return Err(Error::Usage(format!(
+                "--lr must be a positive number, got {}",
+                self.lr
+            )));
         }
         if !(0.0..1.0).contains(&self.ema_decay) {
-            return Err(Error::Usage(format!("--ema must lie in [0, 1), got {}", self.ema_decay)));
+            return Err(Error::Usage(format!(
+                "--ema must lie in [0, 1), got {}",
+                self.ema_decay
+            )));
         }
         if self.checkpoint_every == 0 {
             return Err(Error::Usage("--checkpoint-every must be at least 1".into()));
@@ -131,11 +137,18 @@ impl DiffusionRun {
     fn from_json(v: &serde_json::Value, path: &Path) -> Result<Self> {
         let bad = |what: &str, e: String| Error::file(path, format!("{what}: {e}"));
         Ok(DiffusionRun {
-            unet: UNetConfig::from_json_str(&v["unet"].to_string()).map_err(|e| bad("unet", e.to_string()))?,
-            scheduler: SchedulerConfig::from_map(v["scheduler"].as_object().ok_or_else(|| bad("scheduler", "missing".into()))?)
-                .map_err(|e| bad("scheduler", e.0))?,
-            train: serde_json::from_value(v["train"].clone()).map_err(|e| bad("train", e.to_string()))?,
-            data: serde_json::from_value(v["data"].clone()).map_err(|e| bad("data", e.to_string()))?,
+            unet: UNetConfig::from_json_str(&v["unet"].to_string())
+                .map_err(|e| bad("unet", e.to_string()))?,
+            scheduler: SchedulerConfig::from_map(
+                v["scheduler"]
+                    .as_object()
+                    .ok_or_else(|| bad("scheduler", "missing".into()))?,
+            )
+            .map_err(|e| bad("scheduler", e.0))?,
+            train: serde_json::from_value(v["train"].clone())
+                .map_err(|e| bad("train", e.to_string()))?,
+            data: serde_json::from_value(v["data"].clone())
+                .map_err(|e| bad("data", e.to_string()))?,
         })
     }
 }
@@ -166,14 +179,23 @@ fn new_optimizer(cfg: &TrainConfig) -> ModuleOptimizer {
 
 fn save_checkpoint(run_dir: &Path, run: &DiffusionRun, state: &State) -> Result<PathBuf> {
     let dir = checkpoint::incoming(run_dir)?;
-    io::save_pipeline(&dir, &run.unet, &state.ema, &run.scheduler, Algorithm::Ddim, None)?;
+    io::save_pipeline(
+        &dir,
+        &run.unet,
+        &state.ema,
+        &run.scheduler,
+        Algorithm::Ddim,
+        None,
+    )?;
     let s = dir.join("state");
     io::save_weights(&state.model, &s.join("model.safetensors"))?;
     checkpoint::write_param_ids(&s.join("param_ids.json"), &io::param_ids(&state.model))?;
-    state
-        .optim
-        .save(s.join("optimizer.bpk"))
-        .map_err(|e| Error::file(s.join("optimizer.bpk"), format!("cannot save optimizer state: {e:?}")))?;
+    state.optim.save(s.join("optimizer.bpk")).map_err(|e| {
+        Error::file(
+            s.join("optimizer.bpk"),
+            format!("cannot save optimizer state: {e:?}"),
+        )
+    })?;
     io::write_json(&s.join("state.json"), &json!({ "step": state.step }))?;
     checkpoint::publish(run_dir)
 }
@@ -182,7 +204,8 @@ fn load_checkpoint(ckpt: &Path, run: &DiffusionRun, device: &Device) -> Result<S
     let s = ckpt.join("state");
     let ids = checkpoint::read_param_ids(&s.join("param_ids.json"))?;
     let ad = device.clone().autodiff();
-    let model = io::load_weights_with_ids(run.unet.init(&ad), &s.join("model.safetensors"), Some(&ids))?;
+    let model =
+        io::load_weights_with_ids(run.unet.init(&ad), &s.join("model.safetensors"), Some(&ids))?;
     let ema = io::load_weights_with_ids(
         run.unet.init(device),
         &ckpt.join("unet").join(io::WEIGHTS_NAME),
@@ -190,12 +213,24 @@ fn load_checkpoint(ckpt: &Path, run: &DiffusionRun, device: &Device) -> Result<S
     )?;
     let optim = new_optimizer(&run.train)
         .load(s.join("optimizer.bpk"))
-        .map_err(|e| Error::file(s.join("optimizer.bpk"), format!("cannot load optimizer state: {e:?}")))?;
+        .map_err(|e| {
+            Error::file(
+                s.join("optimizer.bpk"),
+                format!("cannot load optimizer state: {e:?}"),
+            )
+        })?;
     let state_path = s.join("state.json");
     let v: serde_json::Value = serde_json::from_str(&io::read_text(&state_path)?)
         .map_err(|e| Error::file(&state_path, format!("not valid JSON: {e}")))?;
-    let step = v["step"].as_u64().ok_or_else(|| Error::file(&state_path, "no `step`"))? as usize;
-    Ok(State { model, ema, optim, step })
+    let step = v["step"]
+        .as_u64()
+        .ok_or_else(|| Error::file(&state_path, "no `step`"))? as usize;
+    Ok(State {
+        model,
+        ema,
+        optim,
+        step,
+    })
 }
 
 /// One batch of training data for `step`.
@@ -209,8 +244,12 @@ struct Batch {
 fn draw_batch(run: &DiffusionRun, step: usize, train_t: usize, device: &Device) -> Batch {
     let cfg = &run.train;
     let mut rng = NoiseStream::for_step(cfg.seed, step as u64);
-    let indices: Vec<u64> = (0..cfg.batch).map(|_| rng.below(data::shapes::EVAL_START)).collect();
-    let t: Vec<usize> = (0..cfg.batch).map(|_| rng.below(train_t as u64) as usize).collect();
+    let indices: Vec<u64> = (0..cfg.batch)
+        .map(|_| rng.below(data::shapes::EVAL_START))
+        .collect();
+    let t: Vec<usize> = (0..cfg.batch)
+        .map(|_| rng.below(train_t as u64) as usize)
+        .collect();
     let DataSource::Shapes { seed } = run.data;
     let (x0, labels) = data::shapes_batch(seed, &indices, device);
     let [b, c, h, w] = x0.dims();
@@ -218,7 +257,9 @@ fn draw_batch(run: &DiffusionRun, step: usize, train_t: usize, device: &Device) 
     let labels = run.unet.num_class_embeds.map(|k| {
         // The last class index is the null label used for classifier-free guidance.
         let null = (k - 1) as i64;
-        let keep: Vec<i64> = (0..b).map(|_| (rng.uniform() >= cfg.label_dropout as f64) as i64).collect();
+        let keep: Vec<i64> = (0..b)
+            .map(|_| (rng.uniform() >= cfg.label_dropout as f64) as i64)
+            .collect();
         let keep = Tensor::<1, Int>::from_ints(keep.as_slice(), device);
         labels.clone() * keep.clone() + (keep.neg() + 1) * null
     });
@@ -242,7 +283,8 @@ pub fn train_diffusion(
         let state = load_checkpoint(&ckpt, &run, device)?;
         (run, state)
     } else {
-        let run = run.ok_or_else(|| Error::Usage("nothing to train: give a model config".into()))?;
+        let run =
+            run.ok_or_else(|| Error::Usage("nothing to train: give a model config".into()))?;
         run.unet.validate()?;
         run.train.validate()?;
         checkpoint::prepare_new_run(run_dir)?;
@@ -252,7 +294,15 @@ pub fn train_diffusion(
         let model = run.unet.init(&ad);
         let ema = model.valid();
         let optim = new_optimizer(&run.train);
-        (run, State { model, ema, optim, step: 0 })
+        (
+            run,
+            State {
+                model,
+                ema,
+                optim,
+                step: 0,
+            },
+        )
     };
     if let Some(steps) = steps_override {
         run.train.steps = steps;
@@ -265,7 +315,7 @@ pub fn train_diffusion(
     let train_t = schedule.num_train_timesteps();
 
     let csv_path = run_dir.join("loss.csv");
-    let mut csv = open_loss_csv(&csv_path, state.step)?;
+    let (mut csv, spent_before) = open_loss_csv(&csv_path, state.step)?;
     let bar = progress_bar(run.train.steps, state.step, quiet);
     let started = Instant::now();
     let first_step = state.step;
@@ -276,7 +326,15 @@ pub fn train_diffusion(
     while state.step < run.train.steps {
         let step = state.step;
         let batch = draw_batch(&run, step, train_t, &state.model.devices()[0]);
-        let loss = diffusion::denoising_loss(&state.model, batch.x0, batch.eps, &batch.t, batch.labels, &schedule, prediction);
+        let loss = diffusion::denoising_loss(
+            &state.model,
+            batch.x0,
+            batch.eps,
+            &batch.t,
+            batch.labels,
+            &schedule,
+            prediction,
+        );
         let loss_value: f32 = loss.clone().into_scalar::<f32>();
         if !loss_value.is_finite() {
             bar.abandon();
@@ -288,19 +346,31 @@ pub fn train_diffusion(
         let lr = run.train.lr_at(step);
         let grads = GradientsParams::from_grads(loss.backward(), &state.model);
         state.model = state.optim.step(lr, state.model, grads);
-        state.ema = ema::update(state.ema, &state.model.valid(), ema::decay_at(step, run.train.ema_decay));
+        state.ema = ema::update(
+            state.ema,
+            &state.model.valid(),
+            ema::decay_at(step, run.train.ema_decay),
+        );
         state.step += 1;
         last_loss = loss_value;
         let s = smoothed.map_or(loss_value, |s| 0.98 * s + 0.02 * loss_value);
         smoothed = Some(s);
-        writeln!(csv, "{},{loss_value},{lr},{:.3}", state.step, started.elapsed().as_secs_f64())
-            .map_err(|e| Error::file(&csv_path, format!("cannot write: {e}")))?;
+        writeln!(
+            csv,
+            "{},{loss_value},{lr},{:.3}",
+            state.step,
+            spent_before + started.elapsed().as_secs_f64()
+        )
+        .and_then(|_| csv.flush())
+        .map_err(|e| Error::file(&csv_path, format!("cannot write: {e}")))?;
         let per_sec = (state.step - first_step) as f64 / started.elapsed().as_secs_f64();
         bar.set_position(state.step as u64);
         bar.set_message(format!("loss {s:.4} | lr {lr:.2e} | {per_sec:.2} it/s"));
         interrupted = INTERRUPTED.load(Ordering::SeqCst);
-        if state.step % run.train.checkpoint_every == 0 || state.step == run.train.steps || interrupted {
-            csv.flush().map_err(|e| Error::file(&csv_path, format!("cannot write: {e}")))?;
+        if state.step % run.train.checkpoint_every == 0
+            || state.step == run.train.steps
+            || interrupted
+        {
             checkpoint_path = save_checkpoint(run_dir, &run, &state)?;
         }
         if interrupted {
@@ -317,17 +387,29 @@ pub fn train_diffusion(
     })
 }
 
-/// Opens `loss.csv` for appending, dropping rows past `step` (a resumed run rewrites them).
-fn open_loss_csv(path: &Path, step: usize) -> Result<std::io::BufWriter<std::fs::File>> {
+/// Opens `loss.csv` for appending, dropping rows past `step` (a resumed run rewrites them);
+/// also returns the training seconds already spent (the last kept row's), so that the column
+/// counts the whole run's wall time across restarts.
+fn open_loss_csv(path: &Path, step: usize) -> Result<(std::io::BufWriter<std::fs::File>, f64)> {
     let kept: Vec<String> = match std::fs::read_to_string(path) {
         Ok(text) => text
             .lines()
             .skip(1)
-            .filter(|l| l.split(',').next().and_then(|s| s.parse::<usize>().ok()).is_some_and(|s| s <= step))
+            .filter(|l| {
+                l.split(',')
+                    .next()
+                    .and_then(|s| s.parse::<usize>().ok())
+                    .is_some_and(|s| s <= step)
+            })
             .map(String::from)
             .collect(),
         Err(_) => Vec::new(),
     };
+    let spent = kept
+        .last()
+        .and_then(|l| l.rsplit(',').next())
+        .and_then(|s| s.parse::<f64>().ok())
+        .unwrap_or(0.0);
     let mut text = String::from("step,loss,lr,seconds\n");
     for l in kept {
         text.push_str(&l);
@@ -338,7 +420,7 @@ fn open_loss_csv(path: &Path, step: usize) -> Result<std::io::BufWriter<std::fs:
         .append(true)
         .open(path)
         .map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
-    Ok(std::io::BufWriter::new(f))
+    Ok((std::io::BufWriter::new(f), spent))
 }
 
 fn progress_bar(total: usize, at: usize, quiet: bool) -> indicatif::ProgressBar {
