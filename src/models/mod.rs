@@ -6,3 +6,24 @@ pub mod vae;
 
 pub use unet::{UNet, UNetConfig};
 pub use vae::{Vae, VaeConfig};
+
+use crate::error::{Error, Result};
+
+/// Parses a diffusers `config.json` into a config struct; a wrong type names the field path.
+pub(crate) fn parse_config<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
+    let de = &mut serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de)
+        .map_err(|e| Error::Config(format!("field `{}`: {}", e.path(), e.inner())))
+}
+
+/// A config as diffusers writes it: the fields plus `_class_name` and `_diffusers_version`.
+pub(crate) fn diffusers_json<T: serde::Serialize>(
+    config: &T,
+    class_name: &str,
+) -> serde_json::Value {
+    let mut v = serde_json::to_value(config).expect("config serialises");
+    let m = v.as_object_mut().expect("a config is a JSON object");
+    m.insert("_class_name".into(), class_name.into());
+    m.insert("_diffusers_version".into(), "0.31.0".into());
+    v
+}

@@ -207,20 +207,14 @@ impl UNetConfig {
 
     /// Parses a diffusers `config.json`; errors name the offending field.
     pub fn from_json_str(text: &str) -> Result<Self> {
-        let de = &mut serde_json::Deserializer::from_str(text);
-        let cfg: UNetConfig = serde_path_to_error::deserialize(de)
-            .map_err(|e| Error::Config(format!("field `{}`: {}", e.path(), e.inner())))?;
+        let cfg: UNetConfig = super::parse_config(text)?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// The config as diffusers writes it (with `_class_name`).
     pub fn to_json(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(self).expect("config serialises");
-        let m = v.as_object_mut().expect("object");
-        m.insert("_class_name".into(), "UNet2DModel".into());
-        m.insert("_diffusers_version".into(), "0.31.0".into());
-        v
+        super::diffusers_json(self, "UNet2DModel")
     }
 
     /// Rejects what this implementation does not compute, naming the field.

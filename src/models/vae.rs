@@ -92,19 +92,13 @@ const EPS: f64 = 1e-6;
 
 impl VaeConfig {
     pub fn from_json_str(text: &str) -> Result<Self> {
-        let de = &mut serde_json::Deserializer::from_str(text);
-        let cfg: VaeConfig = serde_path_to_error::deserialize(de)
-            .map_err(|e| Error::Config(format!("field `{}`: {}", e.path(), e.inner())))?;
+        let cfg: VaeConfig = super::parse_config(text)?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     pub fn to_json(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(self).expect("config serialises");
-        let m = v.as_object_mut().expect("object");
-        m.insert("_class_name".into(), "AutoencoderKL".into());
-        m.insert("_diffusers_version".into(), "0.31.0".into());
-        v
+        super::diffusers_json(self, "AutoencoderKL")
     }
 
     pub fn validate(&self) -> Result<()> {
