@@ -6,7 +6,7 @@
 //! by walking the module tree with its parameter paths.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::prelude::*;
@@ -485,9 +485,4 @@ pub fn save_pipeline(
         &scheduler.to_json(algorithm),
     )?;
     write_json(&dir.join("model_index.json"), &index)
-}
-
-/// A path relative to the crate root (for shipped weights and fixtures).
-pub fn crate_path(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }

@@ -168,12 +168,6 @@ impl NoiseSchedule {
         (a.sqrt(), (1.0 - a).sqrt())
     }
 
-    /// `get_velocity`'s target v = √ᾱ·ε − √(1−ᾱ)·x0 as coefficients of (x0, ε).
-    pub fn velocity_coefficients(&self, t: usize) -> (f32, f32) {
-        let (a, s) = self.add_noise_coefficients(t);
-        (-s, a)
-    }
-
     /// σ(t) at fractional timesteps by linear interpolation of σ over 0..T, as `np.interp` does.
     pub fn interp_sigmas(&self, timesteps: &[f64]) -> Vec<f64> {
         let sigmas = self.sigmas();
