@@ -248,3 +248,77 @@ fn bad_input_is_one_clear_line_and_harms_nothing() {
         "block_out_channels",
     );
 }
+
+#[test]
+fn trains_on_an_image_folder_with_class_subfolders() {
+    let data = scratch("folder-data");
+    for (class, colour) in [("red", [220u8, 30, 30]), ("blue", [30, 30, 220])] {
+        std::fs::create_dir_all(data.join(class)).unwrap();
+        for i in 0..3u32 {
+            // Sizes other than 32 and non-square: resized and centre-cropped.
+            image::RgbImage::from_fn(40 + 8 * i, 36, |x, _| {
+                image::Rgb(if x % 7 == 0 { [250, 250, 250] } else { colour })
+            })
+            .save(data.join(class).join(format!("{i}.png")))
+            .unwrap();
+        }
+    }
+    std::fs::write(data.join("red/corrupt.jpg"), b"\xff\xd8 truncated").unwrap();
+    let run = scratch("folder-run");
+    let o = train(
+        &run,
+        &[
+            "--data",
+            data.to_str().unwrap(),
+            "--class-conditional",
+            "--steps",
+            "2",
+        ],
+    );
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("skipped 1 unreadable") && err.contains("corrupt.jpg"),
+        "{err}"
+    );
+    let run_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run_json["unet"]["num_class_embeds"], 3);
+    assert_eq!(
+        run_json["data"]["Folder"]["path"].as_str().unwrap(),
+        data.canonicalize().unwrap().to_str().unwrap()
+    );
+    // Resume re-opens the folder from run.json.
+    ok(&fewstep(&[
+        "train",
+        "--out",
+        run.to_str().unwrap(),
+        "--resume",
+        "--steps",
+        "3",
+        "--quiet",
+    ]));
+
+    // Class-conditional training needs class sub-folders.
+    let flat = scratch("folder-flat");
+    std::fs::create_dir_all(&flat).unwrap();
+    std::fs::copy(data.join("red/0.png"), flat.join("0.png")).unwrap();
+    assert_clean_failure(
+        train(
+            &scratch("folder-flat-run"),
+            &["--data", flat.to_str().unwrap(), "--class-conditional"],
+        ),
+        "no class sub-folders",
+    );
+    // A folder with nothing readable.
+    let junk = scratch("folder-junk");
+    std::fs::create_dir_all(&junk).unwrap();
+    std::fs::write(junk.join("a.png"), b"junk").unwrap();
+    assert_clean_failure(
+        train(
+            &scratch("folder-junk-run"),
+            &["--data", junk.to_str().unwrap(), "--steps", "1"],
+        ),
+        "none of the 1 image files",
+    );
+}

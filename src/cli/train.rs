@@ -1,4 +1,4 @@
-//! `fewstep train`: train a diffusion model (the teacher) on `shapes`, with checkpoints and resume.
+//! `fewstep train`: train a diffusion model (the teacher) on `shapes` or an image folder, with checkpoints and resume.
 
 use std::path::PathBuf;
 
@@ -12,7 +12,8 @@ use crate::train::{self, DataSource, DiffusionRun, TrainConfig};
 
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
-    /// Training data: `shapes` (the procedural default).
+    /// Training data: `shapes` (the procedural default) or a folder of png/jpeg/webp images
+    /// (resized and centre-cropped to the model's sample_size; sub-folders are classes).
     #[arg(long, default_value = "shapes")]
     pub data: String,
     /// Seed of the `shapes` images.
@@ -76,33 +77,72 @@ fn model_config(arg: &str) -> Result<UNetConfig> {
     )))
 }
 
-pub fn run(args: TrainArgs) -> Result<()> {
-    let device = args.device.device()?;
-    if args.data != "shapes" {
+/// `shapes`, or an image folder (stored as an absolute path so that `--resume` works from
+/// anywhere).
+fn data_source(arg: &str, seed: u64) -> Result<DataSource> {
+    if arg == "shapes" {
+        return Ok(DataSource::Shapes { seed });
+    }
+    let path = PathBuf::from(arg);
+    if !path.is_dir() {
         return Err(Error::Usage(format!(
-            "--data {}: fewstep trains on the procedural `shapes` data (image folders are tracked in issue #3)",
-            args.data
+            "--data {arg}: expected `shapes` or a folder of png/jpeg/webp images"
         )));
     }
+    let path = path
+        .canonicalize()
+        .map_err(|e| Error::file(&path, format!("--data: cannot resolve: {e}")))?;
+    Ok(DataSource::Folder { path })
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let device = args.device.device()?;
     let run = if args.resume {
         None
     } else {
         let mut unet = model_config(&args.model_config)?;
-        if args.class_conditional {
-            unet.num_class_embeds = Some(crate::data::shapes::KINDS.len() + 1);
+        let data = data_source(&args.data, args.data_seed)?;
+        match &data {
+            DataSource::Shapes { .. } => {
+                if args.class_conditional {
+                    unet.num_class_embeds = Some(crate::data::shapes::KINDS.len() + 1);
+                }
+                if unet
+                    .sample_size
+                    .is_some_and(|s| s != crate::data::shapes::SIZE)
+                {
+                    return Err(Error::Usage(format!(
+                        "--model-config {}: `shapes` images are 32×32; the config needs sample_size 32",
+                        args.model_config
+                    )));
+                }
+                unet.sample_size = Some(crate::data::shapes::SIZE);
+            }
+            DataSource::Folder { path } => {
+                if args.class_conditional {
+                    let classes = crate::data::folder::class_names(path)?;
+                    if classes.is_empty() {
+                        return Err(Error::file(
+                            path,
+                            "--class-conditional: the folder has no class sub-folders (put each class's images in its own sub-folder)",
+                        ));
+                    }
+                    unet.num_class_embeds = Some(classes.len() + 1);
+                }
+                if unet.sample_size.is_none() {
+                    return Err(Error::Usage(format!(
+                        "--model-config {}: training on an image folder needs `sample_size` in the config",
+                        args.model_config
+                    )));
+                }
+            }
         }
-        if unet
-            .sample_size
-            .is_some_and(|s| s != crate::data::shapes::SIZE)
-            || unet.in_channels != 3
-            || unet.out_channels != 3
-        {
+        if unet.in_channels != 3 || unet.out_channels != 3 {
             return Err(Error::Usage(format!(
-                "--model-config {}: `shapes` images are 3×32×32; the config needs sample_size 32 and 3 in/out channels",
+                "--model-config {}: training images are RGB; the config needs 3 in and out channels",
                 args.model_config
             )));
         }
-        unet.sample_size = Some(crate::data::shapes::SIZE);
         let scheduler = SchedulerConfig::from_map(
             serde_json::json!({
                 "_class_name": Algorithm::Ddim.class_name(),
@@ -133,9 +173,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             unet,
             scheduler,
             train,
-            data: DataSource::Shapes {
-                seed: args.data_seed,
-            },
+            data,
         })
     };
     train::install_interrupt_handler();

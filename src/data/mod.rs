@@ -1,8 +1,66 @@
-//! Training data: the procedural `shapes` default and batching.
+//! Training data: the procedural `shapes` default, image folders, and batching.
 
+pub mod folder;
 pub mod shapes;
 
+use std::path::PathBuf;
+
 use burn::prelude::*;
+
+use crate::error::Result;
+use crate::noise::NoiseStream;
+pub use folder::ImageFolder;
+
+/// Where training images come from (stored in a run's `run.json`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum DataSource {
+    /// The procedural `shapes` dataset under a seed.
+    Shapes { seed: u64 },
+    /// A folder of png/jpeg/webp images (sub-folders are classes).
+    Folder { path: PathBuf },
+}
+
+impl DataSource {
+    /// Opens the source at `size × size` (decoding a folder once).
+    pub fn open(&self, size: usize) -> Result<TrainImages> {
+        match self {
+            DataSource::Shapes { seed } => Ok(TrainImages::Shapes { seed: *seed }),
+            DataSource::Folder { path } => Ok(TrainImages::Folder(ImageFolder::open(path, size)?)),
+        }
+    }
+}
+
+/// An opened data source that draws random training batches.
+pub enum TrainImages {
+    Shapes { seed: u64 },
+    Folder(ImageFolder),
+}
+
+impl TrainImages {
+    /// `b` random training images drawn with `rng`: ([B, 3, S, S] in [−1, 1], class labels [B]).
+    /// `shapes` draws from its training index range; folders draw uniformly with replacement and
+    /// flip half the images left-right.
+    pub fn random_batch(
+        &self,
+        rng: &mut NoiseStream,
+        b: usize,
+        device: &Device,
+    ) -> (Tensor<4>, Tensor<1, Int>) {
+        match self {
+            TrainImages::Shapes { seed } => {
+                let indices: Vec<u64> = (0..b).map(|_| rng.below(shapes::EVAL_START)).collect();
+                shapes_batch(*seed, &indices, device)
+            }
+            TrainImages::Folder(folder) => {
+                let indices: Vec<usize> = (0..b)
+                    .map(|_| rng.below(folder.len() as u64) as usize)
+                    .collect();
+                let flips: Vec<bool> = (0..b).map(|_| rng.uniform() < 0.5).collect();
+                folder.batch(&indices, &flips, device)
+            }
+        }
+    }
+}
 
 /// A batch of `shapes` images (indices `indices` under `seed`): ([B, 3, 32, 32] in [−1, 1],
 /// largest-shape class labels [B]). Rendering runs in parallel.

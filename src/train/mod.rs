@@ -17,7 +17,8 @@ use burn::prelude::*;
 use fewstep_schedulers::{Algorithm, SchedulerConfig};
 use serde_json::json;
 
-use crate::data;
+use crate::data::{self, TrainImages};
+pub use crate::data::DataSource;
 use crate::error::{Error, Result};
 use crate::io;
 use crate::models::{UNet, UNetConfig};
@@ -105,13 +106,6 @@ impl TrainConfig {
             self.lr
         }
     }
-}
-
-/// Where training images come from.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub enum DataSource {
-    /// The procedural `shapes` dataset under a seed.
-    Shapes { seed: u64 },
 }
 
 /// Everything that defines a diffusion training run (stored as `run.json`).
@@ -241,17 +235,20 @@ struct Batch {
     labels: Option<Tensor<1, Int>>,
 }
 
-fn draw_batch(run: &DiffusionRun, step: usize, train_t: usize, device: &Device) -> Batch {
+fn draw_batch(
+    run: &DiffusionRun,
+    images: &TrainImages,
+    step: usize,
+    train_t: usize,
+    device: &Device,
+) -> Batch {
     let cfg = &run.train;
     let mut rng = NoiseStream::for_step(cfg.seed, step as u64);
-    let indices: Vec<u64> = (0..cfg.batch)
-        .map(|_| rng.below(data::shapes::EVAL_START))
-        .collect();
+    // Order of draws: images, timesteps, noise, label dropout (fixed: resume relies on it).
+    let (x0, labels) = images.random_batch(&mut rng, cfg.batch, device);
     let t: Vec<usize> = (0..cfg.batch)
         .map(|_| rng.below(train_t as u64) as usize)
         .collect();
-    let DataSource::Shapes { seed } = run.data;
-    let (x0, labels) = data::shapes_batch(seed, &indices, device);
     let [b, c, h, w] = x0.dims();
     let eps = crate::sample::host_noise(&mut rng, [b, c, h, w], device);
     let labels = run.unet.num_class_embeds.map(|k| {
@@ -314,9 +311,13 @@ pub fn train_diffusion(
     let prediction = run.scheduler.resolve(algorithm).prediction;
     let train_t = schedule.num_train_timesteps();
 
+    let images = open_images(&run)?;
+
     let csv_path = run_dir.join("loss.csv");
     let (mut csv, spent_before) = open_loss_csv(&csv_path, state.step)?;
     let bar = progress_bar(run.train.steps, state.step, quiet);
+    // Without a terminal (nohup, CI logs) indicatif draws nothing: print a line every 50 steps.
+    let log_lines = !quiet && !std::io::IsTerminal::is_terminal(&std::io::stderr());
     let started = Instant::now();
     let first_step = state.step;
     let mut last_loss = f32::NAN;
@@ -325,7 +326,7 @@ pub fn train_diffusion(
     let mut interrupted = false;
     while state.step < run.train.steps {
         let step = state.step;
-        let batch = draw_batch(&run, step, train_t, &state.model.devices()[0]);
+        let batch = draw_batch(&run, &images, step, train_t, &state.model.devices()[0]);
         let loss = diffusion::denoising_loss(
             &state.model,
             batch.x0,
@@ -366,6 +367,13 @@ pub fn train_diffusion(
         let per_sec = (state.step - first_step) as f64 / started.elapsed().as_secs_f64();
         bar.set_position(state.step as u64);
         bar.set_message(format!("loss {s:.4} | lr {lr:.2e} | {per_sec:.2} it/s"));
+        if log_lines && (state.step % 50 == 0 || state.step == run.train.steps) {
+            let eta = (run.train.steps - state.step) as f64 / per_sec.max(1e-9);
+            eprintln!(
+                "step {}/{} | loss {s:.4} | lr {lr:.2e} | {per_sec:.2} it/s | ETA {:.0} s",
+                state.step, run.train.steps, eta
+            );
+        }
         interrupted = INTERRUPTED.load(Ordering::SeqCst);
         if state.step % run.train.checkpoint_every == 0
             || state.step == run.train.steps
@@ -385,6 +393,38 @@ pub fn train_diffusion(
         checkpoint: checkpoint_path,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Opens the run's data at the model's sample size, reporting unreadable files once and checking
+/// that a class-conditional model gets labelled images.
+fn open_images(run: &DiffusionRun) -> Result<TrainImages> {
+    let size = run.unet.sample_size.unwrap_or(data::shapes::SIZE);
+    let images = run.data.open(size)?;
+    if let TrainImages::Folder(folder) = &images {
+        if !folder.unreadable.is_empty() {
+            eprintln!(
+                "warning: skipped {} unreadable image file(s) in {}: {}",
+                folder.unreadable.len(),
+                folder.root.display(),
+                data::folder::describe_unreadable(&folder.unreadable)
+            );
+        }
+        if let Some(k) = run.unet.num_class_embeds {
+            if !folder.fully_labelled() || folder.classes.len() + 1 != k {
+                return Err(Error::file(
+                    &folder.root,
+                    format!(
+                        "--data: a class-conditional model with {} classes needs every image in one of {} class sub-folders (found {} sub-folders{})",
+                        k - 1,
+                        k - 1,
+                        folder.classes.len(),
+                        if folder.fully_labelled() { "" } else { " and images directly under the root" }
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(images)
 }
 
 /// Opens `loss.csv` for appending, dropping rows past `step` (a resumed run rewrites them);
