@@ -9,6 +9,7 @@ pub mod data;
 pub mod error;
 pub mod image_grid;
 pub mod io;
+pub mod metrics;
 pub mod models;
 pub mod noise;
 pub mod sample;

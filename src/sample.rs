@@ -95,3 +95,63 @@ pub fn sample(
         None => result,
     })
 }
+
+/// What to generate: `num` images in batches of `batch`, initial noise from `seed` (or given
+/// `latents`, row-major [num, C, H, W]), class `class_label` or classes cycling 0, 1, ….
+#[derive(Debug, Clone)]
+pub struct Generation<'a> {
+    pub num: usize,
+    pub batch: usize,
+    pub seed: u64,
+    pub class_label: Option<usize>,
+    pub latents: Option<&'a [f32]>,
+}
+
+/// Generates `request.num` images with `scheduler` at `steps` steps, handing each batch (model
+/// space, [b, C, H, W]) to `each` with the index of its first image. The same seed gives the same
+/// images whatever the batch size.
+pub fn generate(
+    pipeline: &Pipeline,
+    scheduler: &mut Scheduler<DeviceSample>,
+    steps: usize,
+    request: &Generation<'_>,
+    device: &Device,
+    mut each: impl FnMut(usize, Tensor<4>) -> Result<()>,
+) -> Result<()> {
+    if request.batch == 0 {
+        return Err(Error::Usage("--batch must be at least 1".into()));
+    }
+    let [c, h, w] = pipeline.sample_shape()?;
+    let classes = pipeline.unet.num_classes();
+    if let (Some(label), Some(k)) = (request.class_label, classes)
+        && label >= k
+    {
+        return Err(Error::Usage(format!(
+            "--class-label {label}: the model has {k} classes (0..{})",
+            k - 1
+        )));
+    }
+    let mut initial_noise = NoiseStream::new(request.seed);
+    let mut step_noise = NoiseStream::new(request.seed.wrapping_add(0x5eed));
+    for first in (0..request.num).step_by(request.batch) {
+        let b = request.batch.min(request.num - first);
+        let latents = match request.latents {
+            Some(data) => {
+                let per = c * h * w;
+                Tensor::<1>::from_floats(&data[first * per..(first + b) * per], device)
+                    .reshape([b, c, h, w])
+            }
+            None => host_noise(&mut initial_noise, [b, c, h, w], device),
+        };
+        let labels = classes.map(|k| match request.class_label {
+            Some(l) => Tensor::<1, Int>::full([b], l as i64, device),
+            None => cycling_labels(first, b, k, device),
+        });
+        scheduler
+            .set_timesteps(steps)
+            .map_err(|e| Error::Usage(e.0))?;
+        let x = sample(pipeline, scheduler, latents, labels, &mut step_noise)?;
+        each(first, x)?;
+    }
+    Ok(())
+}

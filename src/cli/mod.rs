@@ -5,8 +5,10 @@ use clap::{Parser, Subcommand};
 use crate::backend::{DeviceChoice, device};
 use crate::error::Result;
 
+pub mod eval;
 pub mod sample;
 pub mod train;
+pub mod train_features;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,6 +27,11 @@ pub enum Command {
     Sample(sample::SampleArgs),
     /// Train a diffusion model (a teacher) with checkpoints and resume.
     Train(train::TrainArgs),
+    /// Measure sample quality: FID/KID/precision/recall, and FID-versus-steps curves.
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
+    /// Train the `shapes` feature network (the in-domain FID extractor).
+    TrainFeatures(train_features::TrainFeaturesArgs),
 }
 
 /// `--device`, shared by every command that computes.
@@ -45,5 +52,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Sample(args) => sample::run(args),
         Command::Train(args) => train::run(args),
+        Command::Eval(command) => eval::run(command),
+        Command::TrainFeatures(args) => train_features::run(args),
     }
 }

@@ -3,14 +3,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::prelude::*;
 use fewstep_schedulers::{Algorithm, Scheduler};
 
 use super::DeviceArgs;
 use crate::error::{Error, Result};
 use crate::io::{self, Pipeline};
-use crate::noise::NoiseStream;
-use crate::sample::{DeviceSample, cycling_labels, host_noise, sample};
+use crate::sample::{DeviceSample, Generation, generate};
 
 #[derive(Debug, clap::Args)]
 pub struct SampleArgs {
@@ -106,50 +104,37 @@ pub fn run(args: SampleArgs) -> Result<()> {
     if num == 0 {
         return Err(Error::Usage("--num must be at least 1".into()));
     }
-    let classes = pipeline.unet.num_classes();
-    if let (Some(label), Some(k)) = (args.class_label, classes)
-        && label >= k
-    {
-        return Err(Error::Usage(format!(
-            "--class-label {label}: the model has {k} classes (0..{})",
-            k - 1
-        )));
-    }
     eprintln!(
         "sampling {num} images with {algorithm} in {steps} steps ({} model calls each) on {}",
         scheduler.timesteps().len(),
         args.device.device
     );
-    let mut initial_noise = NoiseStream::new(args.seed);
-    let mut step_noise = NoiseStream::new(args.seed.wrapping_add(0x5eed));
     let started = Instant::now();
     let mut outputs: Vec<f32> = Vec::with_capacity(num * 3 * h * w);
     let mut out_shape = [0usize; 3];
-    for first in (0..num).step_by(args.batch) {
-        let b = args.batch.min(num - first);
-        let latents = match &initial {
-            Some(data) => {
-                let per = c * h * w;
-                Tensor::<1>::from_floats(&data[first * per..(first + b) * per], &device)
-                    .reshape([b, c, h, w])
-            }
-            None => host_noise(&mut initial_noise, [b, c, h, w], &device),
-        };
-        let labels = classes.map(|k| match args.class_label {
-            Some(l) => Tensor::<1, Int>::full([b], l as i64, &device),
-            None => cycling_labels(first, b, k, &device),
-        });
-        scheduler
-            .set_timesteps(steps)
-            .map_err(|e| Error::Usage(e.0))?;
-        let x = sample(&pipeline, &mut scheduler, latents, labels, &mut step_noise)?;
-        let [_, oc, oh, ow] = x.dims();
-        out_shape = [oc, oh, ow];
-        outputs.extend(x.into_data().try_to_vec::<f32>().expect("f32 samples"));
-        let done = first + b;
-        let secs = started.elapsed().as_secs_f64();
-        eprintln!("  {done}/{num} images, {:.2} images/s", done as f64 / secs);
-    }
+    let request = Generation {
+        num,
+        batch: args.batch,
+        seed: args.seed,
+        class_label: args.class_label,
+        latents: initial.as_deref(),
+    };
+    generate(
+        &pipeline,
+        &mut scheduler,
+        steps,
+        &request,
+        &device,
+        |first, x| {
+            let [b, oc, oh, ow] = x.dims();
+            out_shape = [oc, oh, ow];
+            outputs.extend(x.into_data().try_to_vec::<f32>().expect("f32 samples"));
+            let done = first + b;
+            let secs = started.elapsed().as_secs_f64();
+            eprintln!("  {done}/{num} images, {:.2} images/s", done as f64 / secs);
+            Ok(())
+        },
+    )?;
     if let Some(path) = &args.save_tensors {
         let [oc, oh, ow] = out_shape;
         io::write_safetensors(path, &[("samples", vec![num, oc, oh, ow], outputs.clone())])?;

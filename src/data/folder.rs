@@ -253,8 +253,15 @@ mod tests {
         let device = Device::flex();
         let (x, labels) = folder.batch(&[1, 1, 0], &[false, true, false], &device);
         assert_eq!(x.dims(), [3, 3, 4, 4]);
-        assert_eq!(labels.into_data().convert::<i64>().to_vec::<i64>().unwrap(), vec![1, 1, 0]);
-        let v = x.into_data().to_vec::<f32>().unwrap();
+        assert_eq!(
+            labels
+                .into_data()
+                .convert::<i64>()
+                .try_to_vec::<i64>()
+                .unwrap(),
+            vec![1, 1, 0]
+        );
+        let v = x.into_data().try_to_vec::<f32>().unwrap();
         let px = |b: usize, c: usize, y: usize, xx: usize| v[((b * 3 + c) * 4 + y) * 4 + xx];
         // Unflipped dog: red on the left, blue on the right.
         assert!(px(0, 0, 1, 0) > 0.9 && px(0, 2, 1, 0) < -0.9);

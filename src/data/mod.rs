@@ -63,8 +63,19 @@ impl TrainImages {
 }
 
 /// A batch of `shapes` images (indices `indices` under `seed`): ([B, 3, 32, 32] in [−1, 1],
-/// largest-shape class labels [B]). Rendering runs in parallel.
+/// largest-shape class labels [B]).
 pub fn shapes_batch(seed: u64, indices: &[u64], device: &Device) -> (Tensor<4>, Tensor<1, Int>) {
+    let (x, labels) = shapes_labelled_batch(seed, indices, device);
+    let kinds: Vec<i64> = labels.iter().map(|l| l.largest_kind as i64).collect();
+    (x, Tensor::<1, Int>::from_ints(kinds.as_slice(), device))
+}
+
+/// A batch of `shapes` images with every label. Rendering runs in parallel.
+pub fn shapes_labelled_batch(
+    seed: u64,
+    indices: &[u64],
+    device: &Device,
+) -> (Tensor<4>, Vec<shapes::ShapeLabels>) {
     use rayon::prelude::*;
     let rendered: Vec<(Vec<f32>, shapes::ShapeLabels)> = indices
         .par_iter()
@@ -75,17 +86,11 @@ pub fn shapes_batch(seed: u64, indices: &[u64], device: &Device) -> (Tensor<4>, 
         .iter()
         .flat_map(|(p, _)| p.iter().copied())
         .collect();
-    let labels: Vec<i64> = rendered
-        .iter()
-        .map(|(_, l)| l.largest_kind as i64)
-        .collect();
-    (
-        Tensor::<1>::from_floats(pixels.as_slice(), device).reshape([
-            b,
-            3,
-            shapes::SIZE,
-            shapes::SIZE,
-        ]),
-        Tensor::<1, Int>::from_ints(labels.as_slice(), device),
-    )
+    let x = Tensor::<1>::from_floats(pixels.as_slice(), device).reshape([
+        b,
+        3,
+        shapes::SIZE,
+        shapes::SIZE,
+    ]);
+    (x, rendered.into_iter().map(|(_, l)| l).collect())
 }

@@ -1,9 +1,11 @@
 //! Models: `XConfig` (diffusers' `config.json`) + `X` (forward only).
 
 pub mod blocks;
+pub mod feature_net;
 pub mod unet;
 pub mod vae;
 
+pub use feature_net::{FeatureNet, FeatureNetConfig};
 pub use unet::{UNet, UNetConfig};
 pub use vae::{Vae, VaeConfig};
 

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod diffusion;
 pub mod ema;
+pub mod feature_net;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,8 +18,8 @@ use burn::prelude::*;
 use fewstep_schedulers::{Algorithm, SchedulerConfig};
 use serde_json::json;
 
-use crate::data::{self, TrainImages};
 pub use crate::data::DataSource;
+use crate::data::{self, TrainImages};
 use crate::error::{Error, Result};
 use crate::io;
 use crate::models::{UNet, UNetConfig};
@@ -409,19 +410,23 @@ fn open_images(run: &DiffusionRun) -> Result<TrainImages> {
                 data::folder::describe_unreadable(&folder.unreadable)
             );
         }
-        if let Some(k) = run.unet.num_class_embeds {
-            if !folder.fully_labelled() || folder.classes.len() + 1 != k {
-                return Err(Error::file(
-                    &folder.root,
-                    format!(
-                        "--data: a class-conditional model with {} classes needs every image in one of {} class sub-folders (found {} sub-folders{})",
-                        k - 1,
-                        k - 1,
-                        folder.classes.len(),
-                        if folder.fully_labelled() { "" } else { " and images directly under the root" }
-                    ),
-                ));
-            }
+        if let Some(k) = run.unet.num_class_embeds
+            && (!folder.fully_labelled() || folder.classes.len() + 1 != k)
+        {
+            return Err(Error::file(
+                &folder.root,
+                format!(
+                    "--data: a class-conditional model with {} classes needs every image in one of {} class sub-folders (found {} sub-folders{})",
+                    k - 1,
+                    k - 1,
+                    folder.classes.len(),
+                    if folder.fully_labelled() {
+                        ""
+                    } else {
+                        " and images directly under the root"
+                    }
+                ),
+            ));
         }
     }
     Ok(images)

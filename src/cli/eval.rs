@@ -1,0 +1,433 @@
+//! `fewstep eval fid` and `fewstep eval curve`: sample quality (FID, KID, precision/recall) of a
+//! pipeline at N steps, or across a list of step counts, against a reference set.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::prelude::*;
+use fewstep_schedulers::{Algorithm, Scheduler};
+use serde_json::json;
+
+use super::DeviceArgs;
+use crate::error::{Error, Result};
+use crate::io::{self, Pipeline};
+use crate::metrics::curve_plot::{Series, plot_fid_curve};
+use crate::metrics::{
+    self, FeatureExtractor, FeatureSink, Features, Reference, Scores, ShapesFeatures,
+};
+use crate::sample::{DeviceSample, Generation, generate};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum EvalCommand {
+    /// FID, KID, precision and recall of one model at one step count (or of an image folder).
+    Fid(FidArgs),
+    /// FID-versus-steps curves of one or more models: CSV, PNG plot and sample grids.
+    Curve(CurveArgs),
+}
+
+/// The feature extractor and the reference set.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReferenceArgs {
+    /// Feature extractor: `shapes` (the in-domain network shipped in weights/shapes-features).
+    #[arg(long, default_value = "shapes", value_parser = ["shapes"])]
+    pub features: String,
+    /// Folder of the `shapes` feature network (default: the shipped one).
+    #[arg(long)]
+    pub feature_weights: Option<PathBuf>,
+    /// Reference images: `shapes` (held-out indices) or a folder of images.
+    #[arg(long, default_value = "shapes")]
+    pub data: String,
+    /// Seed of the `shapes` reference images.
+    #[arg(long, default_value_t = 0)]
+    pub data_seed: u64,
+    /// Reference images to use (their statistics are cached).
+    #[arg(long, default_value_t = 5000)]
+    pub ref_samples: usize,
+    /// A statistics file (tensors `mu`, `sigma`; written by fewstep's cache) instead of --data.
+    #[arg(long)]
+    pub ref_stats: Option<PathBuf>,
+    /// Where reference statistics are cached (default $FEWSTEP_CACHE or ~/.cache/fewstep).
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+}
+
+impl ReferenceArgs {
+    fn extractor(&self, device: &Device) -> Result<ShapesFeatures> {
+        let dir = self
+            .feature_weights
+            .clone()
+            .unwrap_or_else(metrics::features::default_shapes_weights);
+        ShapesFeatures::load(&dir, device)
+    }
+
+    fn reference(&self, extractor: &dyn FeatureExtractor, device: &Device) -> Result<Reference> {
+        if let Some(path) = &self.ref_stats {
+            return metrics::stats_reference(path);
+        }
+        if self.ref_samples < 2 {
+            return Err(Error::Usage("--ref-samples must be at least 2".into()));
+        }
+        if self.data == "shapes" {
+            let cache = self
+                .cache
+                .clone()
+                .unwrap_or_else(metrics::default_cache_dir);
+            metrics::shapes_reference(extractor, self.data_seed, self.ref_samples, &cache, device)
+        } else {
+            metrics::folder_reference(
+                extractor,
+                Path::new(&self.data),
+                Some(self.ref_samples),
+                device,
+            )
+        }
+    }
+}
+
+/// How generated samples are drawn.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SamplingArgs {
+    /// Sampling algorithm; default: the folder's own scheduler.
+    #[arg(long, value_parser = ["ddpm", "ddim", "euler", "heun", "dpmpp-2m", "lcm"])]
+    pub scheduler: Option<String>,
+    /// Generated images per evaluation (more than the extractor's feature dimension for FID).
+    #[arg(long, default_value_t = 1000)]
+    pub num_samples: usize,
+    #[arg(long, default_value_t = 125)]
+    pub batch: usize,
+    /// Seed of the generated samples' noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct FidArgs {
+    /// A diffusers pipeline folder to sample from.
+    #[arg(long, conflicts_with = "images", required_unless_present = "images")]
+    pub model: Option<PathBuf>,
+    /// A folder of images to score instead of a model.
+    #[arg(long)]
+    pub images: Option<PathBuf>,
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub reference: ReferenceArgs,
+    /// Print one JSON object (every figure and the protocol) instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CurveArgs {
+    /// Pipeline folders (repeat --model for several lines).
+    #[arg(long, required = true)]
+    pub model: Vec<PathBuf>,
+    /// Step counts, comma-separated.
+    #[arg(long, default_value = "1,2,4,8,16,32,64,128,256")]
+    pub steps: String,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub reference: ReferenceArgs,
+    /// Output folder: curve.csv, curve.json, curve.png and a sample grid per (model, steps).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// Parses "1,2,4" into step counts.
+pub fn parse_steps(text: &str) -> Result<Vec<usize>> {
+    let steps: Vec<usize> = text
+        .split(',')
+        .map(|s| s.trim().parse::<usize>().ok().filter(|&n| n > 0))
+        .collect::<Option<_>>()
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "--steps {text}: expected positive integers separated by commas, e.g. 1,2,4,8"
+            ))
+        })?;
+    Ok(steps)
+}
+
+/// The first few generated images (host, model space), for a grid.
+#[derive(Default)]
+struct Kept {
+    pixels: Vec<f32>,
+    count: usize,
+    shape: [usize; 3],
+}
+
+/// A model evaluated at several step counts.
+struct ModelUnderTest {
+    dir: PathBuf,
+    pipeline: Pipeline,
+    algorithm: Algorithm,
+}
+
+impl ModelUnderTest {
+    fn load(dir: &Path, scheduler: Option<&str>, device: &Device) -> Result<Self> {
+        let pipeline = Pipeline::load(dir, device)?;
+        let algorithm = scheduler
+            .and_then(Algorithm::from_cli_name)
+            .or(pipeline.scheduler.class)
+            .unwrap_or(Algorithm::Ddim);
+        Ok(ModelUnderTest {
+            dir: dir.to_path_buf(),
+            pipeline,
+            algorithm,
+        })
+    }
+
+    fn label(&self) -> String {
+        let name = self.dir.file_name().map_or_else(
+            || self.dir.display().to_string(),
+            |n| n.to_string_lossy().into(),
+        );
+        format!("{name} ({})", self.algorithm)
+    }
+
+    /// Samples `num` images at `steps` steps and returns their features, the first `keep` images
+    /// (host, model space) for a grid, and the samples per second.
+    fn sample_features(
+        &self,
+        steps: usize,
+        sampling: &SamplingArgs,
+        extractor: &dyn FeatureExtractor,
+        keep: usize,
+        device: &Device,
+    ) -> Result<(Features, Kept, f64)> {
+        let mut scheduler: Scheduler<DeviceSample> =
+            self.pipeline.scheduler.build(Some(self.algorithm))?;
+        scheduler
+            .set_timesteps(steps)
+            .map_err(|e| Error::Usage(format!("--steps {steps}: {}", e.0)))?;
+        let num = sampling.num_samples;
+        let bar = progress(num as u64, &format!("{} @ {steps} steps", self.label()));
+        let mut sink = FeatureSink::new(extractor);
+        let mut kept = Kept::default();
+        let started = Instant::now();
+        let request = Generation {
+            num,
+            batch: sampling.batch,
+            seed: sampling.seed,
+            class_label: None,
+            latents: None,
+        };
+        generate(
+            &self.pipeline,
+            &mut scheduler,
+            steps,
+            &request,
+            device,
+            |first, x| {
+                let [b, c, h, w] = x.dims();
+                if first < keep {
+                    let rows = (keep - first).min(b);
+                    let head = x.clone().slice([0..rows, 0..c, 0..h, 0..w]);
+                    kept.pixels
+                        .extend(head.into_data().try_to_vec::<f32>().expect("f32 samples"));
+                    kept.count += rows;
+                    kept.shape = [c, h, w];
+                }
+                sink.add(x)?;
+                bar.inc(b as u64);
+                Ok(())
+            },
+        )?;
+        bar.finish_and_clear();
+        let per_sec = num as f64 / started.elapsed().as_secs_f64();
+        Ok((sink.features, kept, per_sec))
+    }
+}
+
+fn progress(total: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} samples | {msg} | {elapsed_precise} < {eta_precise}",
+        )
+        .expect("valid template"),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+fn check_sampling(s: &SamplingArgs, dim: usize) -> Result<()> {
+    if s.batch == 0 {
+        return Err(Error::Usage("--batch must be at least 1".into()));
+    }
+    if s.num_samples <= dim {
+        return Err(Error::Usage(format!(
+            "--num-samples {}: FID needs more samples than the extractor's {dim} feature dimensions (use at least {}); KID, reported alongside, is unbiased at small counts",
+            s.num_samples,
+            dim + 1
+        )));
+    }
+    Ok(())
+}
+
+fn scores_text(s: &Scores) -> String {
+    let mut t = format!("FID {:.4}", s.fid);
+    if let Some(k) = &s.kid {
+        t += &format!(" | KID {:.5} ± {:.5}", k.mean, k.std);
+    }
+    if let Some(pr) = &s.precision_recall {
+        t += &format!(" | precision {:.3} | recall {:.3}", pr.precision, pr.recall);
+    }
+    t
+}
+
+fn run_fid(args: FidArgs) -> Result<()> {
+    let device = args.device.device()?;
+    let extractor = args.reference.extractor(&device)?;
+    let reference = args.reference.reference(&extractor, &device)?;
+    let (scores, source, per_sec) = match (&args.model, &args.images) {
+        (Some(dir), _) => {
+            check_sampling(&args.sampling, extractor.dim())?;
+            let model = ModelUnderTest::load(dir, args.sampling.scheduler.as_deref(), &device)?;
+            let (features, _, per_sec) =
+                model.sample_features(args.steps, &args.sampling, &extractor, 0, &device)?;
+            let scores = metrics::score(&features, &reference)?;
+            let source = json!({
+                "model": dir.display().to_string(),
+                "scheduler": model.algorithm.to_string(),
+                "steps": args.steps,
+                "seed": args.sampling.seed,
+            });
+            (scores, source, Some(per_sec))
+        }
+        (None, Some(dir)) => {
+            let features = metrics::folder_features(&extractor, dir, None, &device)?;
+            let scores = metrics::score(&features, &reference)?;
+            (scores, json!({ "images": dir.display().to_string() }), None)
+        }
+        (None, None) => unreachable!("clap requires --model or --images"),
+    };
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "fid": scores.fid,
+                "kid": scores.kid,
+                "precision_recall": scores.precision_recall,
+                "samples": scores.samples,
+                "samples_per_second": per_sec,
+                "source": source,
+                "protocol": { "extractor": extractor.id(), "reference": reference.protocol },
+            })
+        );
+    } else {
+        println!("{}", scores_text(&scores));
+        if let Some(r) = per_sec {
+            println!("{} samples at {r:.2} samples/s", scores.samples);
+        }
+        println!(
+            "protocol: extractor {}, reference {}",
+            extractor.id(),
+            reference.protocol
+        );
+    }
+    Ok(())
+}
+
+fn run_curve(args: CurveArgs) -> Result<()> {
+    let steps = parse_steps(&args.steps)?;
+    let device = args.device.device()?;
+    let extractor = args.reference.extractor(&device)?;
+    check_sampling(&args.sampling, extractor.dim())?;
+    let models: Vec<ModelUnderTest> = args
+        .model
+        .iter()
+        .map(|dir| ModelUnderTest::load(dir, args.sampling.scheduler.as_deref(), &device))
+        .collect::<Result<_>>()?;
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| Error::file(&args.out, format!("cannot create: {e}")))?;
+    let reference = args.reference.reference(&extractor, &device)?;
+    let protocol = json!({
+        "extractor": extractor.id(),
+        "reference": reference.protocol,
+        "num_samples": args.sampling.num_samples,
+        "seed": args.sampling.seed,
+    });
+    let mut rows = Vec::new();
+    let mut csv =
+        String::from("model,scheduler,steps,fid,kid,kid_std,precision,recall,samples_per_second\n");
+    let mut series = Vec::new();
+    for model in &models {
+        let mut points = Vec::new();
+        for &n in &steps {
+            let (features, kept, per_sec) =
+                model.sample_features(n, &args.sampling, &extractor, 36, &device)?;
+            let scores = metrics::score(&features, &reference)?;
+            let label = model.label();
+            eprintln!(
+                "{label} @ {n} steps: {} ({per_sec:.1} samples/s)",
+                scores_text(&scores)
+            );
+            let name = model
+                .dir
+                .file_name()
+                .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
+            crate::image_grid::write_grid(
+                &args.out.join(format!("grid-{name}-{n}steps.png")),
+                &kept.pixels,
+                kept.count,
+                kept.shape,
+            )?;
+            let (kid, kid_std) = scores.kid.map_or((f64::NAN, f64::NAN), |k| (k.mean, k.std));
+            let (p, r) = scores
+                .precision_recall
+                .map_or((f64::NAN, f64::NAN), |pr| (pr.precision, pr.recall));
+            csv += &format!(
+                "{},{},{n},{:.6},{kid:.6},{kid_std:.6},{p:.4},{r:.4},{per_sec:.3}\n",
+                model.dir.display(),
+                model.algorithm,
+                scores.fid
+            );
+            rows.push(json!({
+                "model": model.dir.display().to_string(),
+                "scheduler": model.algorithm.to_string(),
+                "steps": n,
+                "fid": scores.fid,
+                "kid": scores.kid,
+                "precision_recall": scores.precision_recall,
+                "samples_per_second": per_sec,
+            }));
+            points.push((n, scores.fid));
+        }
+        series.push(Series {
+            label: model.label(),
+            points,
+        });
+    }
+    io::write_atomic(&args.out.join("curve.csv"), csv.as_bytes())?;
+    let report = json!({ "protocol": protocol, "results": rows });
+    io::write_json(&args.out.join("curve.json"), &report)?;
+    let title = format!(
+        "FID vs steps ({} samples, {} features)",
+        args.sampling.num_samples,
+        extractor.id()
+    );
+    plot_fid_curve(&args.out.join("curve.png"), &title, &series)?;
+    if args.json {
+        println!("{report}");
+    } else {
+        print!("{csv}");
+        eprintln!("wrote {}/curve.{{csv,json,png}}", args.out.display());
+    }
+    Ok(())
+}
+
+pub fn run(command: EvalCommand) -> Result<()> {
+    match command {
+        EvalCommand::Fid(args) => run_fid(args),
+        EvalCommand::Curve(args) => run_curve(args),
+    }
+}

@@ -1,0 +1,121 @@
+//! Feature extractors behind one trait. `shapes` is the in-domain network of the offline default
+//! (see `models::feature_net`); every extractor takes images in [−1, 1], NCHW.
+
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+
+use super::stats::Features;
+use crate::error::{Error, Result};
+use crate::io;
+use crate::models::{FeatureNet, FeatureNetConfig};
+
+pub trait FeatureExtractor {
+    /// Name plus a fingerprint of the weights: reports and statistics caches key on it.
+    fn id(&self) -> String;
+    fn dim(&self) -> usize;
+    /// The image side the extractor expects.
+    fn image_size(&self) -> usize;
+    /// [B, 3, S, S] in [−1, 1] -> [B, dim].
+    fn features(&self, images: Tensor<4>) -> Tensor<2>;
+}
+
+/// Where the shipped `shapes` feature network lives: `weights/shapes-features` under the current
+/// directory, else under the source tree this binary was built from.
+pub fn default_shapes_weights() -> PathBuf {
+    let local = PathBuf::from("weights/shapes-features");
+    if local.is_dir() {
+        local
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/shapes-features")
+    }
+}
+
+/// FNV-1a of the weight bytes, as 8 hex digits: changes whenever the weights do.
+fn fingerprint(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{:08x}", (h >> 32) as u32 ^ h as u32)
+}
+
+/// The `shapes` extractor: the feature network's penultimate layer.
+pub struct ShapesFeatures {
+    net: FeatureNet,
+    config: FeatureNetConfig,
+    fingerprint: String,
+}
+
+impl ShapesFeatures {
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        if !config_path.is_file() {
+            return Err(Error::file(
+                dir,
+                "no `shapes` feature network here (expected config.json and diffusion_pytorch_model.safetensors, as written by `fewstep train-features`)",
+            ));
+        }
+        let config = FeatureNetConfig::from_json_str(&io::read_text(&config_path)?)
+            .map_err(|e| e.in_file(&config_path))?;
+        let weights = dir.join(io::WEIGHTS_NAME);
+        let net = io::load_weights(config.init(device), &weights)?;
+        let bytes = std::fs::read(&weights)
+            .map_err(|e| Error::file(&weights, format!("cannot read: {e}")))?;
+        Ok(ShapesFeatures {
+            net,
+            config,
+            fingerprint: fingerprint(&bytes),
+        })
+    }
+}
+
+impl FeatureExtractor for ShapesFeatures {
+    fn id(&self) -> String {
+        format!("shapes-{}", self.fingerprint)
+    }
+    fn dim(&self) -> usize {
+        self.config.feature_dim
+    }
+    fn image_size(&self) -> usize {
+        self.config.image_size
+    }
+    fn features(&self, images: Tensor<4>) -> Tensor<2> {
+        self.net.features(images)
+    }
+}
+
+/// Accumulates features batch by batch, checking the image size.
+pub struct FeatureSink<'a> {
+    extractor: &'a dyn FeatureExtractor,
+    pub features: Features,
+}
+
+impl<'a> FeatureSink<'a> {
+    pub fn new(extractor: &'a dyn FeatureExtractor) -> Self {
+        FeatureSink {
+            extractor,
+            features: Features {
+                dim: extractor.dim(),
+                data: Vec::new(),
+            },
+        }
+    }
+
+    /// Adds the features of `images` ([B, 3, S, S] in [−1, 1]; clamped first, as images are).
+    pub fn add(&mut self, images: Tensor<4>) -> Result<()> {
+        let [_, c, h, w] = images.dims();
+        let s = self.extractor.image_size();
+        if c != 3 || h != s || w != s {
+            return Err(Error::Usage(format!(
+                "images are {c}×{h}×{w} but the {} extractor takes 3×{s}×{s}",
+                self.extractor.id()
+            )));
+        }
+        let f = self.extractor.features(images.clamp(-1.0, 1.0));
+        self.features
+            .data
+            .extend(f.into_data().try_to_vec::<f32>().expect("f32 features"));
+        Ok(())
+    }
+}

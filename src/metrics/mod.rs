@@ -1,0 +1,184 @@
+//! Sample-quality metrics: pure statistics over feature matrices (FID, KID, precision/recall),
+//! the feature extractors, and reference sets with their statistics cache.
+
+pub mod curve_plot;
+pub mod features;
+pub mod fid;
+pub mod kid;
+pub mod precision_recall;
+pub mod stats;
+
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use serde_json::json;
+
+pub use features::{FeatureExtractor, FeatureSink, ShapesFeatures};
+pub use kid::{Kid, KidConfig};
+pub use precision_recall::PrecisionRecall;
+pub use stats::{FeatureStats, Features};
+
+use crate::data::{ImageFolder, shapes, shapes_batch};
+use crate::error::{Error, Result};
+
+/// Reference statistics, with the reference features when known (KID and precision/recall need
+/// them; a statistics file alone yields FID only).
+pub struct Reference {
+    pub stats: FeatureStats,
+    pub features: Option<Features>,
+    /// What the reference set is (dataset, indices, extractor, count).
+    pub protocol: serde_json::Value,
+}
+
+/// Every figure of one evaluation.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Scores {
+    pub fid: f64,
+    pub kid: Option<Kid>,
+    pub precision_recall: Option<PrecisionRecall>,
+    pub samples: usize,
+}
+
+/// Scores generated features against a reference.
+pub fn score(generated: &Features, reference: &Reference) -> Result<Scores> {
+    let n = generated.rows();
+    if n <= generated.dim {
+        return Err(Error::Usage(format!(
+            "--num-samples {n}: FID needs more samples than feature dimensions ({}) for a full-rank covariance; use at least {} (KID is unbiased at small sample counts and is reported alongside)",
+            generated.dim,
+            generated.dim + 1
+        )));
+    }
+    let stats = FeatureStats::from_features(generated)?;
+    let fid = fid::frechet_distance(&stats, &reference.stats)?;
+    let (kid, pr) = match &reference.features {
+        Some(real) => (
+            Some(kid::kid(generated, real, KidConfig::default())?),
+            Some(precision_recall::precision_recall(generated, real, 3)),
+        ),
+        None => (None, None),
+    };
+    Ok(Scores {
+        fid,
+        kid,
+        precision_recall: pr,
+        samples: n,
+    })
+}
+
+/// Where reference statistics are cached: `$FEWSTEP_CACHE`, else `$HOME/.cache/fewstep`.
+pub fn default_cache_dir() -> PathBuf {
+    std::env::var_os("FEWSTEP_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/fewstep")))
+        .unwrap_or_else(|| PathBuf::from(".fewstep-cache"))
+        .join("stats")
+}
+
+/// The reference set of the offline default: `n` held-out `shapes` images (indices
+/// `EVAL_START ..`), cached in `cache_dir` by data seed, count and extractor.
+pub fn shapes_reference(
+    extractor: &dyn FeatureExtractor,
+    data_seed: u64,
+    n: usize,
+    cache_dir: &Path,
+    device: &Device,
+) -> Result<Reference> {
+    let protocol = json!({
+        "dataset": "shapes",
+        "data_seed": data_seed,
+        "indices": format!("{}..{}", shapes::EVAL_START, shapes::EVAL_START + n as u64),
+        "extractor": extractor.id(),
+        "count": n,
+    });
+    let path = cache_dir.join(format!(
+        "shapes-seed{data_seed}-n{n}-{}.safetensors",
+        extractor.id()
+    ));
+    if path.is_file()
+        && let Ok((stats, stored, features)) = FeatureStats::load(&path)
+        && stored == protocol
+    {
+        return Ok(Reference {
+            stats,
+            features,
+            protocol,
+        });
+    }
+    let mut sink = FeatureSink::new(extractor);
+    for first in (0..n).step_by(256) {
+        let idx: Vec<u64> = (first..n.min(first + 256))
+            .map(|i| shapes::EVAL_START + i as u64)
+            .collect();
+        sink.add(shapes_batch(data_seed, &idx, device).0)?;
+    }
+    let stats = FeatureStats::from_features(&sink.features)?;
+    std::fs::create_dir_all(cache_dir).map_err(|e| {
+        Error::file(
+            cache_dir,
+            format!("cannot create the statistics cache: {e}"),
+        )
+    })?;
+    stats.save(&path, &protocol, Some(&sink.features))?;
+    Ok(Reference {
+        stats,
+        features: Some(sink.features),
+        protocol,
+    })
+}
+
+/// Features of (up to `limit`) images of a folder, in file-name order.
+pub fn folder_features(
+    extractor: &dyn FeatureExtractor,
+    dir: &Path,
+    limit: Option<usize>,
+    device: &Device,
+) -> Result<Features> {
+    let folder = ImageFolder::open(dir, extractor.image_size())?;
+    if !folder.unreadable.is_empty() {
+        eprintln!(
+            "warning: skipped {} unreadable image file(s) in {}: {}",
+            folder.unreadable.len(),
+            dir.display(),
+            crate::data::folder::describe_unreadable(&folder.unreadable)
+        );
+    }
+    let n = limit.map_or(folder.len(), |l| l.min(folder.len()));
+    let mut sink = FeatureSink::new(extractor);
+    for first in (0..n).step_by(256) {
+        let idx: Vec<usize> = (first..n.min(first + 256)).collect();
+        let flips = vec![false; idx.len()];
+        sink.add(folder.batch(&idx, &flips, device).0)?;
+    }
+    Ok(sink.features)
+}
+
+/// A reference from an image folder (not cached: folders change).
+pub fn folder_reference(
+    extractor: &dyn FeatureExtractor,
+    dir: &Path,
+    limit: Option<usize>,
+    device: &Device,
+) -> Result<Reference> {
+    let features = folder_features(extractor, dir, limit, device)?;
+    let stats = FeatureStats::from_features(&features)?;
+    Ok(Reference {
+        protocol: json!({
+            "dataset": dir.display().to_string(),
+            "extractor": extractor.id(),
+            "count": features.rows(),
+        }),
+        stats,
+        features: Some(features),
+    })
+}
+
+/// A reference from a statistics file (FID only unless it holds features).
+pub fn stats_reference(path: &Path) -> Result<Reference> {
+    let (stats, protocol, features) = FeatureStats::load(path)?;
+    Ok(Reference {
+        stats,
+        features,
+        protocol: json!({ "statistics_file": path.display().to_string(), "stored_protocol": protocol }),
+    })
+}

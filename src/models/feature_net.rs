@@ -1,0 +1,106 @@
+//! The in-domain feature network of the `shapes` FID: a small CNN classifier trained on the
+//! `shapes` labels (kind of the largest shape, counts per kind, counts per colour). Its
+//! penultimate layer plays the role Inception's pool3 plays for natural images: features that
+//! separate what the dataset varies in, so that FID/KID over them measure sample quality here.
+
+use burn::module::Module;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{GroupNorm, Linear, LinearConfig, PaddingConfig2d};
+use burn::prelude::*;
+
+use super::blocks::{conv, group_norm, silu};
+use crate::data::shapes::{KINDS, PALETTE};
+
+/// Most shapes an image holds: counts are classified over 0..=MAX_COUNT.
+pub const MAX_COUNT: usize = 3;
+/// Logits: largest kind (3), then per-kind counts (3 × 4), then per-colour counts (8 × 4).
+pub const NUM_LOGITS: usize = KINDS.len() + (KINDS.len() + PALETTE.len()) * (MAX_COUNT + 1);
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FeatureNetConfig {
+    /// Channels of each stage; every stage after the first halves the resolution.
+    pub channels: Vec<usize>,
+    pub feature_dim: usize,
+    pub norm_num_groups: usize,
+    pub image_size: usize,
+}
+
+impl FeatureNetConfig {
+    pub fn shapes32() -> Self {
+        FeatureNetConfig {
+            channels: vec![32, 64, 128, 128],
+            feature_dim: 128,
+            norm_num_groups: 8,
+            image_size: 32,
+        }
+    }
+
+    pub fn from_json_str(text: &str) -> crate::error::Result<Self> {
+        super::parse_config(text)
+    }
+
+    pub fn init(&self, device: &Device) -> FeatureNet {
+        let g = self.norm_num_groups;
+        let mut stages = Vec::new();
+        let mut c_in = 3;
+        for (i, &c) in self.channels.iter().enumerate() {
+            let stride = if i == 0 { 1 } else { 2 };
+            stages.push(Stage {
+                down: Conv2dConfig::new([c_in, c], [3, 3])
+                    .with_stride([stride, stride])
+                    .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                    .init(device),
+                norm1: group_norm(g, c, 1e-5, device),
+                conv: conv(c, c, 3, device),
+                norm2: group_norm(g, c, 1e-5, device),
+            });
+            c_in = c;
+        }
+        FeatureNet {
+            stages,
+            proj: LinearConfig::new(c_in, self.feature_dim).init(device),
+            head: LinearConfig::new(self.feature_dim, NUM_LOGITS).init(device),
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Stage {
+    down: Conv2d,
+    norm1: GroupNorm,
+    conv: Conv2d,
+    norm2: GroupNorm,
+}
+
+impl Stage {
+    /// [B, C_in, H, W] -> [B, C, H/s, W/s]
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let x = silu(self.norm1.forward(self.down.forward(x)));
+        silu(self.norm2.forward(self.conv.forward(x)))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct FeatureNet {
+    stages: Vec<Stage>,
+    proj: Linear,
+    head: Linear,
+}
+
+impl FeatureNet {
+    /// Penultimate features: [B, 3, S, S] in [−1, 1] -> [B, feature_dim].
+    pub fn features(&self, x: Tensor<4>) -> Tensor<2> {
+        let mut x = x;
+        for stage in &self.stages {
+            x = stage.forward(x);
+        }
+        let [b, c, h, w] = x.dims();
+        let pooled = x.reshape([b, c, h * w]).mean_dim(2).reshape([b, c]); // [B, C]
+        silu(self.proj.forward(pooled))
+    }
+
+    /// Label logits from features: [B, F] -> [B, NUM_LOGITS] (layout in [`NUM_LOGITS`]).
+    pub fn logits(&self, features: Tensor<2>) -> Tensor<2> {
+        self.head.forward(features)
+    }
+}

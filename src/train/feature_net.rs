@@ -1,0 +1,203 @@
+//! Training the `shapes` feature network (the FID extractor of the offline default): cross-entropy
+//! on every label head over freshly rendered `shapes` images, then accuracy on a held-out range.
+
+use std::path::Path;
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::prelude::*;
+use serde_json::json;
+
+use crate::data::shapes::{self, KINDS, PALETTE, ShapeLabels};
+use crate::data::shapes_labelled_batch;
+use crate::error::Result;
+use crate::io;
+use crate::models::feature_net::{FeatureNet, FeatureNetConfig, MAX_COUNT};
+use crate::noise::NoiseStream;
+
+/// Held-out images for the feature network's accuracy start here (above the FID reference set,
+/// which uses `EVAL_START ..`).
+pub const FEATURE_TEST_START: u64 = shapes::EVAL_START + (1 << 36);
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FeatureNetTrainConfig {
+    pub steps: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub seed: u64,
+    pub data_seed: u64,
+    pub test_images: usize,
+}
+
+/// Held-out accuracy per head group.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FeatureNetAccuracy {
+    pub largest_kind: f64,
+    pub kind_counts: f64,
+    pub colour_counts: f64,
+    /// Share of images with every head right.
+    pub all_labels: f64,
+    pub images: usize,
+}
+
+/// Class targets in the head layout: [largest kind, kind counts…, colour counts…].
+fn targets(labels: &[ShapeLabels]) -> Vec<usize> {
+    labels
+        .iter()
+        .flat_map(|l| {
+            std::iter::once(l.largest_kind)
+                .chain(l.kind_counts.iter().map(|&c| c as usize))
+                .chain(l.colour_counts.iter().map(|&c| c as usize))
+        })
+        .collect()
+}
+
+const HEADS: usize = 1 + KINDS.len() + PALETTE.len();
+
+/// Sum of the heads' cross-entropies. `logits` [B, NUM_LOGITS].
+fn label_loss(net: &FeatureNet, x: Tensor<4>, labels: &[ShapeLabels]) -> Tensor<1> {
+    let device = x.device();
+    let logits = net.logits(net.features(x));
+    let b = labels.len();
+    let t: Vec<i64> = targets(labels).into_iter().map(|v| v as i64).collect();
+    let t = Tensor::<1, Int>::from_ints(t.as_slice(), &device).reshape([b, HEADS]);
+    let ce = CrossEntropyLossConfig::new().init(&device);
+    let kind = ce.forward(
+        logits.clone().slice([0..b, 0..KINDS.len()]),
+        t.clone().slice([0..b, 0..1]).reshape([b]),
+    );
+    let counts = logits
+        .slice([0..b, KINDS.len()..crate::models::feature_net::NUM_LOGITS])
+        .reshape([b * (HEADS - 1), MAX_COUNT + 1]);
+    let count_targets = t.slice([0..b, 1..HEADS]).reshape([b * (HEADS - 1)]);
+    kind + ce.forward(counts, count_targets) * (HEADS - 1) as f32
+}
+
+/// Accuracy on `n` held-out images.
+pub fn accuracy(net: &FeatureNet, data_seed: u64, n: usize, device: &Device) -> FeatureNetAccuracy {
+    let mut right = [0usize; 3];
+    let mut all = 0usize;
+    for start in (0..n).step_by(256) {
+        let idx: Vec<u64> = (start..n.min(start + 256))
+            .map(|i| FEATURE_TEST_START + i as u64)
+            .collect();
+        let (x, labels) = shapes_labelled_batch(data_seed, &idx, device);
+        let logits = net.logits(net.features(x));
+        let b = idx.len();
+        let kind_pred = logits
+            .clone()
+            .slice([0..b, 0..KINDS.len()])
+            .argmax(1)
+            .reshape([b]);
+        let count_pred = logits
+            .slice([0..b, KINDS.len()..crate::models::feature_net::NUM_LOGITS])
+            .reshape([b, HEADS - 1, MAX_COUNT + 1])
+            .argmax(2)
+            .reshape([b, HEADS - 1]);
+        let kind_pred: Vec<i64> = kind_pred
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .unwrap();
+        let count_pred: Vec<i64> = count_pred
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .unwrap();
+        let t = targets(&labels);
+        for i in 0..b {
+            let row = &t[i * HEADS..(i + 1) * HEADS];
+            let pred = std::iter::once(kind_pred[i])
+                .chain(
+                    count_pred[i * (HEADS - 1)..(i + 1) * (HEADS - 1)]
+                        .iter()
+                        .copied(),
+                )
+                .map(|v| v as usize);
+            let ok: Vec<bool> = pred.zip(row).map(|(p, &r)| p == r).collect();
+            right[0] += ok[0] as usize;
+            right[1] += ok[1..1 + KINDS.len()].iter().filter(|&&o| o).count();
+            right[2] += ok[1 + KINDS.len()..].iter().filter(|&&o| o).count();
+            all += ok.iter().all(|&o| o) as usize;
+        }
+    }
+    let n = n as f64;
+    FeatureNetAccuracy {
+        largest_kind: right[0] as f64 / n,
+        kind_counts: right[1] as f64 / (n * KINDS.len() as f64),
+        colour_counts: right[2] as f64 / (n * PALETTE.len() as f64),
+        all_labels: all as f64 / n,
+        images: n as usize,
+    }
+}
+
+/// Trains a feature network and writes `config.json`, `model.safetensors` and `report.json`
+/// (settings, held-out accuracy, wall time) into `out`.
+pub fn train_feature_net(
+    out: &Path,
+    config: &FeatureNetConfig,
+    cfg: &FeatureNetTrainConfig,
+    device: &Device,
+    quiet: bool,
+) -> Result<FeatureNetAccuracy> {
+    std::fs::create_dir_all(out)
+        .map_err(|e| crate::Error::file(out, format!("cannot create: {e}")))?;
+    let ad = device.clone().autodiff();
+    ad.seed(cfg.seed);
+    let mut net = config.init(&ad);
+    let mut optim = AdamWConfig::new().with_weight_decay(1e-4).init();
+    let bar = if quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(cfg.steps as u64)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} step {pos}/{len} | {msg} | {elapsed_precise} < {eta_precise}",
+        )
+        .expect("valid template"),
+    );
+    let started = Instant::now();
+    let mut smoothed = None;
+    for step in 0..cfg.steps {
+        let mut rng = NoiseStream::for_step(cfg.seed, step as u64);
+        let idx: Vec<u64> = (0..cfg.batch)
+            .map(|_| rng.below(shapes::EVAL_START))
+            .collect();
+        let (x, labels) = shapes_labelled_batch(cfg.data_seed, &idx, &ad);
+        let loss = label_loss(&net, x, &labels);
+        let value: f32 = loss.clone().into_scalar::<f32>();
+        // Cosine decay to 5 % of the peak rate.
+        let progress = step as f64 / cfg.steps as f64;
+        let lr = cfg.lr * (0.05 + 0.95 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()));
+        let grads = GradientsParams::from_grads(loss.backward(), &net);
+        net = optim.step(lr, net, grads);
+        let s = smoothed.map_or(value, |s: f32| 0.98 * s + 0.02 * value);
+        smoothed = Some(s);
+        bar.set_position(step as u64 + 1);
+        bar.set_message(format!(
+            "loss {s:.4} | {:.2} it/s",
+            (step + 1) as f64 / started.elapsed().as_secs_f64()
+        ));
+    }
+    bar.finish_and_clear();
+    let net = net.valid();
+    let acc = accuracy(&net, cfg.data_seed, cfg.test_images, device);
+    io::write_json(
+        &out.join("config.json"),
+        &serde_json::to_value(config).expect("config"),
+    )?;
+    io::save_weights(&net, &out.join(io::WEIGHTS_NAME))?;
+    io::write_json(
+        &out.join("report.json"),
+        &json!({
+            "train": cfg,
+            "held_out_accuracy": acc,
+            "held_out_range": format!("shapes seed {} indices {}..", cfg.data_seed, FEATURE_TEST_START),
+            "seconds": started.elapsed().as_secs_f64(),
+        }),
+    )?;
+    Ok(acc)
+}
