@@ -26,6 +26,12 @@ impl SampleOps for DeviceSample {
     }
 }
 
+/// Per-row coefficients (one per batch row) as a [B, 1, 1, 1] tensor.
+pub fn per_row(values: Vec<f32>, device: &Device) -> Tensor<4> {
+    let b = values.len();
+    Tensor::<1>::from_floats(values.as_slice(), device).reshape([b, 1, 1, 1])
+}
+
 /// Uploads host noise of `shape` ([B, C, H, W]).
 pub fn host_noise(noise: &mut NoiseStream, shape: [usize; 4], device: &Device) -> Tensor<4> {
     let n = shape.iter().product();

@@ -163,6 +163,9 @@ pub struct SchedulerConfig {
     pub lower_order_final: Option<bool>,
     pub euler_at_final: Option<bool>,
     pub final_sigmas_type: Option<FinalSigmas>,
+    /// fewstep's own key `fewstep_distilled_steps`: the step count a distilled student was trained
+    /// for (the default of `fewstep sample`; diffusers ignores the key with a warning).
+    pub distilled_steps: Option<usize>,
 }
 
 /// A field read from JSON: `Ok(None)` when absent or `null`.
@@ -327,6 +330,7 @@ impl SchedulerConfig {
             set_alpha_to_one: get_bool(map, "set_alpha_to_one")?,
             rescale_betas_zero_snr: get_bool(map, "rescale_betas_zero_snr")?,
             original_inference_steps: get_usize(map, "original_inference_steps")?,
+            distilled_steps: get_usize(map, "fewstep_distilled_steps")?,
             timestep_scaling: get_f64(map, "timestep_scaling")?.map(|x| x as f32),
             solver_order: get_usize(map, "solver_order")?,
             solver_type: get_choice(
@@ -438,6 +442,9 @@ impl SchedulerConfig {
             m.insert("solver_type".into(), st.into());
             m.insert("lower_order_final".into(), r.lower_order_final.into());
             m.insert("euler_at_final".into(), r.euler_at_final.into());
+        }
+        if let Some(n) = self.distilled_steps {
+            m.insert("fewstep_distilled_steps".into(), n.into());
         }
         Value::Object(m)
     }

@@ -41,8 +41,18 @@ impl Ddim {
         Ok(())
     }
 
+    /// Each step's (model timestep, destination timestep) after `set_timesteps`: the model runs at
+    /// the first and the sample moves to the ᾱ of the second (negative: the final ᾱ).
+    pub fn transitions(&self) -> Vec<(i64, i64)> {
+        let stride = (self.config.num_train_timesteps / self.int_timesteps.len().max(1)) as i64;
+        self.int_timesteps
+            .iter()
+            .map(|&t| (t, t - stride))
+            .collect()
+    }
+
     /// ᾱ at an integer timestep, or the final ᾱ before timestep 0.
-    fn alpha_bar_or_final(&self, t: i64) -> f32 {
+    pub fn alpha_bar_or_final(&self, t: i64) -> f32 {
         if t >= 0 {
             self.schedule.alphas_cumprod[t as usize]
         } else {
@@ -51,9 +61,8 @@ impl Ddim {
     }
 
     pub fn step<T: SampleOps>(&mut self, model_output: &T, sample: &T) -> StepOutput<T> {
-        let t = self.int_timesteps[self.step_index];
         // diffusers steps back by train/n whatever the spacing (scheduling_ddim.py, `step`).
-        let prev_t = t - (self.config.num_train_timesteps / self.int_timesteps.len()) as i64;
+        let (t, prev_t) = self.transitions()[self.step_index];
         let alpha_t = self.schedule.alphas_cumprod[t as usize];
         let alpha_prev = self.alpha_bar_or_final(prev_t);
         let clip = self

@@ -18,7 +18,8 @@ pub struct SampleArgs {
     /// Sampling algorithm; default: the folder's own scheduler.
     #[arg(long, value_parser = ["ddpm", "ddim", "euler", "heun", "dpmpp-2m", "lcm"])]
     pub scheduler: Option<String>,
-    /// Number of sampling steps (default: 4 for lcm, num_train_timesteps for ddpm, else 50).
+    /// Number of sampling steps (default: a distilled student's own count, else 4 for lcm,
+    /// num_train_timesteps for ddpm, 50 otherwise).
     #[arg(long)]
     pub steps: Option<usize>,
     /// Number of images (ignored with --latents, whose batch size decides).
@@ -89,6 +90,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let train = scheduler.schedule().num_train_timesteps();
     let steps = args
         .steps
+        .or(pipeline.scheduler.distilled_steps)
         .unwrap_or_else(|| default_steps(algorithm, train));
     scheduler
         .set_timesteps(steps)

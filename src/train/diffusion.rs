@@ -6,12 +6,7 @@ use fewstep_schedulers::schedule::target_coefficients;
 use fewstep_schedulers::{NoiseSchedule, Prediction};
 
 use crate::models::UNet;
-
-/// Per-row coefficients as a [B, 1, 1, 1] tensor.
-fn per_row(values: Vec<f32>, device: &Device) -> Tensor<4> {
-    let b = values.len();
-    Tensor::<1>::from_floats(values.as_slice(), device).reshape([b, 1, 1, 1])
-}
+use crate::sample::per_row;
 
 /// Mean squared error between the UNet's output on z_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε and its target,
 /// averaged over the batch: a scalar [1].

@@ -1,0 +1,291 @@
+//! Progressive distillation (Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of
+//! Diffusion Models", Algorithm 2; google-research `diffusion_distillation/dpm.py`).
+//!
+//! The student, initialised from the teacher, learns to do in one DDIM step what the teacher does
+//! in two. On diffusers' discrete grids: the student's N-step DDIM sampler moves from timestep t
+//! to t″ = t − T/N (its `transitions`); the teacher runs DDIM t → t′ → t″ through t′, the
+//! timestep of the teacher's own 2N-step grid between them (where the teacher was trained to
+//! step, for a teacher that is itself a student). The student's target is the x̃ that makes its
+//! single DDIM step land where the teacher's two did:
+//!   x̃ = (z_t″ − (σ_t″/σ_t)·z_t) / (α_t″ − (σ_t″/σ_t)·α_t)      (paper, Algorithm 2)
+//! and, on the last step (σ_t″ = 0, α_t″ = 1), x̃ = z_t″ = the teacher's x̂. The loss is
+//! ‖x̃ − x̂_student‖² weighted by max(SNR_t, 1), the paper's "truncated SNR" weighting.
+
+use burn::prelude::*;
+use fewstep_schedulers::config::{Algorithm, ConfigError};
+use fewstep_schedulers::schedule::{eps_coefficients, x0_coefficients};
+use fewstep_schedulers::{Prediction, Scheduler, SchedulerConfig};
+
+use crate::models::UNet;
+use crate::sample::{DeviceSample, per_row};
+
+/// One student step on the N-step grid, with the teacher's intermediate timestep.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StudentStep {
+    /// Where the student (and the teacher's first step) runs the model.
+    pub t: i64,
+    /// The teacher's intermediate timestep (on its 2N-step grid).
+    pub t_mid: i64,
+    /// Where the student's step lands (negative: the final ᾱ, i.e. x0).
+    pub t_end: i64,
+    pub alpha_bar_t: f64,
+    pub alpha_bar_mid: f64,
+    pub alpha_bar_end: f64,
+}
+
+/// The DDIM transitions of `config` at `n` steps.
+fn ddim_transitions(
+    config: &SchedulerConfig,
+    n: usize,
+) -> Result<(Vec<(i64, i64)>, Scheduler<DeviceSample>), ConfigError> {
+    let mut s: Scheduler<DeviceSample> = config.build(Some(Algorithm::Ddim))?;
+    s.set_timesteps(n)?;
+    let Scheduler::Ddim(ddim) = &s else {
+        unreachable!("built as DDIM")
+    };
+    Ok((ddim.transitions(), s))
+}
+
+/// The student's N-step grid with the teacher's 2N-step midpoints.
+pub fn student_steps(config: &SchedulerConfig, n: usize) -> Result<Vec<StudentStep>, ConfigError> {
+    let (student, scheduler) = ddim_transitions(config, n)?;
+    let (teacher, _) = ddim_transitions(config, 2 * n)?;
+    let Scheduler::Ddim(ddim) = &scheduler else {
+        unreachable!("built as DDIM")
+    };
+    Ok(student
+        .iter()
+        .enumerate()
+        .map(|(i, &(t, t_end))| {
+            // The teacher's grid holds t at 2i; its next model timestep, 2i + 1, lies between t
+            // and t_end.
+            let t_mid = teacher[2 * i + 1].0;
+            StudentStep {
+                t,
+                t_mid,
+                t_end,
+                alpha_bar_t: ddim.alpha_bar_or_final(t) as f64,
+                alpha_bar_mid: ddim.alpha_bar_or_final(t_mid) as f64,
+                alpha_bar_end: ddim.alpha_bar_or_final(t_end) as f64,
+            }
+        })
+        .collect())
+}
+
+/// z_t = α_t·x0 + σ_t·ε for each row's step.
+pub fn noised(x0: Tensor<4>, eps: Tensor<4>, steps: &[StudentStep]) -> Tensor<4> {
+    let device = x0.device();
+    let a = per_row(
+        steps.iter().map(|s| s.alpha_bar_t.sqrt() as f32).collect(),
+        &device,
+    );
+    let s = per_row(
+        steps
+            .iter()
+            .map(|s| (1.0 - s.alpha_bar_t).sqrt() as f32)
+            .collect(),
+        &device,
+    );
+    x0 * a + eps * s
+}
+
+/// One deterministic DDIM step of `unet` per row from ᾱ `from` (model run at timestep `t`) to ᾱ
+/// `to`: returns z at `to`.
+fn ddim_step(
+    unet: &UNet,
+    prediction: Prediction,
+    z: Tensor<4>,
+    t: &[i64],
+    from: &[f64],
+    to: &[f64],
+    labels: Option<Tensor<1, Int>>,
+) -> Tensor<4> {
+    let device = z.device();
+    let t_in: Vec<f32> = t.iter().map(|&t| t as f32).collect();
+    let out = unet.forward(
+        z.clone(),
+        Tensor::<1>::from_floats(t_in.as_slice(), &device),
+        labels,
+    );
+    let xc: Vec<(f32, f32)> = from
+        .iter()
+        .map(|&a| x0_coefficients(prediction, a as f32))
+        .collect();
+    let ec: Vec<(f32, f32)> = from
+        .iter()
+        .map(|&a| eps_coefficients(prediction, a as f32))
+        .collect();
+    let col = |v: &[(f32, f32)], first: bool| {
+        per_row(
+            v.iter().map(|c| if first { c.0 } else { c.1 }).collect(),
+            &device,
+        )
+    };
+    let x0 = z.clone() * col(&xc, true) + out.clone() * col(&xc, false);
+    let eps = z * col(&ec, true) + out * col(&ec, false);
+    let a_to = per_row(to.iter().map(|&a| a.sqrt() as f32).collect(), &device);
+    let s_to = per_row(
+        to.iter().map(|&a| (1.0 - a).sqrt() as f32).collect(),
+        &device,
+    );
+    x0 * a_to + eps * s_to
+}
+
+/// The student's target x̃ for rows at `steps` (teacher run without gradients).
+pub fn teacher_target(
+    teacher: &UNet,
+    prediction: Prediction,
+    z: Tensor<4>,
+    steps: &[StudentStep],
+    labels: Option<Tensor<1, Int>>,
+) -> Tensor<4> {
+    let device = z.device();
+    let t: Vec<i64> = steps.iter().map(|s| s.t).collect();
+    let t_mid: Vec<i64> = steps.iter().map(|s| s.t_mid).collect();
+    let a_t: Vec<f64> = steps.iter().map(|s| s.alpha_bar_t).collect();
+    let a_mid: Vec<f64> = steps.iter().map(|s| s.alpha_bar_mid).collect();
+    let a_end: Vec<f64> = steps.iter().map(|s| s.alpha_bar_end).collect();
+    let z_mid = ddim_step(
+        teacher,
+        prediction,
+        z.clone(),
+        &t,
+        &a_t,
+        &a_mid,
+        labels.clone(),
+    );
+    let z_end = ddim_step(teacher, prediction, z_mid, &t_mid, &a_mid, &a_end, labels);
+    // x̃ = (z″ − r·z) / (α″ − r·α), r = σ″/σ.
+    let (num_z, den): (Vec<f32>, Vec<f32>) = steps
+        .iter()
+        .map(|s| {
+            let (alpha, sigma) = (s.alpha_bar_t.sqrt(), (1.0 - s.alpha_bar_t).sqrt());
+            let (alpha2, sigma2) = (s.alpha_bar_end.sqrt(), (1.0 - s.alpha_bar_end).sqrt());
+            let r = sigma2 / sigma;
+            let den = alpha2 - r * alpha;
+            ((r / den) as f32, (1.0 / den) as f32)
+        })
+        .unzip();
+    z_end * per_row(den, &device) - z * per_row(num_z, &device)
+}
+
+/// max(SNR_t, 1)·mean‖x̃ − x̂_student‖² per row: [B].
+pub fn progressive_loss(
+    student: &UNet,
+    prediction: Prediction,
+    z: Tensor<4>,
+    target: Tensor<4>,
+    steps: &[StudentStep],
+    labels: Option<Tensor<1, Int>>,
+) -> Tensor<1> {
+    let device = z.device();
+    let t_in: Vec<f32> = steps.iter().map(|s| s.t as f32).collect();
+    let out = student.forward(
+        z.clone(),
+        Tensor::<1>::from_floats(t_in.as_slice(), &device),
+        labels,
+    );
+    let (a, b): (Vec<f32>, Vec<f32>) = steps
+        .iter()
+        .map(|s| x0_coefficients(prediction, s.alpha_bar_t as f32))
+        .unzip();
+    let x0 = z * per_row(a, &device) + out * per_row(b, &device);
+    let weight: Vec<f32> = steps
+        .iter()
+        .map(|s| (s.alpha_bar_t / (1.0 - s.alpha_bar_t)).max(1.0) as f32)
+        .collect();
+    let [bsz, c, h, w] = x0.dims();
+    let mse = (x0 - target)
+        .powf_scalar(2.0)
+        .reshape([bsz, c * h * w])
+        .mean_dim(1)
+        .reshape([bsz]);
+    mse * Tensor::<1>::from_floats(weight.as_slice(), &device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> SchedulerConfig {
+        SchedulerConfig::from_json_str(
+            r#"{"_class_name": "DDIMScheduler", "beta_schedule": "squaredcos_cap_v2",
+                "prediction_type": "v_prediction", "timestep_spacing": "trailing",
+                "set_alpha_to_one": true, "clip_sample": false}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn grid_nests_the_teacher_steps_inside_the_student_steps() {
+        let steps = student_steps(&config(), 4).unwrap();
+        let t: Vec<(i64, i64, i64)> = steps.iter().map(|s| (s.t, s.t_mid, s.t_end)).collect();
+        assert_eq!(
+            t,
+            vec![
+                (999, 874, 749),
+                (749, 624, 499),
+                (499, 374, 249),
+                (249, 124, -1)
+            ]
+        );
+        assert_eq!(steps[3].alpha_bar_end, 1.0);
+        let one = student_steps(&config(), 1).unwrap();
+        assert_eq!((one[0].t, one[0].t_mid, one[0].t_end), (999, 499, -1));
+    }
+
+    #[test]
+    fn the_target_makes_one_student_step_land_where_two_teacher_steps_do() {
+        // At 2 → 4 steps diffusers' DDIM grid strides are exact (1000/4 = 250), so the teacher's
+        // own 4-step scheduler runs the same two steps as `teacher_target`.
+        use crate::models::UNetConfig;
+        use crate::noise::NoiseStream;
+        let device = Device::flex();
+        let cfg = config();
+        let teacher = UNetConfig::tiny().init(&device);
+        let steps = student_steps(&cfg, 2).unwrap();
+        let mut rng = NoiseStream::new(3);
+        let z = crate::sample::host_noise(&mut rng, [1, 3, 32, 32], &device);
+        for (i, step) in steps.iter().enumerate() {
+            let mut sched: Scheduler<DeviceSample> = cfg.build(Some(Algorithm::Ddim)).unwrap();
+            sched.set_timesteps(4).unwrap();
+            let mut x = DeviceSample(z.clone());
+            for k in 0..4 {
+                let t = sched.current_timestep().unwrap();
+                if k >= 2 * i {
+                    let out =
+                        teacher.forward(x.0.clone(), Tensor::<1>::full([1], t, &device), None);
+                    x = sched
+                        .step(&DeviceSample(out), &x, None)
+                        .unwrap()
+                        .prev_sample;
+                } else {
+                    let out =
+                        teacher.forward(x.0.clone(), Tensor::<1>::full([1], t, &device), None);
+                    sched.step(&DeviceSample(out), &x, None).unwrap();
+                }
+                if k == 2 * i + 1 {
+                    break;
+                }
+            }
+            let target = teacher_target(&teacher, Prediction::V, z.clone(), &[*step], None);
+            // One student DDIM step with x0 := x̃ from z at step.t.
+            let (a, s) = (
+                step.alpha_bar_t.sqrt() as f32,
+                (1.0 - step.alpha_bar_t).sqrt() as f32,
+            );
+            let (a2, s2) = (
+                step.alpha_bar_end.sqrt() as f32,
+                (1.0 - step.alpha_bar_end).sqrt() as f32,
+            );
+            let eps = (z.clone() - target.clone() * a) / s;
+            let landed = target * a2 + eps * s2;
+            let diff: f32 = (landed - x.0.clone()).abs().max().into_scalar::<f32>();
+            let scale: f32 = x.0.abs().max().into_scalar::<f32>();
+            assert!(
+                diff <= 1e-4 * scale.max(1.0),
+                "step {i}: {diff} (scale {scale})"
+            );
+        }
+    }
+}
