@@ -6,7 +6,7 @@
 //! by walking the module tree with its parameter paths.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::prelude::*;
@@ -87,6 +87,20 @@ impl PathTracker {
             &self.path,
             self.containers.last().map(String::as_str).unwrap_or(""),
         )
+    }
+}
+
+/// A folder shipped under `weights/`: relative to the current directory, else under the source
+/// tree this binary was built from (so the embedded defaults work from anywhere on the machine
+/// that built it).
+pub fn shipped(name: &str) -> PathBuf {
+    let local = Path::new("weights").join(name);
+    if local.is_dir() {
+        local
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("weights")
+            .join(name)
     }
 }
 

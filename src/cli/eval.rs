@@ -2,20 +2,17 @@
 //! pipeline at N steps, or across a list of step counts, against a reference set.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use burn::prelude::*;
-use fewstep_schedulers::{Algorithm, Scheduler};
+use fewstep_schedulers::Algorithm;
 use serde_json::json;
 
 use super::DeviceArgs;
 use crate::error::{Error, Result};
 use crate::io::{self, Pipeline};
 use crate::metrics::curve_plot::{Series, plot_fid_curve};
-use crate::metrics::{
-    self, FeatureExtractor, FeatureSink, Features, Reference, Scores, ShapesFeatures,
-};
-use crate::sample::{DeviceSample, Generation, generate};
+use crate::metrics::{self, FeatureExtractor, Reference, Scores, ShapesFeatures};
+use crate::sample::Generation;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum EvalCommand {
@@ -56,7 +53,7 @@ impl ReferenceArgs {
         let dir = self
             .feature_weights
             .clone()
-            .unwrap_or_else(metrics::features::default_shapes_weights);
+            .unwrap_or_else(|| io::shipped(metrics::features::SHAPES_FEATURES));
         ShapesFeatures::load(&dir, device)
     }
 
@@ -156,14 +153,6 @@ pub fn parse_steps(text: &str) -> Result<Vec<usize>> {
     Ok(steps)
 }
 
-/// The first few generated images (host, model space), for a grid.
-#[derive(Default)]
-struct Kept {
-    pixels: Vec<f32>,
-    count: usize,
-    shape: [usize; 3],
-}
-
 /// A model evaluated at several step counts.
 struct ModelUnderTest {
     dir: PathBuf,
@@ -193,8 +182,8 @@ impl ModelUnderTest {
         format!("{name} ({})", self.algorithm)
     }
 
-    /// Samples `num` images at `steps` steps and returns their features, the first `keep` images
-    /// (host, model space) for a grid, and the samples per second.
+    /// Samples `sampling.num_samples` images at `steps` steps and returns their features, the
+    /// first `keep` images and the samples per second.
     fn sample_features(
         &self,
         steps: usize,
@@ -202,61 +191,25 @@ impl ModelUnderTest {
         extractor: &dyn FeatureExtractor,
         keep: usize,
         device: &Device,
-    ) -> Result<(Features, Kept, f64)> {
-        let mut scheduler: Scheduler<DeviceSample> =
-            self.pipeline.scheduler.build(Some(self.algorithm))?;
-        scheduler
-            .set_timesteps(steps)
-            .map_err(|e| Error::Usage(format!("--steps {steps}: {}", e.0)))?;
-        let num = sampling.num_samples;
-        let bar = progress(num as u64, &format!("{} @ {steps} steps", self.label()));
-        let mut sink = FeatureSink::new(extractor);
-        let mut kept = Kept::default();
-        let started = Instant::now();
+    ) -> Result<metrics::Sampled> {
         let request = Generation {
-            num,
+            num: sampling.num_samples,
             batch: sampling.batch,
             seed: sampling.seed,
             class_label: None,
             latents: None,
         };
-        generate(
+        metrics::sample_features(
             &self.pipeline,
-            &mut scheduler,
+            self.algorithm,
             steps,
             &request,
+            extractor,
+            keep,
+            &self.label(),
             device,
-            |first, x| {
-                let [b, c, h, w] = x.dims();
-                if first < keep {
-                    let rows = (keep - first).min(b);
-                    let head = x.clone().slice([0..rows, 0..c, 0..h, 0..w]);
-                    kept.pixels
-                        .extend(head.into_data().try_to_vec::<f32>().expect("f32 samples"));
-                    kept.count += rows;
-                    kept.shape = [c, h, w];
-                }
-                sink.add(x)?;
-                bar.inc(b as u64);
-                Ok(())
-            },
-        )?;
-        bar.finish_and_clear();
-        let per_sec = num as f64 / started.elapsed().as_secs_f64();
-        Ok((sink.features, kept, per_sec))
-    }
-}
-
-fn progress(total: u64, what: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(total);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} samples | {msg} | {elapsed_precise} < {eta_precise}",
         )
-        .expect("valid template"),
-    );
-    bar.set_message(what.to_string());
-    bar
+    }
 }
 
 fn check_sampling(s: &SamplingArgs, dim: usize) -> Result<()> {
@@ -292,9 +245,10 @@ fn run_fid(args: FidArgs) -> Result<()> {
         (Some(dir), _) => {
             check_sampling(&args.sampling, extractor.dim())?;
             let model = ModelUnderTest::load(dir, args.sampling.scheduler.as_deref(), &device)?;
-            let (features, _, per_sec) =
+            let sampled =
                 model.sample_features(args.steps, &args.sampling, &extractor, 0, &device)?;
-            let scores = metrics::score(&features, &reference)?;
+            let per_sec = sampled.per_second;
+            let scores = metrics::score(&sampled.features, &reference)?;
             let source = json!({
                 "model": dir.display().to_string(),
                 "scheduler": model.algorithm.to_string(),
@@ -363,9 +317,9 @@ fn run_curve(args: CurveArgs) -> Result<()> {
     for model in &models {
         let mut points = Vec::new();
         for &n in &steps {
-            let (features, kept, per_sec) =
-                model.sample_features(n, &args.sampling, &extractor, 36, &device)?;
-            let scores = metrics::score(&features, &reference)?;
+            let sampled = model.sample_features(n, &args.sampling, &extractor, 36, &device)?;
+            let (kept, per_sec) = (&sampled.kept, sampled.per_second);
+            let scores = metrics::score(&sampled.features, &reference)?;
             let label = model.label();
             eprintln!(
                 "{label} @ {n} steps: {} ({per_sec:.1} samples/s)",

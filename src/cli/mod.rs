@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use crate::backend::{DeviceChoice, device};
 use crate::error::Result;
 
+pub mod distill;
 pub mod eval;
 pub mod sample;
 pub mod train;
@@ -27,6 +28,9 @@ pub enum Command {
     Sample(sample::SampleArgs),
     /// Train a diffusion model (a teacher) with checkpoints and resume.
     Train(train::TrainArgs),
+    /// Distill a teacher into a few-step student.
+    #[command(subcommand)]
+    Distill(distill::DistillCommand),
     /// Measure sample quality: FID/KID/precision/recall, and FID-versus-steps curves.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
@@ -52,6 +56,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Sample(args) => sample::run(args),
         Command::Train(args) => train::run(args),
+        Command::Distill(command) => distill::run(command),
         Command::Eval(command) => eval::run(command),
         Command::TrainFeatures(args) => train_features::run(args),
     }

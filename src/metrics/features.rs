@@ -1,7 +1,7 @@
 //! Feature extractors behind one trait. `shapes` is the in-domain network of the offline default
 //! (see `models::feature_net`); every extractor takes images in [−1, 1], NCHW.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::prelude::*;
 
@@ -20,16 +20,8 @@ pub trait FeatureExtractor {
     fn features(&self, images: Tensor<4>) -> Tensor<2>;
 }
 
-/// Where the shipped `shapes` feature network lives: `weights/shapes-features` under the current
-/// directory, else under the source tree this binary was built from.
-pub fn default_shapes_weights() -> PathBuf {
-    let local = PathBuf::from("weights/shapes-features");
-    if local.is_dir() {
-        local
-    } else {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/shapes-features")
-    }
-}
+/// The shipped `shapes` feature network's folder name under `weights/`.
+pub const SHAPES_FEATURES: &str = "shapes-features";
 
 /// FNV-1a of the weight bytes, as 8 hex digits: changes whenever the weights do.
 fn fingerprint(bytes: &[u8]) -> String {

@@ -18,8 +18,12 @@ pub use kid::{Kid, KidConfig};
 pub use precision_recall::PrecisionRecall;
 pub use stats::{FeatureStats, Features};
 
+use fewstep_schedulers::{Algorithm, Scheduler};
+
 use crate::data::{ImageFolder, shapes, shapes_batch};
 use crate::error::{Error, Result};
+use crate::io::Pipeline;
+use crate::sample::{DeviceSample, Generation, generate};
 
 /// Reference statistics, with the reference features when known (KID and precision/recall need
 /// them; a statistics file alone yields FID only).
@@ -63,6 +67,78 @@ pub fn score(generated: &Features, reference: &Reference) -> Result<Scores> {
         kid,
         precision_recall: pr,
         samples: n,
+    })
+}
+
+/// The first few generated images (host, model space), for a grid.
+#[derive(Debug, Default)]
+pub struct Kept {
+    pub pixels: Vec<f32>,
+    pub count: usize,
+    pub shape: [usize; 3],
+}
+
+/// Generated samples seen through an extractor.
+pub struct Sampled {
+    pub features: Features,
+    pub kept: Kept,
+    pub per_second: f64,
+}
+
+/// Generates `request.num` images from `pipeline` with `algorithm` at `steps` steps (progress bar
+/// labelled `label`) and extracts their features, keeping the first `keep` images.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_features(
+    pipeline: &Pipeline,
+    algorithm: Algorithm,
+    steps: usize,
+    request: &Generation<'_>,
+    extractor: &dyn FeatureExtractor,
+    keep: usize,
+    label: &str,
+    device: &Device,
+) -> Result<Sampled> {
+    let mut scheduler: Scheduler<DeviceSample> = pipeline.scheduler.build(Some(algorithm))?;
+    scheduler
+        .set_timesteps(steps)
+        .map_err(|e| Error::Usage(format!("--steps {steps}: {}", e.0)))?;
+    let bar = indicatif::ProgressBar::new(request.num as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} samples | {msg} | {elapsed_precise} < {eta_precise}",
+        )
+        .expect("valid template"),
+    );
+    bar.set_message(format!("{label} @ {steps} steps"));
+    let mut sink = FeatureSink::new(extractor);
+    let mut kept = Kept::default();
+    let started = std::time::Instant::now();
+    generate(
+        pipeline,
+        &mut scheduler,
+        steps,
+        request,
+        device,
+        |first, x| {
+            let [b, c, h, w] = x.dims();
+            if first < keep {
+                let rows = (keep - first).min(b);
+                let head = x.clone().slice([0..rows, 0..c, 0..h, 0..w]);
+                kept.pixels
+                    .extend(head.into_data().try_to_vec::<f32>().expect("f32 samples"));
+                kept.count += rows;
+                kept.shape = [c, h, w];
+            }
+            sink.add(x)?;
+            bar.inc(b as u64);
+            Ok(())
+        },
+    )?;
+    bar.finish_and_clear();
+    Ok(Sampled {
+        features: sink.features,
+        kept,
+        per_second: request.num as f64 / started.elapsed().as_secs_f64(),
     })
 }
 

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod diffusion;
 pub mod ema;
 pub mod feature_net;
+pub mod progressive;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -29,6 +30,11 @@ use crate::noise::NoiseStream;
 pub const DIFFUSION_RUN: &str = "train-diffusion";
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Whether Ctrl-C has asked the running loop to checkpoint and stop.
+pub(crate) fn interrupt_requested() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
 
 /// Makes Ctrl-C request a checkpoint and a clean stop instead of killing the process.
 pub fn install_interrupt_handler() {
@@ -312,7 +318,11 @@ pub fn train_diffusion(
     let prediction = run.scheduler.resolve(algorithm).prediction;
     let train_t = schedule.num_train_timesteps();
 
-    let images = open_images(&run)?;
+    let images = open_images(
+        &run.data,
+        run.unet.sample_size.unwrap_or(data::shapes::SIZE),
+        run.unet.num_class_embeds,
+    )?;
 
     let csv_path = run_dir.join("loss.csv");
     let (mut csv, spent_before) = open_loss_csv(&csv_path, state.step)?;
@@ -375,7 +385,7 @@ pub fn train_diffusion(
                 state.step, run.train.steps, eta
             );
         }
-        interrupted = INTERRUPTED.load(Ordering::SeqCst);
+        interrupted = interrupt_requested();
         if state.step % run.train.checkpoint_every == 0
             || state.step == run.train.steps
             || interrupted
@@ -398,9 +408,12 @@ pub fn train_diffusion(
 
 /// Opens the run's data at the model's sample size, reporting unreadable files once and checking
 /// that a class-conditional model gets labelled images.
-fn open_images(run: &DiffusionRun) -> Result<TrainImages> {
-    let size = run.unet.sample_size.unwrap_or(data::shapes::SIZE);
-    let images = run.data.open(size)?;
+pub(crate) fn open_images(
+    data: &DataSource,
+    size: usize,
+    num_class_embeds: Option<usize>,
+) -> Result<TrainImages> {
+    let images = data.open(size)?;
     if let TrainImages::Folder(folder) = &images {
         if !folder.unreadable.is_empty() {
             eprintln!(
@@ -410,7 +423,7 @@ fn open_images(run: &DiffusionRun) -> Result<TrainImages> {
                 data::folder::describe_unreadable(&folder.unreadable)
             );
         }
-        if let Some(k) = run.unet.num_class_embeds
+        if let Some(k) = num_class_embeds
             && (!folder.fully_labelled() || folder.classes.len() + 1 != k)
         {
             return Err(Error::file(
@@ -435,7 +448,10 @@ fn open_images(run: &DiffusionRun) -> Result<TrainImages> {
 /// Opens `loss.csv` for appending, dropping rows past `step` (a resumed run rewrites them);
 /// also returns the training seconds already spent (the last kept row's), so that the column
 /// counts the whole run's wall time across restarts.
-fn open_loss_csv(path: &Path, step: usize) -> Result<(std::io::BufWriter<std::fs::File>, f64)> {
+pub(crate) fn open_loss_csv(
+    path: &Path,
+    step: usize,
+) -> Result<(std::io::BufWriter<std::fs::File>, f64)> {
     let kept: Vec<String> = match std::fs::read_to_string(path) {
         Ok(text) => text
             .lines()
@@ -468,7 +484,7 @@ fn open_loss_csv(path: &Path, step: usize) -> Result<(std::io::BufWriter<std::fs
     Ok((std::io::BufWriter::new(f), spent))
 }
 
-fn progress_bar(total: usize, at: usize, quiet: bool) -> indicatif::ProgressBar {
+pub(crate) fn progress_bar(total: usize, at: usize, quiet: bool) -> indicatif::ProgressBar {
     let bar = if quiet {
         indicatif::ProgressBar::hidden()
     } else {

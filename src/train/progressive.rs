@@ -1,0 +1,511 @@
+//! The progressive-distillation loop: rounds of halving, each a fresh student initialised from
+//! the current teacher, trained on `distill::progressive`'s objective with AdamW and a linearly
+//! decaying learning rate (optimiser state reset every round, as in the paper), checkpointed
+//! inside the round and written as a diffusers pipeline folder `round-<N>steps/` at its end.
+//!
+//! Run folder: `run.json` (teacher, settings, data), `loss.csv` (global iteration = round index ×
+//! iterations per round + iteration), `checkpoints/{latest,previous}` (the round in progress),
+//! `round-<N>steps/` (finished students). `--resume` continues from the last finished round and
+//! the latest checkpoint of the round in progress, drawing exactly the batches an uninterrupted
+//! run would.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::prelude::*;
+use fewstep_schedulers::{Algorithm, Prediction, SchedulerConfig};
+use serde_json::json;
+
+use super::{checkpoint, ema, interrupt_requested, open_images, open_loss_csv, progress_bar};
+use crate::data::{DataSource, TrainImages, shapes};
+use crate::distill::progressive::{
+    StudentStep, noised, progressive_loss, student_steps, teacher_target,
+};
+use crate::error::{Error, Result};
+use crate::io::{self, Pipeline};
+use crate::models::UNet;
+use crate::noise::NoiseStream;
+
+/// The `run.json` kind of a progressive-distillation run.
+pub const PROGRESSIVE_RUN: &str = "distill-progressive";
+
+/// Settings of a progressive-distillation run.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ProgressiveConfig {
+    /// The teacher's step count; the first student samples in half as many.
+    pub from_steps: usize,
+    /// The last student's step count.
+    pub to_steps: usize,
+    pub iters_per_round: usize,
+    pub batch: usize,
+    /// Peak learning rate of each round (linear decay to 0 over the round).
+    pub lr: f64,
+    pub grad_clip: f32,
+    /// EMA decay of the written student; `None` writes the raw weights (the paper uses none).
+    pub ema_decay: Option<f32>,
+    pub seed: u64,
+    pub checkpoint_every: usize,
+}
+
+impl ProgressiveConfig {
+    /// The students' step counts, halving from `from_steps / 2` to `to_steps`.
+    pub fn rounds(&self) -> Result<Vec<usize>> {
+        let (from, to) = (self.from_steps, self.to_steps);
+        if from == 0 || !from.is_power_of_two() {
+            return Err(Error::Usage(format!(
+                "--from-steps {from}: expected a power of two (each round halves the steps)"
+            )));
+        }
+        if to == 0 || !to.is_power_of_two() {
+            return Err(Error::Usage(format!(
+                "--to-steps {to}: expected a power of two (each round halves the steps)"
+            )));
+        }
+        if to >= from {
+            return Err(Error::Usage(format!(
+                "--to-steps {to} must be below --from-steps {from}"
+            )));
+        }
+        let mut rounds = Vec::new();
+        let mut n = from / 2;
+        while n >= to {
+            rounds.push(n);
+            n /= 2;
+        }
+        Ok(rounds)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.rounds()?;
+        for (name, v) in [
+            ("--iters-per-round", self.iters_per_round),
+            ("--batch", self.batch),
+            ("--checkpoint-every", self.checkpoint_every),
+        ] {
+            if v == 0 {
+                return Err(Error::Usage(format!("{name} must be at least 1")));
+            }
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(Error::Usage(format!(
+                "--lr must be a positive number, got {}",
+                self.lr
+            )));
+        }
+        Ok(())
+    }
+
+    /// Learning rate at `iter` of a round: linear decay from `lr` to 0 (the paper's schedule).
+    pub fn lr_at(&self, iter: usize) -> f64 {
+        self.lr * (1.0 - iter as f64 / self.iters_per_round as f64)
+    }
+}
+
+/// Everything that defines a progressive run (stored as `run.json`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ProgressiveRun {
+    pub kind: String,
+    /// The original teacher's pipeline folder (absolute).
+    pub teacher: PathBuf,
+    pub config: ProgressiveConfig,
+    pub data: DataSource,
+}
+
+/// One finished round.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RoundOutcome {
+    pub steps: usize,
+    pub dir: PathBuf,
+    /// Mean loss over the round's last 10 % of iterations (NaN for a round finished earlier and
+    /// only found on disk).
+    pub final_loss: f64,
+    pub seconds: f64,
+}
+
+/// What a progressive run reports.
+#[derive(Debug, Clone)]
+pub struct ProgressiveOutcome {
+    pub rounds: Vec<RoundOutcome>,
+    pub interrupted: bool,
+}
+
+/// The folder of the student that samples in `steps` steps.
+pub fn round_dir(run_dir: &Path, steps: usize) -> PathBuf {
+    run_dir.join(format!("round-{steps}steps"))
+}
+
+fn new_optimizer(cfg: &ProgressiveConfig) -> ModuleOptimizer {
+    AdamWConfig::new()
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.grad_clip)))
+        .init()
+}
+
+/// The prediction type the student is trained in: v (or x0) as the teacher, v for an ε teacher —
+/// ε is degenerate at the high-noise end where one-step students must work (paper, §4).
+pub fn student_prediction(teacher: Prediction) -> Prediction {
+    match teacher {
+        Prediction::Epsilon => Prediction::V,
+        p => p,
+    }
+}
+
+/// The scheduler config written with a student: the teacher's DDIM config with the student's
+/// prediction type and step count.
+fn student_scheduler(
+    teacher: &SchedulerConfig,
+    prediction: Prediction,
+    steps: usize,
+) -> SchedulerConfig {
+    let mut s = teacher.clone();
+    s.class = Some(Algorithm::Ddim);
+    s.prediction_type = Some(prediction);
+    s.distilled_steps = Some(steps);
+    s
+}
+
+struct RoundState {
+    student: UNet,
+    ema: Option<UNet>,
+    optim: ModuleOptimizer,
+    iter: usize,
+}
+
+fn save_checkpoint(
+    run_dir: &Path,
+    teacher: &Pipeline,
+    scheduler: &SchedulerConfig,
+    steps: usize,
+    state: &RoundState,
+) -> Result<PathBuf> {
+    let dir = checkpoint::incoming(run_dir)?;
+    let written = state.ema.clone().unwrap_or_else(|| state.student.valid());
+    io::save_pipeline(
+        &dir,
+        &teacher.unet_config,
+        &written,
+        scheduler,
+        Algorithm::Ddim,
+        teacher.vae.as_ref().map(|(c, v)| (c, v)),
+    )?;
+    let s = dir.join("state");
+    io::save_weights(&state.student, &s.join("model.safetensors"))?;
+    checkpoint::write_param_ids(&s.join("param_ids.json"), &io::param_ids(&state.student))?;
+    state.optim.save(s.join("optimizer.bpk")).map_err(|e| {
+        Error::file(
+            s.join("optimizer.bpk"),
+            format!("cannot save optimizer state: {e:?}"),
+        )
+    })?;
+    io::write_json(
+        &s.join("state.json"),
+        &json!({ "round_steps": steps, "iter": state.iter }),
+    )?;
+    checkpoint::publish(run_dir)
+}
+
+/// The in-round checkpoint for the round of `steps`, if the latest checkpoint belongs to it.
+fn load_checkpoint(
+    run_dir: &Path,
+    teacher: &Pipeline,
+    cfg: &ProgressiveConfig,
+    steps: usize,
+    device: &Device,
+) -> Result<Option<RoundState>> {
+    let Some(ckpt) = checkpoint::latest(run_dir) else {
+        return Ok(None);
+    };
+    let s = ckpt.join("state");
+    let state_path = s.join("state.json");
+    let v: serde_json::Value = serde_json::from_str(&io::read_text(&state_path)?)
+        .map_err(|e| Error::file(&state_path, format!("not valid JSON: {e}")))?;
+    if v["round_steps"].as_u64() != Some(steps as u64) {
+        return Ok(None);
+    }
+    let iter = v["iter"]
+        .as_u64()
+        .ok_or_else(|| Error::file(&state_path, "no `iter`"))? as usize;
+    let ids = checkpoint::read_param_ids(&s.join("param_ids.json"))?;
+    let ad = device.clone().autodiff();
+    let student = io::load_weights_with_ids(
+        teacher.unet_config.init(&ad),
+        &s.join("model.safetensors"),
+        Some(&ids),
+    )?;
+    let ema = match cfg.ema_decay {
+        Some(_) => Some(io::load_weights_with_ids(
+            teacher.unet_config.init(device),
+            &ckpt.join("unet").join(io::WEIGHTS_NAME),
+            Some(&ids),
+        )?),
+        None => None,
+    };
+    let optim = new_optimizer(cfg)
+        .load(s.join("optimizer.bpk"))
+        .map_err(|e| {
+            Error::file(
+                s.join("optimizer.bpk"),
+                format!("cannot load optimizer state: {e:?}"),
+            )
+        })?;
+    Ok(Some(RoundState {
+        student,
+        ema,
+        optim,
+        iter,
+    }))
+}
+
+/// Training images (or, for a latent teacher, their scaled VAE latents) and labels for one
+/// iteration, with the student steps, noise and noised samples.
+struct Batch {
+    z: Tensor<4>,
+    steps: Vec<StudentStep>,
+    labels: Option<Tensor<1, Int>>,
+}
+
+fn draw_batch(
+    teacher: &Pipeline,
+    images: &TrainImages,
+    grid: &[StudentStep],
+    cfg: &ProgressiveConfig,
+    global_iter: usize,
+    device: &Device,
+) -> Batch {
+    let mut rng = NoiseStream::for_step(cfg.seed, global_iter as u64);
+    // Order of draws: images, grid steps, noise (fixed: resume relies on it).
+    let (x, labels) = images.random_batch(&mut rng, cfg.batch, device);
+    let steps: Vec<StudentStep> = (0..cfg.batch)
+        .map(|_| grid[rng.below(grid.len() as u64) as usize])
+        .collect();
+    let x0 = match &teacher.vae {
+        Some((vc, vae)) => {
+            let (mean, _) = vae.encode(x);
+            let mean = match vc.shift_factor {
+                Some(shift) => mean - shift,
+                None => mean,
+            };
+            mean * vc.scaling_factor
+        }
+        None => x,
+    };
+    let [b, c, h, w] = x0.dims();
+    let eps = crate::sample::host_noise(&mut rng, [b, c, h, w], device);
+    Batch {
+        z: noised(x0, eps, &steps),
+        steps,
+        labels: teacher.unet.num_classes().map(|_| labels),
+    }
+}
+
+/// Runs (or resumes) progressive distillation in `run_dir`.
+pub fn distill_progressive(
+    run_dir: &Path,
+    run: Option<ProgressiveRun>,
+    resume: bool,
+    device: &Device,
+    quiet: bool,
+) -> Result<ProgressiveOutcome> {
+    let run = if resume {
+        let v = checkpoint::read_run(run_dir, PROGRESSIVE_RUN)?;
+        let path = run_dir.join(checkpoint::RUN_FILE);
+        serde_json::from_value::<ProgressiveRun>(v)
+            .map_err(|e| Error::file(&path, format!("not a progressive run: {e}")))?
+    } else {
+        let run = run.ok_or_else(|| Error::Usage("nothing to distill: give a teacher".into()))?;
+        run.config.validate()?;
+        checkpoint::prepare_new_run(run_dir)?;
+        io::write_json(
+            &run_dir.join(checkpoint::RUN_FILE),
+            &serde_json::to_value(&run).expect("run serialises"),
+        )?;
+        run
+    };
+    let cfg = &run.config;
+    let rounds = cfg.rounds()?;
+    let csv_path = run_dir.join("loss.csv");
+    let mut outcomes = Vec::new();
+    let mut teacher_dir = run.teacher.clone();
+    let mut images: Option<TrainImages> = None;
+    for (round_index, &steps) in rounds.iter().enumerate() {
+        let dir = round_dir(run_dir, steps);
+        if dir.join("model_index.json").is_file() {
+            outcomes.push(RoundOutcome {
+                steps,
+                dir: dir.clone(),
+                final_loss: f64::NAN,
+                seconds: f64::NAN,
+            });
+            teacher_dir = dir;
+            continue;
+        }
+        let teacher = Pipeline::load(&teacher_dir, device)?;
+        let teacher_prediction = teacher.scheduler.resolve(Algorithm::Ddim).prediction;
+        let prediction = student_prediction(teacher_prediction);
+        let scheduler = student_scheduler(&teacher.scheduler, prediction, steps);
+        let grid =
+            student_steps(&teacher.scheduler, steps).map_err(|e| Error::file(&teacher_dir, e.0))?;
+        if images.is_none() {
+            let size = match &teacher.vae {
+                Some(_) => teacher
+                    .unet_config
+                    .sample_size
+                    .map(|s| s * vae_factor(&teacher)),
+                None => teacher.unet_config.sample_size,
+            }
+            .unwrap_or(shapes::SIZE);
+            images = Some(open_images(&run.data, size, teacher.unet.num_classes())?);
+        }
+        let images = images.as_ref().expect("opened above");
+        let mut state = match load_checkpoint(run_dir, &teacher, cfg, steps, device)? {
+            Some(s) => s,
+            None => {
+                let ad = device.clone().autodiff();
+                let (_, student) = io::load_unet(&teacher_dir.join("unet"), &ad)?;
+                RoundState {
+                    ema: cfg.ema_decay.map(|_| student.valid()),
+                    student,
+                    optim: new_optimizer(cfg),
+                    iter: 0,
+                }
+            }
+        };
+        let first_global = round_index * cfg.iters_per_round;
+        let (mut csv, spent_before) = open_loss_csv(&csv_path, first_global + state.iter)?;
+        if !quiet {
+            eprintln!(
+                "round {}/{}: {} → {steps} steps (teacher {})",
+                round_index + 1,
+                rounds.len(),
+                steps * 2,
+                teacher_dir.display()
+            );
+        }
+        let bar = progress_bar(cfg.iters_per_round, state.iter, quiet);
+        let log_lines = !quiet && !std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let started = Instant::now();
+        let first_iter = state.iter;
+        let mut recent: Vec<f32> = Vec::new();
+        let mut smoothed: Option<f32> = None;
+        while state.iter < cfg.iters_per_round {
+            let global = first_global + state.iter;
+            let b = draw_batch(&teacher, images, &grid, cfg, global, device);
+            let target = teacher_target(
+                &teacher.unet,
+                teacher_prediction,
+                b.z.clone(),
+                &b.steps,
+                b.labels.clone(),
+            );
+            // The teacher ran without autodiff; the student trains on the autodiff device.
+            let loss = progressive_loss(
+                &state.student,
+                prediction,
+                b.z.autodiff(),
+                target.autodiff(),
+                &b.steps,
+                b.labels.map(Tensor::autodiff),
+            )
+            .mean();
+            let value: f32 = loss.clone().into_scalar::<f32>();
+            if !value.is_finite() {
+                bar.abandon();
+                return Err(Error::Config(format!(
+                    "distillation stopped: the loss became {value} at round {steps} steps, iteration {}; the last checkpoint is untouched — try a lower --lr",
+                    state.iter
+                )));
+            }
+            let lr = cfg.lr_at(state.iter);
+            let grads = GradientsParams::from_grads(loss.backward(), &state.student);
+            state.student = state.optim.step(lr, state.student, grads);
+            if let (Some(decay), Some(e)) = (cfg.ema_decay, state.ema.take()) {
+                state.ema = Some(ema::update(
+                    e,
+                    &state.student.valid(),
+                    ema::decay_at(state.iter, decay),
+                ));
+            }
+            state.iter += 1;
+            if state.iter * 10 > cfg.iters_per_round * 9 {
+                recent.push(value);
+            }
+            let s = smoothed.map_or(value, |s| 0.95 * s + 0.05 * value);
+            smoothed = Some(s);
+            writeln!(
+                csv,
+                "{},{value},{lr},{:.3}",
+                first_global + state.iter,
+                spent_before + started.elapsed().as_secs_f64()
+            )
+            .and_then(|_| csv.flush())
+            .map_err(|e| Error::file(&csv_path, format!("cannot write: {e}")))?;
+            let per_sec = (state.iter - first_iter) as f64 / started.elapsed().as_secs_f64();
+            bar.set_position(state.iter as u64);
+            bar.set_message(format!(
+                "round {steps} steps | loss {s:.4} | {per_sec:.2} it/s"
+            ));
+            if log_lines && (state.iter % 50 == 0 || state.iter == cfg.iters_per_round) {
+                let eta = (cfg.iters_per_round - state.iter) as f64 / per_sec.max(1e-9);
+                eprintln!(
+                    "round {steps} steps: iter {}/{} | loss {s:.4} | lr {lr:.2e} | {per_sec:.2} it/s | ETA {eta:.0} s",
+                    state.iter, cfg.iters_per_round
+                );
+            }
+            let interrupted = interrupt_requested();
+            if state.iter % cfg.checkpoint_every == 0 || interrupted {
+                save_checkpoint(run_dir, &teacher, &scheduler, steps, &state)?;
+            }
+            if interrupted {
+                bar.abandon();
+                return Ok(ProgressiveOutcome {
+                    rounds: outcomes,
+                    interrupted: true,
+                });
+            }
+        }
+        bar.finish_and_clear();
+        // The round's student, written whole under a temporary name, then renamed.
+        let incoming = run_dir.join(format!(".incoming-round-{steps}steps"));
+        if incoming.exists() {
+            std::fs::remove_dir_all(&incoming)
+                .map_err(|e| Error::file(&incoming, format!("cannot clear: {e}")))?;
+        }
+        let written = state.ema.clone().unwrap_or_else(|| state.student.valid());
+        io::save_pipeline(
+            &incoming,
+            &teacher.unet_config,
+            &written,
+            &scheduler,
+            Algorithm::Ddim,
+            teacher.vae.as_ref().map(|(c, v)| (c, v)),
+        )?;
+        std::fs::rename(&incoming, &dir)
+            .map_err(|e| Error::file(&dir, format!("cannot rename the round folder: {e}")))?;
+        let final_loss = if recent.is_empty() {
+            f64::NAN
+        } else {
+            recent.iter().map(|&v| v as f64).sum::<f64>() / recent.len() as f64
+        };
+        outcomes.push(RoundOutcome {
+            steps,
+            dir: dir.clone(),
+            final_loss,
+            seconds: started.elapsed().as_secs_f64(),
+        });
+        teacher_dir = dir;
+    }
+    Ok(ProgressiveOutcome {
+        rounds: outcomes,
+        interrupted: false,
+    })
+}
+
+/// The VAE's spatial downsampling factor (2^(blocks − 1)).
+fn vae_factor(p: &Pipeline) -> usize {
+    p.vae.as_ref().map_or(1, |(c, _)| {
+        1 << (c.block_out_channels.len().saturating_sub(1))
+    })
+}

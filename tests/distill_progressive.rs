@@ -1,0 +1,206 @@
+//! `fewstep distill progressive` on a tiny teacher: rounds write loadable student folders,
+//! an interrupted run resumes to the uninterrupted result, bad input is one clear line.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use fewstep::io::{self, Pipeline};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("fewstep-pd-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn fewstep(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fewstep"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &Output) {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// A tiny v-prediction teacher (two training steps are enough: distillation only needs a model).
+fn tiny_teacher(name: &str) -> PathBuf {
+    let run = scratch(name);
+    ok(&fewstep(&[
+        "train",
+        "--model-config",
+        "tiny",
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--quiet",
+        "--out",
+        run.to_str().unwrap(),
+    ]));
+    run.join("checkpoints/latest")
+}
+
+fn distill_args<'a>(teacher: &'a Path, out: &'a Path, iters: &'a str) -> Vec<&'a str> {
+    vec![
+        "distill",
+        "progressive",
+        "--teacher",
+        teacher.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--from-steps",
+        "4",
+        "--to-steps",
+        "1",
+        "--iters-per-round",
+        iters,
+        "--batch",
+        "2",
+        "--checkpoint-every",
+        "3",
+        "--no-eval",
+        "--quiet",
+    ]
+}
+
+fn student_weights(out: &Path, steps: usize) -> std::collections::HashMap<String, io::HostTensor> {
+    io::read_safetensors(&out.join(format!(
+        "round-{steps}steps/unet/diffusion_pytorch_model.safetensors"
+    )))
+    .unwrap()
+}
+
+#[test]
+fn rounds_write_students_that_sample_at_their_step_count() {
+    let teacher = tiny_teacher("teacher-a");
+    let out = scratch("rounds");
+    ok(&fewstep(&distill_args(&teacher, &out, "2")));
+    for steps in [2usize, 1] {
+        let dir = out.join(format!("round-{steps}steps"));
+        let p = Pipeline::load(&dir, &burn::prelude::Device::flex()).unwrap();
+        assert_eq!(p.scheduler.distilled_steps, Some(steps));
+        let o = fewstep(&[
+            "sample",
+            "--model",
+            dir.to_str().unwrap(),
+            "--num",
+            "2",
+            "--out",
+            out.join(format!("grid{steps}.png")).to_str().unwrap(),
+        ]);
+        ok(&o);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(&format!("in {steps} steps")), "{err}");
+    }
+    // The student moved away from the teacher.
+    let teacher_w =
+        io::read_safetensors(&teacher.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let student_w = student_weights(&out, 1);
+    let moved = teacher_w.iter().any(|(k, t)| t.data != student_w[k].data);
+    assert!(moved);
+    // Everything done: --resume finds nothing left and succeeds.
+    ok(&fewstep(&[
+        "distill",
+        "progressive",
+        "--out",
+        out.to_str().unwrap(),
+        "--resume",
+        "--no-eval",
+        "--quiet",
+    ]));
+}
+
+#[test]
+fn an_interrupted_run_resumes_to_the_uninterrupted_students() {
+    let teacher = tiny_teacher("teacher-b");
+    let whole = scratch("whole");
+    ok(&fewstep(&distill_args(&teacher, &whole, "30")));
+
+    let split = scratch("split");
+    let child = Command::new(env!("CARGO_BIN_EXE_fewstep"))
+        .args(distill_args(&teacher, &split, "30"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let csv = split.join("loss.csv");
+    let started = Instant::now();
+    while std::fs::read_to_string(&csv)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+        < 8
+    {
+        assert!(started.elapsed() < Duration::from_secs(60), "never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let o = child.wait_with_output().unwrap();
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("interrupted; resume with"), "{err}");
+    ok(&fewstep(&[
+        "distill",
+        "progressive",
+        "--out",
+        split.to_str().unwrap(),
+        "--resume",
+        "--no-eval",
+        "--quiet",
+    ]));
+    for steps in [2usize, 1] {
+        let (a, b) = (
+            student_weights(&whole, steps),
+            student_weights(&split, steps),
+        );
+        for (k, t) in &a {
+            let max = t
+                .data
+                .iter()
+                .zip(&b[k].data)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(max < 1e-5, "{steps} steps, {k}: {max}");
+        }
+    }
+}
+
+fn assert_clean_failure(o: Output, needle: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.starts_with("error: ") && err.contains(needle), "{err}");
+}
+
+#[test]
+fn bad_input_is_one_clear_line() {
+    let teacher = tiny_teacher("teacher-c");
+    let t = teacher.to_str().unwrap();
+    let out = scratch("bad");
+    let o = out.to_str().unwrap();
+    let base = ["distill", "progressive", "--no-eval", "--out", o];
+    let with = |extra: &[&str]| {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        fewstep(&a)
+    };
+    assert_clean_failure(
+        with(&["--teacher", t, "--from-steps", "12"]),
+        "power of two",
+    );
+    assert_clean_failure(
+        with(&["--teacher", t, "--from-steps", "8", "--to-steps", "8"]),
+        "must be below",
+    );
+    assert_clean_failure(with(&["--teacher", "/no/teacher"]), "model_index.json");
+    assert_clean_failure(with(&["--teacher", t, "--batch", "0"]), "--batch");
+    assert_clean_failure(
+        fewstep(&["distill", "progressive", "--out", o, "--resume"]),
+        "no run to resume",
+    );
+    assert!(!out.exists(), "nothing written on bad input");
+}
