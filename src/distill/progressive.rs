@@ -14,6 +14,7 @@
 use burn::prelude::*;
 use fewstep_schedulers::config::{Algorithm, ConfigError};
 use fewstep_schedulers::schedule::{eps_coefficients, x0_coefficients};
+use fewstep_schedulers::ddim::Ddim;
 use fewstep_schedulers::{Prediction, Scheduler, SchedulerConfig};
 
 use crate::models::UNet;
@@ -33,27 +34,22 @@ pub struct StudentStep {
     pub alpha_bar_end: f64,
 }
 
-/// The DDIM transitions of `config` at `n` steps.
-fn ddim_transitions(
-    config: &SchedulerConfig,
-    n: usize,
-) -> Result<(Vec<(i64, i64)>, Scheduler<DeviceSample>), ConfigError> {
+/// `config`'s DDIM scheduler set to `n` steps.
+fn ddim(config: &SchedulerConfig, n: usize) -> Result<Ddim, ConfigError> {
     let mut s: Scheduler<DeviceSample> = config.build(Some(Algorithm::Ddim))?;
     s.set_timesteps(n)?;
-    let Scheduler::Ddim(ddim) = &s else {
-        unreachable!("built as DDIM")
-    };
-    Ok((ddim.transitions(), s))
+    match s {
+        Scheduler::Ddim(d) => Ok(d),
+        _ => unreachable!("built as DDIM"),
+    }
 }
 
 /// The student's N-step grid with the teacher's 2N-step midpoints.
 pub fn student_steps(config: &SchedulerConfig, n: usize) -> Result<Vec<StudentStep>, ConfigError> {
-    let (student, scheduler) = ddim_transitions(config, n)?;
-    let (teacher, _) = ddim_transitions(config, 2 * n)?;
-    let Scheduler::Ddim(ddim) = &scheduler else {
-        unreachable!("built as DDIM")
-    };
+    let student = ddim(config, n)?;
+    let teacher = ddim(config, 2 * n)?.transitions();
     Ok(student
+        .transitions()
         .iter()
         .enumerate()
         .map(|(i, &(t, t_end))| {
@@ -64,9 +60,9 @@ pub fn student_steps(config: &SchedulerConfig, n: usize) -> Result<Vec<StudentSt
                 t,
                 t_mid,
                 t_end,
-                alpha_bar_t: ddim.alpha_bar_or_final(t) as f64,
-                alpha_bar_mid: ddim.alpha_bar_or_final(t_mid) as f64,
-                alpha_bar_end: ddim.alpha_bar_or_final(t_end) as f64,
+                alpha_bar_t: student.alpha_bar_or_final(t) as f64,
+                alpha_bar_mid: student.alpha_bar_or_final(t_mid) as f64,
+                alpha_bar_end: student.alpha_bar_or_final(t_end) as f64,
             }
         })
         .collect())
