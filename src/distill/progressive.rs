@@ -13,8 +13,8 @@
 
 use burn::prelude::*;
 use fewstep_schedulers::config::{Algorithm, ConfigError};
-use fewstep_schedulers::schedule::{eps_coefficients, x0_coefficients};
 use fewstep_schedulers::ddim::Ddim;
+use fewstep_schedulers::schedule::{eps_coefficients, x0_coefficients};
 use fewstep_schedulers::{Prediction, Scheduler, SchedulerConfig};
 
 use crate::models::UNet;

@@ -1,0 +1,267 @@
+//! `fewstep eval fid|curve` end to end on a tiny model and a briefly trained feature network:
+//! JSON output with the protocol, the reference-statistics cache, the curve files, image-folder
+//! scoring, and bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("fewstep-eval-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn fewstep(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fewstep"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &Output) {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// (tiny model pipeline folder, feature network folder), made once per test binary.
+fn fixtures() -> &'static (PathBuf, PathBuf) {
+    static F: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    F.get_or_init(|| {
+        let run = scratch("model");
+        ok(&fewstep(&[
+            "train",
+            "--model-config",
+            "tiny",
+            "--steps",
+            "2",
+            "--batch",
+            "2",
+            "--quiet",
+            "--out",
+            run.to_str().unwrap(),
+        ]));
+        let features = scratch("features");
+        ok(&fewstep(&[
+            "train-features",
+            "--steps",
+            "3",
+            "--batch",
+            "8",
+            "--test-images",
+            "16",
+            "--quiet",
+            "--out",
+            features.to_str().unwrap(),
+        ]));
+        (run.join("checkpoints/latest"), features)
+    })
+}
+
+fn common<'a>(features: &'a Path, cache: &'a Path) -> Vec<&'a str> {
+    vec![
+        "--feature-weights",
+        features.to_str().unwrap(),
+        "--ref-samples",
+        "200",
+        "--cache",
+        cache.to_str().unwrap(),
+        "--num-samples",
+        "130",
+        "--batch",
+        "65",
+    ]
+}
+
+#[test]
+fn fid_prints_every_figure_and_the_protocol_and_caches_the_reference() {
+    let (model, features) = fixtures();
+    let cache = scratch("cache");
+    let mut args = vec![
+        "eval",
+        "fid",
+        "--model",
+        model.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--json",
+    ];
+    args.extend(common(features, &cache));
+    let o = fewstep(&args);
+    ok(&o);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let fid = v["fid"].as_f64().unwrap();
+    assert!(fid.is_finite() && fid > 0.0, "{v}");
+    assert!(v["kid"]["mean"].as_f64().is_some(), "{v}");
+    assert!(v["precision_recall"]["precision"].as_f64().is_some(), "{v}");
+    assert_eq!(v["samples"], 130);
+    assert_eq!(v["source"]["steps"], 2);
+    assert_eq!(v["protocol"]["reference"]["count"], 200);
+    assert!(
+        v["protocol"]["extractor"]
+            .as_str()
+            .unwrap()
+            .starts_with("shapes-")
+    );
+    let cached: Vec<_> = std::fs::read_dir(&cache).unwrap().collect();
+    assert_eq!(cached.len(), 1);
+    // The same command again reads the cache and gives the same FID.
+    let again: serde_json::Value = serde_json::from_slice(&fewstep(&args).stdout).unwrap();
+    assert_eq!(again["fid"], v["fid"]);
+
+    // The statistics file alone: FID only, same value.
+    let stats = cached[0].as_ref().unwrap().path();
+    let mut args = vec![
+        "eval",
+        "fid",
+        "--model",
+        model.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--json",
+        "--ref-stats",
+        stats.to_str().unwrap(),
+    ];
+    args.extend(common(features, &cache));
+    let o = fewstep(&args);
+    ok(&o);
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!((s["fid"].as_f64().unwrap() - fid).abs() < 1e-9 * fid.max(1.0));
+}
+
+#[test]
+fn curve_writes_csv_json_plot_and_grids() {
+    let (model, features) = fixtures();
+    let out = scratch("curve");
+    let cache = scratch("curve-cache");
+    let mut args = vec![
+        "eval",
+        "curve",
+        "--model",
+        model.to_str().unwrap(),
+        "--steps",
+        "1,2",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend(common(features, &cache));
+    ok(&fewstep(&args));
+    let csv = std::fs::read_to_string(out.join("curve.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    assert!(csv.lines().nth(2).unwrap().contains(",2,"), "{csv}");
+    let png = image::open(out.join("curve.png")).unwrap();
+    assert_eq!((png.width(), png.height()), (900, 560));
+    assert!(out.join("grid-latest-1steps.png").is_file());
+    assert!(out.join("grid-latest-2steps.png").is_file());
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("curve.json")).unwrap()).unwrap();
+    assert_eq!(report["protocol"]["num_samples"], 130);
+    assert_eq!(report["results"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn an_image_folder_scores_against_the_reference() {
+    let (_, features) = fixtures();
+    // 140 images of the reference distribution (held-out shapes rendered by the library) score
+    // far better than 140 flat grey images.
+    let real = scratch("real-images");
+    let grey = scratch("grey-images");
+    std::fs::create_dir_all(&real).unwrap();
+    std::fs::create_dir_all(&grey).unwrap();
+    for i in 0..140u64 {
+        let (pixels, _) = fewstep::data::shapes::render(7, 1_000_000 + i);
+        let img = image::RgbImage::from_fn(32, 32, |x, y| {
+            let p = |c: usize| {
+                fewstep::image_grid::to_u8(pixels[(c * 32 + y as usize) * 32 + x as usize])
+            };
+            image::Rgb([p(0), p(1), p(2)])
+        });
+        img.save(real.join(format!("{i:03}.png"))).unwrap();
+        image::RgbImage::from_pixel(32, 32, image::Rgb([128, 128, 128]))
+            .save(grey.join(format!("{i:03}.png")))
+            .unwrap();
+    }
+    let cache = scratch("folder-cache");
+    let score = |dir: &Path| {
+        let mut args = vec!["eval", "fid", "--images", dir.to_str().unwrap(), "--json"];
+        args.extend(common(features, &cache));
+        let o = fewstep(&args);
+        ok(&o);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["fid"].as_f64().unwrap()
+    };
+    let (good, bad) = (score(&real), score(&grey));
+    assert!(good < bad, "real {good} vs grey {bad}");
+}
+
+fn assert_clean_failure(o: Output, needle: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.starts_with("error: ") && err.contains(needle), "{err}");
+}
+
+#[test]
+fn bad_input_is_one_clear_line() {
+    let (model, features) = fixtures();
+    let cache = scratch("bad-cache");
+    let m = model.to_str().unwrap();
+    let f = features.to_str().unwrap();
+    let c = cache.to_str().unwrap();
+    let out = scratch("bad-out");
+    let o = out.to_str().unwrap();
+    assert_clean_failure(
+        fewstep(&[
+            "eval",
+            "curve",
+            "--model",
+            m,
+            "--steps",
+            "1,x",
+            "--out",
+            o,
+            "--feature-weights",
+            f,
+        ]),
+        "--steps 1,x",
+    );
+    assert_clean_failure(
+        fewstep(&[
+            "eval",
+            "fid",
+            "--model",
+            m,
+            "--num-samples",
+            "10",
+            "--feature-weights",
+            f,
+            "--cache",
+            c,
+        ]),
+        "KID",
+    );
+    assert_clean_failure(
+        fewstep(&[
+            "eval",
+            "fid",
+            "--model",
+            m,
+            "--feature-weights",
+            "/no/features",
+        ]),
+        "feature network",
+    );
+    assert_clean_failure(
+        fewstep(&[
+            "eval",
+            "fid",
+            "--model",
+            m,
+            "--ref-stats",
+            "/no/stats.safetensors",
+            "--feature-weights",
+            f,
+        ]),
+        "statistics file not found",
+    );
+    assert!(!out.exists());
+}
