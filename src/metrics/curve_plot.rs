@@ -1,4 +1,4 @@
-//! The FID-versus-steps plot: log2 steps on x, FID on y (log scale), one labelled line per model.
+//! The FID-versus-steps plot: log2 steps on x, FID on y, one labelled line per model.
 //! Text uses an ASCII subset of DejaVu Sans compiled into the binary (licence beside it), so the
 //! plot needs no system fonts.
 
@@ -30,6 +30,7 @@ pub fn plot_fid_curve(path: &Path, title: &str, series: &[Series]) -> Result<()>
     let err = |e: String| Error::file(path, format!("cannot draw the plot: {e}"));
     let points = series.iter().flat_map(|s| s.points.iter());
     let (mut max_steps, mut lo, mut hi) = (1usize, f64::INFINITY, 0f64);
+    // lo only tells whether any finite point exists.
     for &(steps, fid) in points {
         max_steps = max_steps.max(steps);
         if fid.is_finite() && fid > 0.0 {
@@ -38,7 +39,7 @@ pub fn plot_fid_curve(path: &Path, title: &str, series: &[Series]) -> Result<()>
         }
     }
     if !lo.is_finite() {
-        (lo, hi) = (0.1, 1.0);
+        hi = 1.0;
     }
     let x_max = (max_steps as f64).log2().ceil().max(1.0);
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
@@ -48,7 +49,7 @@ pub fn plot_fid_curve(path: &Path, title: &str, series: &[Series]) -> Result<()>
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(64)
-        .build_cartesian_2d(-0.25f64..x_max + 0.25, (lo * 0.8..hi * 1.25).log_scale())
+        .build_cartesian_2d(-0.25f64..x_max + 0.25, 0f64..hi * 1.1)
         .map_err(|e| err(e.to_string()))?;
     chart
         .configure_mesh()
@@ -63,6 +64,7 @@ pub fn plot_fid_curve(path: &Path, title: &str, series: &[Series]) -> Result<()>
                 String::new()
             }
         })
+        .y_labels(8)
         .y_label_formatter(&|v| format!("{v:.3}"))
         .label_style(("sans-serif", 15))
         .draw()

@@ -1,0 +1,128 @@
+//! The FID-versus-steps curve of the shipped models (`cargo bench --bench fid_curve`): the shipped
+//! teacher `weights/shapes32` with DDIM at 1…256 steps, beside every shipped distilled student
+//! (`weights/*/round-*steps`, at its own step count), scored with the shipped `shapes` feature
+//! network against 5000 held-out `shapes` images.
+//!
+//! Protocol: `FEWSTEP_FID_SAMPLES` generated samples per point (default 500), seed 0, DDIM.
+//! Writes `target/fid_curve.csv`, `target/fid_curve.png` and the per-point grids and JSON under
+//! `target/fid_curve/`.
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use fewstep::cli::{Cli, Command};
+
+fn shipped_students(weights: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(weights) {
+        for e in entries.flatten() {
+            if let Ok(inner) = std::fs::read_dir(e.path()) {
+                for r in inner.flatten() {
+                    let p = r.path();
+                    let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                    if name.starts_with("round-") && p.join("model_index.json").is_file() {
+                        found.push(p);
+                    }
+                }
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+fn main() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let samples = std::env::var("FEWSTEP_FID_SAMPLES").unwrap_or_else(|_| "500".into());
+    let out = root.join("target/fid_curve");
+    let teacher = root.join("weights/shapes32");
+    let run = |models: &[PathBuf], steps: &str, out: &Path| {
+        let mut args: Vec<String> = vec!["fewstep".into(), "eval".into(), "curve".into()];
+        for m in models {
+            args.push("--model".into());
+            args.push(m.display().to_string());
+        }
+        args.extend(
+            [
+                "--steps",
+                steps,
+                "--num-samples",
+                &samples,
+                "--scheduler",
+                "ddim",
+                "--out",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
+        args.push(out.display().to_string());
+        let cli = Cli::parse_from(args);
+        let Command::Eval(cmd) = cli.command else {
+            unreachable!()
+        };
+        if let Err(e) = fewstep::cli::eval::run(cmd) {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
+    run(&[teacher], "1,2,4,8,16,32,64,128,256", &out.join("teacher"));
+    let mut csv = std::fs::read_to_string(out.join("teacher/curve.csv")).expect("teacher curve");
+    for student in shipped_students(&root.join("weights")) {
+        let name = student.file_name().unwrap().to_string_lossy().into_owned();
+        let steps = name
+            .trim_start_matches("round-")
+            .trim_end_matches("steps")
+            .to_string();
+        let dir = out.join(&name);
+        run(&[student], &steps, &dir);
+        let text = std::fs::read_to_string(dir.join("curve.csv")).expect("student curve");
+        csv.extend(text.lines().skip(1).map(|l| format!("{l}\n")));
+    }
+    std::fs::write(root.join("target/fid_curve.csv"), &csv).expect("write csv");
+    let mut series: std::collections::BTreeMap<String, Vec<(usize, f64)>> = Default::default();
+    for line in csv.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        let model = Path::new(f[0]);
+        // Students of one run form one line; the teacher another.
+        let label = if model
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("round-")
+        {
+            format!(
+                "{} students",
+                model
+                    .parent()
+                    .unwrap()
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+            )
+        } else {
+            format!(
+                "{} (teacher, DDIM)",
+                model.file_name().unwrap().to_string_lossy()
+            )
+        };
+        series
+            .entry(label)
+            .or_default()
+            .push((f[2].parse().unwrap(), f[3].parse().unwrap()));
+    }
+    let series: Vec<fewstep::metrics::curve_plot::Series> = series
+        .into_iter()
+        .map(|(label, mut points)| {
+            points.sort_by_key(|p| p.0);
+            fewstep::metrics::curve_plot::Series { label, points }
+        })
+        .collect();
+    fewstep::metrics::curve_plot::plot_fid_curve(
+        &root.join("target/fid_curve.png"),
+        &format!("FID vs steps, shipped models ({samples} samples, shapes features)"),
+        &series,
+    )
+    .expect("plot");
+    print!("{csv}");
+    eprintln!("wrote target/fid_curve.csv and target/fid_curve.png");
+}
