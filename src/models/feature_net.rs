@@ -58,7 +58,7 @@ impl FeatureNetConfig {
         }
         FeatureNet {
             stages,
-            proj: LinearConfig::new(c_in, self.feature_dim).init(device),
+            proj: LinearConfig::new(2 * c_in, self.feature_dim).init(device),
             head: LinearConfig::new(self.feature_dim, NUM_LOGITS).init(device),
         }
     }
@@ -95,7 +95,13 @@ impl FeatureNet {
             x = stage.forward(x);
         }
         let [b, c, h, w] = x.dims();
-        let pooled = x.reshape([b, c, h * w]).mean_dim(2).reshape([b, c]); // [B, C]
+        let x = x.reshape([b, c, h * w]);
+        // Mean and max pooling: the max answers "is this pattern (a corner, an arc) anywhere",
+        // which shape kinds need; the mean carries amounts (colours, counts).
+        let pooled = Tensor::cat(
+            vec![x.clone().mean_dim(2).reshape([b, c]), x.max_dim(2).reshape([b, c])],
+            1,
+        ); // [B, 2C]
         silu(self.proj.forward(pooled))
     }
 

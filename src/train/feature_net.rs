@@ -159,6 +159,7 @@ pub fn train_feature_net(
         )
         .expect("valid template"),
     );
+    let log_lines = !quiet && !std::io::IsTerminal::is_terminal(&std::io::stderr());
     let started = Instant::now();
     let mut smoothed = None;
     for step in 0..cfg.steps {
@@ -176,6 +177,9 @@ pub fn train_feature_net(
         net = optim.step(lr, net, grads);
         let s = smoothed.map_or(value, |s: f32| 0.98 * s + 0.02 * value);
         smoothed = Some(s);
+        if log_lines && (step + 1) % 50 == 0 {
+            eprintln!("step {}/{} | loss {s:.4} | lr {lr:.2e}", step + 1, cfg.steps);
+        }
         bar.set_position(step as u64 + 1);
         bar.set_message(format!(
             "loss {s:.4} | {:.2} it/s",
