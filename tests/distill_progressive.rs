@@ -1,46 +1,14 @@
 //! `fewstep distill progressive` on a tiny teacher: rounds write loadable student folders,
 //! an interrupted run resumes to the uninterrupted result, bad input is one clear line.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod common;
+use common::{assert_clean_failure, fewstep, ok, scratch, tiny_model};
+
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fewstep::io::{self, Pipeline};
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("fewstep-pd-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-fn fewstep(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fewstep"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(o: &Output) {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
-
-/// A tiny v-prediction teacher (two training steps are enough: distillation only needs a model).
-fn tiny_teacher(name: &str) -> PathBuf {
-    let run = scratch(name);
-    ok(&fewstep(&[
-        "train",
-        "--model-config",
-        "tiny",
-        "--steps",
-        "2",
-        "--batch",
-        "2",
-        "--quiet",
-        "--out",
-        run.to_str().unwrap(),
-    ]));
-    run.join("checkpoints/latest")
-}
 
 fn distill_args<'a>(teacher: &'a Path, out: &'a Path, iters: &'a str) -> Vec<&'a str> {
     vec![
@@ -74,8 +42,8 @@ fn student_weights(out: &Path, steps: usize) -> std::collections::HashMap<String
 
 #[test]
 fn rounds_write_students_that_sample_at_their_step_count() {
-    let teacher = tiny_teacher("teacher-a");
-    let out = scratch("rounds");
+    let teacher = tiny_model("pd", "teacher-a");
+    let out = scratch("pd", "rounds");
     ok(&fewstep(&distill_args(&teacher, &out, "2")));
     for steps in [2usize, 1] {
         let dir = out.join(format!("round-{steps}steps"));
@@ -114,11 +82,11 @@ fn rounds_write_students_that_sample_at_their_step_count() {
 
 #[test]
 fn an_interrupted_run_resumes_to_the_uninterrupted_students() {
-    let teacher = tiny_teacher("teacher-b");
-    let whole = scratch("whole");
+    let teacher = tiny_model("pd", "teacher-b");
+    let whole = scratch("pd", "whole");
     ok(&fewstep(&distill_args(&teacher, &whole, "30")));
 
-    let split = scratch("split");
+    let split = scratch("pd", "split");
     let child = Command::new(env!("CARGO_BIN_EXE_fewstep"))
         .args(distill_args(&teacher, &split, "30"))
         .stderr(Stdio::piped())
@@ -169,18 +137,11 @@ fn an_interrupted_run_resumes_to_the_uninterrupted_students() {
     }
 }
 
-fn assert_clean_failure(o: Output, needle: &str) {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{err}");
-    assert_eq!(err.lines().count(), 1, "one line: {err}");
-    assert!(err.starts_with("error: ") && err.contains(needle), "{err}");
-}
-
 #[test]
 fn bad_input_is_one_clear_line() {
-    let teacher = tiny_teacher("teacher-c");
+    let teacher = tiny_model("pd", "teacher-c");
     let t = teacher.to_str().unwrap();
-    let out = scratch("bad");
+    let out = scratch("pd", "bad");
     let o = out.to_str().unwrap();
     let base = ["distill", "progressive", "--no-eval", "--out", o];
     let with = |extra: &[&str]| {

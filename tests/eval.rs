@@ -2,45 +2,18 @@
 //! JSON output with the protocol, the reference-statistics cache, the curve files, image-folder
 //! scoring, and bad input.
 
+mod common;
+use common::{assert_clean_failure, fewstep, ok, scratch, tiny_model};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::OnceLock;
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("fewstep-eval-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-fn fewstep(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fewstep"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(o: &Output) {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
 
 /// (tiny model pipeline folder, feature network folder), made once per test binary.
 fn fixtures() -> &'static (PathBuf, PathBuf) {
     static F: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     F.get_or_init(|| {
-        let run = scratch("model");
-        ok(&fewstep(&[
-            "train",
-            "--model-config",
-            "tiny",
-            "--steps",
-            "2",
-            "--batch",
-            "2",
-            "--quiet",
-            "--out",
-            run.to_str().unwrap(),
-        ]));
-        let features = scratch("features");
+        let model = tiny_model("eval", "model");
+        let features = scratch("eval", "features");
         ok(&fewstep(&[
             "train-features",
             "--steps",
@@ -53,7 +26,7 @@ fn fixtures() -> &'static (PathBuf, PathBuf) {
             "--out",
             features.to_str().unwrap(),
         ]));
-        (run.join("checkpoints/latest"), features)
+        (model, features)
     })
 }
 
@@ -75,7 +48,7 @@ fn common<'a>(features: &'a Path, cache: &'a Path) -> Vec<&'a str> {
 #[test]
 fn fid_prints_every_figure_and_the_protocol_and_caches_the_reference() {
     let (model, features) = fixtures();
-    let cache = scratch("cache");
+    let cache = scratch("eval", "cache");
     let mut args = vec![
         "eval",
         "fid",
@@ -131,8 +104,8 @@ fn fid_prints_every_figure_and_the_protocol_and_caches_the_reference() {
 #[test]
 fn curve_writes_csv_json_plot_and_grids() {
     let (model, features) = fixtures();
-    let out = scratch("curve");
-    let cache = scratch("curve-cache");
+    let out = scratch("eval", "curve");
+    let cache = scratch("eval", "curve-cache");
     let mut args = vec![
         "eval",
         "curve",
@@ -163,8 +136,8 @@ fn an_image_folder_scores_against_the_reference() {
     let (_, features) = fixtures();
     // 140 images of the reference distribution (held-out shapes rendered by the library) score
     // far better than 140 flat grey images.
-    let real = scratch("real-images");
-    let grey = scratch("grey-images");
+    let real = scratch("eval", "real-images");
+    let grey = scratch("eval", "grey-images");
     std::fs::create_dir_all(&real).unwrap();
     std::fs::create_dir_all(&grey).unwrap();
     for i in 0..140u64 {
@@ -180,7 +153,7 @@ fn an_image_folder_scores_against_the_reference() {
             .save(grey.join(format!("{i:03}.png")))
             .unwrap();
     }
-    let cache = scratch("folder-cache");
+    let cache = scratch("eval", "folder-cache");
     let score = |dir: &Path| {
         let mut args = vec!["eval", "fid", "--images", dir.to_str().unwrap(), "--json"];
         args.extend(common(features, &cache));
@@ -193,21 +166,14 @@ fn an_image_folder_scores_against_the_reference() {
     assert!(good < bad, "real {good} vs grey {bad}");
 }
 
-fn assert_clean_failure(o: Output, needle: &str) {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{err}");
-    assert_eq!(err.lines().count(), 1, "one line: {err}");
-    assert!(err.starts_with("error: ") && err.contains(needle), "{err}");
-}
-
 #[test]
 fn bad_input_is_one_clear_line() {
     let (model, features) = fixtures();
-    let cache = scratch("bad-cache");
+    let cache = scratch("eval", "bad-cache");
     let m = model.to_str().unwrap();
     let f = features.to_str().unwrap();
     let c = cache.to_str().unwrap();
-    let out = scratch("bad-out");
+    let out = scratch("eval", "bad-out");
     let o = out.to_str().unwrap();
     assert_clean_failure(
         fewstep(&[

@@ -1,24 +1,14 @@
 //! `fewstep train` on the tiny preset: exact resume, loadable checkpoints, Ctrl-C, NaN guard,
 //! bad input.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::{assert_clean_failure, fewstep, ok, scratch};
+
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use fewstep::io::{self, Pipeline};
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("fewstep-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-fn fewstep(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fewstep"))
-        .args(args)
-        .output()
-        .unwrap()
-}
 
 fn train(out: &Path, extra: &[&str]) -> Output {
     let mut args = vec![
@@ -35,17 +25,13 @@ fn train(out: &Path, extra: &[&str]) -> Output {
     fewstep(&args)
 }
 
-fn ok(o: &Output) {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
-
 fn raw_weights(run: &Path) -> std::collections::HashMap<String, io::HostTensor> {
     io::read_safetensors(&run.join("checkpoints/latest/state/model.safetensors")).unwrap()
 }
 
 #[test]
 fn resumed_run_reaches_the_uninterrupted_weights() {
-    let (a, b) = (scratch("whole"), scratch("split"));
+    let (a, b) = (scratch("train", "whole"), scratch("train", "split"));
     ok(&train(&a, &["--steps", "6", "--checkpoint-every", "3"]));
     ok(&train(&b, &["--steps", "3", "--checkpoint-every", "3"]));
     ok(&fewstep(&[
@@ -78,7 +64,7 @@ fn resumed_run_reaches_the_uninterrupted_weights() {
 
 #[test]
 fn checkpoint_is_a_pipeline_folder_that_samples() {
-    let run = scratch("pipeline");
+    let run = scratch("train", "pipeline");
     ok(&train(
         &run,
         &[
@@ -111,7 +97,7 @@ fn checkpoint_is_a_pipeline_folder_that_samples() {
 
 #[test]
 fn diverging_loss_stops_and_keeps_the_last_good_checkpoint() {
-    let run = scratch("nan");
+    let run = scratch("train", "nan");
     let o = train(
         &run,
         &[
@@ -136,7 +122,7 @@ fn diverging_loss_stops_and_keeps_the_last_good_checkpoint() {
 
 #[test]
 fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
-    let run = scratch("interrupt");
+    let run = scratch("train", "interrupt");
     let child = Command::new(env!("CARGO_BIN_EXE_fewstep"))
         .args([
             "train",
@@ -181,16 +167,9 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
     assert!(run.join("checkpoints/latest/state/state.json").is_file());
 }
 
-fn assert_clean_failure(o: Output, needle: &str) {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{err}");
-    assert_eq!(err.lines().count(), 1, "one line: {err}");
-    assert!(err.starts_with("error: ") && err.contains(needle), "{err}");
-}
-
 #[test]
 fn bad_input_is_one_clear_line_and_harms_nothing() {
-    let run = scratch("bad");
+    let run = scratch("train", "bad");
     let r = run.to_str().unwrap();
     assert_clean_failure(
         fewstep(&["train", "--model-config", "huge", "--out", r]),
@@ -224,7 +203,7 @@ fn bad_input_is_one_clear_line_and_harms_nothing() {
     );
 
     // A run folder of another kind.
-    let other = scratch("other");
+    let other = scratch("train", "other");
     std::fs::create_dir_all(&other).unwrap();
     std::fs::write(other.join("run.json"), r#"{"kind": "train-gan"}"#).unwrap();
     assert_clean_failure(
@@ -233,7 +212,7 @@ fn bad_input_is_one_clear_line_and_harms_nothing() {
     );
 
     // An invalid config file names the field.
-    let cfg = scratch("cfg");
+    let cfg = scratch("train", "cfg");
     std::fs::create_dir_all(&cfg).unwrap();
     let path = cfg.join("config.json");
     std::fs::write(&path, r#"{"block_out_channels": [16, "x"]}"#).unwrap();
@@ -251,7 +230,7 @@ fn bad_input_is_one_clear_line_and_harms_nothing() {
 
 #[test]
 fn trains_on_an_image_folder_with_class_subfolders() {
-    let data = scratch("folder-data");
+    let data = scratch("train", "folder-data");
     for (class, colour) in [("red", [220u8, 30, 30]), ("blue", [30, 30, 220])] {
         std::fs::create_dir_all(data.join(class)).unwrap();
         for i in 0..3u32 {
@@ -264,7 +243,7 @@ fn trains_on_an_image_folder_with_class_subfolders() {
         }
     }
     std::fs::write(data.join("red/corrupt.jpg"), b"\xff\xd8 truncated").unwrap();
-    let run = scratch("folder-run");
+    let run = scratch("train", "folder-run");
     let o = train(
         &run,
         &[
@@ -300,23 +279,23 @@ fn trains_on_an_image_folder_with_class_subfolders() {
     ]));
 
     // Class-conditional training needs class sub-folders.
-    let flat = scratch("folder-flat");
+    let flat = scratch("train", "folder-flat");
     std::fs::create_dir_all(&flat).unwrap();
     std::fs::copy(data.join("red/0.png"), flat.join("0.png")).unwrap();
     assert_clean_failure(
         train(
-            &scratch("folder-flat-run"),
+            &scratch("train", "folder-flat-run"),
             &["--data", flat.to_str().unwrap(), "--class-conditional"],
         ),
         "no class sub-folders",
     );
     // A folder with nothing readable.
-    let junk = scratch("folder-junk");
+    let junk = scratch("train", "folder-junk");
     std::fs::create_dir_all(&junk).unwrap();
     std::fs::write(junk.join("a.png"), b"junk").unwrap();
     assert_clean_failure(
         train(
-            &scratch("folder-junk-run"),
+            &scratch("train", "folder-junk-run"),
             &["--data", junk.to_str().unwrap(), "--steps", "1"],
         ),
         "none of the 1 image files",

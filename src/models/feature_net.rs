@@ -99,7 +99,10 @@ impl FeatureNet {
         // Mean and max pooling: the max answers "is this pattern (a corner, an arc) anywhere",
         // which shape kinds need; the mean carries amounts (colours, counts).
         let pooled = Tensor::cat(
-            vec![x.clone().mean_dim(2).reshape([b, c]), x.max_dim(2).reshape([b, c])],
+            vec![
+                x.clone().mean_dim(2).reshape([b, c]),
+                x.max_dim(2).reshape([b, c]),
+            ],
             1,
         ); // [B, 2C]
         silu(self.proj.forward(pooled))

@@ -72,6 +72,61 @@ pub fn incoming(run: &Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// Writes the training state into `ckpt/state/`: the raw (trained) weights, their parameter ids
+/// (the optimizer's moments are keyed by them), the optimizer and `progress` (`state.json`).
+pub fn write_state<M: burn::module::Module>(
+    ckpt: &Path,
+    model: &M,
+    optim: &burn::optim::ModuleOptimizer,
+    progress: &Value,
+) -> Result<()> {
+    let s = ckpt.join("state");
+    io::save_weights(model, &s.join("model.safetensors"))?;
+    write_param_ids(&s.join("param_ids.json"), &io::param_ids(model))?;
+    optim.save(s.join("optimizer.bpk")).map_err(|e| {
+        Error::file(
+            s.join("optimizer.bpk"),
+            format!("cannot save optimizer state: {e:?}"),
+        )
+    })?;
+    io::write_json(&s.join("state.json"), progress)
+}
+
+/// The training state written by [`write_state`]: the model loaded into `init` with its
+/// parameter ids restored, the optimizer loaded into `optim`, `state.json`, and the ids (for
+/// loading other copies of the model, such as the EMA, under the same ids).
+pub struct TrainingState<M> {
+    pub model: M,
+    pub optim: burn::optim::ModuleOptimizer,
+    pub progress: Value,
+    pub ids: BTreeMap<String, u64>,
+}
+
+pub fn read_state<M: burn::module::Module>(
+    ckpt: &Path,
+    init: M,
+    optim: burn::optim::ModuleOptimizer,
+) -> Result<TrainingState<M>> {
+    let s = ckpt.join("state");
+    let ids = read_param_ids(&s.join("param_ids.json"))?;
+    let model = io::load_weights_with_ids(init, &s.join("model.safetensors"), Some(&ids))?;
+    let optim = optim.load(s.join("optimizer.bpk")).map_err(|e| {
+        Error::file(
+            s.join("optimizer.bpk"),
+            format!("cannot load optimizer state: {e:?}"),
+        )
+    })?;
+    let state_path = s.join("state.json");
+    let progress: Value = serde_json::from_str(&io::read_text(&state_path)?)
+        .map_err(|e| Error::file(&state_path, format!("not valid JSON: {e}")))?;
+    Ok(TrainingState {
+        model,
+        optim,
+        progress,
+        ids,
+    })
+}
+
 pub fn write_param_ids(path: &Path, ids: &BTreeMap<String, u64>) -> Result<()> {
     io::write_json(path, &serde_json::to_value(ids).expect("ids serialise"))
 }

@@ -178,7 +178,11 @@ pub fn train_feature_net(
         let s = smoothed.map_or(value, |s: f32| 0.98 * s + 0.02 * value);
         smoothed = Some(s);
         if log_lines && (step + 1) % 50 == 0 {
-            eprintln!("step {}/{} | loss {s:.4} | lr {lr:.2e}", step + 1, cfg.steps);
+            eprintln!(
+                "step {}/{} | loss {s:.4} | lr {lr:.2e}",
+                step + 1,
+                cfg.steps
+            );
         }
         bar.set_position(step as u64 + 1);
         bar.set_message(format!(

@@ -188,48 +188,31 @@ fn save_checkpoint(run_dir: &Path, run: &DiffusionRun, state: &State) -> Result<
         Algorithm::Ddim,
         None,
     )?;
-    let s = dir.join("state");
-    io::save_weights(&state.model, &s.join("model.safetensors"))?;
-    checkpoint::write_param_ids(&s.join("param_ids.json"), &io::param_ids(&state.model))?;
-    state.optim.save(s.join("optimizer.bpk")).map_err(|e| {
-        Error::file(
-            s.join("optimizer.bpk"),
-            format!("cannot save optimizer state: {e:?}"),
-        )
-    })?;
-    io::write_json(&s.join("state.json"), &json!({ "step": state.step }))?;
+    checkpoint::write_state(
+        &dir,
+        &state.model,
+        &state.optim,
+        &json!({ "step": state.step }),
+    )?;
     checkpoint::publish(run_dir)
 }
 
 fn load_checkpoint(ckpt: &Path, run: &DiffusionRun, device: &Device) -> Result<State> {
-    let s = ckpt.join("state");
-    let ids = checkpoint::read_param_ids(&s.join("param_ids.json"))?;
     let ad = device.clone().autodiff();
-    let model =
-        io::load_weights_with_ids(run.unet.init(&ad), &s.join("model.safetensors"), Some(&ids))?;
+    let st = checkpoint::read_state(ckpt, run.unet.init(&ad), new_optimizer(&run.train))?;
     let ema = io::load_weights_with_ids(
         run.unet.init(device),
         &ckpt.join("unet").join(io::WEIGHTS_NAME),
-        Some(&ids),
+        Some(&st.ids),
     )?;
-    let optim = new_optimizer(&run.train)
-        .load(s.join("optimizer.bpk"))
-        .map_err(|e| {
-            Error::file(
-                s.join("optimizer.bpk"),
-                format!("cannot load optimizer state: {e:?}"),
-            )
-        })?;
-    let state_path = s.join("state.json");
-    let v: serde_json::Value = serde_json::from_str(&io::read_text(&state_path)?)
-        .map_err(|e| Error::file(&state_path, format!("not valid JSON: {e}")))?;
-    let step = v["step"]
+    let state_path = ckpt.join("state/state.json");
+    let step = st.progress["step"]
         .as_u64()
         .ok_or_else(|| Error::file(&state_path, "no `step`"))? as usize;
     Ok(State {
-        model,
+        model: st.model,
         ema,
-        optim,
+        optim: st.optim,
         step,
     })
 }

@@ -191,17 +191,10 @@ fn save_checkpoint(
         Algorithm::Ddim,
         teacher.vae.as_ref().map(|(c, v)| (c, v)),
     )?;
-    let s = dir.join("state");
-    io::save_weights(&state.student, &s.join("model.safetensors"))?;
-    checkpoint::write_param_ids(&s.join("param_ids.json"), &io::param_ids(&state.student))?;
-    state.optim.save(s.join("optimizer.bpk")).map_err(|e| {
-        Error::file(
-            s.join("optimizer.bpk"),
-            format!("cannot save optimizer state: {e:?}"),
-        )
-    })?;
-    io::write_json(
-        &s.join("state.json"),
+    checkpoint::write_state(
+        &dir,
+        &state.student,
+        &state.optim,
         &json!({ "round_steps": steps, "iter": state.iter }),
     )?;
     checkpoint::publish(run_dir)
@@ -218,39 +211,24 @@ fn load_checkpoint(
     let Some(ckpt) = checkpoint::latest(run_dir) else {
         return Ok(None);
     };
-    let s = ckpt.join("state");
-    let state_path = s.join("state.json");
-    let v: serde_json::Value = serde_json::from_str(&io::read_text(&state_path)?)
-        .map_err(|e| Error::file(&state_path, format!("not valid JSON: {e}")))?;
-    if v["round_steps"].as_u64() != Some(steps as u64) {
+    let ad = device.clone().autodiff();
+    let st = checkpoint::read_state(&ckpt, teacher.unet_config.init(&ad), new_optimizer(cfg))?;
+    if st.progress["round_steps"].as_u64() != Some(steps as u64) {
         return Ok(None);
     }
-    let iter = v["iter"]
+    let iter = st.progress["iter"]
         .as_u64()
-        .ok_or_else(|| Error::file(&state_path, "no `iter`"))? as usize;
-    let ids = checkpoint::read_param_ids(&s.join("param_ids.json"))?;
-    let ad = device.clone().autodiff();
-    let student = io::load_weights_with_ids(
-        teacher.unet_config.init(&ad),
-        &s.join("model.safetensors"),
-        Some(&ids),
-    )?;
+        .ok_or_else(|| Error::file(ckpt.join("state/state.json"), "no `iter`"))?
+        as usize;
     let ema = match cfg.ema_decay {
         Some(_) => Some(io::load_weights_with_ids(
             teacher.unet_config.init(device),
             &ckpt.join("unet").join(io::WEIGHTS_NAME),
-            Some(&ids),
+            Some(&st.ids),
         )?),
         None => None,
     };
-    let optim = new_optimizer(cfg)
-        .load(s.join("optimizer.bpk"))
-        .map_err(|e| {
-            Error::file(
-                s.join("optimizer.bpk"),
-                format!("cannot load optimizer state: {e:?}"),
-            )
-        })?;
+    let (student, optim) = (st.model, st.optim);
     Ok(Some(RoundState {
         student,
         ema,
