@@ -33,6 +33,9 @@ use crate::noise::NoiseStream;
 /// The `run.json` kind of a progressive-distillation run.
 pub const PROGRESSIVE_RUN: &str = "distill-progressive";
 
+/// The figures of a finished round, written beside its student.
+pub const ROUND_RECORD: &str = "distill.json";
+
 /// Settings of a progressive-distillation run.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ProgressiveConfig {
@@ -311,11 +314,16 @@ pub fn distill_progressive(
     for (round_index, &steps) in rounds.iter().enumerate() {
         let dir = round_dir(run_dir, steps);
         if dir.join("model_index.json").is_file() {
+            // A finished round: its figures were recorded beside the student.
+            let recorded: serde_json::Value = io::read_text(&dir.join(ROUND_RECORD))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or_default();
             outcomes.push(RoundOutcome {
                 steps,
                 dir: dir.clone(),
-                final_loss: f64::NAN,
-                seconds: f64::NAN,
+                final_loss: recorded["final_loss"].as_f64().unwrap_or(f64::NAN),
+                seconds: recorded["seconds"].as_f64().unwrap_or(f64::NAN),
             });
             teacher_dir = dir;
             continue;
@@ -460,18 +468,32 @@ pub fn distill_progressive(
             Algorithm::Ddim,
             teacher.vae.as_ref().map(|(c, v)| (c, v)),
         )?;
-        std::fs::rename(&incoming, &dir)
-            .map_err(|e| Error::file(&dir, format!("cannot rename the round folder: {e}")))?;
         let final_loss = if recent.is_empty() {
             f64::NAN
         } else {
             recent.iter().map(|&v| v as f64).sum::<f64>() / recent.len() as f64
         };
+        // The round's own wall time, across any restarts: total time now minus total time at
+        // the round's first row.
+        let seconds =
+            spent_before + started.elapsed().as_secs_f64() - seconds_at(&csv_path, first_global);
+        io::write_json(
+            &incoming.join(ROUND_RECORD),
+            &json!({
+                "steps": steps,
+                "teacher": teacher_dir,
+                "final_loss": final_loss,
+                "seconds": seconds,
+                "iters": cfg.iters_per_round,
+            }),
+        )?;
+        std::fs::rename(&incoming, &dir)
+            .map_err(|e| Error::file(&dir, format!("cannot rename the round folder: {e}")))?;
         outcomes.push(RoundOutcome {
             steps,
             dir: dir.clone(),
             final_loss,
-            seconds: started.elapsed().as_secs_f64(),
+            seconds,
         });
         teacher_dir = dir;
     }
@@ -479,6 +501,21 @@ pub fn distill_progressive(
         rounds: outcomes,
         interrupted: false,
     })
+}
+
+/// The `seconds` column of `loss.csv` at global iteration `iter` (0 when absent).
+fn seconds_at(csv: &Path, iter: usize) -> f64 {
+    std::fs::read_to_string(csv)
+        .ok()
+        .and_then(|text| {
+            text.lines().skip(1).find_map(|l| {
+                let mut f = l.split(',');
+                (f.next()?.parse::<usize>().ok()? == iter)
+                    .then(|| l.rsplit(',').next()?.parse::<f64>().ok())
+                    .flatten()
+            })
+        })
+        .unwrap_or(0.0)
 }
 
 /// The VAE's spatial downsampling factor (2^(blocks − 1)).
