@@ -45,10 +45,9 @@ fn common<'a>(features: &'a Path, cache: &'a Path) -> Vec<&'a str> {
     ]
 }
 
-#[test]
-fn fid_prints_every_figure_and_the_protocol_and_caches_the_reference() {
+/// `fewstep eval fid --model <tiny> --steps 2 --json` plus `extra`, parsed.
+fn eval_fid_json(cache: &Path, extra: &[&str]) -> serde_json::Value {
     let (model, features) = fixtures();
-    let cache = scratch("eval", "cache");
     let mut args = vec![
         "eval",
         "fid",
@@ -58,10 +57,17 @@ fn fid_prints_every_figure_and_the_protocol_and_caches_the_reference() {
         "2",
         "--json",
     ];
-    args.extend(common(features, &cache));
+    args.extend(common(features, cache));
+    args.extend_from_slice(extra);
     let o = fewstep(&args);
     ok(&o);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn fid_prints_every_figure_and_the_protocol_and_caches_the_reference() {
+    let cache = scratch("eval", "cache");
+    let v = eval_fid_json(&cache, &[]);
     let fid = v["fid"].as_f64().unwrap();
     assert!(fid.is_finite() && fid > 0.0, "{v}");
     assert!(v["kid"]["mean"].as_f64().is_some(), "{v}");
@@ -78,26 +84,11 @@ fn fid_prints_every_figure_and_the_protocol_and_caches_the_reference() {
     let cached: Vec<_> = std::fs::read_dir(&cache).unwrap().collect();
     assert_eq!(cached.len(), 1);
     // The same command again reads the cache and gives the same FID.
-    let again: serde_json::Value = serde_json::from_slice(&fewstep(&args).stdout).unwrap();
-    assert_eq!(again["fid"], v["fid"]);
+    assert_eq!(eval_fid_json(&cache, &[])["fid"], v["fid"]);
 
     // The statistics file alone: FID only, same value.
     let stats = cached[0].as_ref().unwrap().path();
-    let mut args = vec![
-        "eval",
-        "fid",
-        "--model",
-        model.to_str().unwrap(),
-        "--steps",
-        "2",
-        "--json",
-        "--ref-stats",
-        stats.to_str().unwrap(),
-    ];
-    args.extend(common(features, &cache));
-    let o = fewstep(&args);
-    ok(&o);
-    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let s = eval_fid_json(&cache, &["--ref-stats", stats.to_str().unwrap()]);
     assert!((s["fid"].as_f64().unwrap() - fid).abs() < 1e-9 * fid.max(1.0));
 }
 
