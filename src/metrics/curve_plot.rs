@@ -65,7 +65,13 @@ pub fn plot_fid_curve(path: &Path, title: &str, series: &[Series]) -> Result<()>
             }
         })
         .y_labels(8)
-        .y_label_formatter(&|v| format!("{v:.3}"))
+        .y_label_formatter(&|v| {
+            if hi >= 10.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.3}")
+            }
+        })
         .label_style(("sans-serif", 15))
         .draw()
         .map_err(|e| err(e.to_string()))?;
