@@ -182,12 +182,7 @@ fn report(
         device,
     )?;
     let num = args.eval_samples();
-    if num <= extractor.dim() {
-        return Err(Error::Usage(format!(
-            "--eval-samples {num}: FID needs more samples than the extractor's {} feature dimensions",
-            extractor.dim()
-        )));
-    }
+    metrics::check_fid_samples("--eval-samples", num, extractor.dim())?;
     let reference = match &run.data {
         DataSource::Shapes { seed } => metrics::shapes_reference(
             &extractor,

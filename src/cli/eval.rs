@@ -216,14 +216,7 @@ fn check_sampling(s: &SamplingArgs, dim: usize) -> Result<()> {
     if s.batch == 0 {
         return Err(Error::Usage("--batch must be at least 1".into()));
     }
-    if s.num_samples <= dim {
-        return Err(Error::Usage(format!(
-            "--num-samples {}: FID needs more samples than the extractor's {dim} feature dimensions (use at least {}); KID, reported alongside, is unbiased at small counts",
-            s.num_samples,
-            dim + 1
-        )));
-    }
-    Ok(())
+    metrics::check_fid_samples("--num-samples", s.num_samples, dim)
 }
 
 fn scores_text(s: &Scores) -> String {

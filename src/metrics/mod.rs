@@ -43,16 +43,22 @@ pub struct Scores {
     pub samples: usize,
 }
 
+/// FID needs more samples than feature dimensions for a full-rank covariance: an error naming
+/// `flag` otherwise.
+pub fn check_fid_samples(flag: &str, n: usize, dim: usize) -> Result<()> {
+    if n <= dim {
+        return Err(Error::Usage(format!(
+            "{flag} {n}: FID needs more samples than the extractor's {dim} feature dimensions for a full-rank covariance; use at least {} (KID is unbiased at small sample counts and is reported alongside)",
+            dim + 1
+        )));
+    }
+    Ok(())
+}
+
 /// Scores generated features against a reference.
 pub fn score(generated: &Features, reference: &Reference) -> Result<Scores> {
     let n = generated.rows();
-    if n <= generated.dim {
-        return Err(Error::Usage(format!(
-            "--num-samples {n}: FID needs more samples than feature dimensions ({}) for a full-rank covariance; use at least {} (KID is unbiased at small sample counts and is reported alongside)",
-            generated.dim,
-            generated.dim + 1
-        )));
-    }
+    check_fid_samples("--num-samples", n, generated.dim)?;
     let stats = FeatureStats::from_features(generated)?;
     let fid = fid::frechet_distance(&stats, &reference.stats)?;
     let (kid, pr) = match &reference.features {

@@ -148,18 +148,8 @@ pub fn train_feature_net(
     ad.seed(cfg.seed);
     let mut net = config.init(&ad);
     let mut optim = AdamWConfig::new().with_weight_decay(1e-4).init();
-    let bar = if quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new(cfg.steps as u64)
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} step {pos}/{len} | {msg} | {elapsed_precise} < {eta_precise}",
-        )
-        .expect("valid template"),
-    );
-    let log_lines = !quiet && !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let bar = super::progress_bar(cfg.steps, 0, quiet);
+    let log_lines = super::log_lines(quiet);
     let started = Instant::now();
     let mut smoothed = None;
     for step in 0..cfg.steps {

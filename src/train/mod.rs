@@ -310,8 +310,7 @@ pub fn train_diffusion(
     let csv_path = run_dir.join("loss.csv");
     let (mut csv, spent_before) = open_loss_csv(&csv_path, state.step)?;
     let bar = progress_bar(run.train.steps, state.step, quiet);
-    // Without a terminal (nohup, CI logs) indicatif draws nothing: print a line every 50 steps.
-    let log_lines = !quiet && !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let log_lines = log_lines(quiet);
     let started = Instant::now();
     let first_step = state.step;
     let mut last_loss = f32::NAN;
@@ -465,6 +464,12 @@ pub(crate) fn open_loss_csv(
         .open(path)
         .map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
     Ok((std::io::BufWriter::new(f), spent))
+}
+
+/// Whether a loop should print progress lines: without a terminal (nohup, CI logs) indicatif
+/// draws nothing, so the loops print a line every 50 steps instead.
+pub(crate) fn log_lines(quiet: bool) -> bool {
+    !quiet && !std::io::IsTerminal::is_terminal(&std::io::stderr())
 }
 
 pub(crate) fn progress_bar(total: usize, at: usize, quiet: bool) -> indicatif::ProgressBar {

@@ -371,7 +371,7 @@ pub fn distill_progressive(
             );
         }
         let bar = progress_bar(cfg.iters_per_round, state.iter, quiet);
-        let log_lines = !quiet && !std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let log_lines = super::log_lines(quiet);
         let started = Instant::now();
         let first_iter = state.iter;
         let mut recent: Vec<f32> = Vec::new();
