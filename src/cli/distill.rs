@@ -1,5 +1,7 @@
 //! `fewstep distill progressive`: halve a teacher's sampling steps round by round, then print the
 //! FID-versus-steps table (teacher at N and 2N steps against each round's student at N).
+//! `fewstep distill consistency`: a consistency (LCM) student, then its FID at 1, 2, 4 … steps
+//! against the teacher's.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,10 +12,14 @@ use serde_json::json;
 
 use super::DeviceArgs;
 use crate::data::DataSource;
+use crate::distill::consistency::Distance;
 use crate::error::{Error, Result};
 use crate::io::{self, Pipeline};
 use crate::metrics::{self, FeatureExtractor, Reference, Scores, ShapesFeatures};
 use crate::sample::Generation;
+use crate::train::consistency::{
+    self, CONSISTENCY_RUN, ConsistencyConfig, ConsistencyOutcome, ConsistencyRun,
+};
 use crate::train::progressive::{
     self, PROGRESSIVE_RUN, ProgressiveConfig, ProgressiveOutcome, ProgressiveRun,
 };
@@ -23,6 +29,8 @@ use crate::train::{self, checkpoint};
 pub enum DistillCommand {
     /// Progressive distillation (Salimans & Ho): each round halves the sampling steps.
     Progressive(ProgressiveArgs),
+    /// Consistency distillation (Song et al.; LCM): a student that samples in 1–4 steps.
+    Consistency(ConsistencyArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -35,8 +43,9 @@ pub enum Budget {
     Full,
 }
 
+/// What every distillation command takes: teacher, data, run folder, evaluation, device.
 #[derive(Debug, clap::Args)]
-pub struct ProgressiveArgs {
+pub struct DistillArgs {
     /// The teacher's pipeline folder (default: the shipped weights/shapes32).
     #[arg(long)]
     pub teacher: Option<PathBuf>,
@@ -49,33 +58,12 @@ pub struct ProgressiveArgs {
     /// Budget preset; the flags below override its values.
     #[arg(long, value_enum, default_value = "quick")]
     pub preset: Budget,
-    /// The teacher's step count (a power of two; quick 16, full 64).
-    #[arg(long)]
-    pub from_steps: Option<usize>,
-    /// The last student's step count (a power of two; quick 4, full 1).
-    #[arg(long)]
-    pub to_steps: Option<usize>,
-    /// Optimiser steps per halving round (quick 120, full 1500).
-    #[arg(long)]
-    pub iters_per_round: Option<usize>,
-    /// Images per step (quick 16, full 32).
-    #[arg(long)]
-    pub batch: Option<usize>,
-    /// Peak learning rate of each round, decayed linearly to 0 (default 1e-4).
-    #[arg(long)]
-    pub lr: Option<f64>,
-    /// EMA decay of the written students (default: none, as in the paper).
-    #[arg(long)]
-    pub ema: Option<f32>,
     /// Seed of the batches and noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Checkpoint every K iterations inside a round.
+    /// Checkpoint every K iterations.
     #[arg(long, default_value_t = 50)]
     pub checkpoint_every: usize,
-    /// The run folder (round-<N>steps/ students, checkpoints, loss.csv, report.{json,csv}).
-    #[arg(long, default_value = "runs/progressive")]
-    pub out: PathBuf,
     /// Continue the run in --out (its stored settings win).
     #[arg(long)]
     pub resume: bool,
@@ -94,6 +82,158 @@ pub struct ProgressiveArgs {
     pub device: DeviceArgs,
 }
 
+impl DistillArgs {
+    fn eval_samples(&self) -> usize {
+        self.eval_samples.unwrap_or(match self.preset {
+            Budget::Quick => 300,
+            Budget::Full => 2000,
+        })
+    }
+
+    /// The teacher folder and data of a new run, checked.
+    fn teacher_and_data(&self) -> Result<(PathBuf, DataSource)> {
+        let teacher = self
+            .teacher
+            .clone()
+            .unwrap_or_else(|| io::shipped("shapes32"));
+        if !teacher.join("model_index.json").is_file() {
+            return Err(Error::file(
+                &teacher,
+                "--teacher: not a diffusers pipeline folder (no model_index.json)",
+            ));
+        }
+        let data = if self.data == "shapes" {
+            DataSource::Shapes {
+                seed: self.data_seed,
+            }
+        } else {
+            DataSource::Folder {
+                path: absolute(Path::new(&self.data), "--data")?,
+            }
+        };
+        Ok((absolute(&teacher, "--teacher")?, data))
+    }
+
+    /// The feature extractor and the reference statistics of the run's data.
+    fn reference(
+        &self,
+        data: &DataSource,
+        device: &Device,
+    ) -> Result<(ShapesFeatures, Reference, usize)> {
+        let extractor = ShapesFeatures::load(
+            &self
+                .feature_weights
+                .clone()
+                .unwrap_or_else(|| io::shipped(metrics::features::SHAPES_FEATURES)),
+            device,
+        )?;
+        let num = self.eval_samples();
+        metrics::check_fid_samples("--eval-samples", num, extractor.dim())?;
+        let reference = match data {
+            DataSource::Shapes { seed } => metrics::shapes_reference(
+                &extractor,
+                *seed,
+                5000,
+                &metrics::default_cache_dir(),
+                device,
+            )?,
+            DataSource::Folder { path } => {
+                metrics::folder_reference(&extractor, path, Some(5000), device)?
+            }
+        };
+        Ok((extractor, reference, num))
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ProgressiveArgs {
+    #[command(flatten)]
+    pub common: DistillArgs,
+    /// The teacher's step count (a power of two; quick 16, full 64).
+    #[arg(long)]
+    pub from_steps: Option<usize>,
+    /// The last student's step count (a power of two; quick 4, full 1).
+    #[arg(long)]
+    pub to_steps: Option<usize>,
+    /// Optimiser steps per halving round (quick 120, full 1500).
+    #[arg(long)]
+    pub iters_per_round: Option<usize>,
+    /// Images per step (quick 16, full 32).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Peak learning rate of each round, decayed linearly to 0 (default 1e-4).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// EMA decay of the written students (default: none, as in the paper).
+    #[arg(long)]
+    pub ema: Option<f32>,
+    /// The run folder (round-<N>steps/ students, checkpoints, loss.csv, report.{json,csv}).
+    #[arg(long, default_value = "runs/progressive")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LossKind {
+    /// Mean squared error.
+    L2,
+    /// Pseudo-Huber √((a − b)² + c²) − c per element (LCM).
+    Huber,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ConsistencyArgs {
+    #[command(flatten)]
+    pub common: DistillArgs,
+    /// Optimiser steps (quick 300, full 4000).
+    #[arg(long)]
+    pub iters: Option<usize>,
+    /// Images per step (quick 16, full 32).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Learning rate after the warm-up (default 1e-4).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Linear warm-up iterations (default 100).
+    #[arg(long, default_value_t = 100)]
+    pub warmup: usize,
+    /// Scales N of the skipping grid, the teacher's DDIM solver taking T/N timesteps per step
+    /// (LCM: 50); the written LCM scheduler's original_inference_steps.
+    #[arg(long, default_value_t = 50)]
+    pub scales: usize,
+    /// Start a doubling curriculum of scales here (N doubles in equal stages up to --scales,
+    /// the target EMA rate following as in the CT paper); default: N fixed.
+    #[arg(long)]
+    pub scales_start: Option<usize>,
+    /// EMA rate μ of the target network (LCM and CD: 0.95).
+    #[arg(long, default_value_t = 0.95)]
+    pub target_ema: f32,
+    /// `timestep_scaling` of the boundary scalings (LCM: 10).
+    #[arg(long, default_value_t = 10.0)]
+    pub timestep_scaling: f32,
+    /// Distance between the student's and the target's outputs.
+    #[arg(long, value_enum, default_value = "huber")]
+    pub loss: LossKind,
+    /// c of the pseudo-Huber distance (LCM: 0.001).
+    #[arg(long, default_value_t = 0.001)]
+    pub huber_c: f32,
+    /// Classifier-free guidance scale w of the teacher's targets (class-conditional teachers;
+    /// x0 = c + w·(c − u)).
+    #[arg(long)]
+    pub guidance: Option<f32>,
+    /// EMA decay of the written student (default: none, as LCM).
+    #[arg(long)]
+    pub ema: Option<f32>,
+    /// Sampling steps of the FID table (comma-separated).
+    #[arg(long, default_value = "1,2,4", value_delimiter = ',')]
+    pub eval_steps: Vec<usize>,
+    /// The teacher's DDIM step count the ratio column divides by (quick 8, full 256).
+    #[arg(long)]
+    pub reference_steps: Option<usize>,
+    /// The run folder (student/, checkpoints, loss.csv, report.{json,csv}).
+    #[arg(long, default_value = "runs/consistency")]
+    pub out: PathBuf,
+}
+
 fn absolute(path: &Path, flag: &str) -> Result<PathBuf> {
     path.canonicalize()
         .map_err(|_| Error::file(path, format!("{flag}: not found")))
@@ -101,7 +241,7 @@ fn absolute(path: &Path, flag: &str) -> Result<PathBuf> {
 
 impl ProgressiveArgs {
     fn config(&self) -> ProgressiveConfig {
-        let (from, to, iters, batch, lr) = match self.preset {
+        let (from, to, iters, batch, lr) = match self.common.preset {
             Budget::Quick => (16, 4, 120, 16, 1e-4),
             Budget::Full => (64, 1, 1500, 32, 1e-4),
         };
@@ -113,16 +253,9 @@ impl ProgressiveArgs {
             lr: self.lr.unwrap_or(lr),
             grad_clip: 1.0,
             ema_decay: self.ema,
-            seed: self.seed,
-            checkpoint_every: self.checkpoint_every,
+            seed: self.common.seed,
+            checkpoint_every: self.common.checkpoint_every,
         }
-    }
-
-    fn eval_samples(&self) -> usize {
-        self.eval_samples.unwrap_or(match self.preset {
-            Budget::Quick => 300,
-            Budget::Full => 2000,
-        })
     }
 }
 
@@ -132,12 +265,15 @@ struct Evaluator<'a> {
     reference: &'a Reference,
     num: usize,
     device: &'a Device,
-    done: BTreeMap<(PathBuf, usize), Scores>,
+    done: BTreeMap<(PathBuf, &'static str, usize), Scores>,
 }
 
 impl Evaluator<'_> {
-    fn eval(&mut self, dir: &Path, steps: usize) -> Result<Scores> {
-        if let Some(s) = self.done.get(&(dir.to_path_buf(), steps)) {
+    fn eval(&mut self, dir: &Path, algorithm: Algorithm, steps: usize) -> Result<Scores> {
+        if let Some(s) = self
+            .done
+            .get(&(dir.to_path_buf(), algorithm.cli_name(), steps))
+        {
             return Ok(s.clone());
         }
         let pipeline = Pipeline::load(dir, self.device)?;
@@ -153,7 +289,7 @@ impl Evaluator<'_> {
             .map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into());
         let sampled = metrics::sample_features(
             &pipeline,
-            Algorithm::Ddim,
+            algorithm,
             steps,
             &request,
             self.extractor,
@@ -162,7 +298,10 @@ impl Evaluator<'_> {
             self.device,
         )?;
         let scores = metrics::score(&sampled.features, self.reference)?;
-        self.done.insert((dir.to_path_buf(), steps), scores.clone());
+        self.done.insert(
+            (dir.to_path_buf(), algorithm.cli_name(), steps),
+            scores.clone(),
+        );
         Ok(scores)
     }
 }
@@ -174,27 +313,7 @@ fn report(
     outcome: &ProgressiveOutcome,
     device: &Device,
 ) -> Result<()> {
-    let extractor = ShapesFeatures::load(
-        &args
-            .feature_weights
-            .clone()
-            .unwrap_or_else(|| io::shipped(metrics::features::SHAPES_FEATURES)),
-        device,
-    )?;
-    let num = args.eval_samples();
-    metrics::check_fid_samples("--eval-samples", num, extractor.dim())?;
-    let reference = match &run.data {
-        DataSource::Shapes { seed } => metrics::shapes_reference(
-            &extractor,
-            *seed,
-            5000,
-            &metrics::default_cache_dir(),
-            device,
-        )?,
-        DataSource::Folder { path } => {
-            metrics::folder_reference(&extractor, path, Some(5000), device)?
-        }
-    };
+    let (extractor, reference, num) = args.common.reference(&run.data, device)?;
     let mut ev = Evaluator {
         extractor: &extractor,
         reference: &reference,
@@ -213,9 +332,9 @@ fn report(
     );
     for round in &outcome.rounds {
         let n = round.steps;
-        let t2 = ev.eval(&run.teacher, 2 * n)?;
-        let t1 = ev.eval(&run.teacher, n)?;
-        let s = ev.eval(&round.dir, n)?;
+        let t2 = ev.eval(&run.teacher, Algorithm::Ddim, 2 * n)?;
+        let t1 = ev.eval(&run.teacher, Algorithm::Ddim, n)?;
+        let s = ev.eval(&round.dir, Algorithm::Ddim, n)?;
         table += &format!(
             "  {n:>5} | {:>12.3} | {:>11.3} | {:>11.3} | {:>8.3}\n",
             t2.fid,
@@ -256,41 +375,28 @@ fn report(
 }
 
 fn run_progressive(args: ProgressiveArgs) -> Result<()> {
-    let device = args.device.device()?;
-    let run = if args.resume {
+    let device = args.common.device.device()?;
+    let run = if args.common.resume {
         None
     } else {
-        let teacher = args
-            .teacher
-            .clone()
-            .unwrap_or_else(|| io::shipped("shapes32"));
-        if !teacher.join("model_index.json").is_file() {
-            return Err(Error::file(
-                &teacher,
-                "--teacher: not a diffusers pipeline folder (no model_index.json)",
-            ));
-        }
-        let data = if args.data == "shapes" {
-            DataSource::Shapes {
-                seed: args.data_seed,
-            }
-        } else {
-            DataSource::Folder {
-                path: absolute(Path::new(&args.data), "--data")?,
-            }
-        };
+        let (teacher, data) = args.common.teacher_and_data()?;
         let config = args.config();
         config.validate()?;
         Some(ProgressiveRun {
             kind: PROGRESSIVE_RUN.into(),
-            teacher: absolute(&teacher, "--teacher")?,
+            teacher,
             config,
             data,
         })
     };
     train::install_interrupt_handler();
-    let outcome =
-        progressive::distill_progressive(&args.out, run, args.resume, &device, args.quiet)?;
+    let outcome = progressive::distill_progressive(
+        &args.out,
+        run,
+        args.common.resume,
+        &device,
+        args.common.quiet,
+    )?;
     if outcome.interrupted {
         eprintln!(
             "interrupted; resume with: fewstep distill progressive --out {} --resume",
@@ -307,7 +413,7 @@ fn run_progressive(args: ProgressiveArgs) -> Result<()> {
             r.seconds
         );
     }
-    if args.no_eval {
+    if args.common.no_eval {
         return Ok(());
     }
     let v = checkpoint::read_run(&args.out, PROGRESSIVE_RUN)?;
@@ -320,8 +426,171 @@ fn run_progressive(args: ProgressiveArgs) -> Result<()> {
     report(&args, &run, &outcome, &device)
 }
 
+impl ConsistencyArgs {
+    fn config(&self) -> ConsistencyConfig {
+        let (iters, batch) = match self.common.preset {
+            Budget::Quick => (300, 16),
+            Budget::Full => (4000, 32),
+        };
+        ConsistencyConfig {
+            scales: self.scales,
+            scales_start: self.scales_start,
+            target_ema: self.target_ema,
+            timestep_scaling: self.timestep_scaling,
+            distance: match self.loss {
+                LossKind::L2 => Distance::L2,
+                LossKind::Huber => Distance::PseudoHuber { c: self.huber_c },
+            },
+            guidance: self.guidance,
+            iters: self.iters.unwrap_or(iters),
+            batch: self.batch.unwrap_or(batch),
+            lr: self.lr.unwrap_or(1e-4),
+            warmup: self.warmup,
+            grad_clip: 1.0,
+            ema_decay: self.ema,
+            seed: self.common.seed,
+            checkpoint_every: self.common.checkpoint_every,
+        }
+    }
+
+    fn reference_steps(&self) -> usize {
+        self.reference_steps.unwrap_or(match self.common.preset {
+            Budget::Quick => 8,
+            Budget::Full => 256,
+        })
+    }
+}
+
+/// Evaluates the consistency student (LCM sampling) and the teacher (DDIM) at each of
+/// `--eval-steps`, and the teacher at `--reference-steps`; prints the table, writes
+/// report.{json,csv}.
+fn consistency_report(
+    args: &ConsistencyArgs,
+    run: &ConsistencyRun,
+    outcome: &ConsistencyOutcome,
+    student: &Path,
+    device: &Device,
+) -> Result<()> {
+    let (extractor, reference, num) = args.common.reference(&run.data, device)?;
+    let mut ev = Evaluator {
+        extractor: &extractor,
+        reference: &reference,
+        num,
+        device,
+        done: BTreeMap::new(),
+    };
+    let r = args.reference_steps();
+    let teacher_ref = ev.eval(&run.teacher, Algorithm::Ddim, r)?;
+    let mut table = format!(
+        "FID vs steps ({num} samples per entry, {} features, reference {}); teacher @ {r} DDIM steps: {:.3}\n  steps | teacher (DDIM) | student (LCM) | student / teacher@{r}\n",
+        extractor.id(),
+        reference.protocol["dataset"].as_str().unwrap_or("images"),
+        teacher_ref.fid
+    );
+    let mut csv = String::from(
+        "steps,student_fid,student_kid,teacher_fid_at_steps,teacher_fid_at_reference,reference_steps\n",
+    );
+    let mut rows = Vec::new();
+    for &n in &args.eval_steps {
+        let t = ev.eval(&run.teacher, Algorithm::Ddim, n)?;
+        let s = ev.eval(student, Algorithm::Lcm, n)?;
+        table += &format!(
+            "  {n:>5} | {:>14.3} | {:>13.3} | {:>8.3}\n",
+            t.fid,
+            s.fid,
+            s.fid / teacher_ref.fid
+        );
+        let kid = s.kid.map_or(f64::NAN, |k| k.mean);
+        csv += &format!(
+            "{n},{:.6},{kid:.6},{:.6},{:.6},{r}\n",
+            s.fid, t.fid, teacher_ref.fid
+        );
+        rows.push(json!({ "steps": n, "student": s, "teacher_at_steps": t }));
+    }
+    print!("{table}");
+    let protocol = json!({
+        "extractor": extractor.id(),
+        "reference": reference.protocol,
+        "num_samples": num,
+        "seed": 0,
+        "student_scheduler": "lcm",
+        "teacher_scheduler": "ddim",
+    });
+    io::write_json(
+        &args.out.join("report.json"),
+        &json!({
+            "protocol": protocol,
+            "config": run.config,
+            "teacher": run.teacher,
+            "teacher_at_reference": { "steps": r, "scores": teacher_ref },
+            "final_loss": outcome.final_loss,
+            "seconds": outcome.seconds,
+            "steps": rows,
+        }),
+    )?;
+    io::write_atomic(&args.out.join("report.csv"), csv.as_bytes())?;
+    eprintln!("wrote {}/report.{{json,csv}}", args.out.display());
+    Ok(())
+}
+
+fn run_consistency(args: ConsistencyArgs) -> Result<()> {
+    let device = args.common.device.device()?;
+    if let Some(&bad) = args.eval_steps.iter().find(|&&n| n == 0 || n > args.scales) {
+        return Err(Error::Usage(format!(
+            "--eval-steps {bad}: expected 1 to --scales ({})",
+            args.scales
+        )));
+    }
+    let run = if args.common.resume {
+        None
+    } else {
+        let (teacher, data) = args.common.teacher_and_data()?;
+        let config = args.config();
+        config.validate()?;
+        Some(ConsistencyRun {
+            kind: CONSISTENCY_RUN.into(),
+            teacher,
+            config,
+            data,
+        })
+    };
+    train::install_interrupt_handler();
+    let outcome = consistency::distill_consistency(
+        &args.out,
+        run,
+        args.common.resume,
+        &device,
+        args.common.quiet,
+    )?;
+    let Some(student) = &outcome.student else {
+        eprintln!(
+            "interrupted; resume with: fewstep distill consistency --out {} --resume",
+            args.out.display()
+        );
+        return Ok(());
+    };
+    eprintln!(
+        "{}: final loss {:.5}, {:.0} s",
+        student.display(),
+        outcome.final_loss,
+        outcome.seconds
+    );
+    if args.common.no_eval {
+        return Ok(());
+    }
+    let v = checkpoint::read_run(&args.out, CONSISTENCY_RUN)?;
+    let run: ConsistencyRun = serde_json::from_value(v).map_err(|e| {
+        Error::file(
+            args.out.join(checkpoint::RUN_FILE),
+            format!("not a consistency run: {e}"),
+        )
+    })?;
+    consistency_report(&args, &run, &outcome, student, &device)
+}
+
 pub fn run(command: DistillCommand) -> Result<()> {
     match command {
         DistillCommand::Progressive(args) => run_progressive(args),
+        DistillCommand::Consistency(args) => run_consistency(args),
     }
 }

@@ -14,9 +14,9 @@
 use burn::prelude::*;
 use fewstep_schedulers::config::{Algorithm, ConfigError};
 use fewstep_schedulers::ddim::Ddim;
-use fewstep_schedulers::schedule::{eps_coefficients, x0_coefficients};
 use fewstep_schedulers::{Prediction, Scheduler, SchedulerConfig};
 
+use super::{ddim_move, noise_to, run_model, x0_from_output};
 use crate::models::UNet;
 use crate::sample::{DeviceSample, per_row};
 
@@ -70,61 +70,8 @@ pub fn student_steps(config: &SchedulerConfig, n: usize) -> Result<Vec<StudentSt
 
 /// z_t = α_t·x0 + σ_t·ε for each row's step.
 pub fn noised(x0: Tensor<4>, eps: Tensor<4>, steps: &[StudentStep]) -> Tensor<4> {
-    let device = x0.device();
-    let a = per_row(
-        steps.iter().map(|s| s.alpha_bar_t.sqrt() as f32).collect(),
-        &device,
-    );
-    let s = per_row(
-        steps
-            .iter()
-            .map(|s| (1.0 - s.alpha_bar_t).sqrt() as f32)
-            .collect(),
-        &device,
-    );
-    x0 * a + eps * s
-}
-
-/// One deterministic DDIM step of `unet` per row from ᾱ `from` (model run at timestep `t`) to ᾱ
-/// `to`: returns z at `to`.
-fn ddim_step(
-    unet: &UNet,
-    prediction: Prediction,
-    z: Tensor<4>,
-    t: &[i64],
-    from: &[f64],
-    to: &[f64],
-    labels: Option<Tensor<1, Int>>,
-) -> Tensor<4> {
-    let device = z.device();
-    let t_in: Vec<f32> = t.iter().map(|&t| t as f32).collect();
-    let out = unet.forward(
-        z.clone(),
-        Tensor::<1>::from_floats(t_in.as_slice(), &device),
-        labels,
-    );
-    let xc: Vec<(f32, f32)> = from
-        .iter()
-        .map(|&a| x0_coefficients(prediction, a as f32))
-        .collect();
-    let ec: Vec<(f32, f32)> = from
-        .iter()
-        .map(|&a| eps_coefficients(prediction, a as f32))
-        .collect();
-    let col = |v: &[(f32, f32)], first: bool| {
-        per_row(
-            v.iter().map(|c| if first { c.0 } else { c.1 }).collect(),
-            &device,
-        )
-    };
-    let x0 = z.clone() * col(&xc, true) + out.clone() * col(&xc, false);
-    let eps = z * col(&ec, true) + out * col(&ec, false);
-    let a_to = per_row(to.iter().map(|&a| a.sqrt() as f32).collect(), &device);
-    let s_to = per_row(
-        to.iter().map(|&a| (1.0 - a).sqrt() as f32).collect(),
-        &device,
-    );
-    x0 * a_to + eps * s_to
+    let a: Vec<f64> = steps.iter().map(|s| s.alpha_bar_t).collect();
+    noise_to(x0, eps, &a)
 }
 
 /// The student's target x̃ for rows at `steps` (teacher run without gradients).
@@ -141,16 +88,10 @@ pub fn teacher_target(
     let a_t: Vec<f64> = steps.iter().map(|s| s.alpha_bar_t).collect();
     let a_mid: Vec<f64> = steps.iter().map(|s| s.alpha_bar_mid).collect();
     let a_end: Vec<f64> = steps.iter().map(|s| s.alpha_bar_end).collect();
-    let z_mid = ddim_step(
-        teacher,
-        prediction,
-        z.clone(),
-        &t,
-        &a_t,
-        &a_mid,
-        labels.clone(),
-    );
-    let z_end = ddim_step(teacher, prediction, z_mid, &t_mid, &a_mid, &a_end, labels);
+    let out = run_model(teacher, z.clone(), &t, labels.clone());
+    let z_mid = ddim_move(prediction, z.clone(), out, &a_t, &a_mid);
+    let out = run_model(teacher, z_mid.clone(), &t_mid, labels);
+    let z_end = ddim_move(prediction, z_mid, out, &a_mid, &a_end);
     // x̃ = (z″ − r·z) / (α″ − r·α), r = σ″/σ.
     let (num_z, den): (Vec<f32>, Vec<f32>) = steps
         .iter()
@@ -175,17 +116,10 @@ pub fn progressive_loss(
     labels: Option<Tensor<1, Int>>,
 ) -> Tensor<1> {
     let device = z.device();
-    let t_in: Vec<f32> = steps.iter().map(|s| s.t as f32).collect();
-    let out = student.forward(
-        z.clone(),
-        Tensor::<1>::from_floats(t_in.as_slice(), &device),
-        labels,
-    );
-    let (a, b): (Vec<f32>, Vec<f32>) = steps
-        .iter()
-        .map(|s| x0_coefficients(prediction, s.alpha_bar_t as f32))
-        .unzip();
-    let x0 = z * per_row(a, &device) + out * per_row(b, &device);
+    let t: Vec<i64> = steps.iter().map(|s| s.t).collect();
+    let a_t: Vec<f64> = steps.iter().map(|s| s.alpha_bar_t).collect();
+    let out = run_model(student, z.clone(), &t, labels);
+    let x0 = x0_from_output(prediction, z, out, &a_t);
     let weight: Vec<f32> = steps
         .iter()
         .map(|s| (s.alpha_bar_t / (1.0 - s.alpha_bar_t)).max(1.0) as f32)

@@ -2,7 +2,9 @@
 //! clipping and EMA, crash-safe checkpoints every K steps, exact resume, Ctrl-C and NaN guards.
 
 pub mod checkpoint;
+pub mod consistency;
 pub mod diffusion;
+pub(crate) mod distill_loop;
 pub mod ema;
 pub mod feature_net;
 pub mod progressive;
@@ -387,6 +389,72 @@ pub fn train_diffusion(
         seconds: started.elapsed().as_secs_f64(),
     })
 }
+
+/// The side of the images a pipeline's UNet works on: its `sample_size`, times the VAE's
+/// downsampling factor (2^(blocks − 1)) for a latent pipeline.
+pub(crate) fn image_size(p: &io::Pipeline) -> usize {
+    let factor = p.vae.as_ref().map_or(1, |(c, _)| {
+        1 << (c.block_out_channels.len().saturating_sub(1))
+    });
+    p.unet_config
+        .sample_size
+        .map_or(data::shapes::SIZE, |s| s * factor)
+}
+
+/// Images as the UNet sees them: unchanged for a pixel pipeline, the scaled (and shifted) VAE
+/// latent mean for a latent one.
+pub(crate) fn model_space(p: &io::Pipeline, images: Tensor<4>) -> Tensor<4> {
+    match &p.vae {
+        Some((vc, vae)) => {
+            let (mean, _) = vae.encode(images);
+            let mean = match vc.shift_factor {
+                Some(shift) => mean - shift,
+                None => mean,
+            };
+            mean * vc.scaling_factor
+        }
+        None => images,
+    }
+}
+
+/// Writes a finished student as a diffusers pipeline folder `dir` (the teacher's VAE beside it)
+/// with `record` as `distill.json`: whole under a temporary name in `run_dir`, then renamed.
+pub(crate) fn write_student(
+    run_dir: &Path,
+    dir: &Path,
+    teacher: &io::Pipeline,
+    unet: &UNet,
+    scheduler: &SchedulerConfig,
+    algorithm: Algorithm,
+    record: &serde_json::Value,
+) -> Result<()> {
+    let name = dir
+        .file_name()
+        .map_or_else(|| "student".into(), |n| n.to_string_lossy().into_owned());
+    let incoming = run_dir.join(format!(".incoming-{name}"));
+    if incoming.exists() {
+        std::fs::remove_dir_all(&incoming)
+            .map_err(|e| Error::file(&incoming, format!("cannot clear: {e}")))?;
+    }
+    io::save_pipeline(
+        &incoming,
+        &teacher.unet_config,
+        unet,
+        scheduler,
+        algorithm,
+        teacher.vae.as_ref().map(|(c, v)| (c, v)),
+    )?;
+    io::write_json(&incoming.join(DISTILL_RECORD), record)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)
+            .map_err(|e| Error::file(dir, format!("cannot replace: {e}")))?;
+    }
+    std::fs::rename(&incoming, dir)
+        .map_err(|e| Error::file(dir, format!("cannot rename the student folder: {e}")))
+}
+
+/// The figures of a finished student, written beside it.
+pub const DISTILL_RECORD: &str = "distill.json";
 
 /// Opens the run's data at the model's sample size, reporting unreadable files once and checking
 /// that a class-conditional model gets labelled images.

@@ -9,9 +9,7 @@
 //! the latest checkpoint of the round in progress, drawing exactly the batches an uninterrupted
 //! run would.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use burn::module::Module;
 use burn::optim::grad_clipping::GradientClippingConfig;
@@ -20,8 +18,9 @@ use burn::prelude::*;
 use fewstep_schedulers::{Algorithm, Prediction, SchedulerConfig};
 use serde_json::json;
 
-use super::{checkpoint, ema, interrupt_requested, open_images, open_loss_csv, progress_bar};
-use crate::data::{DataSource, TrainImages, shapes};
+use super::distill_loop::{IterReport, LoopEnd, LoopSpec, run_loop};
+use super::{checkpoint, ema, open_images};
+use crate::data::{DataSource, TrainImages};
 use crate::distill::progressive::{
     StudentStep, noised, progressive_loss, student_steps, teacher_target,
 };
@@ -34,7 +33,7 @@ use crate::noise::NoiseStream;
 pub const PROGRESSIVE_RUN: &str = "distill-progressive";
 
 /// The figures of a finished round, written beside its student.
-pub const ROUND_RECORD: &str = "distill.json";
+pub const ROUND_RECORD: &str = super::DISTILL_RECORD;
 
 /// Settings of a progressive-distillation run.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -262,17 +261,7 @@ fn draw_batch(
     let steps: Vec<StudentStep> = (0..cfg.batch)
         .map(|_| grid[rng.below(grid.len() as u64) as usize])
         .collect();
-    let x0 = match &teacher.vae {
-        Some((vc, vae)) => {
-            let (mean, _) = vae.encode(x);
-            let mean = match vc.shift_factor {
-                Some(shift) => mean - shift,
-                None => mean,
-            };
-            mean * vc.scaling_factor
-        }
-        None => x,
-    };
+    let x0 = super::model_space(teacher, x);
     let [b, c, h, w] = x0.dims();
     let eps = crate::sample::host_noise(&mut rng, [b, c, h, w], device);
     Batch {
@@ -335,18 +324,14 @@ pub fn distill_progressive(
         let grid =
             student_steps(&teacher.scheduler, steps).map_err(|e| Error::file(&teacher_dir, e.0))?;
         if images.is_none() {
-            let size = match &teacher.vae {
-                Some(_) => teacher
-                    .unet_config
-                    .sample_size
-                    .map(|s| s * vae_factor(&teacher)),
-                None => teacher.unet_config.sample_size,
-            }
-            .unwrap_or(shapes::SIZE);
-            images = Some(open_images(&run.data, size, teacher.unet.num_classes())?);
+            images = Some(open_images(
+                &run.data,
+                super::image_size(&teacher),
+                teacher.unet.num_classes(),
+            )?);
         }
         let images = images.as_ref().expect("opened above");
-        let mut state = match load_checkpoint(run_dir, &teacher, cfg, steps, device)? {
+        let state = match load_checkpoint(run_dir, &teacher, cfg, steps, device)? {
             Some(s) => s,
             None => {
                 let ad = device.clone().autodiff();
@@ -359,8 +344,6 @@ pub fn distill_progressive(
                 }
             }
         };
-        let first_global = round_index * cfg.iters_per_round;
-        let (mut csv, spent_before) = open_loss_csv(&csv_path, first_global + state.iter)?;
         if !quiet {
             eprintln!(
                 "round {}/{}: {} → {steps} steps (teacher {})",
@@ -370,115 +353,76 @@ pub fn distill_progressive(
                 teacher_dir.display()
             );
         }
-        let bar = progress_bar(cfg.iters_per_round, state.iter, quiet);
-        let log_lines = super::log_lines(quiet);
-        let started = Instant::now();
-        let first_iter = state.iter;
-        let mut recent: Vec<f32> = Vec::new();
-        let mut smoothed: Option<f32> = None;
-        while state.iter < cfg.iters_per_round {
-            let global = first_global + state.iter;
-            let b = draw_batch(&teacher, images, &grid, cfg, global, device);
-            let target = teacher_target(
-                &teacher.unet,
-                teacher_prediction,
-                b.z.clone(),
-                &b.steps,
-                b.labels.clone(),
-            );
-            // The teacher ran without autodiff; the student trains on the autodiff device.
-            let loss = progressive_loss(
-                &state.student,
-                prediction,
-                b.z.autodiff(),
-                target.autodiff(),
-                &b.steps,
-                b.labels.map(Tensor::autodiff),
-            )
-            .mean();
-            let value: f32 = loss.clone().into_scalar::<f32>();
-            if !value.is_finite() {
-                bar.abandon();
-                return Err(Error::Config(format!(
-                    "distillation stopped: the loss became {value} at round {steps} steps, iteration {}; the last checkpoint is untouched — try a lower --lr",
-                    state.iter
-                )));
-            }
-            let lr = cfg.lr_at(state.iter);
-            let grads = GradientsParams::from_grads(loss.backward(), &state.student);
-            state.student = state.optim.step(lr, state.student, grads);
-            if let (Some(decay), Some(e)) = (cfg.ema_decay, state.ema.take()) {
-                state.ema = Some(ema::update(
-                    e,
-                    &state.student.valid(),
-                    ema::decay_at(state.iter, decay),
-                ));
-            }
-            state.iter += 1;
-            if state.iter * 10 > cfg.iters_per_round * 9 {
-                recent.push(value);
-            }
-            let s = smoothed.map_or(value, |s| 0.95 * s + 0.05 * value);
-            smoothed = Some(s);
-            writeln!(
-                csv,
-                "{},{value},{lr},{:.3}",
-                first_global + state.iter,
-                spent_before + started.elapsed().as_secs_f64()
-            )
-            .and_then(|_| csv.flush())
-            .map_err(|e| Error::file(&csv_path, format!("cannot write: {e}")))?;
-            let per_sec = (state.iter - first_iter) as f64 / started.elapsed().as_secs_f64();
-            bar.set_position(state.iter as u64);
-            bar.set_message(format!(
-                "round {steps} steps | loss {s:.4} | {per_sec:.2} it/s"
-            ));
-            if log_lines && (state.iter % 50 == 0 || state.iter == cfg.iters_per_round) {
-                let eta = (cfg.iters_per_round - state.iter) as f64 / per_sec.max(1e-9);
-                eprintln!(
-                    "round {steps} steps: iter {}/{} | loss {s:.4} | lr {lr:.2e} | {per_sec:.2} it/s | ETA {eta:.0} s",
-                    state.iter, cfg.iters_per_round
+        let name = format!("round {steps} steps");
+        let spec = LoopSpec {
+            name: &name,
+            iters: cfg.iters_per_round,
+            first_global: round_index * cfg.iters_per_round,
+            checkpoint_every: cfg.checkpoint_every,
+            csv_path: &csv_path,
+            quiet,
+        };
+        let start = state.iter;
+        let (state, end) = run_loop(
+            &spec,
+            start,
+            state,
+            |mut state, iter| {
+                let global = spec.first_global + iter;
+                let b = draw_batch(&teacher, images, &grid, cfg, global, device);
+                let target = teacher_target(
+                    &teacher.unet,
+                    teacher_prediction,
+                    b.z.clone(),
+                    &b.steps,
+                    b.labels.clone(),
                 );
-            }
-            let interrupted = interrupt_requested();
-            if state.iter % cfg.checkpoint_every == 0 || interrupted {
-                save_checkpoint(run_dir, &teacher, &scheduler, steps, &state)?;
-            }
-            if interrupted {
-                bar.abandon();
+                // The teacher ran without autodiff; the student trains on the autodiff device.
+                let loss = progressive_loss(
+                    &state.student,
+                    prediction,
+                    b.z.autodiff(),
+                    target.autodiff(),
+                    &b.steps,
+                    b.labels.map(Tensor::autodiff),
+                )
+                .mean();
+                let value: f32 = loss.clone().into_scalar::<f32>();
+                let lr = cfg.lr_at(iter);
+                let grads = GradientsParams::from_grads(loss.backward(), &state.student);
+                state.student = state.optim.step(lr, state.student, grads);
+                if let (Some(decay), Some(e)) = (cfg.ema_decay, state.ema.take()) {
+                    state.ema = Some(ema::update(
+                        e,
+                        &state.student.valid(),
+                        ema::decay_at(iter, decay),
+                    ));
+                }
+                state.iter = iter + 1;
+                Ok((state, IterReport { loss: value, lr }))
+            },
+            |state, _| save_checkpoint(run_dir, &teacher, &scheduler, steps, state).map(|_| ()),
+        )?;
+        let (final_loss, seconds) = match end {
+            LoopEnd::Interrupted => {
                 return Ok(ProgressiveOutcome {
                     rounds: outcomes,
                     interrupted: true,
                 });
             }
-        }
-        bar.finish_and_clear();
-        // The round's student, written whole under a temporary name, then renamed.
-        let incoming = run_dir.join(format!(".incoming-round-{steps}steps"));
-        if incoming.exists() {
-            std::fs::remove_dir_all(&incoming)
-                .map_err(|e| Error::file(&incoming, format!("cannot clear: {e}")))?;
-        }
+            LoopEnd::Finished {
+                final_loss,
+                seconds,
+            } => (final_loss, seconds),
+        };
         let written = state.ema.clone().unwrap_or_else(|| state.student.valid());
-        io::save_pipeline(
-            &incoming,
-            &teacher.unet_config,
+        super::write_student(
+            run_dir,
+            &dir,
+            &teacher,
             &written,
             &scheduler,
             Algorithm::Ddim,
-            teacher.vae.as_ref().map(|(c, v)| (c, v)),
-        )?;
-        let final_loss = if recent.is_empty() {
-            f64::NAN
-        } else {
-            recent.iter().map(|&v| v as f64).sum::<f64>() / recent.len() as f64
-        };
-        // The round's own wall time, across any restarts: total time now minus total time at
-        // the round's first row.
-        let seconds =
-            spent_before + started.elapsed().as_secs_f64() - seconds_at(&csv_path, first_global);
-        io::write_json(
-            &incoming.join(ROUND_RECORD),
             &json!({
                 "steps": steps,
                 "teacher": teacher_dir,
@@ -487,8 +431,6 @@ pub fn distill_progressive(
                 "iters": cfg.iters_per_round,
             }),
         )?;
-        std::fs::rename(&incoming, &dir)
-            .map_err(|e| Error::file(&dir, format!("cannot rename the round folder: {e}")))?;
         outcomes.push(RoundOutcome {
             steps,
             dir: dir.clone(),
@@ -500,27 +442,5 @@ pub fn distill_progressive(
     Ok(ProgressiveOutcome {
         rounds: outcomes,
         interrupted: false,
-    })
-}
-
-/// The `seconds` column of `loss.csv` at global iteration `iter` (0 when absent).
-fn seconds_at(csv: &Path, iter: usize) -> f64 {
-    std::fs::read_to_string(csv)
-        .ok()
-        .and_then(|text| {
-            text.lines().skip(1).find_map(|l| {
-                let mut f = l.split(',');
-                (f.next()?.parse::<usize>().ok()? == iter)
-                    .then(|| l.rsplit(',').next()?.parse::<f64>().ok())
-                    .flatten()
-            })
-        })
-        .unwrap_or(0.0)
-}
-
-/// The VAE's spatial downsampling factor (2^(blocks − 1)).
-fn vae_factor(p: &Pipeline) -> usize {
-    p.vae.as_ref().map_or(1, |(c, _)| {
-        1 << (c.block_out_channels.len().saturating_sub(1))
     })
 }

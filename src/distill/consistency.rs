@@ -1,0 +1,356 @@
+//! Consistency distillation (Song et al. 2023, "Consistency Models", Algorithm 2) in the
+//! discrete-time form of latent consistency models (Luo et al. 2023; diffusers
+//! `examples/consistency_distillation/train_lcm_distill_*.py`).
+//!
+//! The student is a consistency function on diffusers' discrete timesteps,
+//!   f(z, t) = c_skip(t)·z + c_out(t)·x̂0(z, t),
+//! where x̂0 is the x0 its UNet output implies (ε, v or x0 prediction) and (c_skip, c_out) are
+//! LCM's boundary scalings at s = `timestep_scaling`·t: c_skip = σ_d²/(s² + σ_d²),
+//! c_out = s/√(s² + σ_d²), σ_d = 0.5. At t = 0, c_skip = 1 and c_out = 0: f(z, 0) = z holds by
+//! construction, whatever the network.
+//!
+//! Training points lie on a skipping grid of N scales, t_n = n·k − 1 with k = ⌊T/N⌋, n = 1..N
+//! (LCM's `DDIMSolver`, the grid `LCMScheduler` samples on with `original_inference_steps` = N).
+//! For a row at t_n: z = √ᾱ·x0 + √(1 − ᾱ)·ε from the data; the frozen teacher takes one DDIM step
+//! from t_n to t_{n−1} (t_0 := 0), classifier-free guided for a class-conditional teacher
+//! (out = c + w·(c − u), the null class being the last label); the *target* network — an EMA of
+//! the student — evaluates f at the teacher's point; the loss is the distance between the
+//! student's f(z, t_n) and that target: mean squared error, or LCM's pseudo-Huber
+//! √((a − b)² + c²) − c averaged over elements.
+
+use burn::prelude::*;
+use fewstep_schedulers::config::ConfigError;
+use fewstep_schedulers::lcm::boundary_scalings;
+use fewstep_schedulers::schedule::NoiseSchedule;
+use fewstep_schedulers::{Algorithm, Prediction, SchedulerConfig};
+
+use super::{ddim_move, noise_to, run_model, x0_from_output};
+use crate::models::UNet;
+use crate::sample::per_row;
+
+/// One training point of the skipping grid and the point the teacher's step reaches.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ConsistencyStep {
+    /// Where the student runs (t_n).
+    pub t: i64,
+    /// Where the teacher's step lands and the target network runs (t_{n−1}, 0 for n = 1).
+    pub t_prev: i64,
+    pub alpha_bar_t: f64,
+    pub alpha_bar_prev: f64,
+    pub c_skip: f64,
+    pub c_out: f64,
+    pub c_skip_prev: f64,
+    pub c_out_prev: f64,
+}
+
+/// The N-scale skipping grid for `config`'s noise schedule, lowest timestep first.
+pub fn skipping_grid(
+    config: &SchedulerConfig,
+    scales: usize,
+    timestep_scaling: f64,
+) -> Result<Vec<ConsistencyStep>, ConfigError> {
+    let schedule: NoiseSchedule = config.noise_schedule(Algorithm::Lcm)?;
+    let train = schedule.num_train_timesteps();
+    if scales == 0 || scales > train {
+        return Err(ConfigError::new(format!(
+            "--scales {scales}: expected 1 to num_train_timesteps ({train})"
+        )));
+    }
+    let k = train / scales;
+    Ok((1..=scales)
+        .map(|n| {
+            let t = (n * k) as i64 - 1;
+            let t_prev = if n == 1 { 0 } else { t - k as i64 };
+            let (c_skip, c_out) = boundary_scalings(t as f64, timestep_scaling);
+            let (c_skip_prev, c_out_prev) = boundary_scalings(t_prev as f64, timestep_scaling);
+            ConsistencyStep {
+                t,
+                t_prev,
+                alpha_bar_t: schedule.alpha_bar(t as usize) as f64,
+                alpha_bar_prev: schedule.alpha_bar(t_prev as usize) as f64,
+                c_skip,
+                c_out,
+                c_skip_prev,
+                c_out_prev,
+            }
+        })
+        .collect())
+}
+
+/// z_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε at each row's training point.
+pub fn noised(x0: Tensor<4>, eps: Tensor<4>, steps: &[ConsistencyStep]) -> Tensor<4> {
+    let a: Vec<f64> = steps.iter().map(|s| s.alpha_bar_t).collect();
+    noise_to(x0, eps, &a)
+}
+
+/// Which end of each row's step a consistency function is evaluated at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum At {
+    /// t_n, where the student runs.
+    Start,
+    /// t_{n−1}, where the target network runs.
+    Prev,
+}
+
+/// f(z, t) = c_skip·z + c_out·x̂0 for each row, at the `at` end of its step.
+pub fn consistency_output(
+    unet: &UNet,
+    prediction: Prediction,
+    z: Tensor<4>,
+    steps: &[ConsistencyStep],
+    at: At,
+    labels: Option<Tensor<1, Int>>,
+) -> Tensor<4> {
+    let device = z.device();
+    let pick = |s: &ConsistencyStep| match at {
+        At::Start => (s.t, s.alpha_bar_t, s.c_skip, s.c_out),
+        At::Prev => (s.t_prev, s.alpha_bar_prev, s.c_skip_prev, s.c_out_prev),
+    };
+    let t: Vec<i64> = steps.iter().map(|s| pick(s).0).collect();
+    let a: Vec<f64> = steps.iter().map(|s| pick(s).1).collect();
+    let out = run_model(unet, z.clone(), &t, labels);
+    let x0 = x0_from_output(prediction, z.clone(), out, &a);
+    let c_skip = per_row(steps.iter().map(|s| pick(s).2 as f32).collect(), &device);
+    let c_out = per_row(steps.iter().map(|s| pick(s).3 as f32).collect(), &device);
+    z * c_skip + x0 * c_out
+}
+
+/// The teacher's output at each row's t_n; with `guidance` (w per row) classifier-free guided,
+/// c + w·(c − u), the unconditional pass using `null_label` (both passes in one batch).
+pub fn teacher_output(
+    teacher: &UNet,
+    z: Tensor<4>,
+    steps: &[ConsistencyStep],
+    labels: Option<Tensor<1, Int>>,
+    guidance: Option<(&[f32], i64)>,
+) -> Tensor<4> {
+    let t: Vec<i64> = steps.iter().map(|s| s.t).collect();
+    match (guidance, labels) {
+        (Some((w, null_label)), Some(labels)) => {
+            let device = z.device();
+            let b = t.len();
+            let both_t: Vec<i64> = t.iter().chain(t.iter()).copied().collect();
+            let nulls = Tensor::<1, Int>::full([b], null_label, &device);
+            let out = run_model(
+                teacher,
+                Tensor::cat(vec![z.clone(), z], 0),
+                &both_t,
+                Some(Tensor::cat(vec![labels, nulls], 0)),
+            );
+            let cond = out.clone().narrow(0, 0, b);
+            let uncond = out.narrow(0, b, b);
+            cond.clone() + (cond - uncond) * per_row(w.to_vec(), &device)
+        }
+        (_, labels) => run_model(teacher, z, &t, labels),
+    }
+}
+
+/// The point of the teacher's ODE trajectory one DDIM step below each row's t_n.
+pub fn teacher_solver_step(
+    teacher: &UNet,
+    prediction: Prediction,
+    z: Tensor<4>,
+    steps: &[ConsistencyStep],
+    labels: Option<Tensor<1, Int>>,
+    guidance: Option<(&[f32], i64)>,
+) -> Tensor<4> {
+    let out = teacher_output(teacher, z.clone(), steps, labels, guidance);
+    let from: Vec<f64> = steps.iter().map(|s| s.alpha_bar_t).collect();
+    let to: Vec<f64> = steps.iter().map(|s| s.alpha_bar_prev).collect();
+    ddim_move(prediction, z, out, &from, &to)
+}
+
+/// The distance between the student's and the target's consistency outputs.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Distance {
+    /// Mean squared error over elements.
+    L2,
+    /// √((a − b)² + c²) − c averaged over elements (LCM's "huber", c = 0.001).
+    PseudoHuber { c: f32 },
+}
+
+/// d(a, b) per row: [B].
+pub fn distance(a: Tensor<4>, b: Tensor<4>, d: Distance) -> Tensor<1> {
+    let [bsz, c, h, w] = a.dims();
+    let sq = (a - b).powf_scalar(2.0);
+    let per_elem = match d {
+        Distance::L2 => sq,
+        Distance::PseudoHuber { c } => (sq + c * c).sqrt() - c,
+    };
+    per_elem
+        .reshape([bsz, c * h * w])
+        .mean_dim(1)
+        .reshape([bsz])
+}
+
+/// How the number of scales N and the target network's EMA rate μ move with the iteration:
+/// a fixed N and μ (consistency distillation's setting), or N doubling from `start` to `end` in
+/// equal stages over the run (iCT's schedule) with μ(k) = exp(N_start·ln μ₀ / N(k)) (the CT
+/// paper's rate, μ₀ at N_start).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Curriculum {
+    pub scales_start: usize,
+    pub scales_end: usize,
+    pub target_ema: f32,
+    pub iters: usize,
+}
+
+impl Curriculum {
+    /// Number of doubling stages (1 for a fixed N).
+    fn stages(&self) -> usize {
+        let mut n = self.scales_start;
+        let mut stages = 1;
+        while n < self.scales_end {
+            n = (n * 2).min(self.scales_end);
+            stages += 1;
+        }
+        stages
+    }
+
+    /// N at iteration `iter`.
+    pub fn scales_at(&self, iter: usize) -> usize {
+        let per_stage = self.iters.div_ceil(self.stages()).max(1);
+        let stage = iter / per_stage;
+        let mut n = self.scales_start;
+        for _ in 0..stage {
+            n = (n * 2).min(self.scales_end);
+        }
+        n
+    }
+
+    /// μ at iteration `iter`.
+    pub fn target_ema_at(&self, iter: usize) -> f32 {
+        if self.scales_start == self.scales_end {
+            return self.target_ema;
+        }
+        let n = self.scales_at(iter) as f64;
+        (self.scales_start as f64 * (self.target_ema as f64).ln() / n).exp() as f32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> SchedulerConfig {
+        SchedulerConfig::from_json_str(
+            r#"{"_class_name": "DDIMScheduler", "beta_schedule": "squaredcos_cap_v2",
+                "prediction_type": "v_prediction", "timestep_spacing": "trailing",
+                "set_alpha_to_one": true, "clip_sample": false}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn grid_matches_the_lcm_scheduler_and_holds_the_boundary() {
+        let grid = skipping_grid(&config(), 50, 10.0).unwrap();
+        assert_eq!(grid.len(), 50);
+        assert_eq!((grid[0].t, grid[0].t_prev), (19, 0));
+        assert_eq!((grid[1].t, grid[1].t_prev), (39, 19));
+        assert_eq!(grid[49].t, 999);
+        // f(z, 0) = z.
+        assert_eq!((grid[0].c_skip_prev, grid[0].c_out_prev), (1.0, 0.0));
+        // Every LCM sampling timestep at 1, 2, 4 steps is a training point.
+        let mut lcm: fewstep_schedulers::Scheduler<crate::sample::DeviceSample> =
+            config().build(Some(Algorithm::Lcm)).unwrap();
+        for n in [1, 2, 4] {
+            lcm.set_timesteps(n).unwrap();
+            for &t in lcm.timesteps() {
+                assert!(grid.iter().any(|s| s.t as f32 == t), "{t} at {n} steps");
+            }
+        }
+        assert!(skipping_grid(&config(), 0, 10.0).is_err());
+        assert!(skipping_grid(&config(), 1001, 10.0).is_err());
+    }
+
+    #[test]
+    fn curricula_are_pure_functions_of_the_iteration() {
+        let fixed = Curriculum {
+            scales_start: 50,
+            scales_end: 50,
+            target_ema: 0.95,
+            iters: 100,
+        };
+        assert!((0..100).all(|k| fixed.scales_at(k) == 50 && fixed.target_ema_at(k) == 0.95));
+        let growing = Curriculum {
+            scales_start: 10,
+            scales_end: 40,
+            target_ema: 0.9,
+            iters: 90,
+        };
+        let ns: Vec<usize> = [0, 29, 30, 59, 60, 89].map(|k| growing.scales_at(k)).into();
+        assert_eq!(ns, vec![10, 10, 20, 20, 40, 40]);
+        assert_eq!(growing.target_ema_at(0), 0.9);
+        assert!((growing.target_ema_at(60) - 0.9f32.powf(0.25)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn distances_are_zero_at_equality_and_grow_with_the_gap() {
+        let device = Device::flex();
+        let a = Tensor::<1>::from_floats([0.0, 1.0, 2.0, 3.0], &device).reshape([1, 1, 2, 2]);
+        for d in [Distance::L2, Distance::PseudoHuber { c: 0.001 }] {
+            let same: f32 = distance(a.clone(), a.clone(), d).into_scalar::<f32>();
+            let near: f32 = distance(a.clone(), a.clone() + 0.1, d).into_scalar::<f32>();
+            let far: f32 = distance(a.clone(), a.clone() + 1.0, d).into_scalar::<f32>();
+            assert!(same.abs() < 1e-7 && near > 0.0 && far > near, "{d:?}");
+        }
+        let h: f32 =
+            distance(a.clone(), a + 1.0, Distance::PseudoHuber { c: 0.001 }).into_scalar::<f32>();
+        assert!((h - (1.0f32 + 1e-6).sqrt() + 0.001).abs() < 1e-5);
+    }
+
+    #[test]
+    fn the_consistency_function_is_the_identity_at_t_zero_and_cfg_is_linear() {
+        use crate::models::UNetConfig;
+        use crate::noise::NoiseStream;
+        let device = Device::flex();
+        let grid = skipping_grid(&config(), 10, 10.0).unwrap();
+        let unet = UNetConfig::tiny().init(&device);
+        let mut rng = NoiseStream::new(1);
+        let z = crate::sample::host_noise(&mut rng, [2, 3, 32, 32], &device);
+        let at_zero = consistency_output(
+            &unet,
+            Prediction::V,
+            z.clone(),
+            &[grid[0], grid[0]],
+            At::Prev,
+            None,
+        );
+        let diff: f32 = (at_zero - z.clone()).abs().max().into_scalar::<f32>();
+        assert!(diff < 1e-6, "{diff}");
+
+        // Guidance with w = 0 is the conditional output; with w it extrapolates linearly.
+        let mut cfg = UNetConfig::tiny();
+        cfg.num_class_embeds = Some(4);
+        let teacher = cfg.init(&device);
+        let labels = Tensor::<1, Int>::from_ints([1, 2], &device);
+        let steps = [grid[5], grid[9]];
+        let cond = teacher_output(&teacher, z.clone(), &steps, Some(labels.clone()), None);
+        let uncond = teacher_output(
+            &teacher,
+            z.clone(),
+            &steps,
+            Some(Tensor::<1, Int>::from_ints([3, 3], &device)),
+            None,
+        );
+        let g0 = teacher_output(
+            &teacher,
+            z.clone(),
+            &steps,
+            Some(labels.clone()),
+            Some((&[0.0, 0.0], 3)),
+        );
+        let g2 = teacher_output(&teacher, z, &steps, Some(labels), Some((&[2.0, 2.0], 3)));
+        let e0: f32 = (g0 - cond.clone()).abs().max().into_scalar::<f32>();
+        let e2: f32 = (g2 - (cond.clone() * 3.0 - uncond * 2.0))
+            .abs()
+            .max()
+            .into_scalar::<f32>();
+        let scale: f32 = cond.abs().max().into_scalar::<f32>();
+        assert!(
+            e0 <= 1e-5 * scale.max(1.0) && e2 <= 1e-4 * scale.max(1.0),
+            "{e0} {e2}"
+        );
+    }
+}

@@ -1,0 +1,464 @@
+//! The consistency-distillation loop (`distill::consistency`'s objective): the student starts as
+//! a copy of the teacher, the target network as a copy of the student; each iteration draws
+//! images, a training point of the skipping grid and noise per row, runs the frozen teacher's
+//! solver step and the target network without gradients, takes an AdamW step on the student
+//! (constant learning rate after a linear warm-up, as LCM) and moves the target network towards
+//! the student at the curriculum's rate μ.
+//!
+//! Run folder: `run.json`, `loss.csv`, `checkpoints/{latest,previous}` (student, optimiser,
+//! target network in `state/target.safetensors`, optional evaluation EMA as the pipeline's
+//! weights), and `student/` at the end: a diffusers pipeline folder with an `LCMScheduler` config
+//! (`original_inference_steps` = the final number of scales) that samples in 1, 2, 4 … steps.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::prelude::*;
+use fewstep_schedulers::{Algorithm, SchedulerConfig};
+use serde_json::json;
+
+use super::distill_loop::{IterReport, LoopEnd, LoopSpec, run_loop};
+use super::progressive::student_prediction;
+use super::{checkpoint, ema, open_images};
+use crate::data::{DataSource, TrainImages};
+use crate::distill::consistency::{
+    At, ConsistencyStep, Curriculum, Distance, consistency_output, distance, noised, skipping_grid,
+    teacher_solver_step,
+};
+use crate::error::{Error, Result};
+use crate::io::{self, Pipeline};
+use crate::models::UNet;
+use crate::noise::NoiseStream;
+
+/// The `run.json` kind of a consistency-distillation run.
+pub const CONSISTENCY_RUN: &str = "distill-consistency";
+
+/// The folder of the finished student inside the run folder.
+pub const STUDENT_DIR: &str = "student";
+
+/// Settings of a consistency-distillation run.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ConsistencyConfig {
+    /// Number of scales N of the skipping grid at the end of the run (LCM: 50); also the written
+    /// scheduler's `original_inference_steps`.
+    pub scales: usize,
+    /// N at the start of a doubling curriculum (`None`: N fixed).
+    pub scales_start: Option<usize>,
+    /// EMA rate μ of the target network (at the curriculum's start).
+    pub target_ema: f32,
+    /// `timestep_scaling` of the boundary scalings (LCM: 10).
+    pub timestep_scaling: f32,
+    pub distance: Distance,
+    /// Classifier-free guidance scale w of the teacher's target (class-conditional teachers):
+    /// the student learns the guided trajectory at this w.
+    pub guidance: Option<f32>,
+    pub iters: usize,
+    pub batch: usize,
+    /// Learning rate after the warm-up.
+    pub lr: f64,
+    pub warmup: usize,
+    pub grad_clip: f32,
+    /// EMA decay of the written student (`None`: the raw student, as LCM).
+    pub ema_decay: Option<f32>,
+    pub seed: u64,
+    pub checkpoint_every: usize,
+}
+
+impl ConsistencyConfig {
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("--iters", self.iters),
+            ("--batch", self.batch),
+            ("--checkpoint-every", self.checkpoint_every),
+            ("--scales", self.scales),
+        ] {
+            if v == 0 {
+                return Err(Error::Usage(format!("{name} must be at least 1")));
+            }
+        }
+        if let Some(start) = self.scales_start
+            && (start == 0 || start > self.scales)
+        {
+            return Err(Error::Usage(format!(
+                "--scales-start {start}: expected 1 to --scales ({})",
+                self.scales
+            )));
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(Error::Usage(format!(
+                "--lr must be a positive number, got {}",
+                self.lr
+            )));
+        }
+        if !(0.0..1.0).contains(&self.target_ema) {
+            return Err(Error::Usage(format!(
+                "--target-ema {}: expected a rate in [0, 1)",
+                self.target_ema
+            )));
+        }
+        if !(self.timestep_scaling > 0.0 && self.timestep_scaling.is_finite()) {
+            return Err(Error::Usage(format!(
+                "--timestep-scaling {}: expected a positive number",
+                self.timestep_scaling
+            )));
+        }
+        if let Distance::PseudoHuber { c } = self.distance
+            && !(c > 0.0 && c.is_finite())
+        {
+            return Err(Error::Usage(format!(
+                "--huber-c {c}: expected a positive number"
+            )));
+        }
+        if let Some(w) = self.guidance
+            && !(w >= 0.0 && w.is_finite())
+        {
+            return Err(Error::Usage(format!(
+                "--guidance {w}: expected a scale of 0 or more"
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn curriculum(&self) -> Curriculum {
+        Curriculum {
+            scales_start: self.scales_start.unwrap_or(self.scales),
+            scales_end: self.scales,
+            target_ema: self.target_ema,
+            iters: self.iters,
+        }
+    }
+
+    /// Learning rate at `iter`: linear warm-up, then constant.
+    pub fn lr_at(&self, iter: usize) -> f64 {
+        self.lr * ((iter + 1) as f64 / self.warmup.max(1) as f64).min(1.0)
+    }
+}
+
+/// Everything that defines a consistency run (stored as `run.json`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ConsistencyRun {
+    pub kind: String,
+    /// The teacher's pipeline folder (absolute).
+    pub teacher: PathBuf,
+    pub config: ConsistencyConfig,
+    pub data: DataSource,
+}
+
+/// What a consistency run reports.
+#[derive(Debug, Clone)]
+pub struct ConsistencyOutcome {
+    /// The student's pipeline folder (absent when interrupted).
+    pub student: Option<PathBuf>,
+    pub final_loss: f64,
+    pub seconds: f64,
+}
+
+/// The scheduler config written with the student: the teacher's noise schedule as an
+/// `LCMScheduler` over the final skipping grid.
+pub fn student_scheduler(teacher: &SchedulerConfig, cfg: &ConsistencyConfig) -> SchedulerConfig {
+    let mut s = teacher.clone();
+    s.class = Some(Algorithm::Lcm);
+    s.prediction_type = Some(student_prediction(
+        teacher.resolve(Algorithm::Lcm).prediction,
+    ));
+    s.original_inference_steps = Some(cfg.scales);
+    s.timestep_scaling = Some(cfg.timestep_scaling);
+    s.distilled_steps = None;
+    s
+}
+
+fn new_optimizer(cfg: &ConsistencyConfig) -> ModuleOptimizer {
+    AdamWConfig::new()
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.grad_clip)))
+        .init()
+}
+
+struct State {
+    student: UNet,
+    target: UNet,
+    ema: Option<UNet>,
+    optim: ModuleOptimizer,
+}
+
+const TARGET_WEIGHTS: &str = "target.safetensors";
+
+fn save_checkpoint(
+    run_dir: &Path,
+    teacher: &Pipeline,
+    scheduler: &SchedulerConfig,
+    state: &State,
+    iter: usize,
+) -> Result<()> {
+    let dir = checkpoint::incoming(run_dir)?;
+    let written = state.ema.clone().unwrap_or_else(|| state.student.valid());
+    io::save_pipeline(
+        &dir,
+        &teacher.unet_config,
+        &written,
+        scheduler,
+        Algorithm::Lcm,
+        teacher.vae.as_ref().map(|(c, v)| (c, v)),
+    )?;
+    checkpoint::write_state(&dir, &state.student, &state.optim, &json!({ "iter": iter }))?;
+    io::save_weights(&state.target, &dir.join("state").join(TARGET_WEIGHTS))?;
+    checkpoint::publish(run_dir).map(|_| ())
+}
+
+fn load_checkpoint(
+    run_dir: &Path,
+    teacher: &Pipeline,
+    cfg: &ConsistencyConfig,
+    device: &Device,
+) -> Result<Option<(State, usize)>> {
+    let Some(ckpt) = checkpoint::latest(run_dir) else {
+        return Ok(None);
+    };
+    let ad = device.clone().autodiff();
+    let st = checkpoint::read_state(&ckpt, teacher.unet_config.init(&ad), new_optimizer(cfg))?;
+    let iter = st.progress["iter"]
+        .as_u64()
+        .ok_or_else(|| Error::file(ckpt.join("state/state.json"), "no `iter`"))?
+        as usize;
+    let target = io::load_weights_with_ids(
+        teacher.unet_config.init(device),
+        &ckpt.join("state").join(TARGET_WEIGHTS),
+        Some(&st.ids),
+    )?;
+    let ema = match cfg.ema_decay {
+        Some(_) => Some(io::load_weights_with_ids(
+            teacher.unet_config.init(device),
+            &ckpt.join("unet").join(io::WEIGHTS_NAME),
+            Some(&st.ids),
+        )?),
+        None => None,
+    };
+    Ok(Some((
+        State {
+            student: st.model,
+            target,
+            ema,
+            optim: st.optim,
+        },
+        iter,
+    )))
+}
+
+/// One iteration's rows: noised samples at their training points, labels, guidance scales.
+struct Batch {
+    z: Tensor<4>,
+    steps: Vec<ConsistencyStep>,
+    labels: Option<Tensor<1, Int>>,
+}
+
+fn draw_batch(
+    teacher: &Pipeline,
+    images: &TrainImages,
+    grid: &[ConsistencyStep],
+    cfg: &ConsistencyConfig,
+    iter: usize,
+    device: &Device,
+) -> Batch {
+    let mut rng = NoiseStream::for_step(cfg.seed, iter as u64);
+    // Order of draws: images, grid points, noise (fixed: resume relies on it).
+    let (x, labels) = images.random_batch(&mut rng, cfg.batch, device);
+    let steps: Vec<ConsistencyStep> = (0..cfg.batch)
+        .map(|_| grid[rng.below(grid.len() as u64) as usize])
+        .collect();
+    let x0 = super::model_space(teacher, x);
+    let eps = crate::sample::host_noise(&mut rng, x0.dims(), device);
+    Batch {
+        z: noised(x0, eps, &steps),
+        steps,
+        labels: teacher.unet.num_classes().map(|_| labels),
+    }
+}
+
+/// Runs (or resumes) consistency distillation in `run_dir`.
+pub fn distill_consistency(
+    run_dir: &Path,
+    run: Option<ConsistencyRun>,
+    resume: bool,
+    device: &Device,
+    quiet: bool,
+) -> Result<ConsistencyOutcome> {
+    let run = if resume {
+        let v = checkpoint::read_run(run_dir, CONSISTENCY_RUN)?;
+        let path = run_dir.join(checkpoint::RUN_FILE);
+        serde_json::from_value::<ConsistencyRun>(v)
+            .map_err(|e| Error::file(&path, format!("not a consistency run: {e}")))?
+    } else {
+        let run = run.ok_or_else(|| Error::Usage("nothing to distill: give a teacher".into()))?;
+        run.config.validate()?;
+        checkpoint::prepare_new_run(run_dir)?;
+        io::write_json(
+            &run_dir.join(checkpoint::RUN_FILE),
+            &serde_json::to_value(&run).expect("run serialises"),
+        )?;
+        run
+    };
+    let cfg = &run.config;
+    let student_dir = run_dir.join(STUDENT_DIR);
+    if student_dir.join("model_index.json").is_file() {
+        let recorded: serde_json::Value = io::read_text(&student_dir.join(super::DISTILL_RECORD))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        return Ok(ConsistencyOutcome {
+            student: Some(student_dir),
+            final_loss: recorded["final_loss"].as_f64().unwrap_or(f64::NAN),
+            seconds: recorded["seconds"].as_f64().unwrap_or(f64::NAN),
+        });
+    }
+    let teacher = Pipeline::load(&run.teacher, device)?;
+    let teacher_prediction = teacher.scheduler.resolve(Algorithm::Lcm).prediction;
+    let prediction = student_prediction(teacher_prediction);
+    let scheduler = student_scheduler(&teacher.scheduler, cfg);
+    let guidance_null = match (cfg.guidance, teacher.unet.num_classes()) {
+        (Some(_), None) => {
+            return Err(Error::Usage(format!(
+                "--guidance needs a class-conditional teacher; {} has no class embedding",
+                run.teacher.display()
+            )));
+        }
+        (Some(_), Some(k)) => Some(k as i64 - 1),
+        (None, _) => None,
+    };
+    let curriculum = cfg.curriculum();
+    let mut grids: HashMap<usize, Vec<ConsistencyStep>> = HashMap::new();
+    for n in (0..cfg.iters).map(|k| curriculum.scales_at(k)) {
+        if let std::collections::hash_map::Entry::Vacant(e) = grids.entry(n) {
+            e.insert(
+                skipping_grid(&teacher.scheduler, n, cfg.timestep_scaling as f64)
+                    .map_err(|e| Error::Usage(e.0))?,
+            );
+        }
+    }
+    let images = open_images(
+        &run.data,
+        super::image_size(&teacher),
+        teacher.unet.num_classes(),
+    )?;
+    let (state, start) = match load_checkpoint(run_dir, &teacher, cfg, device)? {
+        Some(s) => s,
+        None => {
+            let ad = device.clone().autodiff();
+            let (_, student) = io::load_unet(&run.teacher.join("unet"), &ad)?;
+            (
+                State {
+                    target: student.valid(),
+                    ema: cfg.ema_decay.map(|_| student.valid()),
+                    student,
+                    optim: new_optimizer(cfg),
+                },
+                0,
+            )
+        }
+    };
+    if !quiet {
+        eprintln!(
+            "consistency distillation of {} ({} scales{}, {} iterations of batch {})",
+            run.teacher.display(),
+            cfg.scales,
+            cfg.guidance
+                .map_or(String::new(), |w| format!(", guidance {w}")),
+            cfg.iters,
+            cfg.batch
+        );
+    }
+    let csv_path = run_dir.join("loss.csv");
+    let spec = LoopSpec {
+        name: "consistency",
+        iters: cfg.iters,
+        first_global: 0,
+        checkpoint_every: cfg.checkpoint_every,
+        csv_path: &csv_path,
+        quiet,
+    };
+    let (state, end) = run_loop(
+        &spec,
+        start,
+        state,
+        |mut state, iter| {
+            let grid = &grids[&curriculum.scales_at(iter)];
+            let b = draw_batch(&teacher, &images, grid, cfg, iter, device);
+            let w: Vec<f32> = vec![cfg.guidance.unwrap_or(0.0); cfg.batch];
+            let guidance = guidance_null.map(|null| (w.as_slice(), null));
+            let x_prev = teacher_solver_step(
+                &teacher.unet,
+                teacher_prediction,
+                b.z.clone(),
+                &b.steps,
+                b.labels.clone(),
+                guidance,
+            );
+            let target = consistency_output(
+                &state.target,
+                prediction,
+                x_prev,
+                &b.steps,
+                At::Prev,
+                b.labels.clone(),
+            );
+            // The teacher and target ran without autodiff; the student trains on the autodiff
+            // device.
+            let online = consistency_output(
+                &state.student,
+                prediction,
+                b.z.autodiff(),
+                &b.steps,
+                At::Start,
+                b.labels.map(Tensor::autodiff),
+            );
+            let loss = distance(online, target.autodiff(), cfg.distance).mean();
+            let value: f32 = loss.clone().into_scalar::<f32>();
+            let lr = cfg.lr_at(iter);
+            let grads = GradientsParams::from_grads(loss.backward(), &state.student);
+            state.student = state.optim.step(lr, state.student, grads);
+            let inner = state.student.valid();
+            state.target = ema::update(state.target, &inner, curriculum.target_ema_at(iter));
+            if let (Some(decay), Some(e)) = (cfg.ema_decay, state.ema.take()) {
+                state.ema = Some(ema::update(e, &inner, ema::decay_at(iter, decay)));
+            }
+            Ok((state, IterReport { loss: value, lr }))
+        },
+        |state, done| save_checkpoint(run_dir, &teacher, &scheduler, state, done),
+    )?;
+    let (final_loss, seconds) = match end {
+        LoopEnd::Interrupted => {
+            return Ok(ConsistencyOutcome {
+                student: None,
+                final_loss: f64::NAN,
+                seconds: f64::NAN,
+            });
+        }
+        LoopEnd::Finished {
+            final_loss,
+            seconds,
+        } => (final_loss, seconds),
+    };
+    let written = state.ema.clone().unwrap_or_else(|| state.student.valid());
+    super::write_student(
+        run_dir,
+        &student_dir,
+        &teacher,
+        &written,
+        &scheduler,
+        Algorithm::Lcm,
+        &json!({
+            "method": "consistency",
+            "teacher": run.teacher,
+            "final_loss": final_loss,
+            "seconds": seconds,
+            "iters": cfg.iters,
+            "scales": cfg.scales,
+        }),
+    )?;
+    Ok(ConsistencyOutcome {
+        student: Some(student_dir),
+        final_loss,
+        seconds,
+    })
+}
