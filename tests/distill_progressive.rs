@@ -2,11 +2,12 @@
 //! an interrupted run resumes to the uninterrupted result, bad input is one clear line.
 
 mod common;
-use common::{assert_clean_failure, fewstep, ok, scratch, tiny_model};
+use common::{
+    assert_clean_failure, fewstep, interrupt_after_rows, max_weight_difference, ok, scratch,
+    tiny_model,
+};
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use fewstep::io::{self, Pipeline};
 
@@ -87,30 +88,11 @@ fn an_interrupted_run_resumes_to_the_uninterrupted_students() {
     ok(&fewstep(&distill_args(&teacher, &whole, "30")));
 
     let split = scratch("pd", "split");
-    let child = Command::new(env!("CARGO_BIN_EXE_fewstep"))
-        .args(distill_args(&teacher, &split, "30"))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let csv = split.join("loss.csv");
-    let started = Instant::now();
-    while std::fs::read_to_string(&csv)
-        .map(|t| t.lines().count())
-        .unwrap_or(0)
-        < 8
-    {
-        assert!(started.elapsed() < Duration::from_secs(60), "never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let o = child.wait_with_output().unwrap();
-    ok(&o);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("interrupted; resume with"), "{err}");
+    interrupt_after_rows(
+        &distill_args(&teacher, &split, "30"),
+        &split.join("loss.csv"),
+        8,
+    );
     ok(&fewstep(&[
         "distill",
         "progressive",
@@ -121,19 +103,9 @@ fn an_interrupted_run_resumes_to_the_uninterrupted_students() {
         "--quiet",
     ]));
     for steps in [2usize, 1] {
-        let (a, b) = (
-            student_weights(&whole, steps),
-            student_weights(&split, steps),
-        );
-        for (k, t) in &a {
-            let max = t
-                .data
-                .iter()
-                .zip(&b[k].data)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max);
-            assert!(max < 1e-5, "{steps} steps, {k}: {max}");
-        }
+        let weights = format!("round-{steps}steps/unet/diffusion_pytorch_model.safetensors");
+        let max = max_weight_difference(&whole.join(&weights), &split.join(&weights));
+        assert!(max < 1e-5, "{steps} steps: {max}");
     }
 }
 

@@ -284,24 +284,19 @@ pub fn distill_consistency(
     device: &Device,
     quiet: bool,
 ) -> Result<ConsistencyOutcome> {
-    let run = if resume {
-        let v = checkpoint::read_run(run_dir, CONSISTENCY_RUN)?;
-        let path = run_dir.join(checkpoint::RUN_FILE);
-        serde_json::from_value::<ConsistencyRun>(v)
-            .map_err(|e| Error::file(&path, format!("not a consistency run: {e}")))?
-    } else {
-        let run = run.ok_or_else(|| Error::Usage("nothing to distill: give a teacher".into()))?;
-        run.config.validate()?;
-        checkpoint::prepare_new_run(run_dir)?;
-        io::write_json(
-            &run_dir.join(checkpoint::RUN_FILE),
-            &serde_json::to_value(&run).expect("run serialises"),
-        )?;
-        run
+    let run = match (resume, run) {
+        (true, _) => {
+            let v = checkpoint::read_run(run_dir, CONSISTENCY_RUN)?;
+            let path = run_dir.join(checkpoint::RUN_FILE);
+            serde_json::from_value::<ConsistencyRun>(v)
+                .map_err(|e| Error::file(&path, format!("not a consistency run: {e}")))?
+        }
+        (false, None) => return Err(Error::Usage("nothing to distill: give a teacher".into())),
+        (false, Some(run)) => run,
     };
     let cfg = &run.config;
     let student_dir = run_dir.join(STUDENT_DIR);
-    if student_dir.join("model_index.json").is_file() {
+    if resume && student_dir.join("model_index.json").is_file() {
         let recorded: serde_json::Value = io::read_text(&student_dir.join(super::DISTILL_RECORD))
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
@@ -312,6 +307,8 @@ pub fn distill_consistency(
             seconds: recorded["seconds"].as_f64().unwrap_or(f64::NAN),
         });
     }
+    // Everything is checked against the teacher before a new run folder is made.
+    cfg.validate()?;
     let teacher = Pipeline::load(&run.teacher, device)?;
     let teacher_prediction = teacher.scheduler.resolve(Algorithm::Lcm).prediction;
     let prediction = student_prediction(teacher_prediction);
@@ -341,6 +338,13 @@ pub fn distill_consistency(
         super::image_size(&teacher),
         teacher.unet.num_classes(),
     )?;
+    if !resume {
+        checkpoint::prepare_new_run(run_dir)?;
+        io::write_json(
+            &run_dir.join(checkpoint::RUN_FILE),
+            &serde_json::to_value(&run).expect("run serialises"),
+        )?;
+    }
     let (state, start) = match load_checkpoint(run_dir, &teacher, cfg, device)? {
         Some(s) => s,
         None => {

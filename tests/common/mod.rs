@@ -2,8 +2,9 @@
 //! bad input fails with one clear line.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// A fresh, absent scratch path unique to this test process.
 pub fn scratch(group: &str, name: &str) -> PathBuf {
@@ -34,8 +35,13 @@ pub fn assert_clean_failure(o: Output, needle: &str) {
 /// A tiny v-prediction model trained for two steps, as a pipeline folder (the run's latest
 /// checkpoint): enough for everything that needs a model but not a good one.
 pub fn tiny_model(group: &str, name: &str) -> PathBuf {
+    tiny_model_with(group, name, &[])
+}
+
+/// [`tiny_model`] with more `fewstep train` flags (`--class-conditional`, …).
+pub fn tiny_model_with(group: &str, name: &str, extra: &[&str]) -> PathBuf {
     let run = scratch(group, name);
-    ok(&fewstep(&[
+    let mut args = vec![
         "train",
         "--model-config",
         "tiny",
@@ -46,6 +52,49 @@ pub fn tiny_model(group: &str, name: &str) -> PathBuf {
         "--quiet",
         "--out",
         run.to_str().unwrap(),
-    ]));
+    ];
+    args.extend_from_slice(extra);
+    ok(&fewstep(&args));
     run.join("checkpoints/latest")
+}
+
+/// Runs `fewstep args`, sends it Ctrl-C (SIGINT) once `csv` has `rows` lines, and returns its
+/// output after checking that it stopped cleanly and said how to resume.
+pub fn interrupt_after_rows(args: &[&str], csv: &Path, rows: usize) -> Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_fewstep"))
+        .args(args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while std::fs::read_to_string(csv)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+        < rows
+    {
+        assert!(started.elapsed() < Duration::from_secs(60), "never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let o = child.wait_with_output().unwrap();
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("interrupted; resume with"), "{err}");
+    o
+}
+
+/// The largest absolute difference between same-named tensors of two safetensors files.
+pub fn max_weight_difference(a: &Path, b: &Path) -> f32 {
+    let (a, b) = (
+        fewstep::io::read_safetensors(a).unwrap(),
+        fewstep::io::read_safetensors(b).unwrap(),
+    );
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .flat_map(|(k, t)| t.data.iter().zip(&b[k].data).map(|(x, y)| (x - y).abs()))
+        .fold(0f32, f32::max)
 }

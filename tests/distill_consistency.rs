@@ -1,0 +1,169 @@
+//! `fewstep distill consistency` on tiny teachers: the student is an LCM pipeline folder that
+//! samples in 1, 2 and 4 steps (pixel, latent, guided class-conditional), an interrupted run
+//! resumes to the uninterrupted student, bad input is one clear line.
+
+mod common;
+use common::{
+    assert_clean_failure, fewstep, interrupt_after_rows, max_weight_difference, ok, scratch,
+    tiny_model, tiny_model_with,
+};
+
+use std::path::Path;
+
+use fewstep::io::Pipeline;
+use fewstep_schedulers::Algorithm;
+
+const WEIGHTS: &str = "unet/diffusion_pytorch_model.safetensors";
+
+fn distill_args<'a>(teacher: &'a Path, out: &'a Path, iters: &'a str) -> Vec<&'a str> {
+    vec![
+        "distill",
+        "consistency",
+        "--teacher",
+        teacher.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--iters",
+        iters,
+        "--batch",
+        "2",
+        "--scales",
+        "10",
+        "--warmup",
+        "2",
+        "--checkpoint-every",
+        "3",
+        "--no-eval",
+        "--quiet",
+    ]
+}
+
+/// Samples `steps` steps from `dir` with its own (LCM) scheduler.
+fn samples_in(dir: &Path, steps: usize) {
+    let o = fewstep(&[
+        "sample",
+        "--model",
+        dir.to_str().unwrap(),
+        "--steps",
+        &steps.to_string(),
+        "--num",
+        "2",
+        "--out",
+        dir.join(format!("grid{steps}.png")).to_str().unwrap(),
+    ]);
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&format!("in {steps} steps")), "{err}");
+}
+
+#[test]
+fn the_student_is_an_lcm_pipeline_that_samples_in_one_to_four_steps() {
+    let teacher = tiny_model("cd", "teacher-a");
+    let out = scratch("cd", "student");
+    ok(&fewstep(&distill_args(&teacher, &out, "3")));
+    let dir = out.join("student");
+    let p = Pipeline::load(&dir, &burn::prelude::Device::flex()).unwrap();
+    assert_eq!(p.scheduler.class, Some(Algorithm::Lcm));
+    let resolved = p.scheduler.resolve(Algorithm::Lcm);
+    assert_eq!(resolved.original_inference_steps, 10);
+    assert_eq!(resolved.timestep_scaling, 10.0);
+    for steps in [1, 2, 4] {
+        samples_in(&dir, steps);
+    }
+    assert!(max_weight_difference(&teacher.join(WEIGHTS), &dir.join(WEIGHTS)) > 0.0);
+    // Done: --resume finds nothing left and succeeds.
+    ok(&fewstep(&[
+        "distill",
+        "consistency",
+        "--out",
+        out.to_str().unwrap(),
+        "--resume",
+        "--no-eval",
+        "--quiet",
+    ]));
+}
+
+#[test]
+fn latent_and_guided_class_conditional_teachers_distill() {
+    let latent = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/pipe_latent");
+    let out = scratch("cd", "latent");
+    ok(&fewstep(&distill_args(&latent, &out, "2")));
+    let dir = out.join("student");
+    assert!(dir.join("vae/config.json").is_file());
+    samples_in(&dir, 2);
+
+    let teacher = tiny_model_with("cd", "teacher-class", &["--class-conditional"]);
+    let out = scratch("cd", "guided");
+    let mut args = distill_args(&teacher, &out, "2");
+    args.extend_from_slice(&["--guidance", "2.5", "--scales-start", "5"]);
+    ok(&fewstep(&args));
+    samples_in(&out.join("student"), 1);
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["config"]["guidance"], 2.5);
+    assert_eq!(run["config"]["scales_start"], 5);
+}
+
+#[test]
+fn an_interrupted_run_resumes_to_the_uninterrupted_student() {
+    let teacher = tiny_model("cd", "teacher-b");
+    let whole = scratch("cd", "whole");
+    ok(&fewstep(&distill_args(&teacher, &whole, "20")));
+    let split = scratch("cd", "split");
+    interrupt_after_rows(
+        &distill_args(&teacher, &split, "20"),
+        &split.join("loss.csv"),
+        6,
+    );
+    assert!(!split.join("student").exists());
+    ok(&fewstep(&[
+        "distill",
+        "consistency",
+        "--out",
+        split.to_str().unwrap(),
+        "--resume",
+        "--no-eval",
+        "--quiet",
+    ]));
+    let w = format!("student/{WEIGHTS}");
+    let max = max_weight_difference(&whole.join(&w), &split.join(&w));
+    assert!(max < 1e-5, "{max}");
+}
+
+#[test]
+fn bad_input_is_one_clear_line() {
+    let teacher = tiny_model("cd", "teacher-c");
+    let t = teacher.to_str().unwrap();
+    let out = scratch("cd", "bad");
+    let o = out.to_str().unwrap();
+    let base = ["distill", "consistency", "--no-eval", "--out", o];
+    let with = |extra: &[&str]| {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        fewstep(&a)
+    };
+    assert_clean_failure(
+        with(&["--teacher", t, "--guidance", "3"]),
+        "class-conditional",
+    );
+    assert_clean_failure(with(&["--teacher", t, "--scales", "0"]), "--scales");
+    assert_clean_failure(
+        with(&["--teacher", t, "--scales", "1001"]),
+        "num_train_timesteps",
+    );
+    assert_clean_failure(
+        with(&["--teacher", t, "--scales", "20", "--scales-start", "40"]),
+        "--scales-start",
+    );
+    assert_clean_failure(with(&["--teacher", t, "--eval-steps", "0"]), "--eval-steps");
+    assert_clean_failure(
+        with(&["--teacher", t, "--target-ema", "1.5"]),
+        "--target-ema",
+    );
+    assert_clean_failure(with(&["--teacher", "/no/teacher"]), "model_index.json");
+    assert_clean_failure(
+        fewstep(&["distill", "consistency", "--out", o, "--resume"]),
+        "no run to resume",
+    );
+    assert!(!out.exists(), "nothing written on bad input");
+}
