@@ -175,6 +175,17 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, HostTensor>> {
     Ok(out)
 }
 
+/// The string metadata of a safetensors file's header (empty when it has none).
+pub fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::file(path, "file not found"),
+        _ => Error::file(path, format!("cannot read: {e}")),
+    })?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::file(path, format!("corrupt or truncated safetensors file ({e})")))?;
+    Ok(meta.metadata().clone().unwrap_or_default())
+}
+
 struct Loader<'a> {
     tracker: PathTracker,
     tensors: HashMap<String, HostTensor>,
@@ -295,6 +306,15 @@ impl ModuleVisitor for Collector {
 
 /// Writes named f32 tensors ([shape], data) as a safetensors file, atomically.
 pub fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> Result<()> {
+    write_safetensors_with_metadata(path, tensors, None)
+}
+
+/// [`write_safetensors`] with string metadata in the header.
+pub fn write_safetensors_with_metadata(
+    path: &Path,
+    tensors: &[(&str, Vec<usize>, Vec<f32>)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
         .map(|(_, _, data)| data.iter().flat_map(|v| v.to_le_bytes()).collect())
@@ -308,7 +328,7 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) 
             (name.to_string(), view)
         })
         .collect();
-    let out = safetensors::serialize(views, None)
+    let out = safetensors::serialize(views, metadata)
         .map_err(|e| Error::file(path, format!("cannot serialise tensors: {e}")))?;
     write_atomic(path, &out)
 }

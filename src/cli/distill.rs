@@ -16,6 +16,7 @@ use crate::distill::consistency::Distance;
 use crate::error::{Error, Result};
 use crate::io::{self, Pipeline};
 use crate::metrics::{self, FeatureExtractor, Reference, Scores, ShapesFeatures};
+use crate::models::lora::LoraSpec;
 use crate::sample::Generation;
 use crate::train::consistency::{
     self, CONSISTENCY_RUN, ConsistencyConfig, ConsistencyOutcome, ConsistencyRun,
@@ -223,6 +224,19 @@ pub struct ConsistencyArgs {
     /// EMA decay of the written student (default: none, as LCM).
     #[arg(long)]
     pub ema: Option<f32>,
+    /// Train rank-r adapters on the frozen teacher (LCM-LoRA) instead of a full student; writes
+    /// lora.safetensors (PEFT/diffusers format) beside the merged student/.
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+    /// LoRA α (the adapters are scaled by α/r; default: r).
+    #[arg(long)]
+    pub lora_alpha: Option<f32>,
+    /// Also adapt the resnet, down- and upsampling convolutions.
+    #[arg(long)]
+    pub lora_convs: bool,
+    /// Also adapt the resnets' time-embedding projections.
+    #[arg(long)]
+    pub lora_linears: bool,
     /// Sampling steps of the FID table (comma-separated).
     #[arg(long, default_value = "1,2,4", value_delimiter = ',')]
     pub eval_steps: Vec<usize>,
@@ -450,6 +464,12 @@ impl ConsistencyArgs {
             ema_decay: self.ema,
             seed: self.common.seed,
             checkpoint_every: self.common.checkpoint_every,
+            lora: self.lora_rank.map(|rank| LoraSpec {
+                rank,
+                alpha: self.lora_alpha.unwrap_or(rank as f32),
+                convolutions: self.lora_convs,
+                linears: self.lora_linears,
+            }),
         }
     }
 
@@ -540,6 +560,13 @@ fn run_consistency(args: ConsistencyArgs) -> Result<()> {
             "--eval-steps {bad}: expected 1 to --scales ({})",
             args.scales
         )));
+    }
+    if args.lora_rank.is_none()
+        && (args.lora_alpha.is_some() || args.lora_convs || args.lora_linears)
+    {
+        return Err(Error::Usage(
+            "--lora-alpha, --lora-convs and --lora-linears need --lora-rank".into(),
+        ));
     }
     let run = if args.common.resume {
         None

@@ -7,6 +7,7 @@ use crate::error::Result;
 
 pub mod distill;
 pub mod eval;
+pub mod lora;
 pub mod sample;
 pub mod train;
 pub mod train_features;
@@ -36,6 +37,9 @@ pub enum Command {
     Eval(eval::EvalCommand),
     /// Train the `shapes` feature network (the in-domain FID extractor).
     TrainFeatures(train_features::TrainFeaturesArgs),
+    /// Low-rank adapters: merge a LoRA file into a pipeline.
+    #[command(subcommand)]
+    Lora(lora::LoraCommand),
 }
 
 /// `--device`, shared by every command that computes.
@@ -59,5 +63,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Distill(command) => distill::run(command),
         Command::Eval(command) => eval::run(command),
         Command::TrainFeatures(args) => train_features::run(args),
+        Command::Lora(command) => lora::run(command),
     }
 }

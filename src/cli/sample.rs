@@ -37,6 +37,13 @@ pub struct SampleArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
+    /// Apply a LoRA file (PEFT/diffusers format) to the UNet; an LCM-LoRA also brings its LCM
+    /// scheduler (used unless --scheduler says otherwise).
+    #[arg(long)]
+    pub lora: Option<PathBuf>,
+    /// Multiplier of the LoRA's contribution.
+    #[arg(long, default_value_t = 1.0, requires = "lora")]
+    pub lora_scale: f32,
     /// Where to write the PNG grid.
     #[arg(long, default_value = "grid.png")]
     pub out: PathBuf,
@@ -79,7 +86,10 @@ pub fn run(args: SampleArgs) -> Result<()> {
         return Err(Error::Usage("--batch must be at least 1".into()));
     }
     let device = args.device.device()?;
-    let pipeline = Pipeline::load(&args.model, &device)?;
+    let pipeline = match &args.lora {
+        Some(lora) => super::lora::load_with_lora(&args.model, lora, args.lora_scale, &device)?,
+        None => Pipeline::load(&args.model, &device)?,
+    };
     let algorithm = args
         .scheduler
         .as_deref()

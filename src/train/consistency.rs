@@ -17,7 +17,7 @@ use burn::module::Module;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
-use fewstep_schedulers::{Algorithm, SchedulerConfig};
+use fewstep_schedulers::{Algorithm, Prediction, SchedulerConfig};
 use serde_json::json;
 
 use super::distill_loop::{IterReport, LoopEnd, LoopSpec, run_loop};
@@ -31,6 +31,7 @@ use crate::distill::consistency::{
 use crate::error::{Error, Result};
 use crate::io::{self, Pipeline};
 use crate::models::UNet;
+use crate::models::lora::{self, LoraSpec};
 use crate::noise::NoiseStream;
 
 /// The `run.json` kind of a consistency-distillation run.
@@ -38,6 +39,9 @@ pub const CONSISTENCY_RUN: &str = "distill-consistency";
 
 /// The folder of the finished student inside the run folder.
 pub const STUDENT_DIR: &str = "student";
+
+/// The adapters of a LoRA run, in the run folder (PEFT/diffusers format).
+pub const LORA_FILE: &str = "lora.safetensors";
 
 /// Settings of a consistency-distillation run.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -65,6 +69,9 @@ pub struct ConsistencyConfig {
     pub ema_decay: Option<f32>,
     pub seed: u64,
     pub checkpoint_every: usize,
+    /// Train low-rank adapters on the frozen teacher instead of a full student (LCM-LoRA).
+    #[serde(default)]
+    pub lora: Option<LoraSpec>,
 }
 
 impl ConsistencyConfig {
@@ -112,6 +119,9 @@ impl ConsistencyConfig {
                 "--huber-c {c}: expected a positive number"
             )));
         }
+        if let Some(spec) = &self.lora {
+            spec.validate()?;
+        }
         if let Some(w) = self.guidance
             && !(w >= 0.0 && w.is_finite())
         {
@@ -156,14 +166,22 @@ pub struct ConsistencyOutcome {
     pub seconds: f64,
 }
 
+/// The student's prediction type: the teacher's for adapters (they are applied to the teacher
+/// and sampled with its parameterisation), else v for an ε teacher as in progressive distillation.
+pub fn consistency_prediction(teacher: &SchedulerConfig, cfg: &ConsistencyConfig) -> Prediction {
+    let p = teacher.resolve(Algorithm::Lcm).prediction;
+    match cfg.lora {
+        Some(_) => p,
+        None => student_prediction(p),
+    }
+}
+
 /// The scheduler config written with the student: the teacher's noise schedule as an
 /// `LCMScheduler` over the final skipping grid.
 pub fn student_scheduler(teacher: &SchedulerConfig, cfg: &ConsistencyConfig) -> SchedulerConfig {
     let mut s = teacher.clone();
     s.class = Some(Algorithm::Lcm);
-    s.prediction_type = Some(student_prediction(
-        teacher.resolve(Algorithm::Lcm).prediction,
-    ));
+    s.prediction_type = Some(consistency_prediction(teacher, cfg));
     s.original_inference_steps = Some(cfg.scales);
     s.timestep_scaling = Some(cfg.timestep_scaling);
     s.distilled_steps = None;
@@ -176,6 +194,24 @@ fn new_optimizer(cfg: &ConsistencyConfig) -> ModuleOptimizer {
         .init()
 }
 
+/// A trainable student on `device` (an autodiff device): the teacher's UNet, with adapters
+/// attached for a LoRA run.
+fn trainable(unet: UNet, cfg: &ConsistencyConfig) -> Result<UNet> {
+    match &cfg.lora {
+        Some(spec) => lora::attach(unet, spec),
+        None => Ok(unet),
+    }
+}
+
+/// The weights written as a pipeline: the EMA copy or the student, adapters merged.
+fn written(state: &State) -> UNet {
+    state
+        .ema
+        .clone()
+        .unwrap_or_else(|| state.student.valid())
+        .materialize()
+}
+
 struct State {
     student: UNet,
     target: UNet,
@@ -184,6 +220,7 @@ struct State {
 }
 
 const TARGET_WEIGHTS: &str = "target.safetensors";
+const EMA_WEIGHTS: &str = "ema.safetensors";
 
 fn save_checkpoint(
     run_dir: &Path,
@@ -193,17 +230,20 @@ fn save_checkpoint(
     iter: usize,
 ) -> Result<()> {
     let dir = checkpoint::incoming(run_dir)?;
-    let written = state.ema.clone().unwrap_or_else(|| state.student.valid());
+    let ema = state.ema.clone();
     io::save_pipeline(
         &dir,
         &teacher.unet_config,
-        &written,
+        &written(state),
         scheduler,
         Algorithm::Lcm,
         teacher.vae.as_ref().map(|(c, v)| (c, v)),
     )?;
     checkpoint::write_state(&dir, &state.student, &state.optim, &json!({ "iter": iter }))?;
     io::save_weights(&state.target, &dir.join("state").join(TARGET_WEIGHTS))?;
+    if let Some(ema) = ema {
+        io::save_weights(&ema, &dir.join("state").join(EMA_WEIGHTS))?;
+    }
     checkpoint::publish(run_dir).map(|_| ())
 }
 
@@ -217,20 +257,21 @@ fn load_checkpoint(
         return Ok(None);
     };
     let ad = device.clone().autodiff();
-    let st = checkpoint::read_state(&ckpt, teacher.unet_config.init(&ad), new_optimizer(cfg))?;
+    let fresh = |d: &Device| trainable(teacher.unet_config.init(d), cfg);
+    let st = checkpoint::read_state(&ckpt, fresh(&ad)?, new_optimizer(cfg))?;
     let iter = st.progress["iter"]
         .as_u64()
         .ok_or_else(|| Error::file(ckpt.join("state/state.json"), "no `iter`"))?
         as usize;
     let target = io::load_weights_with_ids(
-        teacher.unet_config.init(device),
+        fresh(device)?,
         &ckpt.join("state").join(TARGET_WEIGHTS),
         Some(&st.ids),
     )?;
     let ema = match cfg.ema_decay {
         Some(_) => Some(io::load_weights_with_ids(
-            teacher.unet_config.init(device),
-            &ckpt.join("unet").join(io::WEIGHTS_NAME),
+            fresh(device)?,
+            &ckpt.join("state").join(EMA_WEIGHTS),
             Some(&st.ids),
         )?),
         None => None,
@@ -311,7 +352,7 @@ pub fn distill_consistency(
     cfg.validate()?;
     let teacher = Pipeline::load(&run.teacher, device)?;
     let teacher_prediction = teacher.scheduler.resolve(Algorithm::Lcm).prediction;
-    let prediction = student_prediction(teacher_prediction);
+    let prediction = consistency_prediction(&teacher.scheduler, cfg);
     let scheduler = student_scheduler(&teacher.scheduler, cfg);
     let guidance_null = match (cfg.guidance, teacher.unet.num_classes()) {
         (Some(_), None) => {
@@ -350,6 +391,7 @@ pub fn distill_consistency(
         None => {
             let ad = device.clone().autodiff();
             let (_, student) = io::load_unet(&run.teacher.join("unet"), &ad)?;
+            let student = trainable(student, cfg)?;
             (
                 State {
                     target: student.valid(),
@@ -443,12 +485,20 @@ pub fn distill_consistency(
             seconds,
         } => (final_loss, seconds),
     };
-    let written = state.ema.clone().unwrap_or_else(|| state.student.valid());
+    if let Some(spec) = &cfg.lora {
+        let adapters = state.ema.clone().unwrap_or_else(|| state.student.valid());
+        lora::lora_file(
+            &run_dir.join(LORA_FILE),
+            &adapters,
+            spec,
+            Some(&scheduler.to_json(Algorithm::Lcm)),
+        )?;
+    }
     super::write_student(
         run_dir,
         &student_dir,
         &teacher,
-        &written,
+        &written(&state),
         &scheduler,
         Algorithm::Lcm,
         &json!({

@@ -1,0 +1,118 @@
+//! `fewstep lora merge`: fold a LoRA file (PEFT/diffusers format) into a pipeline's UNet and write
+//! the merged pipeline folder, with the scheduler the adapters were distilled for.
+
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use fewstep_schedulers::SchedulerConfig;
+
+use super::DeviceArgs;
+use crate::error::{Error, Result};
+use crate::io::Pipeline;
+use crate::models::lora::{self, LoraFile};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum LoraCommand {
+    /// Merge adapters into a pipeline and write the merged pipeline folder.
+    Merge(MergeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MergeArgs {
+    /// The base pipeline folder the adapters were trained on.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The LoRA file (`…lora_A.weight` / `…lora_B.weight`, α in `lora_adapter_metadata`).
+    #[arg(long)]
+    pub lora: PathBuf,
+    /// Multiplier of the adapters' contribution.
+    #[arg(long, default_value_t = 1.0)]
+    pub lora_scale: f32,
+    /// Where to write the merged pipeline folder (must be absent or empty).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// Loads `model` with the adapters of `lora_path` merged at `scale`; the pipeline's scheduler
+/// becomes the one the file names (an LCM-LoRA's LCM scheduler), if it names one.
+pub fn load_with_lora(
+    model: &Path,
+    lora_path: &Path,
+    scale: f32,
+    device: &Device,
+) -> Result<Pipeline> {
+    if !scale.is_finite() {
+        return Err(Error::Usage(format!(
+            "--lora-scale {scale}: expected a number"
+        )));
+    }
+    let file = LoraFile::read(lora_path)?;
+    let mut pipeline = Pipeline::load(model, device)?;
+    pipeline.unet = lora::merge(pipeline.unet, &file, scale, lora_path)?;
+    if let Some(text) = file.scheduler_config() {
+        pipeline.scheduler = SchedulerConfig::from_json_str(text).map_err(|e| {
+            Error::file(
+                lora_path,
+                format!("metadata `{}`: {}", lora::SCHEDULER_METADATA_KEY, e.0),
+            )
+        })?;
+    }
+    Ok(pipeline)
+}
+
+fn merge(args: MergeArgs) -> Result<()> {
+    let device = args.device.device()?;
+    let pipeline = load_with_lora(&args.model, &args.lora, args.lora_scale, &device)?;
+    if args.out.exists()
+        && std::fs::read_dir(&args.out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        return Err(Error::file(
+            &args.out,
+            "--out is not empty; choose another --out",
+        ));
+    }
+    let parent = args
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let incoming = parent.join(format!(
+        ".incoming-{}",
+        args.out
+            .file_name()
+            .map_or_else(|| "merged".into(), |n| n.to_string_lossy().into_owned())
+    ));
+    if incoming.exists() {
+        std::fs::remove_dir_all(&incoming)
+            .map_err(|e| Error::file(&incoming, format!("cannot clear: {e}")))?;
+    }
+    let algorithm = pipeline
+        .scheduler
+        .class
+        .unwrap_or(fewstep_schedulers::Algorithm::Ddpm);
+    pipeline.save(&incoming, algorithm)?;
+    if args.out.exists() {
+        std::fs::remove_dir(&args.out)
+            .map_err(|e| Error::file(&args.out, format!("cannot replace: {e}")))?;
+    }
+    std::fs::rename(&incoming, &args.out)
+        .map_err(|e| Error::file(&args.out, format!("cannot write: {e}")))?;
+    eprintln!(
+        "wrote {} ({} + {} at scale {})",
+        args.out.display(),
+        args.model.display(),
+        args.lora.display(),
+        args.lora_scale
+    );
+    Ok(())
+}
+
+pub fn run(command: LoraCommand) -> Result<()> {
+    match command {
+        LoraCommand::Merge(args) => merge(args),
+    }
+}

@@ -1,0 +1,520 @@
+//! Low-rank adapters (LoRA, Hu et al. 2021) on a UNet, and their exchange format.
+//!
+//! Training uses burn's own reparameterization: every targeted weight W gets a
+//! [`LoraAdapter`] (its effective value is W + (α/r)·a·b, W frozen) and every other parameter is
+//! frozen, so only the factors receive gradients. Targets are named as PEFT's
+//! `target_modules` are matched — a module whose name equals a target or ends with `.target`:
+//! attention projections always (`to_q`, `to_k`, `to_v`, `to_out.0`), optionally the resnet,
+//! down- and upsampling convolutions and the resnets' time-embedding projections.
+//!
+//! The file written ([`lora_file`]) is what PEFT and diffusers load: per module
+//! `<module>.lora_A.weight` [r, in] (convolutions [r, in, k, k]) and `<module>.lora_B.weight`
+//! [out, r] (convolutions [out, r, 1, 1]), ΔW = (α/r)·B·A, with the `LoraConfig` (`r`,
+//! `lora_alpha`, `target_modules`) as JSON under the metadata key `lora_adapter_metadata`, as
+//! diffusers' `save_lora_adapter` writes it. In burn's layouts the factors are stored as
+//! a = Aᵀ, b = Bᵀ for a linear weight ([in, out]) and a = B, b = A flattened for a convolution
+//! ([out, in, k, k]), so that a·b reshaped is ΔW in either case.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use burn::module::{LoraAdapter, Module, ModuleMapper, ModuleVisitor, Param, Reparameterizer};
+use burn::prelude::*;
+use burn::tensor::Distribution;
+
+use crate::error::{Error, Result};
+use crate::io;
+use crate::models::UNet;
+
+/// Metadata key of the PEFT `LoraConfig` JSON (diffusers' `LORA_ADAPTER_METADATA_KEY`).
+pub const ADAPTER_METADATA_KEY: &str = "lora_adapter_metadata";
+/// Metadata key of the scheduler config the adapters were distilled for (fewstep's own).
+pub const SCHEDULER_METADATA_KEY: &str = "fewstep_scheduler_config";
+
+const ATTENTION: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
+const CONVOLUTIONS: [&str; 5] = [
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+];
+const LINEARS: [&str; 1] = ["time_emb_proj"];
+
+/// Which layers get adapters, and their rank and α.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraSpec {
+    pub rank: usize,
+    pub alpha: f32,
+    /// Also the resnet, downsampling and upsampling convolutions.
+    pub convolutions: bool,
+    /// Also the resnets' time-embedding projections.
+    pub linears: bool,
+}
+
+impl LoraSpec {
+    /// PEFT `target_modules`.
+    pub fn target_modules(&self) -> Vec<&'static str> {
+        let mut t: Vec<&'static str> = ATTENTION.to_vec();
+        if self.convolutions {
+            t.extend(CONVOLUTIONS);
+        }
+        if self.linears {
+            t.extend(LINEARS);
+        }
+        t
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.rank == 0 {
+            return Err(Error::Usage("--lora-rank must be at least 1".into()));
+        }
+        if !(self.alpha > 0.0 && self.alpha.is_finite()) {
+            return Err(Error::Usage(format!(
+                "--lora-alpha {}: expected a positive number",
+                self.alpha
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Whether `module` (a dotted module name) is one of `targets`, PEFT's way.
+fn targeted(module: &str, targets: &[&str]) -> bool {
+    targets
+        .iter()
+        .any(|t| module == *t || module.ends_with(&format!(".{t}")))
+}
+
+struct Attach<'a> {
+    spec: &'a LoraSpec,
+    targets: Vec<&'static str>,
+    adapted: usize,
+}
+
+impl Reparameterizer for &mut Attach<'_> {
+    type Reparam = LoraAdapter;
+
+    fn reparameterize<const D: usize>(
+        &mut self,
+        path: &str,
+        param: Param<Tensor<D>>,
+    ) -> (Param<Tensor<D>>, Option<LoraAdapter>) {
+        let dims = param.val().dims();
+        let device = param.val().device();
+        let base = param.set_require_grad(false);
+        let Some(module) = path.strip_suffix(".weight") else {
+            return (base, None);
+        };
+        if !targeted(module, &self.targets) {
+            return (base, None);
+        }
+        let r = self.spec.rank;
+        // One factor random, the other zero: ΔW = 0 when attached (PEFT's initialisation).
+        let (a, b) = match D {
+            // Linear, burn layout [in, out]: a = Aᵀ [in, r], b = Bᵀ [r, out].
+            2 => (
+                Tensor::<2>::random(
+                    [dims[0], r],
+                    Distribution::Normal(0.0, 1.0 / r as f64),
+                    &device,
+                ),
+                Tensor::<2>::zeros([r, dims[1]], &device),
+            ),
+            // Convolution [out, in, k, k]: a = B [out, r], b = A [r, in·k·k].
+            4 => {
+                let fan_in = dims[1] * dims[2] * dims[3];
+                (
+                    Tensor::<2>::zeros([dims[0], r], &device),
+                    Tensor::<2>::random(
+                        [r, fan_in],
+                        Distribution::Normal(0.0, 1.0 / (fan_in as f64).sqrt()),
+                        &device,
+                    ),
+                )
+            }
+            _ => return (base, None),
+        };
+        self.adapted += 1;
+        (
+            base,
+            Some(LoraAdapter {
+                a: Param::from_tensor(a),
+                b: Param::from_tensor(b),
+                scale: self.spec.alpha as f64 / r as f64,
+            }),
+        )
+    }
+}
+
+/// Freezes `unet` and attaches trainable adapters to the targeted layers. Errors when no layer
+/// matches (a UNet without attention and no other targets).
+pub fn attach(unet: UNet, spec: &LoraSpec) -> Result<UNet> {
+    let mut attach = Attach {
+        spec,
+        targets: spec.target_modules(),
+        adapted: 0,
+    };
+    let unet = unet.apply_reparameterization(&mut attach);
+    if attach.adapted == 0 {
+        return Err(Error::Usage(format!(
+            "--lora-rank: no layer of this UNet matches the LoRA targets {:?} (add --lora-convs)",
+            spec.target_modules()
+        )));
+    }
+    Ok(unet)
+}
+
+/// Collects every float parameter's values and shape by module path.
+#[derive(Default)]
+struct Values {
+    path: Vec<String>,
+    found: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+}
+
+impl ModuleVisitor for Values {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let t = param.val();
+        let shape = t.dims().to_vec();
+        let data = t.into_data().try_to_vec::<f32>().expect("f32 weights");
+        self.found.insert(self.path.join("."), (shape, data));
+    }
+}
+
+/// The adapters of `unet` (from [`attach`]) as PEFT-named tensors: (name, shape, data).
+pub fn lora_tensors(unet: &UNet) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let mut v = Values::default();
+    unet.visit(&mut v);
+    let mut out = Vec::new();
+    for (path, (a_shape, a)) in &v.found {
+        let Some(weight) = path.strip_suffix(".lora.a") else {
+            continue;
+        };
+        let module = weight.strip_suffix(".weight").unwrap_or(weight);
+        let (b_shape, b) = &v.found[&format!("{weight}.lora.b")];
+        let (base_shape, _) = &v.found[weight];
+        let r = a_shape[1];
+        if base_shape.len() == 4 {
+            // a = B [out, r], b = A [r, in·k·k].
+            let (out_c, in_c, kh, kw) =
+                (base_shape[0], base_shape[1], base_shape[2], base_shape[3]);
+            out.push((
+                format!("{module}.lora_A.weight"),
+                vec![r, in_c, kh, kw],
+                b.clone(),
+            ));
+            out.push((
+                format!("{module}.lora_B.weight"),
+                vec![out_c, r, 1, 1],
+                a.clone(),
+            ));
+        } else {
+            // a = Aᵀ [in, r], b = Bᵀ [r, out].
+            out.push((
+                format!("{module}.lora_A.weight"),
+                vec![r, a_shape[0]],
+                transpose(a, a_shape[0], r),
+            ));
+            out.push((
+                format!("{module}.lora_B.weight"),
+                vec![b_shape[1], r],
+                transpose(b, r, b_shape[1]),
+            ));
+        }
+    }
+    out
+}
+
+/// Row-major [rows, cols] → [cols, rows].
+fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0.0; x.len()];
+    for i in 0..rows {
+        for j in 0..cols {
+            t[j * rows + i] = x[i * cols + j];
+        }
+    }
+    t
+}
+
+/// Writes `unet`'s adapters as a PEFT/diffusers LoRA file with the `LoraConfig` and the
+/// scheduler config in the metadata.
+pub fn lora_file(
+    path: &Path,
+    unet: &UNet,
+    spec: &LoraSpec,
+    scheduler: Option<&serde_json::Value>,
+) -> Result<()> {
+    let tensors = lora_tensors(unet);
+    let config = serde_json::json!({
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "target_modules": spec.target_modules(),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "init_lora_weights": true,
+        "use_dora": false,
+    });
+    let mut metadata = HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        (ADAPTER_METADATA_KEY.to_string(), config.to_string()),
+    ]);
+    if let Some(s) = scheduler {
+        metadata.insert(SCHEDULER_METADATA_KEY.to_string(), s.to_string());
+    }
+    let refs: Vec<(&str, Vec<usize>, Vec<f32>)> = tensors
+        .iter()
+        .map(|(n, s, d)| (n.as_str(), s.clone(), d.clone()))
+        .collect();
+    io::write_safetensors_with_metadata(path, &refs, Some(metadata))
+}
+
+/// A LoRA file read back: ΔW per module (torch layout, scale α/r applied), and its metadata.
+pub struct LoraFile {
+    pub deltas: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    pub metadata: HashMap<String, String>,
+}
+
+impl LoraFile {
+    /// Reads a PEFT/diffusers LoRA file (keys `<module>.lora_A.weight` / `.lora_B.weight`,
+    /// optionally prefixed `unet.`; α from `lora_adapter_metadata`, else α = r).
+    pub fn read(path: &Path) -> Result<Self> {
+        let tensors = io::read_safetensors(path)?;
+        let metadata = io::read_safetensors_metadata(path)?;
+        let config: Option<serde_json::Value> = metadata
+            .get(ADAPTER_METADATA_KEY)
+            .map(|s| {
+                serde_json::from_str(s).map_err(|e| {
+                    Error::file(
+                        path,
+                        format!("metadata `{ADAPTER_METADATA_KEY}` is not JSON: {e}"),
+                    )
+                })
+            })
+            .transpose()?;
+        let mut deltas = HashMap::new();
+        for (name, a) in &tensors {
+            let Some(module) = name.strip_suffix(".lora_A.weight") else {
+                if !name.ends_with(".lora_B.weight") {
+                    return Err(Error::file(
+                        path,
+                        format!(
+                            "tensor `{name}` is not a LoRA factor (`….lora_A.weight` or `….lora_B.weight`)"
+                        ),
+                    ));
+                }
+                continue;
+            };
+            let b = tensors
+                .get(&format!("{module}.lora_B.weight"))
+                .ok_or_else(|| {
+                    Error::file(
+                        path,
+                        format!("`{name}` has no matching `{module}.lora_B.weight`"),
+                    )
+                })?;
+            let r = a.shape[0];
+            if b.shape.len() < 2 || b.shape[1] != r || b.shape[2..].iter().any(|&d| d != 1) {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "`{module}`: lora_B shape {:?} does not match lora_A shape {:?}",
+                        b.shape, a.shape
+                    ),
+                ));
+            }
+            let alpha = config
+                .as_ref()
+                .and_then(|c| c["lora_alpha"].as_f64())
+                .unwrap_or(r as f64);
+            let scale = (alpha / r as f64) as f32;
+            let out_c = b.shape[0];
+            let fan_in: usize = a.shape[1..].iter().product();
+            // ΔW = scale·B·A, [out, in…].
+            let mut delta = vec![0f32; out_c * fan_in];
+            for o in 0..out_c {
+                for k in 0..r {
+                    let bk = b.data[o * r + k] * scale;
+                    if bk == 0.0 {
+                        continue;
+                    }
+                    let row = &a.data[k * fan_in..(k + 1) * fan_in];
+                    for (d, &x) in delta[o * fan_in..(o + 1) * fan_in].iter_mut().zip(row) {
+                        *d += bk * x;
+                    }
+                }
+            }
+            let mut shape = vec![out_c];
+            shape.extend_from_slice(&a.shape[1..]);
+            let module = module.strip_prefix("unet.").unwrap_or(module);
+            deltas.insert(module.to_string(), (shape, delta));
+        }
+        if deltas.is_empty() {
+            return Err(Error::file(
+                path,
+                "no LoRA factors (`….lora_A.weight`) in this file",
+            ));
+        }
+        Ok(LoraFile { deltas, metadata })
+    }
+
+    /// The scheduler config the adapters were distilled for, if the file names one.
+    pub fn scheduler_config(&self) -> Option<&str> {
+        self.metadata
+            .get(SCHEDULER_METADATA_KEY)
+            .map(String::as_str)
+    }
+}
+
+struct Merge<'a> {
+    path: Vec<String>,
+    deltas: &'a HashMap<String, (Vec<usize>, Vec<f32>)>,
+    scale: f32,
+    used: Vec<String>,
+    errors: Vec<String>,
+}
+
+impl ModuleMapper for Merge<'_> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let path = self.path.join(".");
+        let Some(module) = path.strip_suffix(".weight") else {
+            return param;
+        };
+        let Some((shape, delta)) = self.deltas.get(module) else {
+            return param;
+        };
+        let w = param.val();
+        let dims = w.dims();
+        // Torch layout [out, in…]; burn's Linear stores [in, out].
+        let torch_dims: Vec<usize> = if D == 2 {
+            vec![dims[1], dims[0]]
+        } else {
+            dims.to_vec()
+        };
+        if *shape != torch_dims {
+            self.errors.push(format!(
+                "`{module}`: the adapter's weight shape {shape:?} does not match the model's {torch_dims:?}"
+            ));
+            return param;
+        }
+        self.used.push(module.to_string());
+        let device = w.device();
+        let mut d = Tensor::<1>::from_floats(delta.as_slice(), &device);
+        d = d * self.scale;
+        let delta: Tensor<D> = if D == 2 {
+            d.reshape([dims[1], dims[0]]).transpose().reshape(dims)
+        } else {
+            d.reshape(dims)
+        };
+        param.map(|w| w + delta)
+    }
+}
+
+/// Adds `scale`·ΔW of every adapter in `file` to `unet`'s weights. Errors (naming `path`) when an
+/// adapter's module is missing from the UNet or has another shape.
+pub fn merge(unet: UNet, file: &LoraFile, scale: f32, path: &Path) -> Result<UNet> {
+    let mut m = Merge {
+        path: Vec::new(),
+        deltas: &file.deltas,
+        scale,
+        used: Vec::new(),
+        errors: Vec::new(),
+    };
+    let unet = unet.map(&mut m);
+    if let Some(e) = m.errors.first() {
+        return Err(Error::file(path, e.clone()));
+    }
+    if let Some(missing) = file.deltas.keys().find(|k| !m.used.contains(k)) {
+        return Err(Error::file(
+            path,
+            format!(
+                "adapter for `{missing}`, which this UNet does not have (a LoRA for another base model?)"
+            ),
+        ));
+    }
+    Ok(unet)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::UNetConfig;
+
+    fn spec(convolutions: bool) -> LoraSpec {
+        LoraSpec {
+            rank: 2,
+            alpha: 4.0,
+            convolutions,
+            linears: true,
+        }
+    }
+
+    /// Moves every adapter factor (not the bases) randomly, so that ΔW ≠ 0.
+    #[derive(Default)]
+    struct Perturb {
+        path: Vec<String>,
+    }
+    impl ModuleMapper for Perturb {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            if !self.path.iter().any(|p| p == "lora") {
+                return param;
+            }
+            param.map(|t| {
+                let dims = t.dims();
+                t.clone() + Tensor::<D>::random(dims, Distribution::Normal(0.0, 0.05), &t.device())
+            })
+        }
+    }
+
+    #[test]
+    fn the_written_file_merges_to_the_adapted_model() {
+        let device = Device::flex();
+        let base = UNetConfig::tiny().init(&device);
+        let adapted = attach(base.clone(), &spec(true))
+            .unwrap()
+            .map(&mut Perturb::default());
+        let dir = std::env::temp_dir().join(format!("fewstep-lora-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("lora.safetensors");
+        lora_file(&file, &adapted, &spec(true), None).unwrap();
+        let names = io::read_safetensors(&file).unwrap();
+        assert!(names.contains_key("mid_block.attentions.0.to_q.lora_A.weight"));
+        assert!(names.contains_key("down_blocks.0.resnets.0.conv1.lora_B.weight"));
+        assert!(names.contains_key("down_blocks.0.resnets.0.time_emb_proj.lora_A.weight"));
+        let read = LoraFile::read(&file).unwrap();
+        let merged = merge(base, &read, 1.0, &file).unwrap();
+        let x = Tensor::<4>::random([1, 3, 32, 32], Distribution::Normal(0.0, 1.0), &device);
+        let t = Tensor::<1>::from_floats([500.0], &device);
+        let want = adapted.forward(x.clone(), t.clone(), None);
+        let got = merged.forward(x, t, None);
+        let err: f32 = (want - got).abs().max().into_scalar::<f32>();
+        assert!(err < 1e-4, "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn attention_only_adapters_leave_convolutions_alone() {
+        let device = Device::flex();
+        let adapted = attach(UNetConfig::tiny().init(&device), &spec(false)).unwrap();
+        let names: Vec<String> = lora_tensors(&adapted).into_iter().map(|t| t.0).collect();
+        assert!(names.iter().all(|n| !n.contains("conv")), "{names:?}");
+        assert!(names.iter().any(|n| n.contains("to_out.0.lora_B")));
+    }
+}
