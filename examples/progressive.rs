@@ -61,6 +61,7 @@ fn main() -> fewstep::Result<()> {
         seed: 0,
         class_label: None,
         latents: None,
+        guidance_scale: None,
     };
     let mut pixels = Vec::new();
     let mut shape = [0; 3];

@@ -51,12 +51,15 @@ pub fn cycling_labels(
 
 /// Runs the reverse process from `latents` (unit-variance noise, [B, C, H, W]; scaled by
 /// `init_noise_sigma` here, as diffusers' pipelines do) and returns the result in model space:
-/// the decoded image for a latent pipeline. `set_timesteps` must have been called.
+/// the decoded image for a latent pipeline. `set_timesteps` must have been called. A
+/// guidance-conditioned consistency student takes `guidance_scale` s as w = s − 1 (diffusers'
+/// LCM pipeline convention).
 pub fn sample(
     pipeline: &Pipeline,
     scheduler: &mut Scheduler<DeviceSample>,
     latents: Tensor<4>,
     labels: Option<Tensor<1, Int>>,
+    guidance_scale: Option<f32>,
     noise: &mut NoiseStream,
 ) -> Result<Tensor<4>> {
     let device = latents.device();
@@ -66,16 +69,26 @@ pub fn sample(
             "this UNet is class-conditional (num_classes set): class labels are required".into(),
         ));
     }
+    let guidance = match (pipeline.unet.takes_guidance(), guidance_scale) {
+        (true, Some(s)) => Some(Tensor::<1>::full([b], s - 1.0, &device)),
+        (true, None) => {
+            return Err(Error::Usage(
+                "this student is conditioned on a guidance scale (time_cond_proj_dim): give --guidance-scale (w + 1 for the w it was distilled at)".into(),
+            ));
+        }
+        (false, _) => None,
+    };
     let mut x = DeviceSample(latents * scheduler.init_noise_sigma());
     let mut last = None;
     while let Some(t) = scheduler.current_timestep() {
         let model_input = scheduler.scale_model_input(&x);
         let t_batch = Tensor::<1>::full([b], t, &device);
-        let out = DeviceSample(
-            pipeline
-                .unet
-                .forward(model_input.0, t_batch, labels.clone()),
-        );
+        let out = DeviceSample(pipeline.unet.forward_guided(
+            model_input.0,
+            t_batch,
+            labels.clone(),
+            guidance.clone(),
+        ));
         let step_noise = scheduler
             .needs_noise()
             .then(|| DeviceSample(host_noise(noise, [b, c, h, w], &device)));
@@ -111,6 +124,8 @@ pub struct Generation<'a> {
     pub seed: u64,
     pub class_label: Option<usize>,
     pub latents: Option<&'a [f32]>,
+    /// Guidance scale of a guidance-conditioned student (ignored by other models).
+    pub guidance_scale: Option<f32>,
 }
 
 /// Generates `request.num` images with `scheduler` at `steps` steps, handing each batch (model
@@ -156,7 +171,14 @@ pub fn generate(
         scheduler
             .set_timesteps(steps)
             .map_err(|e| Error::Usage(e.0))?;
-        let x = sample(pipeline, scheduler, latents, labels, &mut step_noise)?;
+        let x = sample(
+            pipeline,
+            scheduler,
+            latents,
+            labels,
+            request.guidance_scale,
+            &mut step_noise,
+        )?;
         each(first, x)?;
     }
     Ok(())

@@ -100,8 +100,39 @@ fn latent_and_guided_class_conditional_teachers_distill() {
     samples_in(&out.join("student"), 1);
     let run: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
-    assert_eq!(run["config"]["guidance"], 2.5);
+    assert_eq!(run["config"]["guidance"]["min"], 2.5);
     assert_eq!(run["config"]["scales_start"], 5);
+    // A fixed w keeps the student a plain UNet2DModel.
+    let config = std::fs::read_to_string(out.join("student/unet/config.json")).unwrap();
+    assert!(!config.contains("time_cond_proj_dim"), "{config}");
+
+    // A range of w: the student takes w through a guidance-scale embedding.
+    let out = scratch("cd", "guided-range");
+    let mut args = distill_args(&teacher, &out, "2");
+    args.extend_from_slice(&["--guidance", "1,4"]);
+    ok(&fewstep(&args));
+    let dir = out.join("student");
+    let p = Pipeline::load(&dir, &burn::prelude::Device::flex()).unwrap();
+    assert_eq!(p.unet_config.time_cond_proj_dim, Some(256));
+    assert!(p.unet.takes_guidance());
+    let grid = dir.join("g.png");
+    let sample = |extra: &[&str]| {
+        let mut a = vec![
+            "sample",
+            "--model",
+            dir.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--num",
+            "2",
+            "--out",
+            grid.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        fewstep(&a)
+    };
+    assert_clean_failure(sample(&[]), "--guidance-scale");
+    ok(&sample(&["--guidance-scale", "3.5"]));
 }
 
 #[test]

@@ -19,7 +19,7 @@ use crate::metrics::{self, FeatureExtractor, Reference, Scores, ShapesFeatures};
 use crate::models::lora::LoraSpec;
 use crate::sample::Generation;
 use crate::train::consistency::{
-    self, CONSISTENCY_RUN, ConsistencyConfig, ConsistencyOutcome, ConsistencyRun,
+    self, CONSISTENCY_RUN, ConsistencyConfig, ConsistencyOutcome, ConsistencyRun, GuidanceRange,
 };
 use crate::train::progressive::{
     self, PROGRESSIVE_RUN, ProgressiveConfig, ProgressiveOutcome, ProgressiveRun,
@@ -217,10 +217,12 @@ pub struct ConsistencyArgs {
     /// c of the pseudo-Huber distance (LCM: 0.001).
     #[arg(long, default_value_t = 0.001)]
     pub huber_c: f32,
-    /// Classifier-free guidance scale w of the teacher's targets (class-conditional teachers;
-    /// x0 = c + w·(c − u)).
-    #[arg(long)]
-    pub guidance: Option<f32>,
+    /// Classifier-free guidance of the teacher's targets, x0 = c + w·(c − u), for a
+    /// class-conditional teacher: one scale `w`, or a range `w_min,w_max` drawn per example —
+    /// the student then takes w through a guidance-scale embedding (LCM's time_cond_proj_dim)
+    /// and samples with `--guidance-scale w+1`.
+    #[arg(long, value_delimiter = ',', num_args = 1..=2)]
+    pub guidance: Option<Vec<f32>>,
     /// EMA decay of the written student (default: none, as LCM).
     #[arg(long)]
     pub ema: Option<f32>,
@@ -278,6 +280,8 @@ struct Evaluator<'a> {
     extractor: &'a dyn FeatureExtractor,
     reference: &'a Reference,
     num: usize,
+    /// Guidance scale for guidance-conditioned students.
+    guidance_scale: Option<f32>,
     device: &'a Device,
     done: BTreeMap<(PathBuf, &'static str, usize), Scores>,
 }
@@ -297,6 +301,7 @@ impl Evaluator<'_> {
             seed: 0,
             class_label: None,
             latents: None,
+            guidance_scale: self.guidance_scale,
         };
         let label = dir
             .file_name()
@@ -332,6 +337,7 @@ fn report(
         extractor: &extractor,
         reference: &reference,
         num,
+        guidance_scale: None,
         device,
         done: BTreeMap::new(),
     };
@@ -455,7 +461,10 @@ impl ConsistencyArgs {
                 LossKind::L2 => Distance::L2,
                 LossKind::Huber => Distance::PseudoHuber { c: self.huber_c },
             },
-            guidance: self.guidance,
+            guidance: self.guidance.as_ref().map(|g| GuidanceRange {
+                min: g[0],
+                max: *g.last().expect("clap gives 1 or 2 values"),
+            }),
             iters: self.iters.unwrap_or(iters),
             batch: self.batch.unwrap_or(batch),
             lr: self.lr.unwrap_or(1e-4),
@@ -496,6 +505,8 @@ fn consistency_report(
         extractor: &extractor,
         reference: &reference,
         num,
+        // A w-conditioned student is evaluated at the middle of its range.
+        guidance_scale: run.config.guidance.map(|g| 1.0 + (g.min + g.max) / 2.0),
         device,
         done: BTreeMap::new(),
     };

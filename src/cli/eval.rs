@@ -95,6 +95,9 @@ pub struct SamplingArgs {
     /// Seed of the generated samples' noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Guidance scale of a guidance-conditioned consistency student (w + 1).
+    #[arg(long)]
+    pub guidance_scale: Option<f32>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -198,6 +201,7 @@ impl ModelUnderTest {
             seed: sampling.seed,
             class_label: None,
             latents: None,
+            guidance_scale: sampling.guidance_scale,
         };
         metrics::sample_features(
             &self.pipeline,

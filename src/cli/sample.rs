@@ -37,6 +37,10 @@ pub struct SampleArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
+    /// Guidance scale s of a guidance-conditioned consistency student (it takes w = s − 1, as
+    /// diffusers' LCM pipeline).
+    #[arg(long)]
+    pub guidance_scale: Option<f32>,
     /// Apply a LoRA file (PEFT/diffusers format) to the UNet; an LCM-LoRA also brings its LCM
     /// scheduler (used unless --scheduler says otherwise).
     #[arg(long)]
@@ -90,6 +94,12 @@ pub fn run(args: SampleArgs) -> Result<()> {
         Some(lora) => super::lora::load_with_lora(&args.model, lora, args.lora_scale, &device)?,
         None => Pipeline::load(&args.model, &device)?,
     };
+    if pipeline.unet.takes_guidance() && args.guidance_scale.is_none() {
+        return Err(Error::Usage(format!(
+            "{}: this student is conditioned on a guidance scale (time_cond_proj_dim): give --guidance-scale (w + 1 for a w it was distilled at)",
+            args.model.display()
+        )));
+    }
     let algorithm = args
         .scheduler
         .as_deref()
@@ -130,6 +140,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
         seed: args.seed,
         class_label: args.class_label,
         latents: initial.as_deref(),
+        guidance_scale: args.guidance_scale,
     };
     generate(
         &pipeline,

@@ -92,7 +92,8 @@ pub enum At {
     Prev,
 }
 
-/// f(z, t) = c_skip·z + c_out·x̂0 for each row, at the `at` end of its step.
+/// f(z, t) = c_skip·z + c_out·x̂0 for each row, at the `at` end of its step; a
+/// guidance-conditioned student also gets each row's w.
 pub fn consistency_output(
     unet: &UNet,
     prediction: Prediction,
@@ -100,6 +101,7 @@ pub fn consistency_output(
     steps: &[ConsistencyStep],
     at: At,
     labels: Option<Tensor<1, Int>>,
+    guidance: Option<&[f32]>,
 ) -> Tensor<4> {
     let device = z.device();
     let pick = |s: &ConsistencyStep| match at {
@@ -108,7 +110,14 @@ pub fn consistency_output(
     };
     let t: Vec<i64> = steps.iter().map(|s| pick(s).0).collect();
     let a: Vec<f64> = steps.iter().map(|s| pick(s).1).collect();
-    let out = run_model(unet, z.clone(), &t, labels);
+    let t_in: Vec<f32> = t.iter().map(|&t| t as f32).collect();
+    let w = guidance.map(|w| Tensor::<1>::from_floats(w, &device));
+    let out = unet.forward_guided(
+        z.clone(),
+        Tensor::<1>::from_floats(t_in.as_slice(), &device),
+        labels,
+        w,
+    );
     let x0 = x0_from_output(prediction, z.clone(), out, &a);
     let c_skip = per_row(steps.iter().map(|s| pick(s).2 as f32).collect(), &device);
     let c_out = per_row(steps.iter().map(|s| pick(s).3 as f32).collect(), &device);
@@ -315,6 +324,7 @@ mod tests {
             z.clone(),
             &[grid[0], grid[0]],
             At::Prev,
+            None,
             None,
         );
         let diff: f32 = (at_zero - z.clone()).abs().max().into_scalar::<f32>();

@@ -58,11 +58,33 @@ pub fn timestep_embedding(
     }
 }
 
-/// `TimestepEmbedding`: linear → SiLU → linear.
+/// diffusers' `get_guidance_scale_embedding`: sinusoidal features of 1000·w, [B] → [B, dim]
+/// (sin first, then cos; a zero column pads an odd `dim`).
+pub fn guidance_scale_embedding(w: Tensor<1>, dim: usize) -> Tensor<2> {
+    let device = w.device();
+    let half = dim / 2;
+    let step = 10000f64.ln() / (half as f64 - 1.0).max(1.0);
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (-(i as f64) * step).exp() as f32)
+        .collect();
+    let freqs = Tensor::<1>::from_floats(freqs.as_slice(), &device).unsqueeze_dim::<2>(0); // [1, half]
+    let args = (w * 1000.0).unsqueeze_dim::<2>(1) * freqs; // [B, half]
+    let emb = Tensor::cat(vec![args.clone().sin(), args.cos()], 1);
+    if dim % 2 == 1 {
+        let [b, _] = emb.dims();
+        Tensor::cat(vec![emb, Tensor::zeros([b, 1], &device)], 1)
+    } else {
+        emb
+    }
+}
+
+/// `TimestepEmbedding`: linear → SiLU → linear, with an optional bias-free `cond_proj` whose
+/// projection of a condition (LCM's guidance-scale embedding) is added to the input.
 #[derive(Module, Debug)]
 pub struct TimestepEmbedding {
     pub linear_1: Linear,
     pub linear_2: Linear,
+    pub cond_proj: Option<Linear>,
 }
 
 impl TimestepEmbedding {
@@ -70,11 +92,17 @@ impl TimestepEmbedding {
         TimestepEmbedding {
             linear_1: LinearConfig::new(c_in, dim).init(device),
             linear_2: LinearConfig::new(dim, dim).init(device),
+            cond_proj: None,
         }
     }
 
-    /// [B, c_in] → [B, dim]
-    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+    /// [B, c_in] (and [B, cond_dim]) → [B, dim]. The condition is ignored without `cond_proj`,
+    /// and `cond_proj` without a condition, as in diffusers.
+    pub fn forward(&self, x: Tensor<2>, condition: Option<Tensor<2>>) -> Tensor<2> {
+        let x = match (&self.cond_proj, condition) {
+            (Some(proj), Some(c)) => x + proj.forward(c),
+            _ => x,
+        };
         self.linear_2.forward(silu(self.linear_1.forward(x)))
     }
 }
@@ -295,5 +323,32 @@ impl MidBlock {
             x = attn.forward(x);
         }
         self.resnets[1].forward(x, temb)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guidance_scale_embedding_matches_diffusers() {
+        // diffusers 0.42.1 `LatentConsistencyModelPipeline.get_guidance_scale_embedding(w, 7)`.
+        let want: [[f32; 7]; 3] = [
+            [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0],
+            [
+                -0.993_902, 0.650_288, 0.149_438, -0.110_267, -0.759_688, 0.988_771, 0.0,
+            ],
+            [
+                -0.851_236, -0.387_782, 0.681_639, -0.524_783, 0.921_751, 0.731_689, 0.0,
+            ],
+        ];
+        let device = Device::flex();
+        let got = guidance_scale_embedding(Tensor::<1>::from_floats([0.0, 1.5, 7.5], &device), 7)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        for (g, w) in got.iter().zip(want.iter().flatten()) {
+            assert!((g - w).abs() < 1e-3, "{g} vs {w}");
+        }
     }
 }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::blocks::{
     Attention, BlockSpec, Downsample, MidBlock, ResnetBlock, TimestepEmbedding, Upsample, conv,
-    group_norm, silu, timestep_embedding,
+    group_norm, guidance_scale_embedding, silu, timestep_embedding,
 };
 use crate::error::{Error, Result};
 
@@ -135,6 +135,11 @@ pub struct UNetConfig {
     pub num_class_embeds: Option<usize>,
     #[serde(default)]
     pub num_train_timesteps: Option<usize>,
+    /// Width of the guidance-scale embedding a consistency student is conditioned on
+    /// (`UNet2DConditionModel`'s field; fewstep's extension of `UNet2DModel`, written only when
+    /// set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_cond_proj_dim: Option<usize>,
 }
 
 impl Default for UNetConfig {
@@ -427,7 +432,16 @@ impl UNetConfig {
         }
         UNet {
             conv_in: conv(self.in_channels, ch[0], 3, device),
-            time_embedding: TimestepEmbedding::new(ch[0], temb, device),
+            time_embedding: TimestepEmbedding {
+                // Zero-initialised: a student made from a teacher starts as the teacher.
+                cond_proj: self.time_cond_proj_dim.map(|d| {
+                    burn::nn::LinearConfig::new(d, ch[0])
+                        .with_bias(false)
+                        .with_initializer(burn::nn::Initializer::Zeros)
+                        .init(device)
+                }),
+                ..TimestepEmbedding::new(ch[0], temb, device)
+            },
             class_embedding: self
                 .num_class_embeds
                 .map(|k| EmbeddingConfig::new(k, temb).init(device)),
@@ -521,6 +535,19 @@ impl UNet {
         t: Tensor<1>,
         class_labels: Option<Tensor<1, Int>>,
     ) -> Tensor<4> {
+        self.forward_guided(x, t, class_labels, None)
+    }
+
+    /// [`forward`](Self::forward) with the guidance scale w [B] a guidance-conditioned student
+    /// takes (embedded as diffusers' `get_guidance_scale_embedding(w, time_cond_proj_dim)`);
+    /// ignored by a model without `time_cond_proj_dim`.
+    pub fn forward_guided(
+        &self,
+        x: Tensor<4>,
+        t: Tensor<1>,
+        class_labels: Option<Tensor<1, Int>>,
+        guidance: Option<Tensor<1>>,
+    ) -> Tensor<4> {
         let x = if self.center_input_sample {
             x * 2.0 - 1.0
         } else {
@@ -528,7 +555,11 @@ impl UNet {
         };
         let t_emb =
             timestep_embedding(t, self.time_proj_dim, self.flip_sin_to_cos, self.freq_shift);
-        let mut emb = self.time_embedding.forward(t_emb); // [B, temb]
+        let condition = match (&self.time_embedding.cond_proj, guidance) {
+            (Some(proj), Some(w)) => Some(guidance_scale_embedding(w, proj.weight.dims()[0])),
+            _ => None,
+        };
+        let mut emb = self.time_embedding.forward(t_emb, condition); // [B, temb]
         if let (Some(embedding), Some(labels)) = (&self.class_embedding, class_labels) {
             let [b] = labels.dims();
             let class_emb = embedding.forward(labels.reshape([b, 1])); // [B, 1, temb]
@@ -551,8 +582,44 @@ impl UNet {
         self.conv_out.forward(x) // [B, C_out, H, W]
     }
 
+    /// Whether the model takes a guidance scale (has a guidance-scale embedding).
+    pub fn takes_guidance(&self) -> bool {
+        self.time_embedding.cond_proj.is_some()
+    }
+
     /// Whether the model takes class labels.
     pub fn num_classes(&self) -> Option<usize> {
         self.class_embedding.as_ref().map(|e| e.weight.dims()[0])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    #[test]
+    fn the_guidance_embedding_starts_at_zero_and_then_conditions_on_w() {
+        let device = Device::flex();
+        let mut config = UNetConfig::tiny();
+        config.time_cond_proj_dim = Some(16);
+        let mut unet = config.init(&device);
+        let x = Tensor::<4>::random([2, 3, 32, 32], Distribution::Normal(0.0, 1.0), &device);
+        let t = Tensor::<1>::from_floats([900.0, 100.0], &device);
+        let w = |v: f32| Some(Tensor::<1>::full([2], v, &device));
+        let run = |u: &UNet, g: Option<Tensor<1>>| u.forward_guided(x.clone(), t.clone(), None, g);
+        let plain = run(&unet, None);
+        let diff = |a: Tensor<4>, b: Tensor<4>| -> f32 { (a - b).abs().max().into_scalar::<f32>() };
+        assert_eq!(diff(run(&unet, w(3.0)), plain.clone()), 0.0);
+        let proj = unet.time_embedding.cond_proj.take().unwrap();
+        unet.time_embedding.cond_proj = Some(burn::nn::Linear {
+            weight: proj.weight.map(|p| {
+                p.clone() + Tensor::random(p.dims(), Distribution::Normal(0.0, 0.1), &device)
+            }),
+            bias: None,
+        });
+        assert!(diff(run(&unet, w(1.0)), run(&unet, w(4.0))) > 1e-4);
+        // Without a guidance scale the embedding is skipped, as in diffusers.
+        assert_eq!(diff(run(&unet, None), plain), 0.0);
     }
 }

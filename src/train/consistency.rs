@@ -30,8 +30,8 @@ use crate::distill::consistency::{
 };
 use crate::error::{Error, Result};
 use crate::io::{self, Pipeline};
-use crate::models::UNet;
 use crate::models::lora::{self, LoraSpec};
+use crate::models::{UNet, UNetConfig};
 use crate::noise::NoiseStream;
 
 /// The `run.json` kind of a consistency-distillation run.
@@ -56,9 +56,9 @@ pub struct ConsistencyConfig {
     /// `timestep_scaling` of the boundary scalings (LCM: 10).
     pub timestep_scaling: f32,
     pub distance: Distance,
-    /// Classifier-free guidance scale w of the teacher's target (class-conditional teachers):
-    /// the student learns the guided trajectory at this w.
-    pub guidance: Option<f32>,
+    /// Classifier-free guidance of the teacher's target (class-conditional teachers): w per row
+    /// from this range; a range (min < max) also conditions the student on w.
+    pub guidance: Option<GuidanceRange>,
     pub iters: usize,
     pub batch: usize,
     /// Learning rate after the warm-up.
@@ -122,11 +122,12 @@ impl ConsistencyConfig {
         if let Some(spec) = &self.lora {
             spec.validate()?;
         }
-        if let Some(w) = self.guidance
-            && !(w >= 0.0 && w.is_finite())
+        if let Some(g) = self.guidance
+            && !(g.min >= 0.0 && g.min <= g.max && g.max.is_finite())
         {
             return Err(Error::Usage(format!(
-                "--guidance {w}: expected a scale of 0 or more"
+                "--guidance {},{}: expected scales of 0 or more, the first not above the second",
+                g.min, g.max
             )));
         }
         Ok(())
@@ -145,6 +146,34 @@ impl ConsistencyConfig {
     pub fn lr_at(&self, iter: usize) -> f64 {
         self.lr * ((iter + 1) as f64 / self.warmup.max(1) as f64).min(1.0)
     }
+}
+
+/// The classifier-free guidance scales w a run draws from (uniformly, per row).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GuidanceRange {
+    pub min: f32,
+    pub max: f32,
+}
+
+impl GuidanceRange {
+    /// Whether the student is conditioned on w (a range, not a single scale).
+    pub fn conditions_student(&self) -> bool {
+        self.min < self.max
+    }
+}
+
+/// Width of the guidance-scale embedding of a w-conditioned student (LCM's
+/// `time_cond_proj_dim`).
+pub const GUIDANCE_EMBEDDING_DIM: usize = 256;
+
+/// The student's UNet config: the teacher's, with a guidance-scale embedding when the run
+/// conditions the student on w.
+pub fn student_unet_config(teacher: &UNetConfig, cfg: &ConsistencyConfig) -> UNetConfig {
+    let mut c = teacher.clone();
+    if cfg.guidance.is_some_and(|g| g.conditions_student()) {
+        c.time_cond_proj_dim = Some(GUIDANCE_EMBEDDING_DIM);
+    }
+    c
 }
 
 /// Everything that defines a consistency run (stored as `run.json`).
@@ -225,6 +254,7 @@ const EMA_WEIGHTS: &str = "ema.safetensors";
 fn save_checkpoint(
     run_dir: &Path,
     teacher: &Pipeline,
+    unet_config: &UNetConfig,
     scheduler: &SchedulerConfig,
     state: &State,
     iter: usize,
@@ -233,7 +263,7 @@ fn save_checkpoint(
     let ema = state.ema.clone();
     io::save_pipeline(
         &dir,
-        &teacher.unet_config,
+        unet_config,
         &written(state),
         scheduler,
         Algorithm::Lcm,
@@ -249,7 +279,7 @@ fn save_checkpoint(
 
 fn load_checkpoint(
     run_dir: &Path,
-    teacher: &Pipeline,
+    unet_config: &UNetConfig,
     cfg: &ConsistencyConfig,
     device: &Device,
 ) -> Result<Option<(State, usize)>> {
@@ -257,7 +287,7 @@ fn load_checkpoint(
         return Ok(None);
     };
     let ad = device.clone().autodiff();
-    let fresh = |d: &Device| trainable(teacher.unet_config.init(d), cfg);
+    let fresh = |d: &Device| trainable(unet_config.init(d), cfg);
     let st = checkpoint::read_state(&ckpt, fresh(&ad)?, new_optimizer(cfg))?;
     let iter = st.progress["iter"]
         .as_u64()
@@ -292,6 +322,7 @@ struct Batch {
     z: Tensor<4>,
     steps: Vec<ConsistencyStep>,
     labels: Option<Tensor<1, Int>>,
+    w: Vec<f32>,
 }
 
 fn draw_batch(
@@ -303,17 +334,24 @@ fn draw_batch(
     device: &Device,
 ) -> Batch {
     let mut rng = NoiseStream::for_step(cfg.seed, iter as u64);
-    // Order of draws: images, grid points, noise (fixed: resume relies on it).
+    // Order of draws: images, grid points, noise, guidance scales (fixed: resume relies on it).
     let (x, labels) = images.random_batch(&mut rng, cfg.batch, device);
     let steps: Vec<ConsistencyStep> = (0..cfg.batch)
         .map(|_| grid[rng.below(grid.len() as u64) as usize])
         .collect();
     let x0 = super::model_space(teacher, x);
     let eps = crate::sample::host_noise(&mut rng, x0.dims(), device);
+    let w = match cfg.guidance {
+        Some(g) => (0..cfg.batch)
+            .map(|_| g.min + (g.max - g.min) * rng.uniform() as f32)
+            .collect(),
+        None => Vec::new(),
+    };
     Batch {
         z: noised(x0, eps, &steps),
         steps,
         labels: teacher.unet.num_classes().map(|_| labels),
+        w,
     }
 }
 
@@ -354,6 +392,8 @@ pub fn distill_consistency(
     let teacher_prediction = teacher.scheduler.resolve(Algorithm::Lcm).prediction;
     let prediction = consistency_prediction(&teacher.scheduler, cfg);
     let scheduler = student_scheduler(&teacher.scheduler, cfg);
+    let unet_config = student_unet_config(&teacher.unet_config, cfg);
+    let conditioned = cfg.guidance.is_some_and(|g| g.conditions_student());
     let guidance_null = match (cfg.guidance, teacher.unet.num_classes()) {
         (Some(_), None) => {
             return Err(Error::Usage(format!(
@@ -386,11 +426,16 @@ pub fn distill_consistency(
             &serde_json::to_value(&run).expect("run serialises"),
         )?;
     }
-    let (state, start) = match load_checkpoint(run_dir, &teacher, cfg, device)? {
+    let (state, start) = match load_checkpoint(run_dir, &unet_config, cfg, device)? {
         Some(s) => s,
         None => {
             let ad = device.clone().autodiff();
-            let (_, student) = io::load_unet(&run.teacher.join("unet"), &ad)?;
+            let (_, mut student) = io::load_unet(&run.teacher.join("unet"), &ad)?;
+            if conditioned {
+                // The teacher's weights and a zero guidance embedding: the student starts as
+                // the teacher.
+                student.time_embedding.cond_proj = unet_config.init(&ad).time_embedding.cond_proj;
+            }
             let student = trainable(student, cfg)?;
             (
                 State {
@@ -408,8 +453,10 @@ pub fn distill_consistency(
             "consistency distillation of {} ({} scales{}, {} iterations of batch {})",
             run.teacher.display(),
             cfg.scales,
-            cfg.guidance
-                .map_or(String::new(), |w| format!(", guidance {w}")),
+            cfg.guidance.map_or(String::new(), |g| format!(
+                ", guidance w in [{}, {}]",
+                g.min, g.max
+            )),
             cfg.iters,
             cfg.batch
         );
@@ -430,8 +477,8 @@ pub fn distill_consistency(
         |mut state, iter| {
             let grid = &grids[&curriculum.scales_at(iter)];
             let b = draw_batch(&teacher, &images, grid, cfg, iter, device);
-            let w: Vec<f32> = vec![cfg.guidance.unwrap_or(0.0); cfg.batch];
-            let guidance = guidance_null.map(|null| (w.as_slice(), null));
+            let guidance = guidance_null.map(|null| (b.w.as_slice(), null));
+            let student_w = conditioned.then_some(b.w.as_slice());
             let x_prev = teacher_solver_step(
                 &teacher.unet,
                 teacher_prediction,
@@ -447,6 +494,7 @@ pub fn distill_consistency(
                 &b.steps,
                 At::Prev,
                 b.labels.clone(),
+                student_w,
             );
             // The teacher and target ran without autodiff; the student trains on the autodiff
             // device.
@@ -457,6 +505,7 @@ pub fn distill_consistency(
                 &b.steps,
                 At::Start,
                 b.labels.map(Tensor::autodiff),
+                student_w,
             );
             let loss = distance(online, target.autodiff(), cfg.distance).mean();
             let value: f32 = loss.clone().into_scalar::<f32>();
@@ -470,7 +519,7 @@ pub fn distill_consistency(
             }
             Ok((state, IterReport { loss: value, lr }))
         },
-        |state, done| save_checkpoint(run_dir, &teacher, &scheduler, state, done),
+        |state, done| save_checkpoint(run_dir, &teacher, &unet_config, &scheduler, state, done),
     )?;
     let (final_loss, seconds) = match end {
         LoopEnd::Interrupted => {
@@ -498,6 +547,7 @@ pub fn distill_consistency(
         run_dir,
         &student_dir,
         &teacher,
+        &unet_config,
         &written(&state),
         &scheduler,
         Algorithm::Lcm,
@@ -508,6 +558,7 @@ pub fn distill_consistency(
             "seconds": seconds,
             "iters": cfg.iters,
             "scales": cfg.scales,
+            "guidance": cfg.guidance,
         }),
     )?;
     Ok(ConsistencyOutcome {

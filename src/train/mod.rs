@@ -423,6 +423,7 @@ pub(crate) fn write_student(
     run_dir: &Path,
     dir: &Path,
     teacher: &io::Pipeline,
+    unet_config: &UNetConfig,
     unet: &UNet,
     scheduler: &SchedulerConfig,
     algorithm: Algorithm,
@@ -438,7 +439,7 @@ pub(crate) fn write_student(
     }
     io::save_pipeline(
         &incoming,
-        &teacher.unet_config,
+        unet_config,
         unet,
         scheduler,
         algorithm,

@@ -420,6 +420,7 @@ pub fn distill_progressive(
             run_dir,
             &dir,
             &teacher,
+            &teacher.unet_config,
             &written,
             &scheduler,
             Algorithm::Ddim,
