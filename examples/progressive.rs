@@ -8,11 +8,11 @@ use std::path::PathBuf;
 
 use fewstep::data::DataSource;
 use fewstep::io::{self, Pipeline};
-use fewstep::sample::{DeviceSample, Generation, generate};
+use fewstep::sample::{Generation, write_sample_grid};
 use fewstep::train::progressive::{
     PROGRESSIVE_RUN, ProgressiveConfig, ProgressiveRun, distill_progressive, round_dir,
 };
-use fewstep_schedulers::{Algorithm, Scheduler};
+use fewstep_schedulers::Algorithm;
 
 fn main() -> fewstep::Result<()> {
     let out = PathBuf::from(
@@ -50,7 +50,6 @@ fn main() -> fewstep::Result<()> {
 
     // The last student is an ordinary diffusers folder: load it and sample at its step count.
     let student = Pipeline::load(&round_dir(&out, 4), &device)?;
-    let mut scheduler: Scheduler<DeviceSample> = student.scheduler.build(Some(Algorithm::Ddim))?;
     let steps = student
         .scheduler
         .distilled_steps
@@ -63,23 +62,8 @@ fn main() -> fewstep::Result<()> {
         latents: None,
         guidance_scale: None,
     };
-    let mut pixels = Vec::new();
-    let mut shape = [0; 3];
-    generate(
-        &student,
-        &mut scheduler,
-        steps,
-        &request,
-        &device,
-        |_, x| {
-            let [_, c, h, w] = x.dims();
-            shape = [c, h, w];
-            pixels.extend(x.into_data().try_to_vec::<f32>().expect("f32"));
-            Ok(())
-        },
-    )?;
     let grid = out.join("student-4steps.png");
-    fewstep::image_grid::write_grid(&grid, &pixels, 16, shape)?;
+    write_sample_grid(&student, Algorithm::Ddim, steps, &request, &device, &grid)?;
     println!("wrote {}", grid.display());
     Ok(())
 }

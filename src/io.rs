@@ -435,6 +435,34 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Loads `DIR` (`model_index.json`, `unet/`, `scheduler/`, optional `vae/`).
+    /// Loads the pipeline in `dir` with the adapters of a LoRA file merged at `scale`; the
+    /// pipeline's scheduler becomes the one the file names (an LCM-LoRA's LCM scheduler), if any.
+    pub fn load_with_lora(
+        dir: &Path,
+        lora_path: &Path,
+        scale: f32,
+        device: &Device,
+    ) -> Result<Self> {
+        use crate::models::lora;
+        if !scale.is_finite() {
+            return Err(Error::Usage(format!(
+                "--lora-scale {scale}: expected a number"
+            )));
+        }
+        let file = lora::LoraFile::read(lora_path)?;
+        let mut pipeline = Pipeline::load(dir, device)?;
+        pipeline.unet = lora::merge(pipeline.unet, &file, scale, lora_path)?;
+        if let Some(text) = file.scheduler_config() {
+            pipeline.scheduler = SchedulerConfig::from_json_str(text).map_err(|e| {
+                Error::file(
+                    lora_path,
+                    format!("metadata `{}`: {}", lora::SCHEDULER_METADATA_KEY, e.0),
+                )
+            })?;
+        }
+        Ok(pipeline)
+    }
+
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::file(dir, "pipeline folder not found"));

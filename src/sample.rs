@@ -183,3 +183,28 @@ pub fn generate(
     }
     Ok(())
 }
+
+/// Generates `request.num` images with `pipeline`'s own scheduler config run as `algorithm` at
+/// `steps` steps and writes them as a PNG grid at `path`.
+pub fn write_sample_grid(
+    pipeline: &Pipeline,
+    algorithm: Algorithm,
+    steps: usize,
+    request: &Generation<'_>,
+    device: &Device,
+    path: &std::path::Path,
+) -> Result<()> {
+    let mut scheduler: Scheduler<DeviceSample> = pipeline
+        .scheduler
+        .build(Some(algorithm))
+        .map_err(|e| Error::Config(e.0))?;
+    let mut pixels = Vec::new();
+    let mut shape = [0; 3];
+    generate(pipeline, &mut scheduler, steps, request, device, |_, x| {
+        let [_, c, h, w] = x.dims();
+        shape = [c, h, w];
+        pixels.extend(x.into_data().try_to_vec::<f32>().expect("f32 samples"));
+        Ok(())
+    })?;
+    crate::image_grid::write_grid(path, &pixels, request.num, shape)
+}

@@ -110,6 +110,7 @@ fn pipeline_matches(rel: &str) {
             &mut scheduler,
             latents.clone(),
             None,
+            None,
             &mut NoiseStream::new(0),
         )
         .unwrap();

@@ -8,7 +8,6 @@ use common::{assert_clean_failure, fewstep, max_weight_difference, ok, scratch};
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
-use fewstep::cli::lora::load_with_lora;
 use fewstep::io::{self, Pipeline};
 use fewstep_schedulers::Algorithm;
 
@@ -39,7 +38,7 @@ fn the_merged_lora_matches_peft_on_diffusers() {
     let device = Device::flex();
     let io = io::read_safetensors(&fixtures().join("lora/io.safetensors")).unwrap();
     let lora = fixtures().join("lora/lora.safetensors");
-    let p = load_with_lora(&fixtures().join("pipe_pixel"), &lora, 1.0, &device).unwrap();
+    let p = Pipeline::load_with_lora(&fixtures().join("pipe_pixel"), &lora, 1.0, &device).unwrap();
     let got = run_unet(&p, &io);
     let want = &io["out_lora"].data;
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
@@ -50,7 +49,8 @@ fn the_merged_lora_matches_peft_on_diffusers() {
     assert!(max_diff(&got, &io["out_base"].data) > 100.0 * err.max(1e-5));
     assert_eq!(p.scheduler.class, Some(Algorithm::Lcm));
     // Scale 0 is the base model.
-    let base = load_with_lora(&fixtures().join("pipe_pixel"), &lora, 0.0, &device).unwrap();
+    let base =
+        Pipeline::load_with_lora(&fixtures().join("pipe_pixel"), &lora, 0.0, &device).unwrap();
     assert!(max_diff(&run_unet(&base, &io), &io["out_base"].data) <= 1e-4 * scale);
 }
 

@@ -3,13 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::prelude::*;
-use fewstep_schedulers::SchedulerConfig;
-
 use super::DeviceArgs;
 use crate::error::{Error, Result};
 use crate::io::Pipeline;
-use crate::models::lora::{self, LoraFile};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum LoraCommand {
@@ -35,36 +31,9 @@ pub struct MergeArgs {
     pub device: DeviceArgs,
 }
 
-/// Loads `model` with the adapters of `lora_path` merged at `scale`; the pipeline's scheduler
-/// becomes the one the file names (an LCM-LoRA's LCM scheduler), if it names one.
-pub fn load_with_lora(
-    model: &Path,
-    lora_path: &Path,
-    scale: f32,
-    device: &Device,
-) -> Result<Pipeline> {
-    if !scale.is_finite() {
-        return Err(Error::Usage(format!(
-            "--lora-scale {scale}: expected a number"
-        )));
-    }
-    let file = LoraFile::read(lora_path)?;
-    let mut pipeline = Pipeline::load(model, device)?;
-    pipeline.unet = lora::merge(pipeline.unet, &file, scale, lora_path)?;
-    if let Some(text) = file.scheduler_config() {
-        pipeline.scheduler = SchedulerConfig::from_json_str(text).map_err(|e| {
-            Error::file(
-                lora_path,
-                format!("metadata `{}`: {}", lora::SCHEDULER_METADATA_KEY, e.0),
-            )
-        })?;
-    }
-    Ok(pipeline)
-}
-
 fn merge(args: MergeArgs) -> Result<()> {
     let device = args.device.device()?;
-    let pipeline = load_with_lora(&args.model, &args.lora, args.lora_scale, &device)?;
+    let pipeline = Pipeline::load_with_lora(&args.model, &args.lora, args.lora_scale, &device)?;
     if args.out.exists()
         && std::fs::read_dir(&args.out)
             .map(|mut d| d.next().is_some())

@@ -91,7 +91,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
     }
     let device = args.device.device()?;
     let pipeline = match &args.lora {
-        Some(lora) => super::lora::load_with_lora(&args.model, lora, args.lora_scale, &device)?,
+        Some(lora) => Pipeline::load_with_lora(&args.model, lora, args.lora_scale, &device)?,
         None => Pipeline::load(&args.model, &device)?,
     };
     if pipeline.unet.takes_guidance() && args.guidance_scale.is_none() {
