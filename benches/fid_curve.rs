@@ -1,9 +1,11 @@
 //! The FID-versus-steps curve of the shipped models (`cargo bench --bench fid_curve`): the shipped
-//! teacher `weights/shapes32` with DDIM at 1…256 steps, beside every shipped distilled student
-//! (`weights/*/round-*steps`, at its own step count), scored with the shipped `shapes` feature
-//! network against 5000 held-out `shapes` images.
+//! teacher `weights/shapes32` with DDIM at 1…256 steps, beside every shipped progressive student
+//! (`weights/*/round-*steps`, DDIM at its own step count) and every shipped consistency student
+//! (`weights/*/` folders with an `LCMScheduler` config, LCM at 1, 2, 4, 8 steps), all on one plot,
+//! scored with the shipped `shapes` feature network against 5000 held-out `shapes` images.
 //!
-//! Protocol: `FEWSTEP_FID_SAMPLES` generated samples per point (default 300, sized so that the teacher curve up to 256 steps takes about 45 minutes on 2 cores), seed 0, DDIM.
+//! Protocol: `FEWSTEP_FID_SAMPLES` generated samples per point (default 300, sized so that the
+//! teacher curve up to 256 steps takes about 45 minutes on 2 cores), seed 0.
 //! Writes `target/fid_curve.csv`, `target/fid_curve.png` and the per-point grids and JSON under
 //! `target/fid_curve/`.
 
@@ -31,12 +33,28 @@ fn shipped_students(weights: &Path) -> Vec<PathBuf> {
     found
 }
 
+/// Shipped pipeline folders whose scheduler is an `LCMScheduler` (consistency students).
+fn shipped_consistency_students(weights: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(weights)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            std::fs::read_to_string(p.join("scheduler/scheduler_config.json"))
+                .is_ok_and(|t| t.contains("\"LCMScheduler\""))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let samples = std::env::var("FEWSTEP_FID_SAMPLES").unwrap_or_else(|_| "300".into());
     let out = root.join("target/fid_curve");
     let teacher = root.join("weights/shapes32");
-    let run = |models: &[PathBuf], steps: &str, out: &Path| {
+    let run = |models: &[PathBuf], scheduler: &str, steps: &str, out: &Path| {
         let mut args: Vec<String> = vec!["fewstep".into(), "eval".into(), "curve".into()];
         for m in models {
             args.push("--model".into());
@@ -49,7 +67,7 @@ fn main() {
                 "--num-samples",
                 &samples,
                 "--scheduler",
-                "ddim",
+                scheduler,
                 "--out",
             ]
             .iter()
@@ -65,7 +83,12 @@ fn main() {
             std::process::exit(1);
         }
     };
-    run(&[teacher], "1,2,4,8,16,32,64,128,256", &out.join("teacher"));
+    run(
+        &[teacher],
+        "ddim",
+        "1,2,4,8,16,32,64,128,256",
+        &out.join("teacher"),
+    );
     let mut csv = std::fs::read_to_string(out.join("teacher/curve.csv")).expect("teacher curve");
     for student in shipped_students(&root.join("weights")) {
         let name = student.file_name().unwrap().to_string_lossy().into_owned();
@@ -74,7 +97,13 @@ fn main() {
             .trim_end_matches("steps")
             .to_string();
         let dir = out.join(&name);
-        run(&[student], &steps, &dir);
+        run(&[student], "ddim", &steps, &dir);
+        let text = std::fs::read_to_string(dir.join("curve.csv")).expect("student curve");
+        csv.extend(text.lines().skip(1).map(|l| format!("{l}\n")));
+    }
+    for student in shipped_consistency_students(&root.join("weights")) {
+        let dir = out.join(student.file_name().unwrap());
+        run(&[student], "lcm", "1,2,4,8", &dir);
         let text = std::fs::read_to_string(dir.join("curve.csv")).expect("student curve");
         csv.extend(text.lines().skip(1).map(|l| format!("{l}\n")));
     }
@@ -98,6 +127,11 @@ fn main() {
                     .file_name()
                     .unwrap()
                     .to_string_lossy()
+            )
+        } else if f[1] == "lcm" {
+            format!(
+                "{} (consistency, LCM)",
+                model.file_name().unwrap().to_string_lossy()
             )
         } else {
             format!(
