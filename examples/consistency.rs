@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use fewstep::data::DataSource;
-use fewstep::distill::consistency::Distance;
+use fewstep::distill::consistency::{Distance, Solver};
 use fewstep::io::{self, Pipeline};
 use fewstep::sample::{Generation, write_sample_grid};
 use fewstep::train::consistency::{
@@ -34,6 +34,7 @@ fn main() -> fewstep::Result<()> {
             target_ema: 0.95,       // the target network's EMA rate
             timestep_scaling: 10.0, // LCM's boundary scalings
             distance: Distance::PseudoHuber { c: 0.001 }, // LCM's loss
+            solver: Solver::Ddim,   // the teacher's step (Solver::Heun: 2nd order)
             guidance: None,         // unconditional teacher
             iters: 60,
             batch: 8,

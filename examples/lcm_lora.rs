@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 
 use fewstep::data::DataSource;
-use fewstep::distill::consistency::Distance;
+use fewstep::distill::consistency::{Distance, Solver};
 use fewstep::io;
 use fewstep::models::lora::LoraSpec;
 use fewstep::sample::{Generation, write_sample_grid};
@@ -38,6 +38,7 @@ fn main() -> fewstep::Result<()> {
             target_ema: 0.95,
             timestep_scaling: 10.0,
             distance: Distance::PseudoHuber { c: 0.001 },
+            solver: Solver::Ddim,
             guidance: None,
             iters: 60,
             batch: 8,

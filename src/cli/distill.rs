@@ -12,7 +12,7 @@ use serde_json::json;
 
 use super::DeviceArgs;
 use crate::data::DataSource;
-use crate::distill::consistency::Distance;
+use crate::distill::consistency::{Distance, Solver};
 use crate::error::{Error, Result};
 use crate::io::{self, Pipeline};
 use crate::metrics::{self, FeatureExtractor, Reference, Scores, ShapesFeatures};
@@ -181,6 +181,12 @@ pub enum LossKind {
     Huber,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SolverKind {
+    Ddim,
+    Heun,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct ConsistencyArgs {
     #[command(flatten)]
@@ -214,6 +220,10 @@ pub struct ConsistencyArgs {
     /// Distance between the student's and the target's outputs.
     #[arg(long, value_enum, default_value = "huber")]
     pub loss: LossKind,
+    /// The teacher's solver between grid points: ddim (LCM, one teacher call) or heun (the
+    /// consistency-models paper's second-order step, two calls).
+    #[arg(long, value_enum, default_value = "ddim")]
+    pub solver: SolverKind,
     /// c of the pseudo-Huber distance (LCM: 0.001).
     #[arg(long, default_value_t = 0.001)]
     pub huber_c: f32,
@@ -460,6 +470,10 @@ impl ConsistencyArgs {
             distance: match self.loss {
                 LossKind::L2 => Distance::L2,
                 LossKind::Huber => Distance::PseudoHuber { c: self.huber_c },
+            },
+            solver: match self.solver {
+                SolverKind::Ddim => Solver::Ddim,
+                SolverKind::Heun => Solver::Heun,
             },
             guidance: self.guidance.as_ref().map(|g| GuidanceRange {
                 min: g[0],

@@ -154,7 +154,19 @@ pub fn teacher_output(
     }
 }
 
-/// The point of the teacher's ODE trajectory one DDIM step below each row's t_n.
+/// The ODE solver the teacher takes its step with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Solver {
+    /// One DDIM step (LCM's `DDIMSolver`; Euler in σ-space): one teacher call.
+    #[default]
+    Ddim,
+    /// Heun's second-order step in σ = √((1 − ᾱ)/ᾱ) space, between the same two grid points
+    /// (the consistency-models paper's solver): two teacher calls.
+    Heun,
+}
+
+/// The point of the teacher's ODE trajectory one solver step below each row's t_n.
 pub fn teacher_solver_step(
     teacher: &UNet,
     prediction: Prediction,
@@ -162,11 +174,45 @@ pub fn teacher_solver_step(
     steps: &[ConsistencyStep],
     labels: Option<Tensor<1, Int>>,
     guidance: Option<(&[f32], i64)>,
+    solver: Solver,
 ) -> Tensor<4> {
-    let out = teacher_output(teacher, z.clone(), steps, labels, guidance);
+    let out = teacher_output(teacher, z.clone(), steps, labels.clone(), guidance);
     let from: Vec<f64> = steps.iter().map(|s| s.alpha_bar_t).collect();
     let to: Vec<f64> = steps.iter().map(|s| s.alpha_bar_prev).collect();
-    ddim_move(prediction, z, out, &from, &to)
+    let euler = ddim_move(prediction, z.clone(), out.clone(), &from, &to);
+    if solver == Solver::Ddim {
+        return euler;
+    }
+    // In σ-space, x̃ = z/√ᾱ and dx̃/dσ = (x̃ − x̂0)/σ; the DDIM step above is the Euler step.
+    // Heun averages the slopes at both ends: x̃″ = x̃ + (σ′ − σ)·(d + d′)/2.
+    let device = z.device();
+    let ends: Vec<ConsistencyStep> = steps
+        .iter()
+        .map(|s| ConsistencyStep {
+            t: s.t_prev,
+            alpha_bar_t: s.alpha_bar_prev,
+            ..*s
+        })
+        .collect();
+    let x0 = x0_from_output(prediction, z.clone(), out, &from);
+    let out_end = teacher_output(teacher, euler.clone(), &ends, labels, guidance);
+    let x0_end = x0_from_output(prediction, euler.clone(), out_end, &to);
+    let sigma = |a: f64| ((1.0 - a) / a).sqrt();
+    // z″ = euler + √ᾱ′·(Δσ/2)·(d′ − d), with d = (x̃ − x̂0)/σ = z/√(1 − ᾱ) − x̂0/σ and
+    // d′ = euler/√(1 − ᾱ′) − x̂0′/σ′: every coefficient stays O(1) where ᾱ → 0, so nothing
+    // large cancels in f32.
+    let (mut dz, mut dx0, mut de, mut dx0e, mut corr) = (vec![], vec![], vec![], vec![], vec![]);
+    for (&a, &a2) in from.iter().zip(&to) {
+        let (s, s2) = (sigma(a), sigma(a2));
+        dz.push((1.0 / (1.0 - a).sqrt()) as f32);
+        dx0.push((1.0 / s) as f32);
+        de.push((1.0 / (1.0 - a2).sqrt()) as f32);
+        dx0e.push((1.0 / s2) as f32);
+        corr.push((a2.sqrt() * (s2 - s) / 2.0) as f32);
+    }
+    let d = z * per_row(dz, &device) - x0 * per_row(dx0, &device);
+    let d_end = euler.clone() * per_row(de, &device) - x0_end * per_row(dx0e, &device);
+    euler + (d_end - d) * per_row(corr, &device)
 }
 
 /// The distance between the student's and the target's consistency outputs.
@@ -271,6 +317,44 @@ mod tests {
         }
         assert!(skipping_grid(&config(), 0, 10.0).is_err());
         assert!(skipping_grid(&config(), 1001, 10.0).is_err());
+    }
+
+    #[test]
+    fn heun_equals_ddim_on_a_straight_trajectory_and_not_otherwise() {
+        use crate::models::UNetConfig;
+        use crate::noise::NoiseStream;
+        let device = Device::flex();
+        let grid = skipping_grid(&config(), 10, 10.0).unwrap();
+        let steps = [grid[0], grid[4], grid[9]];
+        let mut rng = NoiseStream::new(2);
+        let z = crate::sample::host_noise(&mut rng, [3, 3, 32, 32], &device);
+        let mut unet = UNetConfig::tiny().init(&device);
+        let solve = |u: &UNet, p: Prediction, solver: Solver| {
+            teacher_solver_step(u, p, z.clone(), &steps, None, None, solver)
+        };
+        let gap = |a: Tensor<4>, b: Tensor<4>| -> f32 { (a - b).abs().max().into_scalar::<f32>() };
+        let random = gap(
+            solve(&unet, Prediction::V, Solver::Ddim),
+            solve(&unet, Prediction::V, Solver::Heun),
+        );
+        assert!(random > 1e-4, "{random}");
+        // A model that always predicts x0 = 0: x̃ = σ·ε is linear in σ, Euler (DDIM) is exact.
+        unet.conv_out.weight = unet.conv_out.weight.map(|w| w.zeros_like());
+        unet.conv_out.bias = unet.conv_out.bias.map(|b| b.map(|b| b.zeros_like()));
+        let straight = gap(
+            solve(&unet, Prediction::Sample, Solver::Ddim),
+            solve(&unet, Prediction::Sample, Solver::Heun),
+        );
+        let scale: f32 = solve(&unet, Prediction::Sample, Solver::Ddim)
+            .abs()
+            .max()
+            .into_scalar::<f32>();
+        // f32: at the top step (t 999 → 899, Δσ ≈ 10⁴) the slopes' rounding is multiplied by
+        // √ᾱ′·Δσ/2 ≈ 10³.
+        assert!(
+            straight < 5e-4 * scale.max(1.0) && random > 100.0 * straight,
+            "{straight} (scale {scale}, random {random})"
+        );
     }
 
     #[test]

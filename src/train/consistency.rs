@@ -25,8 +25,8 @@ use super::progressive::student_prediction;
 use super::{checkpoint, ema, open_images};
 use crate::data::{DataSource, TrainImages};
 use crate::distill::consistency::{
-    At, ConsistencyStep, Curriculum, Distance, consistency_output, distance, noised, skipping_grid,
-    teacher_solver_step,
+    At, ConsistencyStep, Curriculum, Distance, Solver, consistency_output, distance, noised,
+    skipping_grid, teacher_solver_step,
 };
 use crate::error::{Error, Result};
 use crate::io::{self, Pipeline};
@@ -56,6 +56,9 @@ pub struct ConsistencyConfig {
     /// `timestep_scaling` of the boundary scalings (LCM: 10).
     pub timestep_scaling: f32,
     pub distance: Distance,
+    /// The teacher's ODE solver between grid points.
+    #[serde(default)]
+    pub solver: Solver,
     /// Classifier-free guidance of the teacher's target (class-conditional teachers): w per row
     /// from this range; a range (min < max) also conditions the student on w.
     pub guidance: Option<GuidanceRange>,
@@ -486,6 +489,7 @@ pub fn distill_consistency(
                 &b.steps,
                 b.labels.clone(),
                 guidance,
+                cfg.solver,
             );
             let target = consistency_output(
                 &state.target,
