@@ -11,7 +11,10 @@ use super::DeviceArgs;
 use crate::error::{Error, Result};
 use crate::io::{self, Pipeline};
 use crate::metrics::curve_plot::{Series, plot_fid_curve};
-use crate::metrics::{self, FeatureExtractor, Reference, Scores, ShapesFeatures};
+use crate::metrics::{
+    self, FeatureExtractor, InceptionFeatures, Reference, Scores, ShapesFeatures,
+};
+use crate::models::inception;
 use crate::sample::Generation;
 
 #[derive(Debug, clap::Subcommand)]
@@ -25,9 +28,14 @@ pub enum EvalCommand {
 /// The feature extractor and the reference set.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReferenceArgs {
-    /// Feature extractor: `shapes` (the in-domain network shipped in weights/shapes-features).
-    #[arg(long, default_value = "shapes", value_parser = ["shapes"])]
+    /// Feature extractor: `shapes` (the in-domain network shipped in weights/shapes-features) or
+    /// `inception` (pytorch-fid's FID Inception-v3; needs --inception-weights).
+    #[arg(long, default_value = "shapes", value_parser = ["shapes", "inception"])]
     pub features: String,
+    /// pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or a .safetensors conversion) for
+    /// `--features inception`; fewstep never downloads it.
+    #[arg(long)]
+    pub inception_weights: Option<PathBuf>,
     /// Folder of the `shapes` feature network (default: the shipped one).
     #[arg(long)]
     pub feature_weights: Option<PathBuf>,
@@ -49,12 +57,27 @@ pub struct ReferenceArgs {
 }
 
 impl ReferenceArgs {
-    fn extractor(&self, device: &Device) -> Result<ShapesFeatures> {
+    fn extractor(&self, device: &Device) -> Result<Box<dyn FeatureExtractor>> {
+        if self.features == "inception" {
+            let path = self.inception_weights.as_ref().ok_or_else(|| {
+                Error::Usage(format!(
+                    "--features inception needs --inception-weights PATH: pytorch-fid's {} (from {}); fewstep does not download it",
+                    inception::FID_WEIGHTS_FILE,
+                    inception::FID_WEIGHTS_URL
+                ))
+            })?;
+            return Ok(Box::new(InceptionFeatures::load(path, device)?));
+        }
+        if self.inception_weights.is_some() {
+            return Err(Error::Usage(
+                "--inception-weights is for --features inception".into(),
+            ));
+        }
         let dir = self
             .feature_weights
             .clone()
             .unwrap_or_else(|| io::shipped(metrics::features::SHAPES_FEATURES));
-        ShapesFeatures::load(&dir, device)
+        Ok(Box::new(ShapesFeatures::load(&dir, device)?))
     }
 
     fn reference(&self, extractor: &dyn FeatureExtractor, device: &Device) -> Result<Reference> {
@@ -237,13 +260,14 @@ fn scores_text(s: &Scores) -> String {
 fn run_fid(args: FidArgs) -> Result<()> {
     let device = args.device.device()?;
     let extractor = args.reference.extractor(&device)?;
-    let reference = args.reference.reference(&extractor, &device)?;
+    let extractor: &dyn FeatureExtractor = extractor.as_ref();
+    let reference = args.reference.reference(extractor, &device)?;
     let (scores, source, per_sec) = match (&args.model, &args.images) {
         (Some(dir), _) => {
             check_sampling(&args.sampling, extractor.dim())?;
             let model = ModelUnderTest::load(dir, args.sampling.scheduler.as_deref(), &device)?;
             let sampled =
-                model.sample_features(args.steps, &args.sampling, &extractor, 0, &device)?;
+                model.sample_features(args.steps, &args.sampling, extractor, 0, &device)?;
             let per_sec = sampled.per_second;
             let scores = metrics::score(&sampled.features, &reference)?;
             let source = json!({
@@ -255,7 +279,7 @@ fn run_fid(args: FidArgs) -> Result<()> {
             (scores, source, Some(per_sec))
         }
         (None, Some(dir)) => {
-            let features = metrics::folder_features(&extractor, dir, None, &device)?;
+            let features = metrics::folder_features(extractor, dir, None, &device)?;
             let scores = metrics::score(&features, &reference)?;
             (scores, json!({ "images": dir.display().to_string() }), None)
         }
@@ -292,6 +316,7 @@ fn run_curve(args: CurveArgs) -> Result<()> {
     let steps = parse_steps(&args.steps)?;
     let device = args.device.device()?;
     let extractor = args.reference.extractor(&device)?;
+    let extractor: &dyn FeatureExtractor = extractor.as_ref();
     check_sampling(&args.sampling, extractor.dim())?;
     let models: Vec<ModelUnderTest> = args
         .model
@@ -300,7 +325,7 @@ fn run_curve(args: CurveArgs) -> Result<()> {
         .collect::<Result<_>>()?;
     std::fs::create_dir_all(&args.out)
         .map_err(|e| Error::file(&args.out, format!("cannot create: {e}")))?;
-    let reference = args.reference.reference(&extractor, &device)?;
+    let reference = args.reference.reference(extractor, &device)?;
     let protocol = json!({
         "extractor": extractor.id(),
         "reference": reference.protocol,
@@ -314,7 +339,7 @@ fn run_curve(args: CurveArgs) -> Result<()> {
     for model in &models {
         let mut points = Vec::new();
         for &n in &steps {
-            let sampled = model.sample_features(n, &args.sampling, &extractor, 36, &device)?;
+            let sampled = model.sample_features(n, &args.sampling, extractor, 36, &device)?;
             let (kept, per_sec) = (&sampled.kept, sampled.per_second);
             let scores = metrics::score(&sampled.features, &reference)?;
             let label = model.label();

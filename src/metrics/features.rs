@@ -8,14 +8,19 @@ use burn::prelude::*;
 use super::stats::Features;
 use crate::error::{Error, Result};
 use crate::io;
+use crate::models::inception::{self, FidInception};
 use crate::models::{FeatureNet, FeatureNetConfig};
 
 pub trait FeatureExtractor {
     /// Name plus a fingerprint of the weights: reports and statistics caches key on it.
     fn id(&self) -> String;
     fn dim(&self) -> usize;
-    /// The image side the extractor expects.
+    /// The image side the extractor expects (folders are decoded at this size).
     fn image_size(&self) -> usize;
+    /// Whether images must have exactly `image_size` (false: the extractor resizes itself).
+    fn fixed_size(&self) -> bool {
+        true
+    }
     /// [B, 3, S, S] in [−1, 1] -> [B, dim].
     fn features(&self, images: Tensor<4>) -> Tensor<2>;
 }
@@ -77,6 +82,53 @@ impl FeatureExtractor for ShapesFeatures {
     }
 }
 
+/// The `inception` extractor: pytorch-fid's FID Inception-v3, 2048-d pool3 features of images
+/// resized bilinearly to 299×299, from the user's `pt_inception-2015-12-05-6726825d.pth`.
+pub struct InceptionFeatures {
+    net: FidInception,
+    fingerprint: String,
+}
+
+impl InceptionFeatures {
+    /// Loads the weights file (`.pth` or a `.safetensors` conversion).
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let net = FidInception::load(path, device)?;
+        let bytes =
+            std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+        Ok(InceptionFeatures {
+            net,
+            fingerprint: fingerprint(&bytes),
+        })
+    }
+
+    /// The network with the parity fixture's formula weights (tests; not for real FIDs).
+    pub fn formula_weights(device: &Device) -> Self {
+        InceptionFeatures {
+            net: FidInception::formula_weights(device),
+            fingerprint: "formula".into(),
+        }
+    }
+}
+
+impl FeatureExtractor for InceptionFeatures {
+    fn id(&self) -> String {
+        format!("inception-{}", self.fingerprint)
+    }
+    fn dim(&self) -> usize {
+        inception::FEATURES
+    }
+    fn image_size(&self) -> usize {
+        299
+    }
+    fn fixed_size(&self) -> bool {
+        false
+    }
+    fn features(&self, images: Tensor<4>) -> Tensor<2> {
+        // The network takes [0, 1] (and scales to [−1, 1] itself, as pytorch-fid does).
+        self.net.features((images + 1.0) / 2.0)
+    }
+}
+
 /// Accumulates features batch by batch, checking the image size.
 pub struct FeatureSink<'a> {
     extractor: &'a dyn FeatureExtractor,
@@ -98,7 +150,7 @@ impl<'a> FeatureSink<'a> {
     pub fn add(&mut self, images: Tensor<4>) -> Result<()> {
         let [_, c, h, w] = images.dims();
         let s = self.extractor.image_size();
-        if c != 3 || h != s || w != s {
+        if c != 3 || (self.extractor.fixed_size() && (h != s || w != s)) {
             return Err(Error::Usage(format!(
                 "images are {c}×{h}×{w} but the {} extractor takes 3×{s}×{s}",
                 self.extractor.id()

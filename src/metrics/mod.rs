@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use burn::prelude::*;
 use serde_json::json;
 
-pub use features::{FeatureExtractor, FeatureSink, ShapesFeatures};
+pub use features::{FeatureExtractor, FeatureSink, InceptionFeatures, ShapesFeatures};
 pub use kid::{Kid, KidConfig};
 pub use precision_recall::PrecisionRecall;
 pub use stats::{FeatureStats, Features};
