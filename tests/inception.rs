@@ -35,7 +35,10 @@ fn pool3_features_match_pytorch_fid() {
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
     eprintln!("max |Δ| {err} vs max |feature| {scale}");
-    assert!(err <= 1e-4 * scale, "max |Δ| {err} vs max |feature| {scale}");
+    assert!(
+        err <= 1e-4 * scale,
+        "max |Δ| {err} vs max |feature| {scale}"
+    );
 }
 
 #[test]
@@ -44,7 +47,12 @@ fn the_pth_reader_gets_tensors_without_running_pickle() {
     let w = &t["Conv2d_1a_3x3.bn.weight"];
     assert_eq!(w.shape, vec![32]);
     // The fixture's formula: 1 + 0.1·sin(0.7·i + 2πh), h = (Σ bytes mod 97)/97.
-    let h = ("Conv2d_1a_3x3.bn.weight".bytes().map(|b| b as u64).sum::<u64>() % 97) as f64 / 97.0;
+    let h = ("Conv2d_1a_3x3.bn.weight"
+        .bytes()
+        .map(|b| b as u64)
+        .sum::<u64>()
+        % 97) as f64
+        / 97.0;
     for (i, v) in w.data.iter().enumerate() {
         let want = 1.0 + 0.1 * (0.7 * i as f64 + 2.0 * std::f64::consts::PI * h).sin();
         assert!((*v as f64 - want).abs() < 1e-6, "{i}: {v} vs {want}");
@@ -64,14 +72,7 @@ fn the_pth_reader_gets_tensors_without_running_pickle() {
 
 #[test]
 fn eval_explains_where_the_inception_weights_come_from() {
-    let o = common::fewstep(&[
-        "eval",
-        "fid",
-        "--images",
-        "/tmp",
-        "--features",
-        "inception",
-    ]);
+    let o = common::fewstep(&["eval", "fid", "--images", "/tmp", "--features", "inception"]);
     assert_clean_failure(o, "does not download");
     let o = common::fewstep(&[
         "eval",

@@ -446,13 +446,7 @@ fn run_progressive(args: ProgressiveArgs) -> Result<()> {
     if args.common.no_eval {
         return Ok(());
     }
-    let v = checkpoint::read_run(&args.out, PROGRESSIVE_RUN)?;
-    let run: ProgressiveRun = serde_json::from_value(v).map_err(|e| {
-        Error::file(
-            args.out.join(checkpoint::RUN_FILE),
-            format!("not a progressive run: {e}"),
-        )
-    })?;
+    let run: ProgressiveRun = checkpoint::read_run_as(&args.out, PROGRESSIVE_RUN)?;
     report(&args, &run, &outcome, &device)
 }
 
@@ -630,13 +624,7 @@ fn run_consistency(args: ConsistencyArgs) -> Result<()> {
     if args.common.no_eval {
         return Ok(());
     }
-    let v = checkpoint::read_run(&args.out, CONSISTENCY_RUN)?;
-    let run: ConsistencyRun = serde_json::from_value(v).map_err(|e| {
-        Error::file(
-            args.out.join(checkpoint::RUN_FILE),
-            format!("not a consistency run: {e}"),
-        )
-    })?;
+    let run: ConsistencyRun = checkpoint::read_run_as(&args.out, CONSISTENCY_RUN)?;
     consistency_report(&args, &run, &outcome, student, &device)
 }
 

@@ -289,12 +289,7 @@ mod tests {
     use super::*;
 
     fn config() -> SchedulerConfig {
-        SchedulerConfig::from_json_str(
-            r#"{"_class_name": "DDIMScheduler", "beta_schedule": "squaredcos_cap_v2",
-                "prediction_type": "v_prediction", "timestep_spacing": "trailing",
-                "set_alpha_to_one": true, "clip_sample": false}"#,
-        )
-        .unwrap()
+        crate::distill::test_scheduler_config()
     }
 
     #[test]

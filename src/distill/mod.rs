@@ -79,3 +79,15 @@ pub(crate) fn noise_to(x0: Tensor<4>, eps: Tensor<4>, alpha_bar: &[f64]) -> Tens
     );
     x0 * a + eps * s
 }
+
+/// A v-prediction, cosine-schedule, trailing-spacing DDIM config (the shipped teacher's) for the
+/// objectives' unit tests.
+#[cfg(test)]
+pub(crate) fn test_scheduler_config() -> fewstep_schedulers::SchedulerConfig {
+    fewstep_schedulers::SchedulerConfig::from_json_str(
+        r#"{"_class_name": "DDIMScheduler", "beta_schedule": "squaredcos_cap_v2",
+            "prediction_type": "v_prediction", "timestep_spacing": "trailing",
+            "set_alpha_to_one": true, "clip_sample": false}"#,
+    )
+    .unwrap()
+}

@@ -160,6 +160,13 @@ pub fn read_run(run: &Path, kind: &str) -> Result<Value> {
     }
 }
 
+/// Reads `run.json` as the settings of a `kind` run.
+pub fn read_run_as<T: serde::de::DeserializeOwned>(run: &Path, kind: &str) -> Result<T> {
+    let v = read_run(run, kind)?;
+    serde_json::from_value(v)
+        .map_err(|e| Error::file(run.join(RUN_FILE), format!("not a valid `{kind}` run: {e}")))
+}
+
 /// Checks that `run` can take a new run: absent or empty, and writable.
 pub fn prepare_new_run(run: &Path) -> Result<()> {
     if run.exists() {

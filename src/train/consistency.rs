@@ -367,12 +367,7 @@ pub fn distill_consistency(
     quiet: bool,
 ) -> Result<ConsistencyOutcome> {
     let run = match (resume, run) {
-        (true, _) => {
-            let v = checkpoint::read_run(run_dir, CONSISTENCY_RUN)?;
-            let path = run_dir.join(checkpoint::RUN_FILE);
-            serde_json::from_value::<ConsistencyRun>(v)
-                .map_err(|e| Error::file(&path, format!("not a consistency run: {e}")))?
-        }
+        (true, _) => checkpoint::read_run_as::<ConsistencyRun>(run_dir, CONSISTENCY_RUN)?,
         (false, None) => return Err(Error::Usage("nothing to distill: give a teacher".into())),
         (false, Some(run)) => run,
     };

@@ -280,10 +280,7 @@ pub fn distill_progressive(
     quiet: bool,
 ) -> Result<ProgressiveOutcome> {
     let run = if resume {
-        let v = checkpoint::read_run(run_dir, PROGRESSIVE_RUN)?;
-        let path = run_dir.join(checkpoint::RUN_FILE);
-        serde_json::from_value::<ProgressiveRun>(v)
-            .map_err(|e| Error::file(&path, format!("not a progressive run: {e}")))?
+        checkpoint::read_run_as::<ProgressiveRun>(run_dir, PROGRESSIVE_RUN)?
     } else {
         let run = run.ok_or_else(|| Error::Usage("nothing to distill: give a teacher".into()))?;
         run.config.validate()?;
