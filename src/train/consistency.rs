@@ -546,10 +546,12 @@ pub fn distill_consistency(
         run_dir,
         &student_dir,
         &teacher,
-        &unet_config,
-        &written(&state),
-        &scheduler,
-        Algorithm::Lcm,
+        super::Student {
+            unet_config: &unet_config,
+            unet: &written(&state),
+            scheduler: &scheduler,
+            algorithm: Algorithm::Lcm,
+        },
         &json!({
             "method": "consistency",
             "teacher": run.teacher,

@@ -417,16 +417,21 @@ pub(crate) fn model_space(p: &io::Pipeline, images: Tensor<4>) -> Tensor<4> {
     }
 }
 
+/// A distilled student's UNet and the scheduler it samples with.
+pub(crate) struct Student<'a> {
+    pub unet_config: &'a UNetConfig,
+    pub unet: &'a UNet,
+    pub scheduler: &'a SchedulerConfig,
+    pub algorithm: Algorithm,
+}
+
 /// Writes a finished student as a diffusers pipeline folder `dir` (the teacher's VAE beside it)
 /// with `record` as `distill.json`: whole under a temporary name in `run_dir`, then renamed.
 pub(crate) fn write_student(
     run_dir: &Path,
     dir: &Path,
     teacher: &io::Pipeline,
-    unet_config: &UNetConfig,
-    unet: &UNet,
-    scheduler: &SchedulerConfig,
-    algorithm: Algorithm,
+    student: Student<'_>,
     record: &serde_json::Value,
 ) -> Result<()> {
     let name = dir
@@ -439,10 +444,10 @@ pub(crate) fn write_student(
     }
     io::save_pipeline(
         &incoming,
-        unet_config,
-        unet,
-        scheduler,
-        algorithm,
+        student.unet_config,
+        student.unet,
+        student.scheduler,
+        student.algorithm,
         teacher.vae.as_ref().map(|(c, v)| (c, v)),
     )?;
     io::write_json(&incoming.join(DISTILL_RECORD), record)?;

@@ -417,10 +417,12 @@ pub fn distill_progressive(
             run_dir,
             &dir,
             &teacher,
-            &teacher.unet_config,
-            &written,
-            &scheduler,
-            Algorithm::Ddim,
+            super::Student {
+                unet_config: &teacher.unet_config,
+                unet: &written,
+                scheduler: &scheduler,
+                algorithm: Algorithm::Ddim,
+            },
             &json!({
                 "steps": steps,
                 "teacher": teacher_dir,
