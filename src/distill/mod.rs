@@ -2,6 +2,7 @@
 //! teacher-side DDIM arithmetic they share.
 
 pub mod consistency;
+pub mod gan;
 pub mod progressive;
 
 use burn::prelude::*;

@@ -2,6 +2,7 @@
 
 pub mod blocks;
 pub mod feature_net;
+pub mod gan;
 pub mod inception;
 pub mod lora;
 pub mod unet;
