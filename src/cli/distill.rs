@@ -32,6 +32,8 @@ pub enum DistillCommand {
     Progressive(ProgressiveArgs),
     /// Consistency distillation (Song et al.; LCM): a student that samples in 1–4 steps.
     Consistency(ConsistencyArgs),
+    /// KD-GAN co-distillation: a smaller generator and discriminator from a teacher GAN.
+    Gan(super::gan::DistillGanArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -632,5 +634,6 @@ pub fn run(command: DistillCommand) -> Result<()> {
     match command {
         DistillCommand::Progressive(args) => run_progressive(args),
         DistillCommand::Consistency(args) => run_consistency(args),
+        DistillCommand::Gan(args) => super::gan::run_distill(args),
     }
 }

@@ -7,6 +7,7 @@ use crate::error::Result;
 
 pub mod distill;
 pub mod eval;
+pub mod gan;
 pub mod lora;
 pub mod sample;
 pub mod train;
@@ -35,6 +36,8 @@ pub enum Command {
     /// Measure sample quality: FID/KID/precision/recall, and FID-versus-steps curves.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
+    /// Train a GAN teacher (DCGAN generator, spectrally normalised discriminator).
+    TrainGan(gan::TrainGanArgs),
     /// Train the `shapes` feature network (the in-domain FID extractor).
     TrainFeatures(train_features::TrainFeaturesArgs),
     /// Low-rank adapters: merge a LoRA file into a pipeline.
@@ -64,5 +67,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(command) => eval::run(command),
         Command::TrainFeatures(args) => train_features::run(args),
         Command::Lora(command) => lora::run(command),
+        Command::TrainGan(args) => gan::run_train(args),
     }
 }

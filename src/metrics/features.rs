@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use burn::module::Module;
 use burn::prelude::*;
 
 use super::stats::Features;
@@ -64,6 +65,18 @@ impl ShapesFeatures {
             config,
             fingerprint: fingerprint(&bytes),
         })
+    }
+}
+
+impl ShapesFeatures {
+    /// Features of images on an autodiff device with gradients flowing back to the images (a
+    /// perceptual loss); the network itself stays frozen.
+    pub fn features_autodiff(&self, images: Tensor<4>) -> Tensor<2> {
+        self.net
+            .clone()
+            .fork(&images.device())
+            .no_grad()
+            .features(images)
     }
 }
 

@@ -390,3 +390,71 @@ mod tests {
         assert_eq!(layer.forward(x).dims(), [1, 6, 5, 5]);
     }
 }
+
+/// A GAN folder: `DIR/generator/` and `DIR/discriminator/`, each `config.json` +
+/// `model.safetensors` (PyTorch-style names, f32).
+pub mod folder {
+    use std::path::Path;
+
+    use burn::prelude::*;
+
+    use super::{Discriminator, DiscriminatorConfig, Generator, GeneratorConfig};
+    use crate::error::{Error, Result};
+    use crate::io;
+
+    pub const GENERATOR: &str = "generator";
+    pub const DISCRIMINATOR: &str = "discriminator";
+    pub const WEIGHTS: &str = "model.safetensors";
+
+    /// Whether `dir` holds a GAN (a `generator/config.json`).
+    pub fn is_gan(dir: &Path) -> bool {
+        dir.join(GENERATOR).join(io::CONFIG_NAME).is_file()
+    }
+
+    fn config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+        crate::models::parse_config(&io::read_text(path)?).map_err(|e| e.in_file(path))
+    }
+
+    pub fn load_generator(dir: &Path, device: &Device) -> Result<(GeneratorConfig, Generator)> {
+        let d = dir.join(GENERATOR);
+        if !d.join(io::CONFIG_NAME).is_file() {
+            return Err(Error::file(
+                dir,
+                "not a GAN folder (expected generator/config.json and generator/model.safetensors)",
+            ));
+        }
+        let c: GeneratorConfig = config(&d.join(io::CONFIG_NAME))?;
+        let g = io::load_weights(c.init(device), &d.join(WEIGHTS))?;
+        Ok((c, g))
+    }
+
+    pub fn load_discriminator(
+        dir: &Path,
+        device: &Device,
+    ) -> Result<(DiscriminatorConfig, Discriminator)> {
+        let d = dir.join(DISCRIMINATOR);
+        let c: DiscriminatorConfig = config(&d.join(io::CONFIG_NAME))?;
+        let m = io::load_weights(c.init(device), &d.join(WEIGHTS))?;
+        Ok((c, m))
+    }
+
+    /// Writes both networks into `dir` (created).
+    pub fn save(
+        dir: &Path,
+        g: (&GeneratorConfig, &Generator),
+        d: (&DiscriminatorConfig, &Discriminator),
+    ) -> Result<()> {
+        let gd = dir.join(GENERATOR);
+        io::write_json(
+            &gd.join(io::CONFIG_NAME),
+            &serde_json::to_value(g.0).expect("config"),
+        )?;
+        io::save_weights(g.1, &gd.join(WEIGHTS))?;
+        let dd = dir.join(DISCRIMINATOR);
+        io::write_json(
+            &dd.join(io::CONFIG_NAME),
+            &serde_json::to_value(d.0).expect("config"),
+        )?;
+        io::save_weights(d.1, &dd.join(WEIGHTS))
+    }
+}

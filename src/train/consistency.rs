@@ -516,7 +516,14 @@ pub fn distill_consistency(
             if let (Some(decay), Some(e)) = (cfg.ema_decay, state.ema.take()) {
                 state.ema = Some(ema::update(e, &inner, ema::decay_at(iter, decay)));
             }
-            Ok((state, IterReport { loss: value, lr }))
+            Ok((
+                state,
+                IterReport {
+                    loss: value,
+                    lr,
+                    note: String::new(),
+                },
+            ))
         },
         |state, done| save_checkpoint(run_dir, &teacher, &unet_config, &scheduler, state, done),
     )?;

@@ -13,6 +13,8 @@ use crate::error::{Error, Result};
 pub(crate) struct IterReport {
     pub loss: f32,
     pub lr: f64,
+    /// More figures for the progress line (a GAN's discriminator loss); may be empty.
+    pub note: String,
 }
 
 /// One stretch of iterations (a progressive round, a consistency run).
@@ -53,7 +55,7 @@ pub(crate) fn run_loop<S>(
     let mut recent: Vec<f32> = Vec::new();
     let mut smoothed: Option<f32> = None;
     for iter in start..spec.iters {
-        let (next, IterReport { loss, lr }) = step(state, iter)?;
+        let (next, IterReport { loss, lr, note }) = step(state, iter)?;
         state = next;
         if !loss.is_finite() {
             bar.abandon();
@@ -79,11 +81,14 @@ pub(crate) fn run_loop<S>(
         .map_err(|e| Error::file(spec.csv_path, format!("cannot write: {e}")))?;
         let per_sec = (done - start) as f64 / elapsed;
         bar.set_position(done as u64);
-        bar.set_message(format!("{} | loss {s:.4} | {per_sec:.2} it/s", spec.name));
+        bar.set_message(format!(
+            "{} | loss {s:.4}{note} | {per_sec:.2} it/s",
+            spec.name
+        ));
         if lines && (done % 50 == 0 || done == spec.iters) {
             let eta = (spec.iters - done) as f64 / per_sec.max(1e-9);
             eprintln!(
-                "{}: iter {done}/{} | loss {s:.4} | lr {lr:.2e} | {per_sec:.2} it/s | ETA {eta:.0} s",
+                "{}: iter {done}/{} | loss {s:.4}{note} | lr {lr:.2e} | {per_sec:.2} it/s | ETA {eta:.0} s",
                 spec.name, spec.iters
             );
         }

@@ -7,6 +7,7 @@ pub mod diffusion;
 pub(crate) mod distill_loop;
 pub mod ema;
 pub mod feature_net;
+pub mod gan;
 pub mod progressive;
 
 use std::io::Write;

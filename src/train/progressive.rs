@@ -396,7 +396,14 @@ pub fn distill_progressive(
                     ));
                 }
                 state.iter = iter + 1;
-                Ok((state, IterReport { loss: value, lr }))
+                Ok((
+                    state,
+                    IterReport {
+                        loss: value,
+                        lr,
+                        note: String::new(),
+                    },
+                ))
             },
             |state, _| save_checkpoint(run_dir, &teacher, &scheduler, steps, state).map(|_| ()),
         )?;
