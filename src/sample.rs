@@ -208,3 +208,39 @@ pub fn write_sample_grid(
     })?;
     crate::image_grid::write_grid(path, &pixels, request.num, shape)
 }
+
+/// Generates `request.num` images from a GAN generator in batches of `request.batch` (z from
+/// `request.seed`: the same seed gives the same images whatever the batch size; classes as in
+/// [`generate`]), handing each batch ([b, 3, H, W] in [−1, 1]) to `each`.
+pub fn generate_gan(
+    generator: &crate::models::gan::Generator,
+    latent_dim: usize,
+    request: &Generation<'_>,
+    device: &Device,
+    mut each: impl FnMut(usize, Tensor<4>) -> Result<()>,
+) -> Result<()> {
+    if request.batch == 0 {
+        return Err(Error::Usage("--batch must be at least 1".into()));
+    }
+    let classes = generator.num_classes();
+    if let (Some(label), Some(k)) = (request.class_label, classes)
+        && label >= k
+    {
+        return Err(Error::Usage(format!(
+            "--class-label {label}: the model has {k} classes (0..{})",
+            k - 1
+        )));
+    }
+    let mut noise = NoiseStream::new(request.seed);
+    for first in (0..request.num).step_by(request.batch) {
+        let b = request.batch.min(request.num - first);
+        let z = Tensor::<1>::from_floats(noise.gaussian(b * latent_dim).as_slice(), device)
+            .reshape([b, latent_dim]);
+        let labels = classes.map(|k| match request.class_label {
+            Some(l) => Tensor::<1, Int>::full([b], l as i64, device),
+            None => cycling_labels(first, b, k, device),
+        });
+        each(first, generator.forward(z, labels))?;
+    }
+    Ok(())
+}

@@ -263,6 +263,36 @@ fn run_fid(args: FidArgs) -> Result<()> {
     let extractor: &dyn FeatureExtractor = extractor.as_ref();
     let reference = args.reference.reference(extractor, &device)?;
     let (scores, source, per_sec) = match (&args.model, &args.images) {
+        (Some(dir), _) if crate::models::gan::folder::is_gan(dir) => {
+            check_sampling(&args.sampling, extractor.dim())?;
+            let (config, generator) = crate::models::gan::folder::load_generator(dir, &device)?;
+            let request = Generation {
+                num: args.sampling.num_samples,
+                batch: args.sampling.batch,
+                seed: args.sampling.seed,
+                class_label: None,
+                latents: None,
+                guidance_scale: None,
+            };
+            let sampled = metrics::gan_features(
+                &generator,
+                config.latent_dim,
+                &request,
+                extractor,
+                0,
+                "generator",
+                &device,
+            )?;
+            let scores = metrics::score(&sampled.features, &reference)?;
+            let source = json!({
+                "model": dir.display().to_string(),
+                "kind": "gan",
+                "seed": args.sampling.seed,
+                "params": burn::module::Module::num_params(&generator),
+                "macs_per_image": config.macs_per_image(),
+            });
+            (scores, source, Some(sampled.per_second))
+        }
         (Some(dir), _) => {
             check_sampling(&args.sampling, extractor.dim())?;
             let model = ModelUnderTest::load(dir, args.sampling.scheduler.as_deref(), &device)?;

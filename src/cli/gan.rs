@@ -92,7 +92,8 @@ impl GanOptimArgs {
         })
     }
 
-    fn run(&self, out: &Path, run: GanRun) -> Result<()> {
+    /// Trains `run` (built only for a new run: `--resume` reads the stored one).
+    fn run(&self, out: &Path, run: impl FnOnce() -> Result<GanRun>) -> Result<()> {
         if !(0.0..1.0).contains(&self.ema) {
             return Err(Error::Usage(format!(
                 "--ema {}: expected a decay in [0, 1)",
@@ -101,13 +102,8 @@ impl GanOptimArgs {
         }
         let device = self.device.device()?;
         crate::train::install_interrupt_handler();
-        let outcome: GanOutcome = train_gan(
-            out,
-            (!self.resume).then_some(run),
-            self.resume,
-            &device,
-            self.quiet,
-        )?;
+        let run = if self.resume { None } else { Some(run()?) };
+        let outcome: GanOutcome = train_gan(out, run, self.resume, &device, self.quiet)?;
         match outcome.folder {
             None => eprintln!(
                 "interrupted; resume with the same command and --resume (--out {})",
@@ -154,6 +150,10 @@ fn check_width(flag: &str, w: f32) -> Result<()> {
 pub fn run_train(args: TrainGanArgs) -> Result<()> {
     check_width("--width", args.width)?;
     check_width("--d-width", args.d_width)?;
+    args.optim.run(&args.out, || teacher_run(&args))
+}
+
+fn teacher_run(args: &TrainGanArgs) -> Result<GanRun> {
     let data = args.optim.data()?;
     let classes = if args.class_conditional {
         Some(match &data {
@@ -176,7 +176,7 @@ pub fn run_train(args: TrainGanArgs) -> Result<()> {
     generator.num_classes = classes;
     let mut discriminator = DiscriminatorConfig::shapes32().with_width(args.d_width);
     discriminator.num_classes = classes;
-    let run = GanRun {
+    Ok(GanRun {
         kind: GAN_RUN.into(),
         mode: GanMode::Teacher {
             generator,
@@ -184,8 +184,7 @@ pub fn run_train(args: TrainGanArgs) -> Result<()> {
         },
         config: args.optim.config(),
         data,
-    };
-    args.optim.run(&args.out, run)
+    })
 }
 
 #[derive(Debug, clap::Args)]
@@ -229,11 +228,15 @@ pub struct DistillGanArgs {
 pub fn run_distill(args: DistillGanArgs) -> Result<()> {
     check_width("--width", args.width)?;
     check_width("--d-width", args.d_width)?;
+    args.optim.run(&args.out, || distill_run(&args))
+}
+
+fn distill_run(args: &DistillGanArgs) -> Result<GanRun> {
     let teacher = args
         .teacher
         .clone()
         .unwrap_or_else(|| io::shipped("shapes-gan"));
-    if !args.optim.resume && !folder::is_gan(&teacher) {
+    if !folder::is_gan(&teacher) {
         return Err(Error::file(
             &teacher,
             "--teacher: not a GAN folder (expected generator/config.json; train one with `fewstep train-gan`)",
@@ -257,7 +260,7 @@ pub fn run_distill(args: DistillGanArgs) -> Result<()> {
             .clone()
             .unwrap_or_else(|| io::shipped(crate::metrics::features::SHAPES_FEATURES))
     });
-    let run = GanRun {
+    Ok(GanRun {
         kind: KD_GAN_RUN.into(),
         mode: GanMode::Distill {
             teacher: teacher
@@ -280,6 +283,5 @@ pub fn run_distill(args: DistillGanArgs) -> Result<()> {
         },
         config: args.optim.config(),
         data: args.optim.data()?,
-    };
-    args.optim.run(&args.out, run)
+    })
 }

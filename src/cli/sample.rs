@@ -90,6 +90,9 @@ pub fn run(args: SampleArgs) -> Result<()> {
         return Err(Error::Usage("--batch must be at least 1".into()));
     }
     let device = args.device.device()?;
+    if crate::models::gan::folder::is_gan(&args.model) {
+        return sample_gan(&args, &device);
+    }
     let pipeline = match &args.lora {
         Some(lora) => Pipeline::load_with_lora(&args.model, lora, args.lora_scale, &device)?,
         None => Pipeline::load(&args.model, &device)?,
@@ -164,6 +167,54 @@ pub fn run(args: SampleArgs) -> Result<()> {
         eprintln!("wrote {}", path.display());
     }
     crate::image_grid::write_grid(&args.out, &outputs, num, out_shape)?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// `fewstep sample` on a GAN folder: one generator call per batch.
+fn sample_gan(args: &SampleArgs, device: &burn::prelude::Device) -> Result<()> {
+    let (config, generator) = crate::models::gan::folder::load_generator(&args.model, device)?;
+    if args.num == 0 {
+        return Err(Error::Usage("--num must be at least 1".into()));
+    }
+    eprintln!(
+        "sampling {} images from the GAN generator in {} on {}",
+        args.num,
+        args.model.display(),
+        args.device.device
+    );
+    let started = Instant::now();
+    let mut outputs = Vec::new();
+    let request = Generation {
+        num: args.num,
+        batch: args.batch,
+        seed: args.seed,
+        class_label: args.class_label,
+        latents: None,
+        guidance_scale: None,
+    };
+    crate::sample::generate_gan(&generator, config.latent_dim, &request, device, |_, x| {
+        outputs.extend(x.into_data().try_to_vec::<f32>().expect("f32 samples"));
+        Ok(())
+    })?;
+    eprintln!(
+        "  {} images, {:.1} images/s",
+        args.num,
+        args.num as f64 / started.elapsed().as_secs_f64()
+    );
+    let shape = [3, config.image_size, config.image_size];
+    if let Some(path) = &args.save_tensors {
+        io::write_safetensors(
+            path,
+            &[(
+                "samples",
+                vec![args.num, 3, shape[1], shape[2]],
+                outputs.clone(),
+            )],
+        )?;
+        eprintln!("wrote {}", path.display());
+    }
+    crate::image_grid::write_grid(&args.out, &outputs, args.num, shape)?;
     eprintln!("wrote {}", args.out.display());
     Ok(())
 }

@@ -91,6 +91,48 @@ pub struct Sampled {
     pub per_second: f64,
 }
 
+/// Features of the images `generate` hands over (batch by batch, with the index of each batch's
+/// first image), with a progress bar labelled `label`, keeping the first `keep` images.
+fn collect_features(
+    num: usize,
+    label: &str,
+    extractor: &dyn FeatureExtractor,
+    keep: usize,
+    generate: impl FnOnce(&mut dyn FnMut(usize, Tensor<4>) -> Result<()>) -> Result<()>,
+) -> Result<Sampled> {
+    let bar = indicatif::ProgressBar::new(num as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} samples | {msg} | {elapsed_precise} < {eta_precise}",
+        )
+        .expect("valid template"),
+    );
+    bar.set_message(label.to_string());
+    let mut sink = FeatureSink::new(extractor);
+    let mut kept = Kept::default();
+    let started = std::time::Instant::now();
+    generate(&mut |first, x| {
+        let [b, c, h, w] = x.dims();
+        if first < keep {
+            let rows = (keep - first).min(b);
+            let head = x.clone().slice([0..rows, 0..c, 0..h, 0..w]);
+            kept.pixels
+                .extend(head.into_data().try_to_vec::<f32>().expect("f32 samples"));
+            kept.count += rows;
+            kept.shape = [c, h, w];
+        }
+        sink.add(x)?;
+        bar.inc(b as u64);
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    Ok(Sampled {
+        features: sink.features,
+        kept,
+        per_second: num as f64 / started.elapsed().as_secs_f64(),
+    })
+}
+
 /// Generates `request.num` images from `pipeline` with `algorithm` at `steps` steps (progress bar
 /// labelled `label`) and extracts their features, keeping the first `keep` images.
 #[allow(clippy::too_many_arguments)]
@@ -108,43 +150,28 @@ pub fn sample_features(
     scheduler
         .set_timesteps(steps)
         .map_err(|e| Error::Usage(format!("--steps {steps}: {}", e.0)))?;
-    let bar = indicatif::ProgressBar::new(request.num as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} samples | {msg} | {elapsed_precise} < {eta_precise}",
-        )
-        .expect("valid template"),
-    );
-    bar.set_message(format!("{label} @ {steps} steps"));
-    let mut sink = FeatureSink::new(extractor);
-    let mut kept = Kept::default();
-    let started = std::time::Instant::now();
-    generate(
-        pipeline,
-        &mut scheduler,
-        steps,
-        request,
-        device,
-        |first, x| {
-            let [b, c, h, w] = x.dims();
-            if first < keep {
-                let rows = (keep - first).min(b);
-                let head = x.clone().slice([0..rows, 0..c, 0..h, 0..w]);
-                kept.pixels
-                    .extend(head.into_data().try_to_vec::<f32>().expect("f32 samples"));
-                kept.count += rows;
-                kept.shape = [c, h, w];
-            }
-            sink.add(x)?;
-            bar.inc(b as u64);
-            Ok(())
-        },
-    )?;
-    bar.finish_and_clear();
-    Ok(Sampled {
-        features: sink.features,
-        kept,
-        per_second: request.num as f64 / started.elapsed().as_secs_f64(),
+    collect_features(
+        request.num,
+        &format!("{label} @ {steps} steps"),
+        extractor,
+        keep,
+        |each| generate(pipeline, &mut scheduler, steps, request, device, each),
+    )
+}
+
+/// Generates `request.num` images from a GAN generator and extracts their features, keeping the
+/// first `keep` images.
+pub fn gan_features(
+    generator: &crate::models::gan::Generator,
+    latent_dim: usize,
+    request: &Generation<'_>,
+    extractor: &dyn FeatureExtractor,
+    keep: usize,
+    label: &str,
+    device: &Device,
+) -> Result<Sampled> {
+    collect_features(request.num, label, extractor, keep, |each| {
+        crate::sample::generate_gan(generator, latent_dim, request, device, each)
     })
 }
 

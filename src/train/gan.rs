@@ -316,6 +316,17 @@ pub fn train_gan(
         (false, None) => return Err(Error::Usage("nothing to train".into())),
         (false, Some(run)) => run,
     };
+    let record = run_dir.join("gan.json");
+    if resume && record.is_file() {
+        // Finished: report what was recorded.
+        let v: serde_json::Value = serde_json::from_str(&io::read_text(&record)?)
+            .map_err(|e| Error::file(&record, format!("not valid JSON: {e}")))?;
+        return Ok(GanOutcome {
+            folder: Some(run_dir.to_path_buf()),
+            final_loss: v["final_loss"].as_f64().unwrap_or(f64::NAN),
+            seconds: v["seconds"].as_f64().unwrap_or(f64::NAN),
+        });
+    }
     let cfg = &run.config;
     cfg.validate()?;
     let (gc, dc, teacher) = configs(&run, device)?;
@@ -342,6 +353,8 @@ pub fn train_gan(
         Some(s) => s,
         None => {
             let ad = device.clone().autodiff();
+            // Seeded initialisation: the same --seed gives the same run on this backend.
+            ad.seed(cfg.seed);
             let (g, d) = fresh(&ad);
             (
                 State {
