@@ -6,8 +6,12 @@
 //!
 //! Teacher: the ordinary adversarial game on the data. Co-distillation (Aguinaldo et al. 2019
 //! with GAN Compression's feature term): the student G_S sees the teacher's z and minimises
-//!   λ_out·d(G_S(z), G_T(z)) + λ_feat·Σ_l ‖r_l(f_S,l) − f_T,l‖² + λ_perc·‖φ(G_S(z)) − φ(G_T(z))‖²
-//!   + λ_adv·L_G(D_S(G_S(z)))
+//!
+//! ```text
+//! λ_out·d(G_S(z), G_T(z)) + λ_feat·Σ_l ‖r_l(f_S,l) − f_T,l‖² + λ_perc·‖φ(G_S(z)) − φ(G_T(z))‖²
+//!     + λ_adv·L_G(D_S(G_S(z)))
+//! ```
+//!
 //! (r_l: learned 1×1 convolutions, φ: the `shapes` feature network when given); the student D_S
 //! minimises L_D on real images and G_S's samples plus λ_kd·(D_S(x) − D_T(x))² on both.
 //!
