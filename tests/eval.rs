@@ -74,6 +74,10 @@ fn fid_prints_every_figure_and_the_protocol_and_caches_the_reference() {
     assert!(v["precision_recall"]["precision"].as_f64().is_some(), "{v}");
     assert_eq!(v["samples"], 130);
     assert_eq!(v["source"]["steps"], 2);
+    assert!(v["source"]["params"].as_u64().unwrap() > 0);
+    assert!(
+        v["source"]["macs_per_step"].as_u64().unwrap() > v["source"]["params"].as_u64().unwrap()
+    );
     assert_eq!(v["protocol"]["reference"]["count"], 200);
     assert!(
         v["protocol"]["extractor"]

@@ -305,6 +305,8 @@ fn run_fid(args: FidArgs) -> Result<()> {
                 "scheduler": model.algorithm.to_string(),
                 "steps": args.steps,
                 "seed": args.sampling.seed,
+                "params": burn::module::Module::num_params(&model.pipeline.unet),
+                "macs_per_step": model.pipeline.unet_config.macs_per_step(),
             });
             (scores, source, Some(per_sec))
         }

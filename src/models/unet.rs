@@ -343,6 +343,81 @@ impl UNetConfig {
             .unwrap_or(self.block_out_channels[0] * 4)
     }
 
+    /// Multiply-accumulates of one forward pass (one sampling step) for one sample of
+    /// `sample_size`, counted from the layer shapes as [`init`](Self::init) builds them:
+    /// convolutions, linear layers, attention projections and the two attention matmuls
+    /// (normalisations and element-wise ops are not counted). `None` without `sample_size`.
+    pub fn macs_per_step(&self) -> Option<u64> {
+        let side = self.sample_size? as u64;
+        let ch = &self.block_out_channels;
+        let n = ch.len();
+        let temb = self.time_embed_dim() as u64;
+        let conv = |s: u64, cin: usize, cout: usize, k: u64| s * s * (cin * cout) as u64 * k * k;
+        let resnet = |s: u64, cin: usize, cout: usize| {
+            conv(s, cin, cout, 3)
+                + temb * cout as u64
+                + conv(s, cout, cout, 3)
+                + if cin != cout {
+                    conv(s, cin, cout, 1)
+                } else {
+                    0
+                }
+        };
+        // q, k, v and out projections over N = s² tokens, plus QKᵀ and softmax·V.
+        let attention = |s: u64, c: usize| {
+            let (tokens, c) = (s * s, c as u64);
+            4 * tokens * c * c + 2 * tokens * tokens * c
+        };
+        let mut macs = conv(side, self.in_channels, ch[0], 3)
+            + ch[0] as u64 * temb
+            + temb * temb
+            + self.time_cond_proj_dim.map_or(0, |d| (d * ch[0]) as u64);
+        let mut s = side;
+        let mut c_out = ch[0];
+        let mut skips = vec![ch[0]];
+        for (i, kind) in self.down_block_types.iter().enumerate() {
+            let c_in = c_out;
+            c_out = ch[i];
+            for j in 0..self.layers_per_block {
+                macs += resnet(s, if j == 0 { c_in } else { c_out }, c_out);
+                if kind == "AttnDownBlock2D" {
+                    macs += attention(s, c_out);
+                }
+                skips.push(c_out);
+            }
+            if i + 1 < n {
+                s /= 2;
+                macs += conv(s, c_out, c_out, 3);
+                skips.push(c_out);
+            }
+        }
+        macs += 2 * resnet(s, ch[n - 1], ch[n - 1])
+            + if self.add_attention {
+                attention(s, ch[n - 1])
+            } else {
+                0
+            };
+        let rev: Vec<usize> = ch.iter().rev().copied().collect();
+        let mut c_out = rev[0];
+        for (i, kind) in self.up_block_types.iter().enumerate() {
+            let prev_out = c_out;
+            c_out = rev[i];
+            for j in 0..=self.layers_per_block {
+                let skip = skips.pop().unwrap_or(c_out);
+                let res_in = if j == 0 { prev_out } else { c_out };
+                macs += resnet(s, res_in + skip, c_out);
+                if kind == "AttnUpBlock2D" {
+                    macs += attention(s, c_out);
+                }
+            }
+            if i + 1 < n {
+                s *= 2;
+                macs += conv(s, c_out, c_out, 3);
+            }
+        }
+        Some(macs + conv(side, ch[0], self.out_channels, 3))
+    }
+
     /// Builds the UNet with freshly initialised weights.
     pub fn init(&self, device: &Device) -> UNet {
         let ch = &self.block_out_channels;
@@ -597,6 +672,29 @@ impl UNet {
 mod tests {
     use super::*;
     use burn::tensor::Distribution;
+
+    #[test]
+    fn macs_per_step_count_every_weight_at_its_resolution() {
+        // Every weight is used at least once per pixel of the smallest map (4×4 here, at
+        // 32×32 with three levels) and at most once per pixel of the full map, plus attention's
+        // token-by-token products.
+        let config = UNetConfig::shapes32();
+        let macs = config.macs_per_step().unwrap();
+        let params = config.init(&Device::flex()).num_params() as u64;
+        assert!(
+            macs > params * 16 && macs < params * 32 * 32 + 2 * 64 * 64 * 64 * 4,
+            "{macs}"
+        );
+        // A tenth of the channels costs about a hundredth of the work.
+        let mut narrow = config.clone();
+        narrow.block_out_channels = vec![8, 8, 8];
+        narrow.norm_num_groups = Some(4);
+        narrow.attention_head_dim = Some(8);
+        assert!(narrow.macs_per_step().unwrap() * 20 < macs);
+        let mut no_size = config;
+        no_size.sample_size = None;
+        assert_eq!(no_size.macs_per_step(), None);
+    }
 
     #[test]
     fn the_guidance_embedding_starts_at_zero_and_then_conditions_on_w() {
