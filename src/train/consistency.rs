@@ -20,7 +20,7 @@ use burn::prelude::*;
 use fewstep_schedulers::{Algorithm, Prediction, SchedulerConfig};
 use serde_json::json;
 
-use super::distill_loop::{IterReport, LoopEnd, LoopSpec, run_loop};
+use super::distill_loop::{IterReport, LoopSpec, run_loop};
 use super::progressive::student_prediction;
 use super::{checkpoint, ema, open_images};
 use crate::data::{DataSource, TrainImages};
@@ -527,18 +527,12 @@ pub fn distill_consistency(
         },
         |state, done| save_checkpoint(run_dir, &teacher, &unet_config, &scheduler, state, done),
     )?;
-    let (final_loss, seconds) = match end {
-        LoopEnd::Interrupted => {
-            return Ok(ConsistencyOutcome {
-                student: None,
-                final_loss: f64::NAN,
-                seconds: f64::NAN,
-            });
-        }
-        LoopEnd::Finished {
-            final_loss,
-            seconds,
-        } => (final_loss, seconds),
+    let Some((final_loss, seconds)) = end.finished() else {
+        return Ok(ConsistencyOutcome {
+            student: None,
+            final_loss: f64::NAN,
+            seconds: f64::NAN,
+        });
     };
     if let Some(spec) = &cfg.lora {
         let adapters = state.ema.clone().unwrap_or_else(|| state.student.valid());

@@ -39,6 +39,19 @@ pub(crate) enum LoopEnd {
     Interrupted,
 }
 
+impl LoopEnd {
+    /// (final loss, seconds) of a finished stretch; `None` when interrupted.
+    pub(crate) fn finished(self) -> Option<(f64, f64)> {
+        match self {
+            LoopEnd::Finished {
+                final_loss,
+                seconds,
+            } => Some((final_loss, seconds)),
+            LoopEnd::Interrupted => None,
+        }
+    }
+}
+
 /// Runs iterations `start..spec.iters` of `step(state, iter)` (which returns the updated state),
 /// calling `save(state, done)` every `checkpoint_every` iterations and on Ctrl-C.
 pub(crate) fn run_loop<S>(

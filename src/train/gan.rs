@@ -27,7 +27,7 @@ use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use serde_json::json;
 
-use super::distill_loop::{IterReport, LoopEnd, LoopSpec, run_loop};
+use super::distill_loop::{IterReport, LoopSpec, run_loop};
 use super::{checkpoint, ema, open_images};
 use crate::data::DataSource;
 use crate::distill::gan::{
@@ -475,18 +475,12 @@ pub fn train_gan(
         },
         |state, done| save_checkpoint(run_dir, state, done, (&gc, &dc)),
     )?;
-    let (final_loss, seconds) = match end {
-        LoopEnd::Interrupted => {
-            return Ok(GanOutcome {
-                folder: None,
-                final_loss: f64::NAN,
-                seconds: f64::NAN,
-            });
-        }
-        LoopEnd::Finished {
-            final_loss,
-            seconds,
-        } => (final_loss, seconds),
+    let Some((final_loss, seconds)) = end.finished() else {
+        return Ok(GanOutcome {
+            folder: None,
+            final_loss: f64::NAN,
+            seconds: f64::NAN,
+        });
     };
     // The GAN folder, written whole under a temporary name and renamed into place.
     let incoming = run_dir.join(".incoming-gan");

@@ -18,7 +18,7 @@ use burn::prelude::*;
 use fewstep_schedulers::{Algorithm, Prediction, SchedulerConfig};
 use serde_json::json;
 
-use super::distill_loop::{IterReport, LoopEnd, LoopSpec, run_loop};
+use super::distill_loop::{IterReport, LoopSpec, run_loop};
 use super::{checkpoint, ema, open_images};
 use crate::data::{DataSource, TrainImages};
 use crate::distill::progressive::{
@@ -407,17 +407,11 @@ pub fn distill_progressive(
             },
             |state, _| save_checkpoint(run_dir, &teacher, &scheduler, steps, state).map(|_| ()),
         )?;
-        let (final_loss, seconds) = match end {
-            LoopEnd::Interrupted => {
-                return Ok(ProgressiveOutcome {
-                    rounds: outcomes,
-                    interrupted: true,
-                });
-            }
-            LoopEnd::Finished {
-                final_loss,
-                seconds,
-            } => (final_loss, seconds),
+        let Some((final_loss, seconds)) = end.finished() else {
+            return Ok(ProgressiveOutcome {
+                rounds: outcomes,
+                interrupted: true,
+            });
         };
         let written = state.ema.clone().unwrap_or_else(|| state.student.valid());
         super::write_student(
