@@ -28,7 +28,7 @@ fn main() -> fewstep::Result<()> {
         batch: 32,
         lr_g: 2e-4,
         lr_d: 2e-4,
-        betas: (0.0, 0.9), // SN-GAN's Adam settings
+        betas: (0.5, 0.999), // one D step per G step: SN-GAN's settings B/C
         loss: GanLoss::Hinge,
         ema_decay: Some(0.99),
         seed: 0,

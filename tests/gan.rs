@@ -132,6 +132,10 @@ fn bad_input_is_one_clear_line() {
     );
     assert_clean_failure(fewstep(&["train-gan", "--out", o, "--ema", "1.5"]), "--ema");
     assert_clean_failure(
+        fewstep(&["train-gan", "--out", o, "--adam-betas", "0.5,1.5"]),
+        "--adam-betas",
+    );
+    assert_clean_failure(
         fewstep(&["distill", "gan", "--teacher", "/tmp", "--out", o]),
         "not a GAN folder",
     );

@@ -44,6 +44,9 @@ pub struct GanOptimArgs {
     pub lr_d: f64,
     #[arg(long, value_enum, default_value = "hinge")]
     pub loss: LossArg,
+    /// Adam β₁,β₂ (one discriminator step per generator step: SN-GAN's settings B/C, 0.5,0.999).
+    #[arg(long, value_delimiter = ',', default_values_t = [0.5, 0.999])]
+    pub adam_betas: Vec<f32>,
     /// EMA decay of the written generator (0 for none).
     #[arg(long, default_value_t = 0.999)]
     pub ema: f32,
@@ -67,7 +70,7 @@ impl GanOptimArgs {
             batch: self.batch,
             lr_g: self.lr_g,
             lr_d: self.lr_d,
-            betas: (0.0, 0.9),
+            betas: (self.adam_betas[0], self.adam_betas[1]),
             loss: match self.loss {
                 LossArg::Hinge => GanLoss::Hinge,
                 LossArg::NonSaturating => GanLoss::NonSaturating,
@@ -94,6 +97,12 @@ impl GanOptimArgs {
 
     /// Trains `run` (built only for a new run: `--resume` reads the stored one).
     fn run(&self, out: &Path, run: impl FnOnce() -> Result<GanRun>) -> Result<()> {
+        if self.adam_betas.len() != 2 || self.adam_betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+            return Err(Error::Usage(format!(
+                "--adam-betas {:?}: expected two numbers in [0, 1)",
+                self.adam_betas
+            )));
+        }
         if !(0.0..1.0).contains(&self.ema) {
             return Err(Error::Usage(format!(
                 "--ema {}: expected a decay in [0, 1)",

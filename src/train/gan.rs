@@ -52,7 +52,7 @@ pub struct GanTrainConfig {
     pub batch: usize,
     pub lr_g: f64,
     pub lr_d: f64,
-    /// Adam β₁, β₂ (SN-GAN: 0.0, 0.9).
+    /// Adam β₁, β₂.
     pub betas: (f32, f32),
     pub loss: GanLoss,
     /// EMA decay of the written generator (`None`: the raw one).
