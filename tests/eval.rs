@@ -118,8 +118,8 @@ fn curve_writes_csv_json_plot_and_grids() {
     assert!(csv.lines().nth(2).unwrap().contains(",2,"), "{csv}");
     let png = image::open(out.join("curve.png")).unwrap();
     assert_eq!((png.width(), png.height()), (900, 560));
-    assert!(out.join("grid-latest-1steps.png").is_file());
-    assert!(out.join("grid-latest-2steps.png").is_file());
+    assert!(out.join("grid-checkpoints-latest-1steps.png").is_file());
+    assert!(out.join("grid-checkpoints-latest-2steps.png").is_file());
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("curve.json")).unwrap()).unwrap();
     assert_eq!(report["protocol"]["num_samples"], 130);

@@ -200,12 +200,25 @@ impl ModelUnderTest {
         })
     }
 
+    /// `parent/name`: students of different runs share folder names (`student`,
+    /// `round-4steps`), so the run folder is part of a model's name in labels and file names.
+    fn short_name(&self) -> String {
+        let parts: Vec<String> = self
+            .dir
+            .components()
+            .rev()
+            .take(2)
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        match parts.as_slice() {
+            [n, p] if p != "." && p != "/" => format!("{p}/{n}"),
+            [n, ..] => n.clone(),
+            [] => self.dir.display().to_string(),
+        }
+    }
+
     fn label(&self) -> String {
-        let name = self.dir.file_name().map_or_else(
-            || self.dir.display().to_string(),
-            |n| n.to_string_lossy().into(),
-        );
-        format!("{name} ({})", self.algorithm)
+        format!("{} ({})", self.short_name(), self.algorithm)
     }
 
     /// Samples `sampling.num_samples` images at `steps` steps and returns their features, the
@@ -379,10 +392,7 @@ fn run_curve(args: CurveArgs) -> Result<()> {
                 "{label} @ {n} steps: {} ({per_sec:.1} samples/s)",
                 scores_text(&scores)
             );
-            let name = model
-                .dir
-                .file_name()
-                .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
+            let name = model.short_name().replace('/', "-");
             crate::image_grid::write_grid(
                 &args.out.join(format!("grid-{name}-{n}steps.png")),
                 &kept.pixels,
