@@ -42,6 +42,30 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// Writes the folder `dir` whole: `write` fills a temporary sibling (`.incoming-<name>`), which
+/// then replaces `dir`, so a crash never leaves a half-written folder under the final name.
+pub fn write_dir_atomic(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = dir
+        .file_name()
+        .map_or_else(|| "folder".into(), |n| n.to_string_lossy().into_owned());
+    let incoming = parent.join(format!(".incoming-{name}"));
+    if incoming.exists() {
+        std::fs::remove_dir_all(&incoming)
+            .map_err(|e| Error::file(&incoming, format!("cannot clear: {e}")))?;
+    }
+    write(&incoming)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)
+            .map_err(|e| Error::file(dir, format!("cannot replace: {e}")))?;
+    }
+    std::fs::rename(&incoming, dir)
+        .map_err(|e| Error::file(dir, format!("cannot rename the new folder into place: {e}")))
+}
+
 pub fn read_text(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Error::file(path, "file not found"),

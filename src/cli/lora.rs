@@ -1,7 +1,7 @@
 //! `fewstep lora merge`: fold a LoRA file (PEFT/diffusers format) into a pipeline's UNet and write
 //! the merged pipeline folder, with the scheduler the adapters were distilled for.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::DeviceArgs;
 use crate::error::{Error, Result};
@@ -44,32 +44,11 @@ fn merge(args: MergeArgs) -> Result<()> {
             "--out is not empty; choose another --out",
         ));
     }
-    let parent = args
-        .out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let incoming = parent.join(format!(
-        ".incoming-{}",
-        args.out
-            .file_name()
-            .map_or_else(|| "merged".into(), |n| n.to_string_lossy().into_owned())
-    ));
-    if incoming.exists() {
-        std::fs::remove_dir_all(&incoming)
-            .map_err(|e| Error::file(&incoming, format!("cannot clear: {e}")))?;
-    }
     let algorithm = pipeline
         .scheduler
         .class
         .unwrap_or(fewstep_schedulers::Algorithm::Ddpm);
-    pipeline.save(&incoming, algorithm)?;
-    if args.out.exists() {
-        std::fs::remove_dir(&args.out)
-            .map_err(|e| Error::file(&args.out, format!("cannot replace: {e}")))?;
-    }
-    std::fs::rename(&incoming, &args.out)
-        .map_err(|e| Error::file(&args.out, format!("cannot write: {e}")))?;
+    crate::io::write_dir_atomic(&args.out, |incoming| pipeline.save(incoming, algorithm))?;
     eprintln!(
         "wrote {} ({} + {} at scale {})",
         args.out.display(),

@@ -544,7 +544,6 @@ pub fn distill_consistency(
         )?;
     }
     super::write_student(
-        run_dir,
         &student_dir,
         &teacher,
         super::Student {

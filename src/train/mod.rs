@@ -427,37 +427,24 @@ pub(crate) struct Student<'a> {
 }
 
 /// Writes a finished student as a diffusers pipeline folder `dir` (the teacher's VAE beside it)
-/// with `record` as `distill.json`: whole under a temporary name in `run_dir`, then renamed.
+/// with `record` as `distill.json`, whole under a temporary name, then renamed.
 pub(crate) fn write_student(
-    run_dir: &Path,
     dir: &Path,
     teacher: &io::Pipeline,
     student: Student<'_>,
     record: &serde_json::Value,
 ) -> Result<()> {
-    let name = dir
-        .file_name()
-        .map_or_else(|| "student".into(), |n| n.to_string_lossy().into_owned());
-    let incoming = run_dir.join(format!(".incoming-{name}"));
-    if incoming.exists() {
-        std::fs::remove_dir_all(&incoming)
-            .map_err(|e| Error::file(&incoming, format!("cannot clear: {e}")))?;
-    }
-    io::save_pipeline(
-        &incoming,
-        student.unet_config,
-        student.unet,
-        student.scheduler,
-        student.algorithm,
-        teacher.vae.as_ref().map(|(c, v)| (c, v)),
-    )?;
-    io::write_json(&incoming.join(DISTILL_RECORD), record)?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir)
-            .map_err(|e| Error::file(dir, format!("cannot replace: {e}")))?;
-    }
-    std::fs::rename(&incoming, dir)
-        .map_err(|e| Error::file(dir, format!("cannot rename the student folder: {e}")))
+    io::write_dir_atomic(dir, |incoming| {
+        io::save_pipeline(
+            incoming,
+            student.unet_config,
+            student.unet,
+            student.scheduler,
+            student.algorithm,
+            teacher.vae.as_ref().map(|(c, v)| (c, v)),
+        )?;
+        io::write_json(&incoming.join(DISTILL_RECORD), record)
+    })
 }
 
 /// The figures of a finished student, written beside it.

@@ -415,7 +415,6 @@ pub fn distill_progressive(
         };
         let written = state.ema.clone().unwrap_or_else(|| state.student.valid());
         super::write_student(
-            run_dir,
             &dir,
             &teacher,
             super::Student {
