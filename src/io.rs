@@ -79,10 +79,12 @@ fn torch_name(path: &[String], container: &str) -> (String, bool) {
     let mut transpose = false;
     if let Some(last) = parts.last_mut() {
         match (container, last.as_str()) {
-            ("Struct:GroupNorm", "gamma") | ("Struct:LayerNorm", "gamma") => {
+            ("Struct:GroupNorm" | "Struct:LayerNorm" | "Struct:BatchNorm", "gamma") => {
                 *last = "weight".into()
             }
-            ("Struct:GroupNorm", "beta") | ("Struct:LayerNorm", "beta") => *last = "bias".into(),
+            ("Struct:GroupNorm" | "Struct:LayerNorm" | "Struct:BatchNorm", "beta") => {
+                *last = "bias".into()
+            }
             ("Struct:Linear", "weight") => transpose = true,
             _ => {}
         }

@@ -133,10 +133,10 @@ impl GanOptimArgs {
 pub struct TrainGanArgs {
     #[command(flatten)]
     pub optim: GanOptimArgs,
-    /// Width multiplier of the generator (256-128-64-32 channels at 1).
+    /// Width multiplier of the generator (128-64-32-16 channels at 1).
     #[arg(long, default_value_t = 1.0)]
     pub width: f32,
-    /// Width multiplier of the discriminator (64-128-256 channels at 1).
+    /// Width multiplier of the discriminator (32-64-128 channels at 1).
     #[arg(long, default_value_t = 1.0)]
     pub d_width: f32,
     /// Condition on the kind of the largest shape (or the image folder's sub-folders).

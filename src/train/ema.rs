@@ -1,31 +1,55 @@
-//! Exponential moving average of weights: θ_ema ← μ·θ_ema + (1 − μ)·θ, matched by parameter id
-//! (the EMA copy is made from the model, so ids agree).
+//! Exponential moving average of weights: θ_ema ← μ·θ_ema + (1 − μ)·θ, matched by module path
+//! (`stages.0.norm.running_mean`), which is stable across reloads: parameter ids are restored
+//! from checkpoints, but a running statistic (a batch norm's) gets a fresh id each load.
 
 use std::collections::HashMap;
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
 
+#[derive(Default)]
+struct Path(Vec<String>);
+
+impl Path {
+    fn key(&self) -> String {
+        self.0.join(".")
+    }
+}
+
 struct Collect {
-    params: HashMap<ParamId, Tensor<1>>,
+    path: Path,
+    params: HashMap<String, Tensor<1>>,
 }
 
 impl ModuleVisitor for Collect {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.0.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.0.pop();
+    }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let t = param.val();
         let n = t.shape().num_elements();
-        self.params.insert(param.id, t.reshape([n]));
+        self.params.insert(self.path.key(), t.reshape([n]));
     }
 }
 
 struct Blend {
-    params: HashMap<ParamId, Tensor<1>>,
+    path: Path,
+    params: HashMap<String, Tensor<1>>,
     decay: f32,
 }
 
 impl ModuleMapper for Blend {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.0.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.0.pop();
+    }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let Some(current) = self.params.remove(&param.id) else {
+        let Some(current) = self.params.remove(&self.path.key()) else {
             return param;
         };
         let decay = self.decay;
@@ -36,13 +60,15 @@ impl ModuleMapper for Blend {
     }
 }
 
-/// Moves `ema` towards `model` (both without autodiff, same parameter ids).
+/// Moves `ema` towards `model` (both without autodiff, the same architecture).
 pub fn update<M: Module>(ema: M, model: &M, decay: f32) -> M {
     let mut c = Collect {
+        path: Path::default(),
         params: HashMap::new(),
     };
     model.visit(&mut c);
     ema.map(&mut Blend {
+        path: Path::default(),
         params: c.params,
         decay,
     })

@@ -399,16 +399,21 @@ pub fn train_gan(
             let labels = conditional.then_some(labels);
             let ad_labels = labels.clone().map(Tensor::autodiff);
 
-            // Discriminator step: real vs the current generator's samples (no G gradient).
-            let fake = state.g.g.valid().forward(z_d.clone(), labels.clone());
+            // Discriminator step: real vs the current generator's samples (no G gradient). G runs
+            // in training mode, normalising with this batch's statistics as in its own step.
+            let fake = state
+                .g
+                .g
+                .forward(z_d.clone().autodiff(), ad_labels.clone())
+                .detach();
             let real_logits = state.d.forward(real.clone().autodiff(), ad_labels.clone());
-            let fake_logits = state.d.forward(fake.clone().autodiff(), ad_labels.clone());
+            let fake_logits = state.d.forward(fake.clone(), ad_labels.clone());
             let mut d_loss = discriminator_loss(cfg.loss, real_logits.clone(), fake_logits.clone());
             if let (Some(w), Some(t)) = (&kd, &teacher)
                 && w.logit > 0.0
             {
                 let t_real = t.d.forward(real.clone(), labels.clone()).autodiff();
-                let t_fake = t.d.forward(fake, labels.clone()).autodiff();
+                let t_fake = t.d.forward(fake.inner(), labels.clone()).autodiff();
                 d_loss = d_loss
                     + (logit_loss(real_logits, t_real) + logit_loss(fake_logits, t_fake)) * w.logit;
             }
