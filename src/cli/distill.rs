@@ -105,15 +105,7 @@ impl DistillArgs {
                 "--teacher: not a diffusers pipeline folder (no model_index.json)",
             ));
         }
-        let data = if self.data == "shapes" {
-            DataSource::Shapes {
-                seed: self.data_seed,
-            }
-        } else {
-            DataSource::Folder {
-                path: absolute(Path::new(&self.data), "--data")?,
-            }
-        };
+        let data = DataSource::from_flag(&self.data, self.data_seed)?;
         Ok((absolute(&teacher, "--teacher")?, data))
     }
 

@@ -82,17 +82,7 @@ impl GanOptimArgs {
     }
 
     fn data(&self) -> Result<DataSource> {
-        Ok(if self.data == "shapes" {
-            DataSource::Shapes {
-                seed: self.data_seed,
-            }
-        } else {
-            DataSource::Folder {
-                path: Path::new(&self.data)
-                    .canonicalize()
-                    .map_err(|_| Error::file(Path::new(&self.data), "--data: not found"))?,
-            }
-        })
+        DataSource::from_flag(&self.data, self.data_seed)
     }
 
     /// Trains `run` (built only for a new run: `--resume` reads the stored one).

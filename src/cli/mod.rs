@@ -12,6 +12,7 @@ pub mod lora;
 pub mod sample;
 pub mod train;
 pub mod train_features;
+pub mod train_vae;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -40,6 +41,8 @@ pub enum Command {
     TrainGan(gan::TrainGanArgs),
     /// Train the `shapes` feature network (the in-domain FID extractor).
     TrainFeatures(train_features::TrainFeaturesArgs),
+    /// Train an AutoencoderKL (the latent space of latent diffusion) with checkpoints and resume.
+    TrainVae(train_vae::TrainVaeArgs),
     /// Low-rank adapters: merge a LoRA file into a pipeline.
     #[command(subcommand)]
     Lora(lora::LoraCommand),
@@ -68,5 +71,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::TrainFeatures(args) => train_features::run(args),
         Command::Lora(command) => lora::run(command),
         Command::TrainGan(args) => gan::run_train(args),
+        Command::TrainVae(args) => train_vae::run(args),
     }
 }

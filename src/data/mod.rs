@@ -21,6 +21,23 @@ pub enum DataSource {
 }
 
 impl DataSource {
+    /// The source a `--data` flag names: `shapes` (under `seed`) or a folder, made absolute so a
+    /// stored run resumes from any directory.
+    pub fn from_flag(value: &str, seed: u64) -> crate::error::Result<Self> {
+        if value == "shapes" {
+            return Ok(DataSource::Shapes { seed });
+        }
+        let path = std::path::Path::new(value);
+        Ok(DataSource::Folder {
+            path: path.canonicalize().map_err(|_| {
+                crate::error::Error::file(
+                    path,
+                    "--data: not found (expected `shapes` or a folder of images)",
+                )
+            })?,
+        })
+    }
+
     /// Opens the source at `size × size` (decoding a folder once).
     pub fn open(&self, size: usize) -> Result<TrainImages> {
         match self {

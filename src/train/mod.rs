@@ -9,6 +9,7 @@ pub mod ema;
 pub mod feature_net;
 pub mod gan;
 pub mod progressive;
+pub mod vae;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
