@@ -106,3 +106,99 @@ fn bad_input_is_one_clear_line() {
     );
     assert!(!out.exists(), "nothing written on bad input");
 }
+
+/// A tiny UNet for the tiny VAE's 16×16×2 latents.
+fn tiny_latent_unet(dir: &Path) -> String {
+    let path = dir.join("tiny_latent_unet.json");
+    std::fs::write(
+        &path,
+        r#"{"_class_name": "UNet2DModel", "sample_size": 16, "in_channels": 2, "out_channels": 2,
+            "block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4,
+            "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+            "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "attention_head_dim": 8}"#,
+    )
+    .unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn a_latent_teacher_trains_on_cached_latents_resumes_exactly_and_samples_through_its_vae() {
+    let dir = scratch("vae", "latent");
+    let config = tiny_config(&dir);
+    let vae_run = dir.join("vae-run");
+    ok(&fewstep(&args(&vae_run, &config, "2")));
+    let unet = tiny_latent_unet(&dir);
+    let train = |out: &Path| {
+        vec![
+            "train".to_string(),
+            "--vae".into(),
+            vae_run.to_str().unwrap().into(),
+            "--model-config".into(),
+            unet.clone(),
+            "--latent-cache".into(),
+            "40".into(),
+            "--steps".into(),
+            "8".into(),
+            "--batch".into(),
+            "4".into(),
+            "--checkpoint-every".into(),
+            "3".into(),
+            "--quiet".into(),
+            "--out".into(),
+            out.to_str().unwrap().into(),
+        ]
+    };
+    let whole = dir.join("whole");
+    let a = train(&whole);
+    ok(&fewstep(&a.iter().map(String::as_str).collect::<Vec<_>>()));
+    // The encoded dataset is cached in the run: 40 images of 2×16×16 latents.
+    let cache = std::fs::read(whole.join("latent_cache.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(cache[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&cache[8..8 + header_len]).unwrap();
+    assert_eq!(header["mean"]["shape"], serde_json::json!([40, 2, 16, 16]));
+    let pipeline = whole.join("checkpoints/latest");
+    assert!(pipeline.join("vae/config.json").is_file(), "the pipeline carries its VAE");
+    let grid = dir.join("grid.png");
+    ok(&fewstep(&[
+        "sample",
+        "--model",
+        pipeline.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--num",
+        "2",
+        "--out",
+        grid.to_str().unwrap(),
+    ]));
+    assert!(grid.is_file());
+    // Interrupted and resumed (the cache read back from disk): the same weights.
+    let split = dir.join("split");
+    let b = train(&split);
+    let b: Vec<&str> = b.iter().map(String::as_str).collect();
+    interrupt_after_rows(&b, &split.join("loss.csv"), 4);
+    ok(&fewstep(&[
+        "train",
+        "--out",
+        split.to_str().unwrap(),
+        "--resume",
+        "--quiet",
+    ]));
+    let weights = "checkpoints/latest/unet/diffusion_pytorch_model.safetensors";
+    let max = max_weight_difference(&whole.join(weights), &split.join(weights));
+    assert!(max < 1e-5, "{max}");
+    // A UNet whose channels do not match the latents is refused before anything is written.
+    let bad = dir.join("bad");
+    assert_clean_failure(
+        fewstep(&[
+            "train",
+            "--vae",
+            vae_run.to_str().unwrap(),
+            "--model-config",
+            "tiny",
+            "--out",
+            bad.to_str().unwrap(),
+        ]),
+        "--model-config",
+    );
+    assert!(!bad.exists());
+}

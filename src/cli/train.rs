@@ -7,7 +7,8 @@ use fewstep_schedulers::{Algorithm, SchedulerConfig};
 use super::DeviceArgs;
 use crate::error::{Error, Result};
 use crate::io;
-use crate::models::UNetConfig;
+use crate::models::{UNetConfig, VaeConfig};
+use crate::train::latents::LatentSpec;
 use crate::train::{self, DataSource, DiffusionRun, TrainConfig};
 
 #[derive(Debug, clap::Args)]
@@ -19,9 +20,18 @@ pub struct TrainArgs {
     /// Seed of the `shapes` images.
     #[arg(long, default_value_t = 0)]
     pub data_seed: u64,
-    /// A preset (tiny, shapes32, bench32) or a diffusers UNet config.json.
+    /// A preset (tiny, shapes32, bench32; shapes-latent8 with --vae) or a diffusers UNet
+    /// config.json.
     #[arg(long, default_value = "shapes32")]
     pub model_config: String,
+    /// Latent diffusion: a VAE folder (or a pipeline / `train-vae` run holding `vae/`); the data
+    /// is encoded once (`latent_cache.safetensors` in the run) and the UNet learns its scaled
+    /// posterior samples. The written pipeline includes the VAE.
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
+    /// Images encoded into the latent cache (the first N `shapes` images; a folder's first N).
+    #[arg(long, default_value_t = 20_000)]
+    pub latent_cache: usize,
     /// The run folder (checkpoints, loss.csv, run.json).
     #[arg(long)]
     pub out: PathBuf,
@@ -73,26 +83,8 @@ fn model_config(arg: &str) -> Result<UNetConfig> {
         return UNetConfig::from_json_str(&io::read_text(&path)?).map_err(|e| e.in_file(&path));
     }
     Err(Error::Usage(format!(
-        "--model-config {arg}: unknown preset (expected tiny, shapes32, bench32 or a config.json path)"
+        "--model-config {arg}: unknown preset (expected tiny, shapes32, bench32, shapes-latent8 or a config.json path)"
     )))
-}
-
-/// `shapes`, or an image folder (stored as an absolute path so that `--resume` works from
-/// anywhere).
-fn data_source(arg: &str, seed: u64) -> Result<DataSource> {
-    if arg == "shapes" {
-        return Ok(DataSource::Shapes { seed });
-    }
-    let path = PathBuf::from(arg);
-    if !path.is_dir() {
-        return Err(Error::Usage(format!(
-            "--data {arg}: expected `shapes` or a folder of png/jpeg/webp images"
-        )));
-    }
-    let path = path
-        .canonicalize()
-        .map_err(|e| Error::file(&path, format!("--data: cannot resolve: {e}")))?;
-    Ok(DataSource::Folder { path })
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -101,22 +93,44 @@ pub fn run(args: TrainArgs) -> Result<()> {
         None
     } else {
         let mut unet = model_config(&args.model_config)?;
-        let data = data_source(&args.data, args.data_seed)?;
+        let data = DataSource::from_flag(&args.data, args.data_seed)?;
+        let latent = match &args.vae {
+            None => None,
+            Some(path) => Some(LatentSpec {
+                vae: LatentSpec::resolve_vae(path)?,
+                cache_images: args.latent_cache,
+            }),
+        };
+        // The side and channels of what the UNet sees: images, or the VAE's latents.
+        let (side, channels, what) = match &latent {
+            None => (crate::data::shapes::SIZE, 3, "training images are RGB"),
+            Some(spec) => {
+                let cfg_path = spec.vae.join(io::CONFIG_NAME);
+                let vae = VaeConfig::from_json_str(&io::read_text(&cfg_path)?)
+                    .map_err(|e| e.in_file(&cfg_path))?;
+                if args.latent_cache == 0 {
+                    return Err(Error::Usage("--latent-cache must be at least 1".into()));
+                }
+                (
+                    vae.sample_size.unwrap_or(crate::data::shapes::SIZE) / vae.downsampling(),
+                    vae.latent_channels,
+                    "the VAE's latents",
+                )
+            }
+        };
         match &data {
             DataSource::Shapes { .. } => {
                 if args.class_conditional {
                     unet.num_class_embeds = Some(crate::data::shapes::KINDS.len() + 1);
                 }
-                if unet
-                    .sample_size
-                    .is_some_and(|s| s != crate::data::shapes::SIZE)
-                {
+                if unet.sample_size.is_some_and(|s| s != side) {
                     return Err(Error::Usage(format!(
-                        "--model-config {}: `shapes` images are 32×32; the config needs sample_size 32",
-                        args.model_config
+                        "--model-config {}: the UNet sees {side}×{side} inputs here (`shapes` images are 32×32{}); the config needs sample_size {side}",
+                        args.model_config,
+                        if latent.is_some() { ", encoded by --vae" } else { "" }
                     )));
                 }
-                unet.sample_size = Some(crate::data::shapes::SIZE);
+                unet.sample_size = Some(side);
             }
             DataSource::Folder { path } => {
                 if args.class_conditional {
@@ -137,9 +151,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 }
             }
         }
-        if unet.in_channels != 3 || unet.out_channels != 3 {
+        if unet.in_channels != channels || unet.out_channels != channels {
             return Err(Error::Usage(format!(
-                "--model-config {}: training images are RGB; the config needs 3 in and out channels",
+                "--model-config {}: {what}; the config needs {channels} in and out channels",
                 args.model_config
             )));
         }
@@ -174,6 +188,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             scheduler,
             train,
             data,
+            latent,
         })
     };
     train::install_interrupt_handler();
@@ -193,7 +208,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     );
     if outcome.interrupted {
         eprintln!(
-            "resume with: fewstep train --out {} --resume",
+            "interrupted; resume with: fewstep train --out {} --resume",
             args.out.display()
         );
     }

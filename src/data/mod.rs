@@ -28,13 +28,17 @@ impl DataSource {
             return Ok(DataSource::Shapes { seed });
         }
         let path = std::path::Path::new(value);
+        let not_found = || {
+            crate::error::Error::file(
+                path,
+                "--data: not found (expected `shapes` or a folder of png/jpeg/webp images)",
+            )
+        };
+        if !path.is_dir() {
+            return Err(not_found());
+        }
         Ok(DataSource::Folder {
-            path: path.canonicalize().map_err(|_| {
-                crate::error::Error::file(
-                    path,
-                    "--data: not found (expected `shapes` or a folder of images)",
-                )
-            })?,
+            path: path.canonicalize().map_err(|_| not_found())?,
         })
     }
 

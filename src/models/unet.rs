@@ -200,11 +200,29 @@ impl UNetConfig {
         }
     }
 
-    /// A named preset (`tiny`, `shapes32`, `bench32`).
+    /// The latent `shapes` teacher: 8×8×4 latents of the `shapes` VAE (`fewstep train-vae`),
+    /// 64/128 channels, attention at 4×4.
+    pub fn shapes_latent8() -> Self {
+        UNetConfig {
+            sample_size: Some(8),
+            in_channels: 4,
+            out_channels: 4,
+            block_out_channels: vec![64, 128],
+            layers_per_block: 1,
+            down_block_types: names(&["DownBlock2D", "AttnDownBlock2D"]),
+            up_block_types: names(&["AttnUpBlock2D", "UpBlock2D"]),
+            norm_num_groups: Some(16),
+            attention_head_dim: Some(32),
+            ..Default::default()
+        }
+    }
+
+    /// A named preset (`tiny`, `shapes32`, `bench32`, `shapes-latent8`).
     pub fn preset(name: &str) -> Option<Self> {
         match name {
             "tiny" => Some(Self::tiny()),
             "shapes32" => Some(Self::shapes32()),
+            "shapes-latent8" => Some(Self::shapes_latent8()),
             "bench32" => Some(Self::bench32()),
             _ => None,
         }

@@ -8,6 +8,7 @@ pub(crate) mod distill_loop;
 pub mod ema;
 pub mod feature_net;
 pub mod gan;
+pub mod latents;
 pub mod progressive;
 pub mod vae;
 
@@ -29,6 +30,7 @@ use crate::error::{Error, Result};
 use crate::io;
 use crate::models::{UNet, UNetConfig};
 use crate::noise::NoiseStream;
+use latents::{LatentCache, LatentSpec};
 
 /// The `run.json` kind of a diffusion training run.
 pub const DIFFUSION_RUN: &str = "train-diffusion";
@@ -126,6 +128,8 @@ pub struct DiffusionRun {
     pub scheduler: SchedulerConfig,
     pub train: TrainConfig,
     pub data: DataSource,
+    /// Latent diffusion: the frozen VAE whose latents the UNet learns (None: pixels).
+    pub latent: Option<LatentSpec>,
 }
 
 impl DiffusionRun {
@@ -136,6 +140,7 @@ impl DiffusionRun {
             "scheduler": self.scheduler.to_json(Algorithm::Ddim),
             "train": self.train,
             "data": self.data,
+            "latent": self.latent,
         })
     }
 
@@ -154,6 +159,12 @@ impl DiffusionRun {
                 .map_err(|e| bad("train", e.to_string()))?,
             data: serde_json::from_value(v["data"].clone())
                 .map_err(|e| bad("data", e.to_string()))?,
+            latent: match v.get("latent") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(l) => Some(
+                    serde_json::from_value(l.clone()).map_err(|e| bad("latent", e.to_string()))?,
+                ),
+            },
         })
     }
 }
@@ -182,7 +193,12 @@ fn new_optimizer(cfg: &TrainConfig) -> ModuleOptimizer {
         .init()
 }
 
-fn save_checkpoint(run_dir: &Path, run: &DiffusionRun, state: &State) -> Result<PathBuf> {
+fn save_checkpoint(
+    run_dir: &Path,
+    run: &DiffusionRun,
+    state: &State,
+    vae: Option<(&crate::models::VaeConfig, &crate::models::Vae)>,
+) -> Result<PathBuf> {
     let dir = checkpoint::incoming(run_dir)?;
     io::save_pipeline(
         &dir,
@@ -190,7 +206,7 @@ fn save_checkpoint(run_dir: &Path, run: &DiffusionRun, state: &State) -> Result<
         &state.ema,
         &run.scheduler,
         Algorithm::Ddim,
-        None,
+        vae,
     )?;
     checkpoint::write_state(
         &dir,
@@ -229,17 +245,27 @@ struct Batch {
     labels: Option<Tensor<1, Int>>,
 }
 
+/// What a diffusion model trains on: images, or their cached VAE latents.
+enum TrainData {
+    Pixels(TrainImages),
+    Latents(LatentCache),
+}
+
 fn draw_batch(
     run: &DiffusionRun,
-    images: &TrainImages,
+    data: &TrainData,
     step: usize,
     train_t: usize,
     device: &Device,
 ) -> Batch {
     let cfg = &run.train;
     let mut rng = NoiseStream::for_step(cfg.seed, step as u64);
-    // Order of draws: images, timesteps, noise, label dropout (fixed: resume relies on it).
-    let (x0, labels) = images.random_batch(&mut rng, cfg.batch, device);
+    // Order of draws: images (and a latent's posterior noise), timesteps, noise, label dropout
+    // (fixed: resume relies on it).
+    let (x0, labels) = match data {
+        TrainData::Pixels(images) => images.random_batch(&mut rng, cfg.batch, device),
+        TrainData::Latents(cache) => cache.random_batch(&mut rng, cfg.batch, device),
+    };
     let t: Vec<usize> = (0..cfg.batch)
         .map(|_| rng.below(train_t as u64) as usize)
         .collect();
@@ -305,11 +331,18 @@ pub fn train_diffusion(
     let prediction = run.scheduler.resolve(algorithm).prediction;
     let train_t = schedule.num_train_timesteps();
 
-    let images = open_images(
-        &run.data,
-        run.unet.sample_size.unwrap_or(data::shapes::SIZE),
-        run.unet.num_class_embeds,
-    )?;
+    let data = match &run.latent {
+        None => TrainData::Pixels(open_images(
+            &run.data,
+            run.unet.sample_size.unwrap_or(data::shapes::SIZE),
+            run.unet.num_class_embeds,
+        )?),
+        Some(spec) => TrainData::Latents(LatentCache::open(spec, &run.data, run_dir, device)?),
+    };
+    let vae = match &data {
+        TrainData::Latents(cache) => Some((&cache.config, &cache.vae)),
+        TrainData::Pixels(_) => None,
+    };
 
     let csv_path = run_dir.join("loss.csv");
     let (mut csv, spent_before) = open_loss_csv(&csv_path, state.step)?;
@@ -323,7 +356,7 @@ pub fn train_diffusion(
     let mut interrupted = false;
     while state.step < run.train.steps {
         let step = state.step;
-        let batch = draw_batch(&run, &images, step, train_t, &state.model.devices()[0]);
+        let batch = draw_batch(&run, &data, step, train_t, &state.model.devices()[0]);
         let loss = diffusion::denoising_loss(
             &state.model,
             batch.x0,
@@ -376,7 +409,7 @@ pub fn train_diffusion(
             || state.step == run.train.steps
             || interrupted
         {
-            checkpoint_path = save_checkpoint(run_dir, &run, &state)?;
+            checkpoint_path = save_checkpoint(run_dir, &run, &state, vae)?;
         }
         if interrupted {
             break;
