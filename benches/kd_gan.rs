@@ -37,7 +37,11 @@ fn latency(dir: &Path) -> (f64, f64) {
     let device = fewstep::backend::cpu_device().expect("a CPU backend");
     let (config, g) = folder::load_generator(dir, &device).expect("generator");
     let time = |b: usize, reps: usize| {
-        let z = Tensor::<2>::random([b, config.latent_dim], Distribution::Normal(0.0, 1.0), &device);
+        let z = Tensor::<2>::random(
+            [b, config.latent_dim],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        );
         let _ = g.forward(z.clone(), None).into_data(); // warm-up
         let mut times: Vec<f64> = (0..reps)
             .map(|_| {
@@ -136,9 +140,9 @@ fn main() {
     }
     let teacher_fid = rows[0].fid;
     let teacher_macs = rows[0].macs as f64;
-    let mut table = format!(
+    let mut table = String::from(
         "| generator | params | MACs/image | MAC reduction | CPU ms/image (batch 1 / 64) | FID | KID×10³ | FID / teacher |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|\n"
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in &rows {
         table += &format!(

@@ -91,7 +91,10 @@ fn bad_input_is_one_clear_line() {
         fewstep(&["train-vae", "--out", o, "--kl-weight=-1"]),
         "--kl-weight",
     );
-    assert_clean_failure(fewstep(&["train-vae", "--out", o, "--iters", "0"]), "--iters");
+    assert_clean_failure(
+        fewstep(&["train-vae", "--out", o, "--iters", "0"]),
+        "--iters",
+    );
     assert_clean_failure(
         fewstep(&["train-vae", "--out", o, "--data", "/no/such/folder"]),
         "--data",
@@ -157,7 +160,10 @@ fn a_latent_teacher_trains_on_cached_latents_resumes_exactly_and_samples_through
     let header: serde_json::Value = serde_json::from_slice(&cache[8..8 + header_len]).unwrap();
     assert_eq!(header["mean"]["shape"], serde_json::json!([40, 2, 16, 16]));
     let pipeline = whole.join("checkpoints/latest");
-    assert!(pipeline.join("vae/config.json").is_file(), "the pipeline carries its VAE");
+    assert!(
+        pipeline.join("vae/config.json").is_file(),
+        "the pipeline carries its VAE"
+    );
     let grid = dir.join("grid.png");
     ok(&fewstep(&[
         "sample",

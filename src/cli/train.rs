@@ -127,7 +127,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
                     return Err(Error::Usage(format!(
                         "--model-config {}: the UNet sees {side}×{side} inputs here (`shapes` images are 32×32{}); the config needs sample_size {side}",
                         args.model_config,
-                        if latent.is_some() { ", encoded by --vae" } else { "" }
+                        if latent.is_some() {
+                            ", encoded by --vae"
+                        } else {
+                            ""
+                        }
                     )));
                 }
                 unet.sample_size = Some(side);

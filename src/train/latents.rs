@@ -115,7 +115,9 @@ impl LatentCache {
         b: usize,
         device: &Device,
     ) -> (Tensor<4>, Tensor<1, Int>) {
-        let idx: Vec<i64> = (0..b).map(|_| rng.below(self.len() as u64) as i64).collect();
+        let idx: Vec<i64> = (0..b)
+            .map(|_| rng.below(self.len() as u64) as i64)
+            .collect();
         let idx = Tensor::<1, Int>::from_ints(idx.as_slice(), &self.mean.device());
         let mean = self.mean.clone().select(0, idx.clone());
         let logvar = self.logvar.clone().select(0, idx.clone());

@@ -248,7 +248,7 @@ struct Batch {
 /// What a diffusion model trains on: images, or their cached VAE latents.
 enum TrainData {
     Pixels(TrainImages),
-    Latents(LatentCache),
+    Latents(Box<LatentCache>),
 }
 
 fn draw_batch(
@@ -337,7 +337,9 @@ pub fn train_diffusion(
             run.unet.sample_size.unwrap_or(data::shapes::SIZE),
             run.unet.num_class_embeds,
         )?),
-        Some(spec) => TrainData::Latents(LatentCache::open(spec, &run.data, run_dir, device)?),
+        Some(spec) => TrainData::Latents(Box::new(LatentCache::open(
+            spec, &run.data, run_dir, device,
+        )?)),
     };
     let vae = match &data {
         TrainData::Latents(cache) => Some((&cache.config, &cache.vae)),

@@ -217,12 +217,7 @@ pub fn train_vae(
                     .as_slice(),
                 &ad,
             )
-            .reshape([
-                cfg.batch,
-                run.vae.latent_channels,
-                latent_side,
-                latent_side,
-            ]);
+            .reshape([cfg.batch, run.vae.latent_channels, latent_side, latent_side]);
             let loss = vae_loss(&vae, x, eps, cfg, perceptual);
             let value: f32 = loss.clone().into_scalar::<f32>();
             let grads = GradientsParams::from_grads(loss.backward(), &vae);
@@ -246,14 +241,22 @@ pub fn train_vae(
         return Ok(None);
     };
     let vae = state.0.valid();
-    let mut report = evaluate_vae(&vae, &features, cfg.eval_images, run_data_seed(&run.data), device)?;
+    let mut report = evaluate_vae(
+        &vae,
+        &features,
+        cfg.eval_images,
+        run_data_seed(&run.data),
+        device,
+    )?;
     report.final_loss = final_loss;
     report.seconds = seconds;
     let config = VaeConfig {
         scaling_factor: report.scaling_factor,
         ..run.vae.clone()
     };
-    io::write_dir_atomic(&run_dir.join(VAE_DIR), |dir| io::save_vae(dir, &config, &vae))?;
+    io::write_dir_atomic(&run_dir.join(VAE_DIR), |dir| {
+        io::save_vae(dir, &config, &vae)
+    })?;
     io::write_json(
         &run_dir.join("report.json"),
         &json!({
