@@ -1,6 +1,6 @@
 //! The KD-GAN ablation (`cargo bench --bench kd_gan`): from the shipped teacher GAN
-//! `weights/shapes-gan`, co-distillations that add one loss term at a time — output only;
-//! + features; + adversarial (D_S); + D_S logit matching (at λ_kd 1 and 0.1) — each
+//! `weights/shapes-gan`, co-distillations that add one loss term at a time — output only,
+//! then features, then adversarial (D_S), then D_S logit matching (at λ_kd 1 and 0.1) — each
 //! scored with the evaluation protocol (FID and KID in the shipped `shapes` features, 1000
 //! samples against 5000 held-out images), beside the teacher, with parameters,
 //! multiply-accumulates per image and CPU latency per image.

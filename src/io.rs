@@ -20,6 +20,8 @@ use fewstep_schedulers::{Algorithm, SchedulerConfig};
 pub const WEIGHTS_NAME: &str = "diffusion_pytorch_model.safetensors";
 pub const CONFIG_NAME: &str = "config.json";
 pub const SCHEDULER_CONFIG_NAME: &str = "scheduler_config.json";
+/// A pipeline's VAE sub-folder (also where `train-vae` writes its autoencoder).
+pub const VAE_DIR: &str = "vae";
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a crash
 /// leaves either the old file or the new one, never a torn one.
@@ -501,8 +503,8 @@ impl Pipeline {
         }
         let (unet_config, unet) = load_unet(&dir.join("unet"), device)?;
         let scheduler = load_scheduler_config(&dir.join("scheduler"))?;
-        let vae = if dir.join("vae").is_dir() {
-            Some(load_vae(&dir.join("vae"), device)?)
+        let vae = if dir.join(VAE_DIR).is_dir() {
+            Some(load_vae(&dir.join(VAE_DIR), device)?)
         } else {
             None
         };
@@ -565,7 +567,7 @@ pub fn save_pipeline(
     });
     if let Some((vc, v)) = vae {
         index["vae"] = serde_json::json!(["diffusers", "AutoencoderKL"]);
-        save_vae(&dir.join("vae"), vc, v)?;
+        save_vae(&dir.join(VAE_DIR), vc, v)?;
     }
     save_unet(&dir.join("unet"), unet_config, unet)?;
     write_json(

@@ -11,7 +11,7 @@ use crate::distill::gan::PixelDistance;
 use crate::error::{Error, Result};
 use crate::io;
 use crate::models::VaeConfig;
-use crate::train::vae::{self, VAE_DIR, VAE_RUN, VaeRun, VaeTrainConfig};
+use crate::train::vae::{self, VAE_RUN, VaeRun, VaeTrainConfig};
 
 #[derive(Debug, clap::Args)]
 pub struct TrainVaeArgs {
@@ -116,7 +116,7 @@ pub fn run(args: TrainVaeArgs) -> Result<()> {
         ),
         Some(r) => println!(
             "{}: PSNR {:.2} dB, rFID {:.2} (originals {:.2}) on {} held-out images, scaling_factor {:.5}, {:.0} s",
-            args.out.join(VAE_DIR).display(),
+            args.out.join(io::VAE_DIR).display(),
             r.psnr,
             r.rfid,
             r.original_fid,

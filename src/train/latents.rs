@@ -30,7 +30,7 @@ impl LatentSpec {
         let dir = if path.join(io::CONFIG_NAME).is_file() {
             path.to_path_buf()
         } else {
-            path.join("vae")
+            path.join(io::VAE_DIR)
         };
         if !dir.join(io::CONFIG_NAME).is_file() {
             return Err(Error::file(

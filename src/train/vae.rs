@@ -24,8 +24,6 @@ use crate::models::{Vae, VaeConfig};
 use crate::noise::NoiseStream;
 
 pub const VAE_RUN: &str = "train-vae";
-/// The trained autoencoder inside the run folder, a diffusers `vae/` folder.
-pub const VAE_DIR: &str = "vae";
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct VaeTrainConfig {
@@ -254,7 +252,7 @@ pub fn train_vae(
         scaling_factor: report.scaling_factor,
         ..run.vae.clone()
     };
-    io::write_dir_atomic(&run_dir.join(VAE_DIR), |dir| {
+    io::write_dir_atomic(&run_dir.join(io::VAE_DIR), |dir| {
         io::save_vae(dir, &config, &vae)
     })?;
     io::write_json(
