@@ -139,25 +139,145 @@ fn wgpu_device() -> Result<Device> {
 
 #[cfg(feature = "wgpu")]
 mod wgpu_adapter {
-    use super::*;
-    use burn::tensor::DeviceKind;
+    use std::sync::OnceLock;
 
-    /// A wgpu device, after checking that an adapter exists (wgpu itself panics without one).
-    pub fn device() -> Result<Device> {
-        let device = std::panic::catch_unwind(|| {
-            let d = Device::wgpu(DeviceKind::DefaultDevice);
-            // Touch the device so that adapter selection happens here, not mid-sampling.
-            let _ = burn::tensor::Tensor::<1>::zeros([1], &d).into_data();
-            d
-        });
-        device.map_err(|_| {
-            Error::Backend(
-                "--device wgpu: no GPU adapter found; install a Vulkan/Metal/DX12 driver \
-                 (on Linux without a GPU: `apt-get install mesa-vulkan-drivers` for the lavapipe software adapter)"
-                    .into(),
-            )
-        })
+    use super::*;
+
+    /// The default wgpu device and a description of its adapter, brought up once per process;
+    /// `Err` says why there is none.
+    static ADAPTER: OnceLock<std::result::Result<(Device, String), String>> = OnceLock::new();
+
+    /// Brings up wgpu's default device (adapter, logical device, kernel compiler) and describes it.
+    fn init() -> std::result::Result<(Device, String), String> {
+        let (device, setup) = Device::wgpu_options()
+            .init_with_setup()
+            .map_err(|e| format!("{e:?}"))?;
+        let info = setup.adapter.get_info();
+        let limits = setup.device.limits();
+        let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+        let description = format!(
+            "wgpu adapter: {} ({:?}, {:?} backend; driver {} {})\n\
+             limits: max buffer {:.0} MiB, max storage binding {:.0} MiB, \
+             {} invocations per workgroup, {} workgroups per dimension, {} KiB workgroup storage",
+            info.name,
+            info.device_type,
+            info.backend,
+            info.driver,
+            info.driver_info,
+            mib(limits.max_buffer_size),
+            mib(limits.max_storage_buffer_binding_size),
+            limits.max_compute_invocations_per_workgroup,
+            limits.max_compute_workgroups_per_dimension,
+            limits.max_compute_workgroup_storage_size / 1024,
+        );
+        Ok((device, description))
     }
+
+    /// A wgpu device on the system's default adapter, or a clear error when there is none.
+    pub fn device() -> Result<Device> {
+        match ADAPTER.get_or_init(init) {
+            Ok((device, _)) => Ok(device.clone()),
+            Err(why) => Err(Error::Backend(format!(
+                "--device wgpu: no usable GPU adapter ({why}); install a Vulkan/Metal/DX12 driver \
+                 (on Linux without a GPU: `apt-get install mesa-vulkan-drivers` for the lavapipe software adapter)"
+            ))),
+        }
+    }
+
+    /// The adapter's name, backend, driver and limits (after [`device`] found one).
+    pub fn describe() -> Option<String> {
+        ADAPTER
+            .get()
+            .and_then(|a| a.as_ref().ok().map(|(_, d)| d.clone()))
+    }
+}
+
+/// What a device is, for `-v`: the wgpu adapter (name, graphics backend, driver, limits), or
+/// the CPU backend and its thread count; with whether it computes in f16.
+pub fn describe(choice: DeviceChoice, device: &Device) -> String {
+    let what = match choice {
+        #[cfg(feature = "wgpu")]
+        DeviceChoice::Wgpu => wgpu_adapter::describe().unwrap_or_else(|| "wgpu".into()),
+        DeviceChoice::Cpu | DeviceChoice::Flex | DeviceChoice::Ndarray => format!(
+            "{} (CPU, {} cores)",
+            if choice == DeviceChoice::Ndarray || flex_device().is_none() {
+                "ndarray"
+            } else {
+                "flex"
+            },
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        ),
+        other => format!("{} ({device:?})", other.name()),
+    };
+    let f16 = if device.supports_dtype(burn::tensor::DType::F16) {
+        "supported"
+    } else {
+        "not supported"
+    };
+    format!("{what}\nf16: {f16}")
+}
+
+/// The float precision models compute in at inference (`--precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    F32,
+    /// Half precision weights and activations (wgpu needs the adapter's `shader-f16`); the
+    /// scheduler's arithmetic and the timestep features stay f32, as in diffusers' fp16 pipelines.
+    F16,
+}
+
+impl Precision {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "f16" => Ok(Precision::F16),
+            other => Err(Error::Usage(format!(
+                "--precision {other}: expected f32 or f16"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+        }
+    }
+
+    pub fn dtype(self) -> burn::tensor::FloatDType {
+        match self {
+            Precision::F32 => burn::tensor::FloatDType::F32,
+            Precision::F16 => burn::tensor::FloatDType::F16,
+        }
+    }
+
+    /// Checks that `device` computes in this precision (a clear error naming the flag if not).
+    pub fn check(self, device: &Device, device_name: &str) -> Result<()> {
+        if self == Precision::F16 && !device.supports_dtype(burn::tensor::DType::F16) {
+            return Err(Error::Usage(format!(
+                "--precision f16: --device {device_name} does not compute in f16 (a wgpu adapter needs the `shader-f16` feature); use --precision f32"
+            )));
+        }
+        Ok(())
+    }
+}
+
+struct CastFloats(burn::tensor::FloatDType);
+
+impl burn::module::ModuleMapper for CastFloats {
+    fn map_float<const D: usize>(
+        &mut self,
+        param: burn::module::Param<burn::prelude::Tensor<D>>,
+    ) -> burn::module::Param<burn::prelude::Tensor<D>> {
+        let dtype = self.0;
+        param.map(|t| t.cast(dtype))
+    }
+}
+
+/// `module` with every float parameter (and buffer) cast to `dtype`.
+pub fn cast_module<M: burn::module::Module>(module: M, dtype: burn::tensor::FloatDType) -> M {
+    module.map(&mut CastFloats(dtype))
 }
 
 #[cfg(feature = "tch")]

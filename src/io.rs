@@ -462,6 +462,16 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// The pipeline with its UNet and VAE in `precision` (the scheduler always computes in f32).
+    pub fn with_precision(mut self, precision: crate::backend::Precision) -> Self {
+        let dtype = precision.dtype();
+        self.unet = crate::backend::cast_module(self.unet, dtype);
+        self.vae = self
+            .vae
+            .map(|(config, vae)| (config, crate::backend::cast_module(vae, dtype)));
+        self
+    }
+
     /// Loads `DIR` (`model_index.json`, `unet/`, `scheduler/`, optional `vae/`).
     /// Loads the pipeline in `dir` with the adapters of a LoRA file merged at `scale`; the
     /// pipeline's scheduler becomes the one the file names (an LCM-LoRA's LCM scheduler), if any.

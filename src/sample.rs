@@ -4,6 +4,7 @@
 //! so that a seed means the same noise on every backend).
 
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 use fewstep_schedulers::{Algorithm, SampleOps, Scheduler};
 
 use crate::error::{Error, Result};
@@ -83,12 +84,13 @@ pub fn sample(
     while let Some(t) = scheduler.current_timestep() {
         let model_input = scheduler.scale_model_input(&x);
         let t_batch = Tensor::<1>::full([b], t, &device);
-        let out = DeviceSample(pipeline.unet.forward_guided(
-            model_input.0,
-            t_batch,
-            labels.clone(),
-            guidance.clone(),
-        ));
+        // The UNet may compute in f16 (`--precision f16`); the scheduler stays in f32.
+        let out = DeviceSample(
+            pipeline
+                .unet
+                .forward_guided(model_input.0, t_batch, labels.clone(), guidance.clone())
+                .cast(FloatDType::F32),
+        );
         let step_noise = scheduler
             .needs_noise()
             .then(|| DeviceSample(host_noise(noise, [b, c, h, w], &device)));
@@ -109,7 +111,7 @@ pub fn sample(
             if let Some(shift) = config.shift_factor {
                 z = z + shift;
             }
-            vae.decode(z)
+            vae.decode(z).cast(FloatDType::F32)
         }
         None => result,
     })
@@ -185,15 +187,15 @@ pub fn generate(
 }
 
 /// Generates `request.num` images with `pipeline`'s own scheduler config run as `algorithm` at
-/// `steps` steps and writes them as a PNG grid at `path`.
-pub fn write_sample_grid(
+/// `steps` steps, all on `device`; returns them on the host (row-major [num, C, H, W], model
+/// space, f32) with their shape [C, H, W].
+pub fn generate_images(
     pipeline: &Pipeline,
     algorithm: Algorithm,
     steps: usize,
     request: &Generation<'_>,
     device: &Device,
-    path: &std::path::Path,
-) -> Result<()> {
+) -> Result<(Vec<f32>, [usize; 3])> {
     let mut scheduler: Scheduler<DeviceSample> = pipeline
         .scheduler
         .build(Some(algorithm))
@@ -206,6 +208,19 @@ pub fn write_sample_grid(
         pixels.extend(x.into_data().try_to_vec::<f32>().expect("f32 samples"));
         Ok(())
     })?;
+    Ok((pixels, shape))
+}
+
+/// [`generate_images`], written as a PNG grid at `path`.
+pub fn write_sample_grid(
+    pipeline: &Pipeline,
+    algorithm: Algorithm,
+    steps: usize,
+    request: &Generation<'_>,
+    device: &Device,
+    path: &std::path::Path,
+) -> Result<()> {
+    let (pixels, shape) = generate_images(pipeline, algorithm, steps, request, device)?;
     crate::image_grid::write_grid(path, &pixels, request.num, shape)
 }
 

@@ -124,6 +124,19 @@ fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
         &["sample", "--model", p, "--device", "nope", "--out", png],
         "--device nope",
     );
+    let gan = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/shapes-gan-kd");
+    assert_clean_failure(
+        &[
+            "sample",
+            "--model",
+            gan.to_str().unwrap(),
+            "--precision",
+            "f16",
+            "--out",
+            png,
+        ],
+        "--precision f16",
+    );
 
     // Truncated weights.
     let broken = dir.join("truncated");
@@ -184,4 +197,56 @@ fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
         "[N, 3, 8, 8]",
     );
     assert!(!Path::new(png).exists(), "nothing written on failure");
+}
+
+/// `--precision f16` runs the shipped latent student's UNet and VAE in half precision (here on
+/// the CPU backend) close to f32; `-v` says what the device is and whether it computes in f16.
+#[test]
+fn sample_in_f16_stays_close_to_f32_and_verbose_describes_the_device() {
+    let dir = scratch("f16");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/shapes-latent-lcm");
+    let mut samples = Vec::new();
+    for precision in ["f32", "f16"] {
+        let tensors = dir.join(format!("{precision}.safetensors"));
+        let o = fewstep(&[
+            "sample",
+            "--model",
+            model.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--num",
+            "2",
+            "--precision",
+            precision,
+            "-v",
+            "--out",
+            dir.join(format!("{precision}.png")).to_str().unwrap(),
+            "--save-tensors",
+            tensors.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{precision}: {err}");
+        assert!(
+            err.contains("(CPU, ") && err.contains("f16: supported"),
+            "-v: {err}"
+        );
+        assert!(err.contains(&format!("in {precision}")), "{err}");
+        samples.push(
+            io::read_safetensors(&tensors).unwrap()["samples"]
+                .data
+                .clone(),
+        );
+    }
+    let (f32s, f16s) = (&samples[0], &samples[1]);
+    let scale = f32s.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let max = f32s
+        .iter()
+        .zip(f16s)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(max > 0.0, "f16 gave bit-identical samples: was it f16?");
+    assert!(
+        max / scale <= 5e-2,
+        "f16 differs from f32 by {} (relative)",
+        max / scale
+    );
 }

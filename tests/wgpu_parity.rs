@@ -1,5 +1,5 @@
 //! CPU (flex) vs wgpu: the same weights give the same UNet forward and VAE decode, ≤ 1e-4
-//! relative to the output's max. Runs where the `wgpu` feature is compiled in; CI runs it on
+//! relative to the output's max, and the shipped latent student the same images (≤ 1e-3). Runs where the `wgpu` feature is compiled in; CI runs it on
 //! Mesa's software Vulkan driver (lavapipe). Forward only and tiny: the first wgpu call compiles
 //! its kernels.
 #![cfg(feature = "wgpu")]
@@ -7,8 +7,10 @@
 use std::path::Path;
 
 use burn::prelude::*;
-use fewstep::backend::{DeviceChoice, device};
-use fewstep::io;
+use fewstep::backend::{DeviceChoice, Precision, device};
+use fewstep::io::{self, Pipeline};
+use fewstep::sample::{Generation, generate_images};
+use fewstep_schedulers::Algorithm;
 
 fn max_rel_diff(a: Tensor<4>, b: Tensor<4>) -> f32 {
     let a: Vec<f32> = a.into_data().try_to_vec().unwrap();
@@ -53,4 +55,55 @@ fn unet_forward_and_vae_decode_match_cpu_on_wgpu() {
         d <= 1e-4,
         "VAE decode: wgpu differs from CPU by {d} (relative)"
     );
+}
+
+fn shipped_latent_student_images(device: &Device, precision: Precision) -> Vec<f32> {
+    let student = Pipeline::load(&io::shipped("shapes-latent-lcm"), device)
+        .unwrap()
+        .with_precision(precision);
+    let request = Generation {
+        num: 2,
+        batch: 2,
+        seed: 3,
+        class_label: None,
+        latents: None,
+        guidance_scale: None,
+    };
+    // Two LCM steps: UNet, scheduler (with the injected noise of the second step) and VAE decode.
+    generate_images(&student, Algorithm::Lcm, 2, &request, device)
+        .unwrap()
+        .0
+}
+
+fn relative_and_mean_diff(a: &[f32], b: &[f32]) -> (f32, f32) {
+    let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let max = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    let mean = a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32;
+    (max / scale, mean)
+}
+
+/// The shipped latent pipeline (`weights/shapes-latent-lcm`) generates the same images on wgpu
+/// as on the CPU: ≤ 1e-3 relative in f32. In f16 (where the adapter has `shader-f16`) the
+/// images stay within 5e-2 relative and 5e-3 mean absolute of the f32 ones (measured on
+/// lavapipe: 1.4e-2 and 8e-4).
+#[test]
+fn shipped_latent_pipeline_matches_cpu_on_wgpu() {
+    let cpu = device(DeviceChoice::Cpu).unwrap();
+    let gpu = device(DeviceChoice::Wgpu).expect("a wgpu adapter (install mesa-vulkan-drivers)");
+    let on_cpu = shipped_latent_student_images(&cpu, Precision::F32);
+    let on_gpu = shipped_latent_student_images(&gpu, Precision::F32);
+    let (rel, _) = relative_and_mean_diff(&on_cpu, &on_gpu);
+    assert!(
+        rel <= 1e-3,
+        "f32: wgpu differs from CPU by {rel} (relative)"
+    );
+
+    if gpu.supports_dtype(burn::tensor::DType::F16) {
+        let half = shipped_latent_student_images(&gpu, Precision::F16);
+        let (rel, mean) = relative_and_mean_diff(&on_cpu, &half);
+        assert!(
+            rel <= 5e-2 && mean <= 5e-3,
+            "f16 on wgpu: {rel} relative, {mean} mean absolute from f32"
+        );
+    }
 }

@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
-use crate::backend::{DeviceChoice, device};
+use crate::backend::{DeviceChoice, describe, device};
 use crate::error::Result;
 
 pub mod distill;
@@ -54,11 +54,20 @@ pub struct DeviceArgs {
     /// Where to compute: cpu (flex), flex, ndarray, wgpu, tch-cpu, cuda.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Print what the device is: the wgpu adapter's name, graphics backend (Vulkan, Metal, DX12),
+    /// driver and limits, or the CPU backend; and whether it computes in f16.
+    #[arg(short, long)]
+    pub verbose: bool,
 }
 
 impl DeviceArgs {
     pub fn device(&self) -> Result<burn::prelude::Device> {
-        device(DeviceChoice::parse(&self.device)?)
+        let choice = DeviceChoice::parse(&self.device)?;
+        let device = device(choice)?;
+        if self.verbose {
+            eprintln!("{}", describe(choice, &device));
+        }
+        Ok(device)
     }
 }
 

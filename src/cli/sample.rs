@@ -6,6 +6,7 @@ use std::time::Instant;
 use fewstep_schedulers::{Algorithm, Scheduler};
 
 use super::DeviceArgs;
+use crate::backend::Precision;
 use crate::error::{Error, Result};
 use crate::io::{self, Pipeline};
 use crate::sample::{DeviceSample, Generation, generate};
@@ -54,6 +55,10 @@ pub struct SampleArgs {
     /// Also write the raw samples (tensor `samples`, NCHW f32, model space, before clamping).
     #[arg(long)]
     pub save_tensors: Option<PathBuf>,
+    /// Precision of the UNet and VAE: f32, or f16 (a wgpu adapter with `shader-f16`; the
+    /// scheduler's arithmetic stays f32).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "f16"])]
+    pub precision: String,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -90,13 +95,22 @@ pub fn run(args: SampleArgs) -> Result<()> {
         return Err(Error::Usage("--batch must be at least 1".into()));
     }
     let device = args.device.device()?;
+    let precision = Precision::parse(&args.precision)?;
     if crate::models::gan::folder::is_gan(&args.model) {
+        if precision != Precision::F32 {
+            return Err(Error::Usage(format!(
+                "--precision {}: GAN generators sample in f32 only",
+                precision.name()
+            )));
+        }
         return sample_gan(&args, &device);
     }
+    precision.check(&device, &args.device.device)?;
     let pipeline = match &args.lora {
         Some(lora) => Pipeline::load_with_lora(&args.model, lora, args.lora_scale, &device)?,
         None => Pipeline::load(&args.model, &device)?,
-    };
+    }
+    .with_precision(precision);
     if pipeline.unet.takes_guidance() && args.guidance_scale.is_none() {
         return Err(Error::Usage(format!(
             "{}: this student is conditioned on a guidance scale (time_cond_proj_dim): give --guidance-scale (w + 1 for a w it was distilled at)",
@@ -130,9 +144,10 @@ pub fn run(args: SampleArgs) -> Result<()> {
         return Err(Error::Usage("--num must be at least 1".into()));
     }
     eprintln!(
-        "sampling {num} images with {algorithm} in {steps} steps ({} model calls each) on {}",
+        "sampling {num} images with {algorithm} in {steps} steps ({} model calls each) on {} in {}",
         scheduler.timesteps().len(),
-        args.device.device
+        args.device.device,
+        precision.name()
     );
     let started = Instant::now();
     let mut outputs: Vec<f32> = Vec::with_capacity(num * 3 * h * w);

@@ -5,6 +5,7 @@ use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{Embedding, EmbeddingConfig, GroupNorm};
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 use serde::{Deserialize, Serialize};
 
 use super::blocks::{
@@ -641,15 +642,22 @@ impl UNet {
         class_labels: Option<Tensor<1, Int>>,
         guidance: Option<Tensor<1>>,
     ) -> Tensor<4> {
+        // Compute in the weights' precision (f16 after `cast_module`); the sinusoidal features
+        // are made in the timesteps' own precision (f32) and cast after, as diffusers does.
+        let dtype: FloatDType = self.conv_in.weight.val().dtype().into();
+        let x = x.cast(dtype);
         let x = if self.center_input_sample {
             x * 2.0 - 1.0
         } else {
             x
         };
         let t_emb =
-            timestep_embedding(t, self.time_proj_dim, self.flip_sin_to_cos, self.freq_shift);
+            timestep_embedding(t, self.time_proj_dim, self.flip_sin_to_cos, self.freq_shift)
+                .cast(dtype);
         let condition = match (&self.time_embedding.cond_proj, guidance) {
-            (Some(proj), Some(w)) => Some(guidance_scale_embedding(w, proj.weight.dims()[0])),
+            (Some(proj), Some(w)) => {
+                Some(guidance_scale_embedding(w, proj.weight.dims()[0]).cast(dtype))
+            }
             _ => None,
         };
         let mut emb = self.time_embedding.forward(t_emb, condition); // [B, temb]

@@ -6,6 +6,7 @@ use burn::module::Module;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 use serde::{Deserialize, Serialize};
 
 use super::blocks::{
@@ -305,10 +306,15 @@ pub struct Vae {
 }
 
 impl Vae {
+    /// The precision the weights are in (inputs are cast to it; outputs come out in it).
+    pub fn dtype(&self) -> FloatDType {
+        self.decoder.conv_in.weight.val().dtype().into()
+    }
+
     /// [B, C, H, W] → (mean, logvar), each [B, L, H/f, W/f]; logvar clamped to [−30, 20] as
     /// diffusers' `DiagonalGaussianDistribution` does.
     pub fn encode(&self, x: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        let h = self.encoder.forward(x);
+        let h = self.encoder.forward(x.cast(self.dtype()));
         let moments = match &self.quant_conv {
             Some(c) => c.forward(h),
             None => h,
@@ -321,6 +327,7 @@ impl Vae {
 
     /// [B, L, h, w] (unscaled latents) → [B, C, h·f, w·f]
     pub fn decode(&self, z: Tensor<4>) -> Tensor<4> {
+        let z = z.cast(self.dtype());
         let z = match &self.post_quant_conv {
             Some(c) => c.forward(z),
             None => z,
