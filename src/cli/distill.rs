@@ -38,11 +38,13 @@ pub enum DistillCommand {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Budget {
-    /// About 10 minutes on 2 CPU cores: 16 → 8 → 4 steps, 120 iterations of batch 16 per round,
-    /// 300 evaluation samples.
+    /// Minutes on 2 CPU cores, 300 evaluation samples. progressive: 16 → 8 → 4 steps, 120
+    /// iterations of batch 16 per round; consistency: 300 iterations of batch 16, teacher
+    /// reference at 8 steps.
     Quick,
-    /// The budget for shipped students: 64 → 32 → … → 1 steps, 1500 iterations of batch 32 per
-    /// round, 2000 evaluation samples (hours on a CPU).
+    /// The budget for shipped students (hours on a CPU), 2000 evaluation samples. progressive:
+    /// 64 → 32 → … → 1 steps, 1500 iterations of batch 32 per round; consistency: 4000
+    /// iterations of batch 32, teacher reference at 256 steps.
     Full,
 }
 

@@ -8,6 +8,7 @@ use fewstep_schedulers::Algorithm;
 use serde_json::json;
 
 use super::DeviceArgs;
+use crate::backend::Precision;
 use crate::error::{Error, Result};
 use crate::io::{self, Pipeline};
 use crate::metrics::curve_plot::{Series, plot_fid_curve};
@@ -121,6 +122,10 @@ pub struct SamplingArgs {
     /// Guidance scale of a guidance-conditioned consistency student (w + 1).
     #[arg(long)]
     pub guidance_scale: Option<f32>,
+    /// Precision of the UNet and VAE: f32, or f16 where the device computes in it (the
+    /// scheduler's arithmetic stays f32).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "f16"])]
+    pub precision: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -184,12 +189,22 @@ struct ModelUnderTest {
     dir: PathBuf,
     pipeline: Pipeline,
     algorithm: Algorithm,
+    precision: Precision,
 }
 
 impl ModelUnderTest {
-    fn load(dir: &Path, scheduler: Option<&str>, device: &Device) -> Result<Self> {
-        let pipeline = Pipeline::load(dir, device)?;
-        let algorithm = scheduler
+    fn load(
+        dir: &Path,
+        sampling: &SamplingArgs,
+        device: &Device,
+        device_name: &str,
+    ) -> Result<Self> {
+        let precision = Precision::parse(&sampling.precision)?;
+        precision.check(device, device_name)?;
+        let pipeline = Pipeline::load(dir, device)?.with_precision(precision);
+        let algorithm = sampling
+            .scheduler
+            .as_deref()
             .and_then(Algorithm::from_cli_name)
             .or(pipeline.scheduler.class)
             .unwrap_or(Algorithm::Ddim);
@@ -197,6 +212,7 @@ impl ModelUnderTest {
             dir: dir.to_path_buf(),
             pipeline,
             algorithm,
+            precision,
         })
     }
 
@@ -218,7 +234,10 @@ impl ModelUnderTest {
     }
 
     fn label(&self) -> String {
-        format!("{} ({})", self.short_name(), self.algorithm)
+        match self.precision {
+            Precision::F32 => format!("{} ({})", self.short_name(), self.algorithm),
+            p => format!("{} ({}, {})", self.short_name(), self.algorithm, p.name()),
+        }
     }
 
     /// Samples `sampling.num_samples` images at `steps` steps and returns their features, the
@@ -278,6 +297,12 @@ fn run_fid(args: FidArgs) -> Result<()> {
     let (scores, source, per_sec) = match (&args.model, &args.images) {
         (Some(dir), _) if crate::models::gan::folder::is_gan(dir) => {
             check_sampling(&args.sampling, extractor.dim())?;
+            if Precision::parse(&args.sampling.precision)? != Precision::F32 {
+                return Err(Error::Usage(format!(
+                    "--precision {}: GAN generators are evaluated in f32 only",
+                    args.sampling.precision
+                )));
+            }
             let (config, generator) = crate::models::gan::folder::load_generator(dir, &device)?;
             let request = Generation {
                 num: args.sampling.num_samples,
@@ -308,7 +333,7 @@ fn run_fid(args: FidArgs) -> Result<()> {
         }
         (Some(dir), _) => {
             check_sampling(&args.sampling, extractor.dim())?;
-            let model = ModelUnderTest::load(dir, args.sampling.scheduler.as_deref(), &device)?;
+            let model = ModelUnderTest::load(dir, &args.sampling, &device, &args.device.device)?;
             let sampled =
                 model.sample_features(args.steps, &args.sampling, extractor, 0, &device)?;
             let per_sec = sampled.per_second;
@@ -316,6 +341,7 @@ fn run_fid(args: FidArgs) -> Result<()> {
             let source = json!({
                 "model": dir.display().to_string(),
                 "scheduler": model.algorithm.to_string(),
+                "precision": model.precision.name(),
                 "steps": args.steps,
                 "seed": args.sampling.seed,
                 "params": burn::module::Module::num_params(&model.pipeline.unet),
@@ -366,7 +392,7 @@ fn run_curve(args: CurveArgs) -> Result<()> {
     let models: Vec<ModelUnderTest> = args
         .model
         .iter()
-        .map(|dir| ModelUnderTest::load(dir, args.sampling.scheduler.as_deref(), &device))
+        .map(|dir| ModelUnderTest::load(dir, &args.sampling, &device, &args.device.device))
         .collect::<Result<_>>()?;
     std::fs::create_dir_all(&args.out)
         .map_err(|e| Error::file(&args.out, format!("cannot create: {e}")))?;
@@ -412,6 +438,7 @@ fn run_curve(args: CurveArgs) -> Result<()> {
             rows.push(json!({
                 "model": model.dir.display().to_string(),
                 "scheduler": model.algorithm.to_string(),
+                "precision": model.precision.name(),
                 "steps": n,
                 "fid": scores.fid,
                 "kid": scores.kid,
