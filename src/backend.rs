@@ -145,10 +145,16 @@ mod wgpu_adapter {
 
     /// The default wgpu device and a description of its adapter, brought up once per process;
     /// `Err` says why there is none.
-    static ADAPTER: OnceLock<std::result::Result<(Device, String), String>> = OnceLock::new();
+    static ADAPTER: OnceLock<std::result::Result<Adapter, String>> = OnceLock::new();
+
+    struct Adapter {
+        device: Device,
+        description: String,
+        max_binding_bytes: u64,
+    }
 
     /// Brings up wgpu's default device (adapter, logical device, kernel compiler) and describes it.
-    fn init() -> std::result::Result<(Device, String), String> {
+    fn init() -> std::result::Result<Adapter, String> {
         let (device, setup) = Device::wgpu_options()
             .init_with_setup()
             .map_err(|e| format!("{e:?}"))?;
@@ -170,13 +176,17 @@ mod wgpu_adapter {
             limits.max_compute_workgroups_per_dimension,
             limits.max_compute_workgroup_storage_size / 1024,
         );
-        Ok((device, description))
+        Ok(Adapter {
+            device,
+            description,
+            max_binding_bytes: limits.max_storage_buffer_binding_size,
+        })
     }
 
     /// A wgpu device on the system's default adapter, or a clear error when there is none.
     pub fn device() -> Result<Device> {
         match ADAPTER.get_or_init(init) {
-            Ok((device, _)) => Ok(device.clone()),
+            Ok(adapter) => Ok(adapter.device.clone()),
             Err(why) => Err(Error::Backend(format!(
                 "--device wgpu: no usable GPU adapter ({why}); install a Vulkan/Metal/DX12 driver \
                  (on Linux without a GPU: `apt-get install mesa-vulkan-drivers` for the lavapipe software adapter)"
@@ -188,7 +198,24 @@ mod wgpu_adapter {
     pub fn describe() -> Option<String> {
         ADAPTER
             .get()
-            .and_then(|a| a.as_ref().ok().map(|(_, d)| d.clone()))
+            .and_then(|a| a.as_ref().ok().map(|a| a.description.clone()))
+    }
+
+    /// The adapter's largest storage buffer binding, in bytes (after [`device`] found one).
+    pub fn max_binding_bytes() -> Option<u64> {
+        ADAPTER
+            .get()
+            .and_then(|a| a.as_ref().ok().map(|a| a.max_binding_bytes))
+    }
+}
+
+/// The largest buffer one kernel can bind on a device, in bytes (a wgpu adapter's
+/// `max_storage_buffer_binding_size`); `None` where no such limit applies (CPU backends, CUDA).
+pub fn max_binding_bytes(choice: DeviceChoice) -> Option<u64> {
+    match choice {
+        #[cfg(feature = "wgpu")]
+        DeviceChoice::Wgpu => wgpu_adapter::max_binding_bytes(),
+        _ => None,
     }
 }
 
@@ -242,6 +269,14 @@ impl Precision {
         match self {
             Precision::F32 => "f32",
             Precision::F16 => "f16",
+        }
+    }
+
+    /// Bytes per element.
+    pub fn bytes(self) -> u64 {
+        match self {
+            Precision::F32 => 4,
+            Precision::F16 => 2,
         }
     }
 

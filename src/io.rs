@@ -550,6 +550,17 @@ impl Pipeline {
     }
 
     /// The shape of one sample in model space: [C, H, W] of the UNet's input.
+    /// An upper bound on the largest single tensor one generated image needs (UNet step or VAE
+    /// decode), in elements.
+    pub fn peak_tensor_elements_per_image(&self) -> Result<usize> {
+        let [_, size, _] = self.sample_shape()?;
+        let unet = self.unet_config.peak_tensor_elements(size);
+        Ok(match &self.vae {
+            Some((config, _)) => unet.max(config.decoder_peak_tensor_elements(size)),
+            None => unet,
+        })
+    }
+
     pub fn sample_shape(&self) -> Result<[usize; 3]> {
         let size = self.unet_config.sample_size.ok_or_else(|| {
             Error::Config(

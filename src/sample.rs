@@ -117,6 +117,22 @@ pub fn sample(
     })
 }
 
+/// `batch`, or the largest batch whose biggest tensor fits in `max_binding_bytes` (a GPU's
+/// largest storage binding, see [`crate::backend::max_binding_bytes`]) if that is smaller.
+pub fn fit_batch(
+    pipeline: &Pipeline,
+    precision: crate::backend::Precision,
+    batch: usize,
+    max_binding_bytes: Option<u64>,
+) -> Result<usize> {
+    let Some(limit) = max_binding_bytes else {
+        return Ok(batch);
+    };
+    let bytes = pipeline.peak_tensor_elements_per_image()? as u64 * precision.bytes();
+    let fits = (limit / bytes.max(1)).max(1) as usize;
+    Ok(batch.min(fits))
+}
+
 /// What to generate: `num` images in batches of `batch`, initial noise from `seed` (or given
 /// `latents`, row-major [num, C, H, W]), class `class_label` or classes cycling 0, 1, ….
 #[derive(Debug, Clone)]

@@ -208,3 +208,33 @@ fn a_latent_teacher_trains_on_cached_latents_resumes_exactly_and_samples_through
     );
     assert!(!bad.exists());
 }
+
+/// Batches are lowered to what a GPU's largest storage binding holds (lavapipe: 128 MiB), twice
+/// as many images in f16; without a limit (CPU) the requested batch stands.
+#[test]
+fn batches_fit_the_largest_storage_binding() {
+    use fewstep::backend::Precision;
+    use fewstep::sample::fit_batch;
+    let device = fewstep::backend::device(fewstep::backend::DeviceChoice::Cpu).unwrap();
+    let pipeline =
+        fewstep::io::Pipeline::load(&fewstep::io::shipped("shapes-latent-lcm"), &device).unwrap();
+    let per_image = pipeline.peak_tensor_elements_per_image().unwrap();
+    // The VAE decoder's last 3×3 convolution at 32×32 (16 channels, 32 across the upsampling).
+    assert_eq!(per_image, 9 * 2 * 16 * 32 * 32);
+    let limit = Some(128 * 1024 * 1024);
+    let f32_fit = fit_batch(&pipeline, Precision::F32, 10_000, limit).unwrap();
+    assert_eq!(f32_fit, 128 * 1024 * 1024 / (per_image * 4));
+    assert_eq!(
+        fit_batch(&pipeline, Precision::F16, 10_000, limit).unwrap(),
+        2 * f32_fit + 1
+    );
+    assert_eq!(fit_batch(&pipeline, Precision::F32, 16, limit).unwrap(), 16);
+    assert_eq!(
+        fit_batch(&pipeline, Precision::F32, 16, Some(1)).unwrap(),
+        1
+    );
+    assert_eq!(
+        fit_batch(&pipeline, Precision::F32, 10_000, None).unwrap(),
+        10_000
+    );
+}

@@ -190,6 +190,8 @@ struct ModelUnderTest {
     pipeline: Pipeline,
     algorithm: Algorithm,
     precision: Precision,
+    /// `--batch`, fitted to the device's largest storage binding.
+    batch: usize,
 }
 
 impl ModelUnderTest {
@@ -197,10 +199,10 @@ impl ModelUnderTest {
         dir: &Path,
         sampling: &SamplingArgs,
         device: &Device,
-        device_name: &str,
+        device_args: &DeviceArgs,
     ) -> Result<Self> {
         let precision = Precision::parse(&sampling.precision)?;
-        precision.check(device, device_name)?;
+        precision.check(device, &device_args.device)?;
         let pipeline = Pipeline::load(dir, device)?.with_precision(precision);
         let algorithm = sampling
             .scheduler
@@ -208,11 +210,13 @@ impl ModelUnderTest {
             .and_then(Algorithm::from_cli_name)
             .or(pipeline.scheduler.class)
             .unwrap_or(Algorithm::Ddim);
+        let batch = super::sample::fitted_batch(&pipeline, precision, sampling.batch, device_args)?;
         Ok(ModelUnderTest {
             dir: dir.to_path_buf(),
             pipeline,
             algorithm,
             precision,
+            batch,
         })
     }
 
@@ -252,7 +256,7 @@ impl ModelUnderTest {
     ) -> Result<metrics::Sampled> {
         let request = Generation {
             num: sampling.num_samples,
-            batch: sampling.batch,
+            batch: self.batch,
             seed: sampling.seed,
             class_label: None,
             latents: None,
@@ -333,7 +337,7 @@ fn run_fid(args: FidArgs) -> Result<()> {
         }
         (Some(dir), _) => {
             check_sampling(&args.sampling, extractor.dim())?;
-            let model = ModelUnderTest::load(dir, &args.sampling, &device, &args.device.device)?;
+            let model = ModelUnderTest::load(dir, &args.sampling, &device, &args.device)?;
             let sampled =
                 model.sample_features(args.steps, &args.sampling, extractor, 0, &device)?;
             let per_sec = sampled.per_second;
@@ -392,7 +396,7 @@ fn run_curve(args: CurveArgs) -> Result<()> {
     let models: Vec<ModelUnderTest> = args
         .model
         .iter()
-        .map(|dir| ModelUnderTest::load(dir, &args.sampling, &device, &args.device.device))
+        .map(|dir| ModelUnderTest::load(dir, &args.sampling, &device, &args.device))
         .collect::<Result<_>>()?;
     std::fs::create_dir_all(&args.out)
         .map_err(|e| Error::file(&args.out, format!("cannot create: {e}")))?;

@@ -6,10 +6,10 @@ use std::time::Instant;
 use fewstep_schedulers::{Algorithm, Scheduler};
 
 use super::DeviceArgs;
-use crate::backend::Precision;
+use crate::backend::{DeviceChoice, Precision, max_binding_bytes};
 use crate::error::{Error, Result};
 use crate::io::{self, Pipeline};
-use crate::sample::{DeviceSample, Generation, generate};
+use crate::sample::{DeviceSample, Generation, fit_batch, generate};
 
 #[derive(Debug, clap::Args)]
 pub struct SampleArgs {
@@ -149,12 +149,13 @@ pub fn run(args: SampleArgs) -> Result<()> {
         args.device.device,
         precision.name()
     );
+    let batch = fitted_batch(&pipeline, precision, args.batch, &args.device)?;
     let started = Instant::now();
     let mut outputs: Vec<f32> = Vec::with_capacity(num * 3 * h * w);
     let mut out_shape = [0usize; 3];
     let request = Generation {
         num,
-        batch: args.batch,
+        batch,
         seed: args.seed,
         class_label: args.class_label,
         latents: initial.as_deref(),
@@ -184,6 +185,25 @@ pub fn run(args: SampleArgs) -> Result<()> {
     crate::image_grid::write_grid(&args.out, &outputs, num, out_shape)?;
     eprintln!("wrote {}", args.out.display());
     Ok(())
+}
+
+/// `--batch`, lowered (with a note) to what the device's largest storage binding holds: the
+/// same seed gives the same images whatever the batch.
+pub fn fitted_batch(
+    pipeline: &Pipeline,
+    precision: Precision,
+    batch: usize,
+    device: &DeviceArgs,
+) -> Result<usize> {
+    let limit = max_binding_bytes(DeviceChoice::parse(&device.device)?);
+    let fitted = fit_batch(pipeline, precision, batch, limit)?;
+    if fitted < batch {
+        eprintln!(
+            "--batch {batch}: the adapter binds at most {} MiB per buffer, about {fitted} images of this model; generating in batches of {fitted}",
+            limit.unwrap_or(0) / (1024 * 1024)
+        );
+    }
+    Ok(fitted)
 }
 
 /// `fewstep sample` on a GAN folder: one generator call per batch.

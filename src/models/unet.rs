@@ -437,6 +437,29 @@ impl UNetConfig {
         Some(macs + conv(side, ch[0], self.out_channels, 3))
     }
 
+    /// An upper bound on the largest single tensor one image needs in a forward pass, in
+    /// elements: a 3×3 convolution's unfolded input (9 × channels × H × W, channels doubled where
+    /// an up block concatenates a skip) or an attention block's scores (heads × tokens²), at
+    /// `size`×`size` input. Used to keep batches within a GPU's largest storage binding.
+    pub fn peak_tensor_elements(&self, size: usize) -> usize {
+        let head_dim = |c: usize| self.attention_head_dim.unwrap_or(c).max(1);
+        let mut peak = 9 * self.in_channels * size * size;
+        for (i, &c) in self.block_out_channels.iter().enumerate() {
+            let side = (size >> i).max(1);
+            let tokens = side * side;
+            peak = peak.max(9 * 2 * c * tokens);
+            let attn = self
+                .down_block_types
+                .get(i)
+                .is_some_and(|k| k.starts_with("Attn"))
+                || (i + 1 == self.block_out_channels.len() && self.add_attention);
+            if attn {
+                peak = peak.max(c.div_ceil(head_dim(c)) * tokens * tokens);
+            }
+        }
+        peak
+    }
+
     /// Builds the UNet with freshly initialised weights.
     pub fn init(&self, device: &Device) -> UNet {
         let ch = &self.block_out_channels;

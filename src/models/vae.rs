@@ -92,6 +92,20 @@ impl Default for VaeConfig {
 const EPS: f64 = 1e-6;
 
 impl VaeConfig {
+    /// An upper bound on the largest single tensor the decoder needs for one image, in elements,
+    /// decoding a `latent_size`×`latent_size` latent: a 3×3 convolution's unfolded input at the
+    /// widest map (9 × channels × H × W, channels doubled across an upsampling) or the mid
+    /// block's single-head attention scores (tokens²).
+    pub fn decoder_peak_tensor_elements(&self, latent_size: usize) -> usize {
+        let tokens = latent_size * latent_size;
+        let mut peak = tokens * tokens;
+        for (i, &c) in self.block_out_channels.iter().rev().enumerate() {
+            let side = latent_size << i;
+            peak = peak.max(9 * 2 * c * side * side);
+        }
+        peak
+    }
+
     pub fn from_json_str(text: &str) -> Result<Self> {
         let cfg: VaeConfig = super::parse_config(text)?;
         cfg.validate()?;
