@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use fewstep::backend::{DeviceChoice, device};
+use fewstep::backend::{DeviceChoice, describe, device};
 use fewstep::io::{self, Pipeline};
 use fewstep::sample::{Generation, write_sample_grid};
 use fewstep_schedulers::Algorithm;
@@ -22,14 +22,18 @@ fn main() -> fewstep::Result<()> {
     );
     std::fs::create_dir_all(&out)
         .map_err(|e| fewstep::Error::file(&out, format!("cannot create: {e}")))?;
-    let (name, device) = match device(DeviceChoice::Wgpu) {
-        Ok(d) => ("wgpu", d),
+    let (choice, device) = match device(DeviceChoice::Wgpu) {
+        Ok(d) => (DeviceChoice::Wgpu, d),
         Err(why) => {
             println!("no wgpu adapter here ({why}); generating on the CPU");
-            ("cpu", device(DeviceChoice::Cpu)?)
+            (DeviceChoice::Cpu, device(DeviceChoice::Cpu)?)
         }
     };
-    println!("generating on {name}");
+    println!(
+        "generating on {}: {}",
+        choice.name(),
+        describe(choice, &device).replace('\n', "; ")
+    );
     // Weights are uploaded once; every step and the VAE decode run on `device`.
     let student = Pipeline::load(&io::shipped("shapes-latent-lcm"), &device)?;
     let request = Generation {
