@@ -157,7 +157,7 @@ mod wgpu_adapter {
     fn init() -> std::result::Result<Adapter, String> {
         let (device, setup) = Device::wgpu_options()
             .init_with_setup()
-            .map_err(|e| format!("{e:?}"))?;
+            .map_err(|e| e.to_string())?;
         let info = setup.adapter.get_info();
         let limits = setup.device.limits();
         let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
