@@ -220,7 +220,7 @@ pub fn max_binding_bytes(choice: DeviceChoice) -> Option<u64> {
 }
 
 /// What a device is, for `-v`: the wgpu adapter (name, graphics backend, driver, limits), or
-/// the CPU backend and its thread count; with whether it computes in f16.
+/// the CPU backend and the cores it may use; with whether it computes in f16.
 pub fn describe(choice: DeviceChoice, device: &Device) -> String {
     let what = match choice {
         #[cfg(feature = "wgpu")]
