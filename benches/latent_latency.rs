@@ -31,17 +31,6 @@ struct Row {
     ids: Vec<String>,
 }
 
-fn request(batch: usize) -> Generation<'static> {
-    Generation {
-        num: batch,
-        batch,
-        seed: 0,
-        class_label: None,
-        latents: None,
-        guidance_scale: None,
-    }
-}
-
 fn bench_pipeline(
     c: &mut Criterion,
     group: &str,
@@ -57,7 +46,7 @@ fn bench_pipeline(
     let mut ids = Vec::new();
     for batch in BATCHES {
         let id = format!("{algorithm}_{steps}step_b{batch}");
-        let req = request(batch);
+        let req = Generation::new(batch, batch, 0);
         g.bench_function(&id, |b| {
             b.iter(|| black_box(generate_images(pipeline, algorithm, steps, &req, device).unwrap()))
         });

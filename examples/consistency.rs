@@ -59,14 +59,7 @@ fn main() -> fewstep::Result<()> {
 
     // The student is a diffusers folder with an LCMScheduler config: sample it in 1, 2, 4 steps.
     let student = Pipeline::load(&dir, &device)?;
-    let request = Generation {
-        num: 16,
-        batch: 16,
-        seed: 0,
-        class_label: None,
-        latents: None,
-        guidance_scale: None,
-    };
+    let request = Generation::new(16, 16, 0);
     for steps in [1, 2, 4] {
         let grid = out.join(format!("student-{steps}step.png"));
         write_sample_grid(&student, Algorithm::Lcm, steps, &request, &device, &grid)?;

@@ -36,14 +36,7 @@ fn main() -> fewstep::Result<()> {
     );
     // Weights are uploaded once; every step and the VAE decode run on `device`.
     let student = Pipeline::load(&io::shipped("shapes-latent-lcm"), &device)?;
-    let request = Generation {
-        num: 16,
-        batch: 16,
-        seed: 0,
-        class_label: None,
-        latents: None,
-        guidance_scale: None,
-    };
+    let request = Generation::new(16, 16, 0);
     for steps in [1, 2, 4] {
         let grid = out.join(format!("latent-lcm-{steps}step.png"));
         let started = Instant::now();

@@ -72,14 +72,7 @@ fn main() -> fewstep::Result<()> {
     };
     train_gan(&student_dir, Some(student), false, &device, false)?;
 
-    let request = Generation {
-        num: 16,
-        batch: 16,
-        seed: 0,
-        class_label: None,
-        latents: None,
-        guidance_scale: None,
-    };
+    let request = Generation::new(16, 16, 0);
     for dir in [&teacher_dir, &student_dir] {
         let (config, g) = folder::load_generator(dir, &device)?;
         let mut pixels = Vec::new();

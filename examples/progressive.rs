@@ -54,14 +54,7 @@ fn main() -> fewstep::Result<()> {
         .scheduler
         .distilled_steps
         .expect("a distilled student");
-    let request = Generation {
-        num: 16,
-        batch: 16,
-        seed: 0,
-        class_label: None,
-        latents: None,
-        guidance_scale: None,
-    };
+    let request = Generation::new(16, 16, 0);
     let grid = out.join("student-4steps.png");
     write_sample_grid(&student, Algorithm::Ddim, steps, &request, &device, &grid)?;
     println!("wrote {}", grid.display());

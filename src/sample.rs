@@ -146,6 +146,21 @@ pub struct Generation<'a> {
     pub guidance_scale: Option<f32>,
 }
 
+impl Generation<'_> {
+    /// `num` images in batches of `batch` from the noise of `seed`: classes cycling, no given
+    /// latents, no guidance scale (set those fields on the result where needed).
+    pub fn new(num: usize, batch: usize, seed: u64) -> Self {
+        Generation {
+            num,
+            batch,
+            seed,
+            class_label: None,
+            latents: None,
+            guidance_scale: None,
+        }
+    }
+}
+
 /// Generates `request.num` images with `scheduler` at `steps` steps, handing each batch (model
 /// space, [b, C, H, W]) to `each` with the index of its first image. The same seed gives the same
 /// images whatever the batch size.

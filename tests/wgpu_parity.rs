@@ -15,11 +15,7 @@ use fewstep_schedulers::Algorithm;
 fn max_rel_diff(a: Tensor<4>, b: Tensor<4>) -> f32 {
     let a: Vec<f32> = a.into_data().try_to_vec().unwrap();
     let b: Vec<f32> = b.into_data().try_to_vec().unwrap();
-    let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(&b)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
+    relative_and_mean_diff(&a, &b).0
 }
 
 #[test]
@@ -61,14 +57,7 @@ fn shipped_latent_student_images(device: &Device, precision: Precision) -> Vec<f
     let student = Pipeline::load(&io::shipped("shapes-latent-lcm"), device)
         .unwrap()
         .with_precision(precision);
-    let request = Generation {
-        num: 2,
-        batch: 2,
-        seed: 3,
-        class_label: None,
-        latents: None,
-        guidance_scale: None,
-    };
+    let request = Generation::new(2, 2, 3);
     // Two LCM steps: UNet, scheduler (with the injected noise of the second step) and VAE decode.
     generate_images(&student, Algorithm::Lcm, 2, &request, device)
         .unwrap()

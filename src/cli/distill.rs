@@ -302,12 +302,8 @@ impl Evaluator<'_> {
         }
         let pipeline = Pipeline::load(dir, self.device)?;
         let request = Generation {
-            num: self.num,
-            batch: 100,
-            seed: 0,
-            class_label: None,
-            latents: None,
             guidance_scale: self.guidance_scale,
+            ..Generation::new(self.num, 100, 0)
         };
         let label = dir
             .file_name()

@@ -255,12 +255,8 @@ impl ModelUnderTest {
         device: &Device,
     ) -> Result<metrics::Sampled> {
         let request = Generation {
-            num: sampling.num_samples,
-            batch: self.batch,
-            seed: sampling.seed,
-            class_label: None,
-            latents: None,
             guidance_scale: sampling.guidance_scale,
+            ..Generation::new(sampling.num_samples, self.batch, sampling.seed)
         };
         metrics::sample_features(
             &self.pipeline,
@@ -308,14 +304,11 @@ fn run_fid(args: FidArgs) -> Result<()> {
                 )));
             }
             let (config, generator) = crate::models::gan::folder::load_generator(dir, &device)?;
-            let request = Generation {
-                num: args.sampling.num_samples,
-                batch: args.sampling.batch,
-                seed: args.sampling.seed,
-                class_label: None,
-                latents: None,
-                guidance_scale: None,
-            };
+            let request = Generation::new(
+                args.sampling.num_samples,
+                args.sampling.batch,
+                args.sampling.seed,
+            );
             let sampled = metrics::gan_features(
                 &generator,
                 config.latent_dim,

@@ -61,8 +61,12 @@ pub struct DeviceArgs {
 }
 
 impl DeviceArgs {
+    pub fn choice(&self) -> Result<DeviceChoice> {
+        DeviceChoice::parse(&self.device)
+    }
+
     pub fn device(&self) -> Result<burn::prelude::Device> {
-        let choice = DeviceChoice::parse(&self.device)?;
+        let choice = self.choice()?;
         let device = device(choice)?;
         if self.verbose {
             eprintln!("{}", describe(choice, &device));

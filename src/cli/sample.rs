@@ -6,7 +6,7 @@ use std::time::Instant;
 use fewstep_schedulers::{Algorithm, Scheduler};
 
 use super::DeviceArgs;
-use crate::backend::{DeviceChoice, Precision, max_binding_bytes};
+use crate::backend::{Precision, max_binding_bytes};
 use crate::error::{Error, Result};
 use crate::io::{self, Pipeline};
 use crate::sample::{DeviceSample, Generation, fit_batch, generate};
@@ -195,7 +195,7 @@ pub fn fitted_batch(
     batch: usize,
     device: &DeviceArgs,
 ) -> Result<usize> {
-    let limit = max_binding_bytes(DeviceChoice::parse(&device.device)?);
+    let limit = max_binding_bytes(device.choice()?);
     let fitted = fit_batch(pipeline, precision, batch, limit)?;
     if fitted < batch {
         eprintln!(
