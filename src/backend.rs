@@ -331,3 +331,91 @@ fn tch_device(choice: DeviceChoice) -> Result<Device> {
         " (needs LibTorch: `pip install torch==2.9.0` and `LIBTORCH_USE_PYTORCH=1`)",
     ))
 }
+
+/// The devices of a data-parallel run (`--devices`): a count N — N replicas of `choice` (CPU
+/// backends: N worker threads sharing the machine's cores; `cuda`: CUDA GPUs 0..N; `wgpu`:
+/// discrete GPUs 0..N) — or a comma-separated list of devices, each `NAME` or `NAME:INDEX` for
+/// the GPU backends (e.g. `cuda:0,cuda:1`, `wgpu:0,wgpu:1`). The first device is the main one.
+pub fn data_parallel_devices(spec: &str, choice: DeviceChoice) -> Result<Vec<Device>> {
+    let spec = spec.trim();
+    if let Ok(n) = spec.parse::<usize>() {
+        if n == 0 {
+            return Err(Error::Usage(
+                "--devices 0: expected at least one device".into(),
+            ));
+        }
+        return match choice {
+            DeviceChoice::Cuda | DeviceChoice::Wgpu if n > 1 => {
+                (0..n).map(|i| indexed_device(choice, i)).collect()
+            }
+            _ => {
+                let d = device(choice)?;
+                Ok(vec![d; n])
+            }
+        };
+    }
+    spec.split(',')
+        .map(|item| {
+            let item = item.trim();
+            let (name, index) = match item.split_once(':') {
+                Some((name, index)) => {
+                    let index = index.parse::<usize>().map_err(|_| {
+                        Error::Usage(format!(
+                            "--devices {spec}: `{item}` has no device index after `:` (expected e.g. cuda:1)"
+                        ))
+                    })?;
+                    (name, Some(index))
+                }
+                None => (item, None),
+            };
+            let choice = DeviceChoice::parse(name).map_err(|_| {
+                Error::Usage(format!(
+                    "--devices {spec}: unknown device `{name}` (expected a count or a list of {})",
+                    DeviceChoice::NAMES
+                ))
+            })?;
+            match index {
+                None => device(choice),
+                Some(i) => indexed_device(choice, i),
+            }
+        })
+        .collect()
+}
+
+/// GPU `index` of a GPU backend (`cuda:1`, `wgpu:1` = the second discrete GPU).
+fn indexed_device(choice: DeviceChoice, index: usize) -> Result<Device> {
+    match choice {
+        DeviceChoice::Cuda => cuda_device(index),
+        DeviceChoice::Wgpu => wgpu_discrete_gpu(index),
+        other => Err(Error::Usage(format!(
+            "--devices: {}:{index}: only cuda and wgpu devices take an index",
+            other.name()
+        ))),
+    }
+}
+
+#[cfg(feature = "tch")]
+#[allow(deprecated)]
+fn cuda_device(index: usize) -> Result<Device> {
+    Ok(Device::libtorch_cuda(index))
+}
+#[cfg(not(feature = "tch"))]
+fn cuda_device(_index: usize) -> Result<Device> {
+    tch_device(DeviceChoice::Cuda)
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu_discrete_gpu(index: usize) -> Result<Device> {
+    Device::wgpu_options()
+        .device_kind(burn::tensor::DeviceKind::DiscreteGpu(index))
+        .init()
+        .map_err(|e| {
+            Error::Backend(format!(
+                "--devices wgpu:{index}: no discrete GPU {index} ({e})"
+            ))
+        })
+}
+#[cfg(not(feature = "wgpu"))]
+fn wgpu_discrete_gpu(_index: usize) -> Result<Device> {
+    wgpu_device()
+}

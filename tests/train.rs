@@ -43,14 +43,7 @@ fn resumed_run_reaches_the_uninterrupted_weights() {
         "6",
         "--quiet",
     ]));
-    let (wa, wb) = (raw_weights(&a), raw_weights(&b));
-    assert_eq!(wa.len(), wb.len());
-    let mut max = 0f32;
-    for (name, t) in &wa {
-        for (x, y) in t.data.iter().zip(&wb[name].data) {
-            max = max.max((x - y).abs());
-        }
-    }
+    let max = max_weight_difference(&a, &b);
     // Same data, noise, ids and optimizer moments: equal up to float rounding (flex takes other
     // SIMD paths on freshly loaded buffers).
     assert!(max <= 1e-6, "resumed weights differ by {max}");
@@ -60,6 +53,67 @@ fn resumed_run_reaches_the_uninterrupted_weights() {
         7,
         "header + one row per step, none duplicated"
     );
+}
+
+/// Largest absolute difference between two runs' raw weights.
+fn max_weight_difference(a: &Path, b: &Path) -> f32 {
+    let (wa, wb) = (raw_weights(a), raw_weights(b));
+    assert_eq!(wa.len(), wb.len());
+    let mut max = 0f32;
+    for (name, t) in &wa {
+        for (x, y) in t.data.iter().zip(&wb[name].data) {
+            max = max.max((x - y).abs());
+        }
+    }
+    max
+}
+
+/// The losses of a run's `loss.csv`, by step.
+fn losses(run: &Path) -> Vec<f32> {
+    std::fs::read_to_string(run.join("loss.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn data_parallel_over_cpu_devices_trains_the_single_device_run() {
+    // Batch 4 over 3 devices shards 2 + 1 + 1 rows: each shard's loss must be weighted by its
+    // share for the sum to be the batch's gradient. Class labels shard with the images.
+    let common = [
+        "--steps",
+        "3",
+        "--warmup",
+        "0",
+        "--lr",
+        "1e-3",
+        "--class-conditional",
+    ];
+    let one = scratch("train", "dp-one");
+    let three = scratch("train", "dp-three");
+    let listed = scratch("train", "dp-list");
+    let reseeded = scratch("train", "dp-seed");
+    ok(&train(&one, &common));
+    ok(&train(&three, &[&common[..], &["--devices", "3"]].concat()));
+    ok(&train(
+        &listed,
+        &[&common[..], &["--devices", "cpu,cpu"]].concat(),
+    ));
+    ok(&train(
+        &reseeded,
+        &[&common[..], &["--data-seed", "1"]].concat(),
+    ));
+    for run in [&three, &listed] {
+        for (a, b) in losses(&one).iter().zip(losses(run)) {
+            assert!((a - b).abs() <= 1e-5 * a.abs(), "loss {a} vs {b}");
+        }
+        let diff = max_weight_difference(&one, run);
+        assert!(diff <= 2e-5, "data-parallel weights differ by {diff}");
+    }
+    // Other data moves the weights far more than float rounding does.
+    assert!(max_weight_difference(&one, &reseeded) > 1e-4);
 }
 
 #[test]
@@ -192,6 +246,9 @@ fn bad_input_is_one_clear_line_and_harms_nothing() {
         "no run to resume",
     );
     assert_clean_failure(train(&run, &["--data", "/no/images"]), "--data");
+    assert_clean_failure(train(&run, &["--devices", "0"]), "--devices 0");
+    assert_clean_failure(train(&run, &["--devices", "cpu,gpu9"]), "gpu9");
+    assert_clean_failure(train(&run, &["--devices", "cpu:1"]), "index");
 
     // A folder that already holds a run is not overwritten.
     ok(&train(&run, &["--steps", "1"]));

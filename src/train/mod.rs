@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod consistency;
+pub mod data_parallel;
 pub mod diffusion;
 pub(crate) mod distill_loop;
 pub mod ema;
@@ -19,7 +20,7 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::optim::grad_clipping::GradientClippingConfig;
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{AdamWConfig, ModuleOptimizer};
 use burn::prelude::*;
 use fewstep_schedulers::{Algorithm, SchedulerConfig};
 use serde_json::json;
@@ -245,6 +246,23 @@ struct Batch {
     labels: Option<Tensor<1, Int>>,
 }
 
+impl Batch {
+    /// The batch rows `rows` on `device` (one data-parallel shard).
+    fn rows(&self, rows: std::ops::Range<usize>, device: &Device) -> Batch {
+        let (start, len) = (rows.start, rows.len());
+        let take = |x: &Tensor<4>| x.clone().narrow(0, start, len).to_device(device);
+        Batch {
+            x0: take(&self.x0),
+            eps: take(&self.eps),
+            t: self.t[rows].to_vec(),
+            labels: self
+                .labels
+                .as_ref()
+                .map(|l| l.clone().narrow(0, start, len).to_device(device)),
+        }
+    }
+}
+
 /// What a diffusion model trains on: images, or their cached VAE latents.
 enum TrainData {
     Pixels(TrainImages),
@@ -283,15 +301,20 @@ fn draw_batch(
     Batch { x0, eps, t, labels }
 }
 
-/// Trains (or resumes) a diffusion model in `run_dir`, printing progress unless `quiet`.
+/// Trains (or resumes) a diffusion model in `run_dir`, printing progress unless `quiet`. The
+/// first of `devices` holds the model, the optimiser and the data; with more, each step is
+/// data-parallel over all of them ([`data_parallel`]), the same run up to float rounding.
 pub fn train_diffusion(
     run_dir: &Path,
     run: Option<DiffusionRun>,
     resume: bool,
     steps_override: Option<usize>,
-    device: &Device,
+    devices: &[Device],
     quiet: bool,
 ) -> Result<TrainOutcome> {
+    let device = devices
+        .first()
+        .ok_or_else(|| Error::Usage("--devices: give at least one device".into()))?;
     let (mut run, mut state) = if resume {
         let v = checkpoint::read_run(run_dir, DIFFUSION_RUN)?;
         let run = DiffusionRun::from_json(&v, &run_dir.join(checkpoint::RUN_FILE))?;
@@ -359,16 +382,23 @@ pub fn train_diffusion(
     while state.step < run.train.steps {
         let step = state.step;
         let batch = draw_batch(&run, &data, step, train_t, &state.model.devices()[0]);
-        let loss = diffusion::denoising_loss(
+        let (loss_value, grads) = data_parallel::loss_and_grads(
             &state.model,
-            batch.x0,
-            batch.eps,
-            &batch.t,
-            batch.labels,
-            &schedule,
-            prediction,
-        );
-        let loss_value: f32 = loss.clone().into_scalar::<f32>();
+            devices,
+            run.train.batch,
+            |model, rows, device| {
+                let shard = batch.rows(rows, device);
+                diffusion::denoising_loss(
+                    model,
+                    shard.x0,
+                    shard.eps,
+                    &shard.t,
+                    shard.labels,
+                    &schedule,
+                    prediction,
+                )
+            },
+        )?;
         if !loss_value.is_finite() {
             bar.abandon();
             return Err(Error::Config(format!(
@@ -377,7 +407,6 @@ pub fn train_diffusion(
             )));
         }
         let lr = run.train.lr_at(step);
-        let grads = GradientsParams::from_grads(loss.backward(), &state.model);
         state.model = state.optim.step(lr, state.model, grads);
         state.ema = ema::update(
             state.ema,
