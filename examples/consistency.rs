@@ -48,7 +48,8 @@ fn main() -> fewstep::Result<()> {
         },
         data: DataSource::Shapes { seed: 0 },
     };
-    let outcome = distill_consistency(&out, Some(run), false, &device, false)?;
+    let outcome =
+        distill_consistency(&out, Some(run), false, std::slice::from_ref(&device), false)?;
     let dir = outcome.student.expect("not interrupted");
     println!(
         "{}: final loss {:.5} in {:.0} s",

@@ -57,7 +57,7 @@ fn main() -> fewstep::Result<()> {
         },
         data: DataSource::Shapes { seed: 0 },
     };
-    distill_consistency(&out, Some(run), false, &device, false)?;
+    distill_consistency(&out, Some(run), false, std::slice::from_ref(&device), false)?;
 
     // The adapters alone, applied to the untouched teacher; the file also carries the LCM
     // scheduler config they were distilled for.

@@ -40,7 +40,8 @@ fn main() -> fewstep::Result<()> {
         },
         data: DataSource::Shapes { seed: 0 },
     };
-    let outcome = distill_progressive(&out, Some(run), false, &device, false)?;
+    let outcome =
+        distill_progressive(&out, Some(run), false, std::slice::from_ref(&device), false)?;
     for r in &outcome.rounds {
         println!(
             "{} steps: final loss {:.5} in {:.0} s",

@@ -164,6 +164,31 @@ fn an_interrupted_run_resumes_to_the_uninterrupted_student() {
 }
 
 #[test]
+fn data_parallel_distillation_matches_one_device() {
+    // Guided class-conditional: labels and per-example guidance scales shard with the images.
+    let teacher = tiny_model_with("cd", "teacher-dp", &["--class-conditional"]);
+    let (one, two) = (scratch("cd", "dp-one"), scratch("cd", "dp-two"));
+    for (out, devices) in [(&one, "1"), (&two, "2")] {
+        let mut args = distill_args(&teacher, out, "3");
+        args.extend_from_slice(&["--guidance", "1,4", "--devices", devices]);
+        ok(&fewstep(&args));
+    }
+    let student = format!("student/{WEIGHTS}");
+    let max = max_weight_difference(&one.join(&student), &two.join(&student));
+    assert!(max < 1e-5, "{max}");
+    let loss = |run: &Path| std::fs::read_to_string(run.join("loss.csv")).unwrap();
+    let rows = |text: String| -> Vec<f32> {
+        text.lines()
+            .skip(1)
+            .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+            .collect()
+    };
+    for (a, b) in rows(loss(&one)).iter().zip(rows(loss(&two))) {
+        assert!((a - b).abs() <= 1e-5 * a.abs().max(1e-3), "loss {a} vs {b}");
+    }
+}
+
+#[test]
 fn bad_input_is_one_clear_line() {
     let teacher = tiny_model("cd", "teacher-c");
     let t = teacher.to_str().unwrap();

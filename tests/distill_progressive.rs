@@ -110,6 +110,22 @@ fn an_interrupted_run_resumes_to_the_uninterrupted_students() {
 }
 
 #[test]
+fn data_parallel_rounds_match_one_device() {
+    let teacher = tiny_model("pd", "teacher-dp");
+    let (one, two) = (scratch("pd", "dp-one"), scratch("pd", "dp-two"));
+    for (out, devices) in [(&one, "1"), (&two, "2")] {
+        let mut args = distill_args(&teacher, out, "3");
+        args.extend_from_slice(&["--devices", devices]);
+        ok(&fewstep(&args));
+    }
+    for steps in [2usize, 1] {
+        let weights = format!("round-{steps}steps/unet/diffusion_pytorch_model.safetensors");
+        let max = max_weight_difference(&one.join(&weights), &two.join(&weights));
+        assert!(max < 1e-5, "{steps} steps: {max}");
+    }
+}
+
+#[test]
 fn bad_input_is_one_clear_line() {
     let teacher = tiny_model("pd", "teacher-c");
     let t = teacher.to_str().unwrap();

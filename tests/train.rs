@@ -2,13 +2,13 @@
 //! bad input.
 
 mod common;
-use common::{assert_clean_failure, fewstep, ok, scratch};
+use common::{assert_clean_failure, fewstep, max_weight_difference, ok, scratch};
 
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use fewstep::io::{self, Pipeline};
+use fewstep::io::Pipeline;
 
 fn train(out: &Path, extra: &[&str]) -> Output {
     let mut args = vec![
@@ -25,10 +25,6 @@ fn train(out: &Path, extra: &[&str]) -> Output {
     fewstep(&args)
 }
 
-fn raw_weights(run: &Path) -> std::collections::HashMap<String, io::HostTensor> {
-    io::read_safetensors(&run.join("checkpoints/latest/state/model.safetensors")).unwrap()
-}
-
 #[test]
 fn resumed_run_reaches_the_uninterrupted_weights() {
     let (a, b) = (scratch("train", "whole"), scratch("train", "split"));
@@ -43,7 +39,7 @@ fn resumed_run_reaches_the_uninterrupted_weights() {
         "6",
         "--quiet",
     ]));
-    let max = max_weight_difference(&a, &b);
+    let max = max_run_difference(&a, &b);
     // Same data, noise, ids and optimizer moments: equal up to float rounding (flex takes other
     // SIMD paths on freshly loaded buffers).
     assert!(max <= 1e-6, "resumed weights differ by {max}");
@@ -56,16 +52,9 @@ fn resumed_run_reaches_the_uninterrupted_weights() {
 }
 
 /// Largest absolute difference between two runs' raw weights.
-fn max_weight_difference(a: &Path, b: &Path) -> f32 {
-    let (wa, wb) = (raw_weights(a), raw_weights(b));
-    assert_eq!(wa.len(), wb.len());
-    let mut max = 0f32;
-    for (name, t) in &wa {
-        for (x, y) in t.data.iter().zip(&wb[name].data) {
-            max = max.max((x - y).abs());
-        }
-    }
-    max
+fn max_run_difference(a: &Path, b: &Path) -> f32 {
+    let raw = "checkpoints/latest/state/model.safetensors";
+    max_weight_difference(&a.join(raw), &b.join(raw))
 }
 
 /// The losses of a run's `loss.csv`, by step.
@@ -109,11 +98,11 @@ fn data_parallel_over_cpu_devices_trains_the_single_device_run() {
         for (a, b) in losses(&one).iter().zip(losses(run)) {
             assert!((a - b).abs() <= 1e-5 * a.abs(), "loss {a} vs {b}");
         }
-        let diff = max_weight_difference(&one, run);
+        let diff = max_run_difference(&one, run);
         assert!(diff <= 2e-5, "data-parallel weights differ by {diff}");
     }
     // Other data moves the weights far more than float rounding does.
-    assert!(max_weight_difference(&one, &reseeded) > 1e-4);
+    assert!(max_run_difference(&one, &reseeded) > 1e-4);
 }
 
 #[test]

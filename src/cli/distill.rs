@@ -85,6 +85,8 @@ pub struct DistillArgs {
     pub quiet: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
+    #[command(flatten)]
+    pub data_parallel: super::DataParallelArgs,
 }
 
 impl DistillArgs {
@@ -397,7 +399,8 @@ fn report(
 }
 
 fn run_progressive(args: ProgressiveArgs) -> Result<()> {
-    let device = args.common.device.device()?;
+    let devices = args.common.data_parallel.devices(&args.common.device)?;
+    let device = devices[0].clone();
     let run = if args.common.resume {
         None
     } else {
@@ -416,7 +419,7 @@ fn run_progressive(args: ProgressiveArgs) -> Result<()> {
         &args.out,
         run,
         args.common.resume,
-        &device,
+        &devices,
         args.common.quiet,
     )?;
     if outcome.interrupted {
@@ -565,7 +568,8 @@ fn consistency_report(
 }
 
 fn run_consistency(args: ConsistencyArgs) -> Result<()> {
-    let device = args.common.device.device()?;
+    let devices = args.common.data_parallel.devices(&args.common.device)?;
+    let device = devices[0].clone();
     if let Some(&bad) = args.eval_steps.iter().find(|&&n| n == 0 || n > args.scales) {
         return Err(Error::Usage(format!(
             "--eval-steps {bad}: expected 1 to --scales ({})",
@@ -597,7 +601,7 @@ fn run_consistency(args: ConsistencyArgs) -> Result<()> {
         &args.out,
         run,
         args.common.resume,
-        &device,
+        &devices,
         args.common.quiet,
     )?;
     let Some(student) = &outcome.student else {

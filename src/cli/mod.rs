@@ -60,6 +60,28 @@ pub struct DeviceArgs {
     pub verbose: bool,
 }
 
+/// `--devices`: data-parallel training (train and distill commands).
+#[derive(Debug, clap::Args)]
+pub struct DataParallelArgs {
+    /// Data-parallel training: a count N (N replicas of --device: worker threads sharing the
+    /// cores on a CPU backend, GPUs 0..N for cuda and wgpu) or a list such as `cuda:0,cuda:1`
+    /// (the first device is the main one; a list overrides --device). --batch is the global
+    /// batch, split evenly; the result is that of one device up to float rounding.
+    #[arg(long, default_value = "1")]
+    pub devices: String,
+}
+
+impl DataParallelArgs {
+    /// The devices to train on; the first is where models, optimiser and data live.
+    pub fn devices(&self, device: &DeviceArgs) -> Result<Vec<burn::prelude::Device>> {
+        let devices = crate::backend::data_parallel_devices(&self.devices, device.choice()?)?;
+        if device.verbose {
+            device.device()?;
+        }
+        Ok(devices)
+    }
+}
+
 impl DeviceArgs {
     pub fn choice(&self) -> Result<DeviceChoice> {
         DeviceChoice::parse(&self.device)

@@ -67,13 +67,8 @@ pub struct TrainArgs {
     /// --steps may extend it).
     #[arg(long)]
     pub resume: bool,
-    /// Data-parallel training: a count N (N replicas of --device: worker threads sharing the
-    /// cores on a CPU backend, GPUs 0..N for cuda and wgpu) or a list such as `cuda:0,cuda:1`
-    /// (the first device is the main one; a list overrides --device).
-    /// --batch is the global batch, split evenly; the result is that of one device up to float
-    /// rounding.
-    #[arg(long, default_value = "1")]
-    pub devices: String,
+    #[command(flatten)]
+    pub data_parallel: super::DataParallelArgs,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -95,10 +90,7 @@ fn model_config(arg: &str) -> Result<UNetConfig> {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    let devices = crate::backend::data_parallel_devices(&args.devices, args.device.choice()?)?;
-    if args.device.verbose {
-        args.device.device()?;
-    }
+    let devices = args.data_parallel.devices(&args.device)?;
     let run = if args.resume {
         None
     } else {

@@ -15,14 +15,14 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::optim::grad_clipping::GradientClippingConfig;
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{AdamWConfig, ModuleOptimizer};
 use burn::prelude::*;
 use fewstep_schedulers::{Algorithm, Prediction, SchedulerConfig};
 use serde_json::json;
 
 use super::distill_loop::{IterReport, LoopSpec, run_loop};
 use super::progressive::student_prediction;
-use super::{checkpoint, ema, open_images};
+use super::{checkpoint, data_parallel, ema, open_images};
 use crate::data::{DataSource, TrainImages};
 use crate::distill::consistency::{
     At, ConsistencyStep, Curriculum, Distance, Solver, consistency_output, distance, noised,
@@ -358,14 +358,18 @@ fn draw_batch(
     }
 }
 
-/// Runs (or resumes) consistency distillation in `run_dir`.
+/// Runs (or resumes) consistency distillation in `run_dir`; data-parallel over `devices` when
+/// there are several (the first holds the models and the data).
 pub fn distill_consistency(
     run_dir: &Path,
     run: Option<ConsistencyRun>,
     resume: bool,
-    device: &Device,
+    devices: &[Device],
     quiet: bool,
 ) -> Result<ConsistencyOutcome> {
+    let device = devices
+        .first()
+        .ok_or_else(|| Error::Usage("--devices: give at least one device".into()))?;
     let run = match (resume, run) {
         (true, _) => checkpoint::read_run_as::<ConsistencyRun>(run_dir, CONSISTENCY_RUN)?,
         (false, None) => return Err(Error::Usage("nothing to distill: give a teacher".into())),
@@ -387,6 +391,7 @@ pub fn distill_consistency(
     // Everything is checked against the teacher before a new run folder is made.
     cfg.validate()?;
     let teacher = Pipeline::load(&run.teacher, device)?;
+    let teachers = data_parallel::replicate(&teacher.unet, devices);
     let teacher_prediction = teacher.scheduler.resolve(Algorithm::Lcm).prediction;
     let prediction = consistency_prediction(&teacher.scheduler, cfg);
     let scheduler = student_scheduler(&teacher.scheduler, cfg);
@@ -475,41 +480,53 @@ pub fn distill_consistency(
         |mut state, iter| {
             let grid = &grids[&curriculum.scales_at(iter)];
             let b = draw_batch(&teacher, &images, grid, cfg, iter, device);
-            let guidance = guidance_null.map(|null| (b.w.as_slice(), null));
-            let student_w = conditioned.then_some(b.w.as_slice());
-            let x_prev = teacher_solver_step(
-                &teacher.unet,
-                teacher_prediction,
-                b.z.clone(),
-                &b.steps,
-                b.labels.clone(),
-                guidance,
-                cfg.solver,
-            );
-            let target = consistency_output(
-                &state.target,
-                prediction,
-                x_prev,
-                &b.steps,
-                At::Prev,
-                b.labels.clone(),
-                student_w,
-            );
-            // The teacher and target ran without autodiff; the student trains on the autodiff
-            // device.
-            let online = consistency_output(
+            let targets = data_parallel::replicate(&state.target, devices);
+            let (value, grads) = data_parallel::loss_and_grads(
                 &state.student,
-                prediction,
-                b.z.autodiff(),
-                &b.steps,
-                At::Start,
-                b.labels.map(Tensor::autodiff),
-                student_w,
-            );
-            let loss = distance(online, target.autodiff(), cfg.distance).mean();
-            let value: f32 = loss.clone().into_scalar::<f32>();
+                devices,
+                cfg.batch,
+                |student, shard| {
+                    let (z, steps) = (shard.take(&b.z), shard.take_list(&b.steps));
+                    let labels = b.labels.as_ref().map(|l| shard.take(l));
+                    let w = if b.w.is_empty() {
+                        Vec::new()
+                    } else {
+                        shard.take_list(&b.w)
+                    };
+                    let guidance = guidance_null.map(|null| (w.as_slice(), null));
+                    let student_w = conditioned.then_some(w.as_slice());
+                    let x_prev = teacher_solver_step(
+                        &teachers[shard.index],
+                        teacher_prediction,
+                        z.clone(),
+                        &steps,
+                        labels.clone(),
+                        guidance,
+                        cfg.solver,
+                    );
+                    let target = consistency_output(
+                        &targets[shard.index],
+                        prediction,
+                        x_prev,
+                        &steps,
+                        At::Prev,
+                        labels.clone(),
+                        student_w,
+                    );
+                    // The teacher and target ran without autodiff; the student trains with it.
+                    let online = consistency_output(
+                        student,
+                        prediction,
+                        z.autodiff(),
+                        &steps,
+                        At::Start,
+                        labels.map(Tensor::autodiff),
+                        student_w,
+                    );
+                    distance(online, target.autodiff(), cfg.distance).mean()
+                },
+            )?;
             let lr = cfg.lr_at(iter);
-            let grads = GradientsParams::from_grads(loss.backward(), &state.student);
             state.student = state.optim.step(lr, state.student, grads);
             let inner = state.student.valid();
             state.target = ema::update(state.target, &inner, curriculum.target_ema_at(iter));

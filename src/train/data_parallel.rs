@@ -38,10 +38,52 @@ pub fn shards(batch: usize, n: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
+/// One device's part of a data-parallel step.
+pub struct Shard<'a> {
+    /// Position of the device in the `devices` list (to pick per-device copies of frozen
+    /// models).
+    pub index: usize,
+    /// The batch rows of this shard.
+    pub rows: Range<usize>,
+    /// The device, with autodiff (the model was forked onto it).
+    pub device: &'a Device,
+}
+
+impl Shard<'_> {
+    /// This shard's rows of a batch tensor (dimension 0), moved to the shard's device without
+    /// autodiff (frozen models run on them; call `.autodiff()` for what the model trains on).
+    pub fn take<const D: usize, K: burn::tensor::kind::Basic>(
+        &self,
+        batch: &Tensor<D, K>,
+    ) -> Tensor<D, K> {
+        batch
+            .clone()
+            .narrow(0, self.rows.start, self.rows.len())
+            .to_device(&self.device.clone().without_autodiff())
+    }
+
+    /// This shard's entries of a per-row list.
+    pub fn take_list<T: Clone>(&self, list: &[T]) -> Vec<T> {
+        list[self.rows.clone()].to_vec()
+    }
+}
+
+/// One copy of a frozen (no-autodiff) module per device, for the shard closures of
+/// [`loss_and_grads`] (`copies[shard.index]`); with one device, no copy is made.
+pub fn replicate<M: Module>(module: &M, devices: &[Device]) -> Vec<M> {
+    match devices {
+        [_] | [] => vec![module.clone()],
+        _ => devices
+            .iter()
+            .map(|d| module.clone().to_device(&d.clone().without_autodiff()))
+            .collect(),
+    }
+}
+
 /// The loss of the whole batch and its gradients with respect to `model`'s parameters, on
-/// `model`'s device. `shard_loss(model, rows, device)` computes the mean loss of the batch rows
-/// `rows` with `model` (already forked onto `device`, with autodiff); it runs on one thread per
-/// device. With one device this is a plain backward pass.
+/// `model`'s device. `shard_loss(model, shard)` computes the mean loss of the batch rows
+/// `shard.rows` with `model` (already forked onto `shard.device`); it runs on one thread per
+/// device. With one device this is a plain backward pass on the calling thread.
 pub fn loss_and_grads<M, F>(
     model: &M,
     devices: &[Device],
@@ -50,7 +92,7 @@ pub fn loss_and_grads<M, F>(
 ) -> Result<(f32, GradientsParams)>
 where
     M: Module,
-    F: Fn(&M, Range<usize>, &Device) -> Tensor<1> + Sync,
+    F: Fn(&M, &Shard<'_>) -> Tensor<1> + Sync,
 {
     let main = model
         .devices()
@@ -58,7 +100,12 @@ where
         .cloned()
         .ok_or_else(|| Error::Config("data parallel: the model has no parameters".into()))?;
     if devices.len() <= 1 {
-        let loss = shard_loss(model, 0..batch, &main);
+        let shard = Shard {
+            index: 0,
+            rows: 0..batch,
+            device: &main,
+        };
+        let loss = shard_loss(model, &shard);
         let value = loss.clone().into_scalar::<f32>();
         return Ok((value, GradientsParams::from_grads(loss.backward(), model)));
     }
@@ -67,14 +114,20 @@ where
         let workers: Vec<_> = shards(batch, devices.len())
             .into_iter()
             .zip(devices)
-            .filter(|(rows, _)| !rows.is_empty())
-            .map(|(rows, device)| {
+            .enumerate()
+            .filter(|(_, (rows, _))| !rows.is_empty())
+            .map(|(index, (rows, device))| {
                 let replica = model.clone();
                 scope.spawn(move || {
-                    let device = &device.clone().autodiff();
-                    let replica = replica.fork(device);
+                    let device = device.clone().autodiff();
+                    let replica = replica.fork(&device);
                     let weight = rows.len() as f32 / batch as f32;
-                    let loss = shard_loss(&replica, rows, device) * weight;
+                    let shard = Shard {
+                        index,
+                        rows,
+                        device: &device,
+                    };
+                    let loss = shard_loss(&replica, &shard) * weight;
                     let value = loss.clone().into_scalar::<f32>();
                     let grads = GradientsParams::from_grads(loss.backward(), &replica);
                     (value, grads)

@@ -246,23 +246,6 @@ struct Batch {
     labels: Option<Tensor<1, Int>>,
 }
 
-impl Batch {
-    /// The batch rows `rows` on `device` (one data-parallel shard).
-    fn rows(&self, rows: std::ops::Range<usize>, device: &Device) -> Batch {
-        let (start, len) = (rows.start, rows.len());
-        let take = |x: &Tensor<4>| x.clone().narrow(0, start, len).to_device(device);
-        Batch {
-            x0: take(&self.x0),
-            eps: take(&self.eps),
-            t: self.t[rows].to_vec(),
-            labels: self
-                .labels
-                .as_ref()
-                .map(|l| l.clone().narrow(0, start, len).to_device(device)),
-        }
-    }
-}
-
 /// What a diffusion model trains on: images, or their cached VAE latents.
 enum TrainData {
     Pixels(TrainImages),
@@ -386,14 +369,14 @@ pub fn train_diffusion(
             &state.model,
             devices,
             run.train.batch,
-            |model, rows, device| {
-                let shard = batch.rows(rows, device);
+            |model, shard| {
+                let ad = |x: Tensor<4>| x.autodiff();
                 diffusion::denoising_loss(
                     model,
-                    shard.x0,
-                    shard.eps,
-                    &shard.t,
-                    shard.labels,
+                    ad(shard.take(&batch.x0)),
+                    ad(shard.take(&batch.eps)),
+                    &shard.take_list(&batch.t),
+                    batch.labels.as_ref().map(|l| shard.take(l).autodiff()),
                     &schedule,
                     prediction,
                 )

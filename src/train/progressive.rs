@@ -13,13 +13,13 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::optim::grad_clipping::GradientClippingConfig;
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{AdamWConfig, ModuleOptimizer};
 use burn::prelude::*;
 use fewstep_schedulers::{Algorithm, Prediction, SchedulerConfig};
 use serde_json::json;
 
 use super::distill_loop::{IterReport, LoopSpec, run_loop};
-use super::{checkpoint, ema, open_images};
+use super::{checkpoint, data_parallel, ema, open_images};
 use crate::data::{DataSource, TrainImages};
 use crate::distill::progressive::{
     StudentStep, noised, progressive_loss, student_steps, teacher_target,
@@ -271,14 +271,18 @@ fn draw_batch(
     }
 }
 
-/// Runs (or resumes) progressive distillation in `run_dir`.
+/// Runs (or resumes) progressive distillation in `run_dir`; data-parallel over `devices` when
+/// there are several (the first holds the models and the data).
 pub fn distill_progressive(
     run_dir: &Path,
     run: Option<ProgressiveRun>,
     resume: bool,
-    device: &Device,
+    devices: &[Device],
     quiet: bool,
 ) -> Result<ProgressiveOutcome> {
+    let device = devices
+        .first()
+        .ok_or_else(|| Error::Usage("--devices: give at least one device".into()))?;
     let run = if resume {
         checkpoint::read_run_as::<ProgressiveRun>(run_dir, PROGRESSIVE_RUN)?
     } else {
@@ -315,6 +319,7 @@ pub fn distill_progressive(
             continue;
         }
         let teacher = Pipeline::load(&teacher_dir, device)?;
+        let teachers = data_parallel::replicate(&teacher.unet, devices);
         let teacher_prediction = teacher.scheduler.resolve(Algorithm::Ddim).prediction;
         let prediction = student_prediction(teacher_prediction);
         let scheduler = student_scheduler(&teacher.scheduler, prediction, steps);
@@ -367,26 +372,33 @@ pub fn distill_progressive(
             |mut state, iter| {
                 let global = spec.first_global + iter;
                 let b = draw_batch(&teacher, images, &grid, cfg, global, device);
-                let target = teacher_target(
-                    &teacher.unet,
-                    teacher_prediction,
-                    b.z.clone(),
-                    &b.steps,
-                    b.labels.clone(),
-                );
-                // The teacher ran without autodiff; the student trains on the autodiff device.
-                let loss = progressive_loss(
+                let (value, grads) = data_parallel::loss_and_grads(
                     &state.student,
-                    prediction,
-                    b.z.autodiff(),
-                    target.autodiff(),
-                    &b.steps,
-                    b.labels.map(Tensor::autodiff),
-                )
-                .mean();
-                let value: f32 = loss.clone().into_scalar::<f32>();
+                    devices,
+                    cfg.batch,
+                    |student, shard| {
+                        let (z, steps) = (shard.take(&b.z), shard.take_list(&b.steps));
+                        let labels = b.labels.as_ref().map(|l| shard.take(l));
+                        let target = teacher_target(
+                            &teachers[shard.index],
+                            teacher_prediction,
+                            z.clone(),
+                            &steps,
+                            labels.clone(),
+                        );
+                        // The teacher ran without autodiff; the student trains with it.
+                        progressive_loss(
+                            student,
+                            prediction,
+                            z.autodiff(),
+                            target.autodiff(),
+                            &steps,
+                            labels.map(Tensor::autodiff),
+                        )
+                        .mean()
+                    },
+                )?;
                 let lr = cfg.lr_at(iter);
-                let grads = GradientsParams::from_grads(loss.backward(), &state.student);
                 state.student = state.optim.step(lr, state.student, grads);
                 if let (Some(decay), Some(e)) = (cfg.ema_decay, state.ema.take()) {
                     state.ema = Some(ema::update(
