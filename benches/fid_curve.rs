@@ -1,11 +1,11 @@
 //! The FID-versus-steps curve of the shipped models (`cargo bench --bench fid_curve`): the shipped
-//! teacher `weights/shapes32` with DDIM at 1…256 steps, beside every shipped progressive student
+//! teacher `weights/shapes32` with DDIM at 1…250 steps, beside every shipped progressive student
 //! (`weights/*/round-*steps`, DDIM at its own step count) and every shipped consistency student
 //! (`weights/*/` folders with an `LCMScheduler` config, LCM at 1, 2, 4, 8 steps), all on one plot,
 //! scored with the shipped `shapes` feature network against 5000 held-out `shapes` images.
 //!
 //! Protocol: `FEWSTEP_FID_SAMPLES` generated samples per point (default 300, sized so that the
-//! teacher curve up to 256 steps takes about 45 minutes on 2 cores), seed 0.
+//! teacher curve up to 250 steps takes about 45 minutes on 2 cores), seed 0.
 //! Writes `target/fid_curve.csv`, `target/fid_curve.png` and the per-point grids and JSON under
 //! `target/fid_curve/`.
 
@@ -86,7 +86,7 @@ fn main() {
     run(
         &[teacher],
         "ddim",
-        "1,2,4,8,16,32,64,128,256",
+        "1,2,4,8,16,32,64,125,250",
         &out.join("teacher"),
     );
     let mut csv = std::fs::read_to_string(out.join("teacher/curve.csv")).expect("teacher curve");

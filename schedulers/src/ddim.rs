@@ -51,6 +51,34 @@ impl Ddim {
             .collect()
     }
 
+    /// Why this grid samples badly, if it does: diffusers' DDIM (matched here) moves every
+    /// sample to `t − num_train_timesteps / n`, but where `n` does not divide
+    /// `num_train_timesteps` the next model call runs at another timestep (`trailing`/`linspace`
+    /// grids), so the model is told less noise than the sample holds and every step leaves some
+    /// of it (diffusers issues #9261, #12633). The residue grows with the number of steps.
+    pub fn grid_warning(&self) -> Option<String> {
+        let transitions = self.transitions();
+        let off = transitions
+            .iter()
+            .zip(self.int_timesteps.iter().skip(1))
+            .filter(|((_, dest), next)| dest != *next)
+            .count();
+        if off == 0 {
+            return None;
+        }
+        let train = self.config.num_train_timesteps;
+        let n = self.int_timesteps.len();
+        let nearest = (1..=train)
+            .filter(|d| train % d == 0)
+            .min_by_key(|&d| (d as i64 - n as i64).abs())
+            .unwrap_or(1);
+        Some(format!(
+            "DDIM at {n} steps: {train} train timesteps are not a multiple of {n}, so each step moves the sample to t − {} while {off} of the {} next model calls run at another timestep; samples keep noise that grows with the step count (diffusers' DDIMScheduler does the same). A step count dividing {train}, such as {nearest}, avoids it",
+            train / n.max(1),
+            n.saturating_sub(1),
+        ))
+    }
+
     /// ᾱ at an integer timestep, or the final ᾱ before timestep 0.
     pub fn alpha_bar_or_final(&self, t: i64) -> f32 {
         if t >= 0 {

@@ -126,6 +126,15 @@ impl<T: SampleOps> Scheduler<T> {
         dispatch!(self, s => s.set_timesteps(n))
     }
 
+    /// A one-line warning when the current grid makes this algorithm sample badly (DDIM at a
+    /// step count that does not divide `num_train_timesteps`: [`ddim::Ddim::grid_warning`]).
+    pub fn grid_warning(&self) -> Option<String> {
+        match self {
+            Scheduler::Ddim(s) => s.grid_warning(),
+            _ => None,
+        }
+    }
+
     /// The model-input timesteps of every model call, in order (Heun calls the model twice per step).
     pub fn timesteps(&self) -> &[f32] {
         dispatch!(self, s => &s.timesteps)

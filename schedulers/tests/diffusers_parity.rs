@@ -176,3 +176,32 @@ fn step_count_bounds_and_missing_noise_are_errors() {
     s.step(&x, &x, None).unwrap();
     assert!(s.step(&x, &x, None).is_err(), "past the last timestep");
 }
+
+#[test]
+fn ddim_warns_where_its_stride_misses_the_grid() {
+    let ddim = |spacing: &str, n: usize| {
+        let cfg = SchedulerConfig::from_json_str(&format!(
+            r#"{{"_class_name": "DDIMScheduler", "timestep_spacing": "{spacing}"}}"#
+        ))
+        .unwrap();
+        let mut s: Scheduler<Vec<f32>> = cfg.build(None).unwrap();
+        s.set_timesteps(n).unwrap();
+        s.grid_warning()
+    };
+    // 1000 / 256: the sample moves back 3 while the trailing grid's gaps are mostly 4.
+    let w = ddim("trailing", 256).expect("256 trailing steps miss the grid");
+    assert!(w.contains("t − 3") && w.contains("such as 250"), "{w}");
+    assert!(ddim("trailing", 250).is_none());
+    assert!(ddim("trailing", 8).is_none());
+    // `leading` grids are multiples of the stride.
+    assert!(ddim("leading", 256).is_none());
+    // DDPM looks its previous timestep up in the grid (diffusers fixed it there).
+    let mut ddpm: Scheduler<Vec<f32>> = SchedulerConfig::from_json_str(
+        r#"{"_class_name": "DDPMScheduler", "timestep_spacing": "trailing"}"#,
+    )
+    .unwrap()
+    .build(None)
+    .unwrap();
+    ddpm.set_timesteps(256).unwrap();
+    assert!(ddpm.grid_warning().is_none());
+}

@@ -44,7 +44,7 @@ pub enum Budget {
     Quick,
     /// The budget for shipped students (hours on a CPU), 2000 evaluation samples. progressive:
     /// 64 → 32 → … → 1 steps, 1500 iterations of batch 32 per round; consistency: 4000
-    /// iterations of batch 32, teacher reference at 256 steps.
+    /// iterations of batch 32, teacher reference at 250 steps.
     Full,
 }
 
@@ -250,7 +250,8 @@ pub struct ConsistencyArgs {
     /// Sampling steps of the FID table (comma-separated).
     #[arg(long, default_value = "1,2,4", value_delimiter = ',')]
     pub eval_steps: Vec<usize>,
-    /// The teacher's DDIM step count the ratio column divides by (quick 8, full 256).
+    /// The teacher's DDIM step count the ratio column divides by (quick 8, full 250: the
+    /// many-step reference, a divisor of the 1000 train timesteps, which DDIM samples cleanly).
     #[arg(long)]
     pub reference_steps: Option<usize>,
     /// The run folder (student/, checkpoints, loss.csv, report.{json,csv}).
@@ -488,7 +489,7 @@ impl ConsistencyArgs {
     fn reference_steps(&self) -> usize {
         self.reference_steps.unwrap_or(match self.common.preset {
             Budget::Quick => 8,
-            Budget::Full => 256,
+            Budget::Full => 250,
         })
     }
 }

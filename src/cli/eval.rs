@@ -154,8 +154,9 @@ pub struct CurveArgs {
     /// Pipeline folders (repeat --model for several lines).
     #[arg(long, required = true)]
     pub model: Vec<PathBuf>,
-    /// Step counts, comma-separated.
-    #[arg(long, default_value = "1,2,4,8,16,32,64,128,256")]
+    /// Step counts, comma-separated (DDIM samples best at divisors of the 1000 train timesteps:
+    /// the default ends at 125 and 250 rather than 128 and 256).
+    #[arg(long, default_value = "1,2,4,8,16,32,64,125,250")]
     pub steps: String,
     #[command(flatten)]
     pub sampling: SamplingArgs,
@@ -254,6 +255,13 @@ impl ModelUnderTest {
         keep: usize,
         device: &Device,
     ) -> Result<metrics::Sampled> {
+        let mut scheduler: fewstep_schedulers::Scheduler<Vec<f32>> =
+            self.pipeline.scheduler.build(Some(self.algorithm))?;
+        if scheduler.set_timesteps(steps).is_ok()
+            && let Some(w) = scheduler.grid_warning()
+        {
+            eprintln!("warning: {} @ {steps} steps: {w}", self.short_name());
+        }
         let request = Generation {
             guidance_scale: sampling.guidance_scale,
             ..Generation::new(sampling.num_samples, self.batch, sampling.seed)

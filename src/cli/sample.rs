@@ -132,6 +132,9 @@ pub fn run(args: SampleArgs) -> Result<()> {
     scheduler
         .set_timesteps(steps)
         .map_err(|e| Error::Usage(e.0))?;
+    if let Some(w) = scheduler.grid_warning() {
+        eprintln!("warning: --steps {steps}: {w}");
+    }
     let [c, h, w] = pipeline.sample_shape()?;
     let (num, initial) = match &args.latents {
         Some(path) => {
