@@ -69,7 +69,7 @@ impl Ddim {
         let train = self.config.num_train_timesteps;
         let n = self.int_timesteps.len();
         let nearest = (1..=train)
-            .filter(|d| train % d == 0)
+            .filter(|d| train.is_multiple_of(*d))
             .min_by_key(|&d| (d as i64 - n as i64).abs())
             .unwrap_or(1);
         Some(format!(
