@@ -11,8 +11,8 @@
 //! as one device with batch B, up to the order of float additions.
 //!
 //! burn's DDP strategy (`DistributedDataParallel`, collective all-reduce) is not used: in burn
-//! 0.22.1 only the CUDA and remote backends implement collective operations; the CPU backends'
-//! `all_reduce` is `unimplemented!()`.
+//! 0.22.1 only the CUDA and remote backends implement collective operations; on the CPU backends
+//! `all_reduce` is a trait default that panics.
 
 use std::ops::Range;
 
@@ -105,9 +105,7 @@ where
             rows: 0..batch,
             device: &main,
         };
-        let loss = shard_loss(model, &shard);
-        let value = loss.clone().into_scalar::<f32>();
-        return Ok((value, GradientsParams::from_grads(loss.backward(), model)));
+        return Ok(backward(shard_loss(model, &shard), model));
     }
     let shard_loss = &shard_loss;
     let results: Vec<std::thread::Result<(f32, GradientsParams)>> = std::thread::scope(|scope| {
@@ -127,10 +125,7 @@ where
                         rows,
                         device: &device,
                     };
-                    let loss = shard_loss(&replica, &shard) * weight;
-                    let value = loss.clone().into_scalar::<f32>();
-                    let grads = GradientsParams::from_grads(loss.backward(), &replica);
-                    (value, grads)
+                    backward(shard_loss(&replica, &shard) * weight, &replica)
                 })
             })
             .collect();
@@ -151,6 +146,12 @@ where
         accumulator.accumulate(model, grads.to_device(&main, model));
     }
     Ok((total, accumulator.grads()))
+}
+
+/// The loss's value and its gradients with respect to `model`'s parameters.
+fn backward<M: Module>(loss: Tensor<1>, model: &M) -> (f32, GradientsParams) {
+    let value = loss.clone().into_scalar::<f32>();
+    (value, GradientsParams::from_grads(loss.backward(), model))
 }
 
 #[cfg(test)]

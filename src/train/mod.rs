@@ -364,7 +364,8 @@ pub fn train_diffusion(
     let mut interrupted = false;
     while state.step < run.train.steps {
         let step = state.step;
-        let batch = draw_batch(&run, &data, step, train_t, &state.model.devices()[0]);
+        // Drawn without autodiff: each shard moves its rows to its device.
+        let batch = draw_batch(&run, &data, step, train_t, device);
         let (loss_value, grads) = data_parallel::loss_and_grads(
             &state.model,
             devices,
