@@ -1,6 +1,6 @@
 //! The FID-versus-steps curve of the shipped models (`cargo bench --bench fid_curve`): the shipped
-//! teacher `weights/shapes32` with DDIM at 1…250 steps, beside every shipped progressive student
-//! (`weights/*/round-*steps`, DDIM at its own step count) and every shipped consistency student
+//! teacher `weights/shapes32` with DDIM at 1…250 steps, beside the students of every shipped
+//! progressive run (`weights/*/round-<N>steps`, DDIM at its own N) and every shipped consistency student
 //! (`weights/*/` folders with an `LCMScheduler` config, LCM at 1, 2, 4, 8 steps), all on one plot,
 //! scored with the shipped `shapes` feature network against 5000 held-out `shapes` images.
 //!
@@ -14,21 +14,15 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 use fewstep::cli::{Cli, Command};
 
-fn shipped_students(weights: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(weights) {
-        for e in entries.flatten() {
-            if let Ok(inner) = std::fs::read_dir(e.path()) {
-                for r in inner.flatten() {
-                    let p = r.path();
-                    let name = p.file_name().unwrap().to_string_lossy().into_owned();
-                    if name.starts_with("round-") && p.join("model_index.json").is_file() {
-                        found.push(p);
-                    }
-                }
-            }
-        }
-    }
+/// Shipped progressive run folders (holding `round-<N>steps/` students).
+fn shipped_progressive_runs(weights: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(weights)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| !fewstep::train::progressive::finished_rounds(p).is_empty())
+        .collect();
     found.sort();
     found
 }
@@ -83,24 +77,16 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // The teacher at every step count and each progressive run's students at their own.
+    let mut ddim_models = vec![teacher];
+    ddim_models.extend(shipped_progressive_runs(&root.join("weights")));
     run(
-        &[teacher],
+        &ddim_models,
         "ddim",
         "1,2,4,8,16,32,64,125,250",
-        &out.join("teacher"),
+        &out.join("ddim"),
     );
-    let mut csv = std::fs::read_to_string(out.join("teacher/curve.csv")).expect("teacher curve");
-    for student in shipped_students(&root.join("weights")) {
-        let name = student.file_name().unwrap().to_string_lossy().into_owned();
-        let steps = name
-            .trim_start_matches("round-")
-            .trim_end_matches("steps")
-            .to_string();
-        let dir = out.join(&name);
-        run(&[student], "ddim", &steps, &dir);
-        let text = std::fs::read_to_string(dir.join("curve.csv")).expect("student curve");
-        csv.extend(text.lines().skip(1).map(|l| format!("{l}\n")));
-    }
+    let mut csv = std::fs::read_to_string(out.join("ddim/curve.csv")).expect("ddim curve");
     for student in shipped_consistency_students(&root.join("weights")) {
         let dir = out.join(student.file_name().unwrap());
         run(&[student], "lcm", "1,2,4,8", &dir);

@@ -126,6 +126,67 @@ fn curve_writes_csv_json_plot_and_grids() {
     assert_eq!(report["results"].as_array().unwrap().len(), 2);
 }
 
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn curve_draws_a_progressive_run_as_its_students_each_at_its_own_steps() {
+    let (model, features) = fixtures();
+    // A run folder as `distill progressive` leaves it: students round-<N>steps/ beside files.
+    let run = scratch("eval", "curve-run");
+    for n in [1, 2, 4] {
+        copy_dir(model, &run.join(format!("round-{n}steps")));
+    }
+    std::fs::write(run.join("loss.csv"), "round,iter,loss\n").unwrap();
+    let out = scratch("eval", "curve-run-out");
+    let cache = scratch("eval", "curve-run-cache");
+    let mut args = vec![
+        "eval",
+        "curve",
+        "--model",
+        model.to_str().unwrap(),
+        "--model",
+        run.to_str().unwrap(),
+        "--steps",
+        "1,2",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend(common(features, &cache));
+    ok(&fewstep(&args));
+    let csv = std::fs::read_to_string(out.join("curve.csv")).unwrap();
+    let rows: Vec<&str> = csv.lines().skip(1).collect();
+    // The model at 1 and 2 steps; the run's 1- and 2-step students at theirs, not its 4-step one.
+    assert_eq!(rows.len(), 4, "{csv}");
+    assert!(
+        rows[2].contains("round-1steps,") && rows[2].contains(",1,"),
+        "{csv}"
+    );
+    assert!(
+        rows[3].contains("round-2steps,") && rows[3].contains(",2,"),
+        "{csv}"
+    );
+    // Each student matches the model it copies at the same step count (same seed, same noise).
+    let fid = |row: &str| row.split(',').nth(3).unwrap().to_string();
+    assert_eq!(fid(rows[0]), fid(rows[2]), "{csv}");
+    assert_eq!(fid(rows[1]), fid(rows[3]), "{csv}");
+
+    // A run none of whose students is among --steps, and a folder that is neither: one line each.
+    args[7] = "8";
+    assert_clean_failure(fewstep(&args), "students sample at 1, 2, 4 steps");
+    args[5] = features.to_str().unwrap();
+    assert_clean_failure(fewstep(&args), "nor a progressive run folder");
+}
+
 #[test]
 fn an_image_folder_scores_against_the_reference() {
     let (_, features) = fixtures();

@@ -151,7 +151,8 @@ pub struct FidArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct CurveArgs {
-    /// Pipeline folders (repeat --model for several lines).
+    /// Pipeline folders, one line each at every --steps; or a progressive run folder, one line
+    /// of its students (round-<N>steps/), each at its own N (repeat --model for several lines).
     #[arg(long, required = true)]
     pub model: Vec<PathBuf>,
     /// Step counts, comma-separated (DDIM samples best at divisors of the 1000 train timesteps:
@@ -255,13 +256,6 @@ impl ModelUnderTest {
         keep: usize,
         device: &Device,
     ) -> Result<metrics::Sampled> {
-        let mut scheduler: fewstep_schedulers::Scheduler<Vec<f32>> =
-            self.pipeline.scheduler.build(Some(self.algorithm))?;
-        if scheduler.set_timesteps(steps).is_ok()
-            && let Some(w) = scheduler.grid_warning()
-        {
-            eprintln!("warning: {} @ {steps} steps: {w}", self.short_name());
-        }
         let request = Generation {
             guidance_scale: sampling.guidance_scale,
             ..Generation::new(sampling.num_samples, self.batch, sampling.seed)
@@ -276,6 +270,87 @@ impl ModelUnderTest {
             &self.label(),
             device,
         )
+    }
+}
+
+/// One line of `eval curve`: a pipeline at every step count, or a progressive run folder's
+/// students (`round-<N>steps/`), each at its own step count N where N is among `--steps`.
+enum CurveLine {
+    Pipeline(ModelUnderTest),
+    Rounds {
+        dir: PathBuf,
+        rounds: Vec<(usize, ModelUnderTest)>,
+    },
+}
+
+impl CurveLine {
+    fn load(
+        dir: &Path,
+        steps: &[usize],
+        sampling: &SamplingArgs,
+        device: &Device,
+        device_args: &DeviceArgs,
+    ) -> Result<Self> {
+        if dir.join("model_index.json").is_file() {
+            return Ok(CurveLine::Pipeline(ModelUnderTest::load(
+                dir,
+                sampling,
+                device,
+                device_args,
+            )?));
+        }
+        let finished = crate::train::progressive::finished_rounds(dir);
+        if finished.is_empty() {
+            return Err(Error::file(
+                dir,
+                "--model: not a diffusers pipeline folder (no model_index.json) nor a progressive \
+                 run folder (no round-<N>steps/ student)",
+            ));
+        }
+        let counts: Vec<String> = finished.iter().map(|(n, _)| n.to_string()).collect();
+        let rounds: Vec<(usize, ModelUnderTest)> = finished
+            .into_iter()
+            .filter(|(n, _)| steps.contains(n))
+            .map(|(n, round)| {
+                Ok((
+                    n,
+                    ModelUnderTest::load(&round, sampling, device, device_args)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        if rounds.is_empty() {
+            return Err(Error::file(
+                dir,
+                format!(
+                    "--model: a progressive run whose students sample at {} steps, none of them in --steps",
+                    counts.join(", ")
+                ),
+            ));
+        }
+        Ok(CurveLine::Rounds {
+            dir: dir.to_path_buf(),
+            rounds,
+        })
+    }
+
+    /// (model, step count) of every point, in order of steps.
+    fn points(&self, steps: &[usize]) -> Vec<(&ModelUnderTest, usize)> {
+        match self {
+            CurveLine::Pipeline(model) => steps.iter().map(|&n| (model, n)).collect(),
+            CurveLine::Rounds { rounds, .. } => rounds.iter().map(|(n, m)| (m, *n)).collect(),
+        }
+    }
+
+    fn label(&self) -> String {
+        match self {
+            CurveLine::Pipeline(model) => model.label(),
+            CurveLine::Rounds { dir, rounds } => {
+                let name = dir
+                    .file_name()
+                    .map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into());
+                format!("{name} students ({})", rounds[0].1.algorithm)
+            }
+        }
     }
 }
 
@@ -394,10 +469,10 @@ fn run_curve(args: CurveArgs) -> Result<()> {
     let extractor = args.reference.extractor(&device)?;
     let extractor: &dyn FeatureExtractor = extractor.as_ref();
     check_sampling(&args.sampling, extractor.dim())?;
-    let models: Vec<ModelUnderTest> = args
+    let lines: Vec<CurveLine> = args
         .model
         .iter()
-        .map(|dir| ModelUnderTest::load(dir, &args.sampling, &device, &args.device))
+        .map(|dir| CurveLine::load(dir, &steps, &args.sampling, &device, &args.device))
         .collect::<Result<_>>()?;
     std::fs::create_dir_all(&args.out)
         .map_err(|e| Error::file(&args.out, format!("cannot create: {e}")))?;
@@ -412,9 +487,9 @@ fn run_curve(args: CurveArgs) -> Result<()> {
     let mut csv =
         String::from("model,scheduler,steps,fid,kid,kid_std,precision,recall,samples_per_second\n");
     let mut series = Vec::new();
-    for model in &models {
+    for line in &lines {
         let mut points = Vec::new();
-        for &n in &steps {
+        for (model, n) in line.points(&steps) {
             let sampled = model.sample_features(n, &args.sampling, extractor, 36, &device)?;
             let (kept, per_sec) = (&sampled.kept, sampled.per_second);
             let scores = metrics::score(&sampled.features, &reference)?;
@@ -453,7 +528,7 @@ fn run_curve(args: CurveArgs) -> Result<()> {
             points.push((n, scores.fid));
         }
         series.push(Series {
-            label: model.label(),
+            label: line.label(),
             points,
         });
     }

@@ -76,7 +76,16 @@ impl DataParallelArgs {
     pub fn devices(&self, device: &DeviceArgs) -> Result<Vec<burn::prelude::Device>> {
         let devices = crate::backend::data_parallel_devices(&self.devices, device.choice()?)?;
         if device.verbose {
-            device.device()?;
+            if self.devices.trim().parse::<usize>().is_ok() {
+                // N replicas of --device: describe it.
+                device.device()?;
+            }
+            let names: Vec<String> = devices.iter().map(|d| format!("{d:?}")).collect();
+            eprintln!(
+                "data parallel over {} device(s): {}",
+                names.len(),
+                names.join(", ")
+            );
         }
         Ok(devices)
     }

@@ -134,7 +134,8 @@ fn collect_features(
 }
 
 /// Generates `request.num` images from `pipeline` with `algorithm` at `steps` steps (progress bar
-/// labelled `label`) and extracts their features, keeping the first `keep` images.
+/// labelled `label`) and extracts their features, keeping the first `keep` images. Prints the
+/// scheduler's grid warning (DDIM at a step count that does not divide the train timesteps).
 #[allow(clippy::too_many_arguments)]
 pub fn sample_features(
     pipeline: &Pipeline,
@@ -150,6 +151,9 @@ pub fn sample_features(
     scheduler
         .set_timesteps(steps)
         .map_err(|e| Error::Usage(format!("--steps {steps}: {}", e.0)))?;
+    if let Some(w) = scheduler.grid_warning() {
+        eprintln!("warning: {label} @ {steps} steps: {w}");
+    }
     collect_features(
         request.num,
         &format!("{label} @ {steps} steps"),

@@ -140,6 +140,30 @@ pub fn round_dir(run_dir: &Path, steps: usize) -> PathBuf {
     run_dir.join(format!("round-{steps}steps"))
 }
 
+/// The finished students of a run folder, `(N, round-<N>steps/)`, fewest steps first: every
+/// subfolder named so that holds a pipeline (`model_index.json`).
+pub fn finished_rounds(run_dir: &Path) -> Vec<(usize, PathBuf)> {
+    let mut rounds: Vec<(usize, PathBuf)> = std::fs::read_dir(run_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let steps = name
+                .strip_prefix("round-")?
+                .strip_suffix("steps")?
+                .parse()
+                .ok()?;
+            let dir = e.path();
+            dir.join("model_index.json")
+                .is_file()
+                .then_some((steps, dir))
+        })
+        .collect();
+    rounds.sort();
+    rounds
+}
+
 fn new_optimizer(cfg: &ProgressiveConfig) -> ModuleOptimizer {
     AdamWConfig::new()
         .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.grad_clip)))
