@@ -276,7 +276,7 @@ impl ModelUnderTest {
 /// One line of `eval curve`: a pipeline at every step count, or a progressive run folder's
 /// students (`round-<N>steps/`), each at its own step count N where N is among `--steps`.
 enum CurveLine {
-    Pipeline(ModelUnderTest),
+    Pipeline(Box<ModelUnderTest>),
     Rounds {
         dir: PathBuf,
         rounds: Vec<(usize, ModelUnderTest)>,
@@ -292,12 +292,12 @@ impl CurveLine {
         device_args: &DeviceArgs,
     ) -> Result<Self> {
         if dir.join("model_index.json").is_file() {
-            return Ok(CurveLine::Pipeline(ModelUnderTest::load(
+            return Ok(CurveLine::Pipeline(Box::new(ModelUnderTest::load(
                 dir,
                 sampling,
                 device,
                 device_args,
-            )?));
+            )?)));
         }
         let finished = crate::train::progressive::finished_rounds(dir);
         if finished.is_empty() {
@@ -336,7 +336,7 @@ impl CurveLine {
     /// (model, step count) of every point, in order of steps.
     fn points(&self, steps: &[usize]) -> Vec<(&ModelUnderTest, usize)> {
         match self {
-            CurveLine::Pipeline(model) => steps.iter().map(|&n| (model, n)).collect(),
+            CurveLine::Pipeline(model) => steps.iter().map(|&n| (model.as_ref(), n)).collect(),
             CurveLine::Rounds { rounds, .. } => rounds.iter().map(|(n, m)| (m, *n)).collect(),
         }
     }
