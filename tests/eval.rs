@@ -96,23 +96,35 @@ fn fid_prints_every_figure_and_the_protocol_and_caches_the_reference() {
     assert!((s["fid"].as_f64().unwrap() - fid).abs() < 1e-9 * fid.max(1.0));
 }
 
-#[test]
-fn curve_writes_csv_json_plot_and_grids() {
-    let (model, features) = fixtures();
-    let out = scratch("eval", "curve");
-    let cache = scratch("eval", "curve-cache");
+/// `fewstep eval curve` of `models` at `steps` with the test protocol.
+fn curve_args<'a>(
+    models: &[&'a Path],
+    steps: &'a str,
+    out: &'a Path,
+    cache: &'a Path,
+) -> Vec<&'a str> {
+    let (_, features) = fixtures();
     let mut args = vec![
         "eval",
         "curve",
-        "--model",
-        model.to_str().unwrap(),
         "--steps",
-        "1,2",
+        steps,
         "--out",
         out.to_str().unwrap(),
     ];
-    args.extend(common(features, &cache));
-    ok(&fewstep(&args));
+    for m in models {
+        args.extend(["--model", m.to_str().unwrap()]);
+    }
+    args.extend(common(features, cache));
+    args
+}
+
+#[test]
+fn curve_writes_csv_json_plot_and_grids() {
+    let (model, _) = fixtures();
+    let out = scratch("eval", "curve");
+    let cache = scratch("eval", "curve-cache");
+    ok(&fewstep(&curve_args(&[model], "1,2", &out, &cache)));
     let csv = std::fs::read_to_string(out.join("curve.csv")).unwrap();
     assert_eq!(csv.lines().count(), 3, "{csv}");
     assert!(csv.lines().nth(2).unwrap().contains(",2,"), "{csv}");
@@ -149,20 +161,7 @@ fn curve_draws_a_progressive_run_as_its_students_each_at_its_own_steps() {
     std::fs::write(run.join("loss.csv"), "round,iter,loss\n").unwrap();
     let out = scratch("eval", "curve-run-out");
     let cache = scratch("eval", "curve-run-cache");
-    let mut args = vec![
-        "eval",
-        "curve",
-        "--model",
-        model.to_str().unwrap(),
-        "--model",
-        run.to_str().unwrap(),
-        "--steps",
-        "1,2",
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    args.extend(common(features, &cache));
-    ok(&fewstep(&args));
+    ok(&fewstep(&curve_args(&[model, &run], "1,2", &out, &cache)));
     let csv = std::fs::read_to_string(out.join("curve.csv")).unwrap();
     let rows: Vec<&str> = csv.lines().skip(1).collect();
     // The model at 1 and 2 steps; the run's 1- and 2-step students at theirs, not its 4-step one.
@@ -181,10 +180,14 @@ fn curve_draws_a_progressive_run_as_its_students_each_at_its_own_steps() {
     assert_eq!(fid(rows[1]), fid(rows[3]), "{csv}");
 
     // A run none of whose students is among --steps, and a folder that is neither: one line each.
-    args[7] = "8";
-    assert_clean_failure(fewstep(&args), "students sample at 1, 2, 4 steps");
-    args[5] = features.to_str().unwrap();
-    assert_clean_failure(fewstep(&args), "nor a progressive run folder");
+    assert_clean_failure(
+        fewstep(&curve_args(&[model, &run], "8", &out, &cache)),
+        "students sample at 1, 2, 4 steps",
+    );
+    assert_clean_failure(
+        fewstep(&curve_args(&[model, features], "8", &out, &cache)),
+        "nor a progressive run folder",
+    );
 }
 
 #[test]
