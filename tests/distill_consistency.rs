@@ -205,6 +205,7 @@ fn bad_input_is_one_clear_line() {
         "class-conditional",
     );
     assert_clean_failure(with(&["--teacher", t, "--scales", "0"]), "--scales");
+    assert_clean_failure(with(&["--teacher", t, "--ema", "1"]), "--ema 1:");
     assert_clean_failure(
         with(&["--teacher", t, "--scales", "1001"]),
         "num_train_timesteps",

@@ -147,6 +147,7 @@ fn bad_input_is_one_clear_line() {
     );
     assert_clean_failure(with(&["--teacher", "/no/teacher"]), "model_index.json");
     assert_clean_failure(with(&["--teacher", t, "--batch", "0"]), "--batch");
+    assert_clean_failure(with(&["--teacher", t, "--ema", "1.5"]), "--ema 1.5");
     assert_clean_failure(
         fewstep(&["distill", "progressive", "--out", o, "--resume"]),
         "no run to resume",
