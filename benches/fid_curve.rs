@@ -14,33 +14,28 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 use fewstep::cli::{Cli, Command};
 
-/// Shipped progressive run folders (holding `round-<N>steps/` students).
-fn shipped_progressive_runs(weights: &Path) -> Vec<PathBuf> {
+/// The folders under `weights/` that `keep` selects, sorted.
+fn shipped(weights: &Path, keep: impl Fn(&Path) -> bool) -> Vec<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(weights)
         .into_iter()
         .flatten()
         .flatten()
         .map(|e| e.path())
-        .filter(|p| !fewstep::train::progressive::finished_rounds(p).is_empty())
+        .filter(|p| keep(p))
         .collect();
     found.sort();
     found
 }
 
-/// Shipped pipeline folders whose scheduler is an `LCMScheduler` (consistency students).
-fn shipped_consistency_students(weights: &Path) -> Vec<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir(weights)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            std::fs::read_to_string(p.join("scheduler/scheduler_config.json"))
-                .is_ok_and(|t| t.contains("\"LCMScheduler\""))
-        })
-        .collect();
-    found.sort();
-    found
+/// A progressive run folder (holding `round-<N>steps/` students).
+fn is_progressive_run(dir: &Path) -> bool {
+    !fewstep::train::progressive::finished_rounds(dir).is_empty()
+}
+
+/// A pipeline folder whose scheduler is an `LCMScheduler` (a consistency student).
+fn is_consistency_student(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("scheduler/scheduler_config.json"))
+        .is_ok_and(|t| t.contains("\"LCMScheduler\""))
 }
 
 fn main() {
@@ -79,7 +74,7 @@ fn main() {
     };
     // The teacher at every step count and each progressive run's students at their own.
     let mut ddim_models = vec![teacher];
-    ddim_models.extend(shipped_progressive_runs(&root.join("weights")));
+    ddim_models.extend(shipped(&root.join("weights"), is_progressive_run));
     run(
         &ddim_models,
         "ddim",
@@ -87,7 +82,7 @@ fn main() {
         &out.join("ddim"),
     );
     let mut csv = std::fs::read_to_string(out.join("ddim/curve.csv")).expect("ddim curve");
-    for student in shipped_consistency_students(&root.join("weights")) {
+    for student in shipped(&root.join("weights"), is_consistency_student) {
         let dir = out.join(student.file_name().unwrap());
         run(&[student], "lcm", "1,2,4,8", &dir);
         let text = std::fs::read_to_string(dir.join("curve.csv")).expect("student curve");

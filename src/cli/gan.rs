@@ -93,12 +93,7 @@ impl GanOptimArgs {
                 self.adam_betas
             )));
         }
-        if !(0.0..1.0).contains(&self.ema) {
-            return Err(Error::Usage(format!(
-                "--ema {}: expected a decay in [0, 1)",
-                self.ema
-            )));
-        }
+        crate::train::ema::check_decay(self.ema)?;
         let device = self.device.device()?;
         crate::train::install_interrupt_handler();
         let run = if self.resume { None } else { Some(run()?) };

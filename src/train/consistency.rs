@@ -109,12 +109,8 @@ impl ConsistencyConfig {
                 self.target_ema
             )));
         }
-        if let Some(decay) = self.ema_decay
-            && !(0.0..1.0).contains(&decay)
-        {
-            return Err(Error::Usage(format!(
-                "--ema {decay}: expected a decay in [0, 1)"
-            )));
+        if let Some(decay) = self.ema_decay {
+            ema::check_decay(decay)?;
         }
         if !(self.timestep_scaling > 0.0 && self.timestep_scaling.is_finite()) {
             return Err(Error::Usage(format!(

@@ -7,6 +7,19 @@ use std::collections::HashMap;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
 
+use crate::error::{Error, Result};
+
+/// Checks an `--ema` decay, as every training command takes it: a number in [0, 1).
+pub fn check_decay(decay: f32) -> Result<()> {
+    if (0.0..1.0).contains(&decay) {
+        Ok(())
+    } else {
+        Err(Error::Usage(format!(
+            "--ema {decay}: expected a decay in [0, 1)"
+        )))
+    }
+}
+
 #[derive(Default)]
 struct Path(Vec<String>);
 

@@ -100,12 +100,7 @@ impl TrainConfig {
                 self.lr
             )));
         }
-        if !(0.0..1.0).contains(&self.ema_decay) {
-            return Err(Error::Usage(format!(
-                "--ema must lie in [0, 1), got {}",
-                self.ema_decay
-            )));
-        }
+        ema::check_decay(self.ema_decay)?;
         if self.checkpoint_every == 0 {
             return Err(Error::Usage("--checkpoint-every must be at least 1".into()));
         }

@@ -98,12 +98,8 @@ impl ProgressiveConfig {
                 self.lr
             )));
         }
-        if let Some(decay) = self.ema_decay
-            && !(0.0..1.0).contains(&decay)
-        {
-            return Err(Error::Usage(format!(
-                "--ema {decay}: expected a decay in [0, 1)"
-            )));
+        if let Some(decay) = self.ema_decay {
+            super::ema::check_decay(decay)?;
         }
         Ok(())
     }
