@@ -11,7 +11,7 @@ use fewstep::distill::consistency::{Distance, Solver};
 use fewstep::io::{self, Pipeline};
 use fewstep::sample::{Generation, write_sample_grid};
 use fewstep::train::consistency::{
-    CONSISTENCY_RUN, ConsistencyConfig, ConsistencyRun, distill_consistency,
+    CONSISTENCY_RUN, ConsistencyConfig, ConsistencyRun, LrDecay, distill_consistency,
 };
 use fewstep_schedulers::Algorithm;
 
@@ -40,6 +40,7 @@ fn main() -> fewstep::Result<()> {
             batch: 8,
             lr: 1e-4,
             warmup: 10,
+            lr_decay: LrDecay::Constant, // LrDecay::Cosine: to 0 at the last iteration
             grad_clip: 1.0,
             ema_decay: None,
             seed: 0,

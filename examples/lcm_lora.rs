@@ -14,7 +14,7 @@ use fewstep::io;
 use fewstep::models::lora::LoraSpec;
 use fewstep::sample::{Generation, write_sample_grid};
 use fewstep::train::consistency::{
-    CONSISTENCY_RUN, ConsistencyConfig, ConsistencyRun, LORA_FILE, distill_consistency,
+    CONSISTENCY_RUN, ConsistencyConfig, ConsistencyRun, LORA_FILE, LrDecay, distill_consistency,
 };
 use fewstep_schedulers::Algorithm;
 
@@ -44,6 +44,7 @@ fn main() -> fewstep::Result<()> {
             batch: 8,
             lr: 1e-3, // adapters take a larger rate than a full student
             warmup: 10,
+            lr_decay: LrDecay::Constant, // LrDecay::Cosine: to 0 at the last iteration
             grad_clip: 1.0,
             ema_decay: None,
             seed: 0,

@@ -20,6 +20,7 @@ use crate::models::lora::LoraSpec;
 use crate::sample::Generation;
 use crate::train::consistency::{
     self, CONSISTENCY_RUN, ConsistencyConfig, ConsistencyOutcome, ConsistencyRun, GuidanceRange,
+    LrDecay,
 };
 use crate::train::progressive::{
     self, PROGRESSIVE_RUN, ProgressiveConfig, ProgressiveOutcome, ProgressiveRun,
@@ -186,11 +187,17 @@ pub enum SolverKind {
     Heun,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LrDecayKind {
+    Constant,
+    Cosine,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct ConsistencyArgs {
     #[command(flatten)]
     pub common: DistillArgs,
-    /// Optimiser steps (quick 300, full 4000).
+    /// Optimiser steps (quick 300, full 3000).
     #[arg(long)]
     pub iters: Option<usize>,
     /// Images per step (quick 16, full 32).
@@ -202,6 +209,10 @@ pub struct ConsistencyArgs {
     /// Linear warm-up iterations (default 100).
     #[arg(long, default_value_t = 100)]
     pub warmup: usize,
+    /// The learning rate after the warm-up: constant (LCM, CD) or cosine (half a cosine to 0
+    /// at the last iteration).
+    #[arg(long, value_enum, default_value = "constant")]
+    pub lr_decay: LrDecayKind,
     /// Scales N of the skipping grid, the teacher's DDIM solver taking T/N timesteps per step
     /// (LCM: 50); the written LCM scheduler's original_inference_steps.
     #[arg(long, default_value_t = 50)]
@@ -481,6 +492,10 @@ impl ConsistencyArgs {
             batch: self.batch.unwrap_or(batch),
             lr: self.lr.unwrap_or(1e-4),
             warmup: self.warmup,
+            lr_decay: match self.lr_decay {
+                LrDecayKind::Constant => LrDecay::Constant,
+                LrDecayKind::Cosine => LrDecay::Cosine,
+            },
             grad_clip: 1.0,
             ema_decay: self.ema.or(ema),
             seed: self.common.seed,

@@ -67,6 +67,9 @@ pub struct ConsistencyConfig {
     /// Learning rate after the warm-up.
     pub lr: f64,
     pub warmup: usize,
+    /// How the learning rate moves after the warm-up.
+    #[serde(default)]
+    pub lr_decay: LrDecay,
     pub grad_clip: f32,
     /// EMA decay of the written student (`None`: the raw student, as LCM).
     pub ema_decay: Option<f32>,
@@ -148,10 +151,31 @@ impl ConsistencyConfig {
         }
     }
 
-    /// Learning rate at `iter`: linear warm-up, then constant.
+    /// Learning rate at `iter`: linear warm-up, then `lr_decay`.
     pub fn lr_at(&self, iter: usize) -> f64 {
-        self.lr * ((iter + 1) as f64 / self.warmup.max(1) as f64).min(1.0)
+        let warm = ((iter + 1) as f64 / self.warmup.max(1) as f64).min(1.0);
+        let decay = match self.lr_decay {
+            LrDecay::Constant => 1.0,
+            LrDecay::Cosine => {
+                // From 1 at the end of the warm-up to 0 after the last iteration.
+                let span = self.iters.saturating_sub(self.warmup).max(1) as f64;
+                let done = iter.saturating_sub(self.warmup) as f64 / span;
+                0.5 * (1.0 + (std::f64::consts::PI * done.min(1.0)).cos())
+            }
+        };
+        self.lr * warm * decay
     }
+}
+
+/// The learning rate after the warm-up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrDecay {
+    /// Constant (LCM, CD).
+    #[default]
+    Constant,
+    /// Half a cosine from the peak to 0 over the iterations after the warm-up.
+    Cosine,
 }
 
 /// The classifier-free guidance scales w a run draws from (uniformly, per row).
@@ -587,4 +611,55 @@ pub fn distill_consistency(
         final_loss,
         seconds,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(lr_decay: LrDecay) -> ConsistencyConfig {
+        ConsistencyConfig {
+            scales: 50,
+            scales_start: None,
+            target_ema: 0.95,
+            timestep_scaling: 10.0,
+            distance: Distance::L2,
+            solver: Solver::Ddim,
+            guidance: None,
+            iters: 110,
+            batch: 1,
+            lr: 1e-3,
+            warmup: 10,
+            lr_decay,
+            grad_clip: 1.0,
+            ema_decay: None,
+            seed: 0,
+            checkpoint_every: 10,
+            lora: None,
+        }
+    }
+
+    #[test]
+    fn learning_rate_warms_up_then_holds_or_follows_half_a_cosine_to_zero() {
+        let constant = config(LrDecay::Constant);
+        let cosine = config(LrDecay::Cosine);
+        for cfg in [&constant, &cosine] {
+            assert!((cfg.lr_at(0) - 1e-4).abs() < 1e-12);
+            assert!((cfg.lr_at(4) - 5e-4).abs() < 1e-12);
+            assert!((cfg.lr_at(10) - 1e-3).abs() < 1e-12);
+        }
+        assert!((constant.lr_at(109) - 1e-3).abs() < 1e-12);
+        // Halfway through the 100 iterations after the warm-up: half the peak.
+        assert!((cosine.lr_at(60) - 5e-4).abs() < 1e-12);
+        assert!(cosine.lr_at(109) < 1e-6 && cosine.lr_at(109) > 0.0);
+        assert!((1..110).all(|i| i <= 10 || cosine.lr_at(i) < cosine.lr_at(i - 1)));
+    }
+
+    #[test]
+    fn runs_stored_before_lr_decay_read_as_constant() {
+        let mut json = serde_json::to_value(config(LrDecay::Cosine)).unwrap();
+        json.as_object_mut().unwrap().remove("lr_decay");
+        let read: ConsistencyConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(read.lr_decay, LrDecay::Constant);
+    }
 }
