@@ -191,6 +191,84 @@ fn curve_draws_a_progressive_run_as_its_students_each_at_its_own_steps() {
 }
 
 #[test]
+fn fid_with_lora_scores_the_merged_model_with_the_files_scheduler() {
+    let (model, _) = fixtures();
+    // LCM-LoRA adapters on the tiny model, and the merged student the run writes beside them.
+    let run = scratch("eval", "lora-run");
+    ok(&fewstep(&[
+        "distill",
+        "consistency",
+        "--teacher",
+        model.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--lora-rank",
+        "2",
+        "--lora-convs",
+        "--iters",
+        "3",
+        "--lr",
+        "1e-2",
+        "--batch",
+        "2",
+        "--scales",
+        "10",
+        "--warmup",
+        "1",
+        "--no-eval",
+        "--quiet",
+    ]));
+    let lora = run.join("lora.safetensors");
+    let cache = scratch("eval", "lora-cache");
+    let with_lora = eval_fid_json(&cache, &["--lora", lora.to_str().unwrap()]);
+    assert_eq!(with_lora["source"]["scheduler"], "lcm", "{with_lora}");
+    assert_eq!(with_lora["source"]["lora"]["scale"], 1.0, "{with_lora}");
+    // The same figure as the merged student folder (same seed, same noise, same scheduler).
+    let (_, features) = fixtures();
+    let student = run.join("student");
+    let mut args = vec![
+        "eval",
+        "fid",
+        "--model",
+        student.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--json",
+    ];
+    args.extend(common(features, &cache));
+    let o = fewstep(&args);
+    ok(&o);
+    let merged: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (a, b) = (
+        with_lora["fid"].as_f64().unwrap(),
+        merged["fid"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() <= 1e-3 * a.abs().max(1.0), "{a} vs {b}");
+    // At scale 0 the adapters vanish: the base model, sampled with the file's LCM scheduler.
+    let base = eval_fid_json(
+        &cache,
+        &[
+            "--lora",
+            lora.to_str().unwrap(),
+            "--lora-scale",
+            "0",
+            "--scheduler",
+            "lcm",
+        ],
+    );
+    let plain = eval_fid_json(&cache, &["--scheduler", "lcm"]);
+    assert_eq!(base["fid"], plain["fid"]);
+    assert_ne!(base["fid"], with_lora["fid"]);
+    // A progressive run's students take no LoRA file.
+    let out = scratch("eval", "lora-curve");
+    let rounds = scratch("eval", "lora-rounds");
+    copy_dir(model, &rounds.join("round-1steps"));
+    let mut args = curve_args(&[&rounds], "1", &out, &cache);
+    args.extend(["--lora", lora.to_str().unwrap()]);
+    assert_clean_failure(fewstep(&args), "--lora applies to pipeline folders");
+}
+
+#[test]
 fn an_image_folder_scores_against_the_reference() {
     let (_, features) = fixtures();
     // 140 images of the reference distribution (held-out shapes rendered by the library) score

@@ -126,6 +126,23 @@ pub struct SamplingArgs {
     /// scheduler's arithmetic stays f32).
     #[arg(long, default_value = "f32", value_parser = ["f32", "f16"])]
     pub precision: String,
+    /// A LoRA file (PEFT/diffusers format) merged into every --model's UNet before sampling;
+    /// the LCM scheduler config a fewstep LCM-LoRA file carries replaces the folder's.
+    #[arg(long)]
+    pub lora: Option<PathBuf>,
+    /// Scale of the LoRA update (0: the base model).
+    #[arg(long, default_value_t = 1.0, requires = "lora")]
+    pub lora_scale: f32,
+}
+
+impl SamplingArgs {
+    /// The `lora` and `lora_scale` of a JSON report (null without --lora).
+    fn lora_json(&self) -> serde_json::Value {
+        match &self.lora {
+            Some(path) => json!({ "file": path.display().to_string(), "scale": self.lora_scale }),
+            None => serde_json::Value::Null,
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -189,6 +206,8 @@ pub fn parse_steps(text: &str) -> Result<Vec<usize>> {
 /// A model evaluated at several step counts.
 struct ModelUnderTest {
     dir: PathBuf,
+    /// The LoRA file merged into its UNet (--lora).
+    lora: Option<PathBuf>,
     pipeline: Pipeline,
     algorithm: Algorithm,
     precision: Precision,
@@ -205,7 +224,11 @@ impl ModelUnderTest {
     ) -> Result<Self> {
         let precision = Precision::parse(&sampling.precision)?;
         precision.check(device, &device_args.device)?;
-        let pipeline = Pipeline::load(dir, device)?.with_precision(precision);
+        let pipeline = match &sampling.lora {
+            Some(lora) => Pipeline::load_with_lora(dir, lora, sampling.lora_scale, device)?,
+            None => Pipeline::load(dir, device)?,
+        }
+        .with_precision(precision);
         let algorithm = sampling
             .scheduler
             .as_deref()
@@ -215,6 +238,7 @@ impl ModelUnderTest {
         let batch = super::sample::fitted_batch(&pipeline, precision, sampling.batch, device_args)?;
         Ok(ModelUnderTest {
             dir: dir.to_path_buf(),
+            lora: sampling.lora.clone(),
             pipeline,
             algorithm,
             precision,
@@ -224,18 +248,11 @@ impl ModelUnderTest {
 
     /// `parent/name`: students of different runs share folder names (`student`,
     /// `round-4steps`), so the run folder is part of a model's name in labels and file names.
+    /// With --lora, `parent/name+lora-parent/lora-name`.
     fn short_name(&self) -> String {
-        let parts: Vec<String> = self
-            .dir
-            .components()
-            .rev()
-            .take(2)
-            .map(|c| c.as_os_str().to_string_lossy().into_owned())
-            .collect();
-        match parts.as_slice() {
-            [n, p] if p != "." && p != "/" => format!("{p}/{n}"),
-            [n, ..] => n.clone(),
-            [] => self.dir.display().to_string(),
+        match &self.lora {
+            Some(lora) => format!("{}+{}", two_components(&self.dir), two_components(lora)),
+            None => two_components(&self.dir),
         }
     }
 
@@ -273,6 +290,21 @@ impl ModelUnderTest {
     }
 }
 
+/// The last two components of `path` (`parent/name`), or its last one.
+fn two_components(path: &Path) -> String {
+    let parts: Vec<String> = path
+        .components()
+        .rev()
+        .take(2)
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    match parts.as_slice() {
+        [n, p] if p != "." && p != "/" => format!("{p}/{n}"),
+        [n, ..] => n.clone(),
+        [] => path.display().to_string(),
+    }
+}
+
 /// One line of `eval curve`: a pipeline at every step count, or a progressive run folder's
 /// students (`round-<N>steps/`), each at its own step count N where N is among `--steps`.
 enum CurveLine {
@@ -300,6 +332,12 @@ impl CurveLine {
             )?)));
         }
         let finished = crate::train::progressive::finished_rounds(dir);
+        if sampling.lora.is_some() && !finished.is_empty() {
+            return Err(Error::file(
+                dir,
+                "--model: --lora applies to pipeline folders, not to a progressive run's students",
+            ));
+        }
         if finished.is_empty() {
             return Err(Error::file(
                 dir,
@@ -386,6 +424,12 @@ fn run_fid(args: FidArgs) -> Result<()> {
                     args.sampling.precision
                 )));
             }
+            if args.sampling.lora.is_some() {
+                return Err(Error::file(
+                    dir,
+                    "--lora: a GAN generator folder takes no LoRA file (a diffusers pipeline does)",
+                ));
+            }
             let (config, generator) = crate::models::gan::folder::load_generator(dir, &device)?;
             let request = Generation::new(
                 args.sampling.num_samples,
@@ -420,6 +464,7 @@ fn run_fid(args: FidArgs) -> Result<()> {
             let scores = metrics::score(&sampled.features, &reference)?;
             let source = json!({
                 "model": dir.display().to_string(),
+                "lora": args.sampling.lora_json(),
                 "scheduler": model.algorithm.to_string(),
                 "precision": model.precision.name(),
                 "steps": args.steps,
@@ -482,6 +527,7 @@ fn run_curve(args: CurveArgs) -> Result<()> {
         "reference": reference.protocol,
         "num_samples": args.sampling.num_samples,
         "seed": args.sampling.seed,
+        "lora": args.sampling.lora_json(),
     });
     let mut rows = Vec::new();
     let mut csv =
