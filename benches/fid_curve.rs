@@ -1,7 +1,8 @@
 //! The FID-versus-steps curve of the shipped models (`cargo bench --bench fid_curve`): the shipped
 //! teacher `weights/shapes32` with DDIM at 1…250 steps, beside the students of every shipped
 //! progressive run (`weights/*/round-<N>steps`, DDIM at its own N) and every shipped consistency student
-//! (`weights/*/` folders with an `LCMScheduler` config, LCM at 1, 2, 4, 8 steps), all on one plot,
+//! (`weights/*/` folders with an `LCMScheduler` config, LCM at 1, 2, 4, 8 steps) and every shipped
+//! LCM-LoRA file (`weights/*/lora.safetensors`, merged into the teacher, LCM), all on one plot,
 //! scored with the shipped `shapes` feature network against 5000 held-out `shapes` images.
 //!
 //! Protocol: `FEWSTEP_FID_SAMPLES` generated samples per point (default 300, sized so that the
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use fewstep::cli::{Cli, Command};
+use fewstep::train::consistency::LORA_FILE;
 
 /// The folders under `weights/` that `keep` selects, sorted.
 fn shipped(weights: &Path, keep: impl Fn(&Path) -> bool) -> Vec<PathBuf> {
@@ -43,50 +45,67 @@ fn main() {
     let samples = std::env::var("FEWSTEP_FID_SAMPLES").unwrap_or_else(|_| "300".into());
     let out = root.join("target/fid_curve");
     let teacher = root.join("weights/shapes32");
-    let run = |models: &[PathBuf], scheduler: &str, steps: &str, out: &Path| {
-        let mut args: Vec<String> = vec!["fewstep".into(), "eval".into(), "curve".into()];
-        for m in models {
-            args.push("--model".into());
-            args.push(m.display().to_string());
-        }
-        args.extend(
-            [
-                "--steps",
-                steps,
-                "--num-samples",
-                &samples,
-                "--scheduler",
-                scheduler,
-                "--out",
-            ]
-            .iter()
-            .map(|s| s.to_string()),
-        );
-        args.push(out.display().to_string());
-        let cli = Cli::parse_from(args);
-        let Command::Eval(cmd) = cli.command else {
-            unreachable!()
+    let run =
+        |models: &[PathBuf], scheduler: &str, steps: &str, out: &Path, lora: Option<&Path>| {
+            let mut args: Vec<String> = vec!["fewstep".into(), "eval".into(), "curve".into()];
+            if let Some(file) = lora {
+                args.push("--lora".into());
+                args.push(file.display().to_string());
+            }
+            for m in models {
+                args.push("--model".into());
+                args.push(m.display().to_string());
+            }
+            args.extend(
+                [
+                    "--steps",
+                    steps,
+                    "--num-samples",
+                    &samples,
+                    "--scheduler",
+                    scheduler,
+                    "--out",
+                ]
+                .iter()
+                .map(|s| s.to_string()),
+            );
+            args.push(out.display().to_string());
+            let cli = Cli::parse_from(args);
+            let Command::Eval(cmd) = cli.command else {
+                unreachable!()
+            };
+            if let Err(e) = fewstep::cli::eval::run(cmd) {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
         };
-        if let Err(e) = fewstep::cli::eval::run(cmd) {
-            eprintln!("error: {e}");
-            std::process::exit(1);
-        }
-    };
     // The teacher at every step count and each progressive run's students at their own.
-    let mut ddim_models = vec![teacher];
+    let mut ddim_models = vec![teacher.clone()];
     ddim_models.extend(shipped(&root.join("weights"), is_progressive_run));
     run(
         &ddim_models,
         "ddim",
         "1,2,4,8,16,32,64,125,250",
         &out.join("ddim"),
+        None,
     );
     let mut csv = std::fs::read_to_string(out.join("ddim/curve.csv")).expect("ddim curve");
     for student in shipped(&root.join("weights"), is_consistency_student) {
         let dir = out.join(student.file_name().unwrap());
-        run(&[student], "lcm", "1,2,4,8", &dir);
+        run(&[student], "lcm", "1,2,4,8", &dir, None);
         let text = std::fs::read_to_string(dir.join("curve.csv")).expect("student curve");
         csv.extend(text.lines().skip(1).map(|l| format!("{l}\n")));
+    }
+    // Every shipped LCM-LoRA file on the teacher; its rows name the adapters' folder.
+    for adapters in shipped(&root.join("weights"), |d| d.join(LORA_FILE).is_file()) {
+        let dir = out.join(adapters.file_name().unwrap());
+        let file = adapters.join(LORA_FILE);
+        run(&[teacher.clone()], "lcm", "1,2,4,8", &dir, Some(&file));
+        let text = std::fs::read_to_string(dir.join("curve.csv")).expect("LoRA curve");
+        csv.extend(text.lines().skip(1).map(|l| {
+            let (_, rest) = l.split_once(',').expect("csv row");
+            format!("{},{rest}\n", adapters.display())
+        }));
     }
     std::fs::write(root.join("target/fid_curve.csv"), &csv).expect("write csv");
     let mut series: std::collections::BTreeMap<String, Vec<(usize, f64)>> = Default::default();
@@ -108,6 +127,11 @@ fn main() {
                     .file_name()
                     .unwrap()
                     .to_string_lossy()
+            )
+        } else if model.join(LORA_FILE).is_file() {
+            format!(
+                "{} (LCM-LoRA on the teacher)",
+                model.file_name().unwrap().to_string_lossy()
             )
         } else if f[1] == "lcm" {
             format!(
