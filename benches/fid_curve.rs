@@ -100,7 +100,13 @@ fn main() {
     for adapters in shipped(&root.join("weights"), |d| d.join(LORA_FILE).is_file()) {
         let dir = out.join(adapters.file_name().unwrap());
         let file = adapters.join(LORA_FILE);
-        run(&[teacher.clone()], "lcm", "1,2,4,8", &dir, Some(&file));
+        run(
+            std::slice::from_ref(&teacher),
+            "lcm",
+            "1,2,4,8",
+            &dir,
+            Some(&file),
+        );
         let text = std::fs::read_to_string(dir.join("curve.csv")).expect("LoRA curve");
         csv.extend(text.lines().skip(1).map(|l| {
             let (_, rest) = l.split_once(',').expect("csv row");
