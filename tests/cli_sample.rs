@@ -1,12 +1,14 @@
 //! `fewstep sample` end to end: diffusers parity through the CLI, and bad input.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use fewstep::io;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models")
+    common::repo().join("tests/fixtures/models")
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -124,7 +126,7 @@ fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
         &["sample", "--model", p, "--device", "nope", "--out", png],
         "--device nope",
     );
-    let gan = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/shapes-gan-kd");
+    let gan = common::repo().join("weights/shapes-gan-kd");
     assert_clean_failure(
         &[
             "sample",
@@ -204,7 +206,7 @@ fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
 #[test]
 fn sample_in_f16_stays_close_to_f32_and_verbose_describes_the_device() {
     let dir = scratch("f16");
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/shapes-latent-lcm");
+    let model = common::repo().join("weights/shapes-latent-lcm");
     let mut samples = Vec::new();
     for precision in ["f32", "f16"] {
         let tensors = dir.join(format!("{precision}.safetensors"));

@@ -1,6 +1,8 @@
 //! UNet, VAE and whole-pipeline parity with diffusers, on the fixtures of
 //! `tests/fixtures/make_model_fixtures.py` (random, perturbed weights saved by diffusers).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
@@ -14,9 +16,7 @@ fn device() -> Device {
 }
 
 fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/models")
-        .join(rel)
+    common::repo().join("tests/fixtures/models").join(rel)
 }
 
 fn io_tensors(dir: &Path) -> std::collections::HashMap<String, HostTensor> {

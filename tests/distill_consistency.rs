@@ -85,7 +85,7 @@ fn the_student_is_an_lcm_pipeline_that_samples_in_one_to_four_steps() {
 
 #[test]
 fn latent_and_guided_class_conditional_teachers_distill() {
-    let latent = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/pipe_latent");
+    let latent = common::repo().join("tests/fixtures/models/pipe_latent");
     let out = scratch("cd", "latent");
     let mut args = distill_args(&latent, &out, "2");
     args.extend_from_slice(&["--solver", "heun"]);

@@ -4,16 +4,14 @@
 mod common;
 use common::assert_clean_failure;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use burn::prelude::*;
 use fewstep::io;
 use fewstep::models::inception::{FID_WEIGHTS_FILE, FidInception, read_weights};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/inception")
-        .join(name)
+    common::repo().join("tests/fixtures/inception").join(name)
 }
 
 #[test]

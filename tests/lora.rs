@@ -12,7 +12,7 @@ use fewstep::io::{self, Pipeline};
 use fewstep_schedulers::Algorithm;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models")
+    common::repo().join("tests/fixtures/models")
 }
 
 fn run_unet(p: &Pipeline, io: &std::collections::HashMap<String, io::HostTensor>) -> Vec<f32> {
@@ -109,7 +109,7 @@ fn sample_and_merge_apply_the_adapters() {
 #[test]
 fn bad_lora_files_are_one_clear_line() {
     let pixel = fixtures().join("pipe_pixel");
-    let other = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/shapes32");
+    let other = common::repo().join("weights/shapes32");
     let lora = fixtures().join("lora/lora.safetensors");
     let grid = scratch("lora", "bad.png");
     let sample = |model: &Path, file: &Path| {

@@ -1,14 +1,12 @@
 //! Metrics against reference implementations (tests/fixtures/make_metric_fixtures.py):
 //! FID vs pytorch-fid's `calculate_frechet_distance`, KID's MMD² and precision/recall vs numpy.
 
+mod common;
+
 use fewstep::metrics::{FeatureStats, Features, fid, kid, precision_recall};
 
 fn fixture() -> serde_json::Value {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/metrics.json"
-    ))
-    .unwrap();
+    let text = std::fs::read_to_string(common::repo().join("tests/fixtures/metrics.json")).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 

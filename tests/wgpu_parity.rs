@@ -4,7 +4,7 @@
 //! its kernels.
 #![cfg(feature = "wgpu")]
 
-use std::path::Path;
+mod common;
 
 use burn::prelude::*;
 use fewstep::backend::{DeviceChoice, Precision, device};
@@ -22,7 +22,7 @@ fn max_rel_diff(a: Tensor<4>, b: Tensor<4>) -> f32 {
 fn unet_forward_and_vae_decode_match_cpu_on_wgpu() {
     let cpu = device(DeviceChoice::Cpu).unwrap();
     let gpu = device(DeviceChoice::Wgpu).expect("a wgpu adapter (install mesa-vulkan-drivers)");
-    let pipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/pipe_latent");
+    let pipe = common::repo().join("tests/fixtures/models/pipe_latent");
     let (_, unet_cpu) = io::load_unet(&pipe.join("unet"), &cpu).unwrap();
     let (_, unet_gpu) = io::load_unet(&pipe.join("unet"), &gpu).unwrap();
     let x = io::read_safetensors(&pipe.join("unet/io.safetensors")).unwrap();

@@ -5,10 +5,12 @@ use fewstep_schedulers::{Algorithm, Scheduler, SchedulerConfig};
 use serde_json::Value;
 
 fn fixtures() -> Value {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/fixtures/schedulers.json"
-    );
+    // cargo sets CARGO_MANIFEST_DIR when it runs the test: the checkout under test even when the
+    // binary was compiled in another one sharing the target folder.
+    let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    let path = crate_dir.join("../tests/fixtures/schedulers.json");
     let text = std::fs::read_to_string(path).expect("scheduler fixtures present");
     // Python's json writes -Infinity for DPM-Solver's lambda_min_clipped.
     serde_json::from_str(&text.replace("-Infinity", "null")).expect("valid fixture JSON")

@@ -6,6 +6,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// The repository root. cargo sets CARGO_MANIFEST_DIR when it runs a test, so this is the checkout
+/// being tested even when the test binary was compiled in another checkout sharing the target
+/// folder (the compile-time value, the fallback, would then name that other checkout).
+pub fn repo() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 /// A fresh, absent scratch path unique to this test process.
 pub fn scratch(group: &str, name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("fewstep-{group}-{name}-{}", std::process::id()));
