@@ -3,7 +3,7 @@
 //! scoring, and bad input.
 
 mod common;
-use common::{assert_clean_failure, fewstep, ok, scratch, tiny_model};
+use common::{assert_clean_failure, distill_tiny_lora, fewstep, ok, scratch, tiny_model};
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -195,29 +195,11 @@ fn fid_with_lora_scores_the_merged_model_with_the_files_scheduler() {
     let (model, _) = fixtures();
     // LCM-LoRA adapters on the tiny model, and the merged student the run writes beside them.
     let run = scratch("eval", "lora-run");
-    ok(&fewstep(&[
-        "distill",
-        "consistency",
-        "--teacher",
-        model.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--lora-rank",
-        "2",
-        "--lora-convs",
-        "--iters",
-        "3",
-        "--lr",
-        "1e-2",
-        "--batch",
-        "2",
-        "--scales",
-        "10",
-        "--warmup",
-        "1",
-        "--no-eval",
-        "--quiet",
-    ]));
+    ok(&distill_tiny_lora(
+        model,
+        &run,
+        &["--lora-convs", "--iters", "3"],
+    ));
     let lora = run.join("lora.safetensors");
     let cache = scratch("eval", "lora-cache");
     let with_lora = eval_fid_json(&cache, &["--lora", lora.to_str().unwrap()]);

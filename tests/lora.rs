@@ -3,7 +3,9 @@
 //! `fewstep sample --lora` and `fewstep lora merge` use it, and bad files are one clear line.
 
 mod common;
-use common::{assert_clean_failure, fewstep, max_weight_difference, ok, scratch};
+use common::{
+    assert_clean_failure, distill_tiny_lora, fewstep, max_weight_difference, ok, scratch,
+};
 
 use std::path::{Path, PathBuf};
 
@@ -146,28 +148,7 @@ fn bad_lora_files_are_one_clear_line() {
 fn lcm_lora_distillation_writes_adapters_that_merge_to_the_student() {
     let teacher = fixtures().join("pipe_pixel");
     let out = scratch("lora", "distill");
-    ok(&fewstep(&[
-        "distill",
-        "consistency",
-        "--teacher",
-        teacher.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--lora-rank",
-        "2",
-        "--iters",
-        "4",
-        "--lr",
-        "1e-2",
-        "--batch",
-        "2",
-        "--scales",
-        "10",
-        "--warmup",
-        "1",
-        "--no-eval",
-        "--quiet",
-    ]));
+    ok(&distill_tiny_lora(&teacher, &out, &["--iters", "4"]));
     // Attention-only adapters, and the merged student folder equals base + adapters.
     let names = io::read_safetensors(&out.join("lora.safetensors")).unwrap();
     assert!(

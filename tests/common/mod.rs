@@ -29,6 +29,33 @@ pub fn fewstep(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `fewstep distill consistency --lora-rank 2` of `teacher` into `out` at a high learning rate
+/// (adapters that move in a few iterations), plus `extra` (`--iters` among them).
+pub fn distill_tiny_lora(teacher: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "distill",
+        "consistency",
+        "--teacher",
+        teacher.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--lora-rank",
+        "2",
+        "--lr",
+        "1e-2",
+        "--batch",
+        "2",
+        "--scales",
+        "10",
+        "--warmup",
+        "1",
+        "--no-eval",
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    fewstep(&args)
+}
+
 pub fn ok(o: &Output) {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
