@@ -45,9 +45,9 @@ fn common<'a>(features: &'a Path, cache: &'a Path) -> Vec<&'a str> {
     ]
 }
 
-/// `fewstep eval fid --model <tiny> --steps 2 --json` plus `extra`, parsed.
-fn eval_fid_json(cache: &Path, extra: &[&str]) -> serde_json::Value {
-    let (model, features) = fixtures();
+/// `fewstep eval fid --model <model> --steps 2 --json` plus `extra` with the test protocol.
+fn eval_fid_args<'a>(model: &'a Path, cache: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let (_, features) = fixtures();
     let mut args = vec![
         "eval",
         "fid",
@@ -59,9 +59,19 @@ fn eval_fid_json(cache: &Path, extra: &[&str]) -> serde_json::Value {
     ];
     args.extend(common(features, cache));
     args.extend_from_slice(extra);
-    let o = fewstep(&args);
+    args
+}
+
+/// `eval_fid_args` of `model`, run and parsed.
+fn eval_fid_json_of(model: &Path, cache: &Path, extra: &[&str]) -> serde_json::Value {
+    let o = fewstep(&eval_fid_args(model, cache, extra));
     ok(&o);
     serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// `eval_fid_json_of` the tiny model.
+fn eval_fid_json(cache: &Path, extra: &[&str]) -> serde_json::Value {
+    eval_fid_json_of(&fixtures().0, cache, extra)
 }
 
 #[test]
@@ -206,21 +216,7 @@ fn fid_with_lora_scores_the_merged_model_with_the_files_scheduler() {
     assert_eq!(with_lora["source"]["scheduler"], "lcm", "{with_lora}");
     assert_eq!(with_lora["source"]["lora"]["scale"], 1.0, "{with_lora}");
     // The same figure as the merged student folder (same seed, same noise, same scheduler).
-    let (_, features) = fixtures();
-    let student = run.join("student");
-    let mut args = vec![
-        "eval",
-        "fid",
-        "--model",
-        student.to_str().unwrap(),
-        "--steps",
-        "2",
-        "--json",
-    ];
-    args.extend(common(features, &cache));
-    let o = fewstep(&args);
-    ok(&o);
-    let merged: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let merged = eval_fid_json_of(&run.join("student"), &cache, &[]);
     let (a, b) = (
         with_lora["fid"].as_f64().unwrap(),
         merged["fid"].as_f64().unwrap(),
@@ -248,6 +244,13 @@ fn fid_with_lora_scores_the_merged_model_with_the_files_scheduler() {
     let mut args = curve_args(&[&rounds], "1", &out, &cache);
     args.extend(["--lora", lora.to_str().unwrap()]);
     assert_clean_failure(fewstep(&args), "--lora applies to pipeline folders");
+    // Nor does a GAN generator.
+    let gan = common::repo().join("weights/shapes-gan-kd");
+    let lora_arg = ["--lora", lora.to_str().unwrap()];
+    assert_clean_failure(
+        fewstep(&eval_fid_args(&gan, &cache, &lora_arg)),
+        "takes no LoRA file",
+    );
 }
 
 #[test]

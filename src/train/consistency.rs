@@ -153,17 +153,15 @@ impl ConsistencyConfig {
 
     /// Learning rate at `iter`: linear warm-up, then `lr_decay`.
     pub fn lr_at(&self, iter: usize) -> f64 {
-        let warm = ((iter + 1) as f64 / self.warmup.max(1) as f64).min(1.0);
         let decay = match self.lr_decay {
             LrDecay::Constant => 1.0,
             LrDecay::Cosine => {
                 // From 1 at the end of the warm-up to 0 after the last iteration.
                 let span = self.iters.saturating_sub(self.warmup).max(1) as f64;
-                let done = iter.saturating_sub(self.warmup) as f64 / span;
-                0.5 * (1.0 + (std::f64::consts::PI * done.min(1.0)).cos())
+                super::half_cosine(iter.saturating_sub(self.warmup) as f64 / span)
             }
         };
-        self.lr * warm * decay
+        self.lr * super::warmup_factor(iter, self.warmup) * decay
     }
 }
 

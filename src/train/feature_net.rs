@@ -162,7 +162,7 @@ pub fn train_feature_net(
         let value: f32 = loss.clone().into_scalar::<f32>();
         // Cosine decay to 5 % of the peak rate.
         let progress = step as f64 / cfg.steps as f64;
-        let lr = cfg.lr * (0.05 + 0.95 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()));
+        let lr = cfg.lr * (0.05 + 0.95 * super::half_cosine(progress));
         let grads = GradientsParams::from_grads(loss.backward(), &net);
         net = optim.step(lr, net, grads);
         let s = smoothed.map_or(value, |s: f32| 0.98 * s + 0.02 * value);

@@ -109,12 +109,19 @@ impl TrainConfig {
 
     /// Learning rate at `step` (linear warm-up, then constant).
     pub fn lr_at(&self, step: usize) -> f64 {
-        if step < self.warmup {
-            self.lr * (step + 1) as f64 / self.warmup as f64
-        } else {
-            self.lr
-        }
+        self.lr * warmup_factor(step, self.warmup)
     }
+}
+
+/// The learning-rate factor of a linear warm-up over `warmup` steps at `step`: (step + 1) / warmup,
+/// then 1 (1 throughout without warm-up).
+pub fn warmup_factor(step: usize, warmup: usize) -> f64 {
+    ((step + 1) as f64 / warmup.max(1) as f64).min(1.0)
+}
+
+/// Half a cosine over `progress` in [0, 1]: 1 at the start, 0 at the end (clamped beyond).
+pub fn half_cosine(progress: f64) -> f64 {
+    0.5 * (1.0 + (std::f64::consts::PI * progress.clamp(0.0, 1.0)).cos())
 }
 
 /// Everything that defines a diffusion training run (stored as `run.json`).
