@@ -14,6 +14,7 @@ use burn::tensor::TensorData;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
+use crate::models::footprint::{self, Use};
 use crate::models::{UNet, UNetConfig, Vae, VaeConfig};
 use fewstep_schedulers::{Algorithm, SchedulerConfig};
 
@@ -68,7 +69,89 @@ pub fn write_dir_atomic(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> 
         .map_err(|e| Error::file(dir, format!("cannot rename the new folder into place: {e}")))
 }
 
+/// The nearest folder at or above `path` that exists, checked writable by creating and removing
+/// a probe file in it (nothing is left behind). `flag` names the option in errors.
+fn writable_ancestor(path: &Path, flag: &str) -> Result<PathBuf> {
+    let mut at = path.to_path_buf();
+    loop {
+        if at.as_os_str().is_empty() {
+            at = PathBuf::from(".");
+        }
+        if at.exists() {
+            break;
+        }
+        match at.parent() {
+            Some(p) => at = p.to_path_buf(),
+            None => {
+                return Err(Error::file(
+                    path,
+                    format!("{flag}: no existing folder above it"),
+                ));
+            }
+        }
+    }
+    if !at.is_dir() {
+        return Err(Error::file(
+            path,
+            format!("{flag}: {} is a file, not a folder", at.display()),
+        ));
+    }
+    let probe = at.join(format!(".fewstep-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| {
+        Error::file(
+            path,
+            format!("{flag}: cannot write in {}: {e}", at.display()),
+        )
+    })?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(at)
+}
+
+/// Checks, before any work, that a command can create the folder `dir` for its output: absent or
+/// empty, and writable (or creatable under a writable folder). Creates nothing.
+pub fn check_new_folder(dir: &Path, flag: &str) -> Result<()> {
+    if dir.is_file() {
+        return Err(Error::file(
+            dir,
+            format!("{flag}: is a file, expected a folder"),
+        ));
+    }
+    if dir.is_dir() {
+        let non_empty = std::fs::read_dir(dir)
+            .map_err(|e| Error::file(dir, format!("{flag}: cannot read: {e}")))?
+            .next()
+            .is_some();
+        if non_empty {
+            return Err(Error::file(
+                dir,
+                format!(
+                    "{flag} already holds files; choose another {flag} (nothing is overwritten)"
+                ),
+            ));
+        }
+    }
+    writable_ancestor(dir, flag).map(|_| ())
+}
+
+/// Checks, before any work, that a command can write the file `path`: not a folder, and in a
+/// writable (or creatable) folder. Creates nothing.
+pub fn check_output_file(path: &Path, flag: &str) -> Result<()> {
+    if path.is_dir() {
+        return Err(Error::file(
+            path,
+            format!("{flag}: is a folder, expected a file name"),
+        ));
+    }
+    if path.file_name().is_none() {
+        return Err(Error::file(path, format!("{flag}: expected a file name")));
+    }
+    writable_ancestor(path.parent().unwrap_or(Path::new(".")), flag).map(|_| ())
+}
+
 pub fn read_text(path: &Path) -> Result<String> {
+    if path.is_dir() {
+        return Err(Error::file(path, "is a folder, expected a file"));
+    }
     std::fs::read_to_string(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Error::file(path, "file not found"),
         _ => Error::file(path, format!("cannot read: {e}")),
@@ -425,6 +508,8 @@ pub fn load_unet(dir: &Path, device: &Device) -> Result<(UNetConfig, UNet)> {
     let config_path = dir.join(CONFIG_NAME);
     let config = UNetConfig::from_json_str(&read_text(&config_path)?)
         .map_err(|e| e.in_file(&config_path))?;
+    // One image must be computable before anything is allocated.
+    footprint::check_unet(&config, &config_path, None, Use::Inference { batch: 1 })?;
     let unet = load_weights(config.init(device), &dir.join(WEIGHTS_NAME))?;
     Ok((config, unet))
 }
@@ -438,6 +523,7 @@ pub fn load_vae(dir: &Path, device: &Device) -> Result<(VaeConfig, Vae)> {
     let config_path = dir.join(CONFIG_NAME);
     let config =
         VaeConfig::from_json_str(&read_text(&config_path)?).map_err(|e| e.in_file(&config_path))?;
+    footprint::check_vae(&config, &config_path, None, Use::Inference { batch: 1 })?;
     let vae = load_weights(config.init(device), &dir.join(WEIGHTS_NAME))?;
     Ok((config, vae))
 }
@@ -502,6 +588,12 @@ impl Pipeline {
     }
 
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        if dir.is_file() {
+            return Err(Error::file(
+                dir,
+                "is a file, expected a diffusers pipeline folder (model_index.json, unet/, scheduler/)",
+            ));
+        }
         if !dir.is_dir() {
             return Err(Error::file(dir, "pipeline folder not found"));
         }

@@ -62,7 +62,11 @@ fn the_student_is_an_lcm_pipeline_that_samples_in_one_to_four_steps() {
     let out = scratch("cd", "student");
     ok(&fewstep(&distill_args(&teacher, &out, "3")));
     let dir = out.join("student");
-    let p = Pipeline::load(&dir, &burn::prelude::Device::flex()).unwrap();
+    let p = Pipeline::load(
+        &dir,
+        &burn::prelude::fewstep::backend::cpu_device().expect("a CPU backend is compiled in"),
+    )
+    .unwrap();
     assert_eq!(p.scheduler.class, Some(Algorithm::Lcm));
     let resolved = p.scheduler.resolve(Algorithm::Lcm);
     assert_eq!(resolved.original_inference_steps, 10);
@@ -114,7 +118,11 @@ fn latent_and_guided_class_conditional_teachers_distill() {
     args.extend_from_slice(&["--guidance", "1,4"]);
     ok(&fewstep(&args));
     let dir = out.join("student");
-    let p = Pipeline::load(&dir, &burn::prelude::Device::flex()).unwrap();
+    let p = Pipeline::load(
+        &dir,
+        &burn::prelude::fewstep::backend::cpu_device().expect("a CPU backend is compiled in"),
+    )
+    .unwrap();
     assert_eq!(p.unet_config.time_cond_proj_dim, Some(256));
     assert!(p.unet.takes_guidance());
     let grid = dir.join("g.png");

@@ -48,7 +48,11 @@ fn rounds_write_students_that_sample_at_their_step_count() {
     ok(&fewstep(&distill_args(&teacher, &out, "2")));
     for steps in [2usize, 1] {
         let dir = out.join(format!("round-{steps}steps"));
-        let p = Pipeline::load(&dir, &burn::prelude::Device::flex()).unwrap();
+        let p = Pipeline::load(
+            &dir,
+            &burn::prelude::fewstep::backend::cpu_device().expect("a CPU backend is compiled in"),
+        )
+        .unwrap();
         assert_eq!(p.scheduler.distilled_steps, Some(steps));
         let o = fewstep(&[
             "sample",

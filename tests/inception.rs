@@ -16,7 +16,7 @@ fn fixture(name: &str) -> PathBuf {
 
 #[test]
 fn pool3_features_match_pytorch_fid() {
-    let device = Device::flex();
+    let device = fewstep::backend::cpu_device().expect("a CPU backend is compiled in");
     let io = io::read_safetensors(&fixture("io.safetensors")).unwrap();
     let images: Tensor<4> = io["images"].to_device(&device).unwrap();
     let got = FidInception::formula_weights(&device)
@@ -59,9 +59,12 @@ fn the_pth_reader_gets_tensors_without_running_pickle() {
     assert!(!t.keys().any(|k| k.ends_with("num_batches_tracked")));
     // A file with only the first block is not the Inception weights: the error says what is
     // missing and which file was expected.
-    let err = FidInception::load(&fixture("conv1a.pth"), &Device::flex())
-        .unwrap_err()
-        .to_string();
+    let err = FidInception::load(
+        &fixture("conv1a.pth"),
+        &fewstep::backend::cpu_device().expect("a CPU backend is compiled in"),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         err.contains("Conv2d_2a_3x3.conv.weight") && err.contains(FID_WEIGHTS_FILE),
         "{err}"

@@ -18,7 +18,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn run_unet(p: &Pipeline, io: &std::collections::HashMap<String, io::HostTensor>) -> Vec<f32> {
-    let device = Device::flex();
+    let device = fewstep::backend::cpu_device().expect("a CPU backend is compiled in");
     let x: Tensor<4> = io["x"].to_device(&device).unwrap();
     let t: Tensor<1> = io["t"].to_device(&device).unwrap();
     p.unet
@@ -37,7 +37,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn the_merged_lora_matches_peft_on_diffusers() {
-    let device = Device::flex();
+    let device = fewstep::backend::cpu_device().expect("a CPU backend is compiled in");
     let io = io::read_safetensors(&fixtures().join("lora/io.safetensors")).unwrap();
     let lora = fixtures().join("lora/lora.safetensors");
     let p = Pipeline::load_with_lora(&fixtures().join("pipe_pixel"), &lora, 1.0, &device).unwrap();
@@ -88,7 +88,11 @@ fn sample_and_merge_apply_the_adapters() {
         "--out",
         out.to_str().unwrap(),
     ]));
-    let merged = Pipeline::load(&out, &Device::flex()).unwrap();
+    let merged = Pipeline::load(
+        &out,
+        &fewstep::backend::cpu_device().expect("a CPU backend is compiled in"),
+    )
+    .unwrap();
     assert_eq!(merged.scheduler.class, Some(Algorithm::Lcm));
     let io = io::read_safetensors(&fixtures().join("lora/io.safetensors")).unwrap();
     let err = max_diff(&run_unet(&merged, &io), &io["out_lora"].data);
@@ -105,7 +109,13 @@ fn sample_and_merge_apply_the_adapters() {
         out.to_str().unwrap(),
     ]);
     assert_clean_failure(o, "not empty");
-    assert!(Pipeline::load(&out, &Device::flex()).is_ok());
+    assert!(
+        Pipeline::load(
+            &out,
+            &fewstep::backend::cpu_device().expect("a CPU backend is compiled in")
+        )
+        .is_ok()
+    );
 }
 
 #[test]

@@ -60,22 +60,22 @@ pub struct DistillArgs {
     #[arg(long, default_value = "shapes")]
     pub data: String,
     /// Seed of the `shapes` images.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, value_parser = super::values::seed, default_value_t = 0)]
     pub data_seed: u64,
     /// Budget preset; the flags below override its values.
     #[arg(long, value_enum, default_value = "quick")]
     pub preset: Budget,
     /// Seed of the batches and noise.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, value_parser = super::values::seed, default_value_t = 0)]
     pub seed: u64,
     /// Checkpoint every K iterations.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, value_parser = super::values::count, default_value_t = 50)]
     pub checkpoint_every: usize,
     /// Continue the run in --out (its stored settings win).
     #[arg(long)]
     pub resume: bool,
     /// Generated samples per FID evaluation (default: 300 quick, 2000 full).
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::count)]
     pub eval_samples: Option<usize>,
     /// Skip the FID table.
     #[arg(long)]
@@ -151,22 +151,22 @@ pub struct ProgressiveArgs {
     #[command(flatten)]
     pub common: DistillArgs,
     /// The teacher's step count (a power of two; quick and full 16).
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::count)]
     pub from_steps: Option<usize>,
     /// The last student's step count (a power of two; quick 4, full 1).
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::count)]
     pub to_steps: Option<usize>,
     /// Optimiser steps per halving round (quick 120, full 1500).
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::count)]
     pub iters_per_round: Option<usize>,
     /// Images per step (quick 16, full 32).
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::count)]
     pub batch: Option<usize>,
     /// Peak learning rate of each round, decayed linearly to 0 (default 1e-4).
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::positive_f64)]
     pub lr: Option<f64>,
     /// EMA decay of the written students (default: none, as in the paper).
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::decay)]
     pub ema: Option<f32>,
     /// The run folder (round-<N>steps/ students, checkpoints, loss.csv, report.{json,csv}).
     #[arg(long, default_value = "runs/progressive")]
@@ -198,16 +198,16 @@ pub struct ConsistencyArgs {
     #[command(flatten)]
     pub common: DistillArgs,
     /// Optimiser steps (quick 300, full 3000).
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::count)]
     pub iters: Option<usize>,
     /// Images per step (quick 16, full 32).
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::count)]
     pub batch: Option<usize>,
     /// Learning rate after the warm-up (default 1e-4).
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::positive_f64)]
     pub lr: Option<f64>,
     /// Linear warm-up iterations (default 100).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, value_parser = super::values::whole, default_value_t = 100)]
     pub warmup: usize,
     /// The learning rate after the warm-up: constant (LCM, CD) or cosine (half a cosine to 0
     /// at the last iteration).
@@ -215,17 +215,17 @@ pub struct ConsistencyArgs {
     pub lr_decay: LrDecayKind,
     /// Scales N of the skipping grid, the teacher's DDIM solver taking T/N timesteps per step
     /// (LCM: 50); the written LCM scheduler's original_inference_steps.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, value_parser = super::values::count, default_value_t = 50)]
     pub scales: usize,
     /// Start a doubling curriculum of scales here (N doubles in equal stages up to --scales,
     /// the target EMA rate following as in the CT paper); default: N fixed.
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::count)]
     pub scales_start: Option<usize>,
     /// EMA rate μ of the target network (LCM and CD: 0.95).
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, value_parser = super::values::decay, default_value_t = 0.95)]
     pub target_ema: f32,
     /// `timestep_scaling` of the boundary scalings (LCM: 10).
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, value_parser = super::values::positive_f32, default_value_t = 10.0)]
     pub timestep_scaling: f32,
     /// Distance between the student's and the target's outputs.
     #[arg(long, value_enum, default_value = "huber")]
@@ -235,24 +235,24 @@ pub struct ConsistencyArgs {
     #[arg(long, value_enum, default_value = "ddim")]
     pub solver: SolverKind,
     /// c of the pseudo-Huber distance (LCM: 0.001).
-    #[arg(long, default_value_t = 0.001)]
+    #[arg(long, value_parser = super::values::positive_f32, default_value_t = 0.001)]
     pub huber_c: f32,
     /// Classifier-free guidance of the teacher's targets, x0 = c + w·(c − u), for a
     /// class-conditional teacher: one scale `w`, or a range `w_min,w_max` drawn per example —
     /// the student then takes w through a guidance-scale embedding (LCM's time_cond_proj_dim)
     /// and samples with `--guidance-scale w+1`.
-    #[arg(long, value_delimiter = ',', num_args = 1..=2)]
+    #[arg(long, value_parser = super::values::non_negative_f32, value_delimiter = ',', num_args = 1..=2)]
     pub guidance: Option<Vec<f32>>,
     /// EMA decay of the written student (default: none for quick, as LCM; 0.999 for full;
     /// `--ema 0` writes the raw weights).
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::decay)]
     pub ema: Option<f32>,
     /// Train rank-r adapters on the frozen teacher (LCM-LoRA) instead of a full student; writes
     /// lora.safetensors (PEFT/diffusers format) beside the merged student/.
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::count)]
     pub lora_rank: Option<usize>,
     /// LoRA α (the adapters are scaled by α/r; default: r).
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::positive_f32)]
     pub lora_alpha: Option<f32>,
     /// Also adapt the resnet, down- and upsampling convolutions.
     #[arg(long)]
@@ -261,11 +261,11 @@ pub struct ConsistencyArgs {
     #[arg(long)]
     pub lora_linears: bool,
     /// Sampling steps of the FID table (comma-separated).
-    #[arg(long, default_value = "1,2,4", value_delimiter = ',')]
+    #[arg(long, value_parser = super::values::count, default_value = "1,2,4", value_delimiter = ',')]
     pub eval_steps: Vec<usize>,
     /// The teacher's DDIM step count the ratio column divides by (quick 8, full 250: the
     /// many-step reference, a divisor of the 1000 train timesteps, which DDIM samples cleanly).
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::count)]
     pub reference_steps: Option<usize>,
     /// The run folder (student/, checkpoints, loss.csv, report.{json,csv}).
     #[arg(long, default_value = "runs/consistency")]

@@ -24,6 +24,48 @@ pub enum EvalCommand {
     Fid(FidArgs),
     /// FID-versus-steps curves of one or more models: CSV, PNG plot and sample grids.
     Curve(CurveArgs),
+    /// Feature statistics (mu, sigma) of images, a dataset or a model's samples, written as
+    /// pytorch-fid's `.npz` (by extension) or fewstep's `.safetensors` (with the features).
+    Stats(StatsArgs),
+}
+
+/// `fewstep eval stats`.
+#[derive(Debug, clap::Args)]
+pub struct StatsArgs {
+    /// A folder of images.
+    #[arg(long, conflicts_with_all = ["model", "dataset"], required_unless_present_any = ["model", "dataset"])]
+    pub images: Option<PathBuf>,
+    /// A dataset: `shapes` (its held-out reference images, --ref-samples of them) or a folder.
+    #[arg(long = "data", conflicts_with = "model")]
+    pub dataset: Option<String>,
+    /// A pipeline (or GAN) folder whose --num-samples samples at --steps are summarised.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long, value_parser = super::values::count, default_value_t = 50)]
+    pub steps: usize,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Feature extractor: `shapes` or `inception` (needs --inception-weights).
+    #[arg(long, default_value = "shapes", value_parser = ["shapes", "inception"])]
+    pub features: String,
+    /// pytorch-fid's pt_inception weights for `--features inception`.
+    #[arg(long)]
+    pub inception_weights: Option<PathBuf>,
+    /// Folder of the `shapes` feature network (default: the shipped one).
+    #[arg(long)]
+    pub feature_weights: Option<PathBuf>,
+    /// Seed of the `shapes` images.
+    #[arg(long, value_parser = super::values::seed, default_value_t = 0)]
+    pub data_seed: u64,
+    /// Images of --data to summarise.
+    #[arg(long, value_parser = super::values::count, default_value_t = 5000)]
+    pub ref_samples: usize,
+    /// The statistics file: `.npz` (pytorch-fid's `mu`, `sigma`) or `.safetensors` (fewstep's,
+    /// with the features and the protocol).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 /// The feature extractor and the reference set.
@@ -44,10 +86,10 @@ pub struct ReferenceArgs {
     #[arg(long, default_value = "shapes")]
     pub data: String,
     /// Seed of the `shapes` reference images.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, value_parser = super::values::seed, default_value_t = 0)]
     pub data_seed: u64,
     /// Reference images to use (their statistics are cached).
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, value_parser = super::values::count, default_value_t = 5000)]
     pub ref_samples: usize,
     /// A statistics file (tensors `mu`, `sigma`; written by fewstep's cache) instead of --data.
     #[arg(long)]
@@ -83,7 +125,9 @@ impl ReferenceArgs {
 
     fn reference(&self, extractor: &dyn FeatureExtractor, device: &Device) -> Result<Reference> {
         if let Some(path) = &self.ref_stats {
-            return metrics::stats_reference(path);
+            let reference = metrics::stats_reference(path)?;
+            check_dims(path, "--ref-stats", reference.stats.mu.len(), extractor)?;
+            return Ok(reference);
         }
         if self.ref_samples < 2 {
             return Err(Error::Usage("--ref-samples must be at least 2".into()));
@@ -112,15 +156,15 @@ pub struct SamplingArgs {
     #[arg(long, value_parser = ["ddpm", "ddim", "euler", "heun", "dpmpp-2m", "lcm"])]
     pub scheduler: Option<String>,
     /// Generated images per evaluation (more than the extractor's feature dimension for FID).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, value_parser = super::values::count, default_value_t = 1000)]
     pub num_samples: usize,
-    #[arg(long, default_value_t = 125)]
+    #[arg(long, value_parser = super::values::count, default_value_t = 125)]
     pub batch: usize,
     /// Seed of the generated samples' noise.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, value_parser = super::values::seed, default_value_t = 0)]
     pub seed: u64,
     /// Guidance scale of a guidance-conditioned consistency student (w + 1).
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::non_negative_f32)]
     pub guidance_scale: Option<f32>,
     /// Precision of the UNet and VAE: f32, or f16 where the device computes in it (the
     /// scheduler's arithmetic stays f32).
@@ -131,7 +175,7 @@ pub struct SamplingArgs {
     #[arg(long)]
     pub lora: Option<PathBuf>,
     /// Scale of the LoRA update (0: the base model).
-    #[arg(long, default_value_t = 1.0, requires = "lora")]
+    #[arg(long, value_parser = super::values::finite_f32, default_value_t = 1.0, requires = "lora")]
     pub lora_scale: f32,
 }
 
@@ -147,13 +191,18 @@ impl SamplingArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct FidArgs {
-    /// A diffusers pipeline folder to sample from.
-    #[arg(long, conflicts_with = "images", required_unless_present = "images")]
+    /// A diffusers pipeline folder (or a GAN folder) to sample from.
+    #[arg(long, conflicts_with_all = ["images", "stats"], required_unless_present_any = ["images", "stats"])]
     pub model: Option<PathBuf>,
     /// A folder of images to score instead of a model.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "stats")]
     pub images: Option<PathBuf>,
-    #[arg(long, default_value_t = 50)]
+    /// A statistics file (pytorch-fid `.npz` or fewstep `.safetensors`) to score instead of a
+    /// model: with --ref-stats, the Fréchet distance of two statistics files, as
+    /// `python -m pytorch_fid a.npz b.npz`.
+    #[arg(long)]
+    pub stats: Option<PathBuf>,
+    #[arg(long, value_parser = super::values::count, default_value_t = 50)]
     pub steps: usize,
     #[command(flatten)]
     pub sampling: SamplingArgs,
@@ -410,13 +459,41 @@ fn scores_text(s: &Scores) -> String {
     t
 }
 
-fn run_fid(args: FidArgs) -> Result<()> {
-    let device = args.device.device()?;
-    let extractor = args.reference.extractor(&device)?;
-    let extractor: &dyn FeatureExtractor = extractor.as_ref();
-    let reference = args.reference.reference(extractor, &device)?;
-    let (scores, source, per_sec) = match (&args.model, &args.images) {
-        (Some(dir), _) if crate::models::gan::folder::is_gan(dir) => {
+/// Statistics files must come from the extractor in use: a dimension mismatch names the file
+/// and the flag before any sampling.
+fn check_dims(path: &Path, flag: &str, dim: usize, extractor: &dyn FeatureExtractor) -> Result<()> {
+    if dim != extractor.dim() {
+        return Err(Error::file(
+            path,
+            format!(
+                "{flag}: statistics of {dim} features, but the `{}` extractor gives {} (made with another --features?)",
+                extractor.id(),
+                extractor.dim()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// What `eval fid` scores, loaded and checked before the reference is computed.
+enum FidSource {
+    Gan(
+        PathBuf,
+        crate::models::gan::GeneratorConfig,
+        Box<crate::models::gan::Generator>,
+    ),
+    Pipeline(PathBuf, Box<ModelUnderTest>),
+    Images(PathBuf),
+    Stats(PathBuf, metrics::FeatureStats),
+}
+
+fn fid_source(
+    args: &FidArgs,
+    extractor: &dyn FeatureExtractor,
+    device: &Device,
+) -> Result<FidSource> {
+    match (&args.model, &args.images, &args.stats) {
+        (Some(dir), _, _) if crate::models::gan::folder::is_gan(dir) => {
             check_sampling(&args.sampling, extractor.dim())?;
             if Precision::parse(&args.sampling.precision)? != Precision::F32 {
                 return Err(Error::Usage(format!(
@@ -430,7 +507,39 @@ fn run_fid(args: FidArgs) -> Result<()> {
                     "--lora: a GAN generator folder takes no LoRA file (a diffusers pipeline does)",
                 ));
             }
-            let (config, generator) = crate::models::gan::folder::load_generator(dir, &device)?;
+            let (config, generator) = crate::models::gan::folder::load_generator(dir, device)?;
+            Ok(FidSource::Gan(dir.clone(), config, Box::new(generator)))
+        }
+        (Some(dir), _, _) => {
+            check_sampling(&args.sampling, extractor.dim())?;
+            let model = ModelUnderTest::load(dir, &args.sampling, device, &args.device)?;
+            Ok(FidSource::Pipeline(dir.clone(), Box::new(model)))
+        }
+        (None, Some(dir), _) => {
+            if !dir.is_dir() {
+                return Err(Error::file(dir, "--images: not a folder of images"));
+            }
+            Ok(FidSource::Images(dir.clone()))
+        }
+        (None, None, Some(path)) => {
+            let (stats, _, _) = metrics::FeatureStats::load(path)?;
+            check_dims(path, "--stats", stats.mu.len(), extractor)?;
+            Ok(FidSource::Stats(path.clone(), stats))
+        }
+        (None, None, None) => Err(Error::Usage("give --model, --images or --stats".into())),
+    }
+}
+
+fn run_fid(args: FidArgs) -> Result<()> {
+    let device = args.device.device()?;
+    let extractor = args.reference.extractor(&device)?;
+    let extractor: &dyn FeatureExtractor = extractor.as_ref();
+    // Everything cheap first: the model loads, the flags are in range; then the reference
+    // statistics (minutes on a first run), then sampling.
+    let source = fid_source(&args, extractor, &device)?;
+    let reference = args.reference.reference(extractor, &device)?;
+    let (scores, source, per_sec) = match source {
+        FidSource::Gan(dir, config, generator) => {
             let request = Generation::new(
                 args.sampling.num_samples,
                 args.sampling.batch,
@@ -450,14 +559,12 @@ fn run_fid(args: FidArgs) -> Result<()> {
                 "model": dir.display().to_string(),
                 "kind": "gan",
                 "seed": args.sampling.seed,
-                "params": burn::module::Module::num_params(&generator),
+                "params": burn::module::Module::num_params(generator.as_ref()),
                 "macs_per_image": config.macs_per_image(),
             });
             (scores, source, Some(sampled.per_second))
         }
-        (Some(dir), _) => {
-            check_sampling(&args.sampling, extractor.dim())?;
-            let model = ModelUnderTest::load(dir, &args.sampling, &device, &args.device)?;
+        FidSource::Pipeline(dir, model) => {
             let sampled =
                 model.sample_features(args.steps, &args.sampling, extractor, 0, &device)?;
             let per_sec = sampled.per_second;
@@ -474,12 +581,26 @@ fn run_fid(args: FidArgs) -> Result<()> {
             });
             (scores, source, Some(per_sec))
         }
-        (None, Some(dir)) => {
-            let features = metrics::folder_features(extractor, dir, None, &device)?;
+        FidSource::Images(dir) => {
+            let features = metrics::folder_features(extractor, &dir, "--images", None, &device)?;
+            metrics::check_fid_samples("--images", features.rows(), extractor.dim())?;
             let scores = metrics::score(&features, &reference)?;
             (scores, json!({ "images": dir.display().to_string() }), None)
         }
-        (None, None) => unreachable!("clap requires --model or --images"),
+        FidSource::Stats(path, stats) => {
+            let fid = metrics::fid::frechet_distance(&stats, &reference.stats)?;
+            let scores = Scores {
+                fid,
+                kid: None,
+                precision_recall: None,
+                samples: stats.count,
+            };
+            (
+                scores,
+                json!({ "statistics_file": path.display().to_string() }),
+                None,
+            )
+        }
     };
     if args.json {
         println!(
@@ -519,9 +640,16 @@ fn run_curve(args: CurveArgs) -> Result<()> {
         .iter()
         .map(|dir| CurveLine::load(dir, &steps, &args.sampling, &device, &args.device))
         .collect::<Result<_>>()?;
-    std::fs::create_dir_all(&args.out)
-        .map_err(|e| Error::file(&args.out, format!("cannot create: {e}")))?;
+    if args.out.is_file() {
+        return Err(Error::file(
+            &args.out,
+            "--out: is a file, expected a folder",
+        ));
+    }
+    io::check_output_file(&args.out.join("curve.csv"), "--out")?;
     let reference = args.reference.reference(extractor, &device)?;
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| Error::file(&args.out, format!("--out: cannot create: {e}")))?;
     let protocol = json!({
         "extractor": extractor.id(),
         "reference": reference.protocol,
@@ -600,5 +728,101 @@ pub fn run(command: EvalCommand) -> Result<()> {
     match command {
         EvalCommand::Fid(args) => run_fid(args),
         EvalCommand::Curve(args) => run_curve(args),
+        EvalCommand::Stats(args) => run_stats(args),
     }
+}
+
+fn run_stats(args: StatsArgs) -> Result<()> {
+    let npz = metrics::npz::is_npz(&args.out);
+    let safetensors = args
+        .out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+    if !npz && !safetensors {
+        return Err(Error::file(
+            &args.out,
+            "--out: expected a .npz (pytorch-fid) or .safetensors file name",
+        ));
+    }
+    io::check_output_file(&args.out, "--out")?;
+    let device = args.device.device()?;
+    let reference = ReferenceArgs {
+        features: args.features.clone(),
+        inception_weights: args.inception_weights.clone(),
+        feature_weights: args.feature_weights.clone(),
+        data: args.dataset.clone().unwrap_or_else(|| "shapes".into()),
+        data_seed: args.data_seed,
+        ref_samples: args.ref_samples,
+        ref_stats: None,
+        cache: None,
+    };
+    let extractor = reference.extractor(&device)?;
+    let extractor: &dyn FeatureExtractor = extractor.as_ref();
+    let (features, protocol) = match (&args.images, &args.dataset, &args.model) {
+        (Some(dir), _, _) => {
+            let f = metrics::folder_features(extractor, dir, "--images", None, &device)?;
+            (f, json!({ "images": dir.display().to_string() }))
+        }
+        (None, Some(_), _) => {
+            let r = reference.reference(extractor, &device)?;
+            let f = r.features.ok_or_else(|| {
+                Error::Usage("--data: the reference statistics hold no features".into())
+            })?;
+            (f, r.protocol)
+        }
+        (None, None, Some(dir)) => {
+            check_sampling(&args.sampling, extractor.dim())?;
+            if crate::models::gan::folder::is_gan(dir) {
+                let (config, generator) = crate::models::gan::folder::load_generator(dir, &device)?;
+                let request = Generation::new(
+                    args.sampling.num_samples,
+                    args.sampling.batch,
+                    args.sampling.seed,
+                );
+                let sampled = metrics::gan_features(
+                    &generator,
+                    config.latent_dim,
+                    &request,
+                    extractor,
+                    0,
+                    "generator",
+                    &device,
+                )?;
+                (
+                    sampled.features,
+                    json!({ "model": dir.display().to_string(), "kind": "gan", "num_samples": args.sampling.num_samples, "seed": args.sampling.seed }),
+                )
+            } else {
+                let model = ModelUnderTest::load(dir, &args.sampling, &device, &args.device)?;
+                let sampled =
+                    model.sample_features(args.steps, &args.sampling, extractor, 0, &device)?;
+                (
+                    sampled.features,
+                    json!({ "model": dir.display().to_string(), "scheduler": model.algorithm.to_string(), "steps": args.steps, "num_samples": args.sampling.num_samples, "seed": args.sampling.seed }),
+                )
+            }
+        }
+        (None, None, None) => return Err(Error::Usage("give --images, --data or --model".into())),
+    };
+    let flag = if args.images.is_some() {
+        "--images"
+    } else {
+        "--num-samples"
+    };
+    metrics::check_fid_samples(flag, features.rows(), extractor.dim())?;
+    let stats = metrics::FeatureStats::from_features(&features)?;
+    if npz {
+        metrics::npz::write(&args.out, &stats)?;
+    } else {
+        let protocol = json!({ "extractor": extractor.id(), "source": protocol });
+        stats.save(&args.out, &protocol, Some(&features))?;
+    }
+    eprintln!(
+        "wrote {} ({} features of {} samples, {})",
+        args.out.display(),
+        stats.mu.len(),
+        stats.count,
+        extractor.id()
+    );
+    Ok(())
 }

@@ -31,28 +31,28 @@ pub struct GanOptimArgs {
     /// Training images: `shapes` or a folder of png/jpeg/webp images.
     #[arg(long, default_value = "shapes")]
     pub data: String,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, value_parser = super::values::seed, default_value_t = 0)]
     pub data_seed: u64,
     /// Iterations (one discriminator and one generator step each).
-    #[arg(long, default_value_t = 4000)]
+    #[arg(long, value_parser = super::values::count, default_value_t = 4000)]
     pub iters: usize,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, value_parser = super::values::count, default_value_t = 64)]
     pub batch: usize,
-    #[arg(long, default_value_t = 2e-4)]
+    #[arg(long, value_parser = super::values::positive_f64, default_value_t = 2e-4)]
     pub lr_g: f64,
-    #[arg(long, default_value_t = 2e-4)]
+    #[arg(long, value_parser = super::values::positive_f64, default_value_t = 2e-4)]
     pub lr_d: f64,
     #[arg(long, value_enum, default_value = "hinge")]
     pub loss: LossArg,
     /// Adam β₁,β₂ (one discriminator step per generator step: SN-GAN's settings B/C, 0.5,0.999).
-    #[arg(long, value_delimiter = ',', default_values_t = [0.5, 0.999])]
+    #[arg(long, value_parser = super::values::decay, value_delimiter = ',', default_values_t = [0.5, 0.999])]
     pub adam_betas: Vec<f32>,
     /// EMA decay of the written generator (0 for none).
-    #[arg(long, default_value_t = 0.999)]
+    #[arg(long, value_parser = super::values::decay, default_value_t = 0.999)]
     pub ema: f32,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, value_parser = super::values::seed, default_value_t = 0)]
     pub seed: u64,
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, value_parser = super::values::count, default_value_t = 100)]
     pub checkpoint_every: usize,
     /// Continue the run in --out (its stored settings win).
     #[arg(long)]
@@ -119,10 +119,10 @@ pub struct TrainGanArgs {
     #[command(flatten)]
     pub optim: GanOptimArgs,
     /// Width multiplier of the generator (128-64-32-16 channels at 1).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, value_parser = super::values::positive_f32, default_value_t = 1.0)]
     pub width: f32,
     /// Width multiplier of the discriminator (32-64-128 channels at 1).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, value_parser = super::values::positive_f32, default_value_t = 1.0)]
     pub d_width: f32,
     /// Condition on the kind of the largest shape (or the image folder's sub-folders).
     #[arg(long)]
@@ -189,29 +189,29 @@ pub struct DistillGanArgs {
     #[arg(long)]
     pub teacher: Option<PathBuf>,
     /// Width of the student generator relative to the teacher's.
-    #[arg(long, default_value_t = 0.25)]
+    #[arg(long, value_parser = super::values::positive_f32, default_value_t = 0.25)]
     pub width: f32,
     /// Width of the student discriminator relative to the teacher's.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, value_parser = super::values::positive_f32, default_value_t = 0.5)]
     pub d_width: f32,
     /// Weight of the output term d(G_S(z), G_T(z)).
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, value_parser = super::values::non_negative_f32, default_value_t = 10.0)]
     pub lambda_out: f32,
     #[arg(long, value_enum, default_value = "l1")]
     pub out_distance: DistanceArg,
     /// Weight of the feature term (1×1 regressors onto the teacher's stage outputs).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, value_parser = super::values::non_negative_f32, default_value_t = 1.0)]
     pub lambda_feat: f32,
     /// Weight of the perceptual term (distance in the `shapes` feature network's features).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, value_parser = super::values::non_negative_f32, default_value_t = 0.0)]
     pub lambda_perc: f32,
     /// Weight of the adversarial term from the student discriminator.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, value_parser = super::values::non_negative_f32, default_value_t = 1.0)]
     pub lambda_adv: f32,
     /// Weight of the student discriminator's logit matching to the teacher's (0 by default: on
     /// `shapes` it made the student worse — FID 151.5 at 0.1 and a collapse at 1, against 99.1
     /// without, `cargo bench --bench kd_gan`).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, value_parser = super::values::non_negative_f32, default_value_t = 0.0)]
     pub lambda_kd: f32,
     /// The `shapes` feature network for --lambda-perc (default: the shipped one).
     #[arg(long)]

@@ -22,7 +22,7 @@ pub struct MergeArgs {
     #[arg(long)]
     pub lora: PathBuf,
     /// Multiplier of the adapters' contribution.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, value_parser = super::values::finite_f32, default_value_t = 1.0)]
     pub lora_scale: f32,
     /// Where to write the merged pipeline folder (must be absent or empty).
     #[arg(long)]

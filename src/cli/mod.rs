@@ -1,6 +1,7 @@
 //! The command line: clap derive, one file per subcommand, each a thin call into the library.
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Subcommand};
 
 use crate::backend::{DeviceChoice, describe, device};
 use crate::error::Result;
@@ -13,6 +14,7 @@ pub mod sample;
 pub mod train;
 pub mod train_features;
 pub mod train_vae;
+pub mod values;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -103,6 +105,67 @@ impl DeviceArgs {
             eprintln!("{}", describe(choice, &device));
         }
         Ok(device)
+    }
+}
+
+/// The command tree with negative numbers taken as values (`--lr -1` reaches the flag's range
+/// check instead of being read as an unknown flag `-1`), on every subcommand.
+pub fn command() -> clap::Command {
+    fn negatives(cmd: clap::Command) -> clap::Command {
+        cmd.allow_negative_numbers(true).mut_subcommands(negatives)
+    }
+    negatives(Cli::command())
+}
+
+/// Parses the process arguments. A parse error is one line (`error: …` naming the flag, clap's
+/// usage and tips left out) and exit code 2; `--help` and `--version` print as usual.
+pub fn parse() -> Cli {
+    parse_from(std::env::args_os()).unwrap_or_else(|message| {
+        eprintln!("{message}");
+        std::process::exit(2)
+    })
+}
+
+/// Parses `args` (the program name first); a parse error comes back as its one line.
+pub fn parse_from<I, T>(args: I) -> std::result::Result<Cli, String>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::error::ErrorKind;
+    let parsed = command()
+        .try_get_matches_from(args)
+        .and_then(|m| Cli::from_arg_matches(&m));
+    match parsed {
+        Ok(cli) => Ok(cli),
+        Err(e) => match e.kind() {
+            ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+            _ => Err(one_line(&e.render().to_string())),
+        },
+    }
+}
+
+/// clap's message up to its first blank line (before `Usage:` and `For more information`),
+/// joined into one line: `error: the following required arguments were not provided: --out <OUT>`.
+fn one_line(rendered: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for line in rendered.lines() {
+        let line = line.trim();
+        if line.is_empty() {
+            if parts.is_empty() {
+                continue;
+            }
+            break;
+        }
+        parts.push(line);
+    }
+    let line = parts.join(" ");
+    if line.starts_with("error:") {
+        line
+    } else {
+        format!("error: {line}")
     }
 }
 

@@ -21,33 +21,33 @@ pub struct SampleArgs {
     pub scheduler: Option<String>,
     /// Number of sampling steps (default: a distilled student's own count, else 4 for lcm,
     /// num_train_timesteps for ddpm, 50 otherwise).
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::count)]
     pub steps: Option<usize>,
     /// Number of images (ignored with --latents, whose batch size decides).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, value_parser = super::values::count, default_value_t = 16)]
     pub num: usize,
     /// Seed of the initial noise (and of the noise stochastic schedulers inject).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, value_parser = super::values::seed, default_value_t = 0)]
     pub seed: u64,
     /// Initial noise from a safetensors file with tensor `latents` [N, C, H, W] (f32).
     #[arg(long)]
     pub latents: Option<PathBuf>,
     /// Class label for every image of a class-conditional model (default: cycle through classes).
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::whole)]
     pub class_label: Option<usize>,
     /// Images per forward pass.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, value_parser = super::values::count, default_value_t = 16)]
     pub batch: usize,
     /// Guidance scale s of a guidance-conditioned consistency student (it takes w = s − 1, as
     /// diffusers' LCM pipeline).
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::non_negative_f32)]
     pub guidance_scale: Option<f32>,
     /// Apply a LoRA file (PEFT/diffusers format) to the UNet; an LCM-LoRA also brings its LCM
     /// scheduler (used unless --scheduler says otherwise).
     #[arg(long)]
     pub lora: Option<PathBuf>,
     /// Multiplier of the LoRA's contribution.
-    #[arg(long, default_value_t = 1.0, requires = "lora")]
+    #[arg(long, value_parser = super::values::finite_f32, default_value_t = 1.0, requires = "lora")]
     pub lora_scale: f32,
     /// Where to write the PNG grid.
     #[arg(long, default_value = "grid.png")]
@@ -93,6 +93,11 @@ fn read_latents(path: &Path, shape: [usize; 3]) -> Result<(Vec<usize>, Vec<f32>)
 pub fn run(args: SampleArgs) -> Result<()> {
     if args.batch == 0 {
         return Err(Error::Usage("--batch must be at least 1".into()));
+    }
+    // Outputs are checked writable before minutes of sampling.
+    io::check_output_file(&args.out, "--out")?;
+    if let Some(path) = &args.save_tensors {
+        io::check_output_file(path, "--save-tensors")?;
     }
     let device = args.device.device()?;
     let precision = Precision::parse(&args.precision)?;
@@ -180,12 +185,19 @@ pub fn run(args: SampleArgs) -> Result<()> {
             Ok(())
         },
     )?;
+    write_outputs(&args, &outputs, num, out_shape)
+}
+
+/// Writes the grid (`--out`) and the tensors (`--save-tensors`): the grid is encoded first, so
+/// neither is written when the grid cannot be.
+fn write_outputs(args: &SampleArgs, outputs: &[f32], num: usize, shape: [usize; 3]) -> Result<()> {
+    let png = crate::image_grid::grid_png(&args.out, outputs, num, shape)?;
     if let Some(path) = &args.save_tensors {
-        let [oc, oh, ow] = out_shape;
-        io::write_safetensors(path, &[("samples", vec![num, oc, oh, ow], outputs.clone())])?;
+        let [c, h, w] = shape;
+        io::write_safetensors(path, &[("samples", vec![num, c, h, w], outputs.to_vec())])?;
         eprintln!("wrote {}", path.display());
     }
-    crate::image_grid::write_grid(&args.out, &outputs, num, out_shape)?;
+    io::write_atomic(&args.out, &png)?;
     eprintln!("wrote {}", args.out.display());
     Ok(())
 }
@@ -241,18 +253,5 @@ fn sample_gan(args: &SampleArgs, device: &burn::prelude::Device) -> Result<()> {
         args.num as f64 / started.elapsed().as_secs_f64()
     );
     let shape = [3, config.image_size, config.image_size];
-    if let Some(path) = &args.save_tensors {
-        io::write_safetensors(
-            path,
-            &[(
-                "samples",
-                vec![args.num, 3, shape[1], shape[2]],
-                outputs.clone(),
-            )],
-        )?;
-        eprintln!("wrote {}", path.display());
-    }
-    crate::image_grid::write_grid(&args.out, &outputs, args.num, shape)?;
-    eprintln!("wrote {}", args.out.display());
-    Ok(())
+    write_outputs(args, &outputs, args.num, shape)
 }

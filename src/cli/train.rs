@@ -18,7 +18,7 @@ pub struct TrainArgs {
     #[arg(long, default_value = "shapes")]
     pub data: String,
     /// Seed of the `shapes` images.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, value_parser = super::values::seed, default_value_t = 0)]
     pub data_seed: u64,
     /// A preset (tiny, shapes32, bench32; shapes-latent8 with --vae) or a diffusers UNet
     /// config.json.
@@ -30,24 +30,24 @@ pub struct TrainArgs {
     #[arg(long)]
     pub vae: Option<PathBuf>,
     /// Images encoded into the latent cache (the first N `shapes` images; a folder's first N).
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, value_parser = super::values::count, default_value_t = 20_000)]
     pub latent_cache: usize,
     /// The run folder (checkpoints, loss.csv, run.json).
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::count)]
     pub steps: Option<usize>,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, value_parser = super::values::count, default_value_t = 32)]
     pub batch: usize,
-    #[arg(long, default_value_t = 2e-4)]
+    #[arg(long, value_parser = super::values::positive_f64, default_value_t = 2e-4)]
     pub lr: f64,
     /// Linear learning-rate warm-up steps.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, value_parser = super::values::whole, default_value_t = 200)]
     pub warmup: usize,
     /// EMA decay of the weights written to the pipeline folder.
-    #[arg(long, default_value_t = 0.999)]
+    #[arg(long, value_parser = super::values::decay, default_value_t = 0.999)]
     pub ema: f32,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, value_parser = super::values::positive_f32, default_value_t = 1.0)]
     pub grad_clip: f32,
     #[arg(long, value_parser = ["epsilon", "v_prediction", "sample"], default_value = "v_prediction")]
     pub prediction: String,
@@ -57,11 +57,11 @@ pub struct TrainArgs {
     #[arg(long)]
     pub class_conditional: bool,
     /// Probability of dropping the class label (classifier-free guidance).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, value_parser = super::values::probability, default_value_t = 0.1)]
     pub label_dropout: f32,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, value_parser = super::values::seed, default_value_t = 0)]
     pub seed: u64,
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, value_parser = super::values::count, default_value_t = 500)]
     pub checkpoint_every: usize,
     /// Continue the run in --out from its latest checkpoint (its stored configuration wins;
     /// --steps may extend it).
@@ -157,6 +157,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 }
             }
         }
+        crate::models::footprint::check_unet(
+            &unet,
+            std::path::Path::new(&args.model_config),
+            unet.sample_size,
+            crate::models::footprint::Use::Training { batch: args.batch },
+        )?;
         if unet.in_channels != channels || unet.out_channels != channels {
             return Err(Error::Usage(format!(
                 "--model-config {}: {what}; the config needs {channels} in and out channels",

@@ -12,19 +12,19 @@ pub struct TrainFeaturesArgs {
     /// Output folder (config.json, diffusion_pytorch_model.safetensors, report.json).
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, default_value_t = 3000)]
+    #[arg(long, value_parser = super::values::count, default_value_t = 3000)]
     pub steps: usize,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, value_parser = super::values::count, default_value_t = 64)]
     pub batch: usize,
-    #[arg(long, default_value_t = 2e-3)]
+    #[arg(long, value_parser = super::values::positive_f64, default_value_t = 2e-3)]
     pub lr: f64,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, value_parser = super::values::seed, default_value_t = 0)]
     pub seed: u64,
     /// Seed of the `shapes` images.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, value_parser = super::values::seed, default_value_t = 0)]
     pub data_seed: u64,
     /// Held-out images for the reported accuracy.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, value_parser = super::values::count, default_value_t = 5000)]
     pub test_images: usize,
     #[arg(long)]
     pub quiet: bool,

@@ -18,36 +18,36 @@ pub struct TrainVaeArgs {
     /// Training images: `shapes` or a folder of png/jpeg/webp images.
     #[arg(long, default_value = "shapes")]
     pub data: String,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, value_parser = super::values::seed, default_value_t = 0)]
     pub data_seed: u64,
     /// A diffusers AutoencoderKL config.json (default: the `shapes` VAE, 16-32-64 channels,
     /// ×4 downsampling to 4 latent channels).
     #[arg(long)]
     pub vae_config: Option<PathBuf>,
-    #[arg(long, default_value_t = 3000)]
+    #[arg(long, value_parser = super::values::count, default_value_t = 3000)]
     pub iters: usize,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, value_parser = super::values::count, default_value_t = 32)]
     pub batch: usize,
-    #[arg(long, default_value_t = 5e-4)]
+    #[arg(long, value_parser = super::values::positive_f64, default_value_t = 5e-4)]
     pub lr: f64,
     /// Reconstruction distance, summed over pixels.
     #[arg(long, value_enum, default_value = "l1")]
     pub reconstruction: DistanceArg,
     /// β of the KL term (summed over latent elements; LDM's autoencoders use 1e-6).
-    #[arg(long, default_value_t = 1e-6)]
+    #[arg(long, value_parser = super::values::non_negative_f64, default_value_t = 1e-6)]
     pub kl_weight: f64,
     /// Weight of a perceptual term: squared distance in the `shapes` feature network's features.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, value_parser = super::values::non_negative_f64, default_value_t = 0.0)]
     pub perceptual: f64,
     /// The `shapes` feature network (perceptual term and rFID; default: the shipped one).
     #[arg(long)]
     pub feature_weights: Option<PathBuf>,
     /// Held-out images for PSNR, rFID and the scaling factor.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, value_parser = super::values::count, default_value_t = 1000)]
     pub eval_images: usize,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, value_parser = super::values::seed, default_value_t = 0)]
     pub seed: u64,
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, value_parser = super::values::count, default_value_t = 250)]
     pub checkpoint_every: usize,
     /// Continue the run in --out (its stored settings win).
     #[arg(long)]
@@ -87,6 +87,14 @@ fn new_run(args: &TrainVaeArgs) -> Result<VaeRun> {
         eval_images: args.eval_images,
     };
     config.validate()?;
+    crate::models::footprint::check_vae(
+        &vae,
+        args.vae_config
+            .as_deref()
+            .unwrap_or(std::path::Path::new("the default autoencoder")),
+        None,
+        crate::models::footprint::Use::Training { batch: args.batch },
+    )?;
     Ok(VaeRun {
         kind: VAE_RUN.into(),
         vae,

@@ -32,12 +32,17 @@ pub struct ImageFolder {
 }
 
 impl ImageFolder {
-    /// Reads every image under `root` (recursively) at `size × size`.
+    /// Reads every image under `root` (recursively) at `size × size`; errors name `--data`.
     pub fn open(root: &Path, size: usize) -> Result<Self> {
+        Self::open_for(root, size, "--data")
+    }
+
+    /// [`open`](Self::open), errors naming `flag` (`--images` for `eval fid`).
+    pub fn open_for(root: &Path, size: usize, flag: &str) -> Result<Self> {
         if !root.is_dir() {
             return Err(Error::file(
                 root,
-                "--data: not a directory (expected `shapes` or a folder of png/jpeg/webp images)",
+                format!("{flag}: not a folder (expected a folder of png/jpeg/webp images)"),
             ));
         }
         let mut files = Vec::new();
@@ -46,7 +51,7 @@ impl ImageFolder {
         if files.is_empty() {
             return Err(Error::file(
                 root,
-                "--data: no png/jpeg/webp images in this folder",
+                format!("{flag}: no png/jpeg/webp images in this folder"),
             ));
         }
         let classes = classes_of(root, &files);
@@ -77,7 +82,7 @@ impl ImageFolder {
             return Err(Error::file(
                 root,
                 format!(
-                    "--data: none of the {} image files could be read (first: {})",
+                    "{flag}: none of the {} image files could be read (first: {})",
                     folder.unreadable.len(),
                     describe_unreadable(&folder.unreadable)
                 ),
@@ -133,15 +138,18 @@ impl ImageFolder {
 
 /// "a.png (reason), b.jpg (reason), c.webp (reason)" for the first three unreadable files.
 pub fn describe_unreadable(unreadable: &[(PathBuf, String)]) -> String {
-    let mut parts: Vec<String> = unreadable
-        .iter()
-        .take(3)
-        .map(|(p, why)| format!("{} ({why})", p.display()))
-        .collect();
-    if unreadable.len() > 3 {
-        parts.push(format!("and {} more", unreadable.len() - 3));
+    // One line: decoders' messages may span several.
+    let one_line = |why: &str| why.split_whitespace().collect::<Vec<_>>().join(" ");
+    match unreadable {
+        [] => String::new(),
+        [(p, why)] => format!("{} ({})", p.display(), one_line(why)),
+        [(p, why), rest @ ..] => format!(
+            "{} ({}) and {} more",
+            p.display(),
+            one_line(why),
+            rest.len()
+        ),
     }
-    parts.join(", ")
 }
 
 /// The class names (sub-folders holding images) of the folder at `root`, without decoding.
@@ -250,7 +258,7 @@ mod tests {
         assert_eq!(folder.unreadable.len(), 1);
         assert!(folder.unreadable[0].0.ends_with("cats/broken.png"));
 
-        let device = Device::flex();
+        let device = crate::backend::cpu_device().expect("a CPU backend is compiled in");
         let (x, labels) = folder.batch(&[1, 1, 0], &[false, true, false], &device);
         assert_eq!(x.dims(), [3, 3, 4, 4]);
         assert_eq!(

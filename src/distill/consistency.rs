@@ -318,7 +318,7 @@ mod tests {
     fn heun_equals_ddim_on_a_straight_trajectory_and_not_otherwise() {
         use crate::models::UNetConfig;
         use crate::noise::NoiseStream;
-        let device = Device::flex();
+        let device = crate::backend::cpu_device().expect("a CPU backend is compiled in");
         let grid = skipping_grid(&config(), 10, 10.0).unwrap();
         let steps = [grid[0], grid[4], grid[9]];
         let mut rng = NoiseStream::new(2);
@@ -375,7 +375,7 @@ mod tests {
 
     #[test]
     fn distances_are_zero_at_equality_and_grow_with_the_gap() {
-        let device = Device::flex();
+        let device = crate::backend::cpu_device().expect("a CPU backend is compiled in");
         let a = Tensor::<1>::from_floats([0.0, 1.0, 2.0, 3.0], &device).reshape([1, 1, 2, 2]);
         for d in [Distance::L2, Distance::PseudoHuber { c: 0.001 }] {
             let same: f32 = distance(a.clone(), a.clone(), d).into_scalar::<f32>();
@@ -392,7 +392,7 @@ mod tests {
     fn the_consistency_function_is_the_identity_at_t_zero_and_cfg_is_linear() {
         use crate::models::UNetConfig;
         use crate::noise::NoiseStream;
-        let device = Device::flex();
+        let device = crate::backend::cpu_device().expect("a CPU backend is compiled in");
         let grid = skipping_grid(&config(), 10, 10.0).unwrap();
         let unet = UNetConfig::tiny().init(&device);
         let mut rng = NoiseStream::new(1);

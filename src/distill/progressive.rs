@@ -165,7 +165,7 @@ mod tests {
         // own 4-step scheduler runs the same two steps as `teacher_target`.
         use crate::models::UNetConfig;
         use crate::noise::NoiseStream;
-        let device = Device::flex();
+        let device = crate::backend::cpu_device().expect("a CPU backend is compiled in");
         let cfg = config();
         let teacher = UNetConfig::tiny().init(&device);
         let steps = student_steps(&cfg, 2).unwrap();

@@ -5,6 +5,7 @@ pub mod curve_plot;
 pub mod features;
 pub mod fid;
 pub mod kid;
+pub mod npz;
 pub mod precision_recall;
 pub mod stats;
 
@@ -43,14 +44,18 @@ pub struct Scores {
     pub samples: usize,
 }
 
-/// FID needs more samples than feature dimensions for a full-rank covariance: an error naming
-/// `flag` otherwise.
+/// FID needs at least 2 samples (an error naming `flag`), and more than the feature dimensions
+/// for a full-rank covariance (a warning: the distance is still defined).
 pub fn check_fid_samples(flag: &str, n: usize, dim: usize) -> Result<()> {
-    if n <= dim {
+    if n < 2 {
         return Err(Error::Usage(format!(
-            "{flag} {n}: FID needs more samples than the extractor's {dim} feature dimensions for a full-rank covariance; use at least {} (KID is unbiased at small sample counts and is reported alongside)",
-            dim + 1
+            "{flag} {n}: FID needs at least 2 samples to estimate a covariance (and more than the extractor's {dim} feature dimensions for a full-rank one)"
         )));
+    }
+    if n <= dim {
+        eprintln!(
+            "warning: {flag} {n}: no more samples than the extractor's {dim} feature dimensions, so the covariance is singular; FID is still defined (as pytorch-fid and clean-fid compute it) but biased upward: use more than {dim} (KID, reported beside it, is unbiased)"
+        );
     }
     Ok(())
 }
@@ -58,7 +63,6 @@ pub fn check_fid_samples(flag: &str, n: usize, dim: usize) -> Result<()> {
 /// Scores generated features against a reference.
 pub fn score(generated: &Features, reference: &Reference) -> Result<Scores> {
     let n = generated.rows();
-    check_fid_samples("--num-samples", n, generated.dim)?;
     let stats = FeatureStats::from_features(generated)?;
     let fid = fid::frechet_distance(&stats, &reference.stats)?;
     let (kid, pr) = match &reference.features {
@@ -244,10 +248,11 @@ pub fn shapes_reference(
 pub fn folder_features(
     extractor: &dyn FeatureExtractor,
     dir: &Path,
+    flag: &str,
     limit: Option<usize>,
     device: &Device,
 ) -> Result<Features> {
-    let folder = ImageFolder::open(dir, extractor.image_size())?;
+    let folder = ImageFolder::open_for(dir, extractor.image_size(), flag)?;
     if !folder.unreadable.is_empty() {
         eprintln!(
             "warning: skipped {} unreadable image file(s) in {}: {}",
@@ -273,7 +278,7 @@ pub fn folder_reference(
     limit: Option<usize>,
     device: &Device,
 ) -> Result<Reference> {
-    let features = folder_features(extractor, dir, limit, device)?;
+    let features = folder_features(extractor, dir, "--data", limit, device)?;
     let stats = FeatureStats::from_features(&features)?;
     Ok(Reference {
         protocol: json!({

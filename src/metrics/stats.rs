@@ -98,10 +98,19 @@ impl FeatureStats {
         io::write_atomic(path, &bytes)
     }
 
-    /// Reads a statistics file written by [`FeatureStats::save`] (or converted from
-    /// pytorch-fid's `.npz`: tensors `mu` and `sigma`, f32 or f64); also returns its protocol and
-    /// the features when the file holds them.
+    /// Reads a statistics file: pytorch-fid's / TTUR's `.npz` (by extension, see [`super::npz`]),
+    /// or one written by [`FeatureStats::save`] (tensors `mu` and `sigma`, f32 or f64); also
+    /// returns its protocol and the features when the file holds them.
     pub fn load(path: &Path) -> Result<(Self, serde_json::Value, Option<Features>)> {
+        if super::npz::is_npz(path) {
+            return Ok((super::npz::read(path)?, serde_json::Value::Null, None));
+        }
+        if path.is_dir() {
+            return Err(Error::file(
+                path,
+                "is a folder, expected a statistics file (.npz or .safetensors)",
+            ));
+        }
         let bytes = std::fs::read(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => Error::file(path, "statistics file not found"),
             _ => Error::file(path, format!("cannot read: {e}")),

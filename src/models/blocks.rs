@@ -342,7 +342,7 @@ mod tests {
                 -0.851_236, -0.387_782, 0.681_639, -0.524_783, 0.921_751, 0.731_689, 0.0,
             ],
         ];
-        let device = Device::flex();
+        let device = crate::backend::cpu_device().expect("a CPU backend is compiled in");
         let got = guidance_scale_embedding(Tensor::<1>::from_floats([0.0, 1.5, 7.5], &device), 7)
             .into_data()
             .try_to_vec::<f32>()

@@ -68,7 +68,25 @@ impl GeneratorConfig {
     }
 
     pub fn from_json_str(text: &str) -> crate::error::Result<Self> {
-        super::parse_config(text)
+        let config: Self = super::parse_config(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Rejects what this generator does not build, naming the field.
+    pub fn validate(&self) -> crate::error::Result<()> {
+        check_common(
+            self.image_size,
+            self.width,
+            self.base_channels,
+            self.num_classes,
+        )?;
+        if self.latent_dim == 0 || self.channel_multiple == 0 {
+            return Err(crate::error::Error::Config(
+                "fields `latent_dim` and `channel_multiple` must be at least 1".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Channels of the 4×4, 8×8, 16×16 and 32×32 maps.
@@ -241,6 +259,39 @@ impl SpectralConv {
     }
 }
 
+/// The checks both GAN configs share: these networks are built for 32×32 images (a 4×4 map
+/// upsampled three times, or downsampled three times to 4×4), a positive finite width and at
+/// least 8 base channels (the generator halves them three times), and no zero class count.
+fn check_common(
+    image_size: usize,
+    width: f32,
+    base_channels: usize,
+    num_classes: Option<usize>,
+) -> crate::error::Result<()> {
+    use crate::error::Error;
+    if image_size != 32 {
+        return Err(Error::Config(format!(
+            "field `image_size` = {image_size}: fewstep's DCGAN pair is built for 32×32 images (expected 32)"
+        )));
+    }
+    if !(width.is_finite() && width > 0.0) {
+        return Err(Error::Config(format!(
+            "field `width` = {width}: expected a positive width multiplier"
+        )));
+    }
+    if base_channels < 8 || base_channels > 1 << 16 {
+        return Err(Error::Config(format!(
+            "field `base_channels` = {base_channels}: expected 8 to 65536"
+        )));
+    }
+    if num_classes == Some(0) {
+        return Err(Error::Config(
+            "field `num_classes` must be at least 1 (or null)".into(),
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DiscriminatorConfig {
     /// Channels of the first stage at width 1; they double at each downsampling.
@@ -276,7 +327,14 @@ impl DiscriminatorConfig {
     }
 
     pub fn from_json_str(text: &str) -> crate::error::Result<Self> {
-        super::parse_config(text)
+        let config: Self = super::parse_config(text)?;
+        check_common(
+            config.image_size,
+            config.width,
+            config.base_channels,
+            config.num_classes,
+        )?;
+        Ok(config)
     }
 
     fn channels(&self) -> [usize; 3] {
@@ -374,7 +432,7 @@ mod tests {
 
     #[test]
     fn shapes_widths_and_macs() {
-        let device = Device::flex();
+        let device = crate::backend::cpu_device().expect("a CPU backend is compiled in");
         let cfg = GeneratorConfig::shapes32();
         let g = cfg.init(&device);
         let z = Tensor::<2>::random([2, 128], Distribution::Normal(0.0, 1.0), &device);
@@ -395,7 +453,7 @@ mod tests {
 
     #[test]
     fn power_iterations_converge_to_the_largest_singular_value() {
-        let device = Device::flex();
+        let device = crate::backend::cpu_device().expect("a CPU backend is compiled in");
         let mut layer = SpectralConv::new(4, 6, 3, 1, 1, &device);
         for _ in 0..50 {
             layer = layer.power_iteration();
@@ -437,10 +495,6 @@ pub mod folder {
         dir.join(GENERATOR).join(io::CONFIG_NAME).is_file()
     }
 
-    fn config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-        crate::models::parse_config(&io::read_text(path)?).map_err(|e| e.in_file(path))
-    }
-
     pub fn load_generator(dir: &Path, device: &Device) -> Result<(GeneratorConfig, Generator)> {
         let d = dir.join(GENERATOR);
         if !d.join(io::CONFIG_NAME).is_file() {
@@ -449,7 +503,9 @@ pub mod folder {
                 "not a GAN folder (expected generator/config.json and generator/model.safetensors)",
             ));
         }
-        let c: GeneratorConfig = config(&d.join(io::CONFIG_NAME))?;
+        let path = d.join(io::CONFIG_NAME);
+        let c =
+            GeneratorConfig::from_json_str(&io::read_text(&path)?).map_err(|e| e.in_file(&path))?;
         let g = io::load_weights(c.init(device), &d.join(WEIGHTS))?;
         Ok((c, g))
     }
@@ -459,7 +515,9 @@ pub mod folder {
         device: &Device,
     ) -> Result<(DiscriminatorConfig, Discriminator)> {
         let d = dir.join(DISCRIMINATOR);
-        let c: DiscriminatorConfig = config(&d.join(io::CONFIG_NAME))?;
+        let path = d.join(io::CONFIG_NAME);
+        let c = DiscriminatorConfig::from_json_str(&io::read_text(&path)?)
+            .map_err(|e| e.in_file(&path))?;
         let m = io::load_weights(c.init(device), &d.join(WEIGHTS))?;
         Ok((c, m))
     }

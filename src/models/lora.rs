@@ -318,7 +318,39 @@ impl LoraFile {
                         format!("`{name}` has no matching `{module}.lora_B.weight`"),
                     )
                 })?;
+            // lora_A is [r, in] (linear) or [r, in, k, k] (convolution); lora_B [out, r] or
+            // [out, r, 1, 1], of the same rank.
+            if !matches!(a.shape.len(), 2 | 4) || a.shape.contains(&0) {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "`{name}`: shape {:?}, expected [rank, in] or [rank, in, k, k] with no zero size",
+                        a.shape
+                    ),
+                ));
+            }
+            if b.shape.len() != a.shape.len() || b.shape.contains(&0) {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "`{module}.lora_B.weight`: shape {:?}, expected [out, rank{}] to match lora_A {:?}",
+                        b.shape,
+                        if a.shape.len() == 4 { ", 1, 1" } else { "" },
+                        a.shape
+                    ),
+                ));
+            }
             let r = a.shape[0];
+            let delta_len = b.shape[0].checked_mul(a.shape[1..].iter().product());
+            if delta_len.is_none_or(|n| n > 1 << 31) {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "`{module}`: lora_B {:?} × lora_A {:?} is larger than any UNet weight",
+                        b.shape, a.shape
+                    ),
+                ));
+            }
             if b.shape.len() < 2 || b.shape[1] != r || b.shape[2..].iter().any(|&d| d != 1) {
                 return Err(Error::file(
                     path,
@@ -485,7 +517,7 @@ mod tests {
 
     #[test]
     fn the_written_file_merges_to_the_adapted_model() {
-        let device = Device::flex();
+        let device = crate::backend::cpu_device().expect("a CPU backend is compiled in");
         let base = UNetConfig::tiny().init(&device);
         let adapted = attach(base.clone(), &spec(true))
             .unwrap()
@@ -511,7 +543,7 @@ mod tests {
 
     #[test]
     fn attention_only_adapters_leave_convolutions_alone() {
-        let device = Device::flex();
+        let device = crate::backend::cpu_device().expect("a CPU backend is compiled in");
         let adapted = attach(UNetConfig::tiny().init(&device), &spec(false)).unwrap();
         let names: Vec<String> = lora_tensors(&adapted).into_iter().map(|t| t.0).collect();
         assert!(names.iter().all(|n| !n.contains("conv")), "{names:?}");

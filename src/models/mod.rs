@@ -2,6 +2,7 @@
 
 pub mod blocks;
 pub mod feature_net;
+pub mod footprint;
 pub mod gan;
 pub mod inception;
 pub mod lora;
@@ -17,8 +18,15 @@ use crate::error::{Error, Result};
 /// Parses a diffusers `config.json` into a config struct; a wrong type names the field path.
 pub(crate) fn parse_config<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
     let de = &mut serde_json::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(de)
-        .map_err(|e| Error::Config(format!("field `{}`: {}", e.path(), e.inner())))
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        // A syntax error or a document that is not an object has no field to name.
+        if path == "?" || path == "." || path.is_empty() {
+            Error::Config(format!("not a valid config.json: {}", e.inner()))
+        } else {
+            Error::Config(format!("field `{path}`: {}", e.inner()))
+        }
+    })
 }
 
 /// A config as diffusers writes it: the fields plus `_class_name` and `_diffusers_version`.

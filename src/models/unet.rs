@@ -155,6 +155,14 @@ fn unsupported(field: &str, value: impl std::fmt::Debug, supported: &str) -> Err
     ))
 }
 
+/// What [`UNetConfig::walk`] counts.
+#[derive(Clone, Copy)]
+enum Count {
+    Macs,
+    Params,
+    Activations,
+}
+
 impl UNetConfig {
     /// The 32×32 config of issue #2's benchmark: diffusers'
     /// `UNet2DModel(block_out_channels=(32, 64, 128), layers_per_block=1, down_block_types=(DownBlock2D,
@@ -367,30 +375,68 @@ impl UNetConfig {
     /// convolutions, linear layers, attention projections and the two attention matmuls
     /// (normalisations and element-wise ops are not counted). `None` without `sample_size`.
     pub fn macs_per_step(&self) -> Option<u64> {
-        let side = self.sample_size? as u64;
+        let side = self.sample_size?;
+        Some(self.walk(side as f64, Count::Macs) as u64)
+    }
+
+    /// The number of weights of the convolutions, linear layers and attention projections (biases
+    /// and norms, well under 1 %, left out), counted from the config without building anything:
+    /// what [`footprint`](crate::models::footprint) checks before `init` allocates.
+    pub fn param_count(&self) -> f64 {
+        self.walk(1.0, Count::Params)
+    }
+
+    /// Elements of the feature maps one image's forward pass produces at `side`×`side` input
+    /// (convolution outputs, attention projections and scores): what training keeps for the
+    /// backward pass.
+    pub fn activation_elements(&self, side: usize) -> f64 {
+        self.walk(side as f64, Count::Activations)
+    }
+
+    /// One walk over the layers as [`init`](Self::init) builds them, counting `what`; f64 so that
+    /// an absurd config gives a huge number rather than an overflow.
+    fn walk(&self, side: f64, what: Count) -> f64 {
         let ch = &self.block_out_channels;
         let n = ch.len();
-        let temb = self.time_embed_dim() as u64;
-        let conv = |s: u64, cin: usize, cout: usize, k: u64| s * s * (cin * cout) as u64 * k * k;
-        let resnet = |s: u64, cin: usize, cout: usize| {
-            conv(s, cin, cout, 3)
-                + temb * cout as u64
-                + conv(s, cout, cout, 3)
+        let temb = self.time_embed_dim() as f64;
+        let heads = |c: usize| (c / self.attention_head_dim.unwrap_or(c).max(1)).max(1) as f64;
+        let conv = |s: f64, cin: usize, cout: usize, k: f64| {
+            let (cin, cout) = (cin as f64, cout as f64);
+            match what {
+                Count::Macs => s * s * cin * cout * k * k,
+                Count::Params => cin * cout * k * k,
+                Count::Activations => s * s * cout,
+            }
+        };
+        let linear = |cin: f64, cout: f64| match what {
+            Count::Macs | Count::Params => cin * cout,
+            Count::Activations => cout,
+        };
+        let resnet = |s: f64, cin: usize, cout: usize| {
+            conv(s, cin, cout, 3.0)
+                + linear(temb, cout as f64)
+                + conv(s, cout, cout, 3.0)
                 + if cin != cout {
-                    conv(s, cin, cout, 1)
+                    conv(s, cin, cout, 1.0)
                 } else {
-                    0
+                    0.0
                 }
         };
         // q, k, v and out projections over N = s² tokens, plus QKᵀ and softmax·V.
-        let attention = |s: u64, c: usize| {
-            let (tokens, c) = (s * s, c as u64);
-            4 * tokens * c * c + 2 * tokens * tokens * c
+        let attention = |s: f64, c: usize| {
+            let (tokens, cf) = (s * s, c as f64);
+            match what {
+                Count::Macs => 4.0 * tokens * cf * cf + 2.0 * tokens * tokens * cf,
+                Count::Params => 4.0 * cf * cf,
+                Count::Activations => 4.0 * tokens * cf + heads(c) * tokens * tokens,
+            }
         };
-        let mut macs = conv(side, self.in_channels, ch[0], 3)
-            + ch[0] as u64 * temb
-            + temb * temb
-            + self.time_cond_proj_dim.map_or(0, |d| (d * ch[0]) as u64);
+        let mut total = conv(side, self.in_channels, ch[0], 3.0)
+            + linear(ch[0] as f64, temb)
+            + linear(temb, temb)
+            + self
+                .time_cond_proj_dim
+                .map_or(0.0, |d| linear(d as f64, ch[0] as f64));
         let mut s = side;
         let mut c_out = ch[0];
         let mut skips = vec![ch[0]];
@@ -398,23 +444,23 @@ impl UNetConfig {
             let c_in = c_out;
             c_out = ch[i];
             for j in 0..self.layers_per_block {
-                macs += resnet(s, if j == 0 { c_in } else { c_out }, c_out);
+                total += resnet(s, if j == 0 { c_in } else { c_out }, c_out);
                 if kind == "AttnDownBlock2D" {
-                    macs += attention(s, c_out);
+                    total += attention(s, c_out);
                 }
                 skips.push(c_out);
             }
             if i + 1 < n {
-                s /= 2;
-                macs += conv(s, c_out, c_out, 3);
+                s = (s / 2.0).floor();
+                total += conv(s, c_out, c_out, 3.0);
                 skips.push(c_out);
             }
         }
-        macs += 2 * resnet(s, ch[n - 1], ch[n - 1])
+        total += 2.0 * resnet(s, ch[n - 1], ch[n - 1])
             + if self.add_attention {
                 attention(s, ch[n - 1])
             } else {
-                0
+                0.0
             };
         let rev: Vec<usize> = ch.iter().rev().copied().collect();
         let mut c_out = rev[0];
@@ -424,17 +470,17 @@ impl UNetConfig {
             for j in 0..=self.layers_per_block {
                 let skip = skips.pop().unwrap_or(c_out);
                 let res_in = if j == 0 { prev_out } else { c_out };
-                macs += resnet(s, res_in + skip, c_out);
+                total += resnet(s, res_in + skip, c_out);
                 if kind == "AttnUpBlock2D" {
-                    macs += attention(s, c_out);
+                    total += attention(s, c_out);
                 }
             }
             if i + 1 < n {
-                s *= 2;
-                macs += conv(s, c_out, c_out, 3);
+                s *= 2.0;
+                total += conv(s, c_out, c_out, 3.0);
             }
         }
-        Some(macs + conv(side, ch[0], self.out_channels, 3))
+        total + conv(side, ch[0], self.out_channels, 3.0)
     }
 
     /// An upper bound on the largest single tensor one image needs in a forward pass, in
@@ -729,7 +775,9 @@ mod tests {
         // token-by-token products.
         let config = UNetConfig::shapes32();
         let macs = config.macs_per_step().unwrap();
-        let params = config.init(&Device::flex()).num_params() as u64;
+        let params = config
+            .init(&crate::backend::cpu_device().expect("a CPU backend is compiled in"))
+            .num_params() as u64;
         assert!(
             macs > params * 16 && macs < params * 32 * 32 + 2 * 64 * 64 * 64 * 4,
             "{macs}"
@@ -747,7 +795,7 @@ mod tests {
 
     #[test]
     fn the_guidance_embedding_starts_at_zero_and_then_conditions_on_w() {
-        let device = Device::flex();
+        let device = crate::backend::cpu_device().expect("a CPU backend is compiled in");
         let mut config = UNetConfig::tiny();
         config.time_cond_proj_dim = Some(16);
         let mut unet = config.init(&device);

@@ -38,7 +38,12 @@ pub fn latest(run: &Path) -> Option<PathBuf> {
         .find(|p| p.join("state").join("state.json").is_file())
 }
 
-/// Publishes a fully written `.incoming` checkpoint as `latest`, keeping the former as `previous`.
+/// Publishes a fully written `.incoming` checkpoint as `latest`, keeping the former as `previous`,
+/// so that `checkpoints/latest` exists at every instant once a first checkpoint was published
+/// (`sample --model RUN/checkpoints/latest` never finds it missing, whenever a crash hits):
+/// on Linux the two folders are swapped in one atomic `renameat2(RENAME_EXCHANGE)`, then the
+/// former `latest` (now `.incoming`) becomes `previous`. Where the exchange is not available the
+/// two renames leave a window without `latest`, which [`latest`] covers by reading `previous`.
 pub fn publish(run: &Path) -> Result<PathBuf> {
     let dir = checkpoints_dir(run);
     let incoming = dir.join(".incoming");
@@ -48,16 +53,90 @@ pub fn publish(run: &Path) -> Result<PathBuf> {
         std::fs::rename(from, to)
             .map_err(|e| Error::file(to, format!("cannot rename checkpoint: {e}")))
     };
-    if latest.exists() {
-        if previous.exists() {
-            std::fs::remove_dir_all(&previous).map_err(|e| {
-                Error::file(&previous, format!("cannot remove old checkpoint: {e}"))
-            })?;
+    let remove = |p: &Path| {
+        if p.exists() {
+            std::fs::remove_dir_all(p)
+                .map_err(|e| Error::file(p, format!("cannot remove old checkpoint: {e}")))
+        } else {
+            Ok(())
         }
+    };
+    if latest.exists() {
+        if exchange(&incoming, &latest) {
+            // `latest` is the new checkpoint; `.incoming` holds the former one.
+            remove(&previous)?;
+            rename(&incoming, &previous)?;
+            return Ok(latest);
+        }
+        remove(&previous)?;
         rename(&latest, &previous)?;
     }
     rename(&incoming, &latest)?;
     Ok(latest)
+}
+
+/// Swaps two folders atomically; false where the system or file system cannot.
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> bool {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let (Ok(a), Ok(b)) = (
+        CString::new(a.as_os_str().as_bytes()),
+        CString::new(b.as_os_str().as_bytes()),
+    ) else {
+        return false;
+    };
+    // SAFETY: two NUL-terminated paths, relative to the current directory; no memory is shared.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    rc == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_: &Path, _: &Path) -> bool {
+    false
+}
+
+/// Whether `name` is something a killed fewstep process leaves behind: a temporary file of
+/// [`io::write_atomic`] (`.NAME.tmp-PID`), a write probe, or an unpublished folder
+/// (`.incoming…`).
+fn is_leftover(name: &str) -> bool {
+    name.starts_with('.')
+        && (name.contains(".tmp-")
+            || name.starts_with(".write-test")
+            || name.starts_with(".fewstep-write-test")
+            || name.starts_with(".incoming"))
+}
+
+/// Removes what killed processes left in the run folder `run` (and in `run/checkpoints`): the
+/// temporary files of interrupted atomic writes and unpublished checkpoints. Never touches a
+/// published file.
+pub fn clear_leftovers(run: &Path) {
+    for dir in [run.to_path_buf(), checkpoints_dir(run)] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !is_leftover(&name) {
+                continue;
+            }
+            let path = entry.path();
+            let _ = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+        }
+    }
 }
 
 /// A fresh `.incoming` folder to write a checkpoint into.
@@ -86,7 +165,7 @@ pub fn write_state<M: burn::module::Module>(
     optim.save(s.join("optimizer.bpk")).map_err(|e| {
         Error::file(
             s.join("optimizer.bpk"),
-            format!("cannot save optimizer state: {e:?}"),
+            format!("cannot save the optimizer state: {}", record_error(&e)),
         )
     })?;
     io::write_json(&s.join("state.json"), progress)
@@ -113,7 +192,10 @@ pub fn read_state<M: burn::module::Module>(
     let optim = optim.load(s.join("optimizer.bpk")).map_err(|e| {
         Error::file(
             s.join("optimizer.bpk"),
-            format!("cannot load optimizer state: {e:?}"),
+            format!(
+                "not a readable optimizer state (corrupt or truncated?): {}",
+                record_error(&e)
+            ),
         )
     })?;
     let state_path = s.join("state.json");
@@ -125,6 +207,15 @@ pub fn read_state<M: burn::module::Module>(
         progress,
         ids,
     })
+}
+
+/// burn's record error as a plain sentence (its Debug text is `Io("Invalid magic number")`).
+fn record_error(e: &burn::store::RecordError) -> String {
+    match e {
+        burn::store::RecordError::Io(m) | burn::store::RecordError::Validation(m) => {
+            m.replace('\n', " ")
+        }
+    }
 }
 
 pub fn write_param_ids(path: &Path, ids: &BTreeMap<String, u64>) -> Result<()> {
@@ -139,6 +230,9 @@ pub fn read_param_ids(path: &Path) -> Result<BTreeMap<String, u64>> {
 /// Reads `run.json` and checks that it is a run of `kind`.
 pub fn read_run(run: &Path, kind: &str) -> Result<Value> {
     let path = run.join(RUN_FILE);
+    if run.is_dir() {
+        clear_leftovers(run);
+    }
     if !path.is_file() {
         return Err(Error::file(
             run,
@@ -167,8 +261,40 @@ pub fn read_run_as<T: serde::de::DeserializeOwned>(run: &Path, kind: &str) -> Re
         .map_err(|e| Error::file(run.join(RUN_FILE), format!("not a valid `{kind}` run: {e}")))
 }
 
-/// Checks that `run` can take a new run: absent or empty, and writable.
+/// Undoes [`prepare_new_run`] after a failure before the run's first `run.json`: removes what
+/// the run wrote, and the folder itself unless it `existed` (empty) before.
+pub fn abandon_new_run(run: &Path, existed: bool) {
+    if existed {
+        if let Ok(entries) = std::fs::read_dir(run) {
+            for entry in entries.flatten() {
+                let p = entry.path();
+                let _ = if p.is_dir() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+            }
+        }
+    } else {
+        let _ = std::fs::remove_dir_all(run);
+    }
+}
+
+/// Checks that `run` can take a new run: absent, empty, or holding only what a killed run left
+/// before its `run.json` was written (removed); and writable. Creates the folder.
 pub fn prepare_new_run(run: &Path) -> Result<()> {
+    if run.is_file() {
+        return Err(Error::file(run, "--out: is a file, expected a run folder"));
+    }
+    if run.is_dir() && !run.join(RUN_FILE).exists() {
+        clear_leftovers(run);
+        let checkpoints = checkpoints_dir(run);
+        if checkpoints.is_dir()
+            && std::fs::read_dir(&checkpoints).is_ok_and(|mut d| d.next().is_none())
+        {
+            let _ = std::fs::remove_dir(&checkpoints);
+        }
+    }
     if run.exists() {
         let non_empty = std::fs::read_dir(run)
             .map_err(|e| Error::file(run, format!("cannot read: {e}")))?

@@ -32,7 +32,7 @@ pub(crate) struct LoopSpec<'a> {
 
 /// How a stretch ended.
 pub(crate) enum LoopEnd {
-    /// `final_loss`: mean over the last 10 % of iterations (NaN if all ran before a restart);
+    /// `final_loss`: mean over the last 10 % of iterations, read from `loss.csv` (so across restarts);
     /// `seconds`: the stretch's wall time across restarts.
     Finished { final_loss: f64, seconds: f64 },
     /// Ctrl-C: a checkpoint was written.
@@ -65,7 +65,6 @@ pub(crate) fn run_loop<S>(
     let bar = progress_bar(spec.iters, start, spec.quiet);
     let lines = log_lines(spec.quiet);
     let started = Instant::now();
-    let mut recent: Vec<f32> = Vec::new();
     let mut smoothed: Option<f32> = None;
     for iter in start..spec.iters {
         let (next, IterReport { loss, lr, note }) = step(state, iter)?;
@@ -78,9 +77,6 @@ pub(crate) fn run_loop<S>(
             )));
         }
         let done = iter + 1;
-        if done * 10 > spec.iters * 9 {
-            recent.push(loss);
-        }
         let s = smoothed.map_or(loss, |s| 0.95 * s + 0.05 * loss);
         smoothed = Some(s);
         let elapsed = started.elapsed().as_secs_f64();
@@ -115,11 +111,13 @@ pub(crate) fn run_loop<S>(
         }
     }
     bar.finish_and_clear();
-    let final_loss = if recent.is_empty() {
-        f64::NAN
-    } else {
-        recent.iter().map(|&v| v as f64).sum::<f64>() / recent.len() as f64
-    };
+    // From `loss.csv`, which holds every iteration once across restarts: the same figure as an
+    // uninterrupted run, however many times this one was resumed.
+    let final_loss = mean_loss(
+        spec.csv_path,
+        spec.first_global + spec.iters * 9 / 10,
+        spec.first_global + spec.iters,
+    );
     // Total time now minus total time at the stretch's first row.
     let seconds = spent_before + started.elapsed().as_secs_f64()
         - seconds_at(spec.csv_path, spec.first_global);
@@ -130,6 +128,27 @@ pub(crate) fn run_loop<S>(
             seconds,
         },
     ))
+}
+
+/// The mean of `loss.csv`'s loss column over global iterations `after + 1 ..= until` (NaN when
+/// none is there).
+fn mean_loss(csv: &Path, after: usize, until: usize) -> f64 {
+    let text = std::fs::read_to_string(csv).unwrap_or_default();
+    let losses: Vec<f64> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut f = l.split(',');
+            let step = f.next()?.parse::<usize>().ok()?;
+            let loss = f.next()?.parse::<f64>().ok()?;
+            (step > after && step <= until).then_some(loss)
+        })
+        .collect();
+    if losses.is_empty() {
+        f64::NAN
+    } else {
+        losses.iter().sum::<f64>() / losses.len() as f64
+    }
 }
 
 /// The `seconds` column of `loss.csv` at global iteration `iter` (0 when absent).

@@ -142,8 +142,7 @@ pub fn train_feature_net(
     device: &Device,
     quiet: bool,
 ) -> Result<FeatureNetAccuracy> {
-    std::fs::create_dir_all(out)
-        .map_err(|e| crate::Error::file(out, format!("cannot create: {e}")))?;
+    io::check_new_folder(out, "--out")?;
     let ad = device.clone().autodiff();
     ad.seed(cfg.seed);
     let mut net = config.init(&ad);
@@ -183,19 +182,22 @@ pub fn train_feature_net(
     bar.finish_and_clear();
     let net = net.valid();
     let acc = accuracy(&net, cfg.data_seed, cfg.test_images, device);
-    io::write_json(
-        &out.join("config.json"),
-        &serde_json::to_value(config).expect("config"),
-    )?;
-    io::save_weights(&net, &out.join(io::WEIGHTS_NAME))?;
-    io::write_json(
-        &out.join("report.json"),
-        &json!({
-            "train": cfg,
-            "held_out_accuracy": acc,
-            "held_out_range": format!("shapes seed {} indices {}..", cfg.data_seed, FEATURE_TEST_START),
-            "seconds": started.elapsed().as_secs_f64(),
-        }),
-    )?;
+    // Written whole under a temporary name, then renamed: never a half feature network.
+    io::write_dir_atomic(out, |dir| {
+        io::write_json(
+            &dir.join("config.json"),
+            &serde_json::to_value(config).expect("config"),
+        )?;
+        io::save_weights(&net, &dir.join(io::WEIGHTS_NAME))?;
+        io::write_json(
+            &dir.join("report.json"),
+            &json!({
+                "train": cfg,
+                "held_out_accuracy": acc,
+                "held_out_range": format!("shapes seed {} indices {}..", cfg.data_seed, FEATURE_TEST_START),
+                "seconds": started.elapsed().as_secs_f64(),
+            }),
+        )
+    })?;
     Ok(acc)
 }

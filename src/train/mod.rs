@@ -300,55 +300,76 @@ pub fn train_diffusion(
     let device = devices
         .first()
         .ok_or_else(|| Error::Usage("--devices: give at least one device".into()))?;
+    // A fresh state from the run's seed: a new run, or a resumed one killed before its first
+    // checkpoint (which then starts over from its stored settings).
+    let fresh = |run: &DiffusionRun| {
+        let ad = device.clone().autodiff();
+        // Seeded initialisation: the same --seed gives the same run on this backend.
+        ad.seed(run.train.seed);
+        let model = run.unet.init(&ad);
+        let ema = model.valid();
+        State {
+            model,
+            ema,
+            optim: new_optimizer(&run.train),
+            step: 0,
+        }
+    };
     let (mut run, mut state) = if resume {
         let v = checkpoint::read_run(run_dir, DIFFUSION_RUN)?;
         let run = DiffusionRun::from_json(&v, &run_dir.join(checkpoint::RUN_FILE))?;
-        let ckpt = checkpoint::latest(run_dir)
-            .ok_or_else(|| Error::file(run_dir, "--resume: the run has no checkpoint yet"))?;
-        let state = load_checkpoint(&ckpt, &run, device)?;
+        let state = match checkpoint::latest(run_dir) {
+            Some(ckpt) => load_checkpoint(&ckpt, &run, device)?,
+            None => fresh(&run),
+        };
         (run, state)
     } else {
         let run =
             run.ok_or_else(|| Error::Usage("nothing to train: give a model config".into()))?;
         run.unet.validate()?;
         run.train.validate()?;
-        checkpoint::prepare_new_run(run_dir)?;
-        let ad = device.clone().autodiff();
-        // Seeded initialisation: the same --seed gives the same run on this backend.
-        ad.seed(run.train.seed);
-        let model = run.unet.init(&ad);
-        let ema = model.valid();
-        let optim = new_optimizer(&run.train);
-        (
-            run,
-            State {
-                model,
-                ema,
-                optim,
-                step: 0,
-            },
-        )
+        let state = fresh(&run);
+        (run, state)
     };
     if let Some(steps) = steps_override {
         run.train.steps = steps;
     }
     run.train.validate()?;
-    io::write_json(&run_dir.join(checkpoint::RUN_FILE), &run.to_json())?;
     let algorithm = run.scheduler.class.unwrap_or(Algorithm::Ddim);
     let schedule = run.scheduler.noise_schedule(algorithm)?;
     let prediction = run.scheduler.resolve(algorithm).prediction;
     let train_t = schedule.num_train_timesteps();
 
+    // The data opens (and a latent run's VAE loads) before the run folder is created: a bad
+    // --data or --vae leaves nothing behind.
     let data = match &run.latent {
         None => TrainData::Pixels(open_images(
             &run.data,
             run.unet.sample_size.unwrap_or(data::shapes::SIZE),
             run.unet.num_class_embeds,
         )?),
-        Some(spec) => TrainData::Latents(Box::new(LatentCache::open(
-            spec, &run.data, run_dir, device,
-        )?)),
+        Some(spec) => {
+            // The cache is written into the run folder, so a new one is created first and
+            // removed again if the VAE or the data fail.
+            let existed = run_dir.exists();
+            if !resume {
+                checkpoint::prepare_new_run(run_dir)?;
+            }
+            match LatentCache::open(spec, &run.data, run_dir, device) {
+                Ok(cache) => TrainData::Latents(Box::new(cache)),
+                Err(e) => {
+                    if !resume {
+                        checkpoint::abandon_new_run(run_dir, existed);
+                    }
+                    return Err(e);
+                }
+            }
+        }
     };
+    if !resume && run.latent.is_none() {
+        checkpoint::prepare_new_run(run_dir)?;
+    }
+    io::write_json(&run_dir.join(checkpoint::RUN_FILE), &run.to_json())?;
     let vae = match &data {
         TrainData::Latents(cache) => Some((&cache.config, &cache.vae)),
         TrainData::Pixels(_) => None,

@@ -310,11 +310,21 @@ pub fn distill_progressive(
     let device = devices
         .first()
         .ok_or_else(|| Error::Usage("--devices: give at least one device".into()))?;
+    let mut images: Option<TrainImages> = None;
     let run = if resume {
         checkpoint::read_run_as::<ProgressiveRun>(run_dir, PROGRESSIVE_RUN)?
     } else {
         let run = run.ok_or_else(|| Error::Usage("nothing to distill: give a teacher".into()))?;
         run.config.validate()?;
+        run.config.rounds()?;
+        // The teacher loads and the data opens before the run folder is created: a truncated
+        // teacher or an unreadable --data leaves nothing behind.
+        let teacher = Pipeline::load(&run.teacher, device)?;
+        images = Some(open_images(
+            &run.data,
+            super::image_size(&teacher),
+            teacher.unet.num_classes(),
+        )?);
         checkpoint::prepare_new_run(run_dir)?;
         io::write_json(
             &run_dir.join(checkpoint::RUN_FILE),
@@ -327,7 +337,6 @@ pub fn distill_progressive(
     let csv_path = run_dir.join("loss.csv");
     let mut outcomes = Vec::new();
     let mut teacher_dir = run.teacher.clone();
-    let mut images: Option<TrainImages> = None;
     for (round_index, &steps) in rounds.iter().enumerate() {
         let dir = round_dir(run_dir, steps);
         if dir.join("model_index.json").is_file() {

@@ -352,7 +352,7 @@ mod tests {
 
     #[test]
     fn the_shapes_vae_maps_32_pixels_to_an_8x8x4_latent() {
-        let device = Device::flex();
+        let device = crate::backend::cpu_device().expect("a CPU backend is compiled in");
         let cfg = shapes32_config();
         cfg.validate().unwrap();
         assert_eq!(cfg.downsampling(), 4);
@@ -366,7 +366,7 @@ mod tests {
 
     #[test]
     fn the_kl_term_matches_its_closed_form() {
-        let device = Device::flex();
+        let device = crate::backend::cpu_device().expect("a CPU backend is compiled in");
         let kl = |mu: f32, logvar: f32| {
             let m = Tensor::<4>::full([2, 4, 2, 2], mu, &device);
             let l = Tensor::<4>::full([2, 4, 2, 2], logvar, &device);

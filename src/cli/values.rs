@@ -1,0 +1,141 @@
+//! Range-checked parsers for numeric flags. Every numeric flag of every command goes through one
+//! of these, so a value out of range is refused at parse time in one line that names the flag
+//! (`error: invalid value '-1' for '--lr <LR>': expected a positive number`). Negative numbers
+//! are parsed as values, not taken for flags (see [`super::command`]).
+
+use std::str::FromStr;
+
+fn number<T: FromStr>(s: &str) -> Result<T, String> {
+    s.trim()
+        .parse::<T>()
+        .map_err(|_| "expected a number".to_string())
+}
+
+fn float<T: FromStr + Into<f64> + Copy>(s: &str) -> Result<T, String> {
+    let v: T = number(s)?;
+    if v.into().is_finite() {
+        Ok(v)
+    } else {
+        Err("expected a finite number".into())
+    }
+}
+
+/// A finite number > 0 (learning rates, clipping norms, widths, scalings).
+pub fn positive_f64(s: &str) -> Result<f64, String> {
+    let v: f64 = float(s)?;
+    if v > 0.0 {
+        Ok(v)
+    } else {
+        Err("expected a positive number".into())
+    }
+}
+
+/// A finite number > 0.
+pub fn positive_f32(s: &str) -> Result<f32, String> {
+    let v: f32 = float(s)?;
+    if v > 0.0 {
+        Ok(v)
+    } else {
+        Err("expected a positive number".into())
+    }
+}
+
+/// A finite number ≥ 0 (loss weights, guidance scales).
+pub fn non_negative_f64(s: &str) -> Result<f64, String> {
+    let v: f64 = float(s)?;
+    if v >= 0.0 {
+        Ok(v)
+    } else {
+        Err("expected a number ≥ 0".into())
+    }
+}
+
+/// A finite number ≥ 0.
+pub fn non_negative_f32(s: &str) -> Result<f32, String> {
+    let v: f32 = float(s)?;
+    if v >= 0.0 {
+        Ok(v)
+    } else {
+        Err("expected a number ≥ 0".into())
+    }
+}
+
+/// Any finite number (a LoRA scale may be negative: the adapter subtracted).
+pub fn finite_f32(s: &str) -> Result<f32, String> {
+    float(s)
+}
+
+/// A probability in [0, 1].
+pub fn probability(s: &str) -> Result<f32, String> {
+    let v: f32 = float(s)?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err("expected a probability in [0, 1]".into())
+    }
+}
+
+/// An EMA decay in [0, 1).
+pub fn decay(s: &str) -> Result<f32, String> {
+    let v: f32 = float(s)?;
+    if (0.0..1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err("expected a decay in [0, 1)".into())
+    }
+}
+
+/// A count ≥ 1 (steps, batches, iterations, samples, ranks).
+pub fn count(s: &str) -> Result<usize, String> {
+    let v: usize = s
+        .trim()
+        .parse()
+        .map_err(|_| "expected a whole number ≥ 1".to_string())?;
+    if v >= 1 {
+        Ok(v)
+    } else {
+        Err("expected a whole number ≥ 1".into())
+    }
+}
+
+/// A whole number ≥ 0 (seeds, warm-up lengths, class labels).
+pub fn whole(s: &str) -> Result<usize, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| "expected a whole number ≥ 0".to_string())
+}
+
+/// A seed: a whole number ≥ 0.
+pub fn seed(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| "expected a whole number ≥ 0".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_refuse_what_they_should_and_take_the_rest() {
+        assert_eq!(positive_f64("2e-4"), Ok(2e-4));
+        assert!(positive_f64("-1").is_err());
+        assert!(positive_f64("0").is_err());
+        assert!(positive_f64("nan").is_err());
+        assert!(positive_f64("inf").is_err());
+        assert!(positive_f64("abc").is_err());
+        assert_eq!(non_negative_f32("0"), Ok(0.0));
+        assert!(non_negative_f32("-0.5").is_err());
+        assert_eq!(probability("1"), Ok(1.0));
+        assert!(probability("2").is_err());
+        assert_eq!(decay("0"), Ok(0.0));
+        assert!(decay("1").is_err());
+        assert_eq!(count("3"), Ok(3));
+        assert!(count("0").is_err());
+        assert!(count("-1").is_err());
+        assert_eq!(whole("0"), Ok(0));
+        assert_eq!(finite_f32("-2"), Ok(-2.0));
+        assert!(finite_f32("inf").is_err());
+        assert!(seed("-3").is_err());
+    }
+}
