@@ -24,6 +24,45 @@ pub const SCHEDULER_CONFIG_NAME: &str = "scheduler_config.json";
 /// A pipeline's VAE sub-folder (also where `train-vae` writes its autoencoder).
 pub const VAE_DIR: &str = "vae";
 
+/// Fault injection for the crash-safety tests: when `FEWSTEP_CRASH_AT` is `NAME:N`, the N-th
+/// time (from 1) the process reaches the crash point `NAME` it kills itself with SIGKILL — no
+/// destructors, no flushing, as a power cut or the OOM killer would. Points: `atomic-write`
+/// (a temporary file written, not yet renamed), `checkpoint-written` (a checkpoint complete in
+/// `.incoming`, not yet published), `checkpoint-swapped` (published as `latest`, the former one
+/// not yet moved to `previous`). Unset, it costs one environment lookup per call.
+pub fn crash_point(name: &str) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static HITS: std::sync::Mutex<Vec<(String, AtomicUsize)>> = std::sync::Mutex::new(Vec::new());
+    let Some(spec) = std::env::var_os("FEWSTEP_CRASH_AT") else {
+        return;
+    };
+    let spec = spec.to_string_lossy();
+    let Some((point, n)) = spec.split_once(':') else {
+        return;
+    };
+    if point != name {
+        return;
+    }
+    let target: usize = n.parse().unwrap_or(1);
+    let mut hits = HITS.lock().unwrap_or_else(|e| e.into_inner());
+    let count = match hits.iter().find(|(p, _)| p == name) {
+        Some((_, c)) => c.fetch_add(1, Ordering::SeqCst) + 1,
+        None => {
+            hits.push((name.to_string(), AtomicUsize::new(1)));
+            1
+        }
+    };
+    if count == target {
+        eprintln!("FEWSTEP_CRASH_AT={spec}: killing the process at `{name}`");
+        #[cfg(target_os = "linux")]
+        // SAFETY: sends a signal to this process; no memory is involved.
+        unsafe {
+            libc::kill(std::process::id() as libc::pid_t, libc::SIGKILL);
+        }
+        std::process::abort();
+    }
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a crash
 /// leaves either the old file or the new one, never a torn one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -38,7 +77,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::file(&tmp, format!("cannot write: {e}")))?;
+    std::fs::write(&tmp, bytes).map_err(|e| Error::file(path, format!("cannot write: {e}")))?;
+    crash_point("atomic-write");
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         Error::file(path, format!("cannot replace: {e}"))
@@ -60,7 +100,20 @@ pub fn write_dir_atomic(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> 
         std::fs::remove_dir_all(&incoming)
             .map_err(|e| Error::file(&incoming, format!("cannot clear: {e}")))?;
     }
-    write(&incoming)?;
+    if let Err(e) = write(&incoming) {
+        let _ = std::fs::remove_dir_all(&incoming);
+        // Name the folder the user asked for, not the temporary one.
+        return Err(match e {
+            Error::File { path, message } => Error::File {
+                path: path
+                    .strip_prefix(&incoming)
+                    .map(|rest| dir.join(rest))
+                    .unwrap_or(path),
+                message,
+            },
+            other => other,
+        });
+    }
     if dir.exists() {
         std::fs::remove_dir_all(dir)
             .map_err(|e| Error::file(dir, format!("cannot replace: {e}")))?;
@@ -71,8 +124,8 @@ pub fn write_dir_atomic(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> 
 
 /// The nearest folder at or above `path` that exists, checked writable by creating and removing
 /// a probe file in it (nothing is left behind). `flag` names the option in errors.
-fn writable_ancestor(path: &Path, flag: &str) -> Result<PathBuf> {
-    let mut at = path.to_path_buf();
+fn writable_ancestor(path: &Path, start: &Path, flag: &str) -> Result<PathBuf> {
+    let mut at = start.to_path_buf();
     loop {
         if at.as_os_str().is_empty() {
             at = PathBuf::from(".");
@@ -130,7 +183,7 @@ pub fn check_new_folder(dir: &Path, flag: &str) -> Result<()> {
             ));
         }
     }
-    writable_ancestor(dir, flag).map(|_| ())
+    writable_ancestor(dir, dir, flag).map(|_| ())
 }
 
 /// Checks, before any work, that a command can write the file `path`: not a folder, and in a
@@ -145,7 +198,7 @@ pub fn check_output_file(path: &Path, flag: &str) -> Result<()> {
     if path.file_name().is_none() {
         return Err(Error::file(path, format!("{flag}: expected a file name")));
     }
-    writable_ancestor(path.parent().unwrap_or(Path::new(".")), flag).map(|_| ())
+    writable_ancestor(path, path.parent().unwrap_or(Path::new(".")), flag).map(|_| ())
 }
 
 pub fn read_text(path: &Path) -> Result<String> {

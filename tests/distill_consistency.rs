@@ -64,7 +64,7 @@ fn the_student_is_an_lcm_pipeline_that_samples_in_one_to_four_steps() {
     let dir = out.join("student");
     let p = Pipeline::load(
         &dir,
-        &burn::prelude::fewstep::backend::cpu_device().expect("a CPU backend is compiled in"),
+        &fewstep::backend::cpu_device().expect("a CPU backend is compiled in"),
     )
     .unwrap();
     assert_eq!(p.scheduler.class, Some(Algorithm::Lcm));
@@ -120,7 +120,7 @@ fn latent_and_guided_class_conditional_teachers_distill() {
     let dir = out.join("student");
     let p = Pipeline::load(
         &dir,
-        &burn::prelude::fewstep::backend::cpu_device().expect("a CPU backend is compiled in"),
+        &fewstep::backend::cpu_device().expect("a CPU backend is compiled in"),
     )
     .unwrap();
     assert_eq!(p.unet_config.time_cond_proj_dim, Some(256));

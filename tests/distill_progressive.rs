@@ -50,7 +50,7 @@ fn rounds_write_students_that_sample_at_their_step_count() {
         let dir = out.join(format!("round-{steps}steps"));
         let p = Pipeline::load(
             &dir,
-            &burn::prelude::fewstep::backend::cpu_device().expect("a CPU backend is compiled in"),
+            &fewstep::backend::cpu_device().expect("a CPU backend is compiled in"),
         )
         .unwrap();
         assert_eq!(p.scheduler.distilled_steps, Some(steps));

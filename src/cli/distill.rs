@@ -416,6 +416,7 @@ fn run_progressive(args: ProgressiveArgs) -> Result<()> {
     let devices = args.common.data_parallel.devices(&args.common.device)?;
     let device = devices[0].clone();
     let run = if args.common.resume {
+        super::warn_flags_on_resume(&[]);
         None
     } else {
         let (teacher, data) = args.common.teacher_and_data()?;
@@ -608,6 +609,7 @@ fn run_consistency(args: ConsistencyArgs) -> Result<()> {
         ));
     }
     let run = if args.common.resume {
+        super::warn_flags_on_resume(&[]);
         None
     } else {
         let (teacher, data) = args.common.teacher_and_data()?;

@@ -60,6 +60,9 @@ pub struct StatsArgs {
     /// Images of --data to summarise.
     #[arg(long, value_parser = super::values::count, default_value_t = 5000)]
     pub ref_samples: usize,
+    /// Where `shapes` statistics are cached (default $FEWSTEP_CACHE or ~/.cache/fewstep).
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
     /// The statistics file: `.npz` (pytorch-fid's `mu`, `sigma`) or `.safetensors` (fewstep's,
     /// with the features and the protocol).
     #[arg(long)]
@@ -483,7 +486,7 @@ enum FidSource {
         Box<crate::models::gan::Generator>,
     ),
     Pipeline(PathBuf, Box<ModelUnderTest>),
-    Images(PathBuf),
+    Images(PathBuf, metrics::Features),
     Stats(PathBuf, metrics::FeatureStats),
 }
 
@@ -516,10 +519,10 @@ fn fid_source(
             Ok(FidSource::Pipeline(dir.clone(), Box::new(model)))
         }
         (None, Some(dir), _) => {
-            if !dir.is_dir() {
-                return Err(Error::file(dir, "--images: not a folder of images"));
-            }
-            Ok(FidSource::Images(dir.clone()))
+            // Decoded before the reference: an empty or unreadable folder fails at once.
+            let features = metrics::folder_features(extractor, dir, "--images", None, device)?;
+            metrics::check_fid_samples("--images", features.rows(), extractor.dim())?;
+            Ok(FidSource::Images(dir.clone(), features))
         }
         (None, None, Some(path)) => {
             let (stats, _, _) = metrics::FeatureStats::load(path)?;
@@ -530,7 +533,42 @@ fn fid_source(
     }
 }
 
+/// `eval fid --stats A --ref-stats B`: the Fréchet distance of two statistics files, as
+/// `python -m pytorch_fid a.npz b.npz` (no extractor, no device).
+fn fid_of_files(stats: &Path, reference: &Path, json: bool) -> Result<()> {
+    let (a, _, _) = metrics::FeatureStats::load(stats)?;
+    let (b, _, _) = metrics::FeatureStats::load(reference)?;
+    if a.mu.len() != b.mu.len() {
+        return Err(Error::file(
+            stats,
+            format!(
+                "--stats: statistics of {} features, but --ref-stats {} holds {} (made by different extractors?)",
+                a.mu.len(),
+                reference.display(),
+                b.mu.len()
+            ),
+        ));
+    }
+    let fid = metrics::fid::frechet_distance(&a, &b)?;
+    if json {
+        println!(
+            "{}",
+            json!({
+                "fid": fid,
+                "source": { "statistics_file": stats.display().to_string() },
+                "protocol": { "reference": { "statistics_file": reference.display().to_string() } },
+            })
+        );
+    } else {
+        println!("FID {fid:.4}");
+    }
+    Ok(())
+}
+
 fn run_fid(args: FidArgs) -> Result<()> {
+    if let (Some(stats), Some(reference)) = (&args.stats, &args.reference.ref_stats) {
+        return fid_of_files(stats, reference, args.json);
+    }
     let device = args.device.device()?;
     let extractor = args.reference.extractor(&device)?;
     let extractor: &dyn FeatureExtractor = extractor.as_ref();
@@ -581,9 +619,7 @@ fn run_fid(args: FidArgs) -> Result<()> {
             });
             (scores, source, Some(per_sec))
         }
-        FidSource::Images(dir) => {
-            let features = metrics::folder_features(extractor, &dir, "--images", None, &device)?;
-            metrics::check_fid_samples("--images", features.rows(), extractor.dim())?;
+        FidSource::Images(dir, features) => {
             let scores = metrics::score(&features, &reference)?;
             (scores, json!({ "images": dir.display().to_string() }), None)
         }
@@ -754,7 +790,7 @@ fn run_stats(args: StatsArgs) -> Result<()> {
         data_seed: args.data_seed,
         ref_samples: args.ref_samples,
         ref_stats: None,
-        cache: None,
+        cache: args.cache.clone(),
     };
     let extractor = reference.extractor(&device)?;
     let extractor: &dyn FeatureExtractor = extractor.as_ref();

@@ -96,7 +96,12 @@ impl GanOptimArgs {
         crate::train::ema::check_decay(self.ema)?;
         let device = self.device.device()?;
         crate::train::install_interrupt_handler();
-        let run = if self.resume { None } else { Some(run()?) };
+        let run = if self.resume {
+            super::warn_flags_on_resume(&[]);
+            None
+        } else {
+            Some(run()?)
+        };
         let outcome: GanOutcome = train_gan(out, run, self.resume, &device, self.quiet)?;
         match outcome.folder {
             None => eprintln!(

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use super::DeviceArgs;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::io::Pipeline;
 
 #[derive(Debug, clap::Subcommand)]
@@ -32,18 +32,9 @@ pub struct MergeArgs {
 }
 
 fn merge(args: MergeArgs) -> Result<()> {
+    crate::io::check_new_folder(&args.out, "--out")?;
     let device = args.device.device()?;
     let pipeline = Pipeline::load_with_lora(&args.model, &args.lora, args.lora_scale, &device)?;
-    if args.out.exists()
-        && std::fs::read_dir(&args.out)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-    {
-        return Err(Error::file(
-            &args.out,
-            "--out is not empty; choose another --out",
-        ));
-    }
     let algorithm = pipeline
         .scheduler
         .class

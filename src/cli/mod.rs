@@ -133,18 +133,97 @@ where
     T: Into<std::ffi::OsString> + Clone,
 {
     use clap::error::ErrorKind;
-    let parsed = command()
-        .try_get_matches_from(args)
-        .and_then(|m| Cli::from_arg_matches(&m));
+    let parsed = command().try_get_matches_from(args).and_then(|m| {
+        *PARSED.lock().unwrap_or_else(|e| e.into_inner()) = Some(m.clone());
+        Cli::from_arg_matches(&m)
+    });
     match parsed {
         Ok(cli) => Ok(cli),
         Err(e) => match e.kind() {
             ErrorKind::DisplayHelp
             | ErrorKind::DisplayVersion
             | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+            ErrorKind::ValueValidation | ErrorKind::InvalidValue => Err(value_error(&e)),
             _ => Err(one_line(&e.render().to_string())),
         },
     }
+}
+
+/// The matches of the last [`parse_from`], for [`warn_flags_on_resume`].
+static PARSED: std::sync::Mutex<Option<clap::ArgMatches>> = std::sync::Mutex::new(None);
+
+/// Flags the user typed (not defaults) for the innermost subcommand of the last parse, as
+/// `--flag-name`.
+fn typed_flags() -> Vec<String> {
+    let parsed = PARSED.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut m) = parsed.as_ref() else {
+        return Vec::new();
+    };
+    while let Some((_, sub)) = m.subcommand() {
+        m = sub;
+    }
+    m.ids()
+        .filter(|id| m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine))
+        .map(|id| format!("--{}", id.as_str().replace('_', "-")))
+        .collect()
+}
+
+/// Flags that never conflict with a stored run: where it is, how to compute and report.
+const RESUME_FLAGS: &[&str] = &[
+    "--out",
+    "--resume",
+    "--device",
+    "--verbose",
+    "--devices",
+    "--quiet",
+    "--no-eval",
+    "--eval-samples",
+    "--feature-weights",
+    "--eval-steps",
+    "--reference-steps",
+];
+
+/// `--resume` continues a run with the settings stored in its `run.json`: a typed flag that
+/// would change them (another `--model-config`, `--lr`, …) is named in a warning rather than
+/// silently ignored (the same command plus `--resume` stays the way to continue a run). `also`
+/// lists the command's flags a resume does take (`--steps` of `train`).
+pub fn warn_flags_on_resume(also: &[&str]) {
+    let ignored: Vec<String> = typed_flags()
+        .into_iter()
+        .filter(|f| !RESUME_FLAGS.contains(&f.as_str()) && !also.contains(&f.as_str()))
+        .collect();
+    if !ignored.is_empty() {
+        eprintln!(
+            "warning: {}: ignored with --resume, which continues the run with the settings stored in its run.json (start a new run in another --out to change them)",
+            ignored.join(", ")
+        );
+    }
+}
+
+/// A flag's value refused by its parser, in the library's style: `error: --ema 1.5: expected a
+/// decay in [0, 1)`.
+fn value_error(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    let text = |kind| match e.get(kind) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let (Some(flag), Some(value)) = (
+        text(ContextKind::InvalidArg),
+        text(ContextKind::InvalidValue),
+    ) else {
+        return one_line(&e.render().to_string());
+    };
+    // `--ema <EMA>` → `--ema`.
+    let flag = flag.split_whitespace().next().unwrap_or(&flag).to_string();
+    let reason = match (std::error::Error::source(e), e.get(ContextKind::ValidValue)) {
+        (Some(source), _) => source.to_string(),
+        (None, Some(ContextValue::Strings(valid))) => {
+            format!("expected one of {}", valid.join(", "))
+        }
+        (None, _) => "invalid value".into(),
+    };
+    format!("error: {flag} {value}: {reason}")
 }
 
 /// clap's message up to its first blank line (before `Usage:` and `For more information`),

@@ -112,6 +112,7 @@ fn new_run(args: &TrainVaeArgs) -> Result<VaeRun> {
 pub fn run(args: TrainVaeArgs) -> Result<()> {
     let device = args.device.device()?;
     let run = if args.resume {
+        super::warn_flags_on_resume(&[]);
         None
     } else {
         Some(new_run(&args)?)

@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::io;
 
 /// One array of an `.npy` file: its shape and values (row-major, as f64).
+#[derive(Debug)]
 struct Array {
     shape: Vec<usize>,
     data: Vec<f64>,

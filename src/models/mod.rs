@@ -17,8 +17,15 @@ use crate::error::{Error, Result};
 
 /// Parses a diffusers `config.json` into a config struct; a wrong type names the field path.
 pub(crate) fn parse_config<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
-    let de = &mut serde_json::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    // An array would fill the struct's fields by position: a config is an object.
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| Error::Config(format!("not a valid config.json: {e}")))?;
+    if !value.is_object() {
+        return Err(Error::Config(
+            "not a valid config.json: expected a JSON object".into(),
+        ));
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         // A syntax error or a document that is not an object has no field to name.
         if path == "?" || path == "." || path.is_empty() {

@@ -61,9 +61,11 @@ pub fn publish(run: &Path) -> Result<PathBuf> {
             Ok(())
         }
     };
+    io::crash_point("checkpoint-written");
     if latest.exists() {
         if exchange(&incoming, &latest) {
             // `latest` is the new checkpoint; `.incoming` holds the former one.
+            io::crash_point("checkpoint-swapped");
             remove(&previous)?;
             rename(&incoming, &previous)?;
             return Ok(latest);

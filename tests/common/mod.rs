@@ -60,10 +60,11 @@ pub fn ok(o: &Output) {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
-/// Exit status 1 and a single `error: …` line containing `needle`.
+/// Exit status 1 (or 2: refused by the argument parser) and a single `error: …` line
+/// containing `needle`.
 pub fn assert_clean_failure(o: Output, needle: &str) {
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(matches!(o.status.code(), Some(1 | 2)), "{err}");
     assert_eq!(err.lines().count(), 1, "one line: {err}");
     assert!(err.starts_with("error: ") && err.contains(needle), "{err}");
 }
