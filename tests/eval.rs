@@ -106,6 +106,39 @@ fn fid_prints_every_figure_and_the_protocol_and_caches_the_reference() {
     assert!((s["fid"].as_f64().unwrap() - fid).abs() < 1e-9 * fid.max(1.0));
 }
 
+#[test]
+fn fewer_samples_than_feature_dimensions_give_a_fid_and_a_warning() {
+    // As pytorch-fid and clean-fid: a singular covariance still has a Fréchet distance.
+    let cache = scratch("eval", "few-cache");
+    let (model, features) = fixtures();
+    let o = fewstep(&[
+        "eval",
+        "fid",
+        "--model",
+        model.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--json",
+        "--feature-weights",
+        features.to_str().unwrap(),
+        "--ref-samples",
+        "200",
+        "--cache",
+        cache.to_str().unwrap(),
+        "--num-samples",
+        "10",
+    ]);
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("warning: --num-samples 10: no more samples than"),
+        "{err}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["fid"].as_f64().unwrap().is_finite(), "{v}");
+    assert_eq!(v["samples"], 10);
+}
+
 /// `fewstep eval curve` of `models` at `steps` with the test protocol.
 fn curve_args<'a>(
     models: &[&'a Path],
@@ -319,13 +352,13 @@ fn bad_input_is_one_clear_line() {
             "--model",
             m,
             "--num-samples",
-            "10",
+            "1",
             "--feature-weights",
             f,
             "--cache",
             c,
         ]),
-        "KID",
+        "--num-samples 1: FID needs at least 2 samples",
     );
     assert_clean_failure(
         fewstep(&[

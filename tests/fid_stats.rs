@@ -139,7 +139,8 @@ fn a_written_npz_reads_back_exactly_and_eval_stats_writes_both_formats() {
     ]);
     ok(&o);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert!(v["fid"].as_f64().unwrap().abs() < 1e-6, "{v}");
+    // Zero up to the round-off of two matrix square roots.
+    assert!(v["fid"].as_f64().unwrap().abs() < 1e-4, "{v}");
 
     // Bad input: another extractor's statistics, a wrong extension, an existing folder as --out.
     assert_clean_failure(

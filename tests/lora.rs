@@ -108,7 +108,7 @@ fn sample_and_merge_apply_the_adapters() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert_clean_failure(o, "not empty");
+    assert_clean_failure(o, "--out already holds files");
     assert!(
         Pipeline::load(
             &out,

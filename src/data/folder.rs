@@ -294,6 +294,6 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(err.contains("not a directory"), "{err}");
+        assert!(err.contains("--data: not a folder"), "{err}");
     }
 }
