@@ -14,10 +14,7 @@ fn main() {
     };
     let device = fewstep::backend::cpu_device().expect("a CPU backend is compiled in");
     let result = fewstep::io::Pipeline::load(&PathBuf::from(input), &device).and_then(|p| {
-        let algorithm = p
-            .scheduler
-            .class
-            .unwrap_or(fewstep_schedulers::Algorithm::Ddim);
+        let (algorithm, _) = p.scheduler.algorithm();
         p.save(&PathBuf::from(output), algorithm)
     });
     if let Err(e) = result {

@@ -144,6 +144,8 @@ pub enum SolverType {
 pub struct SchedulerConfig {
     /// `_class_name`, when the file names a class this crate implements.
     pub class: Option<Algorithm>,
+    /// `_class_name` as the file gives it (also when this crate does not implement it).
+    pub class_name: Option<String>,
     pub num_train_timesteps: Option<usize>,
     pub beta_start: Option<f64>,
     pub beta_end: Option<f64>,
@@ -233,7 +235,29 @@ fn require(
     }
 }
 
+/// The algorithm a folder samples with when its `_class_name` is one this crate does not
+/// implement (PNDMScheduler in Stable Diffusion folders, say) or absent: DDIM — deterministic,
+/// good at tens of steps, and the update rule the distillation objectives use. One answer for
+/// `sample`, `eval` and `lora merge` alike.
+pub const FALLBACK_ALGORITHM: Algorithm = Algorithm::Ddim;
+
 impl SchedulerConfig {
+    /// The folder's own algorithm, or [`FALLBACK_ALGORITHM`]; the second value says, in one line,
+    /// when the fallback was taken.
+    pub fn algorithm(&self) -> (Algorithm, Option<String>) {
+        match self.class {
+            Some(a) => (a, None),
+            None => (
+                FALLBACK_ALGORITHM,
+                Some(format!(
+                    "scheduler `{}` is not implemented by fewstep; sampling with {} on the folder's noise schedule and prediction type (choose another with --scheduler)",
+                    self.class_name.as_deref().unwrap_or("(no _class_name)"),
+                    FALLBACK_ALGORITHM.class_name()
+                )),
+            ),
+        }
+    }
+
     /// Parses a `scheduler_config.json` text. Python's `json.dumps` writes `-Infinity` for
     /// DPM-Solver's `lambda_min_clipped`; such non-JSON literals are accepted.
     pub fn from_json_str(text: &str) -> Result<Self, ConfigError> {
@@ -251,10 +275,10 @@ impl SchedulerConfig {
 
     pub fn from_map(map: &Map<String, Value>) -> Result<Self, ConfigError> {
         use BetaSchedule::*;
-        let class = match field(map, "_class_name") {
-            Some(Value::String(name)) => Algorithm::from_class_name(name),
+        let (class, class_name) = match field(map, "_class_name") {
+            Some(Value::String(name)) => (Algorithm::from_class_name(name), Some(name.clone())),
             Some(v) => return Err(bad("_class_name", "a string", v)),
-            None => None,
+            None => (None, None),
         };
         let trained_betas = match field(map, "trained_betas") {
             None => None,
@@ -293,6 +317,7 @@ impl SchedulerConfig {
         )?;
         let cfg = SchedulerConfig {
             class,
+            class_name,
             num_train_timesteps: get_usize(map, "num_train_timesteps")?,
             beta_start: get_f64(map, "beta_start")?,
             beta_end: get_f64(map, "beta_end")?,

@@ -19,8 +19,8 @@ pub mod lcm;
 pub mod schedule;
 
 pub use config::{
-    Algorithm, BetaSchedule, ConfigError, FinalSigmas, Prediction, SchedulerConfig, SolverType,
-    TimestepSpacing,
+    Algorithm, BetaSchedule, ConfigError, FALLBACK_ALGORITHM, FinalSigmas, Prediction,
+    SchedulerConfig, SolverType, TimestepSpacing,
 };
 pub use schedule::NoiseSchedule;
 

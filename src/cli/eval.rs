@@ -281,12 +281,8 @@ impl ModelUnderTest {
             None => Pipeline::load(dir, device)?,
         }
         .with_precision(precision);
-        let algorithm = sampling
-            .scheduler
-            .as_deref()
-            .and_then(Algorithm::from_cli_name)
-            .or(pipeline.scheduler.class)
-            .unwrap_or(Algorithm::Ddim);
+        let algorithm =
+            super::sample::sampling_algorithm(sampling.scheduler.as_deref(), &pipeline.scheduler);
         let batch = super::sample::fitted_batch(&pipeline, precision, sampling.batch, device_args)?;
         Ok(ModelUnderTest {
             dir: dir.to_path_buf(),

@@ -122,12 +122,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
             args.model.display()
         )));
     }
-    let algorithm = args
-        .scheduler
-        .as_deref()
-        .and_then(Algorithm::from_cli_name)
-        .or(pipeline.scheduler.class)
-        .unwrap_or(Algorithm::Ddpm);
+    let algorithm = sampling_algorithm(args.scheduler.as_deref(), &pipeline.scheduler);
     let mut scheduler: Scheduler<DeviceSample> = pipeline.scheduler.build(Some(algorithm))?;
     let train = scheduler.schedule().num_train_timesteps();
     let steps = args
@@ -200,6 +195,22 @@ fn write_outputs(args: &SampleArgs, outputs: &[f32], num: usize, shape: [usize; 
     io::write_atomic(&args.out, &png)?;
     eprintln!("wrote {}", args.out.display());
     Ok(())
+}
+
+/// `--scheduler`, else the folder's own scheduler, else the one fallback
+/// ([`fewstep_schedulers::FALLBACK_ALGORITHM`], with a note saying so).
+pub(crate) fn sampling_algorithm(
+    flag: Option<&str>,
+    scheduler: &fewstep_schedulers::SchedulerConfig,
+) -> Algorithm {
+    if let Some(a) = flag.and_then(Algorithm::from_cli_name) {
+        return a;
+    }
+    let (algorithm, note) = scheduler.algorithm();
+    if let Some(note) = note {
+        eprintln!("note: {note}");
+    }
+    algorithm
 }
 
 /// `--batch`, lowered (with a note) to what the device's largest storage binding holds: the

@@ -335,7 +335,7 @@ pub fn train_diffusion(
         run.train.steps = steps;
     }
     run.train.validate()?;
-    let algorithm = run.scheduler.class.unwrap_or(Algorithm::Ddim);
+    let (algorithm, _) = run.scheduler.algorithm();
     let schedule = run.scheduler.noise_schedule(algorithm)?;
     let prediction = run.scheduler.resolve(algorithm).prediction;
     let train_t = schedule.num_train_timesteps();
