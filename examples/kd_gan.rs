@@ -28,7 +28,8 @@ fn main() -> fewstep::Result<()> {
         batch: 32,
         lr_g: 2e-4,
         lr_d: 2e-4,
-        betas: (0.5, 0.999), // one D step per G step: SN-GAN's settings B/C
+        // One D step per G step: SN-GAN's settings B/C.
+        optimizer: fewstep::train::optim::OptimizerConfig::adam((0.5, 0.999)),
         loss: GanLoss::Hinge,
         ema_decay: Some(0.99),
         seed: 0,

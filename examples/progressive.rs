@@ -33,7 +33,7 @@ fn main() -> fewstep::Result<()> {
             iters_per_round: 30,
             batch: 8,
             lr: 1e-4,
-            grad_clip: 1.0,
+            optimizer: fewstep::train::optim::OptimizerConfig::distillation(),
             ema_decay: None,
             seed: 0,
             checkpoint_every: 10,

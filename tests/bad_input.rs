@@ -296,6 +296,22 @@ fn cases() -> Vec<(Vec<&'static str>, &'static str)> {
             "train-gan --out @/new --adam-betas 0.5,1.5",
             "--adam-betas 1.5",
         ),
+        c(
+            "train-gan --out @/new --adam-betas 0.5",
+            "--adam-betas 0.5: expected two",
+        ),
+        c(
+            "train --out @/new --weight-decay -0.1",
+            "--weight-decay -0.1",
+        ),
+        c(
+            "train-vae --out @/new --weight-decay 0.1",
+            "--weight-decay 0.1: this loop uses Adam",
+        ),
+        c(
+            "distill progressive --out @/new --teacher @/tiny --adam-eps 0",
+            "--adam-eps 0",
+        ),
         c("train-gan --out @/new --ema 2", "--ema 2"),
         c("train-gan --out @/occupied --iters 1", "--out"),
         // distill progressive

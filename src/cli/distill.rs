@@ -89,9 +89,17 @@ pub struct DistillArgs {
     pub device: DeviceArgs,
     #[command(flatten)]
     pub data_parallel: super::DataParallelArgs,
+    #[command(flatten)]
+    pub optimizer: super::OptimizerArgs,
 }
 
 impl DistillArgs {
+    /// The distillation optimizer (AdamW, weight decay 1e-4, clip 1) with the flags applied.
+    fn optimizer(&self) -> Result<crate::train::optim::OptimizerConfig> {
+        self.optimizer
+            .config(crate::train::optim::OptimizerConfig::distillation())
+    }
+
     fn eval_samples(&self) -> usize {
         self.eval_samples.unwrap_or(match self.preset {
             Budget::Quick => 300,
@@ -278,22 +286,22 @@ fn absolute(path: &Path, flag: &str) -> Result<PathBuf> {
 }
 
 impl ProgressiveArgs {
-    fn config(&self) -> ProgressiveConfig {
+    fn config(&self) -> Result<ProgressiveConfig> {
         let (from, to, iters, batch, lr) = match self.common.preset {
             Budget::Quick => (16, 4, 120, 16, 1e-4),
             Budget::Full => (16, 1, 1500, 32, 1e-4),
         };
-        ProgressiveConfig {
+        Ok(ProgressiveConfig {
             from_steps: self.from_steps.unwrap_or(from),
             to_steps: self.to_steps.unwrap_or(to),
             iters_per_round: self.iters_per_round.unwrap_or(iters),
             batch: self.batch.unwrap_or(batch),
             lr: self.lr.unwrap_or(lr),
-            grad_clip: 1.0,
+            optimizer: self.common.optimizer()?,
             ema_decay: self.ema,
             seed: self.common.seed,
             checkpoint_every: self.common.checkpoint_every,
-        }
+        })
     }
 }
 
@@ -420,7 +428,7 @@ fn run_progressive(args: ProgressiveArgs) -> Result<()> {
         None
     } else {
         let (teacher, data) = args.common.teacher_and_data()?;
-        let config = args.config();
+        let config = args.config()?;
         config.validate()?;
         Some(ProgressiveRun {
             kind: PROGRESSIVE_RUN.into(),
@@ -461,7 +469,7 @@ fn run_progressive(args: ProgressiveArgs) -> Result<()> {
 }
 
 impl ConsistencyArgs {
-    fn config(&self) -> ConsistencyConfig {
+    fn config(&self) -> Result<ConsistencyConfig> {
         let (iters, batch) = match self.common.preset {
             Budget::Quick => (300, 16),
             Budget::Full => (3000, 32),
@@ -472,7 +480,7 @@ impl ConsistencyArgs {
             Budget::Quick => None,
             Budget::Full => Some(0.999),
         };
-        ConsistencyConfig {
+        Ok(ConsistencyConfig {
             scales: self.scales,
             scales_start: self.scales_start,
             target_ema: self.target_ema,
@@ -497,7 +505,7 @@ impl ConsistencyArgs {
                 LrDecayKind::Constant => LrDecay::Constant,
                 LrDecayKind::Cosine => LrDecay::Cosine,
             },
-            grad_clip: 1.0,
+            optimizer: self.common.optimizer()?,
             ema_decay: self.ema.or(ema),
             seed: self.common.seed,
             checkpoint_every: self.common.checkpoint_every,
@@ -507,7 +515,7 @@ impl ConsistencyArgs {
                 convolutions: self.lora_convs,
                 linears: self.lora_linears,
             }),
-        }
+        })
     }
 
     fn reference_steps(&self) -> usize {
@@ -613,7 +621,7 @@ fn run_consistency(args: ConsistencyArgs) -> Result<()> {
         None
     } else {
         let (teacher, data) = args.common.teacher_and_data()?;
-        let config = args.config();
+        let config = args.config()?;
         config.validate()?;
         Some(ConsistencyRun {
             kind: CONSISTENCY_RUN.into(),

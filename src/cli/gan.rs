@@ -44,9 +44,8 @@ pub struct GanOptimArgs {
     pub lr_d: f64,
     #[arg(long, value_enum, default_value = "hinge")]
     pub loss: LossArg,
-    /// Adam β₁,β₂ (one discriminator step per generator step: SN-GAN's settings B/C, 0.5,0.999).
-    #[arg(long, value_parser = super::values::decay, value_delimiter = ',', default_values_t = [0.5, 0.999])]
-    pub adam_betas: Vec<f32>,
+    #[command(flatten)]
+    pub optimizer: super::OptimizerArgs,
     /// EMA decay of the written generator (0 for none).
     #[arg(long, value_parser = super::values::decay, default_value_t = 0.999)]
     pub ema: f32,
@@ -64,13 +63,15 @@ pub struct GanOptimArgs {
 }
 
 impl GanOptimArgs {
-    fn config(&self) -> GanTrainConfig {
-        GanTrainConfig {
+    fn config(&self) -> Result<GanTrainConfig> {
+        Ok(GanTrainConfig {
             iters: self.iters,
             batch: self.batch,
             lr_g: self.lr_g,
             lr_d: self.lr_d,
-            betas: (self.adam_betas[0], self.adam_betas[1]),
+            optimizer: self
+                .optimizer
+                .config(crate::train::optim::OptimizerConfig::adam((0.5, 0.999)))?,
             loss: match self.loss {
                 LossArg::Hinge => GanLoss::Hinge,
                 LossArg::NonSaturating => GanLoss::NonSaturating,
@@ -78,7 +79,7 @@ impl GanOptimArgs {
             ema_decay: (self.ema > 0.0).then_some(self.ema),
             seed: self.seed,
             checkpoint_every: self.checkpoint_every,
-        }
+        })
     }
 
     fn data(&self) -> Result<DataSource> {
@@ -87,12 +88,6 @@ impl GanOptimArgs {
 
     /// Trains `run` (built only for a new run: `--resume` reads the stored one).
     fn run(&self, out: &Path, run: impl FnOnce() -> Result<GanRun>) -> Result<()> {
-        if self.adam_betas.len() != 2 || self.adam_betas.iter().any(|b| !(0.0..1.0).contains(b)) {
-            return Err(Error::Usage(format!(
-                "--adam-betas {:?}: expected two numbers in [0, 1)",
-                self.adam_betas
-            )));
-        }
         crate::train::ema::check_decay(self.ema)?;
         let device = self.device.device()?;
         crate::train::install_interrupt_handler();
@@ -181,7 +176,7 @@ fn teacher_run(args: &TrainGanArgs) -> Result<GanRun> {
             generator,
             discriminator,
         },
-        config: args.optim.config(),
+        config: args.optim.config()?,
         data,
     })
 }
@@ -282,7 +277,7 @@ fn distill_run(args: &DistillGanArgs) -> Result<GanRun> {
             },
             perceptual_net,
         },
-        config: args.optim.config(),
+        config: args.optim.config()?,
         data: args.optim.data()?,
     })
 }

@@ -62,6 +62,59 @@ pub struct DeviceArgs {
     pub verbose: bool,
 }
 
+/// The optimizer flags every training command takes; each command's defaults fill what is not
+/// given (see [`crate::train::optim::OptimizerConfig`]), and the result is stored in run.json.
+#[derive(Debug, Clone, clap::Args)]
+pub struct OptimizerArgs {
+    /// Adam(W) β₁,β₂ (default 0.9,0.999; GANs 0.5,0.999: SN-GAN's settings B/C for one
+    /// discriminator step per generator step).
+    #[arg(long, value_parser = values::decay, value_delimiter = ',')]
+    pub adam_betas: Option<Vec<f32>>,
+    /// Adam(W) ε (default 1e-5).
+    #[arg(long, value_parser = values::positive_f32)]
+    pub adam_eps: Option<f32>,
+    /// AdamW's decoupled weight decay (default: train 0, distill progressive/consistency 1e-4;
+    /// the GAN and VAE loops use Adam, without it).
+    #[arg(long, value_parser = values::non_negative_f32)]
+    pub weight_decay: Option<f32>,
+    /// Global gradient-norm clip, 0 for none (default: train and distill 1; GAN, VAE none).
+    #[arg(long, value_parser = values::non_negative_f32)]
+    pub grad_clip: Option<f32>,
+}
+
+impl OptimizerArgs {
+    /// `defaults` with the given flags applied, checked.
+    pub fn config(
+        &self,
+        defaults: crate::train::optim::OptimizerConfig,
+    ) -> Result<crate::train::optim::OptimizerConfig> {
+        let mut c = defaults;
+        if let Some(b) = &self.adam_betas {
+            let [b1, b2] = b.as_slice() else {
+                return Err(crate::error::Error::Usage(format!(
+                    "--adam-betas {}: expected two numbers β₁,β₂ in [0, 1)",
+                    b.iter()
+                        .map(|v| v.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )));
+            };
+            c.betas = (*b1, *b2);
+        }
+        if let Some(e) = self.adam_eps {
+            c.eps = e;
+        }
+        if let Some(w) = self.weight_decay {
+            c.weight_decay = w;
+        }
+        if let Some(g) = self.grad_clip {
+            c.grad_clip = (g > 0.0).then_some(g);
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
 /// `--devices`: data-parallel training (train and distill commands).
 #[derive(Debug, clap::Args)]
 pub struct DataParallelArgs {

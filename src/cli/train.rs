@@ -47,8 +47,8 @@ pub struct TrainArgs {
     /// EMA decay of the weights written to the pipeline folder.
     #[arg(long, value_parser = super::values::decay, default_value_t = 0.999)]
     pub ema: f32,
-    #[arg(long, value_parser = super::values::positive_f32, default_value_t = 1.0)]
-    pub grad_clip: f32,
+    #[command(flatten)]
+    pub optimizer: super::OptimizerArgs,
     #[arg(long, value_parser = ["epsilon", "v_prediction", "sample"], default_value = "v_prediction")]
     pub prediction: String,
     #[arg(long, value_parser = ["linear", "scaled_linear", "squaredcos_cap_v2"], default_value = "squaredcos_cap_v2")]
@@ -189,8 +189,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
             lr: args.lr,
             warmup: args.warmup,
             ema_decay: args.ema,
-            grad_clip: args.grad_clip,
-            weight_decay: 0.0,
+            optimizer: args
+                .optimizer
+                .config(crate::train::optim::OptimizerConfig::diffusion())?,
             label_dropout: args.label_dropout,
             seed: args.seed,
             checkpoint_every: args.checkpoint_every,

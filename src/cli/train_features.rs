@@ -26,6 +26,8 @@ pub struct TrainFeaturesArgs {
     /// Held-out images for the reported accuracy.
     #[arg(long, value_parser = super::values::count, default_value_t = 5000)]
     pub test_images: usize,
+    #[command(flatten)]
+    pub optimizer: super::OptimizerArgs,
     #[arg(long)]
     pub quiet: bool,
     #[command(flatten)]
@@ -46,6 +48,9 @@ pub fn run(args: TrainFeaturesArgs) -> Result<()> {
         seed: args.seed,
         data_seed: args.data_seed,
         test_images: args.test_images,
+        optimizer: args
+            .optimizer
+            .config(crate::train::optim::OptimizerConfig::adamw(1e-4, None))?,
     };
     let acc = feature_net::train_feature_net(
         &args.out,

@@ -52,6 +52,8 @@ pub struct TrainVaeArgs {
     /// Continue the run in --out (its stored settings win).
     #[arg(long)]
     pub resume: bool,
+    #[command(flatten)]
+    pub optimizer: super::OptimizerArgs,
     #[arg(long)]
     pub quiet: bool,
     #[command(flatten)]
@@ -85,6 +87,9 @@ fn new_run(args: &TrainVaeArgs) -> Result<VaeRun> {
         seed: args.seed,
         checkpoint_every: args.checkpoint_every,
         eval_images: args.eval_images,
+        optimizer: args
+            .optimizer
+            .config(crate::train::optim::OptimizerConfig::adam((0.9, 0.999)))?,
     };
     config.validate()?;
     crate::models::footprint::check_vae(

@@ -241,8 +241,9 @@ pub fn read_run(run: &Path, kind: &str) -> Result<Value> {
             "--resume: no run to resume here (run.json not found)",
         ));
     }
-    let v: Value = serde_json::from_str(&io::read_text(&path)?)
+    let mut v: Value = serde_json::from_str(&io::read_text(&path)?)
         .map_err(|e| Error::file(&path, format!("not valid JSON: {e}")))?;
+    super::optim::upgrade_stored_run(&mut v);
     match v.get("kind").and_then(Value::as_str) {
         Some(k) if k == kind => Ok(v),
         Some(k) => Err(Error::file(

@@ -14,8 +14,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
-use burn::optim::grad_clipping::GradientClippingConfig;
-use burn::optim::{AdamWConfig, ModuleOptimizer};
+use burn::optim::ModuleOptimizer;
 use burn::prelude::*;
 use fewstep_schedulers::{Algorithm, Prediction, SchedulerConfig};
 use serde_json::json;
@@ -70,7 +69,7 @@ pub struct ConsistencyConfig {
     /// How the learning rate moves after the warm-up.
     #[serde(default)]
     pub lr_decay: LrDecay,
-    pub grad_clip: f32,
+    pub optimizer: super::optim::OptimizerConfig,
     /// EMA decay of the written student (`None`: the raw student, as LCM).
     pub ema_decay: Option<f32>,
     pub seed: u64,
@@ -82,6 +81,7 @@ pub struct ConsistencyConfig {
 
 impl ConsistencyConfig {
     pub fn validate(&self) -> Result<()> {
+        self.optimizer.validate()?;
         for (name, v) in [
             ("--iters", self.iters),
             ("--batch", self.batch),
@@ -246,9 +246,7 @@ pub fn student_scheduler(teacher: &SchedulerConfig, cfg: &ConsistencyConfig) -> 
 }
 
 fn new_optimizer(cfg: &ConsistencyConfig) -> ModuleOptimizer {
-    AdamWConfig::new()
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.grad_clip)))
-        .init()
+    cfg.optimizer.init()
 }
 
 /// A trainable student on `device` (an autodiff device): the teacher's UNet, with adapters
@@ -629,7 +627,7 @@ mod tests {
             lr: 1e-3,
             warmup: 10,
             lr_decay,
-            grad_clip: 1.0,
+            optimizer: crate::train::optim::OptimizerConfig::distillation(),
             ema_decay: None,
             seed: 0,
             checkpoint_every: 10,

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::{AdamWConfig, GradientsParams};
+use burn::optim::GradientsParams;
 use burn::prelude::*;
 use serde_json::json;
 
@@ -29,6 +29,8 @@ pub struct FeatureNetTrainConfig {
     pub seed: u64,
     pub data_seed: u64,
     pub test_images: usize,
+    /// AdamW with weight decay 1e-4, no clipping, by default.
+    pub optimizer: super::optim::OptimizerConfig,
 }
 
 /// Held-out accuracy per head group.
@@ -146,7 +148,8 @@ pub fn train_feature_net(
     let ad = device.clone().autodiff();
     ad.seed(cfg.seed);
     let mut net = config.init(&ad);
-    let mut optim = AdamWConfig::new().with_weight_decay(1e-4).init();
+    cfg.optimizer.validate()?;
+    let mut optim = cfg.optimizer.init();
     let bar = super::progress_bar(cfg.steps, 0, quiet);
     let log_lines = super::log_lines(quiet);
     let started = Instant::now();

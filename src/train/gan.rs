@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use serde_json::json;
 
@@ -52,8 +52,8 @@ pub struct GanTrainConfig {
     pub batch: usize,
     pub lr_g: f64,
     pub lr_d: f64,
-    /// Adam β₁, β₂.
-    pub betas: (f32, f32),
+    /// Adam for both networks (the GAN default: β = (0.5, 0.999), no clipping).
+    pub optimizer: super::optim::OptimizerConfig,
     pub loss: GanLoss,
     /// EMA decay of the written generator (`None`: the raw one).
     pub ema_decay: Option<f32>,
@@ -63,6 +63,7 @@ pub struct GanTrainConfig {
 
 impl GanTrainConfig {
     pub fn validate(&self) -> Result<()> {
+        self.optimizer.validate()?;
         for (name, v) in [
             ("--iters", self.iters),
             ("--batch", self.batch),
@@ -173,10 +174,7 @@ struct Teacher {
 }
 
 fn optimizer(cfg: &GanTrainConfig) -> ModuleOptimizer {
-    AdamConfig::new()
-        .with_beta_1(cfg.betas.0)
-        .with_beta_2(cfg.betas.1)
-        .init()
+    cfg.optimizer.init()
 }
 
 /// The configs of the networks a run trains.

@@ -10,6 +10,7 @@ pub mod ema;
 pub mod feature_net;
 pub mod gan;
 pub mod latents;
+pub mod optim;
 pub mod progressive;
 pub mod vae;
 
@@ -19,8 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::grad_clipping::GradientClippingConfig;
-use burn::optim::{AdamWConfig, ModuleOptimizer};
+use burn::optim::ModuleOptimizer;
 use burn::prelude::*;
 use fewstep_schedulers::{Algorithm, SchedulerConfig};
 use serde_json::json;
@@ -60,9 +60,7 @@ pub struct TrainConfig {
     /// Linear warm-up steps from 0 to `lr`.
     pub warmup: usize,
     pub ema_decay: f32,
-    /// Global gradient-norm clip.
-    pub grad_clip: f32,
-    pub weight_decay: f32,
+    pub optimizer: optim::OptimizerConfig,
     /// Probability of replacing a class label by the null class (classifier-free guidance).
     pub label_dropout: f32,
     pub seed: u64,
@@ -77,8 +75,7 @@ impl Default for TrainConfig {
             lr: 2e-4,
             warmup: 200,
             ema_decay: 0.999,
-            grad_clip: 1.0,
-            weight_decay: 0.0,
+            optimizer: optim::OptimizerConfig::diffusion(),
             label_dropout: 0.1,
             seed: 0,
             checkpoint_every: 500,
@@ -101,6 +98,13 @@ impl TrainConfig {
             )));
         }
         ema::check_decay(self.ema_decay)?;
+        self.optimizer.validate()?;
+        if !(0.0..=1.0).contains(&self.label_dropout) {
+            return Err(Error::Usage(format!(
+                "--label-dropout {}: expected a probability in [0, 1]",
+                self.label_dropout
+            )));
+        }
         if self.checkpoint_every == 0 {
             return Err(Error::Usage("--checkpoint-every must be at least 1".into()));
         }
@@ -190,10 +194,7 @@ struct State {
 }
 
 fn new_optimizer(cfg: &TrainConfig) -> ModuleOptimizer {
-    AdamWConfig::new()
-        .with_weight_decay(cfg.weight_decay)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.grad_clip)))
-        .init()
+    cfg.optimizer.init()
 }
 
 fn save_checkpoint(

@@ -12,8 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
-use burn::optim::grad_clipping::GradientClippingConfig;
-use burn::optim::{AdamWConfig, ModuleOptimizer};
+use burn::optim::ModuleOptimizer;
 use burn::prelude::*;
 use fewstep_schedulers::{Algorithm, Prediction, SchedulerConfig};
 use serde_json::json;
@@ -46,7 +45,7 @@ pub struct ProgressiveConfig {
     pub batch: usize,
     /// Peak learning rate of each round (linear decay to 0 over the round).
     pub lr: f64,
-    pub grad_clip: f32,
+    pub optimizer: super::optim::OptimizerConfig,
     /// EMA decay of the written student; `None` writes the raw weights (the paper uses none).
     pub ema_decay: Option<f32>,
     pub seed: u64,
@@ -82,6 +81,7 @@ impl ProgressiveConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
+        self.optimizer.validate()?;
         self.rounds()?;
         for (name, v) in [
             ("--iters-per-round", self.iters_per_round),
@@ -168,9 +168,7 @@ pub fn finished_rounds(run_dir: &Path) -> Vec<(usize, PathBuf)> {
 }
 
 fn new_optimizer(cfg: &ProgressiveConfig) -> ModuleOptimizer {
-    AdamWConfig::new()
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.grad_clip)))
-        .init()
+    cfg.optimizer.init()
 }
 
 /// The prediction type the student is trained in: v (or x0) as the teacher, v for an ε teacher —

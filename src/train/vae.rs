@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use serde_json::json;
 
@@ -39,10 +39,13 @@ pub struct VaeTrainConfig {
     pub checkpoint_every: usize,
     /// Held-out images for PSNR, rFID and the scaling factor.
     pub eval_images: usize,
+    /// Adam (burn's defaults unless flags say otherwise).
+    pub optimizer: super::optim::OptimizerConfig,
 }
 
 impl VaeTrainConfig {
     pub fn validate(&self) -> Result<()> {
+        self.optimizer.validate()?;
         if self.iters == 0 || self.batch == 0 || self.checkpoint_every == 0 {
             return Err(Error::Usage(
                 "--iters, --batch and --checkpoint-every must be at least 1".into(),
@@ -111,8 +114,8 @@ pub fn shapes32_config() -> VaeConfig {
     }
 }
 
-fn optimizer() -> ModuleOptimizer {
-    AdamConfig::new().init()
+fn optimizer(cfg: &VaeTrainConfig) -> ModuleOptimizer {
+    cfg.optimizer.init()
 }
 
 /// KL(N(μ, σ²) ‖ N(0, I)) = ½ Σ (μ² + σ² − 1 − log σ²), summed over an image's latent elements,
@@ -180,7 +183,7 @@ pub fn train_vae(
     let ad = device.clone().autodiff();
     let (vae, optim, start) = match checkpoint::latest(run_dir) {
         Some(ckpt) => {
-            let s = checkpoint::read_state(&ckpt, run.vae.init(&ad), optimizer())?;
+            let s = checkpoint::read_state(&ckpt, run.vae.init(&ad), optimizer(cfg))?;
             let iter = s.progress["iter"]
                 .as_u64()
                 .ok_or_else(|| Error::file(ckpt.join("state/state.json"), "no `iter`"))?;
@@ -188,7 +191,7 @@ pub fn train_vae(
         }
         None => {
             ad.seed(cfg.seed);
-            (run.vae.init(&ad), optimizer(), 0)
+            (run.vae.init(&ad), optimizer(cfg), 0)
         }
     };
     let csv_path = run_dir.join("loss.csv");
