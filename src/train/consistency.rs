@@ -19,8 +19,8 @@ use burn::prelude::*;
 use fewstep_schedulers::{Algorithm, Prediction, SchedulerConfig};
 use serde_json::json;
 
-use super::distill_loop::{IterReport, LoopSpec, run_loop};
 use super::progressive::student_prediction;
+use super::run_loop::{IterReport, LoopSpec, run_loop};
 use super::{checkpoint, data_parallel, ema, open_images};
 use crate::data::{DataSource, TrainImages};
 use crate::distill::consistency::{

@@ -27,7 +27,7 @@ use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use serde_json::json;
 
-use super::distill_loop::{IterReport, LoopSpec, run_loop};
+use super::run_loop::{IterReport, LoopSpec, run_loop};
 use super::{checkpoint, ema, open_images};
 use crate::data::DataSource;
 use crate::distill::gan::{

@@ -5,16 +5,15 @@ pub mod checkpoint;
 pub mod consistency;
 pub mod data_parallel;
 pub mod diffusion;
-pub(crate) mod distill_loop;
 pub mod ema;
 pub mod feature_net;
 pub mod gan;
 pub mod latents;
 pub mod optim;
 pub mod progressive;
+pub(crate) mod run_loop;
 pub mod vae;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -316,7 +315,7 @@ pub fn train_diffusion(
             step: 0,
         }
     };
-    let (mut run, mut state) = if resume {
+    let (mut run, state) = if resume {
         let v = checkpoint::read_run(run_dir, DIFFUSION_RUN)?;
         let run = DiffusionRun::from_json(&v, &run_dir.join(checkpoint::RUN_FILE))?;
         let state = match checkpoint::latest(run_dir) {
@@ -377,84 +376,70 @@ pub fn train_diffusion(
     };
 
     let csv_path = run_dir.join("loss.csv");
-    let (mut csv, spent_before) = open_loss_csv(&csv_path, state.step)?;
-    let bar = progress_bar(run.train.steps, state.step, quiet);
-    let log_lines = log_lines(quiet);
+    let spec = run_loop::LoopSpec {
+        name: "training",
+        iters: run.train.steps,
+        first_global: 0,
+        checkpoint_every: run.train.checkpoint_every,
+        csv_path: &csv_path,
+        quiet,
+    };
     let started = Instant::now();
-    let first_step = state.step;
-    let mut last_loss = f32::NAN;
-    let mut smoothed: Option<f32> = None;
+    let start = state.step;
     let mut checkpoint_path = checkpoint::latest(run_dir).unwrap_or_else(|| run_dir.to_path_buf());
-    let mut interrupted = false;
-    while state.step < run.train.steps {
-        let step = state.step;
-        // Drawn without autodiff: each shard moves its rows to its device.
-        let batch = draw_batch(&run, &data, step, train_t, device);
-        let (loss_value, grads) = data_parallel::loss_and_grads(
-            &state.model,
-            devices,
-            run.train.batch,
-            |model, shard| {
-                let ad = |x: Tensor<4>| x.autodiff();
-                diffusion::denoising_loss(
-                    model,
-                    ad(shard.take(&batch.x0)),
-                    ad(shard.take(&batch.eps)),
-                    &shard.take_list(&batch.t),
-                    batch.labels.as_ref().map(|l| shard.take(l).autodiff()),
-                    &schedule,
-                    prediction,
-                )
-            },
-        )?;
-        if !loss_value.is_finite() {
-            bar.abandon();
-            return Err(Error::Config(format!(
-                "training stopped: the loss became {loss_value} at step {step}; the last good checkpoint ({}) is untouched — try a lower --lr",
-                checkpoint_path.display()
-            )));
-        }
-        let lr = run.train.lr_at(step);
-        state.model = state.optim.step(lr, state.model, grads);
-        state.ema = ema::update(
-            state.ema,
-            &state.model.valid(),
-            ema::decay_at(step, run.train.ema_decay),
-        );
-        state.step += 1;
-        last_loss = loss_value;
-        let s = smoothed.map_or(loss_value, |s| 0.98 * s + 0.02 * loss_value);
-        smoothed = Some(s);
-        writeln!(
-            csv,
-            "{},{loss_value},{lr},{:.3}",
-            state.step,
-            spent_before + started.elapsed().as_secs_f64()
-        )
-        .and_then(|_| csv.flush())
-        .map_err(|e| Error::file(&csv_path, format!("cannot write: {e}")))?;
-        let per_sec = (state.step - first_step) as f64 / started.elapsed().as_secs_f64();
-        bar.set_position(state.step as u64);
-        bar.set_message(format!("loss {s:.4} | lr {lr:.2e} | {per_sec:.2} it/s"));
-        if log_lines && (state.step % 50 == 0 || state.step == run.train.steps) {
-            let eta = (run.train.steps - state.step) as f64 / per_sec.max(1e-9);
-            eprintln!(
-                "step {}/{} | loss {s:.4} | lr {lr:.2e} | {per_sec:.2} it/s | ETA {:.0} s",
-                state.step, run.train.steps, eta
+    let mut last_loss = f32::NAN;
+    let (state, end) = run_loop::run_loop(
+        &spec,
+        start,
+        state,
+        |mut state: State, step| {
+            // Drawn without autodiff: each shard moves its rows to its device.
+            let batch = draw_batch(&run, &data, step, train_t, device);
+            let (loss, grads) = data_parallel::loss_and_grads(
+                &state.model,
+                devices,
+                run.train.batch,
+                |model, shard| {
+                    let ad = |x: Tensor<4>| x.autodiff();
+                    diffusion::denoising_loss(
+                        model,
+                        ad(shard.take(&batch.x0)),
+                        ad(shard.take(&batch.eps)),
+                        &shard.take_list(&batch.t),
+                        batch.labels.as_ref().map(|l| shard.take(l).autodiff()),
+                        &schedule,
+                        prediction,
+                    )
+                },
+            )?;
+            let lr = run.train.lr_at(step);
+            state.model = state.optim.step(lr, state.model, grads);
+            state.ema = ema::update(
+                state.ema,
+                &state.model.valid(),
+                ema::decay_at(step, run.train.ema_decay),
             );
-        }
-        interrupted = interrupt_requested();
-        if state.step % run.train.checkpoint_every == 0
-            || state.step == run.train.steps
-            || interrupted
-        {
-            checkpoint_path = save_checkpoint(run_dir, &run, &state, vae)?;
-        }
-        if interrupted {
-            break;
-        }
+            state.step += 1;
+            last_loss = loss;
+            Ok((
+                state,
+                run_loop::IterReport {
+                    loss,
+                    lr,
+                    note: String::new(),
+                },
+            ))
+        },
+        |state, _| {
+            checkpoint_path = save_checkpoint(run_dir, &run, state, vae)?;
+            Ok(())
+        },
+    )?;
+    let interrupted = end.finished().is_none();
+    // The last step is checkpointed too when it is not a multiple of --checkpoint-every.
+    if !interrupted && state.step % run.train.checkpoint_every != 0 {
+        checkpoint_path = save_checkpoint(run_dir, &run, &state, vae)?;
     }
-    bar.finish_and_clear();
     Ok(TrainOutcome {
         step: state.step,
         last_loss,

@@ -17,7 +17,7 @@ use burn::prelude::*;
 use fewstep_schedulers::{Algorithm, Prediction, SchedulerConfig};
 use serde_json::json;
 
-use super::distill_loop::{IterReport, LoopSpec, run_loop};
+use super::run_loop::{IterReport, LoopSpec, run_loop};
 use super::{checkpoint, data_parallel, ema, open_images};
 use crate::data::{DataSource, TrainImages};
 use crate::distill::progressive::{

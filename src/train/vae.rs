@@ -13,7 +13,7 @@ use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use serde_json::json;
 
-use super::distill_loop::{IterReport, LoopSpec, run_loop};
+use super::run_loop::{IterReport, LoopSpec, run_loop};
 use super::{checkpoint, open_images};
 use crate::data::{DataSource, TrainImages, shapes, shapes_batch};
 use crate::distill::gan::PixelDistance;

@@ -1,6 +1,7 @@
-//! The iteration loop the distillation commands share: one optimiser step per iteration (the
-//! caller's closure), then the `loss.csv` row, progress (bar on a terminal, a line every 50
-//! iterations otherwise: loss, lr, it/s, ETA), the NaN guard, periodic checkpoints and Ctrl-C.
+//! The one iteration loop of every trainer (diffusion teacher, progressive and consistency
+//! distillation, GAN, VAE): one optimiser step per iteration (the caller's closure), then the
+//! `loss.csv` row, progress (bar on a terminal, a line every 50 iterations otherwise: loss, lr,
+//! it/s, ETA), the NaN guard, periodic checkpoints and Ctrl-C.
 
 use std::io::Write;
 use std::path::Path;
@@ -72,8 +73,9 @@ pub(crate) fn run_loop<S>(
         if !loss.is_finite() {
             bar.abandon();
             return Err(Error::Config(format!(
-                "distillation stopped: the loss became {loss} at {}, iteration {iter}; the last checkpoint is untouched — try a lower --lr",
-                spec.name
+                "{} stopped: the loss became {loss} at iteration {done}; the last checkpoint is untouched — try a lower --lr",
+                spec.name,
+                done = iter + 1
             )));
         }
         let done = iter + 1;
