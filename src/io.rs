@@ -385,10 +385,23 @@ impl ModuleMapper for Loader<'_> {
             return param;
         }
         let device = param.lazy_device();
-        let mut tensor = Tensor::<D>::from_data(TensorData::new(t.data, t.shape.clone()), &device);
-        if transpose {
-            tensor = tensor.transpose();
-        }
+        // A PyTorch [out, in] Linear weight becomes burn's [in, out] on the host, so the device
+        // tensor is contiguous as a freshly built one is: a strided (transposed) view would take
+        // other matmul paths and round differently, and a resumed run would drift (~1e-7) from an
+        // uninterrupted one.
+        let (data, shape) = if transpose && t.shape.len() == 2 {
+            let (rows, cols) = (t.shape[0], t.shape[1]);
+            let mut out = vec![0f32; t.data.len()];
+            for r in 0..rows {
+                for c in 0..cols {
+                    out[c * rows + r] = t.data[r * cols + c];
+                }
+            }
+            (out, vec![cols, rows])
+        } else {
+            (t.data, t.shape.clone())
+        };
+        let tensor = Tensor::<D>::from_data(TensorData::new(data, shape), &device);
         let id = match self.ids.and_then(|ids| ids.get(&name)) {
             Some(&id) => ParamId::from(id),
             None => param.id,
