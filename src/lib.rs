@@ -8,6 +8,7 @@ pub mod cli;
 pub mod data;
 pub mod distill;
 pub mod error;
+pub mod eval;
 pub mod image_grid;
 pub mod io;
 pub mod metrics;

@@ -117,6 +117,40 @@ pub fn sample(
     })
 }
 
+/// The sampling algorithm: `flag` (`--scheduler`), else the folder's own scheduler, else the one
+/// fallback ([`fewstep_schedulers::FALLBACK_ALGORITHM`], with a note saying so).
+pub fn choose_algorithm(
+    flag: Option<Algorithm>,
+    scheduler: &fewstep_schedulers::SchedulerConfig,
+) -> Algorithm {
+    if let Some(a) = flag {
+        return a;
+    }
+    let (algorithm, note) = scheduler.algorithm();
+    if let Some(note) = note {
+        eprintln!("note: {note}");
+    }
+    algorithm
+}
+
+/// [`fit_batch`], with a note when the batch was lowered: the same seed gives the same images
+/// whatever the batch.
+pub fn fitted_batch(
+    pipeline: &Pipeline,
+    precision: crate::backend::Precision,
+    batch: usize,
+    max_binding_bytes: Option<u64>,
+) -> Result<usize> {
+    let fitted = fit_batch(pipeline, precision, batch, max_binding_bytes)?;
+    if fitted < batch {
+        eprintln!(
+            "--batch {batch}: the adapter binds at most {} MiB per buffer, about {fitted} images of this model; generating in batches of {fitted}",
+            max_binding_bytes.unwrap_or(0) / (1024 * 1024)
+        );
+    }
+    Ok(fitted)
+}
+
 /// `batch`, or the largest batch whose biggest tensor fits in `max_binding_bytes` (a GPU's
 /// largest storage binding, see [`crate::backend::max_binding_bytes`]) if that is smaller.
 pub fn fit_batch(

@@ -3,7 +3,6 @@
 //! `fewstep distill consistency`: a consistency (LCM) student, then its FID at 1, 2, 4 … steps
 //! against the teacher's.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
@@ -14,10 +13,10 @@ use super::DeviceArgs;
 use crate::data::DataSource;
 use crate::distill::consistency::{Distance, Solver};
 use crate::error::{Error, Result};
-use crate::io::{self, Pipeline};
-use crate::metrics::{self, FeatureExtractor, Reference, Scores, ShapesFeatures};
+use crate::eval::Evaluator;
+use crate::io;
+use crate::metrics::{self, FeatureExtractor, Reference, ShapesFeatures};
 use crate::models::lora::LoraSpec;
-use crate::sample::Generation;
 use crate::train::consistency::{
     self, CONSISTENCY_RUN, ConsistencyConfig, ConsistencyOutcome, ConsistencyRun, GuidanceRange,
     LrDecay,
@@ -305,52 +304,6 @@ impl ProgressiveArgs {
     }
 }
 
-/// FID evaluations of pipelines at step counts, each computed once.
-struct Evaluator<'a> {
-    extractor: &'a dyn FeatureExtractor,
-    reference: &'a Reference,
-    num: usize,
-    /// Guidance scale for guidance-conditioned students.
-    guidance_scale: Option<f32>,
-    device: &'a Device,
-    done: BTreeMap<(PathBuf, &'static str, usize), Scores>,
-}
-
-impl Evaluator<'_> {
-    fn eval(&mut self, dir: &Path, algorithm: Algorithm, steps: usize) -> Result<Scores> {
-        if let Some(s) = self
-            .done
-            .get(&(dir.to_path_buf(), algorithm.cli_name(), steps))
-        {
-            return Ok(s.clone());
-        }
-        let pipeline = Pipeline::load(dir, self.device)?;
-        let request = Generation {
-            guidance_scale: self.guidance_scale,
-            ..Generation::new(self.num, 100, 0)
-        };
-        let label = dir
-            .file_name()
-            .map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into());
-        let sampled = metrics::sample_features(
-            &pipeline,
-            algorithm,
-            steps,
-            &request,
-            self.extractor,
-            0,
-            &label,
-            self.device,
-        )?;
-        let scores = metrics::score(&sampled.features, self.reference)?;
-        self.done.insert(
-            (dir.to_path_buf(), algorithm.cli_name(), steps),
-            scores.clone(),
-        );
-        Ok(scores)
-    }
-}
-
 /// Evaluates the teacher and every finished round, prints the table, writes report.{json,csv}.
 fn report(
     args: &ProgressiveArgs,
@@ -359,14 +312,7 @@ fn report(
     device: &Device,
 ) -> Result<()> {
     let (extractor, reference, num) = args.common.reference(&run.data, device)?;
-    let mut ev = Evaluator {
-        extractor: &extractor,
-        reference: &reference,
-        num,
-        guidance_scale: None,
-        device,
-        done: BTreeMap::new(),
-    };
+    let mut ev = Evaluator::new(&extractor, &reference, num, None, device);
     let mut rows = Vec::new();
     let mut csv = String::from(
         "steps,student_fid,student_kid,teacher_fid_at_steps,teacher_fid_at_2x_steps,final_loss,seconds\n",
@@ -537,15 +483,9 @@ fn consistency_report(
     device: &Device,
 ) -> Result<()> {
     let (extractor, reference, num) = args.common.reference(&run.data, device)?;
-    let mut ev = Evaluator {
-        extractor: &extractor,
-        reference: &reference,
-        num,
-        // A w-conditioned student is evaluated at the middle of its range.
-        guidance_scale: run.config.guidance.map(|g| 1.0 + (g.min + g.max) / 2.0),
-        device,
-        done: BTreeMap::new(),
-    };
+    // A w-conditioned student is evaluated at the middle of its range.
+    let guidance_scale = run.config.guidance.map(|g| 1.0 + (g.min + g.max) / 2.0);
+    let mut ev = Evaluator::new(&extractor, &reference, num, guidance_scale, device);
     let r = args.reference_steps();
     let teacher_ref = ev.eval(&run.teacher, Algorithm::Ddim, r)?;
     let mut table = format!(

@@ -10,7 +10,8 @@ use serde_json::json;
 use super::DeviceArgs;
 use crate::backend::Precision;
 use crate::error::{Error, Result};
-use crate::io::{self, Pipeline};
+use crate::eval::{CurveLine, ModelUnderTest, Sampling};
+use crate::io;
 use crate::metrics::curve_plot::{Series, plot_fid_curve};
 use crate::metrics::{
     self, FeatureExtractor, InceptionFeatures, Reference, Scores, ShapesFeatures,
@@ -183,12 +184,21 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    /// The `lora` and `lora_scale` of a JSON report (null without --lora).
-    fn lora_json(&self) -> serde_json::Value {
-        match &self.lora {
-            Some(path) => json!({ "file": path.display().to_string(), "scale": self.lora_scale }),
-            None => serde_json::Value::Null,
-        }
+    /// The library's sampling settings for `device`.
+    fn sampling(&self, device: &DeviceArgs) -> Result<Sampling> {
+        let choice = device.choice()?;
+        Ok(Sampling {
+            scheduler: self.scheduler.as_deref().and_then(Algorithm::from_cli_name),
+            num_samples: self.num_samples,
+            batch: self.batch,
+            seed: self.seed,
+            guidance_scale: self.guidance_scale,
+            precision: Precision::parse(&self.precision)?,
+            lora: self.lora.clone(),
+            lora_scale: self.lora_scale,
+            device_name: device.device.clone(),
+            max_binding_bytes: crate::backend::max_binding_bytes(choice),
+        })
     }
 }
 
@@ -255,198 +265,6 @@ pub fn parse_steps(text: &str) -> Result<Vec<usize>> {
     Ok(steps)
 }
 
-/// A model evaluated at several step counts.
-struct ModelUnderTest {
-    dir: PathBuf,
-    /// The LoRA file merged into its UNet (--lora).
-    lora: Option<PathBuf>,
-    pipeline: Pipeline,
-    algorithm: Algorithm,
-    precision: Precision,
-    /// `--batch`, fitted to the device's largest storage binding.
-    batch: usize,
-}
-
-impl ModelUnderTest {
-    fn load(
-        dir: &Path,
-        sampling: &SamplingArgs,
-        device: &Device,
-        device_args: &DeviceArgs,
-    ) -> Result<Self> {
-        let precision = Precision::parse(&sampling.precision)?;
-        precision.check(device, &device_args.device)?;
-        let pipeline = match &sampling.lora {
-            Some(lora) => Pipeline::load_with_lora(dir, lora, sampling.lora_scale, device)?,
-            None => Pipeline::load(dir, device)?,
-        }
-        .with_precision(precision);
-        let algorithm =
-            super::sample::sampling_algorithm(sampling.scheduler.as_deref(), &pipeline.scheduler);
-        let batch = super::sample::fitted_batch(&pipeline, precision, sampling.batch, device_args)?;
-        Ok(ModelUnderTest {
-            dir: dir.to_path_buf(),
-            lora: sampling.lora.clone(),
-            pipeline,
-            algorithm,
-            precision,
-            batch,
-        })
-    }
-
-    /// `parent/name`: students of different runs share folder names (`student`,
-    /// `round-4steps`), so the run folder is part of a model's name in labels and file names.
-    /// With --lora, `parent/name+lora-parent/lora-name`.
-    fn short_name(&self) -> String {
-        match &self.lora {
-            Some(lora) => format!("{}+{}", two_components(&self.dir), two_components(lora)),
-            None => two_components(&self.dir),
-        }
-    }
-
-    fn label(&self) -> String {
-        match self.precision {
-            Precision::F32 => format!("{} ({})", self.short_name(), self.algorithm),
-            p => format!("{} ({}, {})", self.short_name(), self.algorithm, p.name()),
-        }
-    }
-
-    /// Samples `sampling.num_samples` images at `steps` steps and returns their features, the
-    /// first `keep` images and the samples per second.
-    fn sample_features(
-        &self,
-        steps: usize,
-        sampling: &SamplingArgs,
-        extractor: &dyn FeatureExtractor,
-        keep: usize,
-        device: &Device,
-    ) -> Result<metrics::Sampled> {
-        let request = Generation {
-            guidance_scale: sampling.guidance_scale,
-            ..Generation::new(sampling.num_samples, self.batch, sampling.seed)
-        };
-        metrics::sample_features(
-            &self.pipeline,
-            self.algorithm,
-            steps,
-            &request,
-            extractor,
-            keep,
-            &self.label(),
-            device,
-        )
-    }
-}
-
-/// The last two components of `path` (`parent/name`), or its last one.
-fn two_components(path: &Path) -> String {
-    let parts: Vec<String> = path
-        .components()
-        .rev()
-        .take(2)
-        .map(|c| c.as_os_str().to_string_lossy().into_owned())
-        .collect();
-    match parts.as_slice() {
-        [n, p] if p != "." && p != "/" => format!("{p}/{n}"),
-        [n, ..] => n.clone(),
-        [] => path.display().to_string(),
-    }
-}
-
-/// One line of `eval curve`: a pipeline at every step count, or a progressive run folder's
-/// students (`round-<N>steps/`), each at its own step count N where N is among `--steps`.
-enum CurveLine {
-    Pipeline(Box<ModelUnderTest>),
-    Rounds {
-        dir: PathBuf,
-        rounds: Vec<(usize, ModelUnderTest)>,
-    },
-}
-
-impl CurveLine {
-    fn load(
-        dir: &Path,
-        steps: &[usize],
-        sampling: &SamplingArgs,
-        device: &Device,
-        device_args: &DeviceArgs,
-    ) -> Result<Self> {
-        if dir.join("model_index.json").is_file() {
-            return Ok(CurveLine::Pipeline(Box::new(ModelUnderTest::load(
-                dir,
-                sampling,
-                device,
-                device_args,
-            )?)));
-        }
-        let finished = crate::train::progressive::finished_rounds(dir);
-        if sampling.lora.is_some() && !finished.is_empty() {
-            return Err(Error::file(
-                dir,
-                "--model: --lora applies to pipeline folders, not to a progressive run's students",
-            ));
-        }
-        if finished.is_empty() {
-            return Err(Error::file(
-                dir,
-                "--model: not a diffusers pipeline folder (no model_index.json) nor a progressive \
-                 run folder (no round-<N>steps/ student)",
-            ));
-        }
-        let counts: Vec<String> = finished.iter().map(|(n, _)| n.to_string()).collect();
-        let rounds: Vec<(usize, ModelUnderTest)> = finished
-            .into_iter()
-            .filter(|(n, _)| steps.contains(n))
-            .map(|(n, round)| {
-                Ok((
-                    n,
-                    ModelUnderTest::load(&round, sampling, device, device_args)?,
-                ))
-            })
-            .collect::<Result<_>>()?;
-        if rounds.is_empty() {
-            return Err(Error::file(
-                dir,
-                format!(
-                    "--model: a progressive run whose students sample at {} steps, none of them in --steps",
-                    counts.join(", ")
-                ),
-            ));
-        }
-        Ok(CurveLine::Rounds {
-            dir: dir.to_path_buf(),
-            rounds,
-        })
-    }
-
-    /// (model, step count) of every point, in order of steps.
-    fn points(&self, steps: &[usize]) -> Vec<(&ModelUnderTest, usize)> {
-        match self {
-            CurveLine::Pipeline(model) => steps.iter().map(|&n| (model.as_ref(), n)).collect(),
-            CurveLine::Rounds { rounds, .. } => rounds.iter().map(|(n, m)| (m, *n)).collect(),
-        }
-    }
-
-    fn label(&self) -> String {
-        match self {
-            CurveLine::Pipeline(model) => model.label(),
-            CurveLine::Rounds { dir, rounds } => {
-                let name = dir
-                    .file_name()
-                    .map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into());
-                format!("{name} students ({})", rounds[0].1.algorithm)
-            }
-        }
-    }
-}
-
-fn check_sampling(s: &SamplingArgs, dim: usize) -> Result<()> {
-    if s.batch == 0 {
-        return Err(Error::Usage("--batch must be at least 1".into()));
-    }
-    metrics::check_fid_samples("--num-samples", s.num_samples, dim)
-}
-
 fn scores_text(s: &Scores) -> String {
     let mut t = format!("FID {:.4}", s.fid);
     if let Some(k) = &s.kid {
@@ -488,12 +306,13 @@ enum FidSource {
 
 fn fid_source(
     args: &FidArgs,
+    sampling: &Sampling,
     extractor: &dyn FeatureExtractor,
     device: &Device,
 ) -> Result<FidSource> {
     match (&args.model, &args.images, &args.stats) {
         (Some(dir), _, _) if crate::models::gan::folder::is_gan(dir) => {
-            check_sampling(&args.sampling, extractor.dim())?;
+            sampling.check(extractor.dim())?;
             if Precision::parse(&args.sampling.precision)? != Precision::F32 {
                 return Err(Error::Usage(format!(
                     "--precision {}: GAN generators are evaluated in f32 only",
@@ -510,8 +329,8 @@ fn fid_source(
             Ok(FidSource::Gan(dir.clone(), config, Box::new(generator)))
         }
         (Some(dir), _, _) => {
-            check_sampling(&args.sampling, extractor.dim())?;
-            let model = ModelUnderTest::load(dir, &args.sampling, device, &args.device)?;
+            sampling.check(extractor.dim())?;
+            let model = ModelUnderTest::load(dir, sampling, device)?;
             Ok(FidSource::Pipeline(dir.clone(), Box::new(model)))
         }
         (None, Some(dir), _) => {
@@ -570,7 +389,8 @@ fn run_fid(args: FidArgs) -> Result<()> {
     let extractor: &dyn FeatureExtractor = extractor.as_ref();
     // Everything cheap first: the model loads, the flags are in range; then the reference
     // statistics (minutes on a first run), then sampling.
-    let source = fid_source(&args, extractor, &device)?;
+    let sampling = args.sampling.sampling(&args.device)?;
+    let source = fid_source(&args, &sampling, extractor, &device)?;
     let reference = args.reference.reference(extractor, &device)?;
     let (scores, source, per_sec) = match source {
         FidSource::Gan(dir, config, generator) => {
@@ -599,13 +419,12 @@ fn run_fid(args: FidArgs) -> Result<()> {
             (scores, source, Some(sampled.per_second))
         }
         FidSource::Pipeline(dir, model) => {
-            let sampled =
-                model.sample_features(args.steps, &args.sampling, extractor, 0, &device)?;
+            let sampled = model.sample_features(args.steps, &sampling, extractor, 0, &device)?;
             let per_sec = sampled.per_second;
             let scores = metrics::score(&sampled.features, &reference)?;
             let source = json!({
                 "model": dir.display().to_string(),
-                "lora": args.sampling.lora_json(),
+                "lora": sampling.lora_json(),
                 "scheduler": model.algorithm.to_string(),
                 "precision": model.precision.name(),
                 "steps": args.steps,
@@ -664,13 +483,14 @@ fn run_fid(args: FidArgs) -> Result<()> {
 fn run_curve(args: CurveArgs) -> Result<()> {
     let steps = parse_steps(&args.steps)?;
     let device = args.device.device()?;
+    let sampling = args.sampling.sampling(&args.device)?;
     let extractor = args.reference.extractor(&device)?;
     let extractor: &dyn FeatureExtractor = extractor.as_ref();
-    check_sampling(&args.sampling, extractor.dim())?;
+    sampling.check(extractor.dim())?;
     let lines: Vec<CurveLine> = args
         .model
         .iter()
-        .map(|dir| CurveLine::load(dir, &steps, &args.sampling, &device, &args.device))
+        .map(|dir| CurveLine::load(dir, &steps, &sampling, &device))
         .collect::<Result<_>>()?;
     if args.out.is_file() {
         return Err(Error::file(
@@ -687,7 +507,7 @@ fn run_curve(args: CurveArgs) -> Result<()> {
         "reference": reference.protocol,
         "num_samples": args.sampling.num_samples,
         "seed": args.sampling.seed,
-        "lora": args.sampling.lora_json(),
+        "lora": sampling.lora_json(),
     });
     let mut rows = Vec::new();
     let mut csv =
@@ -696,7 +516,7 @@ fn run_curve(args: CurveArgs) -> Result<()> {
     for line in &lines {
         let mut points = Vec::new();
         for (model, n) in line.points(&steps) {
-            let sampled = model.sample_features(n, &args.sampling, extractor, 36, &device)?;
+            let sampled = model.sample_features(n, &sampling, extractor, 36, &device)?;
             let (kept, per_sec) = (&sampled.kept, sampled.per_second);
             let scores = metrics::score(&sampled.features, &reference)?;
             let label = model.label();
@@ -778,6 +598,7 @@ fn run_stats(args: StatsArgs) -> Result<()> {
     }
     io::check_output_file(&args.out, "--out")?;
     let device = args.device.device()?;
+    let sampling = args.sampling.sampling(&args.device)?;
     let reference = ReferenceArgs {
         features: args.features.clone(),
         inception_weights: args.inception_weights.clone(),
@@ -803,7 +624,7 @@ fn run_stats(args: StatsArgs) -> Result<()> {
             (f, r.protocol)
         }
         (None, None, Some(dir)) => {
-            check_sampling(&args.sampling, extractor.dim())?;
+            sampling.check(extractor.dim())?;
             if crate::models::gan::folder::is_gan(dir) {
                 let (config, generator) = crate::models::gan::folder::load_generator(dir, &device)?;
                 let request = Generation::new(
@@ -825,9 +646,9 @@ fn run_stats(args: StatsArgs) -> Result<()> {
                     json!({ "model": dir.display().to_string(), "kind": "gan", "num_samples": args.sampling.num_samples, "seed": args.sampling.seed }),
                 )
             } else {
-                let model = ModelUnderTest::load(dir, &args.sampling, &device, &args.device)?;
+                let model = ModelUnderTest::load(dir, &sampling, &device)?;
                 let sampled =
-                    model.sample_features(args.steps, &args.sampling, extractor, 0, &device)?;
+                    model.sample_features(args.steps, &sampling, extractor, 0, &device)?;
                 (
                     sampled.features,
                     json!({ "model": dir.display().to_string(), "scheduler": model.algorithm.to_string(), "steps": args.steps, "num_samples": args.sampling.num_samples, "seed": args.sampling.seed }),

@@ -35,7 +35,7 @@ fn merge(args: MergeArgs) -> Result<()> {
     crate::io::check_new_folder(&args.out, "--out")?;
     let device = args.device.device()?;
     let pipeline = Pipeline::load_with_lora(&args.model, &args.lora, args.lora_scale, &device)?;
-    let algorithm = super::sample::sampling_algorithm(None, &pipeline.scheduler);
+    let algorithm = crate::sample::choose_algorithm(None, &pipeline.scheduler);
     crate::io::write_dir_atomic(&args.out, |incoming| pipeline.save(incoming, algorithm))?;
     eprintln!(
         "wrote {} ({} + {} at scale {})",

@@ -9,7 +9,7 @@ use super::DeviceArgs;
 use crate::backend::{Precision, max_binding_bytes};
 use crate::error::{Error, Result};
 use crate::io::{self, Pipeline};
-use crate::sample::{DeviceSample, Generation, fit_batch, generate};
+use crate::sample::{DeviceSample, Generation, generate};
 
 #[derive(Debug, clap::Args)]
 pub struct SampleArgs {
@@ -122,7 +122,10 @@ pub fn run(args: SampleArgs) -> Result<()> {
             args.model.display()
         )));
     }
-    let algorithm = sampling_algorithm(args.scheduler.as_deref(), &pipeline.scheduler);
+    let algorithm = crate::sample::choose_algorithm(
+        args.scheduler.as_deref().and_then(Algorithm::from_cli_name),
+        &pipeline.scheduler,
+    );
     let mut scheduler: Scheduler<DeviceSample> = pipeline.scheduler.build(Some(algorithm))?;
     let train = scheduler.schedule().num_train_timesteps();
     let steps = args
@@ -197,39 +200,19 @@ fn write_outputs(args: &SampleArgs, outputs: &[f32], num: usize, shape: [usize; 
     Ok(())
 }
 
-/// `--scheduler`, else the folder's own scheduler, else the one fallback
-/// ([`fewstep_schedulers::FALLBACK_ALGORITHM`], with a note saying so).
-pub(crate) fn sampling_algorithm(
-    flag: Option<&str>,
-    scheduler: &fewstep_schedulers::SchedulerConfig,
-) -> Algorithm {
-    if let Some(a) = flag.and_then(Algorithm::from_cli_name) {
-        return a;
-    }
-    let (algorithm, note) = scheduler.algorithm();
-    if let Some(note) = note {
-        eprintln!("note: {note}");
-    }
-    algorithm
-}
-
-/// `--batch`, lowered (with a note) to what the device's largest storage binding holds: the
-/// same seed gives the same images whatever the batch.
+/// `--batch` fitted to the device's largest storage binding (see [`crate::sample::fitted_batch`]).
 pub fn fitted_batch(
     pipeline: &Pipeline,
     precision: Precision,
     batch: usize,
     device: &DeviceArgs,
 ) -> Result<usize> {
-    let limit = max_binding_bytes(device.choice()?);
-    let fitted = fit_batch(pipeline, precision, batch, limit)?;
-    if fitted < batch {
-        eprintln!(
-            "--batch {batch}: the adapter binds at most {} MiB per buffer, about {fitted} images of this model; generating in batches of {fitted}",
-            limit.unwrap_or(0) / (1024 * 1024)
-        );
-    }
-    Ok(fitted)
+    crate::sample::fitted_batch(
+        pipeline,
+        precision,
+        batch,
+        max_binding_bytes(device.choice()?),
+    )
 }
 
 /// `fewstep sample` on a GAN folder: one generator call per batch.

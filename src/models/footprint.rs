@@ -56,7 +56,8 @@ fn gb(bytes: f64) -> String {
 /// Refuses `estimate` bytes when this machine has less available, naming `path` and `what`.
 fn check(path: &Path, what: String, estimate: f64) -> Result<()> {
     match available_bytes() {
-        Some(available) if !(estimate <= available) => Err(Error::file(
+        // A NaN estimate (an overflowing config) is refused too.
+        Some(available) if estimate.is_nan() || estimate > available => Err(Error::file(
             path,
             format!(
                 "{what}: needs about {} of memory, more than the {} available",

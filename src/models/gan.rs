@@ -279,7 +279,7 @@ fn check_common(
             "field `width` = {width}: expected a positive width multiplier"
         )));
     }
-    if base_channels < 8 || base_channels > 1 << 16 {
+    if !(8..=1 << 16).contains(&base_channels) {
         return Err(Error::Config(format!(
             "field `base_channels` = {base_channels}: expected 8 to 65536"
         )));
