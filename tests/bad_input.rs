@@ -105,6 +105,18 @@ fn make_inputs(root: &Path) {
     g["image_size"] = 64.into();
     std::fs::write(gan.join("generator/config.json"), g.to_string()).unwrap();
 
+    // A GAN run killed while writing its networks: generator/ and run.json, no gan.json.
+    let unfinished = root.join("gan-unfinished");
+    copy_dir(
+        &repo().join("weights/shapes-gan/generator"),
+        &unfinished.join("generator"),
+    );
+    std::fs::copy(
+        repo().join("weights/shapes-gan/run.json"),
+        unfinished.join("run.json"),
+    )
+    .unwrap();
+
     // LoRA files: a 0-d lora_A; a factor with no partner.
     fewstep::io::write_safetensors(
         &root.join("lora-0d.safetensors"),
@@ -206,6 +218,11 @@ fn cases() -> Vec<(Vec<&'static str>, &'static str)> {
             "--lora",
         ),
         c("sample --model @/gan-64 --out @/x.png", "image_size"),
+        c(
+            "sample --model @/gan-unfinished --out @/x.png",
+            "@/gan-unfinished: an unfinished GAN run",
+        ),
+        c("eval fid --model @/gan-unfinished", "unfinished GAN run"),
         c(
             "sample --model @/tiny --out @/x.png --device bogus",
             "--device",

@@ -495,6 +495,19 @@ pub mod folder {
         dir.join(GENERATOR).join(io::CONFIG_NAME).is_file()
     }
 
+    /// Refuses a training run's folder whose networks are not all written: a run writes
+    /// `generator/`, `discriminator/` and then its record `gan.json`, so a run folder (it holds
+    /// `run.json`) without `gan.json` was interrupted or killed while finishing.
+    fn check_finished(dir: &Path) -> Result<()> {
+        if dir.join("run.json").is_file() && !dir.join("gan.json").is_file() {
+            return Err(Error::file(
+                dir,
+                "an unfinished GAN run (no gan.json): continue it with --resume before using it",
+            ));
+        }
+        Ok(())
+    }
+
     pub fn load_generator(dir: &Path, device: &Device) -> Result<(GeneratorConfig, Generator)> {
         let d = dir.join(GENERATOR);
         if !d.join(io::CONFIG_NAME).is_file() {
@@ -503,6 +516,7 @@ pub mod folder {
                 "not a GAN folder (expected generator/config.json and generator/model.safetensors)",
             ));
         }
+        check_finished(dir)?;
         let path = d.join(io::CONFIG_NAME);
         let c =
             GeneratorConfig::from_json_str(&io::read_text(&path)?).map_err(|e| e.in_file(&path))?;
@@ -514,6 +528,7 @@ pub mod folder {
         dir: &Path,
         device: &Device,
     ) -> Result<(DiscriminatorConfig, Discriminator)> {
+        check_finished(dir)?;
         let d = dir.join(DISCRIMINATOR);
         let path = d.join(io::CONFIG_NAME);
         let c = DiscriminatorConfig::from_json_str(&io::read_text(&path)?)

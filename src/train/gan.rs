@@ -485,7 +485,9 @@ pub fn train_gan(
             seconds: f64::NAN,
         });
     };
-    // The GAN folder, written whole under a temporary name and renamed into place.
+    // The GAN folder, written whole under a temporary name and moved into place, its record
+    // gan.json last: until then the run folder reads as unfinished (`folder::load_generator`),
+    // and a resume writes it again.
     let incoming = run_dir.join(".incoming-gan");
     if incoming.exists() {
         std::fs::remove_dir_all(&incoming)
