@@ -229,6 +229,56 @@ impl CurveLine {
     }
 }
 
+/// A GAN generator under test: its config and weights, checked against the sampling settings
+/// (GANs sample in f32 and take no LoRA file).
+pub struct GanUnderTest {
+    pub dir: PathBuf,
+    pub config: crate::models::gan::GeneratorConfig,
+    pub generator: crate::models::gan::Generator,
+}
+
+impl GanUnderTest {
+    pub fn load(dir: &Path, sampling: &Sampling, device: &Device) -> Result<Self> {
+        if sampling.precision != Precision::F32 {
+            return Err(Error::Usage(format!(
+                "--precision {}: GAN generators are evaluated in f32 only",
+                sampling.precision.name()
+            )));
+        }
+        if sampling.lora.is_some() {
+            return Err(Error::file(
+                dir,
+                "--lora: a GAN generator folder takes no LoRA file (a diffusers pipeline does)",
+            ));
+        }
+        let (config, generator) = crate::models::gan::folder::load_generator(dir, device)?;
+        Ok(GanUnderTest {
+            dir: dir.to_path_buf(),
+            config,
+            generator,
+        })
+    }
+
+    /// `sampling.num_samples` generated images seen through `extractor`.
+    pub fn sample_features(
+        &self,
+        sampling: &Sampling,
+        extractor: &dyn FeatureExtractor,
+        device: &Device,
+    ) -> Result<metrics::Sampled> {
+        let request = Generation::new(sampling.num_samples, sampling.batch, sampling.seed);
+        metrics::gan_features(
+            &self.generator,
+            self.config.latent_dim,
+            &request,
+            extractor,
+            0,
+            "generator",
+            device,
+        )
+    }
+}
+
 /// FID evaluations of pipeline folders at (algorithm, steps), each computed once: the teacher and
 /// student rows of the distillation reports.
 pub struct Evaluator<'a> {

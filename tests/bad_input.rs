@@ -52,18 +52,7 @@ fn make_inputs(root: &Path) {
     std::fs::create_dir_all(root).unwrap();
     // A tiny trained pipeline (2 steps) and variants of it.
     let run = root.join("tiny-run");
-    ok(&fewstep(&[
-        "train",
-        "--model-config",
-        "tiny",
-        "--steps",
-        "2",
-        "--batch",
-        "2",
-        "--quiet",
-        "--out",
-        run.to_str().unwrap(),
-    ]));
+    common::train_tiny(&run, &[]);
     let tiny = root.join("tiny");
     copy_dir(&run.join("checkpoints/latest"), &tiny);
     std::fs::remove_dir_all(tiny.join("state")).unwrap();

@@ -10,14 +10,13 @@ use serde_json::json;
 use super::DeviceArgs;
 use crate::backend::Precision;
 use crate::error::{Error, Result};
-use crate::eval::{CurveLine, ModelUnderTest, Sampling};
+use crate::eval::{CurveLine, GanUnderTest, ModelUnderTest, Sampling};
 use crate::io;
 use crate::metrics::curve_plot::{Series, plot_fid_curve};
 use crate::metrics::{
     self, FeatureExtractor, InceptionFeatures, Reference, Scores, ShapesFeatures,
 };
 use crate::models::inception;
-use crate::sample::Generation;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum EvalCommand {
@@ -294,11 +293,7 @@ fn check_dims(path: &Path, flag: &str, dim: usize, extractor: &dyn FeatureExtrac
 
 /// What `eval fid` scores, loaded and checked before the reference is computed.
 enum FidSource {
-    Gan(
-        PathBuf,
-        crate::models::gan::GeneratorConfig,
-        Box<crate::models::gan::Generator>,
-    ),
+    Gan(Box<GanUnderTest>),
     Pipeline(PathBuf, Box<ModelUnderTest>),
     Images(PathBuf, metrics::Features),
     Stats(PathBuf, metrics::FeatureStats),
@@ -313,20 +308,9 @@ fn fid_source(
     match (&args.model, &args.images, &args.stats) {
         (Some(dir), _, _) if crate::models::gan::folder::is_gan(dir) => {
             sampling.check(extractor.dim())?;
-            if Precision::parse(&args.sampling.precision)? != Precision::F32 {
-                return Err(Error::Usage(format!(
-                    "--precision {}: GAN generators are evaluated in f32 only",
-                    args.sampling.precision
-                )));
-            }
-            if args.sampling.lora.is_some() {
-                return Err(Error::file(
-                    dir,
-                    "--lora: a GAN generator folder takes no LoRA file (a diffusers pipeline does)",
-                ));
-            }
-            let (config, generator) = crate::models::gan::folder::load_generator(dir, device)?;
-            Ok(FidSource::Gan(dir.clone(), config, Box::new(generator)))
+            Ok(FidSource::Gan(Box::new(GanUnderTest::load(
+                dir, sampling, device,
+            )?)))
         }
         (Some(dir), _, _) => {
             sampling.check(extractor.dim())?;
@@ -393,28 +377,15 @@ fn run_fid(args: FidArgs) -> Result<()> {
     let source = fid_source(&args, &sampling, extractor, &device)?;
     let reference = args.reference.reference(extractor, &device)?;
     let (scores, source, per_sec) = match source {
-        FidSource::Gan(dir, config, generator) => {
-            let request = Generation::new(
-                args.sampling.num_samples,
-                args.sampling.batch,
-                args.sampling.seed,
-            );
-            let sampled = metrics::gan_features(
-                &generator,
-                config.latent_dim,
-                &request,
-                extractor,
-                0,
-                "generator",
-                &device,
-            )?;
+        FidSource::Gan(gan) => {
+            let sampled = gan.sample_features(&sampling, extractor, &device)?;
             let scores = metrics::score(&sampled.features, &reference)?;
             let source = json!({
-                "model": dir.display().to_string(),
+                "model": gan.dir.display().to_string(),
                 "kind": "gan",
                 "seed": args.sampling.seed,
-                "params": burn::module::Module::num_params(generator.as_ref()),
-                "macs_per_image": config.macs_per_image(),
+                "params": burn::module::Module::num_params(&gan.generator),
+                "macs_per_image": gan.config.macs_per_image(),
             });
             (scores, source, Some(sampled.per_second))
         }
@@ -626,21 +597,8 @@ fn run_stats(args: StatsArgs) -> Result<()> {
         (None, None, Some(dir)) => {
             sampling.check(extractor.dim())?;
             if crate::models::gan::folder::is_gan(dir) {
-                let (config, generator) = crate::models::gan::folder::load_generator(dir, &device)?;
-                let request = Generation::new(
-                    args.sampling.num_samples,
-                    args.sampling.batch,
-                    args.sampling.seed,
-                );
-                let sampled = metrics::gan_features(
-                    &generator,
-                    config.latent_dim,
-                    &request,
-                    extractor,
-                    0,
-                    "generator",
-                    &device,
-                )?;
+                let gan = GanUnderTest::load(dir, &sampling, &device)?;
+                let sampled = gan.sample_features(&sampling, extractor, &device)?;
                 (
                     sampled.features,
                     json!({ "model": dir.display().to_string(), "kind": "gan", "num_samples": args.sampling.num_samples, "seed": args.sampling.seed }),

@@ -69,12 +69,25 @@ fn check(path: &Path, what: String, estimate: f64) -> Result<()> {
     }
 }
 
-fn describe(usage: Use) -> String {
-    match usage {
+/// "a UNet of ~0.003 G weights (`block_out_channels` [..], `layers_per_block` 2) at
+/// `sample_size` 32, training batches of 32": the fields an estimate comes from.
+fn describe(
+    model: &str,
+    params: f64,
+    channels: &[usize],
+    layers: usize,
+    side: usize,
+    usage: Use,
+) -> String {
+    let purpose = match usage {
         Use::Load => String::new(),
         Use::Inference { batch } => format!(", sampling batches of {batch}"),
         Use::Training { batch } => format!(", training batches of {batch}"),
-    }
+    };
+    format!(
+        "{model} of ~{:.3} G weights (`block_out_channels` {channels:?}, `layers_per_block` {layers}) at `sample_size` {side}{purpose}",
+        params / 1e9
+    )
 }
 
 /// Bytes the UNet of `config` needs at `side`×`side` inputs for `usage`.
@@ -91,12 +104,13 @@ pub fn unet_bytes(config: &UNetConfig, side: usize, usage: Use) -> f64 {
 /// (its `sample_size` when `None`) for `usage`.
 pub fn check_unet(config: &UNetConfig, path: &Path, side: Option<usize>, usage: Use) -> Result<()> {
     let side = side.or(config.sample_size).unwrap_or(32);
-    let what = format!(
-        "a UNet of ~{:.3} G weights (`block_out_channels` {:?}, `layers_per_block` {}) at `sample_size` {side}{}",
-        config.param_count() / 1e9,
-        config.block_out_channels,
+    let what = describe(
+        "a UNet",
+        config.param_count(),
+        &config.block_out_channels,
         config.layers_per_block,
-        describe(usage)
+        side,
+        usage,
     );
     check(path, what, unet_bytes(config, side, usage))
 }
@@ -152,12 +166,13 @@ pub fn check_vae(config: &VaeConfig, path: &Path, side: Option<usize>, usage: Us
         config.decoder_peak_tensor_elements(latent) as f64,
         usage,
     );
-    let what = format!(
-        "an autoencoder of ~{:.3} G weights (`block_out_channels` {:?}, `layers_per_block` {}) at `sample_size` {side}{}",
-        config.param_count() / 1e9,
-        config.block_out_channels,
+    let what = describe(
+        "an autoencoder",
+        config.param_count(),
+        &config.block_out_channels,
         config.layers_per_block,
-        describe(usage)
+        side,
+        usage,
     );
     check(path, what, estimate)
 }

@@ -78,6 +78,12 @@ pub fn tiny_model(group: &str, name: &str) -> PathBuf {
 /// [`tiny_model`] with more `fewstep train` flags (`--class-conditional`, …).
 pub fn tiny_model_with(group: &str, name: &str, extra: &[&str]) -> PathBuf {
     let run = scratch(group, name);
+    train_tiny(&run, extra);
+    run.join("checkpoints/latest")
+}
+
+/// Trains the tiny v-prediction model for two steps into the run folder `run`.
+pub fn train_tiny(run: &Path, extra: &[&str]) {
     let mut args = vec![
         "train",
         "--model-config",
@@ -92,7 +98,6 @@ pub fn tiny_model_with(group: &str, name: &str, extra: &[&str]) -> PathBuf {
     ];
     args.extend_from_slice(extra);
     ok(&fewstep(&args));
-    run.join("checkpoints/latest")
 }
 
 /// Runs `fewstep args`, sends it Ctrl-C (SIGINT) once `csv` has `rows` lines, and returns its
