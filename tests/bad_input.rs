@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use common::{fewstep, ok, repo, scratch};
+use common::{fewstep, repo, scratch};
 
 /// Path → (size, modification time) of everything under `root`.
 fn snapshot(root: &Path) -> BTreeMap<PathBuf, (u64, std::time::SystemTime)> {
