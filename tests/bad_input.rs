@@ -298,6 +298,8 @@ fn cases() -> Vec<(Vec<&'static str>, &'static str)> {
         // train-gan
         c("train-gan --out @/new --lr-g -1", "--lr-g -1"),
         c("train-gan --out @/new --width 0", "--width 0"),
+        c("train-gan --out @/new --width 100000", "--width 100000"),
+        c("train-gan --out @/new --d-width 1e9", "--d-width"),
         c(
             "train-gan --out @/new --adam-betas 0.5,1.5",
             "--adam-betas 1.5",

@@ -170,6 +170,12 @@ fn teacher_run(args: &TrainGanArgs) -> Result<GanRun> {
     generator.num_classes = classes;
     let mut discriminator = DiscriminatorConfig::shapes32().with_width(args.d_width);
     discriminator.num_classes = classes;
+    generator
+        .validate()
+        .map_err(|e| Error::Usage(format!("--width: {e}")))?;
+    discriminator
+        .validate()
+        .map_err(|e| Error::Usage(format!("--d-width: {e}")))?;
     Ok(GanRun {
         kind: GAN_RUN.into(),
         mode: GanMode::Teacher {

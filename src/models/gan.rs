@@ -274,9 +274,9 @@ fn check_common(
             "field `image_size` = {image_size}: fewstep's DCGAN pair is built for 32×32 images (expected 32)"
         )));
     }
-    if !(width.is_finite() && width > 0.0) {
+    if !(width.is_finite() && width > 0.0 && base_channels as f32 * width <= 65536.0) {
         return Err(Error::Config(format!(
-            "field `width` = {width}: expected a positive width multiplier"
+            "field `width` = {width}: expected a positive width multiplier with at most 65536 channels ({base_channels} × width)"
         )));
     }
     if !(8..=1 << 16).contains(&base_channels) {
@@ -328,13 +328,18 @@ impl DiscriminatorConfig {
 
     pub fn from_json_str(text: &str) -> crate::error::Result<Self> {
         let config: Self = super::parse_config(text)?;
-        check_common(
-            config.image_size,
-            config.width,
-            config.base_channels,
-            config.num_classes,
-        )?;
+        config.validate()?;
         Ok(config)
+    }
+
+    /// Rejects what this discriminator does not build, naming the field.
+    pub fn validate(&self) -> crate::error::Result<()> {
+        check_common(
+            self.image_size,
+            self.width,
+            self.base_channels,
+            self.num_classes,
+        )
     }
 
     fn channels(&self) -> [usize; 3] {

@@ -200,9 +200,17 @@ fn configs(
                 .as_ref()
                 .map(|p| ShapesFeatures::load(p, device))
                 .transpose()?;
-            Ok((
+            let (student_g, student_d) = (
                 gc.with_width(gc.width * generator_width),
                 dc.with_width(dc.width * discriminator_width),
+            );
+            student_g
+                .validate()
+                .and_then(|_| student_d.validate())
+                .map_err(|e| Error::Usage(format!("--width/--d-width: {e}")))?;
+            Ok((
+                student_g,
+                student_d,
                 Some(Teacher {
                     g,
                     g_config: gc,
