@@ -347,3 +347,44 @@ fn trains_on_an_image_folder_with_class_subfolders() {
         "none of the 1 image files",
     );
 }
+
+#[test]
+fn resume_names_the_flags_it_ignores_and_keeps_the_stored_settings() {
+    let run = scratch("train", "resume-flags");
+    ok(&train(&run, &["--steps", "2"]));
+    let stored = std::fs::read_to_string(run.join("run.json")).unwrap();
+    // The same command plus --resume (and another --lr and --model-config): the stored run
+    // continues, and the warning names what was not applied.
+    let o = fewstep(&[
+        "train",
+        "--model-config",
+        "shapes32",
+        "--lr",
+        "1",
+        "--steps",
+        "3",
+        "--quiet",
+        "--out",
+        run.to_str().unwrap(),
+        "--resume",
+    ]);
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("warning: --model-config, --lr: ignored with --resume"),
+        "{err}"
+    );
+    let now: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).unwrap()).unwrap();
+    let before: serde_json::Value = serde_json::from_str(&stored).unwrap();
+    assert_eq!(
+        now["unet"], before["unet"],
+        "the stored model config is kept"
+    );
+    assert_eq!(now["train"]["lr"], before["train"]["lr"]);
+    assert_eq!(now["train"]["steps"], 3, "--steps extends a resumed run");
+    assert_eq!(
+        now["train"]["optimizer"]["kind"], "adamw",
+        "the optimizer is recorded"
+    );
+}
