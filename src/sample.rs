@@ -163,14 +163,6 @@ pub fn fit_batch(
         return Ok(batch);
     };
     let bytes = pipeline.peak_tensor_elements_per_image()? as u64 * precision.bytes();
-    if bytes > limit {
-        return Err(Error::Usage(format!(
-            "--device: one image of this model needs a {} MiB buffer (UNet `sample_size` {:?}), more than the adapter's {} MiB storage-binding limit",
-            bytes / (1024 * 1024),
-            pipeline.unet_config.sample_size,
-            limit / (1024 * 1024)
-        )));
-    }
     let fits = (limit / bytes.max(1)).max(1) as usize;
     Ok(batch.min(fits))
 }
