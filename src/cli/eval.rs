@@ -45,15 +45,8 @@ pub struct StatsArgs {
     pub steps: usize,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    /// Feature extractor: `shapes` or `inception` (needs --inception-weights).
-    #[arg(long, default_value = "shapes", value_parser = ["shapes", "inception"])]
-    pub features: String,
-    /// pytorch-fid's pt_inception weights for `--features inception`.
-    #[arg(long)]
-    pub inception_weights: Option<PathBuf>,
-    /// Folder of the `shapes` feature network (default: the shipped one).
-    #[arg(long)]
-    pub feature_weights: Option<PathBuf>,
+    #[command(flatten)]
+    pub extractor: FeatureArgs,
     /// Seed of the `shapes` images.
     #[arg(long, value_parser = super::values::seed, default_value_t = 0)]
     pub data_seed: u64,
@@ -71,9 +64,9 @@ pub struct StatsArgs {
     pub device: DeviceArgs,
 }
 
-/// The feature extractor and the reference set.
+/// The feature extractor (`eval fid`, `eval curve`, `eval stats`).
 #[derive(Debug, Clone, clap::Args)]
-pub struct ReferenceArgs {
+pub struct FeatureArgs {
     /// Feature extractor: `shapes` (the in-domain network shipped in weights/shapes-features) or
     /// `inception` (pytorch-fid's FID Inception-v3; needs --inception-weights).
     #[arg(long, default_value = "shapes", value_parser = ["shapes", "inception"])]
@@ -85,6 +78,13 @@ pub struct ReferenceArgs {
     /// Folder of the `shapes` feature network (default: the shipped one).
     #[arg(long)]
     pub feature_weights: Option<PathBuf>,
+}
+
+/// The feature extractor and the reference set.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReferenceArgs {
+    #[command(flatten)]
+    pub extractor: FeatureArgs,
     /// Reference images: `shapes` (held-out indices) or a folder of images.
     #[arg(long, default_value = "shapes")]
     pub data: String,
@@ -102,7 +102,7 @@ pub struct ReferenceArgs {
     pub cache: Option<PathBuf>,
 }
 
-impl ReferenceArgs {
+impl FeatureArgs {
     fn extractor(&self, device: &Device) -> Result<Box<dyn FeatureExtractor>> {
         if self.features == "inception" {
             let path = self.inception_weights.as_ref().ok_or_else(|| {
@@ -124,6 +124,12 @@ impl ReferenceArgs {
             .clone()
             .unwrap_or_else(|| io::shipped(metrics::features::SHAPES_FEATURES));
         Ok(Box::new(ShapesFeatures::load(&dir, device)?))
+    }
+}
+
+impl ReferenceArgs {
+    fn extractor(&self, device: &Device) -> Result<Box<dyn FeatureExtractor>> {
+        self.extractor.extractor(device)
     }
 
     fn reference(&self, extractor: &dyn FeatureExtractor, device: &Device) -> Result<Reference> {
@@ -571,9 +577,7 @@ fn run_stats(args: StatsArgs) -> Result<()> {
     let device = args.device.device()?;
     let sampling = args.sampling.sampling(&args.device)?;
     let reference = ReferenceArgs {
-        features: args.features.clone(),
-        inception_weights: args.inception_weights.clone(),
-        feature_weights: args.feature_weights.clone(),
+        extractor: args.extractor.clone(),
         data: args.dataset.clone().unwrap_or_else(|| "shapes".into()),
         data_seed: args.data_seed,
         ref_samples: args.ref_samples,
