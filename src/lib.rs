@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod models;
 pub mod noise;
 pub mod sample;
+pub mod text;
 pub mod train;
 
 pub use error::{Error, Result};

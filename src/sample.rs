@@ -9,6 +9,7 @@ use fewstep_schedulers::{Algorithm, SampleOps, Scheduler};
 
 use crate::error::{Error, Result};
 use crate::io::Pipeline;
+use crate::models::Conditioning;
 use crate::noise::NoiseStream;
 
 /// A sample tensor on the device, as the schedulers see it.
@@ -88,7 +89,7 @@ pub fn sample(
         let out = DeviceSample(
             pipeline
                 .unet
-                .forward_guided(model_input.0, t_batch, labels.clone(), guidance.clone())
+                .forward(model_input.0, t_batch, &Conditioning::labels(labels.clone()).with_guidance(guidance.clone()))
                 .cast(FloatDType::F32),
         );
         let step_noise = scheduler

@@ -25,7 +25,7 @@ use fewstep_schedulers::schedule::NoiseSchedule;
 use fewstep_schedulers::{Algorithm, Prediction, SchedulerConfig};
 
 use super::{ddim_move, noise_to, run_model, x0_from_output};
-use crate::models::UNet;
+use crate::models::{Conditioning, UNet};
 use crate::sample::per_row;
 
 /// One training point of the skipping grid and the point the teacher's step reaches.
@@ -112,11 +112,10 @@ pub fn consistency_output(
     let a: Vec<f64> = steps.iter().map(|s| pick(s).1).collect();
     let t_in: Vec<f32> = t.iter().map(|&t| t as f32).collect();
     let w = guidance.map(|w| Tensor::<1>::from_floats(w, &device));
-    let out = unet.forward_guided(
+    let out = unet.forward(
         z.clone(),
         Tensor::<1>::from_floats(t_in.as_slice(), &device),
-        labels,
-        w,
+        &Conditioning::labels(labels).with_guidance(w),
     );
     let x0 = x0_from_output(prediction, z.clone(), out, &a);
     let c_skip = per_row(steps.iter().map(|s| pick(s).2 as f32).collect(), &device);
@@ -144,13 +143,13 @@ pub fn teacher_output(
                 teacher,
                 Tensor::cat(vec![z.clone(), z], 0),
                 &both_t,
-                Some(Tensor::cat(vec![labels, nulls], 0)),
+                &Conditioning::labels(Some(Tensor::cat(vec![labels, nulls], 0))),
             );
             let cond = out.clone().narrow(0, 0, b);
             let uncond = out.narrow(0, b, b);
             cond.clone() + (cond - uncond) * per_row(w.to_vec(), &device)
         }
-        (_, labels) => run_model(teacher, z, &t, labels),
+        (_, labels) => run_model(teacher, z, &t, &Conditioning::labels(labels)),
     }
 }
 

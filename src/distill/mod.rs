@@ -9,7 +9,7 @@ use burn::prelude::*;
 use fewstep_schedulers::Prediction;
 use fewstep_schedulers::schedule::{eps_coefficients, x0_coefficients};
 
-use crate::models::UNet;
+use crate::models::{Conditioning, UNet};
 use crate::sample::per_row;
 
 /// `unet`'s output at one timestep per row.
@@ -17,14 +17,14 @@ pub(crate) fn run_model(
     unet: &UNet,
     z: Tensor<4>,
     t: &[i64],
-    labels: Option<Tensor<1, Int>>,
+    cond: &Conditioning,
 ) -> Tensor<4> {
     let device = z.device();
     let t_in: Vec<f32> = t.iter().map(|&t| t as f32).collect();
     unet.forward(
         z,
         Tensor::<1>::from_floats(t_in.as_slice(), &device),
-        labels,
+        cond,
     )
 }
 

@@ -17,7 +17,7 @@ use fewstep_schedulers::ddim::Ddim;
 use fewstep_schedulers::{Prediction, Scheduler, SchedulerConfig};
 
 use super::{ddim_move, noise_to, run_model, x0_from_output};
-use crate::models::UNet;
+use crate::models::{Conditioning, UNet};
 use crate::sample::{DeviceSample, per_row};
 
 /// One student step on the N-step grid, with the teacher's intermediate timestep.
@@ -88,9 +88,9 @@ pub fn teacher_target(
     let a_t: Vec<f64> = steps.iter().map(|s| s.alpha_bar_t).collect();
     let a_mid: Vec<f64> = steps.iter().map(|s| s.alpha_bar_mid).collect();
     let a_end: Vec<f64> = steps.iter().map(|s| s.alpha_bar_end).collect();
-    let out = run_model(teacher, z.clone(), &t, labels.clone());
+    let out = run_model(teacher, z.clone(), &t, &Conditioning::labels(labels.clone()));
     let z_mid = ddim_move(prediction, z.clone(), out, &a_t, &a_mid);
-    let out = run_model(teacher, z_mid.clone(), &t_mid, labels);
+    let out = run_model(teacher, z_mid.clone(), &t_mid, &Conditioning::labels(labels));
     let z_end = ddim_move(prediction, z_mid, out, &a_mid, &a_end);
     // x̃ = (z″ − r·z) / (α″ − r·α), r = σ″/σ.
     let (num_z, den): (Vec<f32>, Vec<f32>) = steps
@@ -118,7 +118,7 @@ pub fn progressive_loss(
     let device = z.device();
     let t: Vec<i64> = steps.iter().map(|s| s.t).collect();
     let a_t: Vec<f64> = steps.iter().map(|s| s.alpha_bar_t).collect();
-    let out = run_model(student, z.clone(), &t, labels);
+    let out = run_model(student, z.clone(), &t, &Conditioning::labels(labels));
     let x0 = x0_from_output(prediction, z, out, &a_t);
     let weight: Vec<f32> = steps
         .iter()

@@ -1,14 +1,19 @@
 //! Models: `XConfig` (diffusers' `config.json`) + `X` (forward only).
 
 pub mod blocks;
+pub mod clip;
+pub mod conditioning;
 pub mod feature_net;
 pub mod footprint;
 pub mod gan;
 pub mod inception;
 pub mod lora;
+pub mod transformer;
 pub mod unet;
 pub mod vae;
 
+pub use clip::{ClipTextConfig, ClipTextModel};
+pub use conditioning::Conditioning;
 pub use feature_net::{FeatureNet, FeatureNetConfig};
 pub use unet::{UNet, UNetConfig};
 pub use vae::{Vae, VaeConfig};

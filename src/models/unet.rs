@@ -1,5 +1,8 @@
-//! A `UNet2DModel`-compatible UNet (diffusers `models/unets/unet_2d.py`): the config is diffusers'
-//! `config.json`, the parameters carry diffusers' state-dict names.
+//! diffusers' `UNet2DModel` (`models/unets/unet_2d.py`) and `UNet2DConditionModel`
+//! (`unet_2d_condition.py`, the Stable Diffusion 1.x/2.x UNet) as one model: the config is
+//! diffusers' `config.json` of either class, the parameters carry diffusers' state-dict names. The
+//! two differ only in what sits at `attentions.<i>`: a spatial self-attention or a
+//! `Transformer2DModel` attending to a text context.
 
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
@@ -12,7 +15,62 @@ use super::blocks::{
     Attention, BlockSpec, Downsample, MidBlock, ResnetBlock, TimestepEmbedding, Upsample, conv,
     group_norm, guidance_scale_embedding, silu, timestep_embedding,
 };
+use super::conditioning::Conditioning;
+use super::transformer::{AttentionBlock, Transformer2D, TransformerSpec};
 use crate::error::{Error, Result};
+
+/// diffusers' class names of the two UNets.
+pub const UNET_2D: &str = "UNet2DModel";
+pub const UNET_2D_CONDITION: &str = "UNet2DConditionModel";
+
+/// A config value given once for all blocks or once per block (`attention_head_dim: 8` or
+/// `[5, 10, 20, 20]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PerBlock {
+    One(usize),
+    List(Vec<usize>),
+}
+
+impl PerBlock {
+    /// The value for down block `i` (lists are indexed by down block; up blocks read them
+    /// reversed, the mid block the last entry).
+    pub fn get(&self, i: usize) -> usize {
+        match self {
+            PerBlock::One(v) => *v,
+            PerBlock::List(list) => list[i.min(list.len() - 1)],
+        }
+    }
+    fn len_ok(&self, n: usize) -> bool {
+        match self {
+            PerBlock::One(v) => *v > 0,
+            PerBlock::List(list) => list.len() == n && list.iter().all(|&v| v > 0),
+        }
+    }
+}
+
+/// UNet2DConditionModel fields this implementation does not compute, with the value that means
+/// "not used" and what the field is for: a config setting one of them is refused naming it.
+fn condition_fields_unused() -> Vec<(&'static str, serde_json::Value, &'static str)> {
+    use serde_json::{Value, json};
+    vec![
+        ("addition_embed_type", Value::Null, "SDXL's added text/time embeddings (SDXL pipelines are not supported yet)"),
+        ("encoder_hid_dim", Value::Null, "a projected encoder (SDXL / IF)"),
+        ("encoder_hid_dim_type", Value::Null, "a projected encoder (SDXL / IF)"),
+        ("dual_cross_attention", json!(false), "dual cross-attention"),
+        ("only_cross_attention", json!(false), "cross-attention in place of self-attention"),
+        ("reverse_transformer_layers_per_block", Value::Null, "separate up-block transformer depths"),
+        ("attention_type", json!("default"), "gated attention"),
+        ("conv_in_kernel", json!(3), "another conv_in kernel"),
+        ("conv_out_kernel", json!(3), "another conv_out kernel"),
+        ("time_embedding_act_fn", Value::Null, "an activation after the time embedding"),
+        ("timestep_post_act", Value::Null, "an activation in the time embedding"),
+        ("resnet_skip_time_act", json!(false), "resnets without the time activation"),
+        ("cross_attention_norm", Value::Null, "a norm on the text context"),
+        ("class_embeddings_concat", json!(false), "concatenated class embeddings"),
+        ("addition_time_embed_dim", Value::Null, "SDXL's added time embedding"),
+    ]
+}
 
 /// Block type names as the config stores them.
 fn names(list: &[&str]) -> Vec<String> {
@@ -52,8 +110,8 @@ fn one_f() -> f32 {
 fn yes() -> bool {
     true
 }
-fn eight() -> Option<usize> {
-    Some(8)
+fn eight() -> Option<PerBlock> {
+    Some(PerBlock::One(8))
 }
 fn thirty_two() -> Option<usize> {
     Some(32)
@@ -118,8 +176,10 @@ pub struct UNetConfig {
     pub dropout: f64,
     #[serde(default = "silu_name")]
     pub act_fn: String,
+    /// UNet2DModel: channels per head. UNet2DConditionModel: the number of heads when
+    /// `num_attention_heads` is not given (diffusers' historical naming), per block or for all.
     #[serde(default = "eight")]
-    pub attention_head_dim: Option<usize>,
+    pub attention_head_dim: Option<PerBlock>,
     #[serde(default = "thirty_two")]
     pub norm_num_groups: Option<usize>,
     #[serde(default)]
@@ -141,6 +201,29 @@ pub struct UNetConfig {
     /// set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_cond_proj_dim: Option<usize>,
+    /// The class the config describes: `UNet2DModel` or `UNet2DConditionModel` (diffusers'
+    /// `_class_name`; absent means UNet2DModel).
+    #[serde(rename = "_class_name", default = "unet_2d", skip_serializing)]
+    pub class_name: String,
+    /// UNet2DConditionModel: width of the text context (`encoder_hidden_states`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cross_attention_dim: Option<usize>,
+    /// UNet2DConditionModel: heads per block (overrides `attention_head_dim`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_attention_heads: Option<PerBlock>,
+    /// UNet2DConditionModel: transformer blocks per `Transformer2DModel`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transformer_layers_per_block: Option<PerBlock>,
+    /// UNet2DConditionModel: linear `proj_in`/`proj_out` (SD-2.x) instead of 1×1 convolutions.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub use_linear_projection: bool,
+    /// UNet2DConditionModel: attention scores in f32 under f16 weights (SD-2.1).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub upcast_attention: bool,
+}
+
+fn unet_2d() -> String {
+    UNET_2D.into()
 }
 
 impl Default for UNetConfig {
@@ -189,7 +272,7 @@ impl UNetConfig {
             down_block_types: names(&["DownBlock2D", "AttnDownBlock2D"]),
             up_block_types: names(&["AttnUpBlock2D", "UpBlock2D"]),
             norm_num_groups: Some(4),
-            attention_head_dim: Some(8),
+            attention_head_dim: Some(PerBlock::One(8)),
             ..Default::default()
         }
     }
@@ -204,7 +287,7 @@ impl UNetConfig {
             down_block_types: names(&["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"]),
             up_block_types: names(&["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]),
             norm_num_groups: Some(8),
-            attention_head_dim: Some(32),
+            attention_head_dim: Some(PerBlock::One(32)),
             ..Default::default()
         }
     }
@@ -221,7 +304,7 @@ impl UNetConfig {
             down_block_types: names(&["DownBlock2D", "AttnDownBlock2D"]),
             up_block_types: names(&["AttnUpBlock2D", "UpBlock2D"]),
             norm_num_groups: Some(16),
-            attention_head_dim: Some(32),
+            attention_head_dim: Some(PerBlock::One(32)),
             ..Default::default()
         }
     }
@@ -239,14 +322,80 @@ impl UNetConfig {
 
     /// Parses a diffusers `config.json`; errors name the offending field.
     pub fn from_json_str(text: &str) -> Result<Self> {
-        let cfg: UNetConfig = super::parse_config(text)?;
+        let mut value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| Error::Config(format!("not a valid config.json: {e}")))?;
+        if let Some(fields) = value.as_object_mut()
+            && fields.get("_class_name").and_then(|v| v.as_str()) == Some(UNET_2D_CONDITION)
+        {
+            for (field, unused, what) in condition_fields_unused() {
+                if let Some(v) = fields.get(field)
+                    && *v != unused
+                {
+                    return Err(Error::Config(format!(
+                        "field `{field}` = {v} is not supported by fewstep ({what}); expected {unused}"
+                    )));
+                }
+            }
+            // UNet2DConditionModel's own defaults for what the file leaves out.
+            let defaults = serde_json::json!({
+                "in_channels": 4, "out_channels": 4,
+                "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+                "mid_block_type": "UNetMidBlock2DCrossAttn",
+                "block_out_channels": [320, 640, 1280, 1280],
+                "cross_attention_dim": 1280,
+            });
+            for (k, v) in defaults.as_object().expect("an object") {
+                fields.entry(k.clone()).or_insert(v.clone());
+            }
+        }
+        let cfg: UNetConfig = super::parse_config(&value.to_string())?;
         cfg.validate()?;
         Ok(cfg)
     }
 
+    /// Whether this is a text-conditioned `UNet2DConditionModel`.
+    pub fn is_conditional(&self) -> bool {
+        self.class_name == UNET_2D_CONDITION
+    }
+
     /// The config as diffusers writes it (with `_class_name`).
     pub fn to_json(&self) -> serde_json::Value {
-        super::diffusers_json(self, "UNet2DModel")
+        let mut json = super::diffusers_json(self, &self.class_name);
+        if self.is_conditional() {
+            // Fields UNet2DModel has and UNet2DConditionModel does not.
+            let fields = json.as_object_mut().expect("a config is a JSON object");
+            for k in ["add_attention", "attn_norm_num_groups", "downsample_type", "upsample_type", "num_train_timesteps"] {
+                fields.remove(k);
+            }
+        }
+        json
+    }
+
+    /// Heads of the attention in down block `i` (the mid block: `i = n − 1`) with `c` channels.
+    fn heads(&self, i: usize, c: usize) -> usize {
+        if self.is_conditional() {
+            self.num_attention_heads
+                .as_ref()
+                .or(self.attention_head_dim.as_ref())
+                .map_or(8, |h| h.get(i))
+        } else {
+            (c / self.attention_head_dim.as_ref().map_or(c, |d| d.get(i)).max(1)).max(1)
+        }
+    }
+
+    /// Channels per head of the attention in down block `i` with `c` channels.
+    fn head_dim(&self, i: usize, c: usize) -> usize {
+        if self.is_conditional() {
+            c / self.heads(i, c)
+        } else {
+            self.attention_head_dim.as_ref().map_or(c, |d| d.get(i))
+        }
+    }
+
+    /// Whether a block type carries attention.
+    fn has_attention(kind: &str) -> bool {
+        kind.starts_with("Attn") || kind.starts_with("CrossAttn")
     }
 
     /// Rejects what this implementation does not compute, naming the field.
@@ -262,26 +411,60 @@ impl UNetConfig {
                 self.up_block_types.len()
             )));
         }
+        let (down, mid, up): (&[&str], &str, &[&str]) = if self.is_conditional() {
+            (
+                &["DownBlock2D", "CrossAttnDownBlock2D"],
+                "UNetMidBlock2DCrossAttn",
+                &["UpBlock2D", "CrossAttnUpBlock2D"],
+            )
+        } else {
+            (
+                &["DownBlock2D", "AttnDownBlock2D"],
+                "UNetMidBlock2D",
+                &["UpBlock2D", "AttnUpBlock2D"],
+            )
+        };
         for t in &self.down_block_types {
-            if t != "DownBlock2D" && t != "AttnDownBlock2D" {
-                return Err(unsupported(
-                    "down_block_types",
-                    t,
-                    "DownBlock2D, AttnDownBlock2D",
-                ));
+            if !down.contains(&t.as_str()) {
+                return Err(unsupported("down_block_types", t, &down.join(", ")));
             }
         }
         for t in &self.up_block_types {
-            if t != "UpBlock2D" && t != "AttnUpBlock2D" {
-                return Err(unsupported("up_block_types", t, "UpBlock2D, AttnUpBlock2D"));
+            if !up.contains(&t.as_str()) {
+                return Err(unsupported("up_block_types", t, &up.join(", ")));
             }
         }
-        if self.mid_block_type.as_deref() != Some("UNetMidBlock2D") {
-            return Err(unsupported(
-                "mid_block_type",
-                &self.mid_block_type,
-                "UNetMidBlock2D",
-            ));
+        if self.mid_block_type.as_deref() != Some(mid) {
+            return Err(unsupported("mid_block_type", &self.mid_block_type, mid));
+        }
+        if self.class_name != UNET_2D && self.class_name != UNET_2D_CONDITION {
+            return Err(unsupported("_class_name", &self.class_name, "UNet2DModel, UNet2DConditionModel"));
+        }
+        if self.is_conditional() {
+            if self.cross_attention_dim.is_none_or(|d| d == 0) {
+                return Err(Error::Config(
+                    "field `cross_attention_dim` must be a positive width (the text encoder's hidden size)".into(),
+                ));
+            }
+            for (field, value) in [
+                ("num_attention_heads", &self.num_attention_heads),
+                ("attention_head_dim", &self.attention_head_dim),
+                ("transformer_layers_per_block", &self.transformer_layers_per_block),
+            ] {
+                if value.as_ref().is_some_and(|v| !v.len_ok(n)) {
+                    return Err(Error::Config(format!(
+                        "field `{field}` must be a positive number or one per block ({n} entries), got {value:?}"
+                    )));
+                }
+            }
+            for (i, &c) in self.block_out_channels.iter().enumerate() {
+                let heads = self.heads(i, c);
+                if c % heads != 0 {
+                    return Err(Error::Config(format!(
+                        "block {i}: {c} channels do not split into {heads} attention heads (`attention_head_dim`/`num_attention_heads`)"
+                    )));
+                }
+            }
         }
         if self.time_embedding_type != "positional" {
             return Err(unsupported(
@@ -340,9 +523,9 @@ impl UNetConfig {
                 "field `attn_norm_num_groups` must divide every block_out_channels entry".into(),
             ));
         }
-        if self.attention_head_dim == Some(0) {
+        if self.attention_head_dim.as_ref().is_some_and(|d| !d.len_ok(n)) {
             return Err(Error::Config(
-                "field `attention_head_dim` must be at least 1".into(),
+                "field `attention_head_dim` must be at least 1 (one value or one per block)".into(),
             ));
         }
         if self.in_channels == 0 || self.out_channels == 0 || self.layers_per_block == 0 {
@@ -399,7 +582,6 @@ impl UNetConfig {
         let ch = &self.block_out_channels;
         let n = ch.len();
         let temb = self.time_embed_dim() as f64;
-        let heads = |c: usize| (c / self.attention_head_dim.unwrap_or(c).max(1)).max(1) as f64;
         let conv = |s: f64, cin: usize, cout: usize, k: f64| {
             let (cin, cout) = (cin as f64, cout as f64);
             match what {
@@ -422,14 +604,35 @@ impl UNetConfig {
                     0.0
                 }
         };
-        // q, k, v and out projections over N = s² tokens, plus QKᵀ and softmax·V.
-        let attention = |s: f64, c: usize| {
-            let (tokens, cf) = (s * s, c as f64);
-            match what {
+        // Spatial self-attention: q, k, v and out projections over N = s² tokens, plus QKᵀ and
+        // softmax·V. A Transformer2DModel per layer adds cross-attention to M = 77 context tokens
+        // and the GEGLU feed-forward (8c + 4c wide), with 1×1/linear projections in and out.
+        let attention = |s: f64, c: usize, i: usize| {
+            let (tokens, cf, h) = (s * s, c as f64, self.heads(i, c) as f64);
+            let spatial = match what {
                 Count::Macs => 4.0 * tokens * cf * cf + 2.0 * tokens * tokens * cf,
                 Count::Params => 4.0 * cf * cf,
-                Count::Activations => 4.0 * tokens * cf + heads(c) * tokens * tokens,
+                Count::Activations => 4.0 * tokens * cf + h * tokens * tokens,
+            };
+            if !self.is_conditional() {
+                return spatial;
             }
+            let (ctx, m) = (self.cross_attention_dim.unwrap_or(c) as f64, 77.0);
+            let layers = self.transformer_layers_per_block.as_ref().map_or(1, |l| l.get(i)) as f64;
+            let per_layer = spatial
+                + match what {
+                    Count::Macs => {
+                        2.0 * tokens * cf * cf + 2.0 * m * ctx * cf + 2.0 * tokens * m * cf + 12.0 * tokens * cf * cf
+                    }
+                    Count::Params => 2.0 * cf * cf + 2.0 * ctx * cf + 12.0 * cf * cf,
+                    Count::Activations => 2.0 * tokens * cf + 2.0 * m * cf + h * tokens * m + 12.0 * tokens * cf,
+                };
+            let projections = match what {
+                Count::Macs => 2.0 * tokens * cf * cf,
+                Count::Params => 2.0 * cf * cf,
+                Count::Activations => 2.0 * tokens * cf,
+            };
+            layers * per_layer + projections
         };
         let mut total = conv(side, self.in_channels, ch[0], 3.0)
             + linear(ch[0] as f64, temb)
@@ -445,8 +648,8 @@ impl UNetConfig {
             c_out = ch[i];
             for j in 0..self.layers_per_block {
                 total += resnet(s, if j == 0 { c_in } else { c_out }, c_out);
-                if kind == "AttnDownBlock2D" {
-                    total += attention(s, c_out);
+                if Self::has_attention(kind) {
+                    total += attention(s, c_out, i);
                 }
                 skips.push(c_out);
             }
@@ -457,8 +660,8 @@ impl UNetConfig {
             }
         }
         total += 2.0 * resnet(s, ch[n - 1], ch[n - 1])
-            + if self.add_attention {
-                attention(s, ch[n - 1])
+            + if self.add_attention || self.is_conditional() {
+                attention(s, ch[n - 1], n - 1)
             } else {
                 0.0
             };
@@ -471,8 +674,8 @@ impl UNetConfig {
                 let skip = skips.pop().unwrap_or(c_out);
                 let res_in = if j == 0 { prev_out } else { c_out };
                 total += resnet(s, res_in + skip, c_out);
-                if kind == "AttnUpBlock2D" {
-                    total += attention(s, c_out);
+                if Self::has_attention(kind) {
+                    total += attention(s, c_out, n - 1 - i);
                 }
             }
             if i + 1 < n {
@@ -488,7 +691,6 @@ impl UNetConfig {
     /// an up block concatenates a skip) or an attention block's scores (heads × tokens²), at
     /// `size`×`size` input. Used to keep batches within a GPU's largest storage binding.
     pub fn peak_tensor_elements(&self, size: usize) -> usize {
-        let head_dim = |c: usize| self.attention_head_dim.unwrap_or(c).max(1);
         let mut peak = 9 * self.in_channels * size * size;
         for (i, &c) in self.block_out_channels.iter().enumerate() {
             let side = (size >> i).max(1);
@@ -497,10 +699,17 @@ impl UNetConfig {
             let attn = self
                 .down_block_types
                 .get(i)
-                .is_some_and(|k| k.starts_with("Attn"))
-                || (i + 1 == self.block_out_channels.len() && self.add_attention);
+                .is_some_and(|k| Self::has_attention(k))
+                || (i + 1 == self.block_out_channels.len()
+                    && (self.add_attention || self.is_conditional()));
             if attn {
-                peak = peak.max(c.div_ceil(head_dim(c)) * tokens * tokens);
+                let scores = self.heads(i, c) * tokens * tokens;
+                // A Transformer2DModel's attention runs in query chunks within a budget.
+                peak = peak.max(if self.is_conditional() {
+                    scores.min(super::transformer::ATTENTION_SCORE_BUDGET)
+                } else {
+                    scores
+                });
             }
         }
         peak
@@ -517,14 +726,32 @@ impl UNetConfig {
             dropout: self.dropout,
             output_scale_factor: 1.0,
         };
-        let head_dim = |c: usize| self.attention_head_dim.unwrap_or(c);
         let n = ch.len();
+        // The attention block of block `i` (the mid block: n − 1) at `c` channels.
+        let attention_block = |i: usize, c: usize, spec: BlockSpec| {
+            if self.is_conditional() {
+                AttentionBlock::Transformer(Transformer2D::new(
+                    TransformerSpec {
+                        channels: c,
+                        heads: self.heads(i, c),
+                        layers: self.transformer_layers_per_block.as_ref().map_or(1, |l| l.get(i)),
+                        context_dim: self.cross_attention_dim.unwrap_or(c),
+                        groups: spec.groups,
+                        linear_projection: self.use_linear_projection,
+                        dropout: self.dropout,
+                    },
+                    device,
+                ))
+            } else {
+                AttentionBlock::Spatial(Attention::new(c, self.head_dim(i, c), spec, device))
+            }
+        };
         let mut down_blocks = Vec::with_capacity(n);
         let mut c_out = ch[0];
         for (i, kind) in self.down_block_types.iter().enumerate() {
             let c_in = c_out;
             c_out = ch[i];
-            let attn = kind == "AttnDownBlock2D";
+            let attn = Self::has_attention(kind);
             down_blocks.push(DownBlock {
                 resnets: (0..self.layers_per_block)
                     .map(|j| {
@@ -533,7 +760,7 @@ impl UNetConfig {
                     .collect(),
                 attentions: if attn {
                     (0..self.layers_per_block)
-                        .map(|_| Attention::new(c_out, head_dim(c_out), spec, device))
+                        .map(|_| attention_block(i, c_out, spec))
                         .collect()
                 } else {
                     vec![]
@@ -553,14 +780,11 @@ impl UNetConfig {
             groups: self.attn_norm_num_groups.unwrap_or(spec.groups),
             ..mid_spec
         };
-        let mut mid_block = MidBlock::new(ch[n - 1], head_dim(ch[n - 1]), false, mid_spec, device);
-        if self.add_attention {
-            mid_block.attentions = vec![Attention::new(
-                ch[n - 1],
-                head_dim(ch[n - 1]),
-                mid_attn_spec,
-                device,
-            )];
+        let mut mid_block = MidBlock::new(ch[n - 1], self.head_dim(n - 1, ch[n - 1]), false, mid_spec, device);
+        if self.add_attention || self.is_conditional() {
+            // UNetMidBlock2DCrossAttn's transformer keeps output_scale_factor 1 and the resnets' groups.
+            let spec = if self.is_conditional() { spec } else { mid_attn_spec };
+            mid_block.attentions = vec![attention_block(n - 1, ch[n - 1], spec)];
         }
         let rev: Vec<usize> = ch.iter().rev().copied().collect();
         let mut up_blocks = Vec::with_capacity(n);
@@ -570,7 +794,7 @@ impl UNetConfig {
             c_out = rev[i];
             let c_in = rev[(i + 1).min(n - 1)];
             let layers = self.layers_per_block + 1;
-            let attn = kind == "AttnUpBlock2D";
+            let attn = Self::has_attention(kind);
             up_blocks.push(UpBlock {
                 resnets: (0..layers)
                     .map(|j| {
@@ -581,7 +805,7 @@ impl UNetConfig {
                     .collect(),
                 attentions: if attn {
                     (0..layers)
-                        .map(|_| Attention::new(c_out, head_dim(c_out), spec, device))
+                        .map(|_| attention_block(n - 1 - i, c_out, spec))
                         .collect()
                 } else {
                     vec![]
@@ -625,17 +849,23 @@ impl UNetConfig {
 #[derive(Module, Debug)]
 pub struct DownBlock {
     pub resnets: Vec<ResnetBlock>,
-    pub attentions: Vec<Attention>,
+    pub attentions: Vec<AttentionBlock>,
     pub downsamplers: Vec<Downsample>,
 }
 
 impl DownBlock {
     /// Returns the block output and every skip activation it produced, in order.
-    fn forward(&self, mut x: Tensor<4>, temb: &Tensor<2>, skips: &mut Vec<Tensor<4>>) -> Tensor<4> {
+    fn forward(
+        &self,
+        mut x: Tensor<4>,
+        temb: &Tensor<2>,
+        cond: &Conditioning,
+        skips: &mut Vec<Tensor<4>>,
+    ) -> Tensor<4> {
         for (j, resnet) in self.resnets.iter().enumerate() {
             x = resnet.forward(x, Some(temb));
             if let Some(attn) = self.attentions.get(j) {
-                x = attn.forward(x);
+                x = attn.forward(x, cond);
             }
             skips.push(x.clone());
         }
@@ -651,17 +881,23 @@ impl DownBlock {
 #[derive(Module, Debug)]
 pub struct UpBlock {
     pub resnets: Vec<ResnetBlock>,
-    pub attentions: Vec<Attention>,
+    pub attentions: Vec<AttentionBlock>,
     pub upsamplers: Vec<Upsample>,
 }
 
 impl UpBlock {
-    fn forward(&self, mut x: Tensor<4>, temb: &Tensor<2>, skips: &mut Vec<Tensor<4>>) -> Tensor<4> {
+    fn forward(
+        &self,
+        mut x: Tensor<4>,
+        temb: &Tensor<2>,
+        cond: &Conditioning,
+        skips: &mut Vec<Tensor<4>>,
+    ) -> Tensor<4> {
         for (j, resnet) in self.resnets.iter().enumerate() {
             let skip = skips.pop().expect("one skip per up-block resnet");
             x = resnet.forward(Tensor::cat(vec![x, skip], 1), Some(temb)); // [B, C + C_skip, H, W] -> [B, C_out, H, W]
             if let Some(attn) = self.attentions.get(j) {
-                x = attn.forward(x);
+                x = attn.forward(x, cond);
             }
         }
         if let Some(up) = self.upsamplers.first() {
@@ -690,27 +926,12 @@ pub struct UNet {
 }
 
 impl UNet {
-    /// x: [B, C_in, H, W], t: [B] (fractional timesteps allowed), class_labels: [B] when the
-    /// model is class-conditional → [B, C_out, H, W].
-    pub fn forward(
-        &self,
-        x: Tensor<4>,
-        t: Tensor<1>,
-        class_labels: Option<Tensor<1, Int>>,
-    ) -> Tensor<4> {
-        self.forward_guided(x, t, class_labels, None)
-    }
-
-    /// [`forward`](Self::forward) with the guidance scale w [B] a guidance-conditioned student
-    /// takes (embedded as diffusers' `get_guidance_scale_embedding(w, time_cond_proj_dim)`);
-    /// ignored by a model without `time_cond_proj_dim`.
-    pub fn forward_guided(
-        &self,
-        x: Tensor<4>,
-        t: Tensor<1>,
-        class_labels: Option<Tensor<1, Int>>,
-        guidance: Option<Tensor<1>>,
-    ) -> Tensor<4> {
+    /// x: [B, C_in, H, W], t: [B] (fractional timesteps allowed) → [B, C_out, H, W]. The
+    /// conditioning supplies class labels (a class-conditional model), the guidance scale w (a
+    /// model with `time_cond_proj_dim`, embedded as diffusers'
+    /// `get_guidance_scale_embedding(w, time_cond_proj_dim)`) and the text context (a
+    /// UNet2DConditionModel); parts the model was not built for are ignored.
+    pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, cond: &Conditioning) -> Tensor<4> {
         // Compute in the weights' precision (f16 after `cast_module`); the sinusoidal features
         // are made in the timesteps' own precision (f32) and cast after, as diffusers does.
         let dtype: FloatDType = self.conv_in.weight.val().dtype().into();
@@ -723,14 +944,14 @@ impl UNet {
         let t_emb =
             timestep_embedding(t, self.time_proj_dim, self.flip_sin_to_cos, self.freq_shift)
                 .cast(dtype);
-        let condition = match (&self.time_embedding.cond_proj, guidance) {
+        let condition = match (&self.time_embedding.cond_proj, &cond.guidance) {
             (Some(proj), Some(w)) => {
-                Some(guidance_scale_embedding(w, proj.weight.dims()[0]).cast(dtype))
+                Some(guidance_scale_embedding(w.clone(), proj.weight.dims()[0]).cast(dtype))
             }
             _ => None,
         };
         let mut emb = self.time_embedding.forward(t_emb, condition); // [B, temb]
-        if let (Some(embedding), Some(labels)) = (&self.class_embedding, class_labels) {
+        if let (Some(embedding), Some(labels)) = (&self.class_embedding, cond.labels.clone()) {
             let [b] = labels.dims();
             let class_emb = embedding.forward(labels.reshape([b, 1])); // [B, 1, temb]
             let d = class_emb.dims()[2];
@@ -739,14 +960,18 @@ impl UNet {
         // Every resnet applies SiLU to the embedding before its projection: do it once here.
         let emb = silu(emb);
 
+        let cond = &Conditioning {
+            context: cond.context.clone().map(|c| c.cast(dtype)),
+            ..cond.clone()
+        };
         let mut x = self.conv_in.forward(x); // [B, C0, H, W]
         let mut skips = vec![x.clone()];
         for block in &self.down_blocks {
-            x = block.forward(x, &emb, &mut skips);
+            x = block.forward(x, &emb, cond, &mut skips);
         }
-        x = self.mid_block.forward(x, Some(&emb));
+        x = self.mid_block.forward_conditioned(x, Some(&emb), cond);
         for block in &self.up_blocks {
-            x = block.forward(x, &emb, &mut skips);
+            x = block.forward(x, &emb, cond, &mut skips);
         }
         let x = silu(self.conv_norm_out.forward(x));
         self.conv_out.forward(x) // [B, C_out, H, W]
@@ -786,7 +1011,7 @@ mod tests {
         let mut narrow = config.clone();
         narrow.block_out_channels = vec![8, 8, 8];
         narrow.norm_num_groups = Some(4);
-        narrow.attention_head_dim = Some(8);
+        narrow.attention_head_dim = Some(PerBlock::One(8));
         assert!(narrow.macs_per_step().unwrap() * 20 < macs);
         let mut no_size = config;
         no_size.sample_size = None;

@@ -5,7 +5,7 @@ use burn::prelude::*;
 use fewstep_schedulers::schedule::target_coefficients;
 use fewstep_schedulers::{NoiseSchedule, Prediction};
 
-use crate::models::UNet;
+use crate::models::{Conditioning, UNet};
 use crate::sample::per_row;
 
 /// Mean squared error between the UNet's output on z_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε and its target,
@@ -15,7 +15,7 @@ pub fn denoising_loss(
     x0: Tensor<4>,
     eps: Tensor<4>,
     t: &[usize],
-    labels: Option<Tensor<1, Int>>,
+    cond: &Conditioning,
     schedule: &NoiseSchedule,
     prediction: Prediction,
 ) -> Tensor<1> {
@@ -38,7 +38,7 @@ pub fn denoising_loss(
     let out = unet.forward(
         z,
         Tensor::<1>::from_floats(t_in.as_slice(), &device),
-        labels,
+        cond,
     );
     (out - target).powf_scalar(2.0).mean()
 }

@@ -28,7 +28,7 @@ pub use crate::data::DataSource;
 use crate::data::{self, TrainImages};
 use crate::error::{Error, Result};
 use crate::io;
-use crate::models::{UNet, UNetConfig};
+use crate::models::{Conditioning, UNet, UNetConfig};
 use crate::noise::NoiseStream;
 use latents::{LatentCache, LatentSpec};
 
@@ -406,7 +406,9 @@ pub fn train_diffusion(
                         ad(shard.take(&batch.x0)),
                         ad(shard.take(&batch.eps)),
                         &shard.take_list(&batch.t),
-                        batch.labels.as_ref().map(|l| shard.take(l).autodiff()),
+                        &Conditioning::labels(
+                            batch.labels.as_ref().map(|l| shard.take(l).autodiff()),
+                        ),
                         &schedule,
                         prediction,
                     )

@@ -1,0 +1,73 @@
+//! What a denoiser call is conditioned on besides (x, t): one value passed to every model call,
+//! instead of positional optional arguments.
+
+use burn::prelude::*;
+
+/// The conditioning of a batch of B rows. Each part is optional; a model uses the parts it was
+/// built for and ignores the others (as diffusers does: `class_labels` for a UNet without a class
+/// embedding, `timestep_cond` without `time_cond_proj_dim`).
+#[derive(Debug, Clone, Default)]
+pub struct Conditioning {
+    /// Class labels [B] (`class_labels`).
+    pub labels: Option<Tensor<1, Int>>,
+    /// The guidance scale w [B] a guidance-conditioned student takes (LCM's `timestep_cond`,
+    /// embedded by `get_guidance_scale_embedding(w, time_cond_proj_dim)`).
+    pub guidance: Option<Tensor<1>>,
+    /// Text context [B, tokens, dim] (`encoder_hidden_states`).
+    pub context: Option<Tensor<3>>,
+    /// Context tokens to ignore [B, tokens], true where masked (`encoder_attention_mask`).
+    pub context_mask: Option<Tensor<2, Bool>>,
+}
+
+impl Conditioning {
+    /// No conditioning.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Class labels only (None: unconditional).
+    pub fn labels(labels: Option<Tensor<1, Int>>) -> Self {
+        Conditioning {
+            labels,
+            ..Self::default()
+        }
+    }
+
+    /// Text context only.
+    pub fn text(context: Tensor<3>) -> Self {
+        Conditioning {
+            context: Some(context),
+            ..Self::default()
+        }
+    }
+
+    pub fn with_guidance(mut self, guidance: Option<Tensor<1>>) -> Self {
+        self.guidance = guidance;
+        self
+    }
+
+    /// The rows of `self` followed by the rows of `other` (classifier-free guidance's one batch of
+    /// [unconditional; conditional]). Parts present in only one of the two are an error of the
+    /// caller, reported by panic.
+    pub fn concat(self, other: Conditioning) -> Self {
+        macro_rules! cat {
+            ($field:ident) => {
+                match (self.$field, other.$field) {
+                    (Some(a), Some(b)) => Some(Tensor::cat(vec![a, b], 0)),
+                    (None, None) => None,
+                    _ => panic!(concat!(
+                        "conditioning `",
+                        stringify!($field),
+                        "` present in only one half of a batch"
+                    )),
+                }
+            };
+        }
+        Conditioning {
+            labels: cat!(labels),
+            guidance: cat!(guidance),
+            context: cat!(context),
+            context_mask: cat!(context_mask),
+        }
+    }
+}

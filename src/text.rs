@@ -1,0 +1,148 @@
+//! CLIP tokenization as transformers' `CLIPTokenizer` does it (`models/clip/tokenization_clip.py`,
+//! a `tokenizers` BPE): NFC, whitespace runs → one space, lowercase; CLIP's pre-tokenizer regex
+//! then byte-level symbols; BPE with the `</w>` word suffix; `<|startoftext|>` … `<|endoftext|>`;
+//! truncated and padded to the model's 77 positions with the folder's pad token.
+
+use std::path::Path;
+
+use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::{Lowercase, NFC, Replace, Sequence as NormalizerSequence};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+use crate::error::{Error, Result};
+
+pub const BOS: &str = "<|startoftext|>";
+pub const EOS: &str = "<|endoftext|>";
+/// CLIP's pre-tokenizer pattern (the tokens it keeps).
+const CLIP_PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+
+/// A CLIP tokenizer loaded from a pipeline's `tokenizer/` folder.
+pub struct ClipTokenizer {
+    tokenizer: Tokenizer,
+    bos: u32,
+    eos: u32,
+    pad: u32,
+    max_length: usize,
+}
+
+/// A token given in `tokenizer_config.json` / `special_tokens_map.json`: a string, or an
+/// `AddedToken` object with `content`.
+fn token_text(value: &serde_json::Value) -> Option<String> {
+    value
+        .as_str()
+        .map(str::to_string)
+        .or_else(|| value.get("content")?.as_str().map(str::to_string))
+}
+
+impl ClipTokenizer {
+    /// Loads `dir` (`vocab.json` + `merges.txt`, or `tokenizer.json`; the pad token and length from
+    /// `tokenizer_config.json` / `special_tokens_map.json`).
+    pub fn load(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::file(
+                dir,
+                "tokenizer folder not found (a text-to-image pipeline needs tokenizer/ with vocab.json + merges.txt or tokenizer.json)",
+            ));
+        }
+        let vocab = dir.join("vocab.json");
+        let merges = dir.join("merges.txt");
+        let tokenizer = if vocab.is_file() && merges.is_file() {
+            Self::from_vocab_and_merges(&vocab, &merges)?
+        } else if dir.join("tokenizer.json").is_file() {
+            let path = dir.join("tokenizer.json");
+            Tokenizer::from_file(&path)
+                .map_err(|e| Error::file(&path, format!("not a valid tokenizer.json: {e}")))?
+        } else {
+            let missing = if vocab.is_file() { &merges } else { &vocab };
+            return Err(Error::file(
+                missing,
+                "file not found (a CLIP tokenizer needs vocab.json + merges.txt, or tokenizer.json)",
+            ));
+        };
+        let mut settings = serde_json::Map::new();
+        for name in ["special_tokens_map.json", "tokenizer_config.json"] {
+            let path = dir.join(name);
+            if path.is_file() {
+                let text = crate::io::read_text(&path)?;
+                let value: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| Error::file(&path, format!("not valid JSON: {e}")))?;
+                if let Some(map) = value.as_object() {
+                    settings.extend(map.clone());
+                }
+            }
+        }
+        let id = |token: &str, role: &str| {
+            tokenizer.token_to_id(token).ok_or_else(|| {
+                Error::file(dir, format!("the {role} token `{token}` is not in the vocabulary"))
+            })
+        };
+        let pad_token = settings
+            .get("pad_token")
+            .and_then(token_text)
+            .unwrap_or_else(|| EOS.to_string());
+        let max_length = settings
+            .get("model_max_length")
+            .and_then(|v| v.as_u64())
+            .filter(|&n| (2..=4096).contains(&n))
+            .unwrap_or(77) as usize;
+        Ok(ClipTokenizer {
+            bos: id(BOS, "start")?,
+            eos: id(EOS, "end")?,
+            pad: id(&pad_token, "pad")?,
+            tokenizer,
+            max_length,
+        })
+    }
+
+    fn from_vocab_and_merges(vocab: &Path, merges: &Path) -> Result<Tokenizer> {
+        let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
+            .unk_token(EOS.into())
+            .continuing_subword_prefix(String::new())
+            .end_of_word_suffix("</w>".into())
+            .build()
+            .map_err(|e| Error::file(vocab, format!("cannot read the BPE vocabulary with merges.txt: {e}")))?;
+        let mut tokenizer = Tokenizer::new(bpe);
+        let regex = |pattern: &str| pattern.to_string();
+        tokenizer.with_normalizer(Some(NormalizerSequence::new(vec![
+            NFC.into(),
+            Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(regex(r"\s+")), " ")
+                .expect("a valid pattern")
+                .into(),
+            Lowercase.into(),
+        ])));
+        tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
+            Split::new(
+                SplitPattern::Regex(regex(CLIP_PATTERN)),
+                SplitDelimiterBehavior::Removed,
+                true,
+            )
+            .expect("a valid pattern")
+            .into(),
+            ByteLevel::default().add_prefix_space(false).into(),
+        ])));
+        tokenizer.add_special_tokens(&[AddedToken::from(BOS, true), AddedToken::from(EOS, true)]);
+        Ok(tokenizer)
+    }
+
+    /// The ids of `prompt` as a pipeline feeds them to the text encoder: BOS, at most
+    /// `max_length − 2` tokens, EOS, then pad tokens up to `max_length` (77).
+    pub fn encode(&self, prompt: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .tokenizer
+            .encode(prompt, false)
+            .map_err(|e| Error::Usage(format!("--prompt {prompt:?}: cannot tokenize: {e}")))?;
+        let mut ids = Vec::with_capacity(self.max_length);
+        ids.push(self.bos);
+        ids.extend(encoding.get_ids().iter().take(self.max_length - 2));
+        ids.push(self.eos);
+        ids.resize(self.max_length, self.pad);
+        Ok(ids)
+    }
+
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+}
