@@ -17,7 +17,8 @@ use std::time::Duration;
 use burn::prelude::Device;
 use criterion::Criterion;
 use fewstep::backend::Precision;
-use fewstep::io::{self, Pipeline};
+use fewstep::io;
+use fewstep::pipeline::{self, Pipeline};
 use fewstep::sample::{Generation, generate_images};
 use fewstep_schedulers::Algorithm;
 

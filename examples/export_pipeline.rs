@@ -13,7 +13,7 @@ fn main() {
         std::process::exit(2);
     };
     let device = fewstep::backend::cpu_device().expect("a CPU backend is compiled in");
-    let result = fewstep::io::Pipeline::load(&PathBuf::from(input), &device).and_then(|p| {
+    let result = fewstep::pipeline::Pipeline::load(&PathBuf::from(input), &device).and_then(|p| {
         let (algorithm, _) = p.scheduler.algorithm();
         p.save(&PathBuf::from(output), algorithm)
     });

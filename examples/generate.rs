@@ -10,7 +10,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use fewstep::backend::{DeviceChoice, describe, device};
-use fewstep::io::{self, Pipeline};
+use fewstep::io;
+use fewstep::pipeline::{self, Pipeline};
 use fewstep::sample::{Generation, write_sample_grid};
 use fewstep_schedulers::Algorithm;
 

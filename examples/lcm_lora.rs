@@ -63,7 +63,7 @@ fn main() -> fewstep::Result<()> {
     // The adapters alone, applied to the untouched teacher; the file also carries the LCM
     // scheduler config they were distilled for.
     let lora = out.join(LORA_FILE);
-    let pipeline = fewstep::io::Pipeline::load_with_lora(&teacher, &lora, 1.0, &device)?;
+    let pipeline = fewstep::pipeline::Pipeline::load_with_lora(&teacher, &lora, 1.0, &device)?;
     let request = Generation::new(16, 16, 0);
     let grid = out.join("teacher-with-lora-4steps.png");
     write_sample_grid(&pipeline, Algorithm::Lcm, 4, &request, &device, &grid)?;

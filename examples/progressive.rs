@@ -7,7 +7,8 @@
 use std::path::PathBuf;
 
 use fewstep::data::DataSource;
-use fewstep::io::{self, Pipeline};
+use fewstep::io;
+use fewstep::pipeline::{self, Pipeline};
 use fewstep::sample::{Generation, write_sample_grid};
 use fewstep::train::progressive::{
     PROGRESSIVE_RUN, ProgressiveConfig, ProgressiveRun, distill_progressive, round_dir,

@@ -12,7 +12,7 @@ use fewstep_schedulers::Algorithm;
 
 use crate::backend::Precision;
 use crate::error::{Error, Result};
-use crate::io::Pipeline;
+use crate::pipeline::Pipeline;
 use crate::metrics::{self, FeatureExtractor, Reference, Scores};
 use crate::sample::Generation;
 

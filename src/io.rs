@@ -14,15 +14,11 @@ use burn::tensor::TensorData;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
-use crate::models::footprint::{self, Use};
-use crate::models::{UNet, UNetConfig, Vae, VaeConfig};
-use fewstep_schedulers::{Algorithm, SchedulerConfig};
 
 pub const WEIGHTS_NAME: &str = "diffusion_pytorch_model.safetensors";
 pub const CONFIG_NAME: &str = "config.json";
 pub const SCHEDULER_CONFIG_NAME: &str = "scheduler_config.json";
 /// A pipeline's VAE sub-folder (also where `train-vae` writes its autoencoder).
-pub const VAE_DIR: &str = "vae";
 
 /// Fault injection for the crash-safety tests: when `FEWSTEP_CRASH_AT` is `NAME:N`, the N-th
 /// time (from 1) the process reaches the crash point `NAME` it kills itself with SIGKILL — no
@@ -232,19 +228,32 @@ fn torch_name(path: &[String], container: &str) -> (String, bool) {
 
 /// Tracks the module path (`down_blocks.0.resnets.1.conv1.weight`) during a walk.
 #[derive(Default)]
-struct PathTracker {
+pub struct PathTracker {
     path: Vec<String>,
     containers: Vec<String>,
 }
 
 impl PathTracker {
-    fn enter(&mut self, name: &str, container: &str) {
-        self.path.push(name.to_string());
+    /// An enum's variant (a module that is one of several kinds, e.g. a UNet block's spatial
+    /// attention or transformer) adds no segment: diffusers names the field, not the kind.
+    pub fn enter(&mut self, name: &str, container: &str) {
+        if !container.starts_with("Enum:") {
+            self.path.push(name.to_string());
+        }
         self.containers.push(container.to_string());
     }
-    fn exit(&mut self) {
-        self.path.pop();
-        self.containers.pop();
+    pub fn exit(&mut self) {
+        if !self
+            .containers
+            .pop()
+            .is_some_and(|c| c.starts_with("Enum:"))
+        {
+            self.path.pop();
+        }
+    }
+    /// The module path as burn names it, dot-joined (enum variants left out).
+    pub fn joined(&self) -> String {
+        self.path.join(".")
     }
     fn current(&self) -> (String, bool) {
         torch_name(
@@ -311,10 +320,7 @@ pub(crate) fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
 
 /// Reads every tensor of a safetensors file (f32, f16, bf16 or f64) as f32.
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, HostTensor>> {
-    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::file(path, "file not found"),
-        _ => Error::file(path, format!("cannot read: {e}")),
-    })?;
+    let bytes = map_file(path)?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::file(path, format!("corrupt or truncated safetensors file ({e})")))?;
     let mut out = HashMap::new();
@@ -339,12 +345,24 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, HostTensor>> {
     Ok(out)
 }
 
-/// The string metadata of a safetensors file's header (empty when it has none).
-pub fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>> {
-    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+/// The bytes of a file, memory-mapped: a multi-gigabyte checkpoint is read from the page cache
+/// tensor by tensor, not first copied whole into memory.
+fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+    if path.is_dir() {
+        return Err(Error::file(path, "is a folder, expected a safetensors file"));
+    }
+    let file = std::fs::File::open(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Error::file(path, "file not found"),
         _ => Error::file(path, format!("cannot read: {e}")),
     })?;
+    // SAFETY: the map is read-only and lives only while this process parses it; a file
+    // truncated underneath by another process is the one hazard, as for any mmap reader.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::file(path, format!("cannot read: {e}")))
+}
+
+/// The string metadata of a safetensors file's header (empty when it has none).
+pub fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    let bytes = map_file(path)?;
     let (_, meta) = SafeTensors::read_metadata(&bytes)
         .map_err(|e| Error::file(path, format!("corrupt or truncated safetensors file ({e})")))?;
     Ok(meta.metadata().clone().unwrap_or_default())
@@ -423,7 +441,30 @@ pub fn load_weights_with_ids<M: Module>(
     path: &Path,
     ids: Option<&BTreeMap<String, u64>>,
 ) -> Result<M> {
-    let tensors = read_safetensors(path)?;
+    load_tensors(module, read_safetensors(path)?, path, ids)
+}
+
+/// [`load_weights`] where the file's names go through `rename` first: `Some(name)` is the
+/// module's name for a tensor, `None` a tensor the model does not use and may ignore (a buffer
+/// such as CLIP's `position_ids`); every other tensor must still be used.
+pub fn load_weights_renamed<M: Module>(
+    module: M,
+    path: &Path,
+    rename: impl Fn(&str) -> Option<String>,
+) -> Result<M> {
+    let tensors = read_safetensors(path)?
+        .into_iter()
+        .filter_map(|(name, t)| rename(&name).map(|name| (name, t)))
+        .collect();
+    load_tensors(module, tensors, path, None)
+}
+
+fn load_tensors<M: Module>(
+    module: M,
+    tensors: HashMap<String, HostTensor>,
+    path: &Path,
+    ids: Option<&BTreeMap<String, u64>>,
+) -> Result<M> {
     let mut loader = Loader {
         tracker: PathTracker::default(),
         tensors,
@@ -539,6 +580,11 @@ pub fn param_ids<M: Module>(module: &M) -> BTreeMap<String, u64> {
 
 /// The module's parameters under their diffusers names, as safetensors bytes (f32).
 pub fn weights_to_bytes<M: Module>(module: &M) -> Result<Vec<u8>> {
+    weights_to_bytes_prefixed(module, "")
+}
+
+/// [`weights_to_bytes`] with `prefix` before every name (`text_model.` for a CLIP text model).
+pub fn weights_to_bytes_prefixed<M: Module>(module: &M, prefix: &str) -> Result<Vec<u8>> {
     let mut c = Collector {
         tracker: PathTracker::default(),
         tensors: BTreeMap::new(),
@@ -548,9 +594,10 @@ pub fn weights_to_bytes<M: Module>(module: &M) -> Result<Vec<u8>> {
         .tensors
         .iter()
         .map(|(name, (shape, bytes))| {
+            let name = format!("{prefix}{name}");
             let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes)
                 .expect("shape matches data");
-            (name.clone(), view)
+            (name, view)
         })
         .collect();
     let mut meta = HashMap::new();
@@ -569,189 +616,3 @@ pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     write_atomic(path, format!("{text}\n").as_bytes())
 }
 
-/// `DIR/config.json` + `DIR/diffusion_pytorch_model.safetensors` of a UNet.
-pub fn load_unet(dir: &Path, device: &Device) -> Result<(UNetConfig, UNet)> {
-    let config_path = dir.join(CONFIG_NAME);
-    let config = UNetConfig::from_json_str(&read_text(&config_path)?)
-        .map_err(|e| e.in_file(&config_path))?;
-    // One image must be computable before anything is allocated.
-    footprint::check_unet(&config, &config_path, None, Use::Inference { batch: 1 })?;
-    let unet = load_weights(config.init(device), &dir.join(WEIGHTS_NAME))?;
-    Ok((config, unet))
-}
-
-pub fn save_unet(dir: &Path, config: &UNetConfig, unet: &UNet) -> Result<()> {
-    write_json(&dir.join(CONFIG_NAME), &config.to_json())?;
-    save_weights(unet, &dir.join(WEIGHTS_NAME))
-}
-
-pub fn load_vae(dir: &Path, device: &Device) -> Result<(VaeConfig, Vae)> {
-    let config_path = dir.join(CONFIG_NAME);
-    let config =
-        VaeConfig::from_json_str(&read_text(&config_path)?).map_err(|e| e.in_file(&config_path))?;
-    footprint::check_vae(&config, &config_path, None, Use::Inference { batch: 1 })?;
-    let vae = load_weights(config.init(device), &dir.join(WEIGHTS_NAME))?;
-    Ok((config, vae))
-}
-
-pub fn save_vae(dir: &Path, config: &VaeConfig, vae: &Vae) -> Result<()> {
-    write_json(&dir.join(CONFIG_NAME), &config.to_json())?;
-    save_weights(vae, &dir.join(WEIGHTS_NAME))
-}
-
-pub fn load_scheduler_config(dir: &Path) -> Result<SchedulerConfig> {
-    let path = dir.join(SCHEDULER_CONFIG_NAME);
-    SchedulerConfig::from_json_str(&read_text(&path)?).map_err(|e| Error::file(&path, e.0))
-}
-
-/// A diffusers pipeline folder: a UNet, its scheduler config, and optionally a VAE (then the UNet
-/// works on latents).
-pub struct Pipeline {
-    pub unet_config: UNetConfig,
-    pub unet: UNet,
-    pub scheduler: SchedulerConfig,
-    pub vae: Option<(VaeConfig, Vae)>,
-}
-
-impl Pipeline {
-    /// The pipeline with its UNet and VAE in `precision` (the scheduler always computes in f32).
-    pub fn with_precision(mut self, precision: crate::backend::Precision) -> Self {
-        let dtype = precision.dtype();
-        self.unet = crate::backend::cast_module(self.unet, dtype);
-        self.vae = self
-            .vae
-            .map(|(config, vae)| (config, crate::backend::cast_module(vae, dtype)));
-        self
-    }
-
-    /// Loads `DIR` (`model_index.json`, `unet/`, `scheduler/`, optional `vae/`).
-    /// Loads the pipeline in `dir` with the adapters of a LoRA file merged at `scale`; the
-    /// pipeline's scheduler becomes the one the file names (an LCM-LoRA's LCM scheduler), if any.
-    pub fn load_with_lora(
-        dir: &Path,
-        lora_path: &Path,
-        scale: f32,
-        device: &Device,
-    ) -> Result<Self> {
-        use crate::models::lora;
-        if !scale.is_finite() {
-            return Err(Error::Usage(format!(
-                "--lora-scale {scale}: expected a number"
-            )));
-        }
-        let file = lora::LoraFile::read(lora_path)?;
-        let mut pipeline = Pipeline::load(dir, device)?;
-        pipeline.unet = lora::merge(pipeline.unet, &file, scale, lora_path)?;
-        if let Some(text) = file.scheduler_config() {
-            pipeline.scheduler = SchedulerConfig::from_json_str(text).map_err(|e| {
-                Error::file(
-                    lora_path,
-                    format!("metadata `{}`: {}", lora::SCHEDULER_METADATA_KEY, e.0),
-                )
-            })?;
-        }
-        Ok(pipeline)
-    }
-
-    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        if dir.is_file() {
-            return Err(Error::file(
-                dir,
-                "is a file, expected a diffusers pipeline folder (model_index.json, unet/, scheduler/)",
-            ));
-        }
-        if !dir.is_dir() {
-            return Err(Error::file(dir, "pipeline folder not found"));
-        }
-        let index_path = dir.join("model_index.json");
-        let index: serde_json::Value = serde_json::from_str(&read_text(&index_path)?)
-            .map_err(|e| Error::file(&index_path, format!("not valid JSON: {e}")))?;
-        if !index.is_object() {
-            return Err(Error::file(&index_path, "expected a JSON object"));
-        }
-        let (unet_config, unet) = load_unet(&dir.join("unet"), device)?;
-        let scheduler = load_scheduler_config(&dir.join("scheduler"))?;
-        let vae = if dir.join(VAE_DIR).is_dir() {
-            Some(load_vae(&dir.join(VAE_DIR), device)?)
-        } else {
-            None
-        };
-        if let Some((vc, _)) = &vae
-            && vc.latent_channels != unet_config.in_channels
-        {
-            return Err(Error::file(
-                dir,
-                format!(
-                    "vae latent_channels ({}) differs from unet in_channels ({})",
-                    vc.latent_channels, unet_config.in_channels
-                ),
-            ));
-        }
-        Ok(Pipeline {
-            unet_config,
-            unet,
-            scheduler,
-            vae,
-        })
-    }
-
-    /// Writes the pipeline as a diffusers folder with `algorithm`'s scheduler config.
-    pub fn save(&self, dir: &Path, algorithm: Algorithm) -> Result<()> {
-        save_pipeline(
-            dir,
-            &self.unet_config,
-            &self.unet,
-            &self.scheduler,
-            algorithm,
-            self.vae.as_ref().map(|(c, v)| (c, v)),
-        )
-    }
-
-    /// The shape of one sample in model space: [C, H, W] of the UNet's input.
-    /// An upper bound on the largest single tensor one generated image needs (UNet step or VAE
-    /// decode), in elements.
-    pub fn peak_tensor_elements_per_image(&self) -> Result<usize> {
-        let [_, size, _] = self.sample_shape()?;
-        let unet = self.unet_config.peak_tensor_elements(size);
-        Ok(match &self.vae {
-            Some((config, _)) => unet.max(config.decoder_peak_tensor_elements(size)),
-            None => unet,
-        })
-    }
-
-    pub fn sample_shape(&self) -> Result<[usize; 3]> {
-        let size = self.unet_config.sample_size.ok_or_else(|| {
-            Error::Config(
-                "unet config.json has no `sample_size`: cannot tell the sample resolution".into(),
-            )
-        })?;
-        Ok([self.unet_config.in_channels, size, size])
-    }
-}
-
-/// Writes a diffusers pipeline folder.
-pub fn save_pipeline(
-    dir: &Path,
-    unet_config: &UNetConfig,
-    unet: &UNet,
-    scheduler: &SchedulerConfig,
-    algorithm: Algorithm,
-    vae: Option<(&VaeConfig, &Vae)>,
-) -> Result<()> {
-    let mut index = serde_json::json!({
-        "_class_name": "DDPMPipeline",
-        "_diffusers_version": "0.31.0",
-        "scheduler": ["diffusers", algorithm.class_name()],
-        "unet": ["diffusers", "UNet2DModel"],
-    });
-    if let Some((vc, v)) = vae {
-        index["vae"] = serde_json::json!(["diffusers", "AutoencoderKL"]);
-        save_vae(&dir.join(VAE_DIR), vc, v)?;
-    }
-    save_unet(&dir.join("unet"), unet_config, unet)?;
-    write_json(
-        &dir.join("scheduler").join(SCHEDULER_CONFIG_NAME),
-        &scheduler.to_json(algorithm),
-    )?;
-    write_json(&dir.join("model_index.json"), &index)
-}

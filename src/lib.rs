@@ -14,6 +14,7 @@ pub mod io;
 pub mod metrics;
 pub mod models;
 pub mod noise;
+pub mod pipeline;
 pub mod sample;
 pub mod text;
 pub mod train;

@@ -8,7 +8,7 @@ use burn::tensor::FloatDType;
 use fewstep_schedulers::{Algorithm, SampleOps, Scheduler};
 
 use crate::error::{Error, Result};
-use crate::io::Pipeline;
+use crate::pipeline::Pipeline;
 use crate::models::Conditioning;
 use crate::noise::NoiseStream;
 

@@ -6,7 +6,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
-use fewstep::io::{self, HostTensor, Pipeline};
+use fewstep::io::{self, HostTensor};
+use fewstep::pipeline::{self, Pipeline};
 use fewstep::noise::NoiseStream;
 use fewstep::sample::{DeviceSample, sample};
 use fewstep_schedulers::{Algorithm, Scheduler};
@@ -41,7 +42,7 @@ fn assert_close(what: &str, got: Tensor<4>, want: &HostTensor) {
 fn unet_matches(rel: &str) {
     let dev = device();
     let dir = fixture(rel);
-    let (_, unet) = io::load_unet(&dir, &dev).unwrap();
+    let (_, unet) = pipeline::load_unet(&dir, &dev).unwrap();
     let t = io_tensors(&dir);
     let x = t["x"].to_device::<4>(&dev).unwrap();
     let ts = t["t"].to_device::<1>(&dev).unwrap();
@@ -79,7 +80,7 @@ fn class_conditional_unet_with_uneven_heads_matches_diffusers() {
 fn vae_encode_and_decode_match_diffusers() {
     let dev = device();
     let dir = fixture("pipe_latent/vae");
-    let (_, vae) = io::load_vae(&dir, &dev).unwrap();
+    let (_, vae) = pipeline::load_vae(&dir, &dev).unwrap();
     let t = io_tensors(&dir);
     let (mean, logvar) = vae.encode(t["x"].to_device::<4>(&dev).unwrap());
     assert_close("vae mean", mean, &t["mean"]);

@@ -10,7 +10,7 @@ use common::{
 
 use std::path::Path;
 
-use fewstep::io::Pipeline;
+use fewstep::pipeline::Pipeline;
 use fewstep_schedulers::Algorithm;
 
 const WEIGHTS: &str = "unet/diffusion_pytorch_model.safetensors";

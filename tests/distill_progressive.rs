@@ -9,7 +9,8 @@ use common::{
 
 use std::path::Path;
 
-use fewstep::io::{self, Pipeline};
+use fewstep::io;
+use fewstep::pipeline::{self, Pipeline};
 
 fn distill_args<'a>(teacher: &'a Path, out: &'a Path, iters: &'a str) -> Vec<&'a str> {
     vec![

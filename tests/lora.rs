@@ -10,7 +10,8 @@ use common::{
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
-use fewstep::io::{self, Pipeline};
+use fewstep::io;
+use fewstep::pipeline::{self, Pipeline};
 use fewstep_schedulers::Algorithm;
 
 fn fixtures() -> PathBuf {

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use fewstep::io::Pipeline;
+use fewstep::pipeline::Pipeline;
 
 fn train(out: &Path, extra: &[&str]) -> Output {
     let mut args = vec![

@@ -8,7 +8,8 @@ mod common;
 
 use burn::prelude::*;
 use fewstep::backend::{DeviceChoice, Precision, device};
-use fewstep::io::{self, Pipeline};
+use fewstep::io;
+use fewstep::pipeline::{self, Pipeline};
 use fewstep::sample::{Generation, generate_images};
 use fewstep_schedulers::Algorithm;
 
@@ -23,8 +24,8 @@ fn unet_forward_and_vae_decode_match_cpu_on_wgpu() {
     let cpu = device(DeviceChoice::Cpu).unwrap();
     let gpu = device(DeviceChoice::Wgpu).expect("a wgpu adapter (install mesa-vulkan-drivers)");
     let pipe = common::repo().join("tests/fixtures/models/pipe_latent");
-    let (_, unet_cpu) = io::load_unet(&pipe.join("unet"), &cpu).unwrap();
-    let (_, unet_gpu) = io::load_unet(&pipe.join("unet"), &gpu).unwrap();
+    let (_, unet_cpu) = pipeline::load_unet(&pipe.join("unet"), &cpu).unwrap();
+    let (_, unet_gpu) = pipeline::load_unet(&pipe.join("unet"), &gpu).unwrap();
     let x = io::read_safetensors(&pipe.join("unet/io.safetensors")).unwrap();
     let (xs, ts) = (&x["x"], &x["t"]);
     let out_cpu = unet_cpu.forward(
@@ -40,8 +41,8 @@ fn unet_forward_and_vae_decode_match_cpu_on_wgpu() {
     let d = max_rel_diff(out_cpu, out_gpu);
     assert!(d <= 1e-4, "UNet: wgpu differs from CPU by {d} (relative)");
 
-    let (_, vae_cpu) = io::load_vae(&pipe.join("vae"), &cpu).unwrap();
-    let (_, vae_gpu) = io::load_vae(&pipe.join("vae"), &gpu).unwrap();
+    let (_, vae_cpu) = pipeline::load_vae(&pipe.join("vae"), &cpu).unwrap();
+    let (_, vae_gpu) = pipeline::load_vae(&pipe.join("vae"), &gpu).unwrap();
     let z = io::read_safetensors(&pipe.join("vae/io.safetensors")).unwrap()["z"].clone();
     let d = max_rel_diff(
         vae_cpu.decode(z.to_device::<4>(&cpu).unwrap()),

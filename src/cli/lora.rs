@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use super::DeviceArgs;
 use crate::error::Result;
-use crate::io::Pipeline;
+use crate::pipeline::Pipeline;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum LoraCommand {

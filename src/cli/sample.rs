@@ -8,7 +8,8 @@ use fewstep_schedulers::{Algorithm, Scheduler};
 use super::DeviceArgs;
 use crate::backend::{Precision, max_binding_bytes};
 use crate::error::{Error, Result};
-use crate::io::{self, Pipeline};
+use crate::io;
+use crate::pipeline::Pipeline;
 use crate::sample::{DeviceSample, Generation, generate};
 
 #[derive(Debug, clap::Args)]

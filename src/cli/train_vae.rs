@@ -9,6 +9,7 @@ use super::gan::DistanceArg;
 use crate::data::DataSource;
 use crate::distill::gan::PixelDistance;
 use crate::error::{Error, Result};
+use crate::pipeline;
 use crate::io;
 use crate::models::VaeConfig;
 use crate::train::vae::{self, VAE_RUN, VaeRun, VaeTrainConfig};
@@ -130,7 +131,7 @@ pub fn run(args: TrainVaeArgs) -> Result<()> {
         ),
         Some(r) => println!(
             "{}: PSNR {:.2} dB, rFID {:.2} (originals {:.2}) on {} held-out images, scaling_factor {:.5}, {:.0} s",
-            args.out.join(io::VAE_DIR).display(),
+            args.out.join(pipeline::VAE_DIR).display(),
             r.psnr,
             r.rfid,
             r.original_fid,

@@ -23,7 +23,7 @@ use fewstep_schedulers::{Algorithm, Scheduler};
 
 use crate::data::{ImageFolder, shapes, shapes_batch};
 use crate::error::{Error, Result};
-use crate::io::Pipeline;
+use crate::pipeline::Pipeline;
 use crate::sample::{DeviceSample, Generation, generate};
 
 /// Reference statistics, with the reference features when known (KID and precision/recall need

@@ -168,22 +168,22 @@ pub fn attach(unet: UNet, spec: &LoraSpec) -> Result<UNet> {
 /// Collects every float parameter's values and shape by module path.
 #[derive(Default)]
 struct Values {
-    path: Vec<String>,
+    path: io::PathTracker,
     found: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
 }
 
 impl ModuleVisitor for Values {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
+    fn enter_module(&mut self, name: &str, container: &str) {
+        self.path.enter(name, container);
     }
     fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
+        self.path.exit();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let t = param.val();
         let shape = t.dims().to_vec();
         let data = t.into_data().try_to_vec::<f32>().expect("f32 weights");
-        self.found.insert(self.path.join("."), (shape, data));
+        self.found.insert(self.path.joined(), (shape, data));
     }
 }
 
@@ -274,15 +274,143 @@ pub fn lora_file(
     io::write_safetensors_with_metadata(path, &refs, Some(metadata))
 }
 
-/// A LoRA file read back: ΔW per module (torch layout, scale α/r applied), and its metadata.
+/// What an adapter applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LoraTarget {
+    Unet,
+    TextEncoder,
+}
+
+/// One adapter read back: ΔW in torch layout (scale α/r applied) and the file's name for it.
+#[derive(Debug, Clone)]
+pub struct LoraDelta {
+    pub key: String,
+    pub shape: Vec<usize>,
+    pub delta: Vec<f32>,
+}
+
+/// A LoRA file read back: ΔW per module of the UNet and of the text encoder, keyed by the module
+/// path with `_` for `.` (the one spelling both layouts reduce to), and its metadata.
 pub struct LoraFile {
-    pub deltas: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    pub deltas: HashMap<LoraTarget, HashMap<String, LoraDelta>>,
     pub metadata: HashMap<String, String>,
 }
 
+/// The layout-independent key of a module path: `down_blocks.0.attentions.0.to_q` →
+/// `down_blocks_0_attentions_0_to_q`, as kohya writes it.
+fn flat_key(module: &str) -> String {
+    module.replace('.', "_")
+}
+
+/// (target, module key) of a PEFT/diffusers module name (`unet.…`, `text_encoder.…`, or bare UNet
+/// names as fewstep writes them).
+fn peft_module(module: &str) -> (LoraTarget, String) {
+    if let Some(rest) = module.strip_prefix("text_encoder.") {
+        let rest = rest.strip_prefix("text_model.").unwrap_or(rest);
+        (LoraTarget::TextEncoder, flat_key(rest))
+    } else {
+        (LoraTarget::Unet, flat_key(module.strip_prefix("unet.").unwrap_or(module)))
+    }
+}
+
+/// (target, module key) of a kohya name (`lora_unet_…`, `lora_te_text_model_…`), or an error
+/// naming what the key is instead.
+fn kohya_module(stem: &str) -> std::result::Result<(LoraTarget, String), String> {
+    if let Some(rest) = stem.strip_prefix("lora_unet_") {
+        Ok((LoraTarget::Unet, rest.to_string()))
+    } else if let Some(rest) = stem.strip_prefix("lora_te_") {
+        Ok((
+            LoraTarget::TextEncoder,
+            rest.strip_prefix("text_model_").unwrap_or(rest).to_string(),
+        ))
+    } else if stem.starts_with("lora_te1_") || stem.starts_with("lora_te2_") {
+        Err(format!(
+            "`{stem}` adapts one of SDXL's two text encoders (SDXL is not supported yet)"
+        ))
+    } else {
+        Err(format!(
+            "`{stem}`: expected a kohya name starting `lora_unet_` or `lora_te_`"
+        ))
+    }
+}
+
+/// ΔW = scale·B·A of factors a [r, in…] and b [out, r(, 1, 1)], checked; torch layout [out, in…].
+fn delta_of(
+    module: &str,
+    a: &io::HostTensor,
+    b: &io::HostTensor,
+    alpha: Option<f64>,
+    path: &Path,
+) -> Result<(Vec<usize>, Vec<f32>)> {
+    // A [r, in] (linear) or [r, in, k, k] (convolution); B [out, r] or [out, r, 1, 1], of the
+    // same rank.
+    if !matches!(a.shape.len(), 2 | 4) || a.shape.contains(&0) {
+        return Err(Error::file(
+            path,
+            format!(
+                "`{module}`: down/A factor shape {:?}, expected [rank, in] or [rank, in, k, k] with no zero size",
+                a.shape
+            ),
+        ));
+    }
+    if b.shape.len() != a.shape.len() || b.shape.contains(&0) {
+        return Err(Error::file(
+            path,
+            format!(
+                "`{module}`: up/B factor shape {:?}, expected [out, rank{}] to match {:?}",
+                b.shape,
+                if a.shape.len() == 4 { ", 1, 1" } else { "" },
+                a.shape
+            ),
+        ));
+    }
+    let r = a.shape[0];
+    let delta_len = b.shape[0].checked_mul(a.shape[1..].iter().product());
+    if delta_len.is_none_or(|n| n > 1 << 31) {
+        return Err(Error::file(
+            path,
+            format!(
+                "`{module}`: up {:?} × down {:?} is larger than any model weight",
+                b.shape, a.shape
+            ),
+        ));
+    }
+    if b.shape[1] != r || b.shape[2..].iter().any(|&d| d != 1) {
+        return Err(Error::file(
+            path,
+            format!(
+                "`{module}`: up/B shape {:?} does not match down/A shape {:?}",
+                b.shape, a.shape
+            ),
+        ));
+    }
+    let scale = (alpha.unwrap_or(r as f64) / r as f64) as f32;
+    let out_c = b.shape[0];
+    let fan_in: usize = a.shape[1..].iter().product();
+    let mut delta = vec![0f32; out_c * fan_in];
+    for o in 0..out_c {
+        for k in 0..r {
+            let bk = b.data[o * r + k] * scale;
+            if bk == 0.0 {
+                continue;
+            }
+            let row = &a.data[k * fan_in..(k + 1) * fan_in];
+            for (d, &x) in delta[o * fan_in..(o + 1) * fan_in].iter_mut().zip(row) {
+                *d += bk * x;
+            }
+        }
+    }
+    let mut shape = vec![out_c];
+    shape.extend_from_slice(&a.shape[1..]);
+    Ok((shape, delta))
+}
+
 impl LoraFile {
-    /// Reads a PEFT/diffusers LoRA file (keys `<module>.lora_A.weight` / `.lora_B.weight`,
-    /// optionally prefixed `unet.`; α from `lora_adapter_metadata`, else α = r).
+    /// Reads a LoRA file in either layout users have:
+    /// - PEFT/diffusers: `<module>.lora_A.weight` / `.lora_B.weight`, prefixed `unet.` or
+    ///   `text_encoder.` (or bare UNet names); α from `lora_adapter_metadata`, else α = r.
+    /// - kohya (the published LCM-LoRA, most community LoRAs): `lora_unet_<module_with_underscores>`
+    ///   / `lora_te_…` with `.lora_down.weight`, `.lora_up.weight` and `.alpha`.
     pub fn read(path: &Path) -> Result<Self> {
         let tensors = io::read_safetensors(path)?;
         let metadata = io::read_safetensors_metadata(path)?;
@@ -297,102 +425,66 @@ impl LoraFile {
                 })
             })
             .transpose()?;
-        let mut deltas = HashMap::new();
-        for (name, a) in &tensors {
-            let Some(module) = name.strip_suffix(".lora_A.weight") else {
-                if !name.ends_with(".lora_B.weight") {
+        let peft_alpha = config.as_ref().and_then(|c| c["lora_alpha"].as_f64());
+        let mut deltas: HashMap<LoraTarget, HashMap<String, LoraDelta>> = HashMap::new();
+        let mut names: Vec<&String> = tensors.keys().collect();
+        names.sort();
+        for name in names {
+            let a = &tensors[name];
+            let (stem, b_name, alpha, (target, key)) =
+                if let Some(stem) = name.strip_suffix(".lora_A.weight") {
+                    (stem, format!("{stem}.lora_B.weight"), peft_alpha, peft_module(stem))
+                } else if let Some(stem) = name.strip_suffix(".lora_down.weight") {
+                    let alpha = match tensors.get(&format!("{stem}.alpha")) {
+                        Some(t) if t.data.len() == 1 => Some(t.data[0] as f64),
+                        Some(t) => {
+                            return Err(Error::file(
+                                path,
+                                format!("`{stem}.alpha`: shape {:?}, expected a scalar", t.shape),
+                            ));
+                        }
+                        None => None,
+                    };
+                    let module = kohya_module(stem).map_err(|e| Error::file(path, e))?;
+                    (stem, format!("{stem}.lora_up.weight"), alpha, module)
+                } else if name.ends_with(".lora_B.weight")
+                    || name.ends_with(".lora_up.weight")
+                    || name.ends_with(".alpha")
+                {
+                    continue;
+                } else {
                     return Err(Error::file(
                         path,
                         format!(
-                            "tensor `{name}` is not a LoRA factor (`….lora_A.weight` or `….lora_B.weight`)"
+                            "tensor `{name}` is not a LoRA factor (`….lora_A.weight`/`….lora_B.weight`, or kohya's `….lora_down.weight`/`….lora_up.weight`/`….alpha`; LoHa, LoKr and DoRA are not supported)"
                         ),
                     ));
-                }
-                continue;
-            };
-            let b = tensors
-                .get(&format!("{module}.lora_B.weight"))
-                .ok_or_else(|| {
-                    Error::file(
-                        path,
-                        format!("`{name}` has no matching `{module}.lora_B.weight`"),
-                    )
-                })?;
-            // lora_A is [r, in] (linear) or [r, in, k, k] (convolution); lora_B [out, r] or
-            // [out, r, 1, 1], of the same rank.
-            if !matches!(a.shape.len(), 2 | 4) || a.shape.contains(&0) {
-                return Err(Error::file(
-                    path,
-                    format!(
-                        "`{name}`: shape {:?}, expected [rank, in] or [rank, in, k, k] with no zero size",
-                        a.shape
-                    ),
-                ));
-            }
-            if b.shape.len() != a.shape.len() || b.shape.contains(&0) {
-                return Err(Error::file(
-                    path,
-                    format!(
-                        "`{module}.lora_B.weight`: shape {:?}, expected [out, rank{}] to match lora_A {:?}",
-                        b.shape,
-                        if a.shape.len() == 4 { ", 1, 1" } else { "" },
-                        a.shape
-                    ),
-                ));
-            }
-            let r = a.shape[0];
-            let delta_len = b.shape[0].checked_mul(a.shape[1..].iter().product());
-            if delta_len.is_none_or(|n| n > 1 << 31) {
-                return Err(Error::file(
-                    path,
-                    format!(
-                        "`{module}`: lora_B {:?} × lora_A {:?} is larger than any UNet weight",
-                        b.shape, a.shape
-                    ),
-                ));
-            }
-            if b.shape.len() < 2 || b.shape[1] != r || b.shape[2..].iter().any(|&d| d != 1) {
-                return Err(Error::file(
-                    path,
-                    format!(
-                        "`{module}`: lora_B shape {:?} does not match lora_A shape {:?}",
-                        b.shape, a.shape
-                    ),
-                ));
-            }
-            let alpha = config
-                .as_ref()
-                .and_then(|c| c["lora_alpha"].as_f64())
-                .unwrap_or(r as f64);
-            let scale = (alpha / r as f64) as f32;
-            let out_c = b.shape[0];
-            let fan_in: usize = a.shape[1..].iter().product();
-            // ΔW = scale·B·A, [out, in…].
-            let mut delta = vec![0f32; out_c * fan_in];
-            for o in 0..out_c {
-                for k in 0..r {
-                    let bk = b.data[o * r + k] * scale;
-                    if bk == 0.0 {
-                        continue;
-                    }
-                    let row = &a.data[k * fan_in..(k + 1) * fan_in];
-                    for (d, &x) in delta[o * fan_in..(o + 1) * fan_in].iter_mut().zip(row) {
-                        *d += bk * x;
-                    }
-                }
-            }
-            let mut shape = vec![out_c];
-            shape.extend_from_slice(&a.shape[1..]);
-            let module = module.strip_prefix("unet.").unwrap_or(module);
-            deltas.insert(module.to_string(), (shape, delta));
+                };
+            let b = tensors.get(&b_name).ok_or_else(|| {
+                Error::file(path, format!("`{name}` has no matching `{b_name}`"))
+            })?;
+            let (shape, delta) = delta_of(stem, a, b, alpha, path)?;
+            deltas.entry(target).or_default().insert(
+                key,
+                LoraDelta {
+                    key: stem.to_string(),
+                    shape,
+                    delta,
+                },
+            );
         }
         if deltas.is_empty() {
             return Err(Error::file(
                 path,
-                "no LoRA factors (`….lora_A.weight`) in this file",
+                "no LoRA factors (`….lora_A.weight` or `….lora_down.weight`) in this file",
             ));
         }
         Ok(LoraFile { deltas, metadata })
+    }
+
+    /// The adapters for `target` (empty when the file has none).
+    pub fn for_target(&self, target: LoraTarget) -> Option<&HashMap<String, LoraDelta>> {
+        self.deltas.get(&target)
     }
 
     /// The scheduler config the adapters were distilled for, if the file names one.
@@ -404,26 +496,26 @@ impl LoraFile {
 }
 
 struct Merge<'a> {
-    path: Vec<String>,
-    deltas: &'a HashMap<String, (Vec<usize>, Vec<f32>)>,
+    path: io::PathTracker,
+    deltas: &'a HashMap<String, LoraDelta>,
     scale: f32,
     used: Vec<String>,
     errors: Vec<String>,
 }
 
 impl ModuleMapper for Merge<'_> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
+    fn enter_module(&mut self, name: &str, container: &str) {
+        self.path.enter(name, container);
     }
     fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
+        self.path.exit();
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let path = self.path.join(".");
+        let path = self.path.joined();
         let Some(module) = path.strip_suffix(".weight") else {
             return param;
         };
-        let Some((shape, delta)) = self.deltas.get(module) else {
+        let Some(LoraDelta { key, shape, delta }) = self.deltas.get(&flat_key(module)) else {
             return param;
         };
         let w = param.val();
@@ -436,11 +528,11 @@ impl ModuleMapper for Merge<'_> {
         };
         if *shape != torch_dims {
             self.errors.push(format!(
-                "`{module}`: the adapter's weight shape {shape:?} does not match the model's {torch_dims:?}"
+                "`{key}`: the adapter's weight shape {shape:?} does not match the model's {torch_dims:?} (`{module}`)"
             ));
             return param;
         }
-        self.used.push(module.to_string());
+        self.used.push(flat_key(module));
         let device = w.device();
         let mut d = Tensor::<1>::from_floats(delta.as_slice(), &device);
         d = d * self.scale;
@@ -453,29 +545,53 @@ impl ModuleMapper for Merge<'_> {
     }
 }
 
-/// Adds `scale`·ΔW of every adapter in `file` to `unet`'s weights. Errors (naming `path`) when an
-/// adapter's module is missing from the UNet or has another shape.
+/// Adds `scale`·ΔW of every UNet adapter in `file` to `unet`'s weights. Errors (naming `path`)
+/// when an adapter's module is missing from the UNet or has another shape.
 pub fn merge(unet: UNet, file: &LoraFile, scale: f32, path: &Path) -> Result<UNet> {
+    merge_into(unet, file, LoraTarget::Unet, scale, path)
+}
+
+/// Adds `scale`·ΔW of `file`'s adapters for `target` to `module` (a UNet or a CLIP text model).
+pub fn merge_into<M: Module>(
+    module: M,
+    file: &LoraFile,
+    target: LoraTarget,
+    scale: f32,
+    path: &Path,
+) -> Result<M> {
+    let empty = HashMap::new();
+    let deltas = file.for_target(target).unwrap_or(&empty);
     let mut m = Merge {
-        path: Vec::new(),
-        deltas: &file.deltas,
+        path: io::PathTracker::default(),
+        deltas,
         scale,
         used: Vec::new(),
         errors: Vec::new(),
     };
-    let unet = unet.map(&mut m);
+    let module = module.map(&mut m);
     if let Some(e) = m.errors.first() {
         return Err(Error::file(path, e.clone()));
     }
-    if let Some(missing) = file.deltas.keys().find(|k| !m.used.contains(k)) {
+    let mut missing: Vec<&LoraDelta> = deltas
+        .iter()
+        .filter(|(k, _)| !m.used.contains(k))
+        .map(|(_, d)| d)
+        .collect();
+    missing.sort_by(|a, b| a.key.cmp(&b.key));
+    if let Some(first) = missing.first() {
+        let what = match target {
+            LoraTarget::Unet => "UNet",
+            LoraTarget::TextEncoder => "text encoder",
+        };
         return Err(Error::file(
             path,
             format!(
-                "adapter for `{missing}`, which this UNet does not have (a LoRA for another base model?)"
+                "adapter `{}` matches no module of this {what} (a LoRA for another base model?)",
+                first.key
             ),
         ));
     }
-    Ok(unet)
+    Ok(module)
 }
 
 #[cfg(test)]

@@ -28,7 +28,8 @@ use crate::distill::consistency::{
     skipping_grid, teacher_solver_step,
 };
 use crate::error::{Error, Result};
-use crate::io::{self, Pipeline};
+use crate::io;
+use crate::pipeline::{self, Pipeline};
 use crate::models::lora::{self, LoraSpec};
 use crate::models::{UNet, UNetConfig};
 use crate::noise::NoiseStream;
@@ -287,7 +288,7 @@ fn save_checkpoint(
 ) -> Result<()> {
     let dir = checkpoint::incoming(run_dir)?;
     let ema = state.ema.clone();
-    io::save_pipeline(
+    pipeline::save_pipeline(
         &dir,
         unet_config,
         &written(state),
@@ -456,7 +457,7 @@ pub fn distill_consistency(
         Some(s) => s,
         None => {
             let ad = device.clone().autodiff();
-            let (_, mut student) = io::load_unet(&run.teacher.join("unet"), &ad)?;
+            let (_, mut student) = pipeline::load_unet(&run.teacher.join("unet"), &ad)?;
             if conditioned {
                 // The teacher's weights and a zero guidance embedding: the student starts as
                 // the teacher.

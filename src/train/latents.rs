@@ -9,6 +9,7 @@ use burn::prelude::*;
 
 use crate::data::{DataSource, TrainImages, shapes_batch};
 use crate::error::{Error, Result};
+use crate::pipeline;
 use crate::io;
 use crate::models::{Vae, VaeConfig};
 use crate::noise::NoiseStream;
@@ -30,7 +31,7 @@ impl LatentSpec {
         let dir = if path.join(io::CONFIG_NAME).is_file() {
             path.to_path_buf()
         } else {
-            path.join(io::VAE_DIR)
+            path.join(pipeline::VAE_DIR)
         };
         if !dir.join(io::CONFIG_NAME).is_file() {
             return Err(Error::file(
@@ -60,7 +61,7 @@ impl LatentCache {
         run_dir: &Path,
         device: &Device,
     ) -> Result<Self> {
-        let (config, vae) = io::load_vae(&spec.vae, device)?;
+        let (config, vae) = pipeline::load_vae(&spec.vae, device)?;
         let path = run_dir.join(LATENT_CACHE);
         let [mean, logvar, labels] = if path.is_file() {
             let mut t = io::read_safetensors(&path)?;

@@ -27,6 +27,7 @@ use serde_json::json;
 pub use crate::data::DataSource;
 use crate::data::{self, TrainImages};
 use crate::error::{Error, Result};
+use crate::pipeline;
 use crate::io;
 use crate::models::{Conditioning, UNet, UNetConfig};
 use crate::noise::NoiseStream;
@@ -203,7 +204,7 @@ fn save_checkpoint(
     vae: Option<(&crate::models::VaeConfig, &crate::models::Vae)>,
 ) -> Result<PathBuf> {
     let dir = checkpoint::incoming(run_dir)?;
-    io::save_pipeline(
+    pipeline::save_pipeline(
         &dir,
         &run.unet,
         &state.ema,
@@ -453,7 +454,7 @@ pub fn train_diffusion(
 
 /// The side of the images a pipeline's UNet works on: its `sample_size`, times the VAE's
 /// downsampling factor (2^(blocks − 1)) for a latent pipeline.
-pub(crate) fn image_size(p: &io::Pipeline) -> usize {
+pub(crate) fn image_size(p: &pipeline::Pipeline) -> usize {
     let factor = p.vae.as_ref().map_or(1, |(c, _)| {
         1 << (c.block_out_channels.len().saturating_sub(1))
     });
@@ -464,7 +465,7 @@ pub(crate) fn image_size(p: &io::Pipeline) -> usize {
 
 /// Images as the UNet sees them: unchanged for a pixel pipeline, the scaled (and shifted) VAE
 /// latent mean for a latent one.
-pub(crate) fn model_space(p: &io::Pipeline, images: Tensor<4>) -> Tensor<4> {
+pub(crate) fn model_space(p: &pipeline::Pipeline, images: Tensor<4>) -> Tensor<4> {
     match &p.vae {
         Some((vc, vae)) => {
             let (mean, _) = vae.encode(images);
@@ -490,12 +491,12 @@ pub(crate) struct Student<'a> {
 /// with `record` as `distill.json`, whole under a temporary name, then renamed.
 pub(crate) fn write_student(
     dir: &Path,
-    teacher: &io::Pipeline,
+    teacher: &pipeline::Pipeline,
     student: Student<'_>,
     record: &serde_json::Value,
 ) -> Result<()> {
     io::write_dir_atomic(dir, |incoming| {
-        io::save_pipeline(
+        pipeline::save_pipeline(
             incoming,
             student.unet_config,
             student.unet,

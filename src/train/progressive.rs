@@ -24,7 +24,8 @@ use crate::distill::progressive::{
     StudentStep, noised, progressive_loss, student_steps, teacher_target,
 };
 use crate::error::{Error, Result};
-use crate::io::{self, Pipeline};
+use crate::io;
+use crate::pipeline::{self, Pipeline};
 use crate::models::UNet;
 use crate::noise::NoiseStream;
 
@@ -210,7 +211,7 @@ fn save_checkpoint(
 ) -> Result<PathBuf> {
     let dir = checkpoint::incoming(run_dir)?;
     let written = state.ema.clone().unwrap_or_else(|| state.student.valid());
-    io::save_pipeline(
+    pipeline::save_pipeline(
         &dir,
         &teacher.unet_config,
         &written,
@@ -371,7 +372,7 @@ pub fn distill_progressive(
             Some(s) => s,
             None => {
                 let ad = device.clone().autodiff();
-                let (_, student) = io::load_unet(&teacher_dir.join("unet"), &ad)?;
+                let (_, student) = pipeline::load_unet(&teacher_dir.join("unet"), &ad)?;
                 RoundState {
                     ema: cfg.ema_decay.map(|_| student.valid()),
                     student,

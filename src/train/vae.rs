@@ -18,6 +18,7 @@ use super::{checkpoint, open_images};
 use crate::data::{DataSource, TrainImages, shapes, shapes_batch};
 use crate::distill::gan::PixelDistance;
 use crate::error::{Error, Result};
+use crate::pipeline;
 use crate::io;
 use crate::metrics::{self, FeatureExtractor, FeatureSink, ShapesFeatures};
 use crate::models::{Vae, VaeConfig};
@@ -255,8 +256,8 @@ pub fn train_vae(
         scaling_factor: report.scaling_factor,
         ..run.vae.clone()
     };
-    io::write_dir_atomic(&run_dir.join(io::VAE_DIR), |dir| {
-        io::save_vae(dir, &config, &vae)
+    io::write_dir_atomic(&run_dir.join(pipeline::VAE_DIR), |dir| {
+        pipeline::save_vae(dir, &config, &vae)
     })?;
     io::write_json(
         &run_dir.join("report.json"),
