@@ -12,9 +12,85 @@ use crate::io::{
     write_json,
 };
 use crate::models::footprint::{self, Use};
-use crate::models::{UNet, UNetConfig, Vae, VaeConfig};
+use crate::models::{ClipTextConfig, ClipTextModel, UNet, UNetConfig, Vae, VaeConfig};
+use crate::text::ClipTokenizer;
 
 pub const VAE_DIR: &str = "vae";
+pub const TEXT_ENCODER_DIR: &str = "text_encoder";
+pub const TOKENIZER_DIR: &str = "tokenizer";
+/// transformers' weights file name.
+pub const TEXT_ENCODER_WEIGHTS: &str = "model.safetensors";
+
+/// A pipeline's text side: the CLIP tokenizer and text encoder (`tokenizer/`, `text_encoder/`).
+pub struct TextEncoder {
+    pub tokenizer: ClipTokenizer,
+    pub config: ClipTextConfig,
+    pub model: ClipTextModel,
+}
+
+impl TextEncoder {
+    /// Loads `text_encoder/` (config.json + model.safetensors; `text_model.`-prefixed names or
+    /// not, `position_ids` buffers ignored) and `tokenizer/`.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let tokenizer = ClipTokenizer::load(&dir.join(TOKENIZER_DIR))?;
+        let enc_dir = dir.join(TEXT_ENCODER_DIR);
+        let config_path = enc_dir.join(CONFIG_NAME);
+        let config = ClipTextConfig::from_json_str(&read_text(&config_path)?)
+            .map_err(|e| e.in_file(&config_path))?;
+        let weights = enc_dir.join(TEXT_ENCODER_WEIGHTS);
+        if !weights.is_file() && enc_dir.join("pytorch_model.bin").is_file() {
+            return Err(Error::file(
+                &weights,
+                "file not found (this folder has only pytorch_model.bin: convert it to safetensors)",
+            ));
+        }
+        let model = crate::io::load_weights_renamed(config.init(device), &weights, |name| {
+            let name = name.strip_prefix("text_model.").unwrap_or(name);
+            // Buffers transformers 4 saved; not parameters.
+            (name != "embeddings.position_ids").then(|| name.to_string())
+        })?;
+        Ok(TextEncoder {
+            tokenizer,
+            config,
+            model,
+        })
+    }
+
+    /// Writes `text_encoder/` (with transformers 4's `text_model.` prefix, which transformers 5
+    /// reads too) and copies `tokenizer/` from `source`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let enc_dir = dir.join(TEXT_ENCODER_DIR);
+        write_json(&enc_dir.join(CONFIG_NAME), &self.config.to_json())?;
+        crate::io::write_atomic(
+            &enc_dir.join(TEXT_ENCODER_WEIGHTS),
+            &crate::io::weights_to_bytes_prefixed(&self.model, "text_model.")?,
+        )?;
+        self.tokenizer.save(&dir.join(TOKENIZER_DIR))
+    }
+
+    /// Prompt embeddings [P, 77, D] of `prompts` (diffusers' `encode_prompt`).
+    pub fn encode(&self, prompts: &[String], clip_skip: usize, device: &Device) -> Result<Tensor<3>> {
+        let n = self.tokenizer.max_length();
+        if n > self.config.max_position_embeddings {
+            return Err(Error::Config(format!(
+                "the tokenizer's model_max_length ({n}) exceeds the text encoder's max_position_embeddings ({})",
+                self.config.max_position_embeddings
+            )));
+        }
+        let mut ids = Vec::with_capacity(prompts.len() * n);
+        for p in prompts {
+            ids.extend(self.tokenizer.encode(p)?.into_iter().map(|i| i as i64));
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.config.vocab_size) {
+            return Err(Error::Config(format!(
+                "token id {bad} is outside the text encoder's vocab_size ({}): tokenizer and text encoder differ",
+                self.config.vocab_size
+            )));
+        }
+        let ids = Tensor::<1, Int>::from_ints(ids.as_slice(), device).reshape([prompts.len(), n]);
+        Ok(self.model.forward(ids, clip_skip))
+    }
+}
 
 /// `DIR/config.json` + `DIR/diffusion_pytorch_model.safetensors` of a UNet.
 pub fn load_unet(dir: &Path, device: &Device) -> Result<(UNetConfig, UNet)> {
@@ -54,11 +130,24 @@ pub fn load_scheduler_config(dir: &Path) -> Result<SchedulerConfig> {
 /// A diffusers pipeline folder: a UNet, its scheduler config, and optionally a VAE (then the UNet
 /// works on latents).
 pub struct Pipeline {
+    /// `model_index.json`'s `_class_name` (`StableDiffusionPipeline`, …).
+    pub class_name: String,
     pub unet_config: UNetConfig,
     pub unet: UNet,
     pub scheduler: SchedulerConfig,
     pub vae: Option<(VaeConfig, Vae)>,
+    /// The text encoder of a text-to-image pipeline.
+    pub text: Option<TextEncoder>,
 }
+
+/// Pipeline classes that need components fewstep does not have, with what is missing.
+const UNSUPPORTED_PIPELINES: &[(&str, &str)] = &[
+    ("StableDiffusionXL", "SDXL (two text encoders, added time embeddings) is not supported yet"),
+    ("StableDiffusion3", "SD3 (an MMDiT, not a UNet) is not supported"),
+    ("Flux", "Flux (a transformer, not a UNet) is not supported"),
+    ("Kandinsky", "Kandinsky (a prior and a MoVQ) is not supported"),
+    ("IF", "DeepFloyd IF (a T5 encoder, cascaded UNets) is not supported"),
+];
 
 impl Pipeline {
     /// The pipeline with its UNet and VAE in `precision` (the scheduler always computes in f32).
@@ -68,6 +157,10 @@ impl Pipeline {
         self.vae = self
             .vae
             .map(|(config, vae)| (config, crate::backend::cast_module(vae, dtype)));
+        self.text = self.text.map(|text| TextEncoder {
+            model: crate::backend::cast_module(text.model, dtype),
+            ..text
+        });
         self
     }
 
@@ -89,6 +182,16 @@ impl Pipeline {
         let file = lora::LoraFile::read(lora_path)?;
         let mut pipeline = Pipeline::load(dir, device)?;
         pipeline.unet = lora::merge(pipeline.unet, &file, scale, lora_path)?;
+        if let Some(text) = pipeline.text.take() {
+            let model =
+                lora::merge_into(text.model, &file, lora::LoraTarget::TextEncoder, scale, lora_path)?;
+            pipeline.text = Some(TextEncoder { model, ..text });
+        } else if file.for_target(lora::LoraTarget::TextEncoder).is_some() {
+            return Err(Error::file(
+                lora_path,
+                "has text-encoder adapters (`lora_te_…`/`text_encoder.…`) but this pipeline has no text encoder",
+            ));
+        }
         if let Some(text) = file.scheduler_config() {
             pipeline.scheduler = SchedulerConfig::from_json_str(text).map_err(|e| {
                 Error::file(
@@ -116,6 +219,21 @@ impl Pipeline {
         if !index.is_object() {
             return Err(Error::file(&index_path, "expected a JSON object"));
         }
+        let class_name = index["_class_name"].as_str().unwrap_or("DDPMPipeline").to_string();
+        if let Some((_, why)) = UNSUPPORTED_PIPELINES
+            .iter()
+            .find(|(prefix, _)| class_name.starts_with(prefix))
+        {
+            return Err(Error::file(&index_path, format!("_class_name `{class_name}`: {why}")));
+        }
+        for component in ["text_encoder_2", "tokenizer_2", "image_encoder", "transformer", "prior"] {
+            if index[component].as_array().is_some_and(|a| a.iter().any(|v| !v.is_null())) {
+                return Err(Error::file(
+                    &index_path,
+                    format!("component `{component}` is not supported by fewstep (SDXL-class and later pipelines are not supported yet)"),
+                ));
+            }
+        }
         let (unet_config, unet) = load_unet(&dir.join("unet"), device)?;
         let scheduler = load_scheduler_config(&dir.join("scheduler"))?;
         let vae = if dir.join(VAE_DIR).is_dir() {
@@ -134,12 +252,42 @@ impl Pipeline {
                 ),
             ));
         }
+        let listed = |c: &str| index[c].as_array().is_some_and(|a| a.iter().all(|v| !v.is_null()));
+        let text = if listed(TEXT_ENCODER_DIR) || unet_config.is_conditional() {
+            if !unet_config.is_conditional() {
+                return Err(Error::file(
+                    &index_path,
+                    "lists a text_encoder but the UNet is not a UNet2DConditionModel",
+                ));
+            }
+            let text = TextEncoder::load(dir, device)?;
+            let want = unet_config.cross_attention_dim.unwrap_or(0);
+            if text.config.hidden_size != want {
+                return Err(Error::file(
+                    dir,
+                    format!(
+                        "text_encoder hidden_size ({}) differs from unet cross_attention_dim ({want})",
+                        text.config.hidden_size
+                    ),
+                ));
+            }
+            Some(text)
+        } else {
+            None
+        };
         Ok(Pipeline {
+            class_name,
             unet_config,
             unet,
             scheduler,
             vae,
+            text,
         })
+    }
+
+    /// Whether prompts condition this pipeline (a text encoder and a UNet2DConditionModel).
+    pub fn is_text_to_image(&self) -> bool {
+        self.text.is_some()
     }
 
     /// Writes the pipeline as a diffusers folder with `algorithm`'s scheduler config.
@@ -151,7 +299,28 @@ impl Pipeline {
             &self.scheduler,
             algorithm,
             self.vae.as_ref().map(|(c, v)| (c, v)),
-        )
+        )?;
+        let Some(text) = &self.text else {
+            return Ok(());
+        };
+        text.save(dir)?;
+        let index_path = dir.join("model_index.json");
+        let mut index: serde_json::Value = serde_json::from_str(&read_text(&index_path)?)
+            .map_err(|e| Error::file(&index_path, format!("not valid JSON: {e}")))?;
+        // An LCM-distilled UNet (guidance embedding) samples in LatentConsistencyModelPipeline.
+        index["_class_name"] = if self.unet_config.time_cond_proj_dim.is_some()
+            && algorithm == Algorithm::Lcm
+        {
+            "LatentConsistencyModelPipeline".into()
+        } else {
+            self.class_name.clone().into()
+        };
+        index["text_encoder"] = serde_json::json!(["transformers", "CLIPTextModel"]);
+        index["tokenizer"] = serde_json::json!(["transformers", "CLIPTokenizer"]);
+        index["safety_checker"] = serde_json::json!([null, null]);
+        index["feature_extractor"] = serde_json::json!([null, null]);
+        index["requires_safety_checker"] = false.into();
+        write_json(&index_path, &index)
     }
 
     /// The shape of one sample in model space: [C, H, W] of the UNet's input.
@@ -164,6 +333,32 @@ impl Pipeline {
             Some((config, _)) => unet.max(config.decoder_peak_tensor_elements(size)),
             None => unet,
         })
+    }
+
+    /// Pixels per latent pixel: 2^(VAE levels − 1), 1 without a VAE (diffusers'
+    /// `vae_scale_factor`).
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae
+            .as_ref()
+            .map_or(1, |(c, _)| 1 << c.block_out_channels.len().saturating_sub(1))
+    }
+
+    /// The latent shape [C, h, w] of an image `height` × `width` (default: the UNet's
+    /// sample_size at the VAE's factor); each side must be a multiple of the VAE's factor times
+    /// the UNet's downsampling.
+    pub fn latent_shape(&self, height: Option<usize>, width: Option<usize>) -> Result<[usize; 3]> {
+        let [c, size, _] = self.sample_shape()?;
+        let f = self.vae_scale_factor();
+        let multiple = f << self.unet_config.block_out_channels.len().saturating_sub(1);
+        let side = |v: Option<usize>, flag: &str| match v {
+            None => Ok(size),
+            Some(px) if px == 0 || px % multiple != 0 => Err(Error::Usage(format!(
+                "{flag} {px}: expected a positive multiple of {multiple} (the VAE's factor {f} × the UNet's downsampling {})",
+                multiple / f
+            ))),
+            Some(px) => Ok(px / f),
+        };
+        Ok([c, side(height, "--height")?, side(width, "--width")?])
     }
 
     pub fn sample_shape(&self) -> Result<[usize; 3]> {
@@ -189,7 +384,7 @@ pub fn save_pipeline(
         "_class_name": "DDPMPipeline",
         "_diffusers_version": "0.31.0",
         "scheduler": ["diffusers", algorithm.class_name()],
-        "unet": ["diffusers", "UNet2DModel"],
+        "unet": ["diffusers", unet_config.class_name],
     });
     if let Some((vc, v)) = vae {
         index["vae"] = serde_json::json!(["diffusers", "AutoencoderKL"]);

@@ -65,7 +65,7 @@ pub fn sample(
     noise: &mut NoiseStream,
 ) -> Result<Tensor<4>> {
     let device = latents.device();
-    let [b, c, h, w] = latents.dims();
+    let [b, _, _, _] = latents.dims();
     if pipeline.unet.num_classes().is_some() && labels.is_none() {
         return Err(Error::Config(
             "this UNet is class-conditional (num_classes set): class labels are required".into(),
@@ -80,18 +80,60 @@ pub fn sample(
         }
         (false, _) => None,
     };
+    let guidance = Guidance {
+        cond: Conditioning::labels(labels).with_guidance(guidance),
+        cfg: None,
+    };
+    sample_conditioned(pipeline, scheduler, latents, &guidance, noise)
+}
+
+/// What every step of a sampling run is conditioned on.
+#[derive(Debug, Clone)]
+pub struct Guidance {
+    /// The conditioning of the B rows.
+    pub cond: Conditioning,
+    /// Classifier-free guidance: the unconditional rows' conditioning and the scale g; each step
+    /// runs [unconditional; conditional] as one batch of 2B and combines u + g·(c − u), as
+    /// diffusers' pipelines do.
+    pub cfg: Option<(Conditioning, f32)>,
+}
+
+/// [`sample`] with any conditioning (labels, guidance embedding, text context, CFG).
+pub fn sample_conditioned(
+    pipeline: &Pipeline,
+    scheduler: &mut Scheduler<DeviceSample>,
+    latents: Tensor<4>,
+    guidance: &Guidance,
+    noise: &mut NoiseStream,
+) -> Result<Tensor<4>> {
+    let device = latents.device();
+    let [b, c, h, w] = latents.dims();
+    let both = guidance
+        .cfg
+        .as_ref()
+        .map(|(uncond, g)| (uncond.clone().concat(guidance.cond.clone()), *g));
     let mut x = DeviceSample(latents * scheduler.init_noise_sigma());
     let mut last = None;
     while let Some(t) = scheduler.current_timestep() {
         let model_input = scheduler.scale_model_input(&x);
-        let t_batch = Tensor::<1>::full([b], t, &device);
         // The UNet may compute in f16 (`--precision f16`); the scheduler stays in f32.
-        let out = DeviceSample(
-            pipeline
-                .unet
-                .forward(model_input.0, t_batch, &Conditioning::labels(labels.clone()).with_guidance(guidance.clone()))
-                .cast(FloatDType::F32),
-        );
+        let out = match &both {
+            None => pipeline.unet.forward(
+                model_input.0,
+                Tensor::<1>::full([b], t, &device),
+                &guidance.cond,
+            ),
+            Some((cond, g)) => {
+                let input = Tensor::cat(vec![model_input.0.clone(), model_input.0], 0);
+                let out = pipeline
+                    .unet
+                    .forward(input, Tensor::<1>::full([2 * b], t, &device), cond);
+                let uncond = out.clone().narrow(0, 0, b);
+                let text = out.narrow(0, b, b);
+                uncond.clone() + (text - uncond) * *g
+            }
+        };
+        let out = DeviceSample(out.cast(FloatDType::F32));
         let step_noise = scheduler
             .needs_noise()
             .then(|| DeviceSample(host_noise(noise, [b, c, h, w], &device)));
@@ -179,6 +221,114 @@ pub struct Generation<'a> {
     pub latents: Option<&'a [f32]>,
     /// Guidance scale of a guidance-conditioned student (ignored by other models).
     pub guidance_scale: Option<f32>,
+    /// The prompts of a text-to-image pipeline (`num` must be prompts × per_prompt).
+    pub text: Option<&'a TextPrompts>,
+}
+
+/// Prompts for a text-to-image pipeline, as diffusers' `StableDiffusionPipeline.__call__` takes
+/// them.
+#[derive(Debug, Clone)]
+pub struct TextPrompts {
+    pub prompts: Vec<String>,
+    /// One negative prompt for all, one per prompt, or none (the unconditional prompt is "").
+    pub negative: Vec<String>,
+    /// Images per prompt (rows are prompt-major: p0, p0, p1, p1, …).
+    pub per_prompt: usize,
+    /// Classifier-free guidance scale g (CFG runs when g > 1 and the UNet has no guidance
+    /// embedding; a UNet with one takes w = g − 1 instead).
+    pub guidance_scale: f32,
+    /// CLIP layers to skip from the end (0: the last hidden state).
+    pub clip_skip: usize,
+    /// Image height and width in pixels; default the UNet's sample_size × the VAE's factor.
+    pub height: Option<usize>,
+    pub width: Option<usize>,
+}
+
+impl TextPrompts {
+    /// Rows of one run: prompts × images per prompt.
+    pub fn rows(&self) -> usize {
+        self.prompts.len() * self.per_prompt
+    }
+}
+
+/// The text conditioning of every row of a run: prompt embeddings repeated per image, the
+/// negative ones when classifier-free guidance runs, the guidance embedding's w.
+struct TextConditioning {
+    embeds: Tensor<3>,
+    negative: Option<Tensor<3>>,
+    guidance_scale: f32,
+    takes_guidance: bool,
+}
+
+impl TextConditioning {
+    fn new(pipeline: &Pipeline, request: &TextPrompts, device: &Device) -> Result<Self> {
+        let text = pipeline.text.as_ref().ok_or_else(|| {
+            Error::Usage("--prompt: this pipeline has no text encoder (not a text-to-image pipeline)".into())
+        })?;
+        let p = request.prompts.len();
+        if p == 0 {
+            return Err(Error::Usage("--prompt: give at least one prompt".into()));
+        }
+        if !request.guidance_scale.is_finite() || request.guidance_scale < 0.0 {
+            return Err(Error::Usage(format!(
+                "--guidance-scale {}: expected a number ≥ 0",
+                request.guidance_scale
+            )));
+        }
+        if request.clip_skip >= text.model.num_layers() {
+            return Err(Error::Usage(format!(
+                "--clip-skip {}: the text encoder has {} layers",
+                request.clip_skip,
+                text.model.num_layers()
+            )));
+        }
+        let repeat = |e: Tensor<3>| {
+            let [n, t, d] = e.dims();
+            e.reshape([n, 1, t, d])
+                .expand([n, request.per_prompt, t, d])
+                .reshape([n * request.per_prompt, t, d])
+        };
+        let embeds = repeat(text.encode(&request.prompts, request.clip_skip, device)?);
+        let takes_guidance = pipeline.unet.takes_guidance();
+        let cfg = request.guidance_scale > 1.0 && !takes_guidance;
+        let negative = if cfg {
+            let negative: Vec<String> = match request.negative.len() {
+                0 => vec![String::new(); p],
+                1 => vec![request.negative[0].clone(); p],
+                n if n == p => request.negative.clone(),
+                n => {
+                    return Err(Error::Usage(format!(
+                        "--negative-prompt: {n} given for {p} prompts; expected one, or one per prompt"
+                    )));
+                }
+            };
+            Some(repeat(text.encode(&negative, request.clip_skip, device)?))
+        } else {
+            None
+        };
+        Ok(TextConditioning {
+            embeds,
+            negative,
+            guidance_scale: request.guidance_scale,
+            takes_guidance,
+        })
+    }
+
+    /// The guidance of rows [first, first + b).
+    fn rows(&self, first: usize, b: usize, device: &Device) -> Guidance {
+        let w = self
+            .takes_guidance
+            .then(|| Tensor::<1>::full([b], self.guidance_scale - 1.0, device));
+        Guidance {
+            cond: Conditioning::text(self.embeds.clone().narrow(0, first, b)).with_guidance(w),
+            cfg: self.negative.as_ref().map(|n| {
+                (
+                    Conditioning::text(n.clone().narrow(0, first, b)),
+                    self.guidance_scale,
+                )
+            }),
+        }
+    }
 }
 
 impl Generation<'_> {
@@ -192,6 +342,7 @@ impl Generation<'_> {
             class_label: None,
             latents: None,
             guidance_scale: None,
+            text: None,
         }
     }
 }
@@ -210,7 +361,19 @@ pub fn generate(
     if request.batch == 0 {
         return Err(Error::Usage("--batch must be at least 1".into()));
     }
-    let [c, h, w] = pipeline.sample_shape()?;
+    let text = match (request.text, pipeline.is_text_to_image()) {
+        (Some(prompts), _) => Some(TextConditioning::new(pipeline, prompts, device)?),
+        (None, true) => {
+            return Err(Error::Usage(
+                "this is a text-to-image pipeline: give --prompt".into(),
+            ));
+        }
+        (None, false) => None,
+    };
+    let [c, h, w] = match request.text {
+        Some(t) => pipeline.latent_shape(t.height, t.width)?,
+        None => pipeline.sample_shape()?,
+    };
     let classes = pipeline.unet.num_classes();
     if let (Some(label), Some(k)) = (request.class_label, classes)
         && label >= k
@@ -239,14 +402,23 @@ pub fn generate(
         scheduler
             .set_timesteps(steps)
             .map_err(|e| Error::Usage(e.0))?;
-        let x = sample(
-            pipeline,
-            scheduler,
-            latents,
-            labels,
-            request.guidance_scale,
-            &mut step_noise,
-        )?;
+        let x = match &text {
+            Some(text) => sample_conditioned(
+                pipeline,
+                scheduler,
+                latents,
+                &text.rows(first, b, device),
+                &mut step_noise,
+            )?,
+            None => sample(
+                pipeline,
+                scheduler,
+                latents,
+                labels,
+                request.guidance_scale,
+                &mut step_noise,
+            )?,
+        };
         each(first, x)?;
     }
     Ok(())

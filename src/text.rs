@@ -19,8 +19,19 @@ pub const EOS: &str = "<|endoftext|>";
 /// CLIP's pre-tokenizer pattern (the tokens it keeps).
 const CLIP_PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
+/// The files of a transformers tokenizer folder.
+const TOKENIZER_FILES: [&str; 5] = [
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
+
 /// A CLIP tokenizer loaded from a pipeline's `tokenizer/` folder.
 pub struct ClipTokenizer {
+    /// The folder it was read from (its files are copied when a pipeline is written).
+    source: std::path::PathBuf,
     tokenizer: Tokenizer,
     bos: u32,
     eos: u32,
@@ -49,7 +60,7 @@ impl ClipTokenizer {
         }
         let vocab = dir.join("vocab.json");
         let merges = dir.join("merges.txt");
-        let tokenizer = if vocab.is_file() && merges.is_file() {
+        let mut tokenizer = if vocab.is_file() && merges.is_file() {
             Self::from_vocab_and_merges(&vocab, &merges)?
         } else if dir.join("tokenizer.json").is_file() {
             let path = dir.join("tokenizer.json");
@@ -74,24 +85,33 @@ impl ClipTokenizer {
                 }
             }
         }
-        let id = |token: &str, role: &str| {
-            tokenizer.token_to_id(token).ok_or_else(|| {
-                Error::file(dir, format!("the {role} token `{token}` is not in the vocabulary"))
-            })
-        };
         let pad_token = settings
             .get("pad_token")
             .and_then(token_text)
             .unwrap_or_else(|| EOS.to_string());
+        for (token, role) in [(BOS, "start"), (EOS, "end"), (pad_token.as_str(), "pad")] {
+            if tokenizer.token_to_id(token).is_none() {
+                return Err(Error::file(
+                    dir,
+                    format!("the {role} token `{token}` is not in the vocabulary"),
+                ));
+            }
+        }
+        // transformers registers the pad token as a special token: SD-2.x's `!` is then split out
+        // of the text before BPE ("!!!" → three ids 0, not one "!!!</w>" token), and diffusers
+        // feeds those ids.
+        tokenizer.add_special_tokens(&[AddedToken::from(pad_token.as_str(), true)]);
+        let id = |token: &str| tokenizer.token_to_id(token).expect("checked above");
         let max_length = settings
             .get("model_max_length")
             .and_then(|v| v.as_u64())
             .filter(|&n| (2..=4096).contains(&n))
             .unwrap_or(77) as usize;
         Ok(ClipTokenizer {
-            bos: id(BOS, "start")?,
-            eos: id(EOS, "end")?,
-            pad: id(&pad_token, "pad")?,
+            source: dir.to_path_buf(),
+            bos: id(BOS),
+            eos: id(EOS),
+            pad: id(&pad_token),
             tokenizer,
             max_length,
         })
@@ -140,6 +160,19 @@ impl ClipTokenizer {
         ids.push(self.eos);
         ids.resize(self.max_length, self.pad);
         Ok(ids)
+    }
+
+    /// Copies the tokenizer's files into `dir`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        for name in TOKENIZER_FILES {
+            let from = self.source.join(name);
+            if from.is_file() {
+                let bytes = std::fs::read(&from)
+                    .map_err(|e| Error::file(&from, format!("cannot read: {e}")))?;
+                crate::io::write_atomic(&dir.join(name), &bytes)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn max_length(&self) -> usize {

@@ -11,6 +11,7 @@ pub mod eval;
 pub mod gan;
 pub mod lora;
 pub mod sample;
+pub mod tokenize;
 pub mod train;
 pub mod train_features;
 pub mod train_vae;
@@ -48,6 +49,9 @@ pub enum Command {
     /// Low-rank adapters: merge a LoRA file into a pipeline.
     #[command(subcommand)]
     Lora(lora::LoraCommand),
+    /// Print the CLIP token ids a text-to-image pipeline feeds its text encoder, one JSON object
+    /// per prompt.
+    Tokenize(tokenize::TokenizeArgs),
 }
 
 /// `--device`, shared by every command that computes.
@@ -311,5 +315,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Lora(command) => lora::run(command),
         Command::TrainGan(args) => gan::run_train(args),
         Command::TrainVae(args) => train_vae::run(args),
+        Command::Tokenize(args) => tokenize::run(args),
     }
 }

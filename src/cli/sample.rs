@@ -10,7 +10,7 @@ use crate::backend::{Precision, max_binding_bytes};
 use crate::error::{Error, Result};
 use crate::io;
 use crate::pipeline::Pipeline;
-use crate::sample::{DeviceSample, Generation, generate};
+use crate::sample::{DeviceSample, Generation, TextPrompts, generate};
 
 #[derive(Debug, clap::Args)]
 pub struct SampleArgs {
@@ -39,12 +39,32 @@ pub struct SampleArgs {
     /// Images per forward pass.
     #[arg(long, value_parser = super::values::count, default_value_t = 16)]
     pub batch: usize,
-    /// Guidance scale s of a guidance-conditioned consistency student (it takes w = s − 1, as
-    /// diffusers' LCM pipeline).
+    /// Guidance scale s: classifier-free guidance of a text-to-image pipeline (when s > 1;
+    /// default 7.5, 8.5 for an LCM pipeline), or the scale a guidance-conditioned consistency
+    /// student takes as w = s − 1 (diffusers' LCM pipeline convention).
     #[arg(long, value_parser = super::values::non_negative_f32)]
     pub guidance_scale: Option<f32>,
-    /// Apply a LoRA file (PEFT/diffusers format) to the UNet; an LCM-LoRA also brings its LCM
-    /// scheduler (used unless --scheduler says otherwise).
+    /// A prompt for a text-to-image pipeline (repeat for several; --num-per-prompt images each).
+    #[arg(long)]
+    pub prompt: Vec<String>,
+    /// The negative prompt: one for all prompts, or one per prompt (default "").
+    #[arg(long, requires = "prompt")]
+    pub negative_prompt: Vec<String>,
+    /// Images per prompt.
+    #[arg(long, value_parser = super::values::count, default_value_t = 1, requires = "prompt")]
+    pub num_per_prompt: usize,
+    /// Image height in pixels (default: the UNet's sample_size × the VAE's factor).
+    #[arg(long, value_parser = super::values::count, requires = "prompt")]
+    pub height: Option<usize>,
+    /// Image width in pixels.
+    #[arg(long, value_parser = super::values::count, requires = "prompt")]
+    pub width: Option<usize>,
+    /// Text-encoder layers to skip from the end (diffusers' clip_skip).
+    #[arg(long, value_parser = super::values::whole, default_value_t = 0, requires = "prompt")]
+    pub clip_skip: usize,
+    /// Apply a LoRA file (PEFT/diffusers or kohya layout; UNet and text-encoder adapters); an
+    /// LCM-LoRA written by fewstep also brings its LCM scheduler (used unless --scheduler says
+    /// otherwise).
     #[arg(long)]
     pub lora: Option<PathBuf>,
     /// Multiplier of the LoRA's contribution.
@@ -117,7 +137,8 @@ pub fn run(args: SampleArgs) -> Result<()> {
         None => Pipeline::load(&args.model, &device)?,
     }
     .with_precision(precision);
-    if pipeline.unet.takes_guidance() && args.guidance_scale.is_none() {
+    let text = text_prompts(&args, &pipeline)?;
+    if text.is_none() && pipeline.unet.takes_guidance() && args.guidance_scale.is_none() {
         return Err(Error::Usage(format!(
             "{}: this student is conditioned on a guidance scale (time_cond_proj_dim): give --guidance-scale (w + 1 for a w it was distilled at)",
             args.model.display()
@@ -139,13 +160,28 @@ pub fn run(args: SampleArgs) -> Result<()> {
     if let Some(w) = scheduler.grid_warning() {
         eprintln!("warning: --steps {steps}: {w}");
     }
-    let [c, h, w] = pipeline.sample_shape()?;
+    let [c, h, w] = match &text {
+        Some(t) => pipeline.latent_shape(t.height, t.width)?,
+        None => pipeline.sample_shape()?,
+    };
     let (num, initial) = match &args.latents {
         Some(path) => {
             let (shape, data) = read_latents(path, [c, h, w])?;
+            if let Some(t) = &text
+                && shape[0] != t.rows()
+            {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "tensor `latents` has {} rows, expected prompts × --num-per-prompt = {}",
+                        shape[0],
+                        t.rows()
+                    ),
+                ));
+            }
             (shape[0], Some(data))
         }
-        None => (args.num, None),
+        None => (text.as_ref().map_or(args.num, TextPrompts::rows), None),
     };
     if num == 0 {
         return Err(Error::Usage("--num must be at least 1".into()));
@@ -167,6 +203,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
         class_label: args.class_label,
         latents: initial.as_deref(),
         guidance_scale: args.guidance_scale,
+        text: text.as_ref(),
     };
     generate(
         &pipeline,
@@ -185,6 +222,40 @@ pub fn run(args: SampleArgs) -> Result<()> {
         },
     )?;
     write_outputs(&args, &outputs, num, out_shape)
+}
+
+/// The prompts of a text-to-image run (None for other pipelines; --prompt for one of those is
+/// an error naming it).
+fn text_prompts(args: &SampleArgs, pipeline: &Pipeline) -> Result<Option<TextPrompts>> {
+    if !pipeline.is_text_to_image() {
+        if !args.prompt.is_empty() {
+            return Err(Error::Usage(format!(
+                "--prompt: {} is not a text-to-image pipeline (no text_encoder/)",
+                args.model.display()
+            )));
+        }
+        return Ok(None);
+    }
+    if args.prompt.is_empty() {
+        return Err(Error::Usage(format!(
+            "{}: a text-to-image pipeline: give --prompt",
+            args.model.display()
+        )));
+    }
+    let default_scale = if pipeline.class_name == "LatentConsistencyModelPipeline" {
+        8.5
+    } else {
+        7.5
+    };
+    Ok(Some(TextPrompts {
+        prompts: args.prompt.clone(),
+        negative: args.negative_prompt.clone(),
+        per_prompt: args.num_per_prompt,
+        guidance_scale: args.guidance_scale.unwrap_or(default_scale),
+        clip_skip: args.clip_skip,
+        height: args.height,
+        width: args.width,
+    }))
 }
 
 /// Writes the grid (`--out`) and the tensors (`--save-tensors`): the grid is encoded first, so
@@ -237,6 +308,7 @@ fn sample_gan(args: &SampleArgs, device: &burn::prelude::Device) -> Result<()> {
         class_label: args.class_label,
         latents: None,
         guidance_scale: None,
+        text: None,
     };
     crate::sample::generate_gan(&generator, config.latent_dim, &request, device, |_, x| {
         outputs.extend(x.into_data().try_to_vec::<f32>().expect("f32 samples"));
