@@ -36,7 +36,8 @@ fn bench_unet(c: &mut Criterion) {
             let (x, t) = inputs(batch, &device, 1);
             group.bench_function(format!("forward_b{batch}"), |b| {
                 b.iter(|| {
-                    let out = unet.forward(x.clone(), t.clone(), None);
+                    let out =
+                        unet.forward(x.clone(), t.clone(), &fewstep::models::Conditioning::none());
                     black_box(out.into_data())
                 })
             });
@@ -49,7 +50,7 @@ fn bench_unet(c: &mut Criterion) {
         group.bench_function("train_step_b32", |b| {
             b.iter(|| {
                 let m = model.borrow_mut().take().unwrap();
-                let pred = m.forward(x.clone(), t.clone(), None);
+                let pred = m.forward(x.clone(), t.clone(), &fewstep::models::Conditioning::none());
                 let loss = (pred - eps.clone()).powf_scalar(2.0).mean();
                 let grads = GradientsParams::from_grads(loss.backward(), &m);
                 let m = optim.step(1e-4, m, grads);

@@ -12,8 +12,8 @@ use fewstep_schedulers::Algorithm;
 
 use crate::backend::Precision;
 use crate::error::{Error, Result};
-use crate::pipeline::Pipeline;
 use crate::metrics::{self, FeatureExtractor, Reference, Scores};
+use crate::pipeline::Pipeline;
 use crate::sample::Generation;
 
 /// How generated samples are drawn (`eval`'s sampling flags).

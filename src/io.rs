@@ -349,7 +349,10 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, HostTensor>> {
 /// tensor by tensor, not first copied whole into memory.
 fn map_file(path: &Path) -> Result<memmap2::Mmap> {
     if path.is_dir() {
-        return Err(Error::file(path, "is a folder, expected a safetensors file"));
+        return Err(Error::file(
+            path,
+            "is a folder, expected a safetensors file",
+        ));
     }
     let file = std::fs::File::open(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Error::file(path, "file not found"),
@@ -615,4 +618,3 @@ pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value).expect("JSON serialises");
     write_atomic(path, format!("{text}\n").as_bytes())
 }
-

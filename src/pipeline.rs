@@ -69,7 +69,12 @@ impl TextEncoder {
     }
 
     /// Prompt embeddings [P, 77, D] of `prompts` (diffusers' `encode_prompt`).
-    pub fn encode(&self, prompts: &[String], clip_skip: usize, device: &Device) -> Result<Tensor<3>> {
+    pub fn encode(
+        &self,
+        prompts: &[String],
+        clip_skip: usize,
+        device: &Device,
+    ) -> Result<Tensor<3>> {
         let n = self.tokenizer.max_length();
         if n > self.config.max_position_embeddings {
             return Err(Error::Config(format!(
@@ -142,11 +147,23 @@ pub struct Pipeline {
 
 /// Pipeline classes that need components fewstep does not have, with what is missing.
 const UNSUPPORTED_PIPELINES: &[(&str, &str)] = &[
-    ("StableDiffusionXL", "SDXL (two text encoders, added time embeddings) is not supported yet"),
-    ("StableDiffusion3", "SD3 (an MMDiT, not a UNet) is not supported"),
+    (
+        "StableDiffusionXL",
+        "SDXL (two text encoders, added time embeddings) is not supported yet",
+    ),
+    (
+        "StableDiffusion3",
+        "SD3 (an MMDiT, not a UNet) is not supported",
+    ),
     ("Flux", "Flux (a transformer, not a UNet) is not supported"),
-    ("Kandinsky", "Kandinsky (a prior and a MoVQ) is not supported"),
-    ("IF", "DeepFloyd IF (a T5 encoder, cascaded UNets) is not supported"),
+    (
+        "Kandinsky",
+        "Kandinsky (a prior and a MoVQ) is not supported",
+    ),
+    (
+        "IF",
+        "DeepFloyd IF (a T5 encoder, cascaded UNets) is not supported",
+    ),
 ];
 
 impl Pipeline {
@@ -183,8 +200,13 @@ impl Pipeline {
         let mut pipeline = Pipeline::load(dir, device)?;
         pipeline.unet = lora::merge(pipeline.unet, &file, scale, lora_path)?;
         if let Some(text) = pipeline.text.take() {
-            let model =
-                lora::merge_into(text.model, &file, lora::LoraTarget::TextEncoder, scale, lora_path)?;
+            let model = lora::merge_into(
+                text.model,
+                &file,
+                lora::LoraTarget::TextEncoder,
+                scale,
+                lora_path,
+            )?;
             pipeline.text = Some(TextEncoder { model, ..text });
         } else if file.for_target(lora::LoraTarget::TextEncoder).is_some() {
             return Err(Error::file(
@@ -219,18 +241,35 @@ impl Pipeline {
         if !index.is_object() {
             return Err(Error::file(&index_path, "expected a JSON object"));
         }
-        let class_name = index["_class_name"].as_str().unwrap_or("DDPMPipeline").to_string();
+        let class_name = index["_class_name"]
+            .as_str()
+            .unwrap_or("DDPMPipeline")
+            .to_string();
         if let Some((_, why)) = UNSUPPORTED_PIPELINES
             .iter()
             .find(|(prefix, _)| class_name.starts_with(prefix))
         {
-            return Err(Error::file(&index_path, format!("_class_name `{class_name}`: {why}")));
+            return Err(Error::file(
+                &index_path,
+                format!("_class_name `{class_name}`: {why}"),
+            ));
         }
-        for component in ["text_encoder_2", "tokenizer_2", "image_encoder", "transformer", "prior"] {
-            if index[component].as_array().is_some_and(|a| a.iter().any(|v| !v.is_null())) {
+        for component in [
+            "text_encoder_2",
+            "tokenizer_2",
+            "image_encoder",
+            "transformer",
+            "prior",
+        ] {
+            if index[component]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|v| !v.is_null()))
+            {
                 return Err(Error::file(
                     &index_path,
-                    format!("component `{component}` is not supported by fewstep (SDXL-class and later pipelines are not supported yet)"),
+                    format!(
+                        "component `{component}` is not supported by fewstep (SDXL-class and later pipelines are not supported yet)"
+                    ),
                 ));
             }
         }
@@ -252,7 +291,11 @@ impl Pipeline {
                 ),
             ));
         }
-        let listed = |c: &str| index[c].as_array().is_some_and(|a| a.iter().all(|v| !v.is_null()));
+        let listed = |c: &str| {
+            index[c]
+                .as_array()
+                .is_some_and(|a| a.iter().all(|v| !v.is_null()))
+        };
         let text = if listed(TEXT_ENCODER_DIR) || unet_config.is_conditional() {
             if !unet_config.is_conditional() {
                 return Err(Error::file(
@@ -308,13 +351,12 @@ impl Pipeline {
         let mut index: serde_json::Value = serde_json::from_str(&read_text(&index_path)?)
             .map_err(|e| Error::file(&index_path, format!("not valid JSON: {e}")))?;
         // An LCM-distilled UNet (guidance embedding) samples in LatentConsistencyModelPipeline.
-        index["_class_name"] = if self.unet_config.time_cond_proj_dim.is_some()
-            && algorithm == Algorithm::Lcm
-        {
-            "LatentConsistencyModelPipeline".into()
-        } else {
-            self.class_name.clone().into()
-        };
+        index["_class_name"] =
+            if self.unet_config.time_cond_proj_dim.is_some() && algorithm == Algorithm::Lcm {
+                "LatentConsistencyModelPipeline".into()
+            } else {
+                self.class_name.clone().into()
+            };
         index["text_encoder"] = serde_json::json!(["transformers", "CLIPTextModel"]);
         index["tokenizer"] = serde_json::json!(["transformers", "CLIPTokenizer"]);
         index["safety_checker"] = serde_json::json!([null, null]);
@@ -338,9 +380,9 @@ impl Pipeline {
     /// Pixels per latent pixel: 2^(VAE levels − 1), 1 without a VAE (diffusers'
     /// `vae_scale_factor`).
     pub fn vae_scale_factor(&self) -> usize {
-        self.vae
-            .as_ref()
-            .map_or(1, |(c, _)| 1 << c.block_out_channels.len().saturating_sub(1))
+        self.vae.as_ref().map_or(1, |(c, _)| {
+            1 << c.block_out_channels.len().saturating_sub(1)
+        })
     }
 
     /// The latent shape [C, h, w] of an image `height` × `width` (default: the UNet's

@@ -8,9 +8,9 @@ use burn::tensor::FloatDType;
 use fewstep_schedulers::{Algorithm, SampleOps, Scheduler};
 
 use crate::error::{Error, Result};
-use crate::pipeline::Pipeline;
 use crate::models::Conditioning;
 use crate::noise::NoiseStream;
+use crate::pipeline::Pipeline;
 
 /// A sample tensor on the device, as the schedulers see it.
 #[derive(Debug, Clone)]
@@ -125,9 +125,10 @@ pub fn sample_conditioned(
             ),
             Some((cond, g)) => {
                 let input = Tensor::cat(vec![model_input.0.clone(), model_input.0], 0);
-                let out = pipeline
-                    .unet
-                    .forward(input, Tensor::<1>::full([2 * b], t, &device), cond);
+                let out =
+                    pipeline
+                        .unet
+                        .forward(input, Tensor::<1>::full([2 * b], t, &device), cond);
                 let uncond = out.clone().narrow(0, 0, b);
                 let text = out.narrow(0, b, b);
                 uncond.clone() + (text - uncond) * *g
@@ -263,7 +264,9 @@ struct TextConditioning {
 impl TextConditioning {
     fn new(pipeline: &Pipeline, request: &TextPrompts, device: &Device) -> Result<Self> {
         let text = pipeline.text.as_ref().ok_or_else(|| {
-            Error::Usage("--prompt: this pipeline has no text encoder (not a text-to-image pipeline)".into())
+            Error::Usage(
+                "--prompt: this pipeline has no text encoder (not a text-to-image pipeline)".into(),
+            )
         })?;
         let p = request.prompts.len();
         if p == 0 {

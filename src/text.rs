@@ -17,7 +17,8 @@ use crate::error::{Error, Result};
 pub const BOS: &str = "<|startoftext|>";
 pub const EOS: &str = "<|endoftext|>";
 /// CLIP's pre-tokenizer pattern (the tokens it keeps).
-const CLIP_PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const CLIP_PATTERN: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 /// The files of a transformers tokenizer folder.
 const TOKENIZER_FILES: [&str; 5] = [
@@ -123,14 +124,22 @@ impl ClipTokenizer {
             .continuing_subword_prefix(String::new())
             .end_of_word_suffix("</w>".into())
             .build()
-            .map_err(|e| Error::file(vocab, format!("cannot read the BPE vocabulary with merges.txt: {e}")))?;
+            .map_err(|e| {
+                Error::file(
+                    vocab,
+                    format!("cannot read the BPE vocabulary with merges.txt: {e}"),
+                )
+            })?;
         let mut tokenizer = Tokenizer::new(bpe);
         let regex = |pattern: &str| pattern.to_string();
         tokenizer.with_normalizer(Some(NormalizerSequence::new(vec![
             NFC.into(),
-            Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(regex(r"\s+")), " ")
-                .expect("a valid pattern")
-                .into(),
+            Replace::new(
+                tokenizers::normalizers::replace::ReplacePattern::Regex(regex(r"\s+")),
+                " ",
+            )
+            .expect("a valid pattern")
+            .into(),
             Lowercase.into(),
         ])));
         tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![

@@ -125,6 +125,60 @@ fn make_inputs(root: &Path) {
     )
     .unwrap();
 
+    // Text-to-image: the SD-1.5-layout fixture, without merges.txt, as an SDXL folder, with an
+    // SDXL UNet field; a kohya LoRA whose proj_in factor is for a 320-channel model; one for a
+    // module this UNet does not have.
+    let t2i = root.join("t2i");
+    copy_dir(&repo().join("tests/fixtures/text_to_image/sd15"), &t2i);
+    let no_merges = root.join("t2i-no-merges");
+    copy_dir(&t2i, &no_merges);
+    std::fs::remove_file(no_merges.join("tokenizer/merges.txt")).unwrap();
+    let sdxl = root.join("sdxl");
+    copy_dir(&t2i, &sdxl);
+    edit_json(&sdxl.join("model_index.json"), |v| {
+        v["_class_name"] = "StableDiffusionXLPipeline".into();
+        v["text_encoder_2"] = serde_json::json!(["transformers", "CLIPTextModelWithProjection"]);
+    });
+    let sdxl_unet = root.join("sdxl-unet");
+    copy_dir(&t2i, &sdxl_unet);
+    edit_json(&sdxl_unet.join("unet/config.json"), |v| {
+        v["addition_embed_type"] = "text_time".into()
+    });
+    let stem = "lora_unet_down_blocks_0_attentions_0_proj_in";
+    fewstep::io::write_safetensors(
+        &root.join("lora-other.safetensors"),
+        &[
+            (
+                &format!("{stem}.lora_down.weight"),
+                vec![4, 320, 1, 1],
+                vec![0.0; 1280],
+            ),
+            (
+                &format!("{stem}.lora_up.weight"),
+                vec![320, 4, 1, 1],
+                vec![0.0; 1280],
+            ),
+            (&format!("{stem}.alpha"), vec![], vec![4.0]),
+        ],
+    )
+    .unwrap();
+    fewstep::io::write_safetensors(
+        &root.join("lora-unknown.safetensors"),
+        &[
+            (
+                "lora_unet_bogus_block_proj.lora_down.weight",
+                vec![1, 4],
+                vec![0.0; 4],
+            ),
+            (
+                "lora_unet_bogus_block_proj.lora_up.weight",
+                vec![4, 1],
+                vec![0.0; 4],
+            ),
+        ],
+    )
+    .unwrap();
+
     // Folders and files.
     std::fs::create_dir_all(root.join("empty")).unwrap();
     std::fs::create_dir_all(root.join("unreadable")).unwrap();
@@ -443,6 +497,51 @@ fn cases() -> Vec<(Vec<&'static str>, &'static str)> {
         c(
             "lora merge --model @/tiny --lora @/lora-0d.safetensors --out @/merged --lora-scale nan",
             "--lora-scale nan",
+        ),
+        // text-to-image
+        c(
+            "sample --model @/t2i-no-merges --prompt a --out @/x.png",
+            "@/t2i-no-merges/tokenizer/merges.txt",
+        ),
+        c(
+            "sample --model @/sdxl --prompt a --out @/x.png",
+            "StableDiffusionXLPipeline",
+        ),
+        c(
+            "sample --model @/sdxl-unet --prompt a --out @/x.png",
+            "addition_embed_type",
+        ),
+        c(
+            "sample --model @/t2i --prompt a --out @/x.png --lora @/lora-other.safetensors",
+            "lora_unet_down_blocks_0_attentions_0_proj_in`: the adapter's weight shape [320, 320, 1, 1] does not match the model's [16, 16, 1, 1]",
+        ),
+        c(
+            "sample --model @/t2i --prompt a --out @/x.png --lora @/lora-unknown.safetensors",
+            "lora_unet_bogus_block_proj",
+        ),
+        c(
+            "sample --model @/t2i --prompt a --out @/x.png --guidance-scale -2",
+            "--guidance-scale -2",
+        ),
+        c(
+            "sample --model @/t2i --prompt a --out @/x.png --height 18",
+            "--height 18",
+        ),
+        c("sample --model @/t2i --out @/x.png", "--prompt"),
+        c("sample --model @/tiny --prompt a --out @/x.png", "--prompt"),
+        c(
+            "sample --model @/t2i --prompt a --prompt b --negative-prompt x --negative-prompt y --negative-prompt z --out @/x.png",
+            "--negative-prompt",
+        ),
+        c(
+            "sample --model @/t2i --prompt a --clip-skip 5 --out @/x.png",
+            "--clip-skip 5",
+        ),
+        c("tokenize --model @/t2i-no-merges --prompt a", "merges.txt"),
+        c("tokenize --model @/missing --prompt a", "@/missing"),
+        c(
+            "lora merge --model @/t2i --lora @/lora-other.safetensors --out @/merged",
+            "lora_unet_down_blocks_0_attentions_0_proj_in",
         ),
         // the command line itself
         c("bogus", "bogus"),

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
 use fewstep::io::{self, HostTensor};
-use fewstep::pipeline::{self, Pipeline};
 use fewstep::noise::NoiseStream;
+use fewstep::pipeline::{self, Pipeline};
 use fewstep::sample::{DeviceSample, sample};
 use fewstep_schedulers::{Algorithm, Scheduler};
 
@@ -50,7 +50,11 @@ fn unet_matches(rel: &str) {
         let ints: Vec<i64> = l.data.iter().map(|v| *v as i64).collect();
         Tensor::<1, Int>::from_ints(ints.as_slice(), &dev)
     });
-    assert_close(rel, unet.forward(x, ts, labels), &t["out"]);
+    assert_close(
+        rel,
+        unet.forward(x, ts, &fewstep::models::Conditioning::labels(labels)),
+        &t["out"],
+    );
 }
 
 #[test]
@@ -147,13 +151,13 @@ fn saved_pipeline_reloads_to_identical_outputs() {
     let t = Tensor::<1>::from_floats([250.0], &dev);
     let a: Vec<f32> = pipeline
         .unet
-        .forward(x.clone(), t.clone(), None)
+        .forward(x.clone(), t.clone(), &fewstep::models::Conditioning::none())
         .into_data()
         .try_to_vec()
         .unwrap();
     let b: Vec<f32> = again
         .unet
-        .forward(x, t, None)
+        .forward(x, t, &fewstep::models::Conditioning::none())
         .into_data()
         .try_to_vec()
         .unwrap();

@@ -23,7 +23,7 @@ fn run_unet(p: &Pipeline, io: &std::collections::HashMap<String, io::HostTensor>
     let x: Tensor<4> = io["x"].to_device(&device).unwrap();
     let t: Tensor<1> = io["t"].to_device(&device).unwrap();
     p.unet
-        .forward(x, t, None)
+        .forward(x, t, &fewstep::models::Conditioning::none())
         .into_data()
         .try_to_vec::<f32>()
         .unwrap()

@@ -48,7 +48,10 @@ fn tokenizer_ids_equal_transformers_for_varied_prompts_and_both_pad_tokens() {
             .collect();
         let got = tokenizer.encode(prompt).unwrap();
         if got != want {
-            failures.push(format!("{prompt:?} ({}):\n got {got:?}\nwant {want:?}", case["pad"]));
+            failures.push(format!(
+                "{prompt:?} ({}):\n got {got:?}\nwant {want:?}",
+                case["pad"]
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -80,8 +83,9 @@ fn run_case(case: &Value) -> (f32, f32) {
     }
     .unwrap();
     let name = case["name"].as_str().unwrap();
-    let expected = io::read_safetensors(&fixtures().join("cases").join(format!("{name}.safetensors")))
-        .unwrap();
+    let expected =
+        io::read_safetensors(&fixtures().join("cases").join(format!("{name}.safetensors")))
+            .unwrap();
     let text = TextPrompts {
         prompts: strings(&case["prompts"]),
         negative: strings(&case["negative"]),
@@ -115,12 +119,22 @@ fn run_case(case: &Value) -> (f32, f32) {
         ..Generation::new(latents.shape[0], 16, 0)
     };
     let mut samples = Vec::new();
-    generate(&pipeline, &mut scheduler, steps, &request, &device, |_, x| {
-        samples.extend(x.into_data().try_to_vec::<f32>().unwrap());
-        Ok(())
-    })
+    generate(
+        &pipeline,
+        &mut scheduler,
+        steps,
+        &request,
+        &device,
+        |_, x| {
+            samples.extend(x.into_data().try_to_vec::<f32>().unwrap());
+            Ok(())
+        },
+    )
     .unwrap();
-    (embeds_error, relative_error(&samples, &expected["samples"].data))
+    (
+        embeds_error,
+        relative_error(&samples, &expected["samples"].data),
+    )
 }
 
 #[test]
@@ -140,7 +154,11 @@ fn text_to_image_samples_match_diffusers_for_every_layout_scheduler_and_lora() {
         worst = worst.max(embeds).max(samples);
     }
     eprintln!("{}", report.join("\n"));
-    assert!(worst <= 1e-4, "relative error above 1e-4:\n{}", report.join("\n"));
+    assert!(
+        worst <= 1e-4,
+        "relative error above 1e-4:\n{}",
+        report.join("\n")
+    );
 }
 
 #[test]
@@ -153,9 +171,22 @@ fn a_written_text_to_image_pipeline_loads_back_and_samples_the_same() {
     assert_eq!(again.class_name, "StableDiffusionPipeline");
     assert_eq!(again.unet_config, pipeline.unet_config);
     let prompts = vec!["a grey background".to_string()];
-    let a = pipeline.text.as_ref().unwrap().encode(&prompts, 0, &device).unwrap();
-    let b = again.text.as_ref().unwrap().encode(&prompts, 0, &device).unwrap();
-    let (a, b) = (a.into_data().try_to_vec::<f32>().unwrap(), b.into_data().try_to_vec::<f32>().unwrap());
+    let a = pipeline
+        .text
+        .as_ref()
+        .unwrap()
+        .encode(&prompts, 0, &device)
+        .unwrap();
+    let b = again
+        .text
+        .as_ref()
+        .unwrap()
+        .encode(&prompts, 0, &device)
+        .unwrap();
+    let (a, b) = (
+        a.into_data().try_to_vec::<f32>().unwrap(),
+        b.into_data().try_to_vec::<f32>().unwrap(),
+    );
     assert_eq!(a, b);
     let index: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("model_index.json")).unwrap())

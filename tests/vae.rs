@@ -217,7 +217,8 @@ fn batches_fit_the_largest_storage_binding() {
     use fewstep::sample::fit_batch;
     let device = fewstep::backend::device(fewstep::backend::DeviceChoice::Cpu).unwrap();
     let pipeline =
-        fewstep::pipeline::Pipeline::load(&fewstep::io::shipped("shapes-latent-lcm"), &device).unwrap();
+        fewstep::pipeline::Pipeline::load(&fewstep::io::shipped("shapes-latent-lcm"), &device)
+            .unwrap();
     let per_image = pipeline.peak_tensor_elements_per_image().unwrap();
     // The VAE decoder's last 3×3 convolution at 32×32 (16 channels, 32 across the upsampling).
     assert_eq!(per_image, 9 * 2 * 16 * 32 * 32);

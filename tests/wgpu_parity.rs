@@ -9,6 +9,7 @@ mod common;
 use burn::prelude::*;
 use fewstep::backend::{DeviceChoice, Precision, device};
 use fewstep::io;
+use fewstep::models::Conditioning;
 use fewstep::pipeline::{self, Pipeline};
 use fewstep::sample::{Generation, generate_images};
 use fewstep_schedulers::Algorithm;
@@ -31,12 +32,12 @@ fn unet_forward_and_vae_decode_match_cpu_on_wgpu() {
     let out_cpu = unet_cpu.forward(
         xs.to_device::<4>(&cpu).unwrap(),
         ts.to_device::<1>(&cpu).unwrap(),
-        None,
+        &Conditioning::none(),
     );
     let out_gpu = unet_gpu.forward(
         xs.to_device::<4>(&gpu).unwrap(),
         ts.to_device::<1>(&gpu).unwrap(),
-        None,
+        &Conditioning::none(),
     );
     let d = max_rel_diff(out_cpu, out_gpu);
     assert!(d <= 1e-4, "UNet: wgpu differs from CPU by {d} (relative)");
@@ -91,6 +92,58 @@ fn shipped_latent_pipeline_matches_cpu_on_wgpu() {
     if gpu.supports_dtype(burn::tensor::DType::F16) {
         let half = shipped_latent_student_images(&gpu, Precision::F16);
         let (rel, mean) = relative_and_mean_diff(&on_cpu, &half);
+        assert!(
+            rel <= 5e-2 && mean <= 5e-3,
+            "f16 on wgpu: {rel} relative, {mean} mean absolute from f32"
+        );
+    }
+}
+
+/// The whole text-to-image generation (tokenizer, text encoder, UNet2DConditionModel with
+/// classifier-free guidance, scheduler, VAE decode) of the tiny SD-1.5-layout fixture on wgpu
+/// matches the CPU: ≤ 1e-3 relative in f32; in f16 (where the adapter has `shader-f16`) within
+/// 5e-2 relative and 5e-3 mean absolute.
+#[test]
+fn text_to_image_generation_matches_cpu_on_wgpu() {
+    use fewstep::sample::{DeviceSample, TextPrompts, generate};
+    let images = |device: &Device, precision: Precision| {
+        let dir = common::repo().join("tests/fixtures/text_to_image/sd15");
+        let pipeline = Pipeline::load(&dir, device)
+            .unwrap()
+            .with_precision(precision);
+        let text = TextPrompts {
+            prompts: vec!["a red circle".into(), "two blue squares".into()],
+            negative: vec!["blurry".into()],
+            per_prompt: 1,
+            guidance_scale: 7.5,
+            clip_skip: 0,
+            height: None,
+            width: None,
+        };
+        let request = Generation {
+            text: Some(&text),
+            ..Generation::new(2, 2, 5)
+        };
+        let mut scheduler: fewstep_schedulers::Scheduler<DeviceSample> =
+            pipeline.scheduler.build(Some(Algorithm::Ddim)).unwrap();
+        let mut out = Vec::new();
+        generate(&pipeline, &mut scheduler, 2, &request, device, |_, x| {
+            out.extend(x.into_data().try_to_vec::<f32>().unwrap());
+            Ok(())
+        })
+        .unwrap();
+        out
+    };
+    let cpu = device(DeviceChoice::Cpu).unwrap();
+    let gpu = device(DeviceChoice::Wgpu).expect("a wgpu adapter (install mesa-vulkan-drivers)");
+    let on_cpu = images(&cpu, Precision::F32);
+    let (rel, _) = relative_and_mean_diff(&on_cpu, &images(&gpu, Precision::F32));
+    assert!(
+        rel <= 1e-3,
+        "f32: wgpu differs from CPU by {rel} (relative)"
+    );
+    if gpu.supports_dtype(burn::tensor::DType::F16) {
+        let (rel, mean) = relative_and_mean_diff(&on_cpu, &images(&gpu, Precision::F16));
         assert!(
             rel <= 5e-2 && mean <= 5e-3,
             "f16 on wgpu: {rel} relative, {mean} mean absolute from f32"

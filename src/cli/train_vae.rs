@@ -9,9 +9,9 @@ use super::gan::DistanceArg;
 use crate::data::DataSource;
 use crate::distill::gan::PixelDistance;
 use crate::error::{Error, Result};
-use crate::pipeline;
 use crate::io;
 use crate::models::VaeConfig;
+use crate::pipeline;
 use crate::train::vae::{self, VAE_RUN, VaeRun, VaeTrainConfig};
 
 #[derive(Debug, clap::Args)]

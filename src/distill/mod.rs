@@ -13,19 +13,10 @@ use crate::models::{Conditioning, UNet};
 use crate::sample::per_row;
 
 /// `unet`'s output at one timestep per row.
-pub(crate) fn run_model(
-    unet: &UNet,
-    z: Tensor<4>,
-    t: &[i64],
-    cond: &Conditioning,
-) -> Tensor<4> {
+pub(crate) fn run_model(unet: &UNet, z: Tensor<4>, t: &[i64], cond: &Conditioning) -> Tensor<4> {
     let device = z.device();
     let t_in: Vec<f32> = t.iter().map(|&t| t as f32).collect();
-    unet.forward(
-        z,
-        Tensor::<1>::from_floats(t_in.as_slice(), &device),
-        cond,
-    )
+    unet.forward(z, Tensor::<1>::from_floats(t_in.as_slice(), &device), cond)
 }
 
 /// x0 = a·z + b·out per row at ᾱ `alpha_bar`, for a model of `prediction` type.

@@ -88,9 +88,19 @@ pub fn teacher_target(
     let a_t: Vec<f64> = steps.iter().map(|s| s.alpha_bar_t).collect();
     let a_mid: Vec<f64> = steps.iter().map(|s| s.alpha_bar_mid).collect();
     let a_end: Vec<f64> = steps.iter().map(|s| s.alpha_bar_end).collect();
-    let out = run_model(teacher, z.clone(), &t, &Conditioning::labels(labels.clone()));
+    let out = run_model(
+        teacher,
+        z.clone(),
+        &t,
+        &Conditioning::labels(labels.clone()),
+    );
     let z_mid = ddim_move(prediction, z.clone(), out, &a_t, &a_mid);
-    let out = run_model(teacher, z_mid.clone(), &t_mid, &Conditioning::labels(labels));
+    let out = run_model(
+        teacher,
+        z_mid.clone(),
+        &t_mid,
+        &Conditioning::labels(labels),
+    );
     let z_end = ddim_move(prediction, z_mid, out, &a_mid, &a_end);
     // x̃ = (z″ − r·z) / (α″ − r·α), r = σ″/σ.
     let (num_z, den): (Vec<f32>, Vec<f32>) = steps
@@ -178,15 +188,21 @@ mod tests {
             for k in 0..4 {
                 let t = sched.current_timestep().unwrap();
                 if k >= 2 * i {
-                    let out =
-                        teacher.forward(x.0.clone(), Tensor::<1>::full([1], t, &device), None);
+                    let out = teacher.forward(
+                        x.0.clone(),
+                        Tensor::<1>::full([1], t, &device),
+                        &Conditioning::none(),
+                    );
                     x = sched
                         .step(&DeviceSample(out), &x, None)
                         .unwrap()
                         .prev_sample;
                 } else {
-                    let out =
-                        teacher.forward(x.0.clone(), Tensor::<1>::full([1], t, &device), None);
+                    let out = teacher.forward(
+                        x.0.clone(),
+                        Tensor::<1>::full([1], t, &device),
+                        &Conditioning::none(),
+                    );
                     sched.step(&DeviceSample(out), &x, None).unwrap();
                 }
                 if k == 2 * i + 1 {

@@ -163,12 +163,16 @@ impl ClipAttention {
     /// [B, N, D] → [B, N, D], causal.
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, n, d] = x.dims();
-        let split = |t: Tensor<3>| t.reshape([b, n, self.heads, d / self.heads]).swap_dims(1, 2);
+        let split = |t: Tensor<3>| {
+            t.reshape([b, n, self.heads, d / self.heads])
+                .swap_dims(1, 2)
+        };
         let q = split(self.q_proj.forward(x.clone()));
         let k = split(self.k_proj.forward(x.clone()));
         let v = split(self.v_proj.forward(x));
         let out = chunked_attention(q, k, v, None, true); // [B, h, N, d/h]
-        self.out_proj.forward(out.swap_dims(1, 2).reshape([b, n, d]))
+        self.out_proj
+            .forward(out.swap_dims(1, 2).reshape([b, n, d]))
     }
 }
 

@@ -309,7 +309,10 @@ fn peft_module(module: &str) -> (LoraTarget, String) {
         let rest = rest.strip_prefix("text_model.").unwrap_or(rest);
         (LoraTarget::TextEncoder, flat_key(rest))
     } else {
-        (LoraTarget::Unet, flat_key(module.strip_prefix("unet.").unwrap_or(module)))
+        (
+            LoraTarget::Unet,
+            flat_key(module.strip_prefix("unet.").unwrap_or(module)),
+        )
     }
 }
 
@@ -336,9 +339,8 @@ fn kohya_module(stem: &str) -> std::result::Result<(LoraTarget, String), String>
 
 /// ΔW = scale·B·A of factors a [r, in…] and b [out, r(, 1, 1)], checked; torch layout [out, in…].
 fn delta_of(
-    module: &str,
-    a: &io::HostTensor,
-    b: &io::HostTensor,
+    (a_name, a): (&str, &io::HostTensor),
+    (b_name, b): (&str, &io::HostTensor),
     alpha: Option<f64>,
     path: &Path,
 ) -> Result<(Vec<usize>, Vec<f32>)> {
@@ -348,7 +350,7 @@ fn delta_of(
         return Err(Error::file(
             path,
             format!(
-                "`{module}`: down/A factor shape {:?}, expected [rank, in] or [rank, in, k, k] with no zero size",
+                "`{a_name}`: shape {:?}, expected [rank, in] or [rank, in, k, k] with no zero size",
                 a.shape
             ),
         ));
@@ -357,7 +359,7 @@ fn delta_of(
         return Err(Error::file(
             path,
             format!(
-                "`{module}`: up/B factor shape {:?}, expected [out, rank{}] to match {:?}",
+                "`{b_name}`: shape {:?}, expected [out, rank{}] to match `{a_name}` {:?}",
                 b.shape,
                 if a.shape.len() == 4 { ", 1, 1" } else { "" },
                 a.shape
@@ -370,7 +372,7 @@ fn delta_of(
         return Err(Error::file(
             path,
             format!(
-                "`{module}`: up {:?} × down {:?} is larger than any model weight",
+                "`{b_name}` {:?} × `{a_name}` {:?} is larger than any model weight",
                 b.shape, a.shape
             ),
         ));
@@ -379,7 +381,7 @@ fn delta_of(
         return Err(Error::file(
             path,
             format!(
-                "`{module}`: up/B shape {:?} does not match down/A shape {:?}",
+                "`{b_name}`: shape {:?} does not match `{a_name}` shape {:?}",
                 b.shape, a.shape
             ),
         ));
@@ -431,39 +433,45 @@ impl LoraFile {
         names.sort();
         for name in names {
             let a = &tensors[name];
-            let (stem, b_name, alpha, (target, key)) =
-                if let Some(stem) = name.strip_suffix(".lora_A.weight") {
-                    (stem, format!("{stem}.lora_B.weight"), peft_alpha, peft_module(stem))
-                } else if let Some(stem) = name.strip_suffix(".lora_down.weight") {
-                    let alpha = match tensors.get(&format!("{stem}.alpha")) {
-                        Some(t) if t.data.len() == 1 => Some(t.data[0] as f64),
-                        Some(t) => {
-                            return Err(Error::file(
-                                path,
-                                format!("`{stem}.alpha`: shape {:?}, expected a scalar", t.shape),
-                            ));
-                        }
-                        None => None,
-                    };
-                    let module = kohya_module(stem).map_err(|e| Error::file(path, e))?;
-                    (stem, format!("{stem}.lora_up.weight"), alpha, module)
-                } else if name.ends_with(".lora_B.weight")
-                    || name.ends_with(".lora_up.weight")
-                    || name.ends_with(".alpha")
-                {
-                    continue;
-                } else {
-                    return Err(Error::file(
-                        path,
-                        format!(
-                            "tensor `{name}` is not a LoRA factor (`….lora_A.weight`/`….lora_B.weight`, or kohya's `….lora_down.weight`/`….lora_up.weight`/`….alpha`; LoHa, LoKr and DoRA are not supported)"
-                        ),
-                    ));
+            let (stem, b_name, alpha, (target, key)) = if let Some(stem) =
+                name.strip_suffix(".lora_A.weight")
+            {
+                (
+                    stem,
+                    format!("{stem}.lora_B.weight"),
+                    peft_alpha,
+                    peft_module(stem),
+                )
+            } else if let Some(stem) = name.strip_suffix(".lora_down.weight") {
+                let alpha = match tensors.get(&format!("{stem}.alpha")) {
+                    Some(t) if t.data.len() == 1 => Some(t.data[0] as f64),
+                    Some(t) => {
+                        return Err(Error::file(
+                            path,
+                            format!("`{stem}.alpha`: shape {:?}, expected a scalar", t.shape),
+                        ));
+                    }
+                    None => None,
                 };
-            let b = tensors.get(&b_name).ok_or_else(|| {
-                Error::file(path, format!("`{name}` has no matching `{b_name}`"))
-            })?;
-            let (shape, delta) = delta_of(stem, a, b, alpha, path)?;
+                let module = kohya_module(stem).map_err(|e| Error::file(path, e))?;
+                (stem, format!("{stem}.lora_up.weight"), alpha, module)
+            } else if name.ends_with(".lora_B.weight")
+                || name.ends_with(".lora_up.weight")
+                || name.ends_with(".alpha")
+            {
+                continue;
+            } else {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "tensor `{name}` is not a LoRA factor (`….lora_A.weight`/`….lora_B.weight`, or kohya's `….lora_down.weight`/`….lora_up.weight`/`….alpha`; LoHa, LoKr and DoRA are not supported)"
+                    ),
+                ));
+            };
+            let b = tensors
+                .get(&b_name)
+                .ok_or_else(|| Error::file(path, format!("`{name}` has no matching `{b_name}`")))?;
+            let (shape, delta) = delta_of((name, a), (&b_name, b), alpha, path)?;
             deltas.entry(target).or_default().insert(
                 key,
                 LoraDelta {
@@ -650,8 +658,8 @@ mod tests {
         let merged = merge(base, &read, 1.0, &file).unwrap();
         let x = Tensor::<4>::random([1, 3, 32, 32], Distribution::Normal(0.0, 1.0), &device);
         let t = Tensor::<1>::from_floats([500.0], &device);
-        let want = adapted.forward(x.clone(), t.clone(), None);
-        let got = merged.forward(x, t, None);
+        let want = adapted.forward(x.clone(), t.clone(), &crate::models::Conditioning::none());
+        let got = merged.forward(x, t, &crate::models::Conditioning::none());
         let err: f32 = (want - got).abs().max().into_scalar::<f32>();
         assert!(err < 1e-4, "{err}");
         std::fs::remove_dir_all(dir).unwrap();

@@ -4,7 +4,9 @@
 
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
-use burn::nn::{Dropout, DropoutConfig, GroupNorm, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{
+    Dropout, DropoutConfig, GroupNorm, LayerNorm, LayerNormConfig, Linear, LinearConfig,
+};
 use burn::prelude::*;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -31,7 +33,13 @@ pub struct CrossAttention {
 }
 
 impl CrossAttention {
-    pub fn new(dim: usize, context_dim: usize, heads: usize, head_dim: usize, device: &Device) -> Self {
+    pub fn new(
+        dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+        device: &Device,
+    ) -> Self {
         let inner = heads * head_dim;
         let proj = |c_in: usize| LinearConfig::new(c_in, inner).with_bias(false).init(device);
         CrossAttention {
@@ -45,13 +53,19 @@ impl CrossAttention {
 
     /// x: [B, N, C], context: [B, M, C_ctx] (None: self-attention), mask: [B, M] true where a
     /// context token is masked → [B, N, C].
-    pub fn forward(&self, x: Tensor<3>, context: Option<&Tensor<3>>, mask: Option<&Tensor<2, Bool>>) -> Tensor<3> {
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        context: Option<&Tensor<3>>,
+        mask: Option<&Tensor<2, Bool>>,
+    ) -> Tensor<3> {
         let [b, n, _] = x.dims();
         let context = context.cloned().unwrap_or_else(|| x.clone());
         let m = context.dims()[1];
         let split = |t: Tensor<3>, len: usize| {
             let inner = t.dims()[2];
-            t.reshape([b, len, self.heads, inner / self.heads]).swap_dims(1, 2) // [B, h, len, d]
+            t.reshape([b, len, self.heads, inner / self.heads])
+                .swap_dims(1, 2) // [B, h, len, d]
         };
         let q = split(self.to_q.forward(x), n);
         let k = split(self.to_k.forward(context.clone()), m);
@@ -166,7 +180,14 @@ pub struct TransformerBlock {
 }
 
 impl TransformerBlock {
-    pub fn new(dim: usize, context_dim: usize, heads: usize, head_dim: usize, dropout: f64, device: &Device) -> Self {
+    pub fn new(
+        dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+        dropout: f64,
+        device: &Device,
+    ) -> Self {
         let norm = || LayerNormConfig::new(dim).with_epsilon(1e-5).init(device);
         TransformerBlock {
             norm1: norm(),
@@ -179,9 +200,20 @@ impl TransformerBlock {
     }
 
     /// [B, N, C] → [B, N, C]
-    pub fn forward(&self, x: Tensor<3>, context: Option<&Tensor<3>>, mask: Option<&Tensor<2, Bool>>) -> Tensor<3> {
-        let x = self.attn1.forward(self.norm1.forward(x.clone()), None, None) + x;
-        let x = self.attn2.forward(self.norm2.forward(x.clone()), context, mask) + x;
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        context: Option<&Tensor<3>>,
+        mask: Option<&Tensor<2, Bool>>,
+    ) -> Tensor<3> {
+        let x = self
+            .attn1
+            .forward(self.norm1.forward(x.clone()), None, None)
+            + x;
+        let x = self
+            .attn2
+            .forward(self.norm2.forward(x.clone()), context, mask)
+            + x;
         self.ff.forward(self.norm3.forward(x.clone())) + x
     }
 }
@@ -207,7 +239,9 @@ impl AttentionBlock {
     pub fn forward(&self, x: Tensor<4>, cond: &Conditioning) -> Tensor<4> {
         match self {
             AttentionBlock::Spatial(attn) => attn.forward(x),
-            AttentionBlock::Transformer(t) => t.forward(x, cond.context.as_ref(), cond.context_mask.as_ref()),
+            AttentionBlock::Transformer(t) => {
+                t.forward(x, cond.context.as_ref(), cond.context_mask.as_ref())
+            }
         }
     }
 }
@@ -250,14 +284,28 @@ impl Transformer2D {
             norm: group_norm(spec.groups, c, 1e-6, device),
             proj_in: projection(c, inner),
             transformer_blocks: (0..spec.layers)
-                .map(|_| TransformerBlock::new(inner, spec.context_dim, spec.heads, head_dim, spec.dropout, device))
+                .map(|_| {
+                    TransformerBlock::new(
+                        inner,
+                        spec.context_dim,
+                        spec.heads,
+                        head_dim,
+                        spec.dropout,
+                        device,
+                    )
+                })
                 .collect(),
             proj_out: projection(inner, c),
         }
     }
 
     /// x: [B, C, H, W], context: [B, M, C_ctx] → [B, C, H, W]
-    pub fn forward(&self, x: Tensor<4>, context: Option<&Tensor<3>>, mask: Option<&Tensor<2, Bool>>) -> Tensor<4> {
+    pub fn forward(
+        &self,
+        x: Tensor<4>,
+        context: Option<&Tensor<3>>,
+        mask: Option<&Tensor<2, Bool>>,
+    ) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
         let n = h * w;
         let normed = self.norm.forward(x.clone());

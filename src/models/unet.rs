@@ -54,21 +54,65 @@ impl PerBlock {
 fn condition_fields_unused() -> Vec<(&'static str, serde_json::Value, &'static str)> {
     use serde_json::{Value, json};
     vec![
-        ("addition_embed_type", Value::Null, "SDXL's added text/time embeddings (SDXL pipelines are not supported yet)"),
-        ("encoder_hid_dim", Value::Null, "a projected encoder (SDXL / IF)"),
-        ("encoder_hid_dim_type", Value::Null, "a projected encoder (SDXL / IF)"),
+        (
+            "addition_embed_type",
+            Value::Null,
+            "SDXL's added text/time embeddings (SDXL pipelines are not supported yet)",
+        ),
+        (
+            "encoder_hid_dim",
+            Value::Null,
+            "a projected encoder (SDXL / IF)",
+        ),
+        (
+            "encoder_hid_dim_type",
+            Value::Null,
+            "a projected encoder (SDXL / IF)",
+        ),
         ("dual_cross_attention", json!(false), "dual cross-attention"),
-        ("only_cross_attention", json!(false), "cross-attention in place of self-attention"),
-        ("reverse_transformer_layers_per_block", Value::Null, "separate up-block transformer depths"),
+        (
+            "only_cross_attention",
+            json!(false),
+            "cross-attention in place of self-attention",
+        ),
+        (
+            "reverse_transformer_layers_per_block",
+            Value::Null,
+            "separate up-block transformer depths",
+        ),
         ("attention_type", json!("default"), "gated attention"),
         ("conv_in_kernel", json!(3), "another conv_in kernel"),
         ("conv_out_kernel", json!(3), "another conv_out kernel"),
-        ("time_embedding_act_fn", Value::Null, "an activation after the time embedding"),
-        ("timestep_post_act", Value::Null, "an activation in the time embedding"),
-        ("resnet_skip_time_act", json!(false), "resnets without the time activation"),
-        ("cross_attention_norm", Value::Null, "a norm on the text context"),
-        ("class_embeddings_concat", json!(false), "concatenated class embeddings"),
-        ("addition_time_embed_dim", Value::Null, "SDXL's added time embedding"),
+        (
+            "time_embedding_act_fn",
+            Value::Null,
+            "an activation after the time embedding",
+        ),
+        (
+            "timestep_post_act",
+            Value::Null,
+            "an activation in the time embedding",
+        ),
+        (
+            "resnet_skip_time_act",
+            json!(false),
+            "resnets without the time activation",
+        ),
+        (
+            "cross_attention_norm",
+            Value::Null,
+            "a norm on the text context",
+        ),
+        (
+            "class_embeddings_concat",
+            json!(false),
+            "concatenated class embeddings",
+        ),
+        (
+            "addition_time_embed_dim",
+            Value::Null,
+            "SDXL's added time embedding",
+        ),
     ]
 }
 
@@ -365,7 +409,13 @@ impl UNetConfig {
         if self.is_conditional() {
             // Fields UNet2DModel has and UNet2DConditionModel does not.
             let fields = json.as_object_mut().expect("a config is a JSON object");
-            for k in ["add_attention", "attn_norm_num_groups", "downsample_type", "upsample_type", "num_train_timesteps"] {
+            for k in [
+                "add_attention",
+                "attn_norm_num_groups",
+                "downsample_type",
+                "upsample_type",
+                "num_train_timesteps",
+            ] {
                 fields.remove(k);
             }
         }
@@ -380,7 +430,12 @@ impl UNetConfig {
                 .or(self.attention_head_dim.as_ref())
                 .map_or(8, |h| h.get(i))
         } else {
-            (c / self.attention_head_dim.as_ref().map_or(c, |d| d.get(i)).max(1)).max(1)
+            (c / self
+                .attention_head_dim
+                .as_ref()
+                .map_or(c, |d| d.get(i))
+                .max(1))
+            .max(1)
         }
     }
 
@@ -438,7 +493,11 @@ impl UNetConfig {
             return Err(unsupported("mid_block_type", &self.mid_block_type, mid));
         }
         if self.class_name != UNET_2D && self.class_name != UNET_2D_CONDITION {
-            return Err(unsupported("_class_name", &self.class_name, "UNet2DModel, UNet2DConditionModel"));
+            return Err(unsupported(
+                "_class_name",
+                &self.class_name,
+                "UNet2DModel, UNet2DConditionModel",
+            ));
         }
         if self.is_conditional() {
             if self.cross_attention_dim.is_none_or(|d| d == 0) {
@@ -449,7 +508,10 @@ impl UNetConfig {
             for (field, value) in [
                 ("num_attention_heads", &self.num_attention_heads),
                 ("attention_head_dim", &self.attention_head_dim),
-                ("transformer_layers_per_block", &self.transformer_layers_per_block),
+                (
+                    "transformer_layers_per_block",
+                    &self.transformer_layers_per_block,
+                ),
             ] {
                 if value.as_ref().is_some_and(|v| !v.len_ok(n)) {
                     return Err(Error::Config(format!(
@@ -523,7 +585,11 @@ impl UNetConfig {
                 "field `attn_norm_num_groups` must divide every block_out_channels entry".into(),
             ));
         }
-        if self.attention_head_dim.as_ref().is_some_and(|d| !d.len_ok(n)) {
+        if self
+            .attention_head_dim
+            .as_ref()
+            .is_some_and(|d| !d.len_ok(n))
+        {
             return Err(Error::Config(
                 "field `attention_head_dim` must be at least 1 (one value or one per block)".into(),
             ));
@@ -618,14 +684,22 @@ impl UNetConfig {
                 return spatial;
             }
             let (ctx, m) = (self.cross_attention_dim.unwrap_or(c) as f64, 77.0);
-            let layers = self.transformer_layers_per_block.as_ref().map_or(1, |l| l.get(i)) as f64;
+            let layers = self
+                .transformer_layers_per_block
+                .as_ref()
+                .map_or(1, |l| l.get(i)) as f64;
             let per_layer = spatial
                 + match what {
                     Count::Macs => {
-                        2.0 * tokens * cf * cf + 2.0 * m * ctx * cf + 2.0 * tokens * m * cf + 12.0 * tokens * cf * cf
+                        2.0 * tokens * cf * cf
+                            + 2.0 * m * ctx * cf
+                            + 2.0 * tokens * m * cf
+                            + 12.0 * tokens * cf * cf
                     }
                     Count::Params => 2.0 * cf * cf + 2.0 * ctx * cf + 12.0 * cf * cf,
-                    Count::Activations => 2.0 * tokens * cf + 2.0 * m * cf + h * tokens * m + 12.0 * tokens * cf,
+                    Count::Activations => {
+                        2.0 * tokens * cf + 2.0 * m * cf + h * tokens * m + 12.0 * tokens * cf
+                    }
                 };
             let projections = match what {
                 Count::Macs => 2.0 * tokens * cf * cf,
@@ -734,7 +808,10 @@ impl UNetConfig {
                     TransformerSpec {
                         channels: c,
                         heads: self.heads(i, c),
-                        layers: self.transformer_layers_per_block.as_ref().map_or(1, |l| l.get(i)),
+                        layers: self
+                            .transformer_layers_per_block
+                            .as_ref()
+                            .map_or(1, |l| l.get(i)),
                         context_dim: self.cross_attention_dim.unwrap_or(c),
                         groups: spec.groups,
                         linear_projection: self.use_linear_projection,
@@ -780,10 +857,20 @@ impl UNetConfig {
             groups: self.attn_norm_num_groups.unwrap_or(spec.groups),
             ..mid_spec
         };
-        let mut mid_block = MidBlock::new(ch[n - 1], self.head_dim(n - 1, ch[n - 1]), false, mid_spec, device);
+        let mut mid_block = MidBlock::new(
+            ch[n - 1],
+            self.head_dim(n - 1, ch[n - 1]),
+            false,
+            mid_spec,
+            device,
+        );
         if self.add_attention || self.is_conditional() {
             // UNetMidBlock2DCrossAttn's transformer keeps output_scale_factor 1 and the resnets' groups.
-            let spec = if self.is_conditional() { spec } else { mid_attn_spec };
+            let spec = if self.is_conditional() {
+                spec
+            } else {
+                mid_attn_spec
+            };
             mid_block.attentions = vec![attention_block(n - 1, ch[n - 1], spec)];
         }
         let rev: Vec<usize> = ch.iter().rev().copied().collect();
@@ -1027,7 +1114,9 @@ mod tests {
         let x = Tensor::<4>::random([2, 3, 32, 32], Distribution::Normal(0.0, 1.0), &device);
         let t = Tensor::<1>::from_floats([900.0, 100.0], &device);
         let w = |v: f32| Some(Tensor::<1>::full([2], v, &device));
-        let run = |u: &UNet, g: Option<Tensor<1>>| u.forward_guided(x.clone(), t.clone(), None, g);
+        let run = |u: &UNet, g: Option<Tensor<1>>| {
+            u.forward(x.clone(), t.clone(), &Conditioning::none().with_guidance(g))
+        };
         let plain = run(&unet, None);
         let diff = |a: Tensor<4>, b: Tensor<4>| -> f32 { (a - b).abs().max().into_scalar::<f32>() };
         assert_eq!(diff(run(&unet, w(3.0)), plain.clone()), 0.0);

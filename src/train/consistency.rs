@@ -29,10 +29,10 @@ use crate::distill::consistency::{
 };
 use crate::error::{Error, Result};
 use crate::io;
-use crate::pipeline::{self, Pipeline};
 use crate::models::lora::{self, LoraSpec};
 use crate::models::{UNet, UNetConfig};
 use crate::noise::NoiseStream;
+use crate::pipeline::{self, Pipeline};
 
 /// The `run.json` kind of a consistency-distillation run.
 pub const CONSISTENCY_RUN: &str = "distill-consistency";

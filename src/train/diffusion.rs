@@ -35,10 +35,6 @@ pub fn denoising_loss(
     let tb = per_row(targets.iter().map(|c| c.1).collect(), &device);
     let target = x0 * ta + eps * tb;
     let t_in: Vec<f32> = t.iter().map(|&t| t as f32).collect();
-    let out = unet.forward(
-        z,
-        Tensor::<1>::from_floats(t_in.as_slice(), &device),
-        cond,
-    );
+    let out = unet.forward(z, Tensor::<1>::from_floats(t_in.as_slice(), &device), cond);
     (out - target).powf_scalar(2.0).mean()
 }

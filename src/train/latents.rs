@@ -9,10 +9,10 @@ use burn::prelude::*;
 
 use crate::data::{DataSource, TrainImages, shapes_batch};
 use crate::error::{Error, Result};
-use crate::pipeline;
 use crate::io;
 use crate::models::{Vae, VaeConfig};
 use crate::noise::NoiseStream;
+use crate::pipeline;
 
 pub const LATENT_CACHE: &str = "latent_cache.safetensors";
 

@@ -27,10 +27,10 @@ use serde_json::json;
 pub use crate::data::DataSource;
 use crate::data::{self, TrainImages};
 use crate::error::{Error, Result};
-use crate::pipeline;
 use crate::io;
 use crate::models::{Conditioning, UNet, UNetConfig};
 use crate::noise::NoiseStream;
+use crate::pipeline;
 use latents::{LatentCache, LatentSpec};
 
 /// The `run.json` kind of a diffusion training run.

@@ -25,9 +25,9 @@ use crate::distill::progressive::{
 };
 use crate::error::{Error, Result};
 use crate::io;
-use crate::pipeline::{self, Pipeline};
 use crate::models::UNet;
 use crate::noise::NoiseStream;
+use crate::pipeline::{self, Pipeline};
 
 /// The `run.json` kind of a progressive-distillation run.
 pub const PROGRESSIVE_RUN: &str = "distill-progressive";

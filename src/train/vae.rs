@@ -18,11 +18,11 @@ use super::{checkpoint, open_images};
 use crate::data::{DataSource, TrainImages, shapes, shapes_batch};
 use crate::distill::gan::PixelDistance;
 use crate::error::{Error, Result};
-use crate::pipeline;
 use crate::io;
 use crate::metrics::{self, FeatureExtractor, FeatureSink, ShapesFeatures};
 use crate::models::{Vae, VaeConfig};
 use crate::noise::NoiseStream;
+use crate::pipeline;
 
 pub const VAE_RUN: &str = "train-vae";
 
