@@ -18,7 +18,7 @@ use burn::prelude::Device;
 use criterion::Criterion;
 use fewstep::backend::Precision;
 use fewstep::io;
-use fewstep::pipeline::{self, Pipeline};
+use fewstep::pipeline::Pipeline;
 use fewstep::sample::{Generation, generate_images};
 use fewstep_schedulers::Algorithm;
 

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use fewstep::data::DataSource;
 use fewstep::distill::consistency::{Distance, Solver};
 use fewstep::io;
-use fewstep::pipeline::{self, Pipeline};
+use fewstep::pipeline::Pipeline;
 use fewstep::sample::{Generation, write_sample_grid};
 use fewstep::train::consistency::{
     CONSISTENCY_RUN, ConsistencyConfig, ConsistencyRun, LrDecay, distill_consistency,

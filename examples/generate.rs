@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use fewstep::backend::{DeviceChoice, describe, device};
 use fewstep::io;
-use fewstep::pipeline::{self, Pipeline};
+use fewstep::pipeline::Pipeline;
 use fewstep::sample::{Generation, write_sample_grid};
 use fewstep_schedulers::Algorithm;
 

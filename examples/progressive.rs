@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use fewstep::data::DataSource;
 use fewstep::io;
-use fewstep::pipeline::{self, Pipeline};
+use fewstep::pipeline::Pipeline;
 use fewstep::sample::{Generation, write_sample_grid};
 use fewstep::train::progressive::{
     PROGRESSIVE_RUN, ProgressiveConfig, ProgressiveRun, distill_progressive, round_dir,

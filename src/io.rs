@@ -18,7 +18,6 @@ use crate::error::{Error, Result};
 pub const WEIGHTS_NAME: &str = "diffusion_pytorch_model.safetensors";
 pub const CONFIG_NAME: &str = "config.json";
 pub const SCHEDULER_CONFIG_NAME: &str = "scheduler_config.json";
-/// A pipeline's VAE sub-folder (also where `train-vae` writes its autoencoder).
 
 /// Fault injection for the crash-safety tests: when `FEWSTEP_CRASH_AT` is `NAME:N`, the N-th
 /// time (from 1) the process reaches the crash point `NAME` it kills itself with SIGKILL — no

@@ -15,6 +15,7 @@ use crate::models::footprint::{self, Use};
 use crate::models::{ClipTextConfig, ClipTextModel, UNet, UNetConfig, Vae, VaeConfig};
 use crate::text::ClipTokenizer;
 
+/// A pipeline's VAE sub-folder (also where `train-vae` writes its autoencoder).
 pub const VAE_DIR: &str = "vae";
 pub const TEXT_ENCODER_DIR: &str = "text_encoder";
 pub const TOKENIZER_DIR: &str = "tokenizer";

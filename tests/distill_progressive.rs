@@ -10,7 +10,7 @@ use common::{
 use std::path::Path;
 
 use fewstep::io;
-use fewstep::pipeline::{self, Pipeline};
+use fewstep::pipeline::Pipeline;
 
 fn distill_args<'a>(teacher: &'a Path, out: &'a Path, iters: &'a str) -> Vec<&'a str> {
     vec![

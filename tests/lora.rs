@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
 use fewstep::io;
-use fewstep::pipeline::{self, Pipeline};
+use fewstep::pipeline::Pipeline;
 use fewstep_schedulers::Algorithm;
 
 fn fixtures() -> PathBuf {

@@ -21,7 +21,7 @@ pub fn run(args: TokenizeArgs) -> Result<()> {
         args.model.join(TOKENIZER_DIR)
     } else if args.model.join("model_index.json").is_file() {
         return Err(crate::error::Error::file(
-            &args.model.join(TOKENIZER_DIR),
+            args.model.join(TOKENIZER_DIR),
             "tokenizer folder not found (a text-to-image pipeline needs tokenizer/)",
         ));
     } else {

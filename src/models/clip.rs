@@ -67,7 +67,7 @@ impl ClipTextConfig {
                 return Err(Error::Config(format!("field `{field}` must be at least 1")));
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(Error::Config(format!(
                 "field `hidden_size` ({}) must split into `num_attention_heads` ({}) heads",
                 self.hidden_size, self.num_attention_heads

@@ -106,7 +106,7 @@ pub fn chunked_attention(
             let end = (start + rows).min(n);
             let qc = q.clone().slice([0..b, 0..h, start..end]);
             let mask = mask.as_ref().map(|mask| full_mask(mask, end - start));
-            attention(qc, k.clone(), v.clone(), mask, None, options.clone())
+            attention(qc, k.clone(), v.clone(), mask, None, options)
         })
         .collect();
     Tensor::cat(chunks, 2)
