@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use fewstep::backend::{DeviceChoice, describe, device};
+use fewstep::backend::wgpu_or_cpu;
 use fewstep::io;
 use fewstep::pipeline::Pipeline;
 use fewstep::sample::{Generation, write_sample_grid};
@@ -23,18 +23,7 @@ fn main() -> fewstep::Result<()> {
     );
     std::fs::create_dir_all(&out)
         .map_err(|e| fewstep::Error::file(&out, format!("cannot create: {e}")))?;
-    let (choice, device) = match device(DeviceChoice::Wgpu) {
-        Ok(d) => (DeviceChoice::Wgpu, d),
-        Err(why) => {
-            println!("no wgpu adapter here ({why}); generating on the CPU");
-            (DeviceChoice::Cpu, device(DeviceChoice::Cpu)?)
-        }
-    };
-    println!(
-        "generating on {}: {}",
-        choice.name(),
-        describe(choice, &device).replace('\n', "; ")
-    );
+    let (_, device) = wgpu_or_cpu()?;
     // Weights are uploaded once; every step and the VAE decode run on `device`.
     let student = Pipeline::load(&io::shipped("shapes-latent-lcm"), &device)?;
     let request = Generation::new(16, 16, 0);

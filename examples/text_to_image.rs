@@ -13,7 +13,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use fewstep::backend::{DeviceChoice, describe, device};
+use fewstep::backend::wgpu_or_cpu;
 use fewstep::pipeline::Pipeline;
 use fewstep::sample::{DeviceSample, Generation, TextPrompts, generate};
 use fewstep_schedulers::{Algorithm, Scheduler};
@@ -35,18 +35,7 @@ fn main() -> fewstep::Result<()> {
     );
     fewstep::io::check_output_file(&out, "OUT.png")?;
 
-    let (choice, device) = match device(DeviceChoice::Wgpu) {
-        Ok(d) => (DeviceChoice::Wgpu, d),
-        Err(why) => {
-            println!("no wgpu adapter here ({why}); generating on the CPU");
-            (DeviceChoice::Cpu, device(DeviceChoice::Cpu)?)
-        }
-    };
-    println!(
-        "generating on {}: {}",
-        choice.name(),
-        describe(choice, &device).replace('\n', "; ")
-    );
+    let (_, device) = wgpu_or_cpu()?;
     let started = Instant::now();
     // Weights are uploaded once; the text encoder, every UNet step and the VAE decode run on
     // `device`.

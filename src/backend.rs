@@ -77,6 +77,24 @@ pub fn device(choice: DeviceChoice) -> Result<Device> {
     }
 }
 
+/// wgpu when this build has it and an adapter exists, else the CPU (printing why), for the
+/// examples that run "on a laptop GPU when there is one"; prints what was chosen.
+pub fn wgpu_or_cpu() -> Result<(DeviceChoice, Device)> {
+    let (choice, device) = match device(DeviceChoice::Wgpu) {
+        Ok(d) => (DeviceChoice::Wgpu, d),
+        Err(why) => {
+            println!("no wgpu adapter here ({why}); generating on the CPU");
+            (DeviceChoice::Cpu, device(DeviceChoice::Cpu)?)
+        }
+    };
+    println!(
+        "generating on {}: {}",
+        choice.name(),
+        describe(choice, &device).replace('\n', "; ")
+    );
+    Ok((choice, device))
+}
+
 /// Every backend compiled into this build that can run here, by `--device` name (for benchmarks
 /// and cross-backend tests). wgpu appears only where an adapter exists.
 pub fn compiled_devices() -> Vec<(&'static str, Device)> {

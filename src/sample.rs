@@ -7,6 +7,7 @@ use burn::prelude::*;
 use burn::tensor::FloatDType;
 use fewstep_schedulers::{Algorithm, SampleOps, Scheduler};
 
+use crate::denoiser::guidance_combination;
 use crate::error::{Error, Result};
 use crate::models::Conditioning;
 use crate::noise::NoiseStream;
@@ -26,12 +27,6 @@ impl SampleOps for DeviceSample {
     fn clamp(&self, min: f32, max: f32) -> Self {
         DeviceSample(self.0.clone().clamp(min, max))
     }
-}
-
-/// Per-row coefficients (one per batch row) as a [B, 1, 1, 1] tensor.
-pub fn per_row(values: Vec<f32>, device: &Device) -> Tensor<4> {
-    let b = values.len();
-    Tensor::<1>::from_floats(values.as_slice(), device).reshape([b, 1, 1, 1])
 }
 
 /// Uploads host noise of `shape` ([B, C, H, W]).
@@ -128,10 +123,14 @@ pub fn sample_conditioned(
                 let out =
                     pipeline
                         .unet
-                        .forward(input, Tensor::<1>::full([2 * b], t, &device), cond);
-                let uncond = out.clone().narrow(0, 0, b);
-                let text = out.narrow(0, b, b);
-                uncond.clone() + (text - uncond) * *g
+                        .forward(input, Tensor::<1>::full([2 * b], t, &device), cond)
+                        .cast(FloatDType::F32);
+                // Combined in f32 (the scale is an f32 tensor; an f16 UNet's output is cast).
+                guidance_combination(
+                    out.clone().narrow(0, 0, b),
+                    out.narrow(0, b, b),
+                    Tensor::<4>::full([1, 1, 1, 1], *g, &device),
+                )
             }
         };
         let out = DeviceSample(out.cast(FloatDType::F32));

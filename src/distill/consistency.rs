@@ -24,9 +24,11 @@ use fewstep_schedulers::lcm::boundary_scalings;
 use fewstep_schedulers::schedule::NoiseSchedule;
 use fewstep_schedulers::{Algorithm, Prediction, SchedulerConfig};
 
-use super::{ddim_move, noise_to, run_model, x0_from_output};
+use crate::denoiser::{
+    consistency_combination, ddim_move, guided_output, model_output, noise_to, per_row,
+    x0_from_output,
+};
 use crate::models::{Conditioning, UNet};
-use crate::sample::per_row;
 
 /// One training point of the skipping grid and the point the teacher's step reaches.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -118,9 +120,12 @@ pub fn consistency_output(
         &Conditioning::labels(labels).with_guidance(w),
     );
     let x0 = x0_from_output(prediction, z.clone(), out, &a);
-    let c_skip = per_row(steps.iter().map(|s| pick(s).2 as f32).collect(), &device);
-    let c_out = per_row(steps.iter().map(|s| pick(s).3 as f32).collect(), &device);
-    z * c_skip + x0 * c_out
+    consistency_combination(
+        z,
+        x0,
+        steps.iter().map(|s| pick(s).2 as f32).collect(),
+        steps.iter().map(|s| pick(s).3 as f32).collect(),
+    )
 }
 
 /// The teacher's output at each row's t_n; with `guidance` (w per row) classifier-free guided,
@@ -137,19 +142,19 @@ pub fn teacher_output(
         (Some((w, null_label)), Some(labels)) => {
             let device = z.device();
             let b = t.len();
-            let both_t: Vec<i64> = t.iter().chain(t.iter()).copied().collect();
+            let t_in: Vec<f32> = t.iter().map(|&t| t as f32).collect();
             let nulls = Tensor::<1, Int>::full([b], null_label, &device);
-            let out = run_model(
+            // c + w·(c − u) = u + (w + 1)·(c − u).
+            let g = per_row(w.iter().map(|w| w + 1.0).collect(), &device);
+            guided_output(
                 teacher,
-                Tensor::cat(vec![z.clone(), z], 0),
-                &both_t,
-                &Conditioning::labels(Some(Tensor::cat(vec![labels, nulls], 0))),
-            );
-            let cond = out.clone().narrow(0, 0, b);
-            let uncond = out.narrow(0, b, b);
-            cond.clone() + (cond - uncond) * per_row(w.to_vec(), &device)
+                z,
+                Tensor::<1>::from_floats(t_in.as_slice(), &device),
+                &Conditioning::labels(Some(Tensor::cat(vec![nulls, labels], 0))),
+                g,
+            )
         }
-        (_, labels) => run_model(teacher, z, &t, &Conditioning::labels(labels)),
+        (_, labels) => model_output(teacher, z, &t, &Conditioning::labels(labels)),
     }
 }
 

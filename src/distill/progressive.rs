@@ -16,9 +16,9 @@ use fewstep_schedulers::config::{Algorithm, ConfigError};
 use fewstep_schedulers::ddim::Ddim;
 use fewstep_schedulers::{Prediction, Scheduler, SchedulerConfig};
 
-use super::{ddim_move, noise_to, run_model, x0_from_output};
+use crate::denoiser::{ddim_move, model_output, noise_to, per_row, x0_from_output};
 use crate::models::{Conditioning, UNet};
-use crate::sample::{DeviceSample, per_row};
+use crate::sample::DeviceSample;
 
 /// One student step on the N-step grid, with the teacher's intermediate timestep.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -88,14 +88,14 @@ pub fn teacher_target(
     let a_t: Vec<f64> = steps.iter().map(|s| s.alpha_bar_t).collect();
     let a_mid: Vec<f64> = steps.iter().map(|s| s.alpha_bar_mid).collect();
     let a_end: Vec<f64> = steps.iter().map(|s| s.alpha_bar_end).collect();
-    let out = run_model(
+    let out = model_output(
         teacher,
         z.clone(),
         &t,
         &Conditioning::labels(labels.clone()),
     );
     let z_mid = ddim_move(prediction, z.clone(), out, &a_t, &a_mid);
-    let out = run_model(
+    let out = model_output(
         teacher,
         z_mid.clone(),
         &t_mid,
@@ -128,7 +128,7 @@ pub fn progressive_loss(
     let device = z.device();
     let t: Vec<i64> = steps.iter().map(|s| s.t).collect();
     let a_t: Vec<f64> = steps.iter().map(|s| s.alpha_bar_t).collect();
-    let out = run_model(student, z.clone(), &t, &Conditioning::labels(labels));
+    let out = model_output(student, z.clone(), &t, &Conditioning::labels(labels));
     let x0 = x0_from_output(prediction, z, out, &a_t);
     let weight: Vec<f32> = steps
         .iter()
