@@ -103,7 +103,12 @@ pub fn guided_output(
 
 /// A consistency model's output f = c_skip·z + c_out·x̂0 per row (the boundary scalings of
 /// Song et al. 2023, eq. 7; LCM's `c_skip`/`c_out` in diffusers' `scheduling_lcm.py`).
-pub fn consistency_combination(z: Tensor<4>, x0: Tensor<4>, c_skip: Vec<f32>, c_out: Vec<f32>) -> Tensor<4> {
+pub fn consistency_combination(
+    z: Tensor<4>,
+    x0: Tensor<4>,
+    c_skip: Vec<f32>,
+    c_out: Vec<f32>,
+) -> Tensor<4> {
     let device = z.device();
     z * per_row(c_skip, &device) + x0 * per_row(c_out, &device)
 }

@@ -120,11 +120,10 @@ pub fn sample_conditioned(
             ),
             Some((cond, g)) => {
                 let input = Tensor::cat(vec![model_input.0.clone(), model_input.0], 0);
-                let out =
-                    pipeline
-                        .unet
-                        .forward(input, Tensor::<1>::full([2 * b], t, &device), cond)
-                        .cast(FloatDType::F32);
+                let out = pipeline
+                    .unet
+                    .forward(input, Tensor::<1>::full([2 * b], t, &device), cond)
+                    .cast(FloatDType::F32);
                 // Combined in f32 (the scale is an f32 tensor; an f16 UNet's output is cast).
                 guidance_combination(
                     out.clone().narrow(0, 0, b),

@@ -193,6 +193,9 @@ pub fn run(args: SampleArgs) -> Result<()> {
         precision.name()
     );
     let batch = fitted_batch(&pipeline, precision, args.batch, &args.device)?;
+    if args.device.verbose {
+        print_memory_estimate(&pipeline, precision, batch, h, text.is_some(), &args.device)?;
+    }
     let started = Instant::now();
     let mut outputs: Vec<f32> = Vec::with_capacity(num * 3 * h * w);
     let mut out_shape = [0usize; 3];
@@ -256,6 +259,51 @@ fn text_prompts(args: &SampleArgs, pipeline: &Pipeline) -> Result<Option<TextPro
         height: args.height,
         width: args.width,
     }))
+}
+
+/// `-v`: the weights and the largest single tensor of a batch against the device's limits.
+fn print_memory_estimate(
+    pipeline: &Pipeline,
+    precision: Precision,
+    batch: usize,
+    latent_side: usize,
+    text: bool,
+    device: &DeviceArgs,
+) -> Result<()> {
+    let bytes = match precision {
+        Precision::F32 => 4.0,
+        Precision::F16 => 2.0,
+    };
+    let gb = |elements: f64| elements * bytes / 1e9;
+    let unet = pipeline.unet_config.param_count();
+    let vae = pipeline.vae.as_ref().map_or(0.0, |(c, _)| c.param_count());
+    let encoder = pipeline
+        .text
+        .as_ref()
+        .map_or(0.0, |t| t.config.param_count());
+    // Classifier-free guidance runs twice the rows through the UNet.
+    let rows = if text { 2 * batch } else { batch };
+    let peak = pipeline.unet_config.peak_tensor_elements(latent_side) as f64 * rows as f64;
+    eprintln!(
+        "memory estimate: weights {:.2} GB (UNet {:.2}, text encoder {:.2}, VAE {:.2}); largest UNet tensor {:.2} GB for {rows} rows",
+        gb(unet + vae + encoder),
+        gb(unet),
+        gb(encoder),
+        gb(vae),
+        gb(peak),
+    );
+    match max_binding_bytes(device.choice()?) {
+        Some(limit) => eprintln!(
+            "  adapter limit: {:.2} GB per storage binding",
+            limit as f64 / 1e9
+        ),
+        None => {
+            if let Some(free) = crate::models::footprint::available_bytes() {
+                eprintln!("  available memory: {:.2} GB", free / 1e9);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Writes the grid (`--out`) and the tensors (`--save-tensors`): the grid is encoded first, so

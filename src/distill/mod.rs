@@ -5,7 +5,6 @@ pub mod consistency;
 pub mod gan;
 pub mod progressive;
 
-
 /// A v-prediction, cosine-schedule, trailing-spacing DDIM config (the shipped teacher's) for the
 /// objectives' unit tests.
 #[cfg(test)]

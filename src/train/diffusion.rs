@@ -5,8 +5,8 @@ use burn::prelude::*;
 use fewstep_schedulers::schedule::target_coefficients;
 use fewstep_schedulers::{NoiseSchedule, Prediction};
 
-use crate::models::{Conditioning, UNet};
 use crate::denoiser::per_row;
+use crate::models::{Conditioning, UNet};
 
 /// Mean squared error between the UNet's output on z_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε and its target,
 /// averaged over the batch: a scalar [1].
