@@ -194,7 +194,14 @@ pub fn run(args: SampleArgs) -> Result<()> {
     );
     let batch = fitted_batch(&pipeline, precision, args.batch, &args.device)?;
     if args.device.verbose {
-        print_memory_estimate(&pipeline, precision, batch, h, text.is_some(), &args.device)?;
+        print_memory_estimate(
+            &pipeline,
+            precision,
+            batch.min(num),
+            h,
+            text.is_some(),
+            &args.device,
+        )?;
     }
     let started = Instant::now();
     let mut outputs: Vec<f32> = Vec::with_capacity(num * 3 * h * w);
@@ -274,7 +281,14 @@ fn print_memory_estimate(
         Precision::F32 => 4.0,
         Precision::F16 => 2.0,
     };
-    let gb = |elements: f64| elements * bytes / 1e9;
+    let size = |bytes: f64| {
+        if bytes >= 1e9 {
+            format!("{:.2} GB", bytes / 1e9)
+        } else {
+            format!("{:.1} MB", bytes / 1e6)
+        }
+    };
+    let gb = |elements: f64| size(elements * bytes);
     let unet = pipeline.unet_config.param_count();
     let vae = pipeline.vae.as_ref().map_or(0.0, |(c, _)| c.param_count());
     let encoder = pipeline
@@ -285,7 +299,7 @@ fn print_memory_estimate(
     let rows = if text { 2 * batch } else { batch };
     let peak = pipeline.unet_config.peak_tensor_elements(latent_side) as f64 * rows as f64;
     eprintln!(
-        "memory estimate: weights {:.2} GB (UNet {:.2}, text encoder {:.2}, VAE {:.2}); largest UNet tensor {:.2} GB for {rows} rows",
+        "memory estimate: weights {} (UNet {}, text encoder {}, VAE {}); largest UNet tensor {} for {rows} rows",
         gb(unet + vae + encoder),
         gb(unet),
         gb(encoder),
@@ -294,12 +308,12 @@ fn print_memory_estimate(
     );
     match max_binding_bytes(device.choice()?) {
         Some(limit) => eprintln!(
-            "  adapter limit: {:.2} GB per storage binding",
-            limit as f64 / 1e9
+            "  adapter limit: {} per storage binding",
+            size(limit as f64)
         ),
         None => {
             if let Some(free) = crate::models::footprint::available_bytes() {
-                eprintln!("  available memory: {:.2} GB", free / 1e9);
+                eprintln!("  available memory: {}", size(free));
             }
         }
     }
