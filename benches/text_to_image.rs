@@ -67,6 +67,7 @@ fn pipeline(device: &Device) -> Pipeline {
             model: text_config.init(device),
             config: text_config,
         }),
+        vae_tiling: false,
     }
 }
 

@@ -144,6 +144,9 @@ pub struct Pipeline {
     pub vae: Option<(VaeConfig, Vae)>,
     /// The text encoder of a text-to-image pipeline.
     pub text: Option<TextEncoder>,
+    /// Decode latents in tiles of the VAE's `sample_size` (diffusers' `enable_vae_tiling()`):
+    /// bounded memory for large images, seams blended.
+    pub vae_tiling: bool,
 }
 
 /// Pipeline classes that need components fewstep does not have, with what is missing.
@@ -326,6 +329,16 @@ impl Pipeline {
             scheduler,
             vae,
             text,
+            vae_tiling: false,
+        })
+    }
+
+    /// Decodes unscaled latents with the pipeline's VAE, tiled when [`Self::vae_tiling`] is set.
+    pub fn decode(&self, z: Tensor<4>) -> Option<Tensor<4>> {
+        let (config, vae) = self.vae.as_ref()?;
+        Some(match (self.vae_tiling, config.sample_size) {
+            (true, Some(tile)) => vae.decode_tiled(z, tile),
+            _ => vae.decode(z),
         })
     }
 

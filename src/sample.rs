@@ -148,12 +148,15 @@ pub fn sample_conditioned(
         _ => x.0,
     };
     Ok(match &pipeline.vae {
-        Some((config, vae)) => {
+        Some((config, _)) => {
             let mut z = result / config.scaling_factor;
             if let Some(shift) = config.shift_factor {
                 z = z + shift;
             }
-            vae.decode(z).cast(FloatDType::F32)
+            pipeline
+                .decode(z)
+                .expect("the pipeline has a VAE")
+                .cast(FloatDType::F32)
         }
         None => result,
     })

@@ -215,3 +215,29 @@ fn tokenize_prints_one_json_object_per_prompt() {
     assert_eq!(v["ids"].as_array().unwrap().len(), 77);
     assert_eq!(v["ids"][1], 49407);
 }
+
+#[test]
+fn tiled_vae_decode_matches_diffusers_enable_tiling() {
+    let device = fewstep::backend::cpu_device().expect("a CPU backend is compiled in");
+    let (config, vae) = fewstep::pipeline::load_vae(&fixtures().join("sd15/vae"), &device).unwrap();
+    let t = io::read_safetensors(&fixtures().join("vae_tiled.safetensors")).unwrap();
+    let z = t["z"].to_device::<4>(&device).unwrap();
+    let tile = config.sample_size.unwrap();
+    let tiled: Vec<f32> = vae
+        .decode_tiled(z.clone(), tile)
+        .into_data()
+        .try_to_vec()
+        .unwrap();
+    let whole: Vec<f32> = vae.decode(z).into_data().try_to_vec().unwrap();
+    let (e_tiled, e_whole) = (
+        relative_error(&tiled, &t["tiled"].data),
+        relative_error(&whole, &t["whole"].data),
+    );
+    eprintln!("tiled decode {e_tiled:.2e}, whole decode {e_whole:.2e}");
+    assert!(
+        e_tiled <= 1e-4 && e_whole <= 1e-4,
+        "tiled {e_tiled}, whole {e_whole}"
+    );
+    // The tiles do change the image (this is not the whole decode by another name).
+    assert!(relative_error(&tiled, &t["whole"].data) > 1e-2);
+}

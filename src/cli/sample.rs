@@ -59,6 +59,10 @@ pub struct SampleArgs {
     /// Image width in pixels.
     #[arg(long, value_parser = super::values::count, requires = "prompt")]
     pub width: Option<usize>,
+    /// Decode in tiles of the VAE's sample_size with blended seams (diffusers'
+    /// `enable_vae_tiling()`): bounded memory for images larger than the VAE was trained at.
+    #[arg(long)]
+    pub vae_tiling: bool,
     /// Text-encoder layers to skip from the end (diffusers' clip_skip).
     #[arg(long, value_parser = super::values::whole, default_value_t = 0, requires = "prompt")]
     pub clip_skip: usize,
@@ -137,6 +141,8 @@ pub fn run(args: SampleArgs) -> Result<()> {
         None => Pipeline::load(&args.model, &device)?,
     }
     .with_precision(precision);
+    let mut pipeline = pipeline;
+    pipeline.vae_tiling = args.vae_tiling;
     let text = text_prompts(&args, &pipeline)?;
     if text.is_none() && pipeline.unet.takes_guidance() && args.guidance_scale.is_none() {
         return Err(Error::Usage(format!(

@@ -310,6 +310,32 @@ impl Decoder {
     }
 }
 
+/// diffusers' `blend_v` (axis 2) / `blend_h` (axis 3): the first `extent` rows (columns) of `b`
+/// become a linear ramp from `a`'s last `extent` to `b`'s own: a·(1 − y/extent) + b·(y/extent).
+fn blend_edges(a: &Tensor<4>, b: Tensor<4>, extent: usize, axis: usize) -> Tensor<4> {
+    let extent = extent.min(a.dims()[axis]).min(b.dims()[axis]);
+    if extent == 0 {
+        return b;
+    }
+    let device = b.device();
+    let full = b.dims()[axis];
+    let a_len = a.dims()[axis];
+    let a_edge = a.clone().narrow(axis, a_len - extent, extent);
+    let b_edge = b.clone().narrow(axis, 0, extent);
+    let weights: Vec<f32> = (0..extent).map(|y| y as f32 / extent as f32).collect();
+    let mut shape = [1usize; 4];
+    shape[axis] = extent;
+    let wgt = Tensor::<1>::from_floats(weights.as_slice(), &device)
+        .reshape(shape)
+        .cast(FloatDType::from(b.dtype()));
+    let blended = a_edge * (wgt.clone().neg() + 1.0) + b_edge * wgt;
+    if extent == full {
+        blended
+    } else {
+        Tensor::cat(vec![blended, b.narrow(axis, extent, full - extent)], axis)
+    }
+}
+
 /// The VAE: `encode` gives the diagonal Gaussian posterior, `decode` maps latents to images.
 #[derive(Module, Debug)]
 pub struct Vae {
@@ -337,6 +363,68 @@ impl Vae {
         let logvar = halves.pop().expect("two halves").clamp(-30.0, 20.0);
         let mean = halves.pop().expect("two halves");
         (mean, logvar)
+    }
+
+    /// [`decode`](Self::decode) in overlapping tiles, as diffusers' `AutoencoderKL.tiled_decode`
+    /// (`enable_vae_tiling()`): image tiles of `tile_sample` pixels (the config's `sample_size`),
+    /// latent tiles of `tile_sample / 2^(levels − 1)` with a quarter overlap, each decoded alone, blended linearly over the overlap (in diffusers' order,
+    /// each tile blended with its already-blended upper and left neighbours), cropped and joined.
+    /// Peak memory is one tile's decode instead of the whole image's; latents no larger than one
+    /// tile decode whole.
+    pub fn decode_tiled(&self, z: Tensor<4>, tile_sample: usize) -> Tensor<4> {
+        let [_, _, h, w] = z.dims();
+        let tile_latent = tile_sample / self.downsampling();
+        if tile_latent == 0 || (h <= tile_latent && w <= tile_latent) {
+            return self.decode(z);
+        }
+        let overlap = ((tile_latent as f64) * 0.75) as usize; // stride between tiles
+        let blend = ((tile_sample as f64) * 0.25) as usize;
+        let keep = tile_sample - blend;
+        let mut rows: Vec<Vec<Tensor<4>>> = Vec::new();
+        for i in (0..h).step_by(overlap.max(1)) {
+            let mut row = Vec::new();
+            for j in (0..w).step_by(overlap.max(1)) {
+                let tile = z.clone().slice([
+                    0..z.dims()[0],
+                    0..z.dims()[1],
+                    i..(i + tile_latent).min(h),
+                    j..(j + tile_latent).min(w),
+                ]);
+                row.push(self.decode(tile));
+            }
+            rows.push(row);
+        }
+        for i in 0..rows.len() {
+            for j in 0..rows[i].len() {
+                let mut tile = rows[i][j].clone();
+                if i > 0 {
+                    tile = blend_edges(&rows[i - 1][j], tile, blend, 2);
+                }
+                if j > 0 {
+                    tile = blend_edges(&rows[i][j - 1], tile, blend, 3);
+                }
+                rows[i][j] = tile;
+            }
+        }
+        let joined: Vec<Tensor<4>> = rows
+            .into_iter()
+            .map(|row| {
+                let cropped: Vec<Tensor<4>> = row
+                    .into_iter()
+                    .map(|t| {
+                        let [b, c, th, tw] = t.dims();
+                        t.slice([0..b, 0..c, 0..th.min(keep), 0..tw.min(keep)])
+                    })
+                    .collect();
+                Tensor::cat(cropped, 3)
+            })
+            .collect();
+        Tensor::cat(joined, 2)
+    }
+
+    /// Pixels per latent pixel.
+    pub fn downsampling(&self) -> usize {
+        1 << self.decoder.up_blocks.len().saturating_sub(1)
     }
 
     /// [B, L, h, w] (unscaled latents) → [B, C, h·f, w·f]
