@@ -14,6 +14,12 @@
 //! diffusers' `save_lora_adapter` writes it. In burn's layouts the factors are stored as
 //! a = Aᵀ, b = Bᵀ for a linear weight ([in, out]) and a = B, b = A flattened for a convolution
 //! ([out, in, k, k]), so that a·b reshaped is ΔW in either case.
+//!
+//! Files read ([`LoraFile::read`]) may be that layout (`unet.`/`text_encoder.` prefixed or bare) or
+//! kohya's (`lora_unet_<path_with_underscores>` / `lora_te_…` with `.lora_down.weight`,
+//! `.lora_up.weight`, `.alpha`: the published LCM-LoRA for SD-1.5 and most community LoRAs); both
+//! reduce to ΔW per module keyed by the module path with `_` for `.`, merged into a UNet or a CLIP
+//! text model ([`merge_into`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
