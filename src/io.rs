@@ -370,12 +370,29 @@ pub fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>>
     Ok(meta.metadata().clone().unwrap_or_default())
 }
 
+/// Streams a safetensors file's tensors into a module's parameters, one tensor at a time from the
+/// memory map: the host never holds more than one converted tensor.
 struct Loader<'a> {
     tracker: PathTracker,
-    tensors: HashMap<String, HostTensor>,
+    file: SafeTensors<'a>,
+    /// Module name → the file's name, for the tensors not yet used.
+    names: HashMap<String, String>,
     errors: Vec<String>,
     /// Parameter ids to restore by name (training state), else the module's own.
     ids: Option<&'a BTreeMap<String, u64>>,
+    /// Upload as f16 (else f32).
+    half: bool,
+}
+
+/// [rows, cols] row-major → [cols, rows].
+fn transpose_host<T: Copy + Default>(data: &[T], rows: usize, cols: usize) -> Vec<T> {
+    let mut out = vec![T::default(); data.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = data[r * cols + c];
+        }
+    }
+    out
 }
 
 impl ModuleMapper for Loader<'_> {
@@ -391,37 +408,50 @@ impl ModuleMapper for Loader<'_> {
         if transpose {
             expected.reverse();
         }
-        let Some(t) = self.tensors.remove(&name) else {
+        let Some(file_name) = self.names.remove(&name) else {
             self.errors.push(format!(
                 "missing tensor `{name}` (expected shape {expected:?})"
             ));
             return param;
         };
-        if t.shape != expected {
+        let view = self
+            .file
+            .tensor(&file_name)
+            .expect("a name the file listed");
+        if view.shape() != expected.as_slice() {
             self.errors.push(format!(
-                "tensor `{name}` has shape {:?} but the config needs {expected:?}",
-                t.shape
+                "tensor `{file_name}` has shape {:?} but the config needs {expected:?}",
+                view.shape()
             ));
             return param;
         }
+        let Some(values) = to_f32(view.dtype(), view.data()) else {
+            self.errors.push(format!(
+                "tensor `{file_name}` has dtype {:?}; expected F32, F16, BF16 or F64",
+                view.dtype()
+            ));
+            return param;
+        };
         let device = param.lazy_device();
         // A PyTorch [out, in] Linear weight becomes burn's [in, out] on the host, so the device
         // tensor is contiguous as a freshly built one is: a strided (transposed) view would take
         // other matmul paths and round differently, and a resumed run would drift (~1e-7) from an
         // uninterrupted one.
-        let (data, shape) = if transpose && t.shape.len() == 2 {
-            let (rows, cols) = (t.shape[0], t.shape[1]);
-            let mut out = vec![0f32; t.data.len()];
-            for r in 0..rows {
-                for c in 0..cols {
-                    out[c * rows + r] = t.data[r * cols + c];
-                }
-            }
-            (out, vec![cols, rows])
+        let (values, shape) = if transpose && expected.len() == 2 {
+            let (rows, cols) = (expected[0], expected[1]);
+            (transpose_host(&values, rows, cols), vec![cols, rows])
         } else {
-            (t.data, t.shape.clone())
+            (values, expected.clone())
         };
-        let tensor = Tensor::<D>::from_data(TensorData::new(data, shape), &device);
+        let tensor = if self.half {
+            let halves: Vec<half::f16> = values.into_iter().map(half::f16::from_f32).collect();
+            Tensor::<D>::from_data(
+                TensorData::new(halves, shape),
+                (&device, burn::tensor::DType::F16),
+            )
+        } else {
+            Tensor::<D>::from_data(TensorData::new(values, shape), &device)
+        };
         let id = match self.ids.and_then(|ids| ids.get(&name)) {
             Some(&id) => ParamId::from(id),
             None => param.id,
@@ -443,35 +473,45 @@ pub fn load_weights_with_ids<M: Module>(
     path: &Path,
     ids: Option<&BTreeMap<String, u64>>,
 ) -> Result<M> {
-    load_tensors(module, read_safetensors(path)?, path, ids)
+    load_tensors(module, path, |name| Some(name.to_string()), ids, false)
 }
 
 /// [`load_weights`] where the file's names go through `rename` first: `Some(name)` is the
 /// module's name for a tensor, `None` a tensor the model does not use and may ignore (a buffer
-/// such as CLIP's `position_ids`); every other tensor must still be used.
+/// such as CLIP's `position_ids`); every other tensor must still be used. With `half`, the
+/// weights go to the device as f16 (f16 files unchanged; others rounded on the host, one tensor
+/// at a time): an f16 checkpoint never exists as f32 on the host or the device.
 pub fn load_weights_renamed<M: Module>(
     module: M,
     path: &Path,
     rename: impl Fn(&str) -> Option<String>,
+    half: bool,
 ) -> Result<M> {
-    let tensors = read_safetensors(path)?
-        .into_iter()
-        .filter_map(|(name, t)| rename(&name).map(|name| (name, t)))
-        .collect();
-    load_tensors(module, tensors, path, None)
+    load_tensors(module, path, rename, None, half)
 }
 
 fn load_tensors<M: Module>(
     module: M,
-    tensors: HashMap<String, HostTensor>,
     path: &Path,
+    rename: impl Fn(&str) -> Option<String>,
     ids: Option<&BTreeMap<String, u64>>,
+    half: bool,
 ) -> Result<M> {
+    let bytes = map_file(path)?;
+    let file = SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::file(path, format!("corrupt or truncated safetensors file ({e})")))?;
+    let names = file
+        .names()
+        .into_iter()
+        .filter_map(|n| rename(n).map(|m| (m, n.to_string())))
+        .collect();
     let mut loader = Loader {
         tracker: PathTracker::default(),
-        tensors,
+        file,
+        names,
         errors: Vec::new(),
         ids,
+        half,
     };
     let module = module.map(&mut loader);
     if let Some(first) = loader.errors.first() {
@@ -483,8 +523,8 @@ fn load_tensors<M: Module>(
         };
         return Err(Error::file(path, format!("{first}{suffix}")));
     }
-    if !loader.tensors.is_empty() {
-        let mut extra: Vec<&String> = loader.tensors.keys().collect();
+    if !loader.names.is_empty() {
+        let mut extra: Vec<&String> = loader.names.values().collect();
         extra.sort();
         return Err(Error::file(
             path,

@@ -6,10 +6,10 @@ use std::path::Path;
 use burn::prelude::*;
 use fewstep_schedulers::{Algorithm, SchedulerConfig};
 
+use crate::backend::Precision;
 use crate::error::{Error, Result};
 use crate::io::{
-    CONFIG_NAME, SCHEDULER_CONFIG_NAME, WEIGHTS_NAME, load_weights, read_text, save_weights,
-    write_json,
+    CONFIG_NAME, SCHEDULER_CONFIG_NAME, WEIGHTS_NAME, read_text, save_weights, write_json,
 };
 use crate::models::footprint::{self, Use};
 use crate::models::{ClipTextConfig, ClipTextModel, UNet, UNetConfig, Vae, VaeConfig};
@@ -17,6 +17,16 @@ use crate::text::ClipTokenizer;
 
 /// A pipeline's VAE sub-folder (also where `train-vae` writes its autoencoder).
 pub const VAE_DIR: &str = "vae";
+
+/// A diffusers weights file loaded into `module` in `precision`.
+fn load_in<M: burn::module::Module>(module: M, path: &Path, precision: Precision) -> Result<M> {
+    crate::io::load_weights_renamed(
+        module,
+        path,
+        |name| Some(name.to_string()),
+        precision == Precision::F16,
+    )
+}
 pub const TEXT_ENCODER_DIR: &str = "text_encoder";
 pub const TOKENIZER_DIR: &str = "tokenizer";
 /// transformers' weights file name.
@@ -32,7 +42,7 @@ pub struct TextEncoder {
 impl TextEncoder {
     /// Loads `text_encoder/` (config.json + model.safetensors; `text_model.`-prefixed names or
     /// not, `position_ids` buffers ignored) and `tokenizer/`.
-    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+    pub fn load(dir: &Path, device: &Device, precision: Precision) -> Result<Self> {
         let tokenizer = ClipTokenizer::load(&dir.join(TOKENIZER_DIR))?;
         let enc_dir = dir.join(TEXT_ENCODER_DIR);
         let config_path = enc_dir.join(CONFIG_NAME);
@@ -45,11 +55,16 @@ impl TextEncoder {
                 "file not found (this folder has only pytorch_model.bin: convert it to safetensors)",
             ));
         }
-        let model = crate::io::load_weights_renamed(config.init(device), &weights, |name| {
-            let name = name.strip_prefix("text_model.").unwrap_or(name);
-            // Buffers transformers 4 saved; not parameters.
-            (name != "embeddings.position_ids").then(|| name.to_string())
-        })?;
+        let model = crate::io::load_weights_renamed(
+            config.init(device),
+            &weights,
+            |name| {
+                let name = name.strip_prefix("text_model.").unwrap_or(name);
+                // Buffers transformers 4 saved; not parameters.
+                (name != "embeddings.position_ids").then(|| name.to_string())
+            },
+            precision == Precision::F16,
+        )?;
         Ok(TextEncoder {
             tokenizer,
             config,
@@ -100,12 +115,21 @@ impl TextEncoder {
 
 /// `DIR/config.json` + `DIR/diffusion_pytorch_model.safetensors` of a UNet.
 pub fn load_unet(dir: &Path, device: &Device) -> Result<(UNetConfig, UNet)> {
+    load_unet_in(dir, device, Precision::F32)
+}
+
+/// [`load_unet`] with the weights uploaded in `precision` (f16: never f32 on the device).
+pub fn load_unet_in(
+    dir: &Path,
+    device: &Device,
+    precision: Precision,
+) -> Result<(UNetConfig, UNet)> {
     let config_path = dir.join(CONFIG_NAME);
     let config = UNetConfig::from_json_str(&read_text(&config_path)?)
         .map_err(|e| e.in_file(&config_path))?;
     // One image must be computable before anything is allocated.
     footprint::check_unet(&config, &config_path, None, Use::Inference { batch: 1 })?;
-    let unet = load_weights(config.init(device), &dir.join(WEIGHTS_NAME))?;
+    let unet = load_in(config.init(device), &dir.join(WEIGHTS_NAME), precision)?;
     Ok((config, unet))
 }
 
@@ -115,11 +139,16 @@ pub fn save_unet(dir: &Path, config: &UNetConfig, unet: &UNet) -> Result<()> {
 }
 
 pub fn load_vae(dir: &Path, device: &Device) -> Result<(VaeConfig, Vae)> {
+    load_vae_in(dir, device, Precision::F32)
+}
+
+/// [`load_vae`] with the weights uploaded in `precision`.
+pub fn load_vae_in(dir: &Path, device: &Device, precision: Precision) -> Result<(VaeConfig, Vae)> {
     let config_path = dir.join(CONFIG_NAME);
     let config =
         VaeConfig::from_json_str(&read_text(&config_path)?).map_err(|e| e.in_file(&config_path))?;
     footprint::check_vae(&config, &config_path, None, Use::Inference { batch: 1 })?;
-    let vae = load_weights(config.init(device), &dir.join(WEIGHTS_NAME))?;
+    let vae = load_in(config.init(device), &dir.join(WEIGHTS_NAME), precision)?;
     Ok((config, vae))
 }
 
@@ -194,6 +223,17 @@ impl Pipeline {
         scale: f32,
         device: &Device,
     ) -> Result<Self> {
+        Self::load_with_lora_in(dir, lora_path, scale, device, Precision::F32)
+    }
+
+    /// [`load_with_lora`](Self::load_with_lora) with the weights uploaded in `precision`.
+    pub fn load_with_lora_in(
+        dir: &Path,
+        lora_path: &Path,
+        scale: f32,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<Self> {
         use crate::models::lora;
         if !scale.is_finite() {
             return Err(Error::Usage(format!(
@@ -201,7 +241,7 @@ impl Pipeline {
             )));
         }
         let file = lora::LoraFile::read(lora_path)?;
-        let mut pipeline = Pipeline::load(dir, device)?;
+        let mut pipeline = Pipeline::load_in(dir, device, precision)?;
         pipeline.unet = lora::merge(pipeline.unet, &file, scale, lora_path)?;
         if let Some(text) = pipeline.text.take() {
             let model = lora::merge_into(
@@ -230,6 +270,12 @@ impl Pipeline {
     }
 
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_in(dir, device, Precision::F32)
+    }
+
+    /// [`load`](Self::load) with every weight uploaded in `precision`: in f16, a checkpoint is
+    /// never f32 on the device, and on the host one tensor at a time (read from the memory map).
+    pub fn load_in(dir: &Path, device: &Device, precision: Precision) -> Result<Self> {
         if dir.is_file() {
             return Err(Error::file(
                 dir,
@@ -277,10 +323,10 @@ impl Pipeline {
                 ));
             }
         }
-        let (unet_config, unet) = load_unet(&dir.join("unet"), device)?;
+        let (unet_config, unet) = load_unet_in(&dir.join("unet"), device, precision)?;
         let scheduler = load_scheduler_config(&dir.join("scheduler"))?;
         let vae = if dir.join(VAE_DIR).is_dir() {
-            Some(load_vae(&dir.join(VAE_DIR), device)?)
+            Some(load_vae_in(&dir.join(VAE_DIR), device, precision)?)
         } else {
             None
         };
@@ -307,7 +353,7 @@ impl Pipeline {
                     "lists a text_encoder but the UNet is not a UNet2DConditionModel",
                 ));
             }
-            let text = TextEncoder::load(dir, device)?;
+            let text = TextEncoder::load(dir, device, precision)?;
             let want = unet_config.cross_attention_dim.unwrap_or(0);
             if text.config.hidden_size != want {
                 return Err(Error::file(

@@ -241,3 +241,50 @@ fn tiled_vae_decode_matches_diffusers_enable_tiling() {
     // The tiles do change the image (this is not the whole decode by another name).
     assert!(relative_error(&tiled, &t["whole"].data) > 1e-2);
 }
+
+#[test]
+fn a_pipeline_loaded_in_f16_holds_f16_weights_and_samples_close_to_diffusers() {
+    use burn::tensor::DType;
+    use fewstep::backend::Precision;
+    let device = fewstep::backend::cpu_device().expect("a CPU backend is compiled in");
+    if !device.supports_dtype(DType::F16) {
+        // ndarray has no f16 (the CLI refuses --precision f16 there); flex runs this test.
+        return;
+    }
+    let pipeline = Pipeline::load_in(&fixtures().join("sd15"), &device, Precision::F16).unwrap();
+    assert_eq!(pipeline.unet.conv_in.weight.val().dtype(), DType::F16);
+    let text = pipeline.text.as_ref().unwrap();
+    assert_eq!(
+        text.model.embeddings.token_embedding.weight.val().dtype(),
+        DType::F16
+    );
+    let expected =
+        io::read_safetensors(&fixtures().join("cases/sd15_ddim_noguide_clipskip.safetensors"))
+            .unwrap();
+    let prompts = TextPrompts {
+        prompts: vec!["a small square".into()],
+        negative: vec![],
+        per_prompt: 1,
+        guidance_scale: 1.0,
+        clip_skip: 1,
+        height: None,
+        width: None,
+    };
+    let latents = &expected["latents"];
+    let request = Generation {
+        latents: Some(&latents.data),
+        text: Some(&prompts),
+        ..Generation::new(1, 1, 0)
+    };
+    let mut scheduler: Scheduler<DeviceSample> =
+        pipeline.scheduler.build(Some(Algorithm::Ddim)).unwrap();
+    let mut samples = Vec::new();
+    generate(&pipeline, &mut scheduler, 3, &request, &device, |_, x| {
+        samples.extend(x.into_data().try_to_vec::<f32>().unwrap());
+        Ok(())
+    })
+    .unwrap();
+    let error = relative_error(&samples, &expected["samples"].data);
+    eprintln!("f16 pipeline vs diffusers f32: {error:.2e}");
+    assert!(error <= 2e-2, "{error}");
+}

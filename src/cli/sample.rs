@@ -137,8 +137,10 @@ pub fn run(args: SampleArgs) -> Result<()> {
     }
     precision.check(&device, &args.device.device)?;
     let pipeline = match &args.lora {
-        Some(lora) => Pipeline::load_with_lora(&args.model, lora, args.lora_scale, &device)?,
-        None => Pipeline::load(&args.model, &device)?,
+        Some(lora) => {
+            Pipeline::load_with_lora_in(&args.model, lora, args.lora_scale, &device, precision)?
+        }
+        None => Pipeline::load_in(&args.model, &device, precision)?,
     }
     .with_precision(precision);
     let mut pipeline = pipeline;

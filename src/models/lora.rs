@@ -555,7 +555,9 @@ impl ModuleMapper for Merge<'_> {
         } else {
             d.reshape(dims)
         };
-        param.map(|w| w + delta)
+        // In the weights' precision (an f16 pipeline merges in f16, as diffusers' fuse_lora).
+        let dtype = burn::tensor::FloatDType::from(w.dtype());
+        param.map(|w| w + delta.cast(dtype))
     }
 }
 
