@@ -73,6 +73,37 @@ fn strings(v: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The decoded samples of `text` from the given initial latents with `algorithm` at `steps`.
+fn sample_text(
+    pipeline: &Pipeline,
+    text: &TextPrompts,
+    latents: &io::HostTensor,
+    algorithm: Algorithm,
+    steps: usize,
+) -> Vec<f32> {
+    let device = fewstep::backend::cpu_device().expect("a CPU backend is compiled in");
+    let mut scheduler: Scheduler<DeviceSample> = pipeline.scheduler.build(Some(algorithm)).unwrap();
+    let request = Generation {
+        latents: Some(&latents.data),
+        text: Some(text),
+        ..Generation::new(latents.shape[0], 16, 0)
+    };
+    let mut samples = Vec::new();
+    generate(
+        pipeline,
+        &mut scheduler,
+        steps,
+        &request,
+        &device,
+        |_, x| {
+            samples.extend(x.into_data().try_to_vec::<f32>().unwrap());
+            Ok(())
+        },
+    )
+    .unwrap();
+    samples
+}
+
 /// Samples `case` with fewstep; returns (prompt embeddings, decoded samples) and the fixture's.
 fn run_case(case: &Value) -> (f32, f32) {
     let device = fewstep::backend::cpu_device().expect("a CPU backend is compiled in");
@@ -107,30 +138,13 @@ fn run_case(case: &Value) -> (f32, f32) {
         .unwrap();
     let embeds_error = relative_error(&embeds, &expected["prompt_embeds"].data);
     let steps = case["steps"].as_u64().unwrap() as usize;
-    let mut scheduler: Scheduler<DeviceSample> = pipeline
-        .scheduler
-        .build(Some(algorithm(case["scheduler"].as_str().unwrap())))
-        .unwrap();
-    let latents = &expected["latents"];
-    let request = Generation {
-        num: latents.shape[0],
-        latents: Some(&latents.data),
-        text: Some(&text),
-        ..Generation::new(latents.shape[0], 16, 0)
-    };
-    let mut samples = Vec::new();
-    generate(
+    let samples = sample_text(
         &pipeline,
-        &mut scheduler,
+        &text,
+        &expected["latents"],
+        algorithm(case["scheduler"].as_str().unwrap()),
         steps,
-        &request,
-        &device,
-        |_, x| {
-            samples.extend(x.into_data().try_to_vec::<f32>().unwrap());
-            Ok(())
-        },
-    )
-    .unwrap();
+    );
     (
         embeds_error,
         relative_error(&samples, &expected["samples"].data),
@@ -270,20 +284,13 @@ fn a_pipeline_loaded_in_f16_holds_f16_weights_and_samples_close_to_diffusers() {
         height: None,
         width: None,
     };
-    let latents = &expected["latents"];
-    let request = Generation {
-        latents: Some(&latents.data),
-        text: Some(&prompts),
-        ..Generation::new(1, 1, 0)
-    };
-    let mut scheduler: Scheduler<DeviceSample> =
-        pipeline.scheduler.build(Some(Algorithm::Ddim)).unwrap();
-    let mut samples = Vec::new();
-    generate(&pipeline, &mut scheduler, 3, &request, &device, |_, x| {
-        samples.extend(x.into_data().try_to_vec::<f32>().unwrap());
-        Ok(())
-    })
-    .unwrap();
+    let samples = sample_text(
+        &pipeline,
+        &prompts,
+        &expected["latents"],
+        Algorithm::Ddim,
+        3,
+    );
     let error = relative_error(&samples, &expected["samples"].data);
     eprintln!("f16 pipeline vs diffusers f32: {error:.2e}");
     assert!(error <= 2e-2, "{error}");
