@@ -295,3 +295,21 @@ fn a_pipeline_loaded_in_f16_holds_f16_weights_and_samples_close_to_diffusers() {
     eprintln!("f16 pipeline vs diffusers f32: {error:.2e}");
     assert!(error <= 2e-2, "{error}");
 }
+
+#[test]
+fn upcast_attention_configs_compute_attention_in_f32_under_f16_weights() {
+    use fewstep::models::transformer::AttentionBlock;
+    let device = fewstep::backend::cpu_device().expect("a CPU backend is compiled in");
+    let sd2 = Pipeline::load(&fixtures().join("sd2"), &device).unwrap();
+    let sd15 = Pipeline::load(&fixtures().join("sd15"), &device).unwrap();
+    let upcast = |p: &Pipeline| match &p.unet.down_blocks[0].attentions[0] {
+        AttentionBlock::Transformer(t) => {
+            let block = &t.transformer_blocks[0];
+            (block.attn1.upcast, block.attn2.upcast)
+        }
+        AttentionBlock::Spatial(_) => panic!("a cross-attention block"),
+    };
+    assert!(sd2.unet_config.upcast_attention);
+    assert_eq!(upcast(&sd2), (true, true));
+    assert_eq!(upcast(&sd15), (false, false));
+}

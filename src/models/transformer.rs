@@ -30,6 +30,8 @@ pub struct CrossAttention {
     pub to_v: Linear,
     pub to_out: Vec<Linear>,
     pub heads: usize,
+    /// Attention in f32 under f16 weights (`upcast_attention`, SD-2.1: its scores overflow f16).
+    pub upcast: bool,
 }
 
 impl CrossAttention {
@@ -48,6 +50,7 @@ impl CrossAttention {
             to_v: proj(context_dim),
             to_out: vec![LinearConfig::new(inner, dim).init(device)],
             heads,
+            upcast: false,
         }
     }
 
@@ -72,7 +75,13 @@ impl CrossAttention {
         let v = split(self.to_v.forward(context), m);
         let d = q.dims()[3];
         let mask = mask.map(|mask| mask.clone().reshape([b, 1, 1, m]));
-        let out = chunked_attention(q, k, v, mask, false); // [B, h, N, d]
+        let dtype = burn::tensor::FloatDType::from(q.dtype());
+        let out = if self.upcast && dtype != burn::tensor::FloatDType::F32 {
+            let f32 = burn::tensor::FloatDType::F32;
+            chunked_attention(q.cast(f32), k.cast(f32), v.cast(f32), mask, false).cast(dtype)
+        } else {
+            chunked_attention(q, k, v, mask, false)
+        }; // [B, h, N, d]
         let merged = out.swap_dims(1, 2).reshape([b, n, self.heads * d]);
         self.to_out[0].forward(merged)
     }
@@ -266,6 +275,8 @@ pub struct TransformerSpec {
     pub groups: usize,
     pub linear_projection: bool,
     pub dropout: f64,
+    /// `upcast_attention`: both attentions of every block in f32 under f16 weights.
+    pub upcast: bool,
 }
 
 impl Transformer2D {
@@ -285,14 +296,17 @@ impl Transformer2D {
             proj_in: projection(c, inner),
             transformer_blocks: (0..spec.layers)
                 .map(|_| {
-                    TransformerBlock::new(
+                    let mut block = TransformerBlock::new(
                         inner,
                         spec.context_dim,
                         spec.heads,
                         head_dim,
                         spec.dropout,
                         device,
-                    )
+                    );
+                    block.attn1.upcast = spec.upcast;
+                    block.attn2.upcast = spec.upcast;
+                    block
                 })
                 .collect(),
             proj_out: projection(inner, c),

@@ -816,6 +816,7 @@ impl UNetConfig {
                         groups: spec.groups,
                         linear_projection: self.use_linear_projection,
                         dropout: self.dropout,
+                        upcast: self.upcast_attention,
                     },
                     device,
                 ))
