@@ -41,7 +41,8 @@ impl PerBlock {
             PerBlock::List(list) => list[i.min(list.len() - 1)],
         }
     }
-    fn len_ok(&self, n: usize) -> bool {
+    /// Positive, and one per block when a list.
+    fn is_valid_for(&self, n: usize) -> bool {
         match self {
             PerBlock::One(v) => *v > 0,
             PerBlock::List(list) => list.len() == n && list.iter().all(|&v| v > 0),
@@ -513,7 +514,7 @@ impl UNetConfig {
                     &self.transformer_layers_per_block,
                 ),
             ] {
-                if value.as_ref().is_some_and(|v| !v.len_ok(n)) {
+                if value.as_ref().is_some_and(|v| !v.is_valid_for(n)) {
                     return Err(Error::Config(format!(
                         "field `{field}` must be a positive number or one per block ({n} entries), got {value:?}"
                     )));
@@ -588,7 +589,7 @@ impl UNetConfig {
         if self
             .attention_head_dim
             .as_ref()
-            .is_some_and(|d| !d.len_ok(n))
+            .is_some_and(|d| !d.is_valid_for(n))
         {
             return Err(Error::Config(
                 "field `attention_head_dim` must be at least 1 (one value or one per block)".into(),
