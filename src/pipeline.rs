@@ -382,9 +382,10 @@ impl Pipeline {
     /// Decodes unscaled latents with the pipeline's VAE, tiled when [`Self::vae_tiling`] is set.
     pub fn decode(&self, z: Tensor<4>) -> Option<Tensor<4>> {
         let (config, vae) = self.vae.as_ref()?;
-        Some(match (self.vae_tiling, config.sample_size) {
-            (true, Some(tile)) => vae.decode_tiled(z, tile),
-            _ => vae.decode(z),
+        Some(if self.vae_tiling {
+            vae.decode_tiled(z, config)
+        } else {
+            vae.decode(z)
         })
     }
 
@@ -395,7 +396,7 @@ impl Pipeline {
 
     /// Writes the pipeline as a diffusers folder with `algorithm`'s scheduler config.
     pub fn save(&self, dir: &Path, algorithm: Algorithm) -> Result<()> {
-        save_pipeline(
+        let mut index = write_components(
             dir,
             &self.unet_config,
             &self.unet,
@@ -403,26 +404,11 @@ impl Pipeline {
             algorithm,
             self.vae.as_ref().map(|(c, v)| (c, v)),
         )?;
-        let Some(text) = &self.text else {
-            return Ok(());
-        };
-        text.save(dir)?;
-        let index_path = dir.join("model_index.json");
-        let mut index: serde_json::Value = serde_json::from_str(&read_text(&index_path)?)
-            .map_err(|e| Error::file(&index_path, format!("not valid JSON: {e}")))?;
-        // An LCM-distilled UNet (guidance embedding) samples in LatentConsistencyModelPipeline.
-        index["_class_name"] =
-            if self.unet_config.time_cond_proj_dim.is_some() && algorithm == Algorithm::Lcm {
-                "LatentConsistencyModelPipeline".into()
-            } else {
-                self.class_name.clone().into()
-            };
-        index["text_encoder"] = serde_json::json!(["transformers", "CLIPTextModel"]);
-        index["tokenizer"] = serde_json::json!(["transformers", "CLIPTokenizer"]);
-        index["safety_checker"] = serde_json::json!([null, null]);
-        index["feature_extractor"] = serde_json::json!([null, null]);
-        index["requires_safety_checker"] = false.into();
-        write_json(&index_path, &index)
+        if let Some(text) = &self.text {
+            text.save(dir)?;
+            add_text_components(&mut index, &self.class_name, &self.unet_config, algorithm);
+        }
+        write_json(&dir.join("model_index.json"), &index)
     }
 
     /// The shape of one sample in model space: [C, H, W] of the UNet's input.
@@ -440,9 +426,7 @@ impl Pipeline {
     /// Pixels per latent pixel: 2^(VAE levels − 1), 1 without a VAE (diffusers'
     /// `vae_scale_factor`).
     pub fn vae_scale_factor(&self) -> usize {
-        self.vae.as_ref().map_or(1, |(c, _)| {
-            1 << c.block_out_channels.len().saturating_sub(1)
-        })
+        self.vae.as_ref().map_or(1, |(c, _)| c.downsampling())
     }
 
     /// The latent shape [C, h, w] of an image `height` × `width` (default: the UNet's
@@ -482,6 +466,19 @@ pub fn save_pipeline(
     algorithm: Algorithm,
     vae: Option<(&VaeConfig, &Vae)>,
 ) -> Result<()> {
+    let index = write_components(dir, unet_config, unet, scheduler, algorithm, vae)?;
+    write_json(&dir.join("model_index.json"), &index)
+}
+
+/// Writes a pipeline's UNet, scheduler and VAE folders; returns its `model_index.json`.
+fn write_components(
+    dir: &Path,
+    unet_config: &UNetConfig,
+    unet: &UNet,
+    scheduler: &SchedulerConfig,
+    algorithm: Algorithm,
+    vae: Option<(&VaeConfig, &Vae)>,
+) -> Result<serde_json::Value> {
     let mut index = serde_json::json!({
         "_class_name": "DDPMPipeline",
         "_diffusers_version": "0.31.0",
@@ -497,5 +494,27 @@ pub fn save_pipeline(
         &dir.join("scheduler").join(SCHEDULER_CONFIG_NAME),
         &scheduler.to_json(algorithm),
     )?;
-    write_json(&dir.join("model_index.json"), &index)
+    Ok(index)
+}
+
+/// A text-to-image pipeline's entries in `model_index.json`: its class (an LCM-distilled UNet
+/// with a guidance embedding samples in LatentConsistencyModelPipeline), the CLIP text encoder
+/// and tokenizer, no safety checker.
+fn add_text_components(
+    index: &mut serde_json::Value,
+    class_name: &str,
+    unet_config: &UNetConfig,
+    algorithm: Algorithm,
+) {
+    index["_class_name"] =
+        if unet_config.time_cond_proj_dim.is_some() && algorithm == Algorithm::Lcm {
+            "LatentConsistencyModelPipeline".into()
+        } else {
+            class_name.into()
+        };
+    index["text_encoder"] = serde_json::json!(["transformers", "CLIPTextModel"]);
+    index["tokenizer"] = serde_json::json!(["transformers", "CLIPTokenizer"]);
+    index["safety_checker"] = serde_json::json!([null, null]);
+    index["feature_extractor"] = serde_json::json!([null, null]);
+    index["requires_safety_checker"] = false.into();
 }

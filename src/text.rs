@@ -131,11 +131,10 @@ impl ClipTokenizer {
                 )
             })?;
         let mut tokenizer = Tokenizer::new(bpe);
-        let regex = |pattern: &str| pattern.to_string();
         tokenizer.with_normalizer(Some(NormalizerSequence::new(vec![
             NFC.into(),
             Replace::new(
-                tokenizers::normalizers::replace::ReplacePattern::Regex(regex(r"\s+")),
+                tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
                 " ",
             )
             .expect("a valid pattern")
@@ -144,7 +143,7 @@ impl ClipTokenizer {
         ])));
         tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
             Split::new(
-                SplitPattern::Regex(regex(CLIP_PATTERN)),
+                SplitPattern::Regex(CLIP_PATTERN.into()),
                 SplitDelimiterBehavior::Removed,
                 true,
             )

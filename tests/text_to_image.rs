@@ -236,9 +236,9 @@ fn tiled_vae_decode_matches_diffusers_enable_tiling() {
     let (config, vae) = fewstep::pipeline::load_vae(&fixtures().join("sd15/vae"), &device).unwrap();
     let t = io::read_safetensors(&fixtures().join("vae_tiled.safetensors")).unwrap();
     let z = t["z"].to_device::<4>(&device).unwrap();
-    let tile = config.sample_size.unwrap();
+    assert_eq!(config.sample_size, Some(16));
     let tiled: Vec<f32> = vae
-        .decode_tiled(z.clone(), tile)
+        .decode_tiled(z.clone(), &config)
         .into_data()
         .try_to_vec()
         .unwrap();

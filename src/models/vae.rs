@@ -366,14 +366,15 @@ impl Vae {
     }
 
     /// [`decode`](Self::decode) in overlapping tiles, as diffusers' `AutoencoderKL.tiled_decode`
-    /// (`enable_vae_tiling()`): image tiles of `tile_sample` pixels (the config's `sample_size`),
-    /// latent tiles of `tile_sample / 2^(levels − 1)` with a quarter overlap, each decoded alone, blended linearly over the overlap (in diffusers' order,
+    /// (`enable_vae_tiling()`): image tiles of the config's `sample_size` pixels, latent tiles of
+    /// `sample_size / 2^(levels − 1)` with a quarter overlap, each decoded alone, blended linearly over the overlap (in diffusers' order,
     /// each tile blended with its already-blended upper and left neighbours), cropped and joined.
     /// Peak memory is one tile's decode instead of the whole image's; latents no larger than one
-    /// tile decode whole.
-    pub fn decode_tiled(&self, z: Tensor<4>, tile_sample: usize) -> Tensor<4> {
+    /// tile decode whole, as does a config without `sample_size`.
+    pub fn decode_tiled(&self, z: Tensor<4>, config: &VaeConfig) -> Tensor<4> {
         let [_, _, h, w] = z.dims();
-        let tile_latent = tile_sample / self.downsampling();
+        let tile_sample = config.sample_size.unwrap_or(0);
+        let tile_latent = tile_sample / config.downsampling();
         if tile_latent == 0 || (h <= tile_latent && w <= tile_latent) {
             return self.decode(z);
         }
@@ -420,11 +421,6 @@ impl Vae {
             })
             .collect();
         Tensor::cat(joined, 2)
-    }
-
-    /// Pixels per latent pixel.
-    pub fn downsampling(&self) -> usize {
-        1 << self.decoder.up_blocks.len().saturating_sub(1)
     }
 
     /// [B, L, h, w] (unscaled latents) → [B, C, h·f, w·f]
