@@ -183,7 +183,151 @@ impl ClipTokenizer {
         Ok(())
     }
 
+    /// The id of the end token (where a CLIP text model's pooled output is read).
+    pub fn eos_id(&self) -> u32 {
+        self.eos
+    }
+
     pub fn max_length(&self) -> usize {
         self.max_length
+    }
+}
+
+/// GPT-2/CLIP's reversible map from bytes to printable characters (`bytes_to_unicode`): the
+/// symbols of a byte-level BPE vocabulary, in CLIP's vocabulary order.
+fn byte_symbols() -> Vec<char> {
+    let mut bytes: Vec<u32> = (u32::from(b'!')..=u32::from(b'~'))
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut chars = bytes.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bytes.contains(&b) {
+            bytes.push(b);
+            chars.push(256 + n);
+            n += 1;
+        }
+    }
+    chars
+        .into_iter()
+        .map(|c| char::from_u32(c).expect("a valid char"))
+        .collect()
+}
+
+/// Learns BPE merges over `words` (each counted once) until every word is one symbol: the most
+/// frequent adjacent pair first, ties by the pair's text. Applying the merges in this order
+/// reproduces the segmentation (one token per word), as BPE encoding does.
+pub fn learn_word_merges(words: &[&str]) -> Vec<(String, String)> {
+    let mut segmented: Vec<Vec<String>> = words
+        .iter()
+        .map(|w| {
+            let chars: Vec<char> = w.chars().collect();
+            chars
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    if i + 1 == chars.len() {
+                        format!("{c}</w>")
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let mut merges = Vec::new();
+    loop {
+        let mut counts: std::collections::BTreeMap<(String, String), usize> = Default::default();
+        for w in &segmented {
+            for pair in w.windows(2) {
+                *counts.entry((pair[0].clone(), pair[1].clone())).or_default() += 1;
+            }
+        }
+        // BTreeMap order breaks ties by text; max_by_key keeps the last maximum, so reverse.
+        let Some((best, _)) = counts.into_iter().rev().max_by_key(|(_, n)| *n) else {
+            break;
+        };
+        for w in &mut segmented {
+            let mut i = 0;
+            while i + 1 < w.len() {
+                if w[i] == best.0 && w[i + 1] == best.1 {
+                    let right = w.remove(i + 1);
+                    w[i].push_str(&right);
+                }
+                i += 1;
+            }
+        }
+        merges.push(best);
+    }
+    merges
+}
+
+/// Writes a CLIP tokenizer folder (`vocab.json`, `merges.txt`, `tokenizer_config.json`,
+/// `special_tokens_map.json`) whose vocabulary is CLIP's 512 byte symbols (bare and with `</w>`),
+/// one token per word of `words` (ASCII words), and the start / end tokens; returns the
+/// vocabulary size. transformers' `CLIPTokenizer` and [`ClipTokenizer`] read it.
+pub fn write_word_tokenizer(dir: &Path, words: &[&str], max_length: usize) -> Result<usize> {
+    let symbols = byte_symbols();
+    let mut vocab: Vec<String> = symbols.iter().map(|c| c.to_string()).collect();
+    vocab.extend(symbols.iter().map(|c| format!("{c}</w>")));
+    let merges = learn_word_merges(words);
+    vocab.extend(merges.iter().map(|(a, b)| format!("{a}{b}")));
+    vocab.push(BOS.into());
+    vocab.push(EOS.into());
+    let map: serde_json::Map<String, serde_json::Value> = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i.into()))
+        .collect();
+    crate::io::write_json(&dir.join("vocab.json"), &serde_json::Value::Object(map))?;
+    let mut text = String::from("#version: 0.2\n");
+    for (a, b) in &merges {
+        text.push_str(&format!("{a} {b}\n"));
+    }
+    crate::io::write_atomic(&dir.join("merges.txt"), text.as_bytes())?;
+    crate::io::write_json(
+        &dir.join("tokenizer_config.json"),
+        &serde_json::json!({
+            "tokenizer_class": "CLIPTokenizer",
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "unk_token": EOS,
+            "pad_token": EOS,
+            "model_max_length": max_length,
+        }),
+    )?;
+    crate::io::write_json(
+        &dir.join("special_tokens_map.json"),
+        &serde_json::json!({
+            "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS,
+        }),
+    )?;
+    Ok(vocab.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_word_tokenizer_gives_one_token_per_word_and_spells_out_unknown_words() {
+        let dir = std::env::temp_dir().join(format!("fewstep-word-tok-{}", std::process::id()));
+        let words = crate::data::captions::vocabulary();
+        let size = write_word_tokenizer(&dir, &words, 32).unwrap();
+        let tok = ClipTokenizer::load(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(tok.max_length(), 32);
+        assert_eq!(tok.eos as usize, size - 1);
+        for w in &words {
+            let ids = tok.encode(w).unwrap();
+            assert_eq!(ids[0], tok.bos);
+            assert_eq!(ids[2], tok.eos, "{w} is not one token: {:?}", &ids[..4]);
+        }
+        let ids = tok.encode("a red circle, two blue squares").unwrap();
+        assert_eq!(ids.iter().position(|&i| i == tok.eos), Some(8));
+        // An unknown word falls back to byte symbols, not to the unknown (end) token.
+        let ids = tok.encode("zebra").unwrap();
+        assert!(ids.iter().position(|&i| i == tok.eos).unwrap() >= 3, "{:?}", &ids[..6]);
     }
 }

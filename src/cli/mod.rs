@@ -13,6 +13,7 @@ pub mod lora;
 pub mod sample;
 pub mod tokenize;
 pub mod train;
+pub mod train_clip;
 pub mod train_features;
 pub mod train_vae;
 pub mod values;
@@ -42,6 +43,9 @@ pub enum Command {
     Eval(eval::EvalCommand),
     /// Train a GAN teacher (DCGAN generator, spectrally normalised discriminator).
     TrainGan(gan::TrainGanArgs),
+    /// Train the `shapes-text` text encoder (a CLIPTextModel, contrastive against the locked
+    /// `shapes` feature network) and its tokenizer.
+    TrainClip(train_clip::TrainClipArgs),
     /// Train the `shapes` feature network (the in-domain FID extractor).
     TrainFeatures(train_features::TrainFeaturesArgs),
     /// Train an AutoencoderKL (the latent space of latent diffusion) with checkpoints and resume.
@@ -311,6 +315,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => train::run(args),
         Command::Distill(command) => distill::run(command),
         Command::Eval(command) => eval::run(command),
+        Command::TrainClip(args) => train_clip::run(args),
         Command::TrainFeatures(args) => train_features::run(args),
         Command::Lora(command) => lora::run(command),
         Command::TrainGan(args) => gan::run_train(args),

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use super::DeviceArgs;
 use crate::error::{Error, Result};
 use crate::models::FeatureNetConfig;
+use crate::models::feature_net::Heads;
 use crate::train::feature_net::{self, FeatureNetTrainConfig};
 
 #[derive(Debug, clap::Args)]
@@ -26,6 +27,14 @@ pub struct TrainFeaturesArgs {
     /// Held-out images for the reported accuracy.
     #[arg(long, value_parser = super::values::count, default_value_t = 5000)]
     pub test_images: usize,
+    /// What the heads predict: the `shapes` labels (the FID feature network) or the
+    /// `shapes-text` attributes (the prompt-adherence classifier: count of each colour–kind
+    /// pair, relative position of two shapes).
+    #[arg(long, value_parser = ["labels", "attributes"], default_value = "labels")]
+    pub heads: String,
+    /// Start from this feature network's trunk (e.g. weights/shapes-features), heads new.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
     #[command(flatten)]
     pub optimizer: super::OptimizerArgs,
     #[arg(long)]
@@ -51,17 +60,17 @@ pub fn run(args: TrainFeaturesArgs) -> Result<()> {
         optimizer: args
             .optimizer
             .config(crate::train::optim::OptimizerConfig::adamw(1e-4, None))?,
+        init: args.init,
     };
-    let acc = feature_net::train_feature_net(
-        &args.out,
-        &FeatureNetConfig::shapes32(),
-        &cfg,
-        &device,
-        args.quiet,
-    )?;
-    println!(
-        "held-out accuracy ({} images): largest kind {:.4}, kind counts {:.4}, colour counts {:.4}, all labels {:.4}",
-        acc.images, acc.largest_kind, acc.kind_counts, acc.colour_counts, acc.all_labels
-    );
+    let config = FeatureNetConfig {
+        heads: if args.heads == "attributes" {
+            Heads::Attributes
+        } else {
+            Heads::Labels
+        },
+        ..FeatureNetConfig::shapes32()
+    };
+    let acc = feature_net::train_feature_net(&args.out, &config, &cfg, &device, args.quiet)?;
+    println!("{acc}");
     Ok(())
 }

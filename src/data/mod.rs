@@ -1,5 +1,6 @@
 //! Training data: the procedural `shapes` default, image folders, and batching.
 
+pub mod captions;
 pub mod folder;
 pub mod shapes;
 
@@ -97,10 +98,20 @@ pub fn shapes_labelled_batch(
     indices: &[u64],
     device: &Device,
 ) -> (Tensor<4>, Vec<shapes::ShapeLabels>) {
+    let (x, scenes) = shapes_scene_batch(seed, indices, device);
+    (x, scenes.iter().map(shapes::Scene::labels).collect())
+}
+
+/// A batch of `shapes` images with what each holds. Rendering runs in parallel.
+pub fn shapes_scene_batch(
+    seed: u64,
+    indices: &[u64],
+    device: &Device,
+) -> (Tensor<4>, Vec<shapes::Scene>) {
     use rayon::prelude::*;
-    let rendered: Vec<(Vec<f32>, shapes::ShapeLabels)> = indices
+    let rendered: Vec<(Vec<f32>, shapes::Scene)> = indices
         .par_iter()
-        .map(|&i| shapes::render(seed, i))
+        .map(|&i| shapes::render_scene(seed, i))
         .collect();
     let b = indices.len();
     let pixels: Vec<f32> = rendered

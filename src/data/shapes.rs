@@ -44,7 +44,7 @@ pub struct ShapeLabels {
 }
 
 /// SplitMix64: a tiny, well-mixed, seedable generator (Steele et al. 2014).
-struct SplitMix(u64);
+pub(crate) struct SplitMix(u64);
 
 impl SplitMix {
     fn new(seed: u64, index: u64) -> Self {
@@ -69,13 +69,45 @@ impl SplitMix {
     }
 }
 
-struct Shape {
-    kind: usize,
-    colour: usize,
-    size: f32,
-    cx: f32,
-    cy: f32,
-    theta: f32,
+/// One drawn shape (pixel coordinates, y down).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shape {
+    /// Index into [`KINDS`].
+    pub kind: usize,
+    /// Index into [`PALETTE`].
+    pub colour: usize,
+    pub size: f32,
+    pub cx: f32,
+    pub cy: f32,
+    pub theta: f32,
+}
+
+/// Everything drawn in one image: the background's grey tone and the shapes in drawing order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scene {
+    pub background: f32,
+    pub shapes: Vec<Shape>,
+}
+
+impl Scene {
+    /// The labels of the feature network.
+    pub fn labels(&self) -> ShapeLabels {
+        let largest = self
+            .shapes
+            .iter()
+            .max_by(|a, b| a.size.total_cmp(&b.size))
+            .expect("at least one shape");
+        let mut labels = ShapeLabels {
+            largest_kind: largest.kind,
+            kind_counts: [0; 3],
+            colour_counts: [0; 8],
+        };
+        for s in &self.shapes {
+            labels.kind_counts[s.kind] += 1;
+            labels.colour_counts[s.colour] += 1;
+        }
+        labels
+    }
 }
 
 impl Shape {
@@ -105,6 +137,12 @@ impl Shape {
 
 /// Renders image `index` under `seed`: ([3·32·32] pixels in [−1, 1], CHW; labels).
 pub fn render(seed: u64, index: u64) -> (Vec<f32>, ShapeLabels) {
+    let (img, scene) = render_scene(seed, index);
+    (img, scene.labels())
+}
+
+/// Renders image `index` under `seed`: ([3·32·32] pixels in [−1, 1], CHW; what was drawn).
+pub fn render_scene(seed: u64, index: u64) -> (Vec<f32>, Scene) {
     let mut rng = SplitMix::new(seed, index);
     let g = rng.uniform(0.2, 0.8);
     let bg: [f32; 3] = std::array::from_fn(|_| (g + rng.uniform(-0.06, 0.06)).clamp(0.0, 1.0));
@@ -157,20 +195,13 @@ pub fn render(seed: u64, index: u64) -> (Vec<f32>, ShapeLabels) {
             }
         }
     }
-    let largest = shapes
-        .iter()
-        .max_by(|a, b| a.size.total_cmp(&b.size))
-        .expect("at least one shape");
-    let mut labels = ShapeLabels {
-        largest_kind: largest.kind,
-        kind_counts: [0; 3],
-        colour_counts: [0; 8],
-    };
-    for s in &shapes {
-        labels.kind_counts[s.kind] += 1;
-        labels.colour_counts[s.colour] += 1;
-    }
-    (img, labels)
+    (
+        img,
+        Scene {
+            background: g,
+            shapes,
+        },
+    )
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Sample-quality metrics: pure statistics over feature matrices (FID, KID, precision/recall),
 //! the feature extractors, and reference sets with their statistics cache.
 
+pub mod adherence;
 pub mod curve_plot;
 pub mod features;
 pub mod fid;

@@ -19,6 +19,12 @@ fn seventy_seven() -> usize {
 fn layer_norm_eps() -> f64 {
     1e-5
 }
+fn clip_bos() -> usize {
+    49406
+}
+fn clip_eos() -> usize {
+    49407
+}
 
 /// The activation of the MLP (`hidden_act`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +49,12 @@ pub struct ClipTextConfig {
     pub hidden_act: String,
     #[serde(default = "layer_norm_eps")]
     pub layer_norm_eps: f64,
+    /// Ids of the start and end tokens (OpenAI CLIP's vocabulary: 49406, 49407); the end token's
+    /// position is where [`ClipTextModel::pooled`] reads.
+    #[serde(default = "clip_bos")]
+    pub bos_token_id: usize,
+    #[serde(default = "clip_eos")]
+    pub eos_token_id: usize,
 }
 
 impl ClipTextConfig {
@@ -92,8 +104,6 @@ impl ClipTextConfig {
         let m = v.as_object_mut().expect("an object");
         m.insert("architectures".into(), serde_json::json!(["CLIPTextModel"]));
         m.insert("model_type".into(), "clip_text_model".into());
-        m.insert("bos_token_id".into(), 49406.into());
-        m.insert("eos_token_id".into(), 49407.into());
         v
     }
 
@@ -241,6 +251,19 @@ impl ClipTextModel {
             x = layer.forward(x);
         }
         self.final_layer_norm.forward(x)
+    }
+
+    /// The pooled output (transformers' `pooler_output`): each row's last hidden state at its
+    /// first end token, `eos_positions` [B].
+    pub fn pooled(hidden: Tensor<3>, eos_positions: &[usize]) -> Tensor<2> {
+        let [b, n, d] = hidden.dims();
+        let rows: Vec<i64> = eos_positions
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| (i * n + p) as i64)
+            .collect();
+        let rows = Tensor::<1, Int>::from_ints(rows.as_slice(), &hidden.device());
+        hidden.reshape([b * n, d]).select(0, rows)
     }
 
     pub fn num_layers(&self) -> usize {

@@ -15,6 +15,32 @@ use crate::data::shapes::{KINDS, PALETTE};
 pub const MAX_COUNT: usize = 3;
 /// Logits: largest kind (3), then per-kind counts (3 × 4), then per-colour counts (8 × 4).
 pub const NUM_LOGITS: usize = KINDS.len() + (KINDS.len() + PALETTE.len()) * (MAX_COUNT + 1);
+/// Classes of the attribute classifier's relation head: none, above, below, left of, right of.
+pub const RELATION_CLASSES: usize = 5;
+/// Logits of the attribute classifier: the count of each (kind, colour) pair (24 × 4), then the
+/// relation ([`crate::data::captions::Facts`]).
+pub const ATTRIBUTE_LOGITS: usize =
+    crate::data::captions::PAIRS * (MAX_COUNT + 1) + RELATION_CLASSES;
+
+/// What the heads predict.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Heads {
+    /// The `shapes` labels (the FID feature network): [`NUM_LOGITS`].
+    #[default]
+    Labels,
+    /// The `shapes-text` facts (the prompt-adherence classifier): [`ATTRIBUTE_LOGITS`].
+    Attributes,
+}
+
+impl Heads {
+    pub fn num_logits(self) -> usize {
+        match self {
+            Heads::Labels => NUM_LOGITS,
+            Heads::Attributes => ATTRIBUTE_LOGITS,
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct FeatureNetConfig {
@@ -23,6 +49,8 @@ pub struct FeatureNetConfig {
     pub feature_dim: usize,
     pub norm_num_groups: usize,
     pub image_size: usize,
+    #[serde(default)]
+    pub heads: Heads,
 }
 
 impl FeatureNetConfig {
@@ -32,6 +60,7 @@ impl FeatureNetConfig {
             feature_dim: 128,
             norm_num_groups: 8,
             image_size: 32,
+            heads: Heads::Labels,
         }
     }
 
@@ -59,7 +88,7 @@ impl FeatureNetConfig {
         FeatureNet {
             stages,
             proj: LinearConfig::new(2 * c_in, self.feature_dim).init(device),
-            head: LinearConfig::new(self.feature_dim, NUM_LOGITS).init(device),
+            head: LinearConfig::new(self.feature_dim, self.heads.num_logits()).init(device),
         }
     }
 }
@@ -108,7 +137,14 @@ impl FeatureNet {
         silu(self.proj.forward(pooled))
     }
 
-    /// Label logits from features: [B, F] -> [B, NUM_LOGITS] (layout in [`NUM_LOGITS`]).
+    /// The same trunk with freshly initialised `heads` of `config` (fine-tuning a feature network
+    /// into an attribute classifier).
+    pub fn with_heads(mut self, config: &FeatureNetConfig, device: &Device) -> FeatureNet {
+        self.head = LinearConfig::new(config.feature_dim, config.heads.num_logits()).init(device);
+        self
+    }
+
+    /// Label logits from features: [B, F] -> [B, heads' logits] (layout in [`Heads`]).
     pub fn logits(&self, features: Tensor<2>) -> Tensor<2> {
         self.head.forward(features)
     }

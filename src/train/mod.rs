@@ -2,6 +2,7 @@
 //! clipping and EMA, crash-safe checkpoints every K steps, exact resume, Ctrl-C and NaN guards.
 
 pub mod checkpoint;
+pub mod clip;
 pub mod consistency;
 pub mod data_parallel;
 pub mod diffusion;
