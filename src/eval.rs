@@ -12,6 +12,7 @@ use fewstep_schedulers::Algorithm;
 
 use crate::backend::Precision;
 use crate::error::{Error, Result};
+use crate::metrics::adherence::PromptJudge;
 use crate::metrics::{self, FeatureExtractor, Reference, Scores};
 use crate::pipeline::Pipeline;
 use crate::sample::Generation;
@@ -114,17 +115,21 @@ impl ModelUnderTest {
     }
 
     /// Samples `sampling.num_samples` images at `steps` steps and returns their features, the
-    /// first `keep` images and the samples per second.
+    /// first `keep` images and the samples per second; a text-to-image pipeline samples from
+    /// `judge`'s prompts and reports adherence.
     pub fn sample_features(
         &self,
         steps: usize,
         sampling: &Sampling,
         extractor: &dyn FeatureExtractor,
         keep: usize,
+        judge: Option<&PromptJudge>,
         device: &Device,
     ) -> Result<metrics::Sampled> {
+        let prompts = text_prompts(&self.pipeline, &self.dir, sampling, judge)?;
         let request = Generation {
             guidance_scale: sampling.guidance_scale,
+            text: prompts.as_ref(),
             ..Generation::new(sampling.num_samples, self.batch, sampling.seed)
         };
         metrics::sample_features(
@@ -134,10 +139,53 @@ impl ModelUnderTest {
             &request,
             extractor,
             keep,
+            prompts.as_ref().and(judge),
             &self.label(),
             device,
         )
     }
+}
+
+/// The guidance scale a text-to-image evaluation uses without `--guidance-scale`
+/// (diffusers' `StableDiffusionPipeline` default).
+pub const DEFAULT_TEXT_GUIDANCE: f32 = 7.5;
+
+/// The prompts of a text-to-image pipeline's evaluation: one image per held-out prompt of
+/// `judge` (None for other pipelines).
+pub fn text_prompts(
+    pipeline: &Pipeline,
+    dir: &Path,
+    sampling: &Sampling,
+    judge: Option<&PromptJudge>,
+) -> Result<Option<crate::sample::TextPrompts>> {
+    if !pipeline.is_text_to_image() {
+        return Ok(None);
+    }
+    let judge = judge.ok_or_else(|| {
+        Error::file(
+            dir,
+            "a text-to-image pipeline: evaluation needs its prompts and attribute classifier (--attributes)",
+        )
+    })?;
+    if judge.prompts.len() < sampling.num_samples {
+        return Err(Error::Usage(format!(
+            "--num-samples {}: only {} prompts",
+            sampling.num_samples,
+            judge.prompts.len()
+        )));
+    }
+    Ok(Some(crate::sample::TextPrompts {
+        prompts: judge.prompts[..sampling.num_samples].to_vec(),
+        negative: Vec::new(),
+        per_prompt: 1,
+        guidance_scale: sampling.guidance_scale.unwrap_or(DEFAULT_TEXT_GUIDANCE),
+        clip_skip: 0,
+        height: None,
+        width: None,
+    }))
+}
+
+impl ModelUnderTest {
 }
 
 /// The last two components of `path` (`parent/name`), or its last one.
@@ -288,8 +336,10 @@ pub struct Evaluator<'a> {
     pub num: usize,
     /// Guidance scale for guidance-conditioned students.
     pub guidance_scale: Option<f32>,
+    /// Prompts and their judge for text-to-image pipelines.
+    pub judge: Option<&'a PromptJudge>,
     pub device: &'a Device,
-    done: BTreeMap<(PathBuf, &'static str, usize), Scores>,
+    done: BTreeMap<(PathBuf, &'static str, usize), (Scores, Option<metrics::adherence::Adherence>)>,
 }
 
 impl<'a> Evaluator<'a> {
@@ -305,6 +355,7 @@ impl<'a> Evaluator<'a> {
             reference,
             num,
             guidance_scale,
+            judge: None,
             device,
             done: BTreeMap::new(),
         }
@@ -312,13 +363,37 @@ impl<'a> Evaluator<'a> {
 
     /// The scores of the pipeline in `dir` sampled with `algorithm` in `steps` steps (seed 0).
     pub fn eval(&mut self, dir: &Path, algorithm: Algorithm, steps: usize) -> Result<Scores> {
+        Ok(self.eval_judged(dir, algorithm, steps)?.0)
+    }
+
+    /// [`eval`](Self::eval) with the prompt adherence of a text-to-image pipeline.
+    pub fn eval_judged(
+        &mut self,
+        dir: &Path,
+        algorithm: Algorithm,
+        steps: usize,
+    ) -> Result<(Scores, Option<metrics::adherence::Adherence>)> {
         let key = (dir.to_path_buf(), algorithm.cli_name(), steps);
         if let Some(s) = self.done.get(&key) {
             return Ok(s.clone());
         }
         let pipeline = Pipeline::load(dir, self.device)?;
+        let sampling = Sampling {
+            scheduler: Some(algorithm),
+            num_samples: self.num,
+            batch: 100,
+            seed: 0,
+            guidance_scale: self.guidance_scale,
+            precision: Precision::F32,
+            lora: None,
+            lora_scale: 1.0,
+            device_name: String::new(),
+            max_binding_bytes: None,
+        };
+        let prompts = text_prompts(&pipeline, dir, &sampling, self.judge)?;
         let request = Generation {
             guidance_scale: self.guidance_scale,
+            text: prompts.as_ref(),
             ..Generation::new(self.num, 100, 0)
         };
         let label = dir
@@ -331,11 +406,13 @@ impl<'a> Evaluator<'a> {
             &request,
             self.extractor,
             0,
+            prompts.as_ref().and(self.judge),
             &label,
             self.device,
         )?;
         let scores = metrics::score(&sampled.features, self.reference)?;
-        self.done.insert(key, scores.clone());
-        Ok(scores)
+        let result = (scores, sampled.adherence);
+        self.done.insert(key, result.clone());
+        Ok(result)
     }
 }

@@ -457,7 +457,8 @@ impl Pipeline {
     }
 }
 
-/// Writes a diffusers pipeline folder.
+/// Writes a diffusers pipeline folder; with a text encoder, a `StableDiffusionPipeline` (or
+/// `LatentConsistencyModelPipeline` for a guidance-embedded LCM UNet).
 pub fn save_pipeline(
     dir: &Path,
     unet_config: &UNetConfig,
@@ -465,10 +466,18 @@ pub fn save_pipeline(
     scheduler: &SchedulerConfig,
     algorithm: Algorithm,
     vae: Option<(&VaeConfig, &Vae)>,
+    text: Option<&TextEncoder>,
 ) -> Result<()> {
-    let index = write_components(dir, unet_config, unet, scheduler, algorithm, vae)?;
+    let mut index = write_components(dir, unet_config, unet, scheduler, algorithm, vae)?;
+    if let Some(text) = text {
+        text.save(dir)?;
+        add_text_components(&mut index, STABLE_DIFFUSION, unet_config, algorithm);
+    }
     write_json(&dir.join("model_index.json"), &index)
 }
+
+/// diffusers' text-to-image pipeline class.
+pub const STABLE_DIFFUSION: &str = "StableDiffusionPipeline";
 
 /// Writes a pipeline's UNet, scheduler and VAE folders; returns its `model_index.json`.
 fn write_components(

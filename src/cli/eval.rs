@@ -12,6 +12,7 @@ use crate::backend::Precision;
 use crate::error::{Error, Result};
 use crate::eval::{CurveLine, GanUnderTest, ModelUnderTest, Sampling};
 use crate::io;
+use crate::metrics::adherence::{Adherence, AttributeClassifier, PromptJudge};
 use crate::metrics::curve_plot::{Series, plot_fid_curve};
 use crate::metrics::{
     self, FeatureExtractor, InceptionFeatures, Reference, Scores, ShapesFeatures,
@@ -60,6 +61,9 @@ pub struct StatsArgs {
     /// with the features and the protocol).
     #[arg(long)]
     pub out: PathBuf,
+    /// Text-to-image --model: the attribute classifier (default: weights/shapes-attributes).
+    #[arg(long)]
+    pub attributes: Option<PathBuf>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -100,6 +104,45 @@ pub struct ReferenceArgs {
     /// Where reference statistics are cached (default $FEWSTEP_CACHE or ~/.cache/fewstep).
     #[arg(long)]
     pub cache: Option<PathBuf>,
+    /// Text-to-image models: the attribute classifier that judges prompt adherence (default:
+    /// the shipped weights/shapes-attributes); the prompts are the held-out `shapes-text`
+    /// captions of the reference images (seed --data-seed), one image each.
+    #[arg(long)]
+    pub attributes: Option<PathBuf>,
+}
+
+impl ReferenceArgs {
+    /// The prompts and judge of a text-to-image evaluation of `num` samples, when `needed`.
+    fn judge(&self, needed: bool, num: usize, device: &Device) -> Result<Option<PromptJudge>> {
+        if !needed {
+            return Ok(None);
+        }
+        let dir = self
+            .attributes
+            .clone()
+            .unwrap_or_else(|| io::shipped(SHAPES_ATTRIBUTES));
+        let classifier = AttributeClassifier::load(&dir, device)?;
+        Ok(Some(PromptJudge::shapes_text(classifier, self.data_seed, num)))
+    }
+}
+
+/// The shipped attribute classifier (prompt adherence on `shapes-text`).
+pub const SHAPES_ATTRIBUTES: &str = "shapes-attributes";
+
+/// "adherence 0.812 (colours 0.95, kinds 0.90, count 0.97, pairs 0.85, relation 0.70)".
+fn adherence_text(a: &Adherence) -> String {
+    let r = a.rates();
+    let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    format!(
+        "adherence {:.4} (colours {:.3}, kinds {:.3}, count {:.3}, pairs {:.3}, relation {:.3} of {})",
+        f("adherence"),
+        f("colours"),
+        f("kinds"),
+        f("count"),
+        f("pairs"),
+        f("relation"),
+        a.relation_prompts
+    )
 }
 
 impl FeatureArgs {
@@ -247,6 +290,10 @@ pub struct CurveArgs {
     pub sampling: SamplingArgs,
     #[command(flatten)]
     pub reference: ReferenceArgs,
+    /// Text-to-image models: guidance scales, comma-separated; every point is sampled at each
+    /// (a curve over guidance scale). Default: --guidance-scale.
+    #[arg(long)]
+    pub guidance_scales: Option<String>,
     /// Output folder: curve.csv, curve.json, curve.png and a sample grid per (model, steps).
     #[arg(long)]
     pub out: PathBuf,
@@ -381,7 +428,13 @@ fn run_fid(args: FidArgs) -> Result<()> {
     // statistics (minutes on a first run), then sampling.
     let sampling = args.sampling.sampling(&args.device)?;
     let source = fid_source(&args, &sampling, extractor, &device)?;
+    let judge = args.reference.judge(
+        matches!(&source, FidSource::Pipeline(_, m) if m.pipeline.is_text_to_image()),
+        sampling.num_samples,
+        &device,
+    )?;
     let reference = args.reference.reference(extractor, &device)?;
+    let mut adherence = None;
     let (scores, source, per_sec) = match source {
         FidSource::Gan(gan) => {
             let sampled = gan.sample_features(&sampling, extractor, &device)?;
@@ -396,12 +449,21 @@ fn run_fid(args: FidArgs) -> Result<()> {
             (scores, source, Some(sampled.per_second))
         }
         FidSource::Pipeline(dir, model) => {
-            let sampled = model.sample_features(args.steps, &sampling, extractor, 0, &device)?;
+            let sampled = model.sample_features(
+                args.steps,
+                &sampling,
+                extractor,
+                0,
+                judge.as_ref(),
+                &device,
+            )?;
             let per_sec = sampled.per_second;
             let scores = metrics::score(&sampled.features, &reference)?;
+            adherence = sampled.adherence;
             let source = json!({
                 "model": dir.display().to_string(),
                 "lora": sampling.lora_json(),
+                "guidance_scale": model.pipeline.is_text_to_image().then(|| sampling.guidance_scale.unwrap_or(crate::eval::DEFAULT_TEXT_GUIDANCE)),
                 "scheduler": model.algorithm.to_string(),
                 "precision": model.precision.name(),
                 "steps": args.steps,
@@ -437,6 +499,7 @@ fn run_fid(args: FidArgs) -> Result<()> {
                 "fid": scores.fid,
                 "kid": scores.kid,
                 "precision_recall": scores.precision_recall,
+                "adherence": adherence.as_ref().map(Adherence::rates),
                 "samples": scores.samples,
                 "samples_per_second": per_sec,
                 "source": source,
@@ -445,6 +508,9 @@ fn run_fid(args: FidArgs) -> Result<()> {
         );
     } else {
         println!("{}", scores_text(&scores));
+        if let Some(a) = &adherence {
+            println!("{}", adherence_text(a));
+        }
         if let Some(r) = per_sec {
             println!("{} samples at {r:.2} samples/s", scores.samples);
         }
@@ -476,6 +542,31 @@ fn run_curve(args: CurveArgs) -> Result<()> {
         ));
     }
     io::check_output_file(&args.out.join("curve.csv"), "--out")?;
+    let judge = args.reference.judge(
+        lines
+            .iter()
+            .any(|l| l.points(&steps).iter().any(|(m, _)| m.pipeline.is_text_to_image())),
+        sampling.num_samples,
+        &device,
+    )?;
+    let guidance_scales: Vec<Option<f32>> = match &args.guidance_scales {
+        None => vec![sampling.guidance_scale],
+        Some(text) => text
+            .split(',')
+            .map(|g| {
+                g.trim()
+                    .parse::<f32>()
+                    .ok()
+                    .filter(|g| g.is_finite() && *g >= 0.0)
+                    .map(Some)
+                    .ok_or_else(|| {
+                        Error::Usage(format!(
+                            "--guidance-scales {text}: expected numbers of 0 or more separated by commas, e.g. 1,2,4,7.5"
+                        ))
+                    })
+            })
+            .collect::<Result<_>>()?,
+    };
     let reference = args.reference.reference(extractor, &device)?;
     std::fs::create_dir_all(&args.out)
         .map_err(|e| Error::file(&args.out, format!("--out: cannot create: {e}")))?;
@@ -487,23 +578,40 @@ fn run_curve(args: CurveArgs) -> Result<()> {
         "lora": sampling.lora_json(),
     });
     let mut rows = Vec::new();
-    let mut csv =
-        String::from("model,scheduler,steps,fid,kid,kid_std,precision,recall,samples_per_second\n");
+    let mut csv = String::from(
+        "model,scheduler,steps,guidance_scale,fid,kid,kid_std,precision,recall,adherence,colours,kinds,count,pairs,relation,samples_per_second\n",
+    );
     let mut series = Vec::new();
     for line in &lines {
+      for &g in &guidance_scales {
         let mut points = Vec::new();
+        let sampling = Sampling {
+            guidance_scale: g,
+            ..sampling.clone()
+        };
         for (model, n) in line.points(&steps) {
-            let sampled = model.sample_features(n, &sampling, extractor, 36, &device)?;
+            let sampled =
+                model.sample_features(n, &sampling, extractor, 36, judge.as_ref(), &device)?;
             let (kept, per_sec) = (&sampled.kept, sampled.per_second);
             let scores = metrics::score(&sampled.features, &reference)?;
             let label = model.label();
+            let text_g = model
+                .pipeline
+                .is_text_to_image()
+                .then(|| g.unwrap_or(crate::eval::DEFAULT_TEXT_GUIDANCE));
+            let at_g = text_g.map_or(String::new(), |g| format!(", guidance {g}"));
             eprintln!(
-                "{label} @ {n} steps: {} ({per_sec:.1} samples/s)",
-                scores_text(&scores)
+                "{label} @ {n} steps{at_g}: {}{} ({per_sec:.1} samples/s)",
+                scores_text(&scores),
+                sampled
+                    .adherence
+                    .as_ref()
+                    .map_or(String::new(), |a| format!(" | {}", adherence_text(a)))
             );
             let name = model.short_name().replace('/', "-");
+            let g_name = text_g.map_or(String::new(), |g| format!("-g{g}"));
             crate::image_grid::write_grid(
-                &args.out.join(format!("grid-{name}-{n}steps.png")),
+                &args.out.join(format!("grid-{name}-{n}steps{g_name}.png")),
                 &kept.pixels,
                 kept.count,
                 kept.shape,
@@ -512,28 +620,46 @@ fn run_curve(args: CurveArgs) -> Result<()> {
             let (p, r) = scores
                 .precision_recall
                 .map_or((f64::NAN, f64::NAN), |pr| (pr.precision, pr.recall));
+            let rates = sampled.adherence.as_ref().map(Adherence::rates);
+            let rate = |k: &str| {
+                rates
+                    .as_ref()
+                    .and_then(|r| r[k].as_f64())
+                    .map_or(String::new(), |v| format!("{v:.4}"))
+            };
             csv += &format!(
-                "{},{},{n},{:.6},{kid:.6},{kid_std:.6},{p:.4},{r:.4},{per_sec:.3}\n",
+                "{},{},{n},{},{:.6},{kid:.6},{kid_std:.6},{p:.4},{r:.4},{},{},{},{},{},{},{per_sec:.3}\n",
                 model.dir.display(),
                 model.algorithm,
-                scores.fid
+                text_g.map_or(String::new(), |g| g.to_string()),
+                scores.fid,
+                rate("adherence"),
+                rate("colours"),
+                rate("kinds"),
+                rate("count"),
+                rate("pairs"),
+                rate("relation"),
             );
             rows.push(json!({
                 "model": model.dir.display().to_string(),
                 "scheduler": model.algorithm.to_string(),
                 "precision": model.precision.name(),
                 "steps": n,
+                "guidance_scale": text_g,
                 "fid": scores.fid,
                 "kid": scores.kid,
                 "precision_recall": scores.precision_recall,
+                "adherence": rates,
                 "samples_per_second": per_sec,
             }));
             points.push((n, scores.fid));
         }
-        series.push(Series {
-            label: line.label(),
-            points,
-        });
+        let label = match (g, guidance_scales.len()) {
+            (Some(g), n) if n > 1 => format!("{} g={g}", line.label()),
+            _ => line.label(),
+        };
+        series.push(Series { label, points });
+      }
     }
     io::write_atomic(&args.out.join("curve.csv"), csv.as_bytes())?;
     let report = json!({ "protocol": protocol, "results": rows });
@@ -583,6 +709,7 @@ fn run_stats(args: StatsArgs) -> Result<()> {
         ref_samples: args.ref_samples,
         ref_stats: None,
         cache: args.cache.clone(),
+        attributes: args.attributes.clone(),
     };
     let extractor = reference.extractor(&device)?;
     let extractor: &dyn FeatureExtractor = extractor.as_ref();
@@ -609,8 +736,19 @@ fn run_stats(args: StatsArgs) -> Result<()> {
                 )
             } else {
                 let model = ModelUnderTest::load(dir, &sampling, &device)?;
-                let sampled =
-                    model.sample_features(args.steps, &sampling, extractor, 0, &device)?;
+                let judge = reference.judge(
+                    model.pipeline.is_text_to_image(),
+                    sampling.num_samples,
+                    &device,
+                )?;
+                let sampled = model.sample_features(
+                    args.steps,
+                    &sampling,
+                    extractor,
+                    0,
+                    judge.as_ref(),
+                    &device,
+                )?;
                 (
                     sampled.features,
                     json!({ "model": dir.display().to_string(), "scheduler": model.algorithm.to_string(), "steps": args.steps, "num_samples": args.sampling.num_samples, "seed": args.sampling.seed }),

@@ -29,6 +29,18 @@ pub struct TrainArgs {
     /// posterior samples. The written pipeline includes the VAE.
     #[arg(long)]
     pub vae: Option<PathBuf>,
+    /// Text-to-image: the frozen text encoder (a folder with tokenizer/ and text_encoder/: a
+    /// `train-clip` run or a pipeline). The model config must be a UNet2DConditionModel (preset
+    /// shapes-t2i8); its cross_attention_dim is set to the encoder's width. Captions: `shapes-text`
+    /// for --data shapes / shapes-text, a folder's metadata.jsonl or kohya .txt sidecars.
+    #[arg(long)]
+    pub text_encoder: Option<PathBuf>,
+    /// Probability of training on the empty caption (classifier-free guidance).
+    #[arg(long, value_parser = super::values::probability, default_value_t = 0.1)]
+    pub caption_dropout: f32,
+    /// The caption column of a folder's metadata.jsonl (Hugging Face imagefolder).
+    #[arg(long, default_value = "text")]
+    pub caption_column: String,
     /// Images encoded into the latent cache (the first N `shapes` images; a folder's first N).
     #[arg(long, value_parser = super::values::count, default_value_t = 20_000)]
     pub latent_cache: usize,
@@ -85,7 +97,7 @@ fn model_config(arg: &str) -> Result<UNetConfig> {
         return UNetConfig::from_json_str(&io::read_text(&path)?).map_err(|e| e.in_file(&path));
     }
     Err(Error::Usage(format!(
-        "--model-config {arg}: unknown preset (expected tiny, shapes32, bench32, shapes-latent8 or a config.json path)"
+        "--model-config {arg}: unknown preset (expected tiny, shapes32, bench32, shapes-latent8, shapes-t2i8 or a config.json path)"
     )))
 }
 
@@ -158,6 +170,50 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 }
             }
         }
+        let text = match (&args.text_encoder, unet.is_conditional()) {
+            (Some(dir), true) => {
+                let encoder = dir.canonicalize().map_err(|_| {
+                    Error::file(dir, "--text-encoder: not found (expected a folder with tokenizer/ and text_encoder/, e.g. a `fewstep train-clip` run)")
+                })?;
+                let cfg_path = encoder
+                    .join(crate::pipeline::TEXT_ENCODER_DIR)
+                    .join(io::CONFIG_NAME);
+                if !cfg_path.is_file() {
+                    return Err(Error::file(
+                        dir,
+                        "--text-encoder: no text_encoder/config.json here (expected a folder with tokenizer/ and text_encoder/, e.g. a finished `fewstep train-clip` run)",
+                    ));
+                }
+                let text_cfg = crate::models::ClipTextConfig::from_json_str(&io::read_text(
+                    &cfg_path,
+                )?)
+                .map_err(|e| e.in_file(&cfg_path))?;
+                unet.cross_attention_dim = Some(text_cfg.hidden_size);
+                Some(crate::train::TextSpec {
+                    encoder,
+                    caption_dropout: args.caption_dropout,
+                    caption_column: args.caption_column.clone(),
+                })
+            }
+            (None, false) => None,
+            (Some(_), false) => {
+                return Err(Error::Usage(format!(
+                    "--text-encoder: --model-config {} is not a UNet2DConditionModel (use the shapes-t2i8 preset or a text-conditioned config.json)",
+                    args.model_config
+                )));
+            }
+            (None, true) => {
+                return Err(Error::Usage(format!(
+                    "--model-config {} is a text-conditioned UNet2DConditionModel: give --text-encoder (e.g. a `fewstep train-clip` run)",
+                    args.model_config
+                )));
+            }
+        };
+        if text.is_some() && args.class_conditional {
+            return Err(Error::Usage(
+                "--class-conditional and --text-encoder: choose one conditioning".into(),
+            ));
+        }
         crate::models::footprint::check_unet(
             &unet,
             std::path::Path::new(&args.model_config),
@@ -203,6 +259,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             train,
             data,
             latent,
+            text,
         })
     };
     train::install_interrupt_handler();

@@ -25,6 +25,8 @@ pub struct ImageFolder {
     images: Vec<Vec<u8>>,
     /// Class of each image (`None` for images directly under the root).
     labels: Vec<Option<usize>>,
+    /// The file of each image.
+    pub files: Vec<PathBuf>,
     /// Sub-folder names, the class names.
     pub classes: Vec<String>,
     /// Files with an image extension that could not be decoded, with the reason.
@@ -64,6 +66,7 @@ impl ImageFolder {
             size,
             images: Vec::new(),
             labels: Vec::new(),
+            files: Vec::new(),
             classes,
             unreadable: Vec::new(),
         };
@@ -74,6 +77,7 @@ impl ImageFolder {
                         .map(|c| folder.classes.binary_search(&c).expect("listed class"));
                     folder.images.push(p);
                     folder.labels.push(label);
+                    folder.files.push(file);
                 }
                 Err(why) => folder.unreadable.push((file, why)),
             }
@@ -133,6 +137,92 @@ impl ImageFolder {
             Tensor::<1>::from_floats(pixels.as_slice(), device).reshape([indices.len(), 3, s, s]),
             Tensor::<1, Int>::from_ints(labels.as_slice(), device),
         )
+    }
+}
+
+/// The metadata file of Hugging Face's `imagefolder` layout.
+pub const METADATA_FILE: &str = "metadata.jsonl";
+
+impl ImageFolder {
+    /// The caption of every image, in image order: from `metadata.jsonl` at the root (Hugging
+    /// Face `imagefolder`: one JSON object per line with `file_name`, relative to the root, and
+    /// the `column` caption), else from a `.txt` beside each image (kohya's sidecars). A missing,
+    /// empty or non-UTF-8 caption is an error naming the file.
+    pub fn captions(&self, column: &str) -> Result<Vec<String>> {
+        let metadata = self.root.join(METADATA_FILE);
+        if metadata.is_file() {
+            return self.metadata_captions(&metadata, column);
+        }
+        self.files
+            .iter()
+            .map(|file| {
+                let sidecar = file.with_extension("txt");
+                let bytes = std::fs::read(&sidecar).map_err(|_| {
+                    Error::file(
+                        file,
+                        format!(
+                            "no caption: expected {} beside it (kohya) or a {METADATA_FILE} at the folder's root (imagefolder)",
+                            sidecar
+                                .file_name()
+                                .map(|n| n.to_string_lossy().into_owned())
+                                .unwrap_or_default()
+                        ),
+                    )
+                })?;
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| Error::file(&sidecar, "caption is not UTF-8 text"))?;
+                let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+                if text.is_empty() {
+                    return Err(Error::file(&sidecar, "empty caption"));
+                }
+                Ok(text)
+            })
+            .collect()
+    }
+
+    fn metadata_captions(&self, metadata: &Path, column: &str) -> Result<Vec<String>> {
+        let bytes = std::fs::read(metadata)
+            .map_err(|e| Error::file(metadata, format!("cannot read: {e}")))?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| Error::file(metadata, "not UTF-8 text (expected JSON lines)"))?;
+        let mut by_file = std::collections::HashMap::new();
+        for (n, line) in text.lines().enumerate() {
+            let at = |what: String| Error::file(metadata, format!("line {}: {what}", n + 1));
+            if line.trim().is_empty() {
+                continue;
+            }
+            let row: serde_json::Value = serde_json::from_str(line)
+                .map_err(|e| at(format!("not a JSON object: {e}")))?;
+            let name = row
+                .get("file_name")
+                .and_then(|v| v.as_str())
+                .ok_or_else(|| at("no `file_name` string".into()))?;
+            let caption = match row.get(column) {
+                Some(serde_json::Value::String(s)) => s.split_whitespace().collect::<Vec<_>>().join(" "),
+                Some(_) => return Err(at(format!("`{column}` is not a string (--caption-column)"))),
+                None => {
+                    return Err(at(format!(
+                        "no `{column}` column (--caption-column names the caption column)"
+                    )));
+                }
+            };
+            if caption.is_empty() {
+                return Err(at(format!("empty caption in `{column}` for {name}")));
+            }
+            let path = self.root.join(name);
+            if !path.is_file() {
+                return Err(at(format!("file_name {name}: no such file in the folder")));
+            }
+            by_file.insert(path, caption);
+        }
+        self.files
+            .iter()
+            .map(|f| {
+                by_file.get(f).cloned().ok_or_else(|| {
+                    Error::file(f, format!("no caption: {METADATA_FILE} has no row for this image"))
+                })
+            })
+            .collect()
     }
 }
 
@@ -278,6 +368,75 @@ mod tests {
         assert!(px(1, 2, 1, 0) > 0.9 && px(1, 0, 1, 3) > 0.9);
         // The green cat (jpeg: lossy, so a tolerance).
         assert!(px(2, 1, 2, 2) > 0.8 && px(2, 0, 2, 2) < -0.8);
+    }
+
+    fn png(path: &Path) {
+        image::RgbImage::from_pixel(4, 4, image::Rgb([9, 9, 9]))
+            .save(path)
+            .unwrap();
+    }
+
+    #[test]
+    fn captions_come_from_metadata_jsonl_or_kohya_sidecars() {
+        let root = scratch("imagefolder");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        png(&root.join("a.png"));
+        png(&root.join("sub/b.png"));
+        std::fs::write(
+            root.join(METADATA_FILE),
+            "{\"file_name\": \"sub/b.png\", \"text\": \"a  blue\\nsquare\", \"prompt\": \"x\"}\n\n{\"file_name\": \"a.png\", \"text\": \"a red circle\"}\n",
+        )
+        .unwrap();
+        let folder = ImageFolder::open(&root, 4).unwrap();
+        assert_eq!(
+            folder.captions("text").unwrap(),
+            vec!["a red circle", "a blue square"]
+        );
+        let err = folder.captions("prompt").unwrap_err().to_string();
+        assert!(err.contains("line 3: no `prompt` column"), "{err}");
+
+        let root = scratch("kohya");
+        png(&root.join("one.png"));
+        png(&root.join("two.jpg"));
+        std::fs::write(root.join("one.txt"), "1girl, solo\n").unwrap();
+        std::fs::write(root.join("two.txt"), "a green triangle").unwrap();
+        let folder = ImageFolder::open(&root, 4).unwrap();
+        assert_eq!(
+            folder.captions("text").unwrap(),
+            vec!["1girl, solo", "a green triangle"]
+        );
+    }
+
+    #[test]
+    fn bad_captions_are_one_line_errors_naming_the_file() {
+        let root = scratch("badcaptions");
+        png(&root.join("one.png"));
+        let folder = ImageFolder::open(&root, 4).unwrap();
+        let err = folder.captions("text").unwrap_err().to_string();
+        assert!(err.contains("one.png") && err.contains("no caption: expected one.txt"), "{err}");
+        std::fs::write(root.join("one.txt"), [0xff, 0xfe, 0x41]).unwrap();
+        let err = folder.captions("text").unwrap_err().to_string();
+        assert!(err.contains("one.txt") && err.contains("not UTF-8"), "{err}");
+        std::fs::write(root.join("one.txt"), " \n ").unwrap();
+        let err = folder.captions("text").unwrap_err().to_string();
+        assert!(err.contains("empty caption"), "{err}");
+        std::fs::write(
+            root.join(METADATA_FILE),
+            "{\"file_name\": \"one.png\", \"text\": \"\"}\n",
+        )
+        .unwrap();
+        let err = folder.captions("text").unwrap_err().to_string();
+        assert!(err.contains("line 1: empty caption"), "{err}");
+        std::fs::write(
+            root.join(METADATA_FILE),
+            "{\"file_name\": \"gone.png\", \"text\": \"x\"}\n",
+        )
+        .unwrap();
+        let err = folder.captions("text").unwrap_err().to_string();
+        assert!(err.contains("gone.png: no such file"), "{err}");
+        for e in [err] {
+            assert!(!e.contains('\n'));
+        }
     }
 
     #[test]

@@ -25,14 +25,15 @@ impl DataSource {
     /// The source a `--data` flag names: `shapes` (under `seed`) or a folder, made absolute so a
     /// stored run resumes from any directory.
     pub fn from_flag(value: &str, seed: u64) -> crate::error::Result<Self> {
-        if value == "shapes" {
+        // `shapes-text` is the same images; a text-conditioned model reads their captions.
+        if value == "shapes" || value == "shapes-text" {
             return Ok(DataSource::Shapes { seed });
         }
         let path = std::path::Path::new(value);
         let not_found = || {
             crate::error::Error::file(
                 path,
-                "--data: not found (expected `shapes` or a folder of png/jpeg/webp images)",
+                "--data: not found (expected `shapes`, `shapes-text` or a folder of png/jpeg/webp images)",
             )
         };
         if !path.is_dir() {
@@ -68,19 +69,71 @@ impl TrainImages {
         b: usize,
         device: &Device,
     ) -> (Tensor<4>, Tensor<1, Int>) {
+        let (x, labels, _) = self.random_rows(rng, b, device);
+        (x, labels)
+    }
+
+    /// [`random_batch`](Self::random_batch) with the rows drawn (`shapes` indices, folder
+    /// positions), for their captions.
+    pub fn random_rows(
+        &self,
+        rng: &mut NoiseStream,
+        b: usize,
+        device: &Device,
+    ) -> (Tensor<4>, Tensor<1, Int>, Vec<u64>) {
         match self {
             TrainImages::Shapes { seed } => {
                 let indices: Vec<u64> = (0..b).map(|_| rng.below(shapes::EVAL_START)).collect();
-                shapes_batch(*seed, &indices, device)
+                let (x, y) = shapes_batch(*seed, &indices, device);
+                (x, y, indices)
             }
             TrainImages::Folder(folder) => {
                 let indices: Vec<usize> = (0..b)
                     .map(|_| rng.below(folder.len() as u64) as usize)
                     .collect();
                 let flips: Vec<bool> = (0..b).map(|_| rng.uniform() < 0.5).collect();
-                folder.batch(&indices, &flips, device)
+                let (x, y) = folder.batch(&indices, &flips, device);
+                (x, y, indices.iter().map(|&i| i as u64).collect())
             }
         }
+    }
+}
+
+/// The captions of a text-to-image model's training images: `shapes-text` (worded afresh at
+/// every draw) or a captioned folder's (metadata.jsonl / kohya sidecars).
+pub enum Captions {
+    ShapesText { seed: u64 },
+    Folder(Vec<String>),
+}
+
+impl Captions {
+    /// The captions of `images` (a folder's read with `column`).
+    pub fn open(images: &TrainImages, column: &str) -> Result<Self> {
+        Ok(match images {
+            TrainImages::Shapes { seed } => Captions::ShapesText { seed: *seed },
+            TrainImages::Folder(folder) => Captions::Folder(folder.captions(column)?),
+        })
+    }
+
+    /// The captions of `rows`, with the given `dropout` probability of the empty caption
+    /// (classifier-free guidance's unconditional half); wording and dropout drawn from `rng`.
+    pub fn for_rows(&self, rows: &[u64], dropout: f32, rng: &mut NoiseStream) -> Vec<String> {
+        rows.iter()
+            .map(|&row| {
+                let text = match self {
+                    Captions::ShapesText { seed } => {
+                        let (_, scene) = shapes::render_scene(*seed, row);
+                        captions::caption(&scene, rng).text
+                    }
+                    Captions::Folder(all) => all[row as usize].clone(),
+                };
+                if rng.uniform() < dropout as f64 {
+                    String::new()
+                } else {
+                    text
+                }
+            })
+            .collect()
     }
 }
 

@@ -9,6 +9,7 @@ use std::path::Path;
 use burn::prelude::*;
 
 use crate::data::captions::{Facts, PAIRS, Relation};
+use crate::data::shapes;
 use crate::error::{Error, Result};
 use crate::io;
 use crate::models::feature_net::{
@@ -50,6 +51,37 @@ impl AttributeClassifier {
     /// The facts `images` ([B, 3, S, S] in [−1, 1]) show.
     pub fn facts(&self, images: Tensor<4>) -> Vec<Facts> {
         facts_from_logits(self.net.logits(self.net.features(images)))
+    }
+}
+
+/// Held-out `shapes-text` prompts and what each states, with the classifier that judges the
+/// images generated from them (image i answers prompt i).
+pub struct PromptJudge {
+    pub classifier: AttributeClassifier,
+    pub prompts: Vec<String>,
+    pub facts: Vec<Facts>,
+}
+
+impl PromptJudge {
+    /// The fixed captions of the first `n` held-out `shapes` images (seed `data_seed`, indices
+    /// `EVAL_START ..`: the images of the FID reference set, so prompts and reference describe
+    /// the same distribution).
+    pub fn shapes_text(classifier: AttributeClassifier, data_seed: u64, n: usize) -> Self {
+        let captions: Vec<_> = (0..n as u64)
+            .map(|i| crate::data::captions::fixed_caption(data_seed, shapes::EVAL_START + i))
+            .collect();
+        PromptJudge {
+            classifier,
+            prompts: captions.iter().map(|c| c.text.clone()).collect(),
+            facts: captions.into_iter().map(|c| c.facts).collect(),
+        }
+    }
+
+    /// Scores images `first ..` (pixels in [−1, 1]) against their prompts into `into`.
+    pub fn score(&self, first: usize, images: Tensor<4>, into: &mut Adherence) {
+        for (i, shown) in self.classifier.facts(images).iter().enumerate() {
+            into.add(&self.facts[first + i], shown);
+        }
     }
 }
 

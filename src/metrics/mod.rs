@@ -94,6 +94,8 @@ pub struct Sampled {
     pub features: Features,
     pub kept: Kept,
     pub per_second: f64,
+    /// Prompt adherence, when the samples were generated from judged prompts.
+    pub adherence: Option<adherence::Adherence>,
 }
 
 /// Features of the images `generate` hands over (batch by batch, with the index of each batch's
@@ -103,8 +105,10 @@ fn collect_features(
     label: &str,
     extractor: &dyn FeatureExtractor,
     keep: usize,
+    judge: Option<&adherence::PromptJudge>,
     generate: impl FnOnce(&mut dyn FnMut(usize, Tensor<4>) -> Result<()>) -> Result<()>,
 ) -> Result<Sampled> {
+    let mut scores = judge.map(|_| adherence::Adherence::default());
     let bar = indicatif::ProgressBar::new(num as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -126,6 +130,9 @@ fn collect_features(
             kept.count += rows;
             kept.shape = [c, h, w];
         }
+        if let (Some(judge), Some(scores)) = (judge, scores.as_mut()) {
+            judge.score(first, x.clone(), scores);
+        }
         sink.add(x)?;
         bar.inc(b as u64);
         Ok(())
@@ -135,6 +142,7 @@ fn collect_features(
         features: sink.features,
         kept,
         per_second: num as f64 / started.elapsed().as_secs_f64(),
+        adherence: scores,
     })
 }
 
@@ -149,6 +157,7 @@ pub fn sample_features(
     request: &Generation<'_>,
     extractor: &dyn FeatureExtractor,
     keep: usize,
+    judge: Option<&adherence::PromptJudge>,
     label: &str,
     device: &Device,
 ) -> Result<Sampled> {
@@ -164,6 +173,7 @@ pub fn sample_features(
         &format!("{label} @ {steps} steps"),
         extractor,
         keep,
+        judge,
         |each| generate(pipeline, &mut scheduler, steps, request, device, each),
     )
 }
@@ -179,7 +189,7 @@ pub fn gan_features(
     label: &str,
     device: &Device,
 ) -> Result<Sampled> {
-    collect_features(request.num, label, extractor, keep, |each| {
+    collect_features(request.num, label, extractor, keep, None, |each| {
         crate::sample::generate_gan(generator, latent_dim, request, device, each)
     })
 }

@@ -354,12 +354,34 @@ impl UNetConfig {
         }
     }
 
-    /// A named preset (`tiny`, `shapes32`, `bench32`, `shapes-latent8`).
+    /// The latent `shapes-text` teacher: a `UNet2DConditionModel` on the 8×8×4 latents of the
+    /// `shapes` VAE, 64/128 channels, cross-attention to the text at both levels and in the
+    /// middle (4 heads), context width 64 (set to the text encoder's by `fewstep train`).
+    pub fn shapes_t2i8() -> Self {
+        Self::from_json_str(
+            &serde_json::json!({
+                "_class_name": UNET_2D_CONDITION,
+                "sample_size": 8,
+                "block_out_channels": [64, 128],
+                "layers_per_block": 1,
+                "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+                "norm_num_groups": 16,
+                "attention_head_dim": 4,
+                "cross_attention_dim": 64,
+            })
+            .to_string(),
+        )
+        .expect("a valid preset")
+    }
+
+    /// A named preset (`tiny`, `shapes32`, `bench32`, `shapes-latent8`, `shapes-t2i8`).
     pub fn preset(name: &str) -> Option<Self> {
         match name {
             "tiny" => Some(Self::tiny()),
             "shapes32" => Some(Self::shapes32()),
             "shapes-latent8" => Some(Self::shapes_latent8()),
+            "shapes-t2i8" => Some(Self::shapes_t2i8()),
             "bench32" => Some(Self::bench32()),
             _ => None,
         }

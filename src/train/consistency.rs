@@ -295,6 +295,7 @@ fn save_checkpoint(
         scheduler,
         Algorithm::Lcm,
         teacher.vae.as_ref().map(|(c, v)| (c, v)),
+        teacher.text.as_ref(),
     )?;
     checkpoint::write_state(&dir, &state.student, &state.optim, &json!({ "iter": iter }))?;
     io::save_weights(&state.target, &dir.join("state").join(TARGET_WEIGHTS))?;

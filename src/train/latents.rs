@@ -109,16 +109,18 @@ impl LatentCache {
         self.len() == 0
     }
 
-    /// `b` random cached images as scaled posterior samples [B, L, h, w], with their labels.
+    /// `b` random cached images as scaled posterior samples [B, L, h, w], with their labels and
+    /// rows (the `shapes` index or folder position of each).
     pub fn random_batch(
         &self,
         rng: &mut NoiseStream,
         b: usize,
         device: &Device,
-    ) -> (Tensor<4>, Tensor<1, Int>) {
+    ) -> (Tensor<4>, Tensor<1, Int>, Vec<u64>) {
         let idx: Vec<i64> = (0..b)
             .map(|_| rng.below(self.len() as u64) as i64)
             .collect();
+        let rows: Vec<u64> = idx.iter().map(|&i| i as u64).collect();
         let idx = Tensor::<1, Int>::from_ints(idx.as_slice(), &self.mean.device());
         let mean = self.mean.clone().select(0, idx.clone());
         let logvar = self.logvar.clone().select(0, idx.clone());
@@ -132,6 +134,7 @@ impl LatentCache {
         (
             z.to_device(device),
             self.labels.clone().select(0, idx).to_device(device),
+            rows,
         )
     }
 }

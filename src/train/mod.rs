@@ -138,6 +138,19 @@ pub struct DiffusionRun {
     pub data: DataSource,
     /// Latent diffusion: the frozen VAE whose latents the UNet learns (None: pixels).
     pub latent: Option<LatentSpec>,
+    /// Text-to-image: the frozen text encoder and how captions are read and dropped.
+    pub text: Option<TextSpec>,
+}
+
+/// The text side of a text-to-image training run (`run.json`'s `text`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TextSpec {
+    /// A folder with `tokenizer/` and `text_encoder/` (a `train-clip` run, a pipeline), absolute.
+    pub encoder: PathBuf,
+    /// Probability of training on the empty caption (classifier-free guidance, as SD's 10 %).
+    pub caption_dropout: f32,
+    /// The caption column of a folder's `metadata.jsonl`.
+    pub caption_column: String,
 }
 
 impl DiffusionRun {
@@ -149,6 +162,7 @@ impl DiffusionRun {
             "train": self.train,
             "data": self.data,
             "latent": self.latent,
+            "text": self.text,
         })
     }
 
@@ -171,6 +185,12 @@ impl DiffusionRun {
                 None | Some(serde_json::Value::Null) => None,
                 Some(l) => Some(
                     serde_json::from_value(l.clone()).map_err(|e| bad("latent", e.to_string()))?,
+                ),
+            },
+            text: match v.get("text") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(t) => Some(
+                    serde_json::from_value(t.clone()).map_err(|e| bad("text", e.to_string()))?,
                 ),
             },
         })
@@ -203,6 +223,7 @@ fn save_checkpoint(
     run: &DiffusionRun,
     state: &State,
     vae: Option<(&crate::models::VaeConfig, &crate::models::Vae)>,
+    text: Option<&pipeline::TextEncoder>,
 ) -> Result<PathBuf> {
     let dir = checkpoint::incoming(run_dir)?;
     pipeline::save_pipeline(
@@ -212,6 +233,7 @@ fn save_checkpoint(
         &run.scheduler,
         Algorithm::Ddim,
         vae,
+        text,
     )?;
     checkpoint::write_state(
         &dir,
@@ -248,6 +270,15 @@ struct Batch {
     eps: Tensor<4>,
     t: Vec<usize>,
     labels: Option<Tensor<1, Int>>,
+    /// Text-to-image: the frozen encoder's embeddings of the captions (some dropped).
+    context: Option<Tensor<3>>,
+}
+
+/// A text-to-image run's frozen encoder and captions.
+struct TextData {
+    encoder: pipeline::TextEncoder,
+    captions: data::Captions,
+    dropout: f32,
 }
 
 /// What a diffusion model trains on: images, or their cached VAE latents.
@@ -259,16 +290,17 @@ enum TrainData {
 fn draw_batch(
     run: &DiffusionRun,
     data: &TrainData,
+    text: Option<&TextData>,
     step: usize,
     train_t: usize,
     device: &Device,
-) -> Batch {
+) -> Result<Batch> {
     let cfg = &run.train;
     let mut rng = NoiseStream::for_step(cfg.seed, step as u64);
-    // Order of draws: images (and a latent's posterior noise), timesteps, noise, label dropout
-    // (fixed: resume relies on it).
-    let (x0, labels) = match data {
-        TrainData::Pixels(images) => images.random_batch(&mut rng, cfg.batch, device),
+    // Order of draws: images (and a latent's posterior noise), timesteps, noise, label dropout,
+    // caption wording and dropout (fixed: resume relies on it).
+    let (x0, labels, rows) = match data {
+        TrainData::Pixels(images) => images.random_rows(&mut rng, cfg.batch, device),
         TrainData::Latents(cache) => cache.random_batch(&mut rng, cfg.batch, device),
     };
     let t: Vec<usize> = (0..cfg.batch)
@@ -285,7 +317,20 @@ fn draw_batch(
         let keep = Tensor::<1, Int>::from_ints(keep.as_slice(), device);
         labels.clone() * keep.clone() + (keep.neg() + 1) * null
     });
-    Batch { x0, eps, t, labels }
+    let context = match text {
+        Some(text) => {
+            let captions = text.captions.for_rows(&rows, text.dropout, &mut rng);
+            Some(text.encoder.encode(&captions, 0, device)?)
+        }
+        None => None,
+    };
+    Ok(Batch {
+        x0,
+        eps,
+        t,
+        labels,
+        context,
+    })
 }
 
 /// Trains (or resumes) a diffusion model in `run_dir`, printing progress unless `quiet`. The
@@ -376,6 +421,25 @@ pub fn train_diffusion(
         TrainData::Latents(cache) => Some((&cache.config, &cache.vae)),
         TrainData::Pixels(_) => None,
     };
+    let text = match &run.text {
+        None => None,
+        Some(spec) => {
+            let images = match &data {
+                TrainData::Pixels(images) => images,
+                TrainData::Latents(_) => &run.data.open(data::shapes::SIZE)?,
+            };
+            Some(TextData {
+                encoder: pipeline::TextEncoder::load(
+                    &spec.encoder,
+                    device,
+                    crate::backend::Precision::F32,
+                )?,
+                captions: data::Captions::open(images, &spec.caption_column)?,
+                dropout: spec.caption_dropout,
+            })
+        }
+    };
+    let text_encoder = text.as_ref().map(|t| &t.encoder);
 
     let csv_path = run_dir.join("loss.csv");
     let spec = run_loop::LoopSpec {
@@ -396,7 +460,7 @@ pub fn train_diffusion(
         state,
         |mut state: State, step| {
             // Drawn without autodiff: each shard moves its rows to its device.
-            let batch = draw_batch(&run, &data, step, train_t, device);
+            let batch = draw_batch(&run, &data, text.as_ref(), step, train_t, device)?;
             let (loss, grads) = data_parallel::loss_and_grads(
                 &state.model,
                 devices,
@@ -408,9 +472,11 @@ pub fn train_diffusion(
                         ad(shard.take(&batch.x0)),
                         ad(shard.take(&batch.eps)),
                         &shard.take_list(&batch.t),
-                        &Conditioning::labels(
-                            batch.labels.as_ref().map(|l| shard.take(l).autodiff()),
-                        ),
+                        &Conditioning {
+                            labels: batch.labels.as_ref().map(|l| shard.take(l).autodiff()),
+                            context: batch.context.as_ref().map(|c| shard.take(c).autodiff()),
+                            ..Conditioning::none()
+                        },
                         &schedule,
                         prediction,
                     )
@@ -435,14 +501,14 @@ pub fn train_diffusion(
             ))
         },
         |state, _| {
-            checkpoint_path = save_checkpoint(run_dir, &run, state, vae)?;
+            checkpoint_path = save_checkpoint(run_dir, &run, state, vae, text_encoder)?;
             Ok(())
         },
     )?;
     let interrupted = end.finished().is_none();
     // The last step is checkpointed too when it is not a multiple of --checkpoint-every.
     if !interrupted && state.step % run.train.checkpoint_every != 0 {
-        checkpoint_path = save_checkpoint(run_dir, &run, &state, vae)?;
+        checkpoint_path = save_checkpoint(run_dir, &run, &state, vae, text_encoder)?;
     }
     Ok(TrainOutcome {
         step: state.step,
@@ -504,6 +570,7 @@ pub(crate) fn write_student(
             student.scheduler,
             student.algorithm,
             teacher.vae.as_ref().map(|(c, v)| (c, v)),
+            teacher.text.as_ref(),
         )?;
         io::write_json(&incoming.join(DISTILL_RECORD), record)
     })

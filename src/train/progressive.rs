@@ -218,6 +218,7 @@ fn save_checkpoint(
         scheduler,
         Algorithm::Ddim,
         teacher.vae.as_ref().map(|(c, v)| (c, v)),
+        teacher.text.as_ref(),
     )?;
     checkpoint::write_state(
         &dir,
