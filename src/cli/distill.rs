@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::eval::Evaluator;
 use crate::io;
 use crate::metrics::{self, FeatureExtractor, Reference, ShapesFeatures};
-use crate::models::lora::LoraSpec;
+use crate::models::lora::{LoraFormat, LoraSpec};
 use crate::train::consistency::{
     self, CONSISTENCY_RUN, ConsistencyConfig, ConsistencyOutcome, ConsistencyRun, GuidanceRange,
     LrDecay,
@@ -175,6 +175,16 @@ pub struct ProgressiveArgs {
     /// EMA decay of the written students (default: none, as in the paper).
     #[arg(long, value_parser = super::values::decay)]
     pub ema: Option<f32>,
+    /// Guided distillation (Meng et al. 2023) of a class-conditional or text-to-image teacher:
+    /// stage one distills the classifier-free guided teacher, x0 = c + w·(c − u) with w drawn per
+    /// row from MIN,MAX, into a student that takes w as an input (a guidance-scale embedding,
+    /// time_cond_proj_dim) at --from-steps; the halving rounds keep w as an input. Students
+    /// sample in one pass with `--guidance-scale w+1`.
+    #[arg(long, value_parser = super::values::non_negative_f32, value_delimiter = ',', num_args = 1..=2)]
+    pub guidance: Option<Vec<f32>>,
+    /// Iterations of guided stage one (default: --iters-per-round).
+    #[arg(long, value_parser = super::values::count, requires = "guidance")]
+    pub guided_iters: Option<usize>,
     /// The run folder (round-<N>steps/ students, checkpoints, loss.csv, report.{json,csv}).
     #[arg(long, default_value = "runs/progressive")]
     pub out: PathBuf,
@@ -261,6 +271,11 @@ pub struct ConsistencyArgs {
     /// LoRA α (the adapters are scaled by α/r; default: r).
     #[arg(long, value_parser = super::values::positive_f32)]
     pub lora_alpha: Option<f32>,
+    /// Key layout of lora.safetensors: peft (diffusers/PEFT: `….lora_A.weight`, `unet.`-prefixed
+    /// for a text-to-image teacher) or kohya (`lora_unet_….lora_down.weight`, `.alpha`); both
+    /// load with diffusers' `load_lora_weights` and `fewstep sample --lora`.
+    #[arg(long, value_parser = ["peft", "kohya"], default_value = "peft", requires = "lora_rank")]
+    pub lora_format: String,
     /// Also adapt the resnet, down- and upsampling convolutions.
     #[arg(long)]
     pub lora_convs: bool,
@@ -300,6 +315,11 @@ impl ProgressiveArgs {
             ema_decay: self.ema,
             seed: self.common.seed,
             checkpoint_every: self.common.checkpoint_every,
+            guidance: self.guidance.as_ref().map(|g| GuidanceRange {
+                min: g[0],
+                max: *g.last().expect("one or two values"),
+            }),
+            guided_iters: self.guided_iters,
         })
     }
 }
@@ -411,6 +431,19 @@ fn run_progressive(args: ProgressiveArgs) -> Result<()> {
         return Ok(());
     }
     let run: ProgressiveRun = checkpoint::read_run_as(&args.out, PROGRESSIVE_RUN)?;
+    if let Some(last) = outcome.rounds.last()
+        && let Some(hint) = text_teacher_eval_hint(&run.teacher, &args.out)
+    {
+        eprintln!("{hint} (last student: {})", last.dir.display());
+        return Ok(());
+    }
+    if run.config.guidance.is_some() {
+        eprintln!(
+            "guided students: evaluate with `fewstep eval curve --model {} --guidance-scale G`",
+            args.out.display()
+        );
+        return Ok(());
+    }
     report(&args, &run, &outcome, &device)
 }
 
@@ -461,6 +494,11 @@ impl ConsistencyArgs {
                 convolutions: self.lora_convs,
                 linears: self.lora_linears,
             }),
+            lora_format: if self.lora_format == "kohya" {
+                LoraFormat::Kohya
+            } else {
+                LoraFormat::Peft
+            },
         })
     }
 
@@ -595,7 +633,25 @@ fn run_consistency(args: ConsistencyArgs) -> Result<()> {
         return Ok(());
     }
     let run: ConsistencyRun = checkpoint::read_run_as(&args.out, CONSISTENCY_RUN)?;
+    if let Some(hint) = text_teacher_eval_hint(&run.teacher, student) {
+        eprintln!("{hint}");
+        return Ok(());
+    }
     consistency_report(&args, &run, &outcome, student, &device)
+}
+
+/// For a text-to-image teacher, the commands that evaluate it and its student (FID and prompt
+/// adherence over steps and guidance scales); the built-in table covers unconditional and
+/// class-conditional teachers.
+fn text_teacher_eval_hint(teacher: &Path, student: &Path) -> Option<String> {
+    let index = io::read_text(&teacher.join("model_index.json")).ok()?;
+    let index: serde_json::Value = serde_json::from_str(&index).ok()?;
+    index.get("text_encoder")?;
+    Some(format!(
+        "text-to-image teacher: evaluate FID and prompt adherence with\n  fewstep eval curve --model {} --scheduler ddim --steps 50 --guidance-scales 1,2,4,7.5 --out runs/eval-teacher\n  fewstep eval curve --model {} --steps 1,2,4,8 --guidance-scale 1 --out runs/eval-student",
+        teacher.display(),
+        student.display()
+    ))
 }
 
 pub fn run(command: DistillCommand) -> Result<()> {

@@ -16,8 +16,9 @@ pub struct TrainClipArgs {
     /// The locked image tower: a `shapes` feature network folder.
     #[arg(long, default_value = "weights/shapes-features")]
     pub image_tower: PathBuf,
-    #[arg(long, value_parser = super::values::count, default_value_t = 2000)]
-    pub steps: usize,
+    /// Optimisation steps (with --resume: a new total, the cosine schedule stretched or cut).
+    #[arg(long, value_parser = super::values::count)]
+    pub steps: Option<usize>,
     #[arg(long, value_parser = super::values::count, default_value_t = 128)]
     pub batch: usize,
     /// Peak learning rate (linear warm-up, then half a cosine to 0).
@@ -73,7 +74,7 @@ pub fn run(args: TrainClipArgs) -> Result<()> {
             projection_dim: args.hidden,
             image_tower,
             data_seed: args.data_seed,
-            steps: args.steps,
+            steps: args.steps.unwrap_or(2000),
             batch: args.batch,
             lr: args.lr,
             warmup: args.warmup,
@@ -88,6 +89,7 @@ pub fn run(args: TrainClipArgs) -> Result<()> {
         &args.out,
         run,
         Some((args.hidden, args.layers)),
+        args.steps.filter(|_| args.resume),
         &device,
         args.quiet,
     )?;

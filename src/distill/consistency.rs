@@ -102,7 +102,7 @@ pub fn consistency_output(
     z: Tensor<4>,
     steps: &[ConsistencyStep],
     at: At,
-    labels: Option<Tensor<1, Int>>,
+    cond: &Conditioning,
     guidance: Option<&[f32]>,
 ) -> Tensor<4> {
     let device = z.device();
@@ -117,7 +117,7 @@ pub fn consistency_output(
     let out = unet.forward(
         z.clone(),
         Tensor::<1>::from_floats(t_in.as_slice(), &device),
-        &Conditioning::labels(labels).with_guidance(w),
+        &cond.clone().with_guidance(w),
     );
     let x0 = x0_from_output(prediction, z.clone(), out, &a);
     consistency_combination(
@@ -128,33 +128,32 @@ pub fn consistency_output(
     )
 }
 
-/// The teacher's output at each row's t_n; with `guidance` (w per row) classifier-free guided,
-/// c + w·(c − u), the unconditional pass using `null_label` (both passes in one batch).
+/// The teacher's output at each row's t_n under `cond`; with `guidance` (w per row and the
+/// unconditional conditioning: the null class, the empty prompt's embedding) classifier-free
+/// guided, c + w·(c − u) (both passes in one batch).
 pub fn teacher_output(
     teacher: &UNet,
     z: Tensor<4>,
     steps: &[ConsistencyStep],
-    labels: Option<Tensor<1, Int>>,
-    guidance: Option<(&[f32], i64)>,
+    cond: &Conditioning,
+    guidance: Option<(&[f32], &Conditioning)>,
 ) -> Tensor<4> {
     let t: Vec<i64> = steps.iter().map(|s| s.t).collect();
-    match (guidance, labels) {
-        (Some((w, null_label)), Some(labels)) => {
+    match guidance {
+        Some((w, uncond)) => {
             let device = z.device();
-            let b = t.len();
             let t_in: Vec<f32> = t.iter().map(|&t| t as f32).collect();
-            let nulls = Tensor::<1, Int>::full([b], null_label, &device);
             // c + w·(c − u) = u + (w + 1)·(c − u).
             let g = per_row(w.iter().map(|w| w + 1.0).collect(), &device);
             guided_output(
                 teacher,
                 z,
                 Tensor::<1>::from_floats(t_in.as_slice(), &device),
-                &Conditioning::labels(Some(Tensor::cat(vec![nulls, labels], 0))),
+                &uncond.clone().concat(cond.clone()),
                 g,
             )
         }
-        (_, labels) => model_output(teacher, z, &t, &Conditioning::labels(labels)),
+        None => model_output(teacher, z, &t, cond),
     }
 }
 
@@ -176,11 +175,11 @@ pub fn teacher_solver_step(
     prediction: Prediction,
     z: Tensor<4>,
     steps: &[ConsistencyStep],
-    labels: Option<Tensor<1, Int>>,
-    guidance: Option<(&[f32], i64)>,
+    cond: &Conditioning,
+    guidance: Option<(&[f32], &Conditioning)>,
     solver: Solver,
 ) -> Tensor<4> {
-    let out = teacher_output(teacher, z.clone(), steps, labels.clone(), guidance);
+    let out = teacher_output(teacher, z.clone(), steps, cond, guidance);
     let from: Vec<f64> = steps.iter().map(|s| s.alpha_bar_t).collect();
     let to: Vec<f64> = steps.iter().map(|s| s.alpha_bar_prev).collect();
     let euler = ddim_move(prediction, z.clone(), out.clone(), &from, &to);
@@ -199,7 +198,7 @@ pub fn teacher_solver_step(
         })
         .collect();
     let x0 = x0_from_output(prediction, z.clone(), out, &from);
-    let out_end = teacher_output(teacher, euler.clone(), &ends, labels, guidance);
+    let out_end = teacher_output(teacher, euler.clone(), &ends, cond, guidance);
     let x0_end = x0_from_output(prediction, euler.clone(), out_end, &to);
     let sigma = |a: f64| ((1.0 - a) / a).sqrt();
     // z″ = euler + √ᾱ′·(Δσ/2)·(d′ − d), with d = (x̃ − x̂0)/σ = z/√(1 − ᾱ) − x̂0/σ and
@@ -407,7 +406,7 @@ mod tests {
             z.clone(),
             &[grid[0], grid[0]],
             At::Prev,
-            None,
+            &Conditioning::none(),
             None,
         );
         let diff: f32 = (at_zero - z.clone()).abs().max().into_scalar::<f32>();
@@ -417,24 +416,19 @@ mod tests {
         let mut cfg = UNetConfig::tiny();
         cfg.num_class_embeds = Some(4);
         let teacher = cfg.init(&device);
-        let labels = Tensor::<1, Int>::from_ints([1, 2], &device);
+        let labels = Conditioning::labels(Some(Tensor::<1, Int>::from_ints([1, 2], &device)));
+        let nulls = Conditioning::labels(Some(Tensor::<1, Int>::from_ints([3, 3], &device)));
         let steps = [grid[5], grid[9]];
-        let cond = teacher_output(&teacher, z.clone(), &steps, Some(labels.clone()), None);
-        let uncond = teacher_output(
-            &teacher,
-            z.clone(),
-            &steps,
-            Some(Tensor::<1, Int>::from_ints([3, 3], &device)),
-            None,
-        );
+        let cond = teacher_output(&teacher, z.clone(), &steps, &labels, None);
+        let uncond = teacher_output(&teacher, z.clone(), &steps, &nulls, None);
         let g0 = teacher_output(
             &teacher,
             z.clone(),
             &steps,
-            Some(labels.clone()),
-            Some((&[0.0, 0.0], 3)),
+            &labels,
+            Some((&[0.0, 0.0], &nulls)),
         );
-        let g2 = teacher_output(&teacher, z, &steps, Some(labels), Some((&[2.0, 2.0], 3)));
+        let g2 = teacher_output(&teacher, z, &steps, &labels, Some((&[2.0, 2.0], &nulls)));
         let e0: f32 = (g0 - cond.clone()).abs().max().into_scalar::<f32>();
         let e2: f32 = (g2 - (cond.clone() * 3.0 - uncond * 2.0))
             .abs()

@@ -80,7 +80,7 @@ pub fn teacher_target(
     prediction: Prediction,
     z: Tensor<4>,
     steps: &[StudentStep],
-    labels: Option<Tensor<1, Int>>,
+    cond: &Conditioning,
 ) -> Tensor<4> {
     let device = z.device();
     let t: Vec<i64> = steps.iter().map(|s| s.t).collect();
@@ -88,19 +88,9 @@ pub fn teacher_target(
     let a_t: Vec<f64> = steps.iter().map(|s| s.alpha_bar_t).collect();
     let a_mid: Vec<f64> = steps.iter().map(|s| s.alpha_bar_mid).collect();
     let a_end: Vec<f64> = steps.iter().map(|s| s.alpha_bar_end).collect();
-    let out = model_output(
-        teacher,
-        z.clone(),
-        &t,
-        &Conditioning::labels(labels.clone()),
-    );
+    let out = model_output(teacher, z.clone(), &t, cond);
     let z_mid = ddim_move(prediction, z.clone(), out, &a_t, &a_mid);
-    let out = model_output(
-        teacher,
-        z_mid.clone(),
-        &t_mid,
-        &Conditioning::labels(labels),
-    );
+    let out = model_output(teacher, z_mid.clone(), &t_mid, cond);
     let z_end = ddim_move(prediction, z_mid, out, &a_mid, &a_end);
     // x̃ = (z″ − r·z) / (α″ − r·α), r = σ″/σ.
     let (num_z, den): (Vec<f32>, Vec<f32>) = steps
@@ -116,6 +106,33 @@ pub fn teacher_target(
     z_end * per_row(den, &device) - z * per_row(num_z, &device)
 }
 
+/// Stage one of guided distillation (Meng et al. 2023, "On Distillation of Guided Diffusion
+/// Models", eq. 5): the classifier-free guided teacher's x̂ = (1 + w)·x̂_c − w·x̂_u at each row's
+/// t, both passes in one batch, `uncond` the null class or empty prompt; a w-conditioned
+/// student regresses it in one pass ([`progressive_loss`] with w in its conditioning).
+pub fn guided_target(
+    teacher: &UNet,
+    prediction: Prediction,
+    z: Tensor<4>,
+    steps: &[StudentStep],
+    cond: &Conditioning,
+    uncond: &Conditioning,
+    w: &[f32],
+) -> Tensor<4> {
+    let device = z.device();
+    let t: Vec<f32> = steps.iter().map(|s| s.t as f32).collect();
+    let a_t: Vec<f64> = steps.iter().map(|s| s.alpha_bar_t).collect();
+    let g = per_row(w.iter().map(|w| w + 1.0).collect(), &device);
+    let out = crate::denoiser::guided_output(
+        teacher,
+        z.clone(),
+        Tensor::<1>::from_floats(t.as_slice(), &device),
+        &uncond.clone().concat(cond.clone()),
+        g,
+    );
+    x0_from_output(prediction, z, out, &a_t)
+}
+
 /// max(SNR_t, 1)·mean‖x̃ − x̂_student‖² per row: [B].
 pub fn progressive_loss(
     student: &UNet,
@@ -123,12 +140,12 @@ pub fn progressive_loss(
     z: Tensor<4>,
     target: Tensor<4>,
     steps: &[StudentStep],
-    labels: Option<Tensor<1, Int>>,
+    cond: &Conditioning,
 ) -> Tensor<1> {
     let device = z.device();
     let t: Vec<i64> = steps.iter().map(|s| s.t).collect();
     let a_t: Vec<f64> = steps.iter().map(|s| s.alpha_bar_t).collect();
-    let out = model_output(student, z.clone(), &t, &Conditioning::labels(labels));
+    let out = model_output(student, z.clone(), &t, cond);
     let x0 = x0_from_output(prediction, z, out, &a_t);
     let weight: Vec<f32> = steps
         .iter()
@@ -209,7 +226,13 @@ mod tests {
                     break;
                 }
             }
-            let target = teacher_target(&teacher, Prediction::V, z.clone(), &[*step], None);
+            let target = teacher_target(
+                &teacher,
+                Prediction::V,
+                z.clone(),
+                &[*step],
+                &Conditioning::none(),
+            );
             // One student DDIM step with x0 := x̃ from z at step.t.
             let (a, s) = (
                 step.alpha_bar_t.sqrt() as f32,

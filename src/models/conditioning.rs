@@ -41,6 +41,16 @@ impl Conditioning {
         }
     }
 
+    /// The same conditioning on the autodiff device (for the model that trains on it).
+    pub fn autodiff(self) -> Self {
+        Conditioning {
+            labels: self.labels.map(Tensor::autodiff),
+            guidance: self.guidance.map(Tensor::autodiff),
+            context: self.context.map(Tensor::autodiff),
+            context_mask: self.context_mask.map(Tensor::autodiff),
+        }
+    }
+
     pub fn with_guidance(mut self, guidance: Option<Tensor<1>>) -> Self {
         self.guidance = guidance;
         self

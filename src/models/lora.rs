@@ -250,13 +250,63 @@ fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 /// Writes `unet`'s adapters as a PEFT/diffusers LoRA file with the `LoraConfig` and the
 /// scheduler config in the metadata.
+/// The key layout of a written LoRA file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoraFormat {
+    /// PEFT / diffusers: `….lora_A.weight`, `….lora_B.weight`, the adapter config in the
+    /// metadata; UNet names bare for a UNet2DModel pipeline, `unet.`-prefixed for a
+    /// text-to-image one (as `StableDiffusionPipeline.save_lora_weights` writes them).
+    #[default]
+    Peft,
+    /// kohya-ss: `lora_unet_<module with _>.lora_down.weight`, `.lora_up.weight`, `.alpha`.
+    Kohya,
+}
+
+/// [`lora_tensors`] renamed into `format` (with kohya's `alpha` scalars).
+fn formatted_tensors(
+    unet: &UNet,
+    spec: &LoraSpec,
+    format: LoraFormat,
+    text_pipeline: bool,
+) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let tensors = lora_tensors(unet);
+    match format {
+        LoraFormat::Peft if text_pipeline => tensors
+            .into_iter()
+            .map(|(n, s, d)| (format!("unet.{n}"), s, d))
+            .collect(),
+        LoraFormat::Peft => tensors,
+        LoraFormat::Kohya => {
+            let mut out = Vec::new();
+            for (name, shape, data) in tensors {
+                let (module, kohya) = if let Some(m) = name.strip_suffix(".lora_A.weight") {
+                    (m, "lora_down.weight")
+                } else if let Some(m) = name.strip_suffix(".lora_B.weight") {
+                    (m, "lora_up.weight")
+                } else {
+                    continue;
+                };
+                let stem = format!("lora_unet_{}", flat_key(module));
+                if kohya == "lora_down.weight" {
+                    out.push((format!("{stem}.alpha"), vec![], vec![spec.alpha]));
+                }
+                out.push((format!("{stem}.{kohya}"), shape, data));
+            }
+            out
+        }
+    }
+}
+
 pub fn lora_file(
     path: &Path,
     unet: &UNet,
     spec: &LoraSpec,
     scheduler: Option<&serde_json::Value>,
+    format: LoraFormat,
+    text_pipeline: bool,
 ) -> Result<()> {
-    let tensors = lora_tensors(unet);
+    let tensors = formatted_tensors(unet, spec, format, text_pipeline);
     let config = serde_json::json!({
         "r": spec.rank,
         "lora_alpha": spec.alpha,
@@ -266,10 +316,21 @@ pub fn lora_file(
         "init_lora_weights": true,
         "use_dora": false,
     });
-    let mut metadata = HashMap::from([
-        ("format".to_string(), "pt".to_string()),
-        (ADAPTER_METADATA_KEY.to_string(), config.to_string()),
-    ]);
+    // A pipeline's adapter configs are keyed per component (`unet.r`, …), as
+    // `StableDiffusionPipeline.save_lora_weights` writes them.
+    let config = match config {
+        serde_json::Value::Object(fields) if text_pipeline => serde_json::Value::Object(
+            fields
+                .into_iter()
+                .map(|(k, v)| (format!("unet.{k}"), v))
+                .collect(),
+        ),
+        c => c,
+    };
+    let mut metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    if format == LoraFormat::Peft {
+        metadata.insert(ADAPTER_METADATA_KEY.to_string(), config.to_string());
+    }
     if let Some(s) = scheduler {
         metadata.insert(SCHEDULER_METADATA_KEY.to_string(), s.to_string());
     }
@@ -433,7 +494,16 @@ impl LoraFile {
                 })
             })
             .transpose()?;
-        let peft_alpha = config.as_ref().and_then(|c| c["lora_alpha"].as_f64());
+        // α of a component: its own (`unet.lora_alpha`, `text_encoder.lora_alpha`) or the file's.
+        let peft_alpha = |target: LoraTarget| {
+            let prefixed = match target {
+                LoraTarget::Unet => "unet.lora_alpha",
+                LoraTarget::TextEncoder => "text_encoder.lora_alpha",
+            };
+            config
+                .as_ref()
+                .and_then(|c| c[prefixed].as_f64().or_else(|| c["lora_alpha"].as_f64()))
+        };
         let mut deltas: HashMap<LoraTarget, HashMap<String, LoraDelta>> = HashMap::new();
         let mut names: Vec<&String> = tensors.keys().collect();
         names.sort();
@@ -442,11 +512,12 @@ impl LoraFile {
             let (stem, b_name, alpha, (target, key)) = if let Some(stem) =
                 name.strip_suffix(".lora_A.weight")
             {
+                let module = peft_module(stem);
                 (
                     stem,
                     format!("{stem}.lora_B.weight"),
-                    peft_alpha,
-                    peft_module(stem),
+                    peft_alpha(module.0),
+                    module,
                 )
             } else if let Some(stem) = name.strip_suffix(".lora_down.weight") {
                 let alpha = match tensors.get(&format!("{stem}.alpha")) {
@@ -657,19 +728,30 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("fewstep-lora-unit-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("lora.safetensors");
-        lora_file(&file, &adapted, &spec(true), None).unwrap();
+        lora_file(&file, &adapted, &spec(true), None, LoraFormat::Peft, false).unwrap();
         let names = io::read_safetensors(&file).unwrap();
         assert!(names.contains_key("mid_block.attentions.0.to_q.lora_A.weight"));
         assert!(names.contains_key("down_blocks.0.resnets.0.conv1.lora_B.weight"));
         assert!(names.contains_key("down_blocks.0.resnets.0.time_emb_proj.lora_A.weight"));
-        let read = LoraFile::read(&file).unwrap();
-        let merged = merge(base, &read, 1.0, &file).unwrap();
+        let kohya = dir.join("kohya.safetensors");
+        lora_file(&kohya, &adapted, &spec(true), None, LoraFormat::Kohya, true).unwrap();
+        let names = io::read_safetensors(&kohya).unwrap();
+        assert!(names.contains_key("lora_unet_mid_block_attentions_0_to_q.lora_down.weight"));
+        assert!(names.contains_key("lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"));
+        assert_eq!(
+            names["lora_unet_mid_block_attentions_0_to_q.alpha"].data,
+            vec![spec(true).alpha]
+        );
         let x = Tensor::<4>::random([1, 3, 32, 32], Distribution::Normal(0.0, 1.0), &device);
         let t = Tensor::<1>::from_floats([500.0], &device);
         let want = adapted.forward(x.clone(), t.clone(), &crate::models::Conditioning::none());
-        let got = merged.forward(x, t, &crate::models::Conditioning::none());
-        let err: f32 = (want - got).abs().max().into_scalar::<f32>();
-        assert!(err < 1e-4, "{err}");
+        for file in [&file, &kohya] {
+            let read = LoraFile::read(file).unwrap();
+            let merged = merge(base.clone(), &read, 1.0, file).unwrap();
+            let got = merged.forward(x.clone(), t.clone(), &crate::models::Conditioning::none());
+            let err: f32 = (want.clone() - got).abs().max().into_scalar::<f32>();
+            assert!(err < 1e-4, "{}: {err}", file.display());
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 

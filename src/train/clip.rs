@@ -262,11 +262,22 @@ pub fn train_clip(
     run_dir: &Path,
     run: Option<ClipRun>,
     hidden_layers: Option<(usize, usize)>,
+    steps_override: Option<usize>,
     device: &Device,
     quiet: bool,
 ) -> Result<ClipOutcome> {
     let run = match run {
-        None => checkpoint::read_run_as::<ClipRun>(run_dir, CLIP_RUN)?,
+        None => {
+            let mut run = checkpoint::read_run_as::<ClipRun>(run_dir, CLIP_RUN)?;
+            if let Some(steps) = steps_override {
+                run.steps = steps;
+                io::write_json(
+                    &run_dir.join(checkpoint::RUN_FILE),
+                    &serde_json::to_value(&run).expect("run serialises"),
+                )?;
+            }
+            run
+        }
         Some(mut run) => {
             let image_tower = ShapesFeatures::load(&run.image_tower, device)?;
             drop(image_tower);

@@ -21,6 +21,7 @@ use serde_json::json;
 
 use super::progressive::student_prediction;
 use super::run_loop::{IterReport, LoopSpec, run_loop};
+use super::teacher_conditioning::TeacherConditioning;
 use super::{checkpoint, data_parallel, ema, open_images};
 use crate::data::{DataSource, TrainImages};
 use crate::distill::consistency::{
@@ -29,8 +30,8 @@ use crate::distill::consistency::{
 };
 use crate::error::{Error, Result};
 use crate::io;
-use crate::models::lora::{self, LoraSpec};
-use crate::models::{UNet, UNetConfig};
+use crate::models::lora::{self, LoraFormat, LoraSpec};
+use crate::models::{Conditioning, UNet, UNetConfig};
 use crate::noise::NoiseStream;
 use crate::pipeline::{self, Pipeline};
 
@@ -78,6 +79,9 @@ pub struct ConsistencyConfig {
     /// Train low-rank adapters on the frozen teacher instead of a full student (LCM-LoRA).
     #[serde(default)]
     pub lora: Option<LoraSpec>,
+    /// The key layout lora.safetensors is written in.
+    #[serde(default)]
+    pub lora_format: LoraFormat,
 }
 
 impl ConsistencyConfig {
@@ -345,25 +349,28 @@ fn load_checkpoint(
     )))
 }
 
-/// One iteration's rows: noised samples at their training points, labels, guidance scales.
+/// One iteration's rows: noised samples at their training points, conditioning, guidance
+/// scales.
 struct Batch {
     z: Tensor<4>,
     steps: Vec<ConsistencyStep>,
-    labels: Option<Tensor<1, Int>>,
+    cond: Conditioning,
     w: Vec<f32>,
 }
 
 fn draw_batch(
     teacher: &Pipeline,
     images: &TrainImages,
+    conditioning: &TeacherConditioning,
     grid: &[ConsistencyStep],
     cfg: &ConsistencyConfig,
     iter: usize,
     device: &Device,
-) -> Batch {
+) -> Result<Batch> {
     let mut rng = NoiseStream::for_step(cfg.seed, iter as u64);
-    // Order of draws: images, grid points, noise, guidance scales (fixed: resume relies on it).
-    let (x, labels) = images.random_batch(&mut rng, cfg.batch, device);
+    // Order of draws: images, grid points, noise, guidance scales, caption wording (fixed:
+    // resume relies on it).
+    let (x, labels, rows) = images.random_rows(&mut rng, cfg.batch, device);
     let steps: Vec<ConsistencyStep> = (0..cfg.batch)
         .map(|_| grid[rng.below(grid.len() as u64) as usize])
         .collect();
@@ -375,12 +382,13 @@ fn draw_batch(
             .collect(),
         None => Vec::new(),
     };
-    Batch {
+    let cond = conditioning.batch(teacher, labels, &rows, &mut rng, device)?;
+    Ok(Batch {
         z: noised(x0, eps, &steps),
         steps,
-        labels: teacher.unet.num_classes().map(|_| labels),
+        cond,
         w,
-    }
+    })
 }
 
 /// Runs (or resumes) consistency distillation in `run_dir`; data-parallel over `devices` when
@@ -422,16 +430,6 @@ pub fn distill_consistency(
     let scheduler = student_scheduler(&teacher.scheduler, cfg);
     let unet_config = student_unet_config(&teacher.unet_config, cfg);
     let conditioned = cfg.guidance.is_some_and(|g| g.conditions_student());
-    let guidance_null = match (cfg.guidance, teacher.unet.num_classes()) {
-        (Some(_), None) => {
-            return Err(Error::Usage(format!(
-                "--guidance needs a class-conditional teacher; {} has no class embedding",
-                run.teacher.display()
-            )));
-        }
-        (Some(_), Some(k)) => Some(k as i64 - 1),
-        (None, _) => None,
-    };
     let curriculum = cfg.curriculum();
     let mut grids: HashMap<usize, Vec<ConsistencyStep>> = HashMap::new();
     for n in (0..cfg.iters).map(|k| curriculum.scales_at(k)) {
@@ -447,6 +445,13 @@ pub fn distill_consistency(
         super::image_size(&teacher),
         teacher.unet.num_classes(),
     )?;
+    let conditioning = TeacherConditioning::new(&teacher, &images, device)?;
+    if cfg.guidance.is_some() && !conditioning.guidable() {
+        return Err(Error::Usage(format!(
+            "--guidance needs a class-conditional or text-to-image teacher; {} is unconditional",
+            run.teacher.display()
+        )));
+    }
     if !resume {
         checkpoint::prepare_new_run(run_dir)?;
         io::write_json(
@@ -504,7 +509,7 @@ pub fn distill_consistency(
         state,
         |mut state, iter| {
             let grid = &grids[&curriculum.scales_at(iter)];
-            let b = draw_batch(&teacher, &images, grid, cfg, iter, device);
+            let b = draw_batch(&teacher, &images, &conditioning, grid, cfg, iter, device)?;
             let targets = data_parallel::replicate(&state.target, devices);
             let (value, grads) = data_parallel::loss_and_grads(
                 &state.student,
@@ -512,20 +517,23 @@ pub fn distill_consistency(
                 cfg.batch,
                 |student, shard| {
                     let (z, steps) = (shard.take(&b.z), shard.take_list(&b.steps));
-                    let labels = b.labels.as_ref().map(|l| shard.take(l));
+                    let cond = shard.take_conditioning(&b.cond);
                     let w = if b.w.is_empty() {
                         Vec::new()
                     } else {
                         shard.take_list(&b.w)
                     };
-                    let guidance = guidance_null.map(|null| (w.as_slice(), null));
+                    let uncond = cfg
+                        .guidance
+                        .and_then(|_| conditioning.uncond(shard.rows.len(), &z.device()));
+                    let guidance = uncond.as_ref().map(|u| (w.as_slice(), u));
                     let student_w = conditioned.then_some(w.as_slice());
                     let x_prev = teacher_solver_step(
                         &teachers[shard.index],
                         teacher_prediction,
                         z.clone(),
                         &steps,
-                        labels.clone(),
+                        &cond,
                         guidance,
                         cfg.solver,
                     );
@@ -535,7 +543,7 @@ pub fn distill_consistency(
                         x_prev,
                         &steps,
                         At::Prev,
-                        labels.clone(),
+                        &cond,
                         student_w,
                     );
                     // The teacher and target ran without autodiff; the student trains with it.
@@ -545,7 +553,7 @@ pub fn distill_consistency(
                         z.autodiff(),
                         &steps,
                         At::Start,
-                        labels.map(Tensor::autodiff),
+                        &cond.autodiff(),
                         student_w,
                     );
                     distance(online, target.autodiff(), cfg.distance).mean()
@@ -583,6 +591,8 @@ pub fn distill_consistency(
             &adapters,
             spec,
             Some(&scheduler.to_json(Algorithm::Lcm)),
+            cfg.lora_format,
+            teacher.text.is_some(),
         )?;
     }
     super::write_student(
@@ -634,6 +644,7 @@ mod tests {
             seed: 0,
             checkpoint_every: 10,
             lora: None,
+            lora_format: LoraFormat::Peft,
         }
     }
 

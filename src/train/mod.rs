@@ -13,6 +13,7 @@ pub mod latents;
 pub mod optim;
 pub mod progressive;
 pub(crate) mod run_loop;
+pub(crate) mod teacher_conditioning;
 pub mod vae;
 
 use std::path::{Path, PathBuf};

@@ -18,14 +18,16 @@ use fewstep_schedulers::{Algorithm, Prediction, SchedulerConfig};
 use serde_json::json;
 
 use super::run_loop::{IterReport, LoopSpec, run_loop};
+use super::consistency::{GUIDANCE_EMBEDDING_DIM, GuidanceRange};
+use super::teacher_conditioning::TeacherConditioning;
 use super::{checkpoint, data_parallel, ema, open_images};
 use crate::data::{DataSource, TrainImages};
 use crate::distill::progressive::{
-    StudentStep, noised, progressive_loss, student_steps, teacher_target,
+    StudentStep, guided_target, noised, progressive_loss, student_steps, teacher_target,
 };
 use crate::error::{Error, Result};
 use crate::io;
-use crate::models::UNet;
+use crate::models::{Conditioning, UNet, UNetConfig};
 use crate::noise::NoiseStream;
 use crate::pipeline::{self, Pipeline};
 
@@ -51,9 +53,53 @@ pub struct ProgressiveConfig {
     pub ema_decay: Option<f32>,
     pub seed: u64,
     pub checkpoint_every: usize,
+    /// Guided distillation (Meng et al. 2023): stage one distills the classifier-free guided
+    /// teacher (w per row from this range) into a w-conditioned one-pass student sampled in
+    /// `from_steps` (`round-<from>steps/`); the halving rounds then keep w as an input.
+    #[serde(default)]
+    pub guidance: Option<GuidanceRange>,
+    /// Iterations of stage one (default: `iters_per_round`).
+    #[serde(default)]
+    pub guided_iters: Option<usize>,
+}
+
+/// One stretch of a progressive run: stage one of guided distillation, or a halving round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// The guided teacher into a w-conditioned student at the same step count.
+    Guided { steps: usize },
+    /// 2N teacher steps into N student steps.
+    Halving { steps: usize },
+}
+
+impl Stage {
+    fn steps(self) -> usize {
+        match self {
+            Stage::Guided { steps } | Stage::Halving { steps } => steps,
+        }
+    }
 }
 
 impl ProgressiveConfig {
+    /// Every stretch in order, with its iterations.
+    fn stages(&self) -> Result<Vec<(Stage, usize)>> {
+        let mut stages = Vec::new();
+        if self.guidance.is_some() {
+            stages.push((
+                Stage::Guided {
+                    steps: self.from_steps,
+                },
+                self.guided_iters.unwrap_or(self.iters_per_round),
+            ));
+        }
+        stages.extend(
+            self.rounds()?
+                .into_iter()
+                .map(|steps| (Stage::Halving { steps }, self.iters_per_round)),
+        );
+        Ok(stages)
+    }
+
     /// The students' step counts, halving from `from_steps / 2` to `to_steps`.
     pub fn rounds(&self) -> Result<Vec<usize>> {
         let (from, to) = (self.from_steps, self.to_steps);
@@ -102,12 +148,24 @@ impl ProgressiveConfig {
         if let Some(decay) = self.ema_decay {
             super::ema::check_decay(decay)?;
         }
+        if let Some(g) = self.guidance
+            && !(g.min >= 0.0 && g.min <= g.max && g.max.is_finite())
+        {
+            return Err(Error::Usage(format!(
+                "--guidance {},{}: expected scales of 0 or more, the first not above the second",
+                g.min, g.max
+            )));
+        }
+        if self.guided_iters == Some(0) {
+            return Err(Error::Usage("--guided-iters must be at least 1".into()));
+        }
         Ok(())
     }
 
-    /// Learning rate at `iter` of a round: linear decay from `lr` to 0 (the paper's schedule).
-    pub fn lr_at(&self, iter: usize) -> f64 {
-        self.lr * (1.0 - iter as f64 / self.iters_per_round as f64)
+    /// Learning rate at `iter` of a stretch of `iters`: linear decay from `lr` to 0 (the
+    /// paper's schedule).
+    pub fn lr_at(&self, iter: usize, iters: usize) -> f64 {
+        self.lr * (1.0 - iter as f64 / iters as f64)
     }
 }
 
@@ -205,6 +263,7 @@ struct RoundState {
 fn save_checkpoint(
     run_dir: &Path,
     teacher: &Pipeline,
+    student_config: &UNetConfig,
     scheduler: &SchedulerConfig,
     steps: usize,
     state: &RoundState,
@@ -213,7 +272,7 @@ fn save_checkpoint(
     let written = state.ema.clone().unwrap_or_else(|| state.student.valid());
     pipeline::save_pipeline(
         &dir,
-        &teacher.unet_config,
+        student_config,
         &written,
         scheduler,
         Algorithm::Ddim,
@@ -232,7 +291,7 @@ fn save_checkpoint(
 /// The in-round checkpoint for the round of `steps`, if the latest checkpoint belongs to it.
 fn load_checkpoint(
     run_dir: &Path,
-    teacher: &Pipeline,
+    student_config: &UNetConfig,
     cfg: &ProgressiveConfig,
     steps: usize,
     device: &Device,
@@ -241,7 +300,7 @@ fn load_checkpoint(
         return Ok(None);
     };
     let ad = device.clone().autodiff();
-    let st = checkpoint::read_state(&ckpt, teacher.unet_config.init(&ad), new_optimizer(cfg))?;
+    let st = checkpoint::read_state(&ckpt, student_config.init(&ad), new_optimizer(cfg))?;
     if st.progress["round_steps"].as_u64() != Some(steps as u64) {
         return Ok(None);
     }
@@ -251,7 +310,7 @@ fn load_checkpoint(
         as usize;
     let ema = match cfg.ema_decay {
         Some(_) => Some(io::load_weights_with_ids(
-            teacher.unet_config.init(device),
+            student_config.init(device),
             &ckpt.join("unet").join(io::WEIGHTS_NAME),
             Some(&st.ids),
         )?),
@@ -266,36 +325,47 @@ fn load_checkpoint(
     }))
 }
 
-/// Training images (or, for a latent teacher, their scaled VAE latents) and labels for one
-/// iteration, with the student steps, noise and noised samples.
+/// Training images (or, for a latent teacher, their scaled VAE latents) and their conditioning
+/// for one iteration, with the student steps, noise, noised samples and guidance scales.
 struct Batch {
     z: Tensor<4>,
     steps: Vec<StudentStep>,
-    labels: Option<Tensor<1, Int>>,
+    cond: Conditioning,
+    w: Vec<f32>,
 }
 
 fn draw_batch(
     teacher: &Pipeline,
     images: &TrainImages,
+    conditioning: &TeacherConditioning,
     grid: &[StudentStep],
     cfg: &ProgressiveConfig,
     global_iter: usize,
     device: &Device,
-) -> Batch {
+) -> Result<Batch> {
     let mut rng = NoiseStream::for_step(cfg.seed, global_iter as u64);
-    // Order of draws: images, grid steps, noise (fixed: resume relies on it).
-    let (x, labels) = images.random_batch(&mut rng, cfg.batch, device);
+    // Order of draws: images, grid steps, noise, guidance scales, caption wording (fixed:
+    // resume relies on it).
+    let (x, labels, rows) = images.random_rows(&mut rng, cfg.batch, device);
     let steps: Vec<StudentStep> = (0..cfg.batch)
         .map(|_| grid[rng.below(grid.len() as u64) as usize])
         .collect();
     let x0 = super::model_space(teacher, x);
     let [b, c, h, w] = x0.dims();
     let eps = crate::sample::host_noise(&mut rng, [b, c, h, w], device);
-    Batch {
+    let w = match cfg.guidance {
+        Some(g) => (0..cfg.batch)
+            .map(|_| g.min + (g.max - g.min) * rng.uniform() as f32)
+            .collect(),
+        None => Vec::new(),
+    };
+    let cond = conditioning.batch(teacher, labels, &rows, &mut rng, device)?;
+    Ok(Batch {
         z: noised(x0, eps, &steps),
         steps,
-        labels: teacher.unet.num_classes().map(|_| labels),
-    }
+        cond,
+        w,
+    })
 }
 
 /// Runs (or resumes) progressive distillation in `run_dir`; data-parallel over `devices` when
@@ -333,11 +403,15 @@ pub fn distill_progressive(
         run
     };
     let cfg = &run.config;
-    let rounds = cfg.rounds()?;
+    let stages = cfg.stages()?;
     let csv_path = run_dir.join("loss.csv");
     let mut outcomes = Vec::new();
     let mut teacher_dir = run.teacher.clone();
-    for (round_index, &steps) in rounds.iter().enumerate() {
+    let mut first_global = 0;
+    for (stage_index, &(stage, iters)) in stages.iter().enumerate() {
+        let steps = stage.steps();
+        let stage_first_global = first_global;
+        first_global += iters;
         let dir = round_dir(run_dir, steps);
         if dir.join("model_index.json").is_file() {
             // A finished round: its figures were recorded beside the student.
@@ -359,8 +433,18 @@ pub fn distill_progressive(
         let teacher_prediction = teacher.scheduler.resolve(Algorithm::Ddim).prediction;
         let prediction = student_prediction(teacher_prediction);
         let scheduler = student_scheduler(&teacher.scheduler, prediction, steps);
-        let grid =
-            student_steps(&teacher.scheduler, steps).map_err(|e| Error::file(&teacher_dir, e.0))?;
+        let guided = matches!(stage, Stage::Guided { .. });
+        // Stage one's student takes w through a guidance-scale embedding (LCM's
+        // time_cond_proj_dim); later rounds inherit it from their teacher.
+        let mut student_config = teacher.unet_config.clone();
+        if guided {
+            student_config.time_cond_proj_dim = Some(GUIDANCE_EMBEDDING_DIM);
+        }
+        let grid = match stage {
+            Stage::Guided { steps } | Stage::Halving { steps } => {
+                student_steps(&teacher.scheduler, steps).map_err(|e| Error::file(&teacher_dir, e.0))?
+            }
+        };
         if images.is_none() {
             images = Some(open_images(
                 &run.data,
@@ -369,11 +453,23 @@ pub fn distill_progressive(
             )?);
         }
         let images = images.as_ref().expect("opened above");
-        let state = match load_checkpoint(run_dir, &teacher, cfg, steps, device)? {
+        let conditioning = TeacherConditioning::new(&teacher, images, device)?;
+        if cfg.guidance.is_some() && !conditioning.guidable() {
+            return Err(Error::Usage(format!(
+                "--guidance needs a class-conditional or text-to-image teacher; {} is unconditional",
+                run.teacher.display()
+            )));
+        }
+        let state = match load_checkpoint(run_dir, &student_config, cfg, steps, device)? {
             Some(s) => s,
             None => {
                 let ad = device.clone().autodiff();
-                let (_, student) = pipeline::load_unet(&teacher_dir.join("unet"), &ad)?;
+                let (_, mut student) = pipeline::load_unet(&teacher_dir.join("unet"), &ad)?;
+                if guided {
+                    // The teacher's weights and a fresh guidance embedding.
+                    student.time_embedding.cond_proj =
+                        student_config.init(&ad).time_embedding.cond_proj;
+                }
                 RoundState {
                     ema: cfg.ema_decay.map(|_| student.valid()),
                     student,
@@ -382,20 +478,27 @@ pub fn distill_progressive(
                 }
             }
         };
+        let name = match stage {
+            Stage::Guided { steps } => format!("guided {steps} steps"),
+            Stage::Halving { steps } => format!("round {steps} steps"),
+        };
         if !quiet {
+            let what = if guided {
+                format!("guided teacher → w-conditioned student at {steps} steps")
+            } else {
+                format!("{} → {steps} steps", steps * 2)
+            };
             eprintln!(
-                "round {}/{}: {} → {steps} steps (teacher {})",
-                round_index + 1,
-                rounds.len(),
-                steps * 2,
+                "stage {}/{}: {what} (teacher {})",
+                stage_index + 1,
+                stages.len(),
                 teacher_dir.display()
             );
         }
-        let name = format!("round {steps} steps");
         let spec = LoopSpec {
             name: &name,
-            iters: cfg.iters_per_round,
-            first_global: round_index * cfg.iters_per_round,
+            iters,
+            first_global: stage_first_global,
             checkpoint_every: cfg.checkpoint_every,
             csv_path: &csv_path,
             quiet,
@@ -407,21 +510,42 @@ pub fn distill_progressive(
             state,
             |mut state, iter| {
                 let global = spec.first_global + iter;
-                let b = draw_batch(&teacher, images, &grid, cfg, global, device);
+                let b = draw_batch(&teacher, images, &conditioning, &grid, cfg, global, device)?;
                 let (value, grads) = data_parallel::loss_and_grads(
                     &state.student,
                     devices,
                     cfg.batch,
                     |student, shard| {
                         let (z, steps) = (shard.take(&b.z), shard.take_list(&b.steps));
-                        let labels = b.labels.as_ref().map(|l| shard.take(l));
-                        let target = teacher_target(
-                            &teachers[shard.index],
-                            teacher_prediction,
-                            z.clone(),
-                            &steps,
-                            labels.clone(),
+                        let cond = shard.take_conditioning(&b.cond);
+                        let w = (!b.w.is_empty()).then(|| shard.take_list(&b.w));
+                        let cond_w = cond.clone().with_guidance(
+                            w.as_ref()
+                                .map(|w| Tensor::<1>::from_floats(w.as_slice(), &z.device())),
                         );
+                        let target = match (guided, &w) {
+                            (true, Some(w)) => {
+                                let uncond = conditioning
+                                    .uncond(shard.rows.len(), &z.device())
+                                    .expect("checked: a guidable teacher");
+                                guided_target(
+                                    &teachers[shard.index],
+                                    teacher_prediction,
+                                    z.clone(),
+                                    &steps,
+                                    &cond,
+                                    &uncond,
+                                    w,
+                                )
+                            }
+                            _ => teacher_target(
+                                &teachers[shard.index],
+                                teacher_prediction,
+                                z.clone(),
+                                &steps,
+                                &cond_w,
+                            ),
+                        };
                         // The teacher ran without autodiff; the student trains with it.
                         progressive_loss(
                             student,
@@ -429,12 +553,12 @@ pub fn distill_progressive(
                             z.autodiff(),
                             target.autodiff(),
                             &steps,
-                            labels.map(Tensor::autodiff),
+                            &cond_w.autodiff(),
                         )
                         .mean()
                     },
                 )?;
-                let lr = cfg.lr_at(iter);
+                let lr = cfg.lr_at(iter, iters);
                 state.student = state.optim.step(lr, state.student, grads);
                 if let (Some(decay), Some(e)) = (cfg.ema_decay, state.ema.take()) {
                     state.ema = Some(ema::update(
@@ -453,7 +577,17 @@ pub fn distill_progressive(
                     },
                 ))
             },
-            |state, _| save_checkpoint(run_dir, &teacher, &scheduler, steps, state).map(|_| ()),
+            |state, _| {
+                save_checkpoint(
+                    run_dir,
+                    &teacher,
+                    &student_config,
+                    &scheduler,
+                    steps,
+                    state,
+                )
+                .map(|_| ())
+            },
         )?;
         let Some((final_loss, seconds)) = end.finished() else {
             return Ok(ProgressiveOutcome {
@@ -466,17 +600,19 @@ pub fn distill_progressive(
             &dir,
             &teacher,
             super::Student {
-                unet_config: &teacher.unet_config,
+                unet_config: &student_config,
                 unet: &written,
                 scheduler: &scheduler,
                 algorithm: Algorithm::Ddim,
             },
             &json!({
                 "steps": steps,
+                "stage": if guided { "guided" } else { "halving" },
+                "guidance": cfg.guidance,
                 "teacher": teacher_dir,
                 "final_loss": final_loss,
                 "seconds": seconds,
-                "iters": cfg.iters_per_round,
+                "iters": iters,
             }),
         )?;
         outcomes.push(RoundOutcome {
