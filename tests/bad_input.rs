@@ -179,6 +179,31 @@ fn make_inputs(root: &Path) {
     )
     .unwrap();
 
+    // Captioned folders with bad captions, and a pixel-space text-conditioned UNet to train.
+    let png = |path: PathBuf| {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        image::RgbImage::from_pixel(8, 8, image::Rgb([200, 10, 10]))
+            .save(path)
+            .unwrap();
+    };
+    png(root.join("cap-missing/a.png"));
+    png(root.join("cap-nonutf8/a.png"));
+    std::fs::write(root.join("cap-nonutf8/a.txt"), [0xff, 0xfe, 0x41]).unwrap();
+    png(root.join("cap-empty/a.png"));
+    std::fs::write(
+        root.join("cap-empty/metadata.jsonl"),
+        "{\"file_name\": \"a.png\", \"text\": \"\"}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("t2i-pixel.json"),
+        r#"{"_class_name": "UNet2DConditionModel", "sample_size": 32, "in_channels": 3, "out_channels": 3,
+            "block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4, "attention_head_dim": 2,
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "cross_attention_dim": 16}"#,
+    )
+    .unwrap();
+
     // Folders and files.
     std::fs::create_dir_all(root.join("empty")).unwrap();
     std::fs::create_dir_all(root.join("unreadable")).unwrap();
@@ -542,6 +567,53 @@ fn cases() -> Vec<(Vec<&'static str>, &'static str)> {
         c(
             "lora merge --model @/t2i --lora @/lora-other.safetensors --out @/merged",
             "lora_unet_down_blocks_0_attentions_0_proj_in",
+        ),
+        // text-to-image training and distillation
+        c(
+            "train --data @/cap-missing --model-config @/t2i-pixel.json --text-encoder @/t2i --out @/new",
+            "@/cap-missing/a.png: no caption",
+        ),
+        c(
+            "train --data @/cap-nonutf8 --model-config @/t2i-pixel.json --text-encoder @/t2i --out @/new",
+            "@/cap-nonutf8/a.txt: caption is not UTF-8",
+        ),
+        c(
+            "train --data @/cap-empty --model-config @/t2i-pixel.json --text-encoder @/t2i --out @/new",
+            "@/cap-empty/metadata.jsonl: line 1: empty caption",
+        ),
+        c(
+            "train --data @/cap-empty --model-config @/t2i-pixel.json --text-encoder @/t2i --caption-column prompt --out @/new",
+            "--caption-column",
+        ),
+        c(
+            "train --model-config shapes-t2i8 --out @/new",
+            "--text-encoder",
+        ),
+        c(
+            "train --model-config @/t2i-pixel.json --text-encoder @/missing --out @/new",
+            "@/missing",
+        ),
+        c(
+            "train --model-config shapes32 --text-encoder @/t2i --out @/new",
+            "--text-encoder",
+        ),
+        c("train-clip --image-tower @/missing --out @/new", "@/missing"),
+        c("train-clip --hidden 20 --out @/new", "--hidden 20"),
+        c(
+            "train-features --heads attributes --init @/missing --steps 1 --out @/new",
+            "@/missing",
+        ),
+        c(
+            "distill progressive --teacher @/tiny --guidance 1,2 --out @/new",
+            "--guidance",
+        ),
+        c(
+            "distill consistency --teacher @/tiny --guidance 1,2 --out @/new",
+            "--guidance",
+        ),
+        c(
+            "eval curve --model @/tiny --guidance-scales 1,x --out @/new",
+            "--guidance-scales 1,x",
         ),
         // the command line itself
         c("bogus", "bogus"),

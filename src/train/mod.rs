@@ -388,6 +388,24 @@ pub fn train_diffusion(
     let prediction = run.scheduler.resolve(algorithm).prediction;
     let train_t = schedule.num_train_timesteps();
 
+    // A text run's encoder and captions load before the run folder is created: a bad
+    // --text-encoder or a missing caption leaves nothing behind.
+    let text = match &run.text {
+        None => None,
+        Some(spec) => {
+            let images = run.data.open(run.unet.sample_size.unwrap_or(data::shapes::SIZE))?;
+            Some(TextData {
+                encoder: pipeline::TextEncoder::load(
+                    &spec.encoder,
+                    device,
+                    crate::backend::Precision::F32,
+                )?,
+                captions: data::Captions::open(&images, &spec.caption_column)?,
+                dropout: spec.caption_dropout,
+            })
+        }
+    };
+
     // The data opens (and a latent run's VAE loads) before the run folder is created: a bad
     // --data or --vae leaves nothing behind.
     let data = match &run.latent {
@@ -421,24 +439,6 @@ pub fn train_diffusion(
     let vae = match &data {
         TrainData::Latents(cache) => Some((&cache.config, &cache.vae)),
         TrainData::Pixels(_) => None,
-    };
-    let text = match &run.text {
-        None => None,
-        Some(spec) => {
-            let images = match &data {
-                TrainData::Pixels(images) => images,
-                TrainData::Latents(_) => &run.data.open(data::shapes::SIZE)?,
-            };
-            Some(TextData {
-                encoder: pipeline::TextEncoder::load(
-                    &spec.encoder,
-                    device,
-                    crate::backend::Precision::F32,
-                )?,
-                captions: data::Captions::open(images, &spec.caption_column)?,
-                dropout: spec.caption_dropout,
-            })
-        }
     };
     let text_encoder = text.as_ref().map(|t| &t.encoder);
 

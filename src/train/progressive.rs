@@ -390,6 +390,15 @@ pub fn distill_progressive(
         // The teacher loads and the data opens before the run folder is created: a truncated
         // teacher or an unreadable --data leaves nothing behind.
         let teacher = Pipeline::load(&run.teacher, device)?;
+        if run.config.guidance.is_some()
+            && teacher.text.is_none()
+            && teacher.unet.num_classes().is_none()
+        {
+            return Err(Error::Usage(format!(
+                "--guidance needs a class-conditional or text-to-image teacher; {} is unconditional",
+                run.teacher.display()
+            )));
+        }
         images = Some(open_images(
             &run.data,
             super::image_size(&teacher),
@@ -454,12 +463,6 @@ pub fn distill_progressive(
         }
         let images = images.as_ref().expect("opened above");
         let conditioning = TeacherConditioning::new(&teacher, images, device)?;
-        if cfg.guidance.is_some() && !conditioning.guidable() {
-            return Err(Error::Usage(format!(
-                "--guidance needs a class-conditional or text-to-image teacher; {} is unconditional",
-                run.teacher.display()
-            )));
-        }
         let state = match load_checkpoint(run_dir, &student_config, cfg, steps, device)? {
             Some(s) => s,
             None => {
