@@ -109,6 +109,50 @@ pub fn run(args: TrainArgs) -> Result<()> {
     } else {
         let mut unet = model_config(&args.model_config)?;
         let data = DataSource::from_flag(&args.data, args.data_seed)?;
+        let text = match (&args.text_encoder, unet.is_conditional()) {
+            (Some(dir), true) => {
+                let encoder = dir.canonicalize().map_err(|_| {
+                    Error::file(dir, "--text-encoder: not found (expected a folder with tokenizer/ and text_encoder/, e.g. a `fewstep train-clip` run)")
+                })?;
+                let cfg_path = encoder
+                    .join(crate::pipeline::TEXT_ENCODER_DIR)
+                    .join(io::CONFIG_NAME);
+                if !cfg_path.is_file() {
+                    return Err(Error::file(
+                        dir,
+                        "--text-encoder: no text_encoder/config.json here (expected a folder with tokenizer/ and text_encoder/, e.g. a finished `fewstep train-clip` run)",
+                    ));
+                }
+                let text_cfg = crate::models::ClipTextConfig::from_json_str(&io::read_text(
+                    &cfg_path,
+                )?)
+                .map_err(|e| e.in_file(&cfg_path))?;
+                unet.cross_attention_dim = Some(text_cfg.hidden_size);
+                Some(crate::train::TextSpec {
+                    encoder,
+                    caption_dropout: args.caption_dropout,
+                    caption_column: args.caption_column.clone(),
+                })
+            }
+            (None, false) => None,
+            (Some(_), false) => {
+                return Err(Error::Usage(format!(
+                    "--text-encoder: --model-config {} is not a UNet2DConditionModel (use the shapes-t2i8 preset or a text-conditioned config.json)",
+                    args.model_config
+                )));
+            }
+            (None, true) => {
+                return Err(Error::Usage(format!(
+                    "--model-config {} is a text-conditioned UNet2DConditionModel: give --text-encoder (e.g. a `fewstep train-clip` run)",
+                    args.model_config
+                )));
+            }
+        };
+        if text.is_some() && args.class_conditional {
+            return Err(Error::Usage(
+                "--class-conditional and --text-encoder: choose one conditioning".into(),
+            ));
+        }
         let latent = match &args.vae {
             None => None,
             Some(path) => Some(LatentSpec {
@@ -169,50 +213,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
                     )));
                 }
             }
-        }
-        let text = match (&args.text_encoder, unet.is_conditional()) {
-            (Some(dir), true) => {
-                let encoder = dir.canonicalize().map_err(|_| {
-                    Error::file(dir, "--text-encoder: not found (expected a folder with tokenizer/ and text_encoder/, e.g. a `fewstep train-clip` run)")
-                })?;
-                let cfg_path = encoder
-                    .join(crate::pipeline::TEXT_ENCODER_DIR)
-                    .join(io::CONFIG_NAME);
-                if !cfg_path.is_file() {
-                    return Err(Error::file(
-                        dir,
-                        "--text-encoder: no text_encoder/config.json here (expected a folder with tokenizer/ and text_encoder/, e.g. a finished `fewstep train-clip` run)",
-                    ));
-                }
-                let text_cfg = crate::models::ClipTextConfig::from_json_str(&io::read_text(
-                    &cfg_path,
-                )?)
-                .map_err(|e| e.in_file(&cfg_path))?;
-                unet.cross_attention_dim = Some(text_cfg.hidden_size);
-                Some(crate::train::TextSpec {
-                    encoder,
-                    caption_dropout: args.caption_dropout,
-                    caption_column: args.caption_column.clone(),
-                })
-            }
-            (None, false) => None,
-            (Some(_), false) => {
-                return Err(Error::Usage(format!(
-                    "--text-encoder: --model-config {} is not a UNet2DConditionModel (use the shapes-t2i8 preset or a text-conditioned config.json)",
-                    args.model_config
-                )));
-            }
-            (None, true) => {
-                return Err(Error::Usage(format!(
-                    "--model-config {} is a text-conditioned UNet2DConditionModel: give --text-encoder (e.g. a `fewstep train-clip` run)",
-                    args.model_config
-                )));
-            }
-        };
-        if text.is_some() && args.class_conditional {
-            return Err(Error::Usage(
-                "--class-conditional and --text-encoder: choose one conditioning".into(),
-            ));
         }
         crate::models::footprint::check_unet(
             &unet,
