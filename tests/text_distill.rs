@@ -293,6 +293,8 @@ fn text_to_image_teacher_students_and_adherence_on_tiny_models() {
         s(&root.join("cache")),
         "--attributes",
         s(&attributes),
+        "--clip",
+        s(&clip),
         "--json",
     ]);
     ok(&o);
@@ -304,6 +306,8 @@ fn text_to_image_teacher_students_and_adherence_on_tiny_models() {
         assert!((0.0..=1.0).contains(&v), "{key}: {report}");
     }
     assert!(a["adherence"].as_f64() <= a["pairs"].as_f64());
+    let clip_score = a["clip_score"].as_f64().unwrap();
+    assert!(clip_score.abs() <= 100.0, "{report}");
     assert_eq!(report["source"]["guidance_scale"], 3.0);
     std::fs::remove_dir_all(&root).unwrap();
 }

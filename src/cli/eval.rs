@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::eval::{CurveLine, GanUnderTest, ModelUnderTest, Sampling};
 use crate::io;
 use crate::metrics::adherence::{Adherence, AttributeClassifier, PromptJudge};
+use crate::train::clip::TrainedClip;
 use crate::metrics::curve_plot::{Series, plot_fid_curve};
 use crate::metrics::{
     self, FeatureExtractor, InceptionFeatures, Reference, Scores, ShapesFeatures,
@@ -109,6 +110,10 @@ pub struct ReferenceArgs {
     /// captions of the reference images (seed --data-seed), one image each.
     #[arg(long)]
     pub attributes: Option<PathBuf>,
+    /// Text-to-image models: a `train-clip` run for the CLIP score (100 × the cosine between
+    /// image and prompt embeddings; default: the shipped weights/shapes-clip).
+    #[arg(long)]
+    pub clip: Option<PathBuf>,
 }
 
 impl ReferenceArgs {
@@ -122,26 +127,34 @@ impl ReferenceArgs {
             .clone()
             .unwrap_or_else(|| io::shipped(SHAPES_ATTRIBUTES));
         let classifier = AttributeClassifier::load(&dir, device)?;
-        Ok(Some(PromptJudge::shapes_text(classifier, self.data_seed, num)))
+        let judge = PromptJudge::shapes_text(classifier, self.data_seed, num);
+        let clip = self.clip.clone().unwrap_or_else(|| io::shipped(SHAPES_CLIP));
+        if self.clip.is_none() && !clip.is_dir() {
+            return Ok(Some(judge));
+        }
+        Ok(Some(judge.with_clip(TrainedClip::load(&clip, device)?, device)?))
     }
 }
 
 /// The shipped attribute classifier (prompt adherence on `shapes-text`).
 pub const SHAPES_ATTRIBUTES: &str = "shapes-attributes";
+/// The shipped `shapes-text` CLIP (the text encoder's training run).
+pub const SHAPES_CLIP: &str = "shapes-clip";
 
 /// "adherence 0.812 (colours 0.95, kinds 0.90, count 0.97, pairs 0.85, relation 0.70)".
 fn adherence_text(a: &Adherence) -> String {
     let r = a.rates();
     let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
     format!(
-        "adherence {:.4} (colours {:.3}, kinds {:.3}, count {:.3}, pairs {:.3}, relation {:.3} of {})",
+        "adherence {:.4} (colours {:.3}, kinds {:.3}, count {:.3}, pairs {:.3}, relation {:.3} of {}) | CLIP score {:.2}",
         f("adherence"),
         f("colours"),
         f("kinds"),
         f("count"),
         f("pairs"),
         f("relation"),
-        a.relation_prompts
+        a.relation_prompts,
+        f("clip_score")
     )
 }
 
@@ -579,7 +592,7 @@ fn run_curve(args: CurveArgs) -> Result<()> {
     });
     let mut rows = Vec::new();
     let mut csv = String::from(
-        "model,scheduler,steps,guidance_scale,fid,kid,kid_std,precision,recall,adherence,colours,kinds,count,pairs,relation,samples_per_second\n",
+        "model,scheduler,steps,guidance_scale,fid,kid,kid_std,precision,recall,adherence,colours,kinds,count,pairs,relation,clip_score,samples_per_second\n",
     );
     let mut series = Vec::new();
     for line in &lines {
@@ -628,7 +641,7 @@ fn run_curve(args: CurveArgs) -> Result<()> {
                     .map_or(String::new(), |v| format!("{v:.4}"))
             };
             csv += &format!(
-                "{},{},{n},{},{:.6},{kid:.6},{kid_std:.6},{p:.4},{r:.4},{},{},{},{},{},{},{per_sec:.3}\n",
+                "{},{},{n},{},{:.6},{kid:.6},{kid_std:.6},{p:.4},{r:.4},{},{},{},{},{},{},{},{per_sec:.3}\n",
                 model.dir.display(),
                 model.algorithm,
                 text_g.map_or(String::new(), |g| g.to_string()),
@@ -639,6 +652,7 @@ fn run_curve(args: CurveArgs) -> Result<()> {
                 rate("count"),
                 rate("pairs"),
                 rate("relation"),
+                rate("clip_score"),
             );
             rows.push(json!({
                 "model": model.dir.display().to_string(),
@@ -710,6 +724,7 @@ fn run_stats(args: StatsArgs) -> Result<()> {
         ref_stats: None,
         cache: args.cache.clone(),
         attributes: args.attributes.clone(),
+        clip: None,
     };
     let extractor = reference.extractor(&device)?;
     let extractor: &dyn FeatureExtractor = extractor.as_ref();

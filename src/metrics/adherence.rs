@@ -11,6 +11,7 @@ use burn::prelude::*;
 use crate::data::captions::{Facts, PAIRS, Relation};
 use crate::data::shapes;
 use crate::error::{Error, Result};
+use crate::train::clip::TrainedClip;
 use crate::io;
 use crate::models::feature_net::{
     FeatureNet, FeatureNetConfig, Heads, MAX_COUNT, RELATION_CLASSES,
@@ -60,6 +61,8 @@ pub struct PromptJudge {
     pub classifier: AttributeClassifier,
     pub prompts: Vec<String>,
     pub facts: Vec<Facts>,
+    /// A trained `shapes-text` CLIP and its embeddings of the prompts [N, P], for the CLIP score.
+    pub clip: Option<(TrainedClip, Tensor<2>)>,
 }
 
 impl PromptJudge {
@@ -74,11 +77,26 @@ impl PromptJudge {
             classifier,
             prompts: captions.iter().map(|c| c.text.clone()).collect(),
             facts: captions.into_iter().map(|c| c.facts).collect(),
+            clip: None,
         }
+    }
+
+    /// Adds the CLIP score (Hessel et al. 2021's 100·cos, here with the `shapes-text` CLIP).
+    pub fn with_clip(mut self, clip: TrainedClip, device: &Device) -> Result<Self> {
+        let embeds = clip.text_embeds(&self.prompts, device)?;
+        self.clip = Some((clip, embeds));
+        Ok(self)
     }
 
     /// Scores images `first ..` (pixels in [−1, 1]) against their prompts into `into`.
     pub fn score(&self, first: usize, images: Tensor<4>, into: &mut Adherence) {
+        if let Some((clip, prompts)) = &self.clip {
+            let b = images.dims()[0];
+            let cos = (clip.image_embeds(images.clone())
+                * prompts.clone().narrow(0, first, b).to_device(&images.device()))
+            .sum();
+            into.clip_cosine_sum += cos.into_scalar::<f32>() as f64;
+        }
         for (i, shown) in self.classifier.facts(images).iter().enumerate() {
             into.add(&self.facts[first + i], shown);
         }
@@ -134,6 +152,8 @@ pub struct Adherence {
     pub relation: usize,
     /// Pairs and (where stated) relation match: the headline fraction.
     pub all: usize,
+    /// Sum over images of the cosine between the image's and its prompt's CLIP embeddings.
+    pub clip_cosine_sum: f64,
 }
 
 impl Adherence {
@@ -165,6 +185,14 @@ impl Adherence {
         }
     }
 
+    fn rate_f(sum: f64, of: usize) -> f64 {
+        if of == 0 || sum == 0.0 {
+            f64::NAN
+        } else {
+            sum / of as f64
+        }
+    }
+
     /// The headline: the fraction of images whose facts all match their prompt.
     pub fn score(&self) -> f64 {
         Self::rate(self.all, self.images)
@@ -180,6 +208,7 @@ impl Adherence {
             "pairs": Self::rate(self.pairs, self.images),
             "relation": Self::rate(self.relation, self.relation_prompts),
             "relation_prompts": self.relation_prompts,
+            "clip_score": 100.0 * Self::rate_f(self.clip_cosine_sum, self.images),
             "images": self.images,
         })
     }

@@ -41,6 +41,8 @@ use crate::text::ClipTokenizer;
 pub const CLIP_RUN: &str = "train-clip";
 /// The whole trained text side (text tower, projections, temperature).
 pub const CLIP_WEIGHTS: &str = "clip.safetensors";
+/// The locked image tower, copied into the finished run (the folder is self-contained).
+pub const IMAGE_TOWER_DIR: &str = "image_tower";
 /// Tokens per caption (the longest `shapes-text` caption is 21 with start and end).
 pub const MAX_TOKENS: usize = 32;
 
@@ -144,6 +146,48 @@ impl ClipTextTower {
 fn normalize(x: Tensor<2>) -> Tensor<2> {
     let norm = x.clone().powf_scalar(2.0).sum_dim(1).sqrt().clamp_min(1e-6);
     x / norm
+}
+
+/// A finished `train-clip` folder, for scoring: the tower, its locked image network, the
+/// tokenizer.
+pub struct TrainedClip {
+    pub tower: ClipTextTower,
+    pub image_tower: ShapesFeatures,
+    pub tokenizer: ClipTokenizer,
+}
+
+impl TrainedClip {
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let weights = dir.join(CLIP_WEIGHTS);
+        if !weights.is_file() {
+            return Err(Error::file(
+                dir,
+                "--clip: not a finished `fewstep train-clip` run (no clip.safetensors)",
+            ));
+        }
+        let run = checkpoint::read_run_as::<ClipRun>(dir, CLIP_RUN)?;
+        let image_tower = ShapesFeatures::load(&dir.join(IMAGE_TOWER_DIR), device)?;
+        let tower = io::load_weights(
+            ClipTextTower::init(&run, image_tower.dim(), device),
+            &weights,
+        )?;
+        Ok(TrainedClip {
+            tower,
+            image_tower,
+            tokenizer: ClipTokenizer::load(&dir.join(TOKENIZER_DIR))?,
+        })
+    }
+
+    /// Unit-norm embeddings [N, P] of `texts`.
+    pub fn text_embeds(&self, texts: &[String], device: &Device) -> Result<Tensor<2>> {
+        let (ids, eos) = tokenize(&self.tokenizer, texts, device)?;
+        Ok(self.tower.text_embeds(ids, &eos))
+    }
+
+    /// Unit-norm embeddings [B, P] of images in [−1, 1].
+    pub fn image_embeds(&self, images: Tensor<4>) -> Tensor<2> {
+        self.tower.image_embeds(self.image_tower.features(images))
+    }
 }
 
 /// Token ids [B, N] of `texts` and each row's end-token position.
@@ -397,6 +441,12 @@ pub fn train_clip(
     };
     text.save(run_dir)?;
     io::save_weights(&tower, &run_dir.join(CLIP_WEIGHTS))?;
+    for name in [io::CONFIG_NAME, io::WEIGHTS_NAME] {
+        let from = run.image_tower.join(name);
+        let bytes =
+            std::fs::read(&from).map_err(|e| Error::file(&from, format!("cannot read: {e}")))?;
+        io::write_atomic(&run_dir.join(IMAGE_TOWER_DIR).join(name), &bytes)?;
+    }
     io::write_json(
         &run_dir.join("report.json"),
         &json!({
