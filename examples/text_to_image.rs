@@ -5,10 +5,11 @@
 //!
 //! `cargo run --release --example text_to_image -- [MODEL_DIR] [PROMPT] [LORA_FILE] [OUT.png]`
 //!
-//! With a real SD-1.5 folder and the published LCM-LoRA (`pytorch_lora_weights.safetensors`):
+//! Without arguments it samples the shipped `shapes-text` teacher (`weights/shapes-t2i`) with the
+//! shipped LCM-LoRA (`weights/shapes-t2i-lcm-lora/lora.safetensors`, kohya layout) in 4 steps
+//! from "a red circle above a blue square". With a real SD-1.5 folder and the published LCM-LoRA
+//! (`pytorch_lora_weights.safetensors`):
 //! `cargo run --release --features wgpu --example text_to_image -- sd15 "a photo of a cat" lcm-lora.safetensors`.
-//! Without arguments it runs the tiny random-weight LCM fixture of the parity tests (its image is
-//! noise: it shows the path, not a model).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -20,14 +21,22 @@ use fewstep_schedulers::{Algorithm, Scheduler};
 
 fn main() -> fewstep::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let model = args.first().map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/text_to_image/lcm")
-    });
+    let shipped = |name: &str| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights").join(name);
+    let model = args
+        .first()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| shipped("shapes-t2i"));
     let prompt = args
         .get(1)
         .cloned()
         .unwrap_or_else(|| "a red circle above a blue square".into());
-    let lora = args.get(2).filter(|a| !a.is_empty()).map(PathBuf::from);
+    let lora = match args.get(2) {
+        Some(a) if a.is_empty() => None,
+        Some(a) => Some(PathBuf::from(a)),
+        // The shipped teacher's LCM-LoRA when the shipped teacher is sampled.
+        None if args.is_empty() => Some(shipped("shapes-t2i-lcm-lora").join("lora.safetensors")),
+        None => None,
+    };
     let out = PathBuf::from(
         args.get(3)
             .cloned()

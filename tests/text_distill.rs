@@ -311,3 +311,77 @@ fn text_to_image_teacher_students_and_adherence_on_tiny_models() {
     assert_eq!(report["source"]["guidance_scale"], 3.0);
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// A pixel-space UNet2DConditionModel for 32×32 folders, context width 16 (the SD-1.5-layout
+/// fixture's text encoder).
+const TINY_PIXEL_T2I: &str = r#"{"_class_name": "UNet2DConditionModel", "sample_size": 32,
+    "in_channels": 3, "out_channels": 3, "block_out_channels": [8, 16], "layers_per_block": 1,
+    "norm_num_groups": 4, "attention_head_dim": 2, "cross_attention_dim": 16,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}"#;
+
+#[test]
+fn captioned_folders_of_both_conventions_train_a_text_to_image_model() {
+    let root = scratch("text-distill", "folders");
+    std::fs::create_dir_all(&root).unwrap();
+    let config = root.join("t2i.json");
+    std::fs::write(&config, TINY_PIXEL_T2I).unwrap();
+    let encoder = repo().join("tests/fixtures/text_to_image/sd15");
+    let png = |path: &Path, rgb: [u8; 3]| {
+        image::RgbImage::from_pixel(40, 32, image::Rgb(rgb))
+            .save(path)
+            .unwrap();
+    };
+    // Hugging Face imagefolder: metadata.jsonl with file_name and a caption column.
+    let hf = root.join("imagefolder");
+    std::fs::create_dir_all(hf.join("train")).unwrap();
+    png(&hf.join("train/red.png"), [220, 20, 20]);
+    png(&hf.join("train/blue.png"), [20, 20, 220]);
+    std::fs::write(
+        hf.join("metadata.jsonl"),
+        "{\"file_name\": \"train/red.png\", \"caption\": \"a red square\"}\n{\"file_name\": \"train/blue.png\", \"caption\": \"a blue square\"}\n",
+    )
+    .unwrap();
+    // kohya: a .txt caption beside each image.
+    let kohya = root.join("kohya");
+    std::fs::create_dir_all(&kohya).unwrap();
+    png(&kohya.join("0001.png"), [20, 200, 20]);
+    std::fs::write(kohya.join("0001.txt"), "green, square, flat colour\n").unwrap();
+    png(&kohya.join("0002.jpg"), [200, 200, 20]);
+    std::fs::write(kohya.join("0002.txt"), "yellow, square").unwrap();
+    for (data, extra) in [(&hf, vec!["--caption-column", "caption"]), (&kohya, vec![])] {
+        let run = root.join(format!("run-{}", data.file_name().unwrap().to_str().unwrap()));
+        let mut args = vec![
+            "train",
+            "--data",
+            s(data),
+            "--model-config",
+            s(&config),
+            "--text-encoder",
+            s(&encoder),
+            "--steps",
+            "2",
+            "--batch",
+            "2",
+            "--out",
+            s(&run),
+            "--quiet",
+        ];
+        args.extend(extra);
+        ok(&fewstep(&args));
+        let pipeline = run.join("checkpoints/latest");
+        assert!(pipeline.join("tokenizer/vocab.json").exists());
+        ok(&fewstep(&[
+            "sample",
+            "--model",
+            s(&pipeline),
+            "--prompt",
+            "a red square",
+            "--steps",
+            "2",
+            "--out",
+            s(&run.join("sample.png")),
+        ]));
+    }
+    std::fs::remove_dir_all(&root).unwrap();
+}
