@@ -47,6 +47,7 @@ fn main() -> fewstep::Result<()> {
             seed: 0,
             checkpoint_every: 20,
             lora: None, // Some(LoraSpec { .. }): adapters instead of a full student (examples/lcm_lora.rs)
+            lora_format: Default::default(),
         },
         data: DataSource::Shapes { seed: 0 },
     };

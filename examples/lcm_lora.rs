@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use fewstep::data::DataSource;
 use fewstep::distill::consistency::{Distance, Solver};
 use fewstep::io;
-use fewstep::models::lora::LoraSpec;
+use fewstep::models::lora::{LoraFormat, LoraSpec};
 use fewstep::sample::{Generation, write_sample_grid};
 use fewstep::train::consistency::{
     CONSISTENCY_RUN, ConsistencyConfig, ConsistencyRun, LORA_FILE, LrDecay, distill_consistency,
@@ -55,6 +55,7 @@ fn main() -> fewstep::Result<()> {
                 convolutions: false, // true: also the resnet and resampling convolutions
                 linears: false,      // true: also the resnets' time-embedding projections
             }),
+            lora_format: LoraFormat::Peft, // or Kohya: lora_unet_….lora_down/lora_up/alpha
         },
         data: DataSource::Shapes { seed: 0 },
     };

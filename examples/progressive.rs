@@ -38,6 +38,10 @@ fn main() -> fewstep::Result<()> {
             ema_decay: None,
             seed: 0,
             checkpoint_every: 10,
+            // A class-conditional or text-to-image teacher can be distilled with its guidance
+            // (Meng et al.): a w range here adds the guided stage one.
+            guidance: None,
+            guided_iters: None,
         },
         data: DataSource::Shapes { seed: 0 },
     };

@@ -21,7 +21,11 @@ use fewstep_schedulers::{Algorithm, Scheduler};
 
 fn main() -> fewstep::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let shipped = |name: &str| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights").join(name);
+    let shipped = |name: &str| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("weights")
+            .join(name)
+    };
     let model = args
         .first()
         .map(PathBuf::from)

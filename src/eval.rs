@@ -185,8 +185,7 @@ pub fn text_prompts(
     }))
 }
 
-impl ModelUnderTest {
-}
+impl ModelUnderTest {}
 
 /// The last two components of `path` (`parent/name`), or its last one.
 pub fn two_components(path: &Path) -> String {

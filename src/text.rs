@@ -241,7 +241,9 @@ pub fn learn_word_merges(words: &[&str]) -> Vec<(String, String)> {
         let mut counts: std::collections::BTreeMap<(String, String), usize> = Default::default();
         for w in &segmented {
             for pair in w.windows(2) {
-                *counts.entry((pair[0].clone(), pair[1].clone())).or_default() += 1;
+                *counts
+                    .entry((pair[0].clone(), pair[1].clone()))
+                    .or_default() += 1;
             }
         }
         // BTreeMap order breaks ties by text; max_by_key keeps the last maximum, so reverse.
@@ -328,6 +330,10 @@ mod tests {
         assert_eq!(ids.iter().position(|&i| i == tok.eos), Some(8));
         // An unknown word falls back to byte symbols, not to the unknown (end) token.
         let ids = tok.encode("zebra").unwrap();
-        assert!(ids.iter().position(|&i| i == tok.eos).unwrap() >= 3, "{:?}", &ids[..6]);
+        assert!(
+            ids.iter().position(|&i| i == tok.eos).unwrap() >= 3,
+            "{:?}",
+            &ids[..6]
+        );
     }
 }

@@ -597,7 +597,10 @@ fn cases() -> Vec<(Vec<&'static str>, &'static str)> {
             "train --model-config shapes32 --text-encoder @/t2i --out @/new",
             "--text-encoder",
         ),
-        c("train-clip --image-tower @/missing --out @/new", "@/missing"),
+        c(
+            "train-clip --image-tower @/missing --out @/new",
+            "@/missing",
+        ),
         c("train-clip --hidden 20 --out @/new", "--hidden 20"),
         c(
             "train-features --heads attributes --init @/missing --steps 1 --out @/new",

@@ -134,7 +134,10 @@ fn text_to_image_teacher_students_and_adherence_on_tiny_models() {
     let index = json(&teacher.join("model_index.json"));
     assert_eq!(index["_class_name"], "StableDiffusionPipeline");
     assert_eq!(index["text_encoder"][1], "CLIPTextModel");
-    assert_eq!(json(&run.join("run.json"))["text"]["caption_dropout"], 0.1f32 as f64);
+    assert_eq!(
+        json(&run.join("run.json"))["text"]["caption_dropout"],
+        0.1f32 as f64
+    );
 
     // LCM with the guidance-scale embedding: a LatentConsistencyModelPipeline folder.
     let lcm = root.join("lcm");
@@ -170,8 +173,16 @@ fn text_to_image_teacher_students_and_adherence_on_tiny_models() {
     assert!(student.join("text_encoder/model.safetensors").is_file());
     // w changes what a guidance-embedded student draws (it starts as the teacher with a zero
     // embedding and trained for two steps, so only slightly).
-    let g2 = sample(&student, &["--steps", "2", "--guidance-scale", "2"], &root.join("g2.png"));
-    let g4 = sample(&student, &["--steps", "2", "--guidance-scale", "4"], &root.join("g4.png"));
+    let g2 = sample(
+        &student,
+        &["--steps", "2", "--guidance-scale", "2"],
+        &root.join("g2.png"),
+    );
+    let g4 = sample(
+        &student,
+        &["--steps", "2", "--guidance-scale", "4"],
+        &root.join("g4.png"),
+    );
     assert!(max_abs_diff(&g2, &g4) > 0.0);
 
     // LCM-LoRA in both layouts: the file applied to the teacher samples as the merged student.
@@ -180,7 +191,14 @@ fn text_to_image_teacher_students_and_adherence_on_tiny_models() {
         ok(&common::distill_tiny_lora(
             &teacher,
             &out,
-            &["--iters", "2", "--lora-format", format, "--data", "shapes-text"],
+            &[
+                "--iters",
+                "2",
+                "--lora-format",
+                format,
+                "--data",
+                "shapes-text",
+            ],
         ));
         let file = out.join("lora.safetensors");
         let names = safetensors::SafeTensors::deserialize(&std::fs::read(&file).unwrap())
@@ -202,14 +220,7 @@ fn text_to_image_teacher_students_and_adherence_on_tiny_models() {
         );
         let applied = sample(
             &teacher,
-            &[
-                "--lora",
-                s(&file),
-                "--steps",
-                "2",
-                "--guidance-scale",
-                "1",
-            ],
+            &["--lora", s(&file), "--steps", "2", "--guidance-scale", "1"],
             &root.join(format!("{format}-applied.png")),
         );
         let diff = max_abs_diff(&merged, &applied);
@@ -244,15 +255,24 @@ fn text_to_image_teacher_students_and_adherence_on_tiny_models() {
     ]));
     for steps in [4, 2] {
         let dir = pd.join(format!("round-{steps}steps"));
-        assert_eq!(json(&dir.join("unet/config.json"))["time_cond_proj_dim"], 256);
+        assert_eq!(
+            json(&dir.join("unet/config.json"))["time_cond_proj_dim"],
+            256
+        );
         assert_eq!(
             json(&dir.join("model_index.json"))["_class_name"],
             "StableDiffusionPipeline"
         );
     }
-    assert_eq!(json(&pd.join("round-4steps/distill.json"))["stage"], "guided");
+    assert_eq!(
+        json(&pd.join("round-4steps/distill.json"))["stage"],
+        "guided"
+    );
     // 2 guided + 2 halving iterations, each logged once.
-    let rows = std::fs::read_to_string(pd.join("loss.csv")).unwrap().lines().count();
+    let rows = std::fs::read_to_string(pd.join("loss.csv"))
+        .unwrap()
+        .lines()
+        .count();
     assert_eq!(rows, 1 + 4);
 
     // Prompt adherence: an attribute classifier, then `eval fid` on the teacher.
@@ -350,7 +370,10 @@ fn captioned_folders_of_both_conventions_train_a_text_to_image_model() {
     png(&kohya.join("0002.jpg"), [200, 200, 20]);
     std::fs::write(kohya.join("0002.txt"), "yellow, square").unwrap();
     for (data, extra) in [(&hf, vec!["--caption-column", "caption"]), (&kohya, vec![])] {
-        let run = root.join(format!("run-{}", data.file_name().unwrap().to_str().unwrap()));
+        let run = root.join(format!(
+            "run-{}",
+            data.file_name().unwrap().to_str().unwrap()
+        ));
         let mut args = vec![
             "train",
             "--data",

@@ -13,12 +13,12 @@ use crate::error::{Error, Result};
 use crate::eval::{CurveLine, GanUnderTest, ModelUnderTest, Sampling};
 use crate::io;
 use crate::metrics::adherence::{Adherence, AttributeClassifier, PromptJudge};
-use crate::train::clip::TrainedClip;
 use crate::metrics::curve_plot::{Series, plot_fid_curve};
 use crate::metrics::{
     self, FeatureExtractor, InceptionFeatures, Reference, Scores, ShapesFeatures,
 };
 use crate::models::inception;
+use crate::train::clip::TrainedClip;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum EvalCommand {
@@ -128,11 +128,16 @@ impl ReferenceArgs {
             .unwrap_or_else(|| io::shipped(SHAPES_ATTRIBUTES));
         let classifier = AttributeClassifier::load(&dir, device)?;
         let judge = PromptJudge::shapes_text(classifier, self.data_seed, num);
-        let clip = self.clip.clone().unwrap_or_else(|| io::shipped(SHAPES_CLIP));
+        let clip = self
+            .clip
+            .clone()
+            .unwrap_or_else(|| io::shipped(SHAPES_CLIP));
         if self.clip.is_none() && !clip.is_dir() {
             return Ok(Some(judge));
         }
-        Ok(Some(judge.with_clip(TrainedClip::load(&clip, device)?, device)?))
+        Ok(Some(
+            judge.with_clip(TrainedClip::load(&clip, device)?, device)?,
+        ))
     }
 }
 
@@ -556,9 +561,11 @@ fn run_curve(args: CurveArgs) -> Result<()> {
     }
     io::check_output_file(&args.out.join("curve.csv"), "--out")?;
     let judge = args.reference.judge(
-        lines
-            .iter()
-            .any(|l| l.points(&steps).iter().any(|(m, _)| m.pipeline.is_text_to_image())),
+        lines.iter().any(|l| {
+            l.points(&steps)
+                .iter()
+                .any(|(m, _)| m.pipeline.is_text_to_image())
+        }),
         sampling.num_samples,
         &device,
     )?;
@@ -596,84 +603,84 @@ fn run_curve(args: CurveArgs) -> Result<()> {
     );
     let mut series = Vec::new();
     for line in &lines {
-      for &g in &guidance_scales {
-        let mut points = Vec::new();
-        let sampling = Sampling {
-            guidance_scale: g,
-            ..sampling.clone()
-        };
-        for (model, n) in line.points(&steps) {
-            let sampled =
-                model.sample_features(n, &sampling, extractor, 36, judge.as_ref(), &device)?;
-            let (kept, per_sec) = (&sampled.kept, sampled.per_second);
-            let scores = metrics::score(&sampled.features, &reference)?;
-            let label = model.label();
-            let text_g = model
-                .pipeline
-                .is_text_to_image()
-                .then(|| g.unwrap_or(crate::eval::DEFAULT_TEXT_GUIDANCE));
-            let at_g = text_g.map_or(String::new(), |g| format!(", guidance {g}"));
-            eprintln!(
-                "{label} @ {n} steps{at_g}: {}{} ({per_sec:.1} samples/s)",
-                scores_text(&scores),
-                sampled
-                    .adherence
-                    .as_ref()
-                    .map_or(String::new(), |a| format!(" | {}", adherence_text(a)))
-            );
-            let name = model.short_name().replace('/', "-");
-            let g_name = text_g.map_or(String::new(), |g| format!("-g{g}"));
-            crate::image_grid::write_grid(
-                &args.out.join(format!("grid-{name}-{n}steps{g_name}.png")),
-                &kept.pixels,
-                kept.count,
-                kept.shape,
-            )?;
-            let (kid, kid_std) = scores.kid.map_or((f64::NAN, f64::NAN), |k| (k.mean, k.std));
-            let (p, r) = scores
-                .precision_recall
-                .map_or((f64::NAN, f64::NAN), |pr| (pr.precision, pr.recall));
-            let rates = sampled.adherence.as_ref().map(Adherence::rates);
-            let rate = |k: &str| {
-                rates
-                    .as_ref()
-                    .and_then(|r| r[k].as_f64())
-                    .map_or(String::new(), |v| format!("{v:.4}"))
+        for &g in &guidance_scales {
+            let mut points = Vec::new();
+            let sampling = Sampling {
+                guidance_scale: g,
+                ..sampling.clone()
             };
-            csv += &format!(
-                "{},{},{n},{},{:.6},{kid:.6},{kid_std:.6},{p:.4},{r:.4},{},{},{},{},{},{},{},{per_sec:.3}\n",
-                model.dir.display(),
-                model.algorithm,
-                text_g.map_or(String::new(), |g| g.to_string()),
-                scores.fid,
-                rate("adherence"),
-                rate("colours"),
-                rate("kinds"),
-                rate("count"),
-                rate("pairs"),
-                rate("relation"),
-                rate("clip_score"),
-            );
-            rows.push(json!({
-                "model": model.dir.display().to_string(),
-                "scheduler": model.algorithm.to_string(),
-                "precision": model.precision.name(),
-                "steps": n,
-                "guidance_scale": text_g,
-                "fid": scores.fid,
-                "kid": scores.kid,
-                "precision_recall": scores.precision_recall,
-                "adherence": rates,
-                "samples_per_second": per_sec,
-            }));
-            points.push((n, scores.fid));
+            for (model, n) in line.points(&steps) {
+                let sampled =
+                    model.sample_features(n, &sampling, extractor, 36, judge.as_ref(), &device)?;
+                let (kept, per_sec) = (&sampled.kept, sampled.per_second);
+                let scores = metrics::score(&sampled.features, &reference)?;
+                let label = model.label();
+                let text_g = model
+                    .pipeline
+                    .is_text_to_image()
+                    .then(|| g.unwrap_or(crate::eval::DEFAULT_TEXT_GUIDANCE));
+                let at_g = text_g.map_or(String::new(), |g| format!(", guidance {g}"));
+                eprintln!(
+                    "{label} @ {n} steps{at_g}: {}{} ({per_sec:.1} samples/s)",
+                    scores_text(&scores),
+                    sampled
+                        .adherence
+                        .as_ref()
+                        .map_or(String::new(), |a| format!(" | {}", adherence_text(a)))
+                );
+                let name = model.short_name().replace('/', "-");
+                let g_name = text_g.map_or(String::new(), |g| format!("-g{g}"));
+                crate::image_grid::write_grid(
+                    &args.out.join(format!("grid-{name}-{n}steps{g_name}.png")),
+                    &kept.pixels,
+                    kept.count,
+                    kept.shape,
+                )?;
+                let (kid, kid_std) = scores.kid.map_or((f64::NAN, f64::NAN), |k| (k.mean, k.std));
+                let (p, r) = scores
+                    .precision_recall
+                    .map_or((f64::NAN, f64::NAN), |pr| (pr.precision, pr.recall));
+                let rates = sampled.adherence.as_ref().map(Adherence::rates);
+                let rate = |k: &str| {
+                    rates
+                        .as_ref()
+                        .and_then(|r| r[k].as_f64())
+                        .map_or(String::new(), |v| format!("{v:.4}"))
+                };
+                csv += &format!(
+                    "{},{},{n},{},{:.6},{kid:.6},{kid_std:.6},{p:.4},{r:.4},{},{},{},{},{},{},{},{per_sec:.3}\n",
+                    model.dir.display(),
+                    model.algorithm,
+                    text_g.map_or(String::new(), |g| g.to_string()),
+                    scores.fid,
+                    rate("adherence"),
+                    rate("colours"),
+                    rate("kinds"),
+                    rate("count"),
+                    rate("pairs"),
+                    rate("relation"),
+                    rate("clip_score"),
+                );
+                rows.push(json!({
+                    "model": model.dir.display().to_string(),
+                    "scheduler": model.algorithm.to_string(),
+                    "precision": model.precision.name(),
+                    "steps": n,
+                    "guidance_scale": text_g,
+                    "fid": scores.fid,
+                    "kid": scores.kid,
+                    "precision_recall": scores.precision_recall,
+                    "adherence": rates,
+                    "samples_per_second": per_sec,
+                }));
+                points.push((n, scores.fid));
+            }
+            let label = match (g, guidance_scales.len()) {
+                (Some(g), n) if n > 1 => format!("{} g={g}", line.label()),
+                _ => line.label(),
+            };
+            series.push(Series { label, points });
         }
-        let label = match (g, guidance_scales.len()) {
-            (Some(g), n) if n > 1 => format!("{} g={g}", line.label()),
-            _ => line.label(),
-        };
-        series.push(Series { label, points });
-      }
     }
     io::write_atomic(&args.out.join("curve.csv"), csv.as_bytes())?;
     let report = json!({ "protocol": protocol, "results": rows });

@@ -123,10 +123,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
                         "--text-encoder: no text_encoder/config.json here (expected a folder with tokenizer/ and text_encoder/, e.g. a finished `fewstep train-clip` run)",
                     ));
                 }
-                let text_cfg = crate::models::ClipTextConfig::from_json_str(&io::read_text(
-                    &cfg_path,
-                )?)
-                .map_err(|e| e.in_file(&cfg_path))?;
+                let text_cfg =
+                    crate::models::ClipTextConfig::from_json_str(&io::read_text(&cfg_path)?)
+                        .map_err(|e| e.in_file(&cfg_path))?;
                 unet.cross_attention_dim = Some(text_cfg.hidden_size);
                 Some(crate::train::TextSpec {
                     encoder,

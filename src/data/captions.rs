@@ -105,7 +105,9 @@ impl Relation {
 
     /// Class index of the attribute classifier's relation head (0 is "no relation").
     pub fn class(relation: Option<Relation>) -> usize {
-        relation.map_or(0, |r| 1 + Self::ALL.iter().position(|&x| x == r).expect("listed"))
+        relation.map_or(0, |r| {
+            1 + Self::ALL.iter().position(|&x| x == r).expect("listed")
+        })
     }
 
     pub fn from_class(class: usize) -> Option<Relation> {
@@ -217,10 +219,7 @@ pub fn caption(scene: &Scene, rng: &mut NoiseStream) -> Caption {
     // Distinct pairs, largest first, with their counts.
     let mut groups: Vec<(usize, usize, usize)> = Vec::new();
     for s in &shapes {
-        match groups
-            .iter_mut()
-            .find(|g| (g.0, g.1) == (s.kind, s.colour))
-        {
+        match groups.iter_mut().find(|g| (g.0, g.1) == (s.kind, s.colour)) {
             Some(g) => g.2 += 1,
             None => groups.push((s.kind, s.colour, 1)),
         }
@@ -275,8 +274,25 @@ fn caption_stream(seed: u64, index: u64) -> NoiseStream {
 /// Every word the grammar can produce (the `shapes-text` vocabulary), sorted.
 pub fn vocabulary() -> Vec<&'static str> {
     let mut words: Vec<&str> = vec![
-        "a", "an", "two", "three", "and", "above", "below", "to", "the", "left", "right", "of",
-        "picture", "image", "on", "dark", "light", "grey", "background",
+        "a",
+        "an",
+        "two",
+        "three",
+        "and",
+        "above",
+        "below",
+        "to",
+        "the",
+        "left",
+        "right",
+        "of",
+        "picture",
+        "image",
+        "on",
+        "dark",
+        "light",
+        "grey",
+        "background",
     ];
     words.extend(COLOUR_WORDS.iter().flat_map(|c| c.iter().copied()));
     words.extend(

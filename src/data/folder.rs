@@ -191,15 +191,19 @@ impl ImageFolder {
             if line.trim().is_empty() {
                 continue;
             }
-            let row: serde_json::Value = serde_json::from_str(line)
-                .map_err(|e| at(format!("not a JSON object: {e}")))?;
+            let row: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| at(format!("not a JSON object: {e}")))?;
             let name = row
                 .get("file_name")
                 .and_then(|v| v.as_str())
                 .ok_or_else(|| at("no `file_name` string".into()))?;
             let caption = match row.get(column) {
-                Some(serde_json::Value::String(s)) => s.split_whitespace().collect::<Vec<_>>().join(" "),
-                Some(_) => return Err(at(format!("`{column}` is not a string (--caption-column)"))),
+                Some(serde_json::Value::String(s)) => {
+                    s.split_whitespace().collect::<Vec<_>>().join(" ")
+                }
+                Some(_) => {
+                    return Err(at(format!("`{column}` is not a string (--caption-column)")));
+                }
                 None => {
                     return Err(at(format!(
                         "no `{column}` column (--caption-column names the caption column)"
@@ -219,7 +223,10 @@ impl ImageFolder {
             .iter()
             .map(|f| {
                 by_file.get(f).cloned().ok_or_else(|| {
-                    Error::file(f, format!("no caption: {METADATA_FILE} has no row for this image"))
+                    Error::file(
+                        f,
+                        format!("no caption: {METADATA_FILE} has no row for this image"),
+                    )
                 })
             })
             .collect()
@@ -413,10 +420,16 @@ mod tests {
         png(&root.join("one.png"));
         let folder = ImageFolder::open(&root, 4).unwrap();
         let err = folder.captions("text").unwrap_err().to_string();
-        assert!(err.contains("one.png") && err.contains("no caption: expected one.txt"), "{err}");
+        assert!(
+            err.contains("one.png") && err.contains("no caption: expected one.txt"),
+            "{err}"
+        );
         std::fs::write(root.join("one.txt"), [0xff, 0xfe, 0x41]).unwrap();
         let err = folder.captions("text").unwrap_err().to_string();
-        assert!(err.contains("one.txt") && err.contains("not UTF-8"), "{err}");
+        assert!(
+            err.contains("one.txt") && err.contains("not UTF-8"),
+            "{err}"
+        );
         std::fs::write(root.join("one.txt"), " \n ").unwrap();
         let err = folder.captions("text").unwrap_err().to_string();
         assert!(err.contains("empty caption"), "{err}");
@@ -434,9 +447,7 @@ mod tests {
         .unwrap();
         let err = folder.captions("text").unwrap_err().to_string();
         assert!(err.contains("gone.png: no such file"), "{err}");
-        for e in [err] {
-            assert!(!e.contains('\n'));
-        }
+        assert!(!err.contains('\n'));
     }
 
     #[test]

@@ -328,7 +328,7 @@ mod tests {
         let z = crate::sample::host_noise(&mut rng, [3, 3, 32, 32], &device);
         let mut unet = UNetConfig::tiny().init(&device);
         let solve = |u: &UNet, p: Prediction, solver: Solver| {
-            teacher_solver_step(u, p, z.clone(), &steps, None, None, solver)
+            teacher_solver_step(u, p, z.clone(), &steps, &Conditioning::none(), None, solver)
         };
         let gap = |a: Tensor<4>, b: Tensor<4>| -> f32 { (a - b).abs().max().into_scalar::<f32>() };
         let random = gap(

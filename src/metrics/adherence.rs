@@ -11,11 +11,11 @@ use burn::prelude::*;
 use crate::data::captions::{Facts, PAIRS, Relation};
 use crate::data::shapes;
 use crate::error::{Error, Result};
-use crate::train::clip::TrainedClip;
 use crate::io;
 use crate::models::feature_net::{
     FeatureNet, FeatureNetConfig, Heads, MAX_COUNT, RELATION_CLASSES,
 };
+use crate::train::clip::TrainedClip;
 
 /// The attribute classifier.
 pub struct AttributeClassifier {
@@ -93,7 +93,10 @@ impl PromptJudge {
         if let Some((clip, prompts)) = &self.clip {
             let b = images.dims()[0];
             let cos = (clip.image_embeds(images.clone())
-                * prompts.clone().narrow(0, first, b).to_device(&images.device()))
+                * prompts
+                    .clone()
+                    .narrow(0, first, b)
+                    .to_device(&images.device()))
             .sum();
             into.clip_cosine_sum += cos.into_scalar::<f32>() as f64;
         }
@@ -277,9 +280,8 @@ mod tests {
         }
         row[5 * (MAX_COUNT + 1) + 2] = 3.0; // … but two of pair 5
         row[PAIRS * (MAX_COUNT + 1) + 3] = 1.0; // left of
-        let facts = facts_from_logits(
-            Tensor::<1>::from_floats(row.as_slice(), &device).reshape([1, n]),
-        );
+        let facts =
+            facts_from_logits(Tensor::<1>::from_floats(row.as_slice(), &device).reshape([1, n]));
         assert_eq!(facts[0].pairs[5], 2);
         assert_eq!(facts[0].count(), 2);
         assert_eq!(facts[0].relation, Some(Relation::LeftOf));

@@ -104,10 +104,7 @@ impl ClipTextTower {
             text: run.text.init(device),
             text_projection: proj(run.text.hidden_size),
             image_projection: proj(image_dim),
-            logit_scale: Param::from_tensor(Tensor::from_floats(
-                [(1.0f32 / 0.07).ln()],
-                device,
-            )),
+            logit_scale: Param::from_tensor(Tensor::from_floats([(1.0f32 / 0.07).ln()], device)),
         }
     }
 
@@ -264,8 +261,8 @@ pub fn retrieval(
         let shown: Vec<Facts> = scenes.iter().map(Facts::of_scene).collect();
         for (c, &b) in caps.iter().zip(&best) {
             right += satisfies(&c.facts, &shown[b as usize]) as usize;
-            chance += shown.iter().filter(|s| satisfies(&c.facts, s)).count() as f64
-                / shown.len() as f64;
+            chance +=
+                shown.iter().filter(|s| satisfies(&c.facts, s)).count() as f64 / shown.len() as f64;
         }
     }
     Ok(Retrieval {

@@ -393,7 +393,9 @@ pub fn train_diffusion(
     let text = match &run.text {
         None => None,
         Some(spec) => {
-            let images = run.data.open(run.unet.sample_size.unwrap_or(data::shapes::SIZE))?;
+            let images = run
+                .data
+                .open(run.unet.sample_size.unwrap_or(data::shapes::SIZE))?;
             Some(TextData {
                 encoder: pipeline::TextEncoder::load(
                     &spec.encoder,

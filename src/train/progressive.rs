@@ -17,8 +17,8 @@ use burn::prelude::*;
 use fewstep_schedulers::{Algorithm, Prediction, SchedulerConfig};
 use serde_json::json;
 
-use super::run_loop::{IterReport, LoopSpec, run_loop};
 use super::consistency::{GUIDANCE_EMBEDDING_DIM, GuidanceRange};
+use super::run_loop::{IterReport, LoopSpec, run_loop};
 use super::teacher_conditioning::TeacherConditioning;
 use super::{checkpoint, data_parallel, ema, open_images};
 use crate::data::{DataSource, TrainImages};
@@ -451,7 +451,8 @@ pub fn distill_progressive(
         }
         let grid = match stage {
             Stage::Guided { steps } | Stage::Halving { steps } => {
-                student_steps(&teacher.scheduler, steps).map_err(|e| Error::file(&teacher_dir, e.0))?
+                student_steps(&teacher.scheduler, steps)
+                    .map_err(|e| Error::file(&teacher_dir, e.0))?
             }
         };
         if images.is_none() {
@@ -581,15 +582,8 @@ pub fn distill_progressive(
                 ))
             },
             |state, _| {
-                save_checkpoint(
-                    run_dir,
-                    &teacher,
-                    &student_config,
-                    &scheduler,
-                    steps,
-                    state,
-                )
-                .map(|_| ())
+                save_checkpoint(run_dir, &teacher, &student_config, &scheduler, steps, state)
+                    .map(|_| ())
             },
         )?;
         let Some((final_loss, seconds)) = end.finished() else {

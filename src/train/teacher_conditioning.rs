@@ -18,19 +18,26 @@ pub const CAPTION_COLUMN: &str = "text";
 pub(crate) enum TeacherConditioning {
     None,
     /// A class-conditional teacher; the last class is the null label.
-    Labels { null: i64 },
-    /// A text-to-image teacher: the training images' captions, the empty prompt's embedding
-    /// [1, N, D].
-    Text { captions: Captions, empty: Tensor<3> },
+    Labels {
+        null: i64,
+    },
+    /// A text-to-image teacher.
+    Text(Box<TextSide>),
+}
+
+/// The training images' captions and the empty prompt's embedding [1, N, D].
+pub(crate) struct TextSide {
+    captions: Captions,
+    empty: Tensor<3>,
 }
 
 impl TeacherConditioning {
     pub fn new(teacher: &Pipeline, images: &TrainImages, device: &Device) -> Result<Self> {
         if let Some(text) = &teacher.text {
-            return Ok(TeacherConditioning::Text {
+            return Ok(TeacherConditioning::Text(Box::new(TextSide {
                 captions: Captions::open(images, CAPTION_COLUMN)?,
                 empty: text.encode(&[String::new()], 0, device)?,
-            });
+            })));
         }
         Ok(match teacher.unet.num_classes() {
             Some(k) => TeacherConditioning::Labels { null: k as i64 - 1 },
@@ -56,8 +63,8 @@ impl TeacherConditioning {
         Ok(match self {
             TeacherConditioning::None => Conditioning::none(),
             TeacherConditioning::Labels { .. } => Conditioning::labels(Some(labels)),
-            TeacherConditioning::Text { captions, .. } => {
-                let texts = captions.for_rows(rows, 0.0, rng);
+            TeacherConditioning::Text(side) => {
+                let texts = side.captions.for_rows(rows, 0.0, rng);
                 let text = teacher
                     .text
                     .as_ref()
@@ -71,13 +78,17 @@ impl TeacherConditioning {
     pub fn uncond(&self, b: usize, device: &Device) -> Option<Conditioning> {
         match self {
             TeacherConditioning::None => None,
-            TeacherConditioning::Labels { null } => Some(Conditioning::labels(Some(
-                Tensor::<1, Int>::full([b], *null, device),
-            ))),
-            TeacherConditioning::Text { empty, .. } => {
-                let [_, n, d] = empty.dims();
+            TeacherConditioning::Labels { null } => {
+                Some(Conditioning::labels(Some(Tensor::<1, Int>::full(
+                    [b],
+                    *null,
+                    device,
+                ))))
+            }
+            TeacherConditioning::Text(side) => {
+                let [_, n, d] = side.empty.dims();
                 Some(Conditioning::text(
-                    empty.clone().to_device(device).expand([b, n, d]),
+                    side.empty.clone().to_device(device).expand([b, n, d]),
                 ))
             }
         }
