@@ -210,7 +210,7 @@ mod tests {
 
     #[test]
     fn every_shipped_run_reads_with_the_optimizer_it_was_trained_with() {
-        use super::super::{checkpoint, consistency, gan, progressive, vae};
+        use super::super::{checkpoint, clip, consistency, gan, progressive, vae};
         let weights = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
         let mut read = 0;
         for entry in std::fs::read_dir(&weights).unwrap().flatten() {
@@ -250,6 +250,11 @@ mod tests {
                     checkpoint::read_run_as::<vae::VaeRun>(&dir, k)
                         .unwrap()
                         .config
+                        .optimizer
+                }
+                k if k == clip::CLIP_RUN => {
+                    checkpoint::read_run_as::<clip::ClipRun>(&dir, k)
+                        .unwrap()
                         .optimizer
                 }
                 other => panic!("{}: unknown run kind {other}", dir.display()),
