@@ -451,7 +451,7 @@ pub fn train_clip(
             "final_loss": final_loss,
             "seconds": seconds,
             "held_out_range": format!("shapes seed {} indices {}..", run.data_seed, FEATURE_TEST_START),
-            "text_encoder_parameters": run.text.param_count(),
+            "text_encoder_parameters": tower.text.num_params(),
         }),
     )?;
     Ok(ClipOutcome {
