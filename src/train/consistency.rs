@@ -189,6 +189,13 @@ pub struct GuidanceRange {
 }
 
 impl GuidanceRange {
+    /// `n` scales drawn uniformly from the range (one per batch row).
+    pub fn draw(&self, rng: &mut NoiseStream, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| self.min + (self.max - self.min) * rng.uniform() as f32)
+            .collect()
+    }
+
     /// Whether the student is conditioned on w (a range, not a single scale).
     pub fn conditions_student(&self) -> bool {
         self.min < self.max
@@ -376,12 +383,9 @@ fn draw_batch(
         .collect();
     let x0 = super::model_space(teacher, x);
     let eps = crate::sample::host_noise(&mut rng, x0.dims(), device);
-    let w = match cfg.guidance {
-        Some(g) => (0..cfg.batch)
-            .map(|_| g.min + (g.max - g.min) * rng.uniform() as f32)
-            .collect(),
-        None => Vec::new(),
-    };
+    let w = cfg
+        .guidance
+        .map_or_else(Vec::new, |g| g.draw(&mut rng, cfg.batch));
     let cond = conditioning.batch(teacher, labels, &rows, &mut rng, device)?;
     Ok(Batch {
         z: noised(x0, eps, &steps),

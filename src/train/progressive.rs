@@ -353,12 +353,9 @@ fn draw_batch(
     let x0 = super::model_space(teacher, x);
     let [b, c, h, w] = x0.dims();
     let eps = crate::sample::host_noise(&mut rng, [b, c, h, w], device);
-    let w = match cfg.guidance {
-        Some(g) => (0..cfg.batch)
-            .map(|_| g.min + (g.max - g.min) * rng.uniform() as f32)
-            .collect(),
-        None => Vec::new(),
-    };
+    let w = cfg
+        .guidance
+        .map_or_else(Vec::new, |g| g.draw(&mut rng, cfg.batch));
     let cond = conditioning.batch(teacher, labels, &rows, &mut rng, device)?;
     Ok(Batch {
         z: noised(x0, eps, &steps),
