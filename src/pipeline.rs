@@ -396,19 +396,15 @@ impl Pipeline {
 
     /// Writes the pipeline as a diffusers folder with `algorithm`'s scheduler config.
     pub fn save(&self, dir: &Path, algorithm: Algorithm) -> Result<()> {
-        let mut index = write_components(
+        write_pipeline(
             dir,
             &self.unet_config,
             &self.unet,
             &self.scheduler,
             algorithm,
             self.vae.as_ref().map(|(c, v)| (c, v)),
-        )?;
-        if let Some(text) = &self.text {
-            text.save(dir)?;
-            add_text_components(&mut index, &self.class_name, &self.unet_config, algorithm);
-        }
-        write_json(&dir.join("model_index.json"), &index)
+            self.text.as_ref().map(|t| (t, self.class_name.as_str())),
+        )
     }
 
     /// The shape of one sample in model space: [C, H, W] of the UNet's input.
@@ -468,10 +464,24 @@ pub fn save_pipeline(
     vae: Option<(&VaeConfig, &Vae)>,
     text: Option<&TextEncoder>,
 ) -> Result<()> {
+    let text = text.map(|t| (t, STABLE_DIFFUSION));
+    write_pipeline(dir, unet_config, unet, scheduler, algorithm, vae, text)
+}
+
+/// The components, then `model_index.json`; a text encoder with its pipeline class.
+fn write_pipeline(
+    dir: &Path,
+    unet_config: &UNetConfig,
+    unet: &UNet,
+    scheduler: &SchedulerConfig,
+    algorithm: Algorithm,
+    vae: Option<(&VaeConfig, &Vae)>,
+    text: Option<(&TextEncoder, &str)>,
+) -> Result<()> {
     let mut index = write_components(dir, unet_config, unet, scheduler, algorithm, vae)?;
-    if let Some(text) = text {
+    if let Some((text, class_name)) = text {
         text.save(dir)?;
-        add_text_components(&mut index, STABLE_DIFFUSION, unet_config, algorithm);
+        add_text_components(&mut index, class_name, unet_config, algorithm);
     }
     write_json(&dir.join("model_index.json"), &index)
 }

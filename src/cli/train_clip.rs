@@ -88,7 +88,6 @@ pub fn run(args: TrainClipArgs) -> Result<()> {
     let outcome = clip::train_clip(
         &args.out,
         run,
-        Some((args.hidden, args.layers)),
         args.steps.filter(|_| args.resume),
         &device,
         args.quiet,

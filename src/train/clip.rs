@@ -302,7 +302,6 @@ pub struct ClipOutcome {
 pub fn train_clip(
     run_dir: &Path,
     run: Option<ClipRun>,
-    hidden_layers: Option<(usize, usize)>,
     steps_override: Option<usize>,
     device: &Device,
     quiet: bool,
@@ -329,8 +328,9 @@ pub fn train_clip(
                 &words,
                 MAX_TOKENS,
             )?;
-            let (hidden, layers) = hidden_layers.unwrap_or((64, 3));
-            run.text = ClipRun::text_config(vocab, hidden, layers);
+            // The caller's width and depth, with the written tokenizer's vocabulary.
+            run.text =
+                ClipRun::text_config(vocab, run.text.hidden_size, run.text.num_hidden_layers);
             run.text.validate()?;
             io::write_json(
                 &run_dir.join(checkpoint::RUN_FILE),
@@ -343,7 +343,7 @@ pub fn train_clip(
     let image_tower = ShapesFeatures::load(&run.image_tower, device)?;
     let image_dim = image_tower.dim();
     let ad = device.clone().autodiff();
-    let state = match checkpoint::latest(run_dir) {
+    let (state, start) = match checkpoint::latest(run_dir) {
         Some(ckpt) => {
             let st = checkpoint::read_state(
                 &ckpt,
@@ -373,7 +373,6 @@ pub fn train_clip(
             )
         }
     };
-    let (state, start) = state;
     let csv_path = run_dir.join("loss.csv");
     let spec = LoopSpec {
         name: "train-clip",
