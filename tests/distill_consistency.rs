@@ -172,6 +172,35 @@ fn an_interrupted_run_resumes_to_the_uninterrupted_student() {
 }
 
 #[test]
+fn a_finished_run_extends_with_resume_iters_to_the_longer_runs_student() {
+    let teacher = tiny_model("cd", "teacher-x");
+    let whole = scratch("cd", "x-whole");
+    ok(&fewstep(&distill_args(&teacher, &whole, "20")));
+    let short = scratch("cd", "x-short");
+    ok(&fewstep(&distill_args(&teacher, &short, "12")));
+    let resume = |iters: &str| {
+        fewstep(&[
+            "distill",
+            "consistency",
+            "--out",
+            short.to_str().unwrap(),
+            "--resume",
+            "--iters",
+            iters,
+            "--no-eval",
+            "--quiet",
+        ])
+    };
+    assert_clean_failure(resume("6"), "--iters 6");
+    ok(&resume("20"));
+    let w = format!("student/{WEIGHTS}");
+    let max = max_weight_difference(&whole.join(&w), &short.join(&w));
+    assert!(max == 0.0, "extended differs by {max}");
+    let rows = std::fs::read_to_string(short.join("loss.csv")).unwrap().lines().count();
+    assert_eq!(rows, 21, "loss.csv: a header and 20 iterations");
+}
+
+#[test]
 fn data_parallel_distillation_matches_one_device() {
     // Guided class-conditional: labels and per-example guidance scales shard with the images.
     let teacher = tiny_model_with("cd", "teacher-dp", &["--class-conditional"]);

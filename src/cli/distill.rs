@@ -214,7 +214,8 @@ pub enum LrDecayKind {
 pub struct ConsistencyArgs {
     #[command(flatten)]
     pub common: DistillArgs,
-    /// Optimiser steps (quick 300, full 3000).
+    /// Optimiser steps (quick 300, full 3000); with --resume a new total, which extends a
+    /// finished run.
     #[arg(long, value_parser = super::values::count)]
     pub iters: Option<usize>,
     /// Images per step (quick 16, full 32).
@@ -595,7 +596,10 @@ fn run_consistency(args: ConsistencyArgs) -> Result<()> {
         ));
     }
     let run = if args.common.resume {
-        super::warn_flags_on_resume(&[]);
+        super::warn_flags_on_resume(&["--iters"]);
+        if let Some(iters) = args.iters {
+            consistency::extend_run(&args.out, iters)?;
+        }
         None
     } else {
         let (teacher, data) = args.common.teacher_and_data()?;
