@@ -196,7 +196,10 @@ fn a_finished_run_extends_with_resume_iters_to_the_longer_runs_student() {
     let w = format!("student/{WEIGHTS}");
     let max = max_weight_difference(&whole.join(&w), &short.join(&w));
     assert!(max == 0.0, "extended differs by {max}");
-    let rows = std::fs::read_to_string(short.join("loss.csv")).unwrap().lines().count();
+    let rows = std::fs::read_to_string(short.join("loss.csv"))
+        .unwrap()
+        .lines()
+        .count();
     assert_eq!(rows, 21, "loss.csv: a header and 20 iterations");
 }
 

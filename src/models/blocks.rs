@@ -2,6 +2,7 @@
 //! names (`resnet.py`, `attention_processor.py`, `downsampling.py`, `upsampling.py`,
 //! `embeddings.py`), so a state dict maps onto them key for key.
 
+use crate::backend::conv2d_forward;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{
@@ -151,18 +152,19 @@ impl ResnetBlock {
 
     /// x: [B, C_in, H, W], temb: [B, T] (already SiLU-activated) → [B, C_out, H, W]
     pub fn forward(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> Tensor<4> {
-        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        let h = conv2d_forward(&self.conv1, silu(self.norm1.forward(x.clone())));
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(temb)) => {
                 h + proj.forward(temb.clone()).unsqueeze_dims::<4>(&[2, 3]) // [B, C_out, 1, 1]
             }
             _ => h,
         };
-        let h = self
-            .conv2
-            .forward(self.dropout.forward(silu(self.norm2.forward(h))));
+        let h = conv2d_forward(
+            &self.conv2,
+            self.dropout.forward(silu(self.norm2.forward(h))),
+        );
         let skip = match &self.conv_shortcut {
-            Some(c) => c.forward(x),
+            Some(c) => conv2d_forward(c, x),
             None => x,
         };
         let out = skip + h;
@@ -263,7 +265,7 @@ impl Downsample {
 
     /// [B, C, H, W] → [B, C, H/2, W/2]
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.conv.forward(x)
+        conv2d_forward(&self.conv, x)
     }
 }
 
@@ -287,7 +289,7 @@ impl Upsample {
             .reshape([b, c, h, 1, w, 1])
             .expand([b, c, h, 2, w, 2])
             .reshape([b, c, 2 * h, 2 * w]);
-        self.conv.forward(up)
+        conv2d_forward(&self.conv, up)
     }
 }
 

@@ -3,6 +3,7 @@
 //! penultimate layer plays the role Inception's pool3 plays for natural images: features that
 //! separate what the dataset varies in, so that FID/KID over them measure sample quality here.
 
+use crate::backend::conv2d_forward;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, Linear, LinearConfig, PaddingConfig2d};
@@ -104,8 +105,8 @@ pub struct Stage {
 impl Stage {
     /// [B, C_in, H, W] -> [B, C, H/s, W/s]
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let x = silu(self.norm1.forward(self.down.forward(x)));
-        silu(self.norm2.forward(self.conv.forward(x)))
+        let x = silu(self.norm1.forward(conv2d_forward(&self.down, x)));
+        silu(self.norm2.forward(conv2d_forward(&self.conv, x)))
     }
 }
 

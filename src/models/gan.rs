@@ -14,12 +14,13 @@
 //! normalised (W/σ(W), σ by one power iteration per step, u kept between steps) — the Lipschitz
 //! control that replaces gradient penalties, which need second-order autodiff burn lacks.
 
+use crate::backend::conv2d;
+use crate::backend::conv2d_forward;
 use burn::module::{Module, Param};
 use burn::nn::conv::{ConvTranspose2d, ConvTranspose2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 
 use super::blocks::conv;
@@ -176,7 +177,7 @@ impl Generator {
             h = burn::tensor::activation::relu(stage.norm.forward(stage.up.forward(h))); // [B, C, 2H, 2W]
             features.push(h.clone());
         }
-        (self.to_rgb.forward(h).tanh(), features)
+        (conv2d_forward(&self.to_rgb, h).tanh(), features)
     }
 
     pub fn forward(&self, z: Tensor<2>, labels: Option<Tensor<1, Int>>) -> Tensor<4> {

@@ -16,7 +16,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use burn::prelude::*;
-use burn::tensor::module::{adaptive_avg_pool2d, avg_pool2d, conv2d, interpolate, max_pool2d};
+use burn::tensor::module::{adaptive_avg_pool2d, avg_pool2d, interpolate, max_pool2d};
+
+use crate::backend::conv2d;
 use burn::tensor::ops::{
     AvgPoolOptions, ConvOptions, InterpolateMode, InterpolateOptions, MaxPoolOptions,
 };

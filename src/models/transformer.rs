@@ -2,6 +2,7 @@
 //! blocks build it (`models/transformers/transformer_2d.py`, `models/attention.py`
 //! `BasicTransformerBlock`, `attention_processor.py` `Attention`), with diffusers' parameter names.
 
+use crate::backend::conv2d_forward;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{
@@ -328,7 +329,7 @@ impl Transformer2D {
             t.reshape([b, ch, n]).swap_dims(1, 2) // [B, N, C]
         };
         let mut tokens = match &self.proj_in {
-            Projection::Conv(conv) => to_tokens(conv.forward(normed)),
+            Projection::Conv(conv) => to_tokens(conv2d_forward(conv, normed)),
             Projection::Linear(linear) => linear.forward(to_tokens(normed)),
         };
         for block in &self.transformer_blocks {
@@ -337,7 +338,7 @@ impl Transformer2D {
         let inner = tokens.dims()[2];
         let to_map = |t: Tensor<3>, ch: usize| t.swap_dims(1, 2).reshape([b, ch, h, w]);
         let out = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(to_map(tokens, inner)),
+            Projection::Conv(conv) => conv2d_forward(conv, to_map(tokens, inner)),
             Projection::Linear(linear) => to_map(linear.forward(tokens), c),
         };
         out + x

@@ -4,6 +4,7 @@
 //! two differ only in what sits at `attentions.<i>`: a spatial self-attention or a
 //! `Transformer2DModel` attending to a text context.
 
+use crate::backend::conv2d_forward;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{Embedding, EmbeddingConfig, GroupNorm};
@@ -1075,7 +1076,7 @@ impl UNet {
             context: cond.context.clone().map(|c| c.cast(dtype)),
             ..cond.clone()
         };
-        let mut x = self.conv_in.forward(x); // [B, C0, H, W]
+        let mut x = conv2d_forward(&self.conv_in, x); // [B, C0, H, W]
         let mut skips = vec![x.clone()];
         for block in &self.down_blocks {
             x = block.forward(x, &emb, cond, &mut skips);
@@ -1085,7 +1086,7 @@ impl UNet {
             x = block.forward(x, &emb, cond, &mut skips);
         }
         let x = silu(self.conv_norm_out.forward(x));
-        self.conv_out.forward(x) // [B, C_out, H, W]
+        conv2d_forward(&self.conv_out, x) // [B, C_out, H, W]
     }
 
     /// Whether the model takes a guidance scale (has a guidance-scale embedding).

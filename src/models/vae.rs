@@ -2,6 +2,7 @@
 //! `vae.py`: `Encoder`, `Decoder` with `DownEncoderBlock2D` / `UpDecoderBlock2D` and a mid block
 //! with attention). Parameter names follow diffusers' state dict.
 
+use crate::backend::conv2d_forward;
 use burn::module::Module;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
@@ -271,7 +272,7 @@ pub struct Encoder {
 impl Encoder {
     /// [B, C, H, W] → [B, 2L, H/f, W/f]
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let mut x = self.conv_in.forward(x);
+        let mut x = conv2d_forward(&self.conv_in, x);
         for block in &self.down_blocks {
             for resnet in &block.resnets {
                 x = resnet.forward(x, None);
@@ -281,7 +282,7 @@ impl Encoder {
             }
         }
         x = self.mid_block.forward(x, None);
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+        conv2d_forward(&self.conv_out, silu(self.conv_norm_out.forward(x)))
     }
 }
 
@@ -297,7 +298,9 @@ pub struct Decoder {
 impl Decoder {
     /// [B, L, h, w] → [B, C, h·f, w·f]
     pub fn forward(&self, z: Tensor<4>) -> Tensor<4> {
-        let mut x = self.mid_block.forward(self.conv_in.forward(z), None);
+        let mut x = self
+            .mid_block
+            .forward(conv2d_forward(&self.conv_in, z), None);
         for block in &self.up_blocks {
             for resnet in &block.resnets {
                 x = resnet.forward(x, None);
@@ -306,7 +309,7 @@ impl Decoder {
                 x = up.forward(x);
             }
         }
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+        conv2d_forward(&self.conv_out, silu(self.conv_norm_out.forward(x)))
     }
 }
 
@@ -356,7 +359,7 @@ impl Vae {
     pub fn encode(&self, x: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
         let h = self.encoder.forward(x.cast(self.dtype()));
         let moments = match &self.quant_conv {
-            Some(c) => c.forward(h),
+            Some(c) => conv2d_forward(c, h),
             None => h,
         };
         let mut halves = moments.chunk(2, 1);
@@ -427,7 +430,7 @@ impl Vae {
     pub fn decode(&self, z: Tensor<4>) -> Tensor<4> {
         let z = z.cast(self.dtype());
         let z = match &self.post_quant_conv {
-            Some(c) => c.forward(z),
+            Some(c) => conv2d_forward(c, z),
             None => z,
         };
         self.decoder.forward(z)

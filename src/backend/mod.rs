@@ -6,9 +6,59 @@
 //! against 1.05 s and ~66 s for the deprecated `ndarray`, which stays selectable as
 //! `--device ndarray` with `--features ndarray`.
 
-use burn::prelude::Device;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burn::nn::conv::Conv2d;
+use burn::prelude::*;
+use burn::tensor::ops::ConvOptions;
 
 use crate::error::{Error, Result};
+
+pub mod cpu_conv;
+#[cfg(feature = "flex")]
+mod flex_ops;
+
+/// Whether [`conv2d`] uses fewstep's CPU kernels on flex (on by default; off only to measure or
+/// test against burn's generic ops).
+static FAST_CPU_OPS: AtomicBool = AtomicBool::new(true);
+
+/// Turns fewstep's CPU kernels on or off for the whole process (benchmarks and parity tests
+/// compare them with burn's generic ops this way).
+pub fn set_fast_cpu_ops(on: bool) {
+    FAST_CPU_OPS.store(on, Ordering::Relaxed);
+}
+
+/// `burn::tensor::module::conv2d`; on flex (groups 1, f32) through fewstep's im2col GEMM
+/// kernels ([`cpu_conv`]), with their own backward, the same on every other backend.
+pub fn conv2d(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Option<Tensor<1>>,
+    options: ConvOptions<2>,
+) -> Tensor<4> {
+    #[cfg(feature = "flex")]
+    if FAST_CPU_OPS.load(Ordering::Relaxed) && flex_ops::conv2d_applies(&x, &weight, &options) {
+        return flex_ops::conv2d(x, weight, bias, options);
+    }
+    burn::tensor::module::conv2d(x, weight, bias, options)
+}
+
+/// `Conv2d::forward` through [`conv2d`] (explicit and valid padding; `Same` stays burn's).
+pub fn conv2d_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    use burn::nn::PaddingConfig2d;
+    let padding = match conv.padding {
+        PaddingConfig2d::Explicit(top, left, bottom, right) => [(top, bottom), (left, right)],
+        PaddingConfig2d::Valid => [(0, 0), (0, 0)],
+        PaddingConfig2d::Same => return conv.forward(x),
+    };
+    let options = ConvOptions::new_with_padding(conv.stride, padding, conv.dilation, conv.groups);
+    conv2d(
+        x,
+        conv.weight.val(),
+        conv.bias.as_ref().map(|b| b.val()),
+        options,
+    )
+}
 
 /// What `--device` names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,170 @@
+//! fewstep's own ops on burn's `flex` CPU backend, through burn's backend-extension mechanism
+//! (no fork): [`FlexOps`] is implemented for `Flex` (the kernels) and for `Autodiff<Flex>` (a
+//! hand-written backward), and reached from model code through [`super::conv2d`], which sends
+//! only flex tensors here.
+//!
+//! - `conv2d_im2col`: the convolution of [`super::cpu_conv`] in all three passes. burn's generic
+//!   weight gradient (a convolution with dY as the kernel) is its largest single cost in a
+//!   training step (README "Speed").
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::ops::ModuleOps;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
+use burn::prelude::*;
+use burn::tensor::DType;
+use burn::tensor::ops::ConvOptions;
+
+use super::cpu_conv::{self, ConvGeometry};
+
+#[backend_extension(Flex, Autodiff)]
+pub trait FlexOps: Backend {
+    /// `conv2d` (groups 1, f32) as im2col GEMMs in NCHW, forward and backward. The bias is
+    /// always a tensor (zeros for a bias-free layer: burn 0.22's extension macro does not route
+    /// an `Option` of a tensor); an untracked one gets no gradient.
+    fn conv2d_im2col(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self>;
+}
+
+/// Whether [`FlexOps::conv2d_im2col`] takes this convolution: flex tensors (with or without
+/// autodiff), f32, groups 1.
+pub fn conv2d_applies(x: &Tensor<4>, weight: &Tensor<4>, options: &ConvOptions<2>) -> bool {
+    let flex = matches!(
+        x.device().inner().as_dispatch(),
+        burn::backend::DispatchDevice::Flex(_)
+    );
+    flex && x.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && ConvGeometry::new(x.dims(), weight.dims(), options).is_some()
+}
+
+/// [`FlexOps::conv2d_im2col`] on `Tensor`s; the caller checked [`conv2d_applies`].
+pub fn conv2d(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Option<Tensor<1>>,
+    options: ConvOptions<2>,
+) -> Tensor<4> {
+    let bias = bias.unwrap_or_else(|| Tensor::zeros([weight.dims()[0]], &x.device()));
+    Tensor::from_dispatch(<Dispatch as FlexOps>::conv2d_im2col(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+        options,
+    ))
+}
+
+/// A contiguous f32 view of a flex tensor (a copy only when it is strided).
+fn contiguous(t: &FlexTensor) -> FlexTensor {
+    t.to_contiguous()
+}
+
+fn slice(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>()
+        .expect("flex conv2d: a contiguous f32 tensor")
+}
+
+fn flex_tensor(values: Vec<f32>, shape: impl Into<burn::tensor::Shape>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape.into()))
+}
+
+fn dims4(t: &FlexTensor) -> [usize; 4] {
+    let s = t.layout().shape();
+    [s[0], s[1], s[2], s[3]]
+}
+
+fn geometry(x: &FlexTensor, weight: &FlexTensor, options: &ConvOptions<2>) -> Option<ConvGeometry> {
+    (x.dtype() == DType::F32 && weight.dtype() == DType::F32)
+        .then(|| ConvGeometry::new(dims4(x), dims4(weight), options))
+        .flatten()
+}
+
+impl FlexOps for Flex {
+    fn conv2d_im2col(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        let Some(g) = geometry(&x, &weight, &options) else {
+            return Flex::conv2d(x, weight, Some(bias), options);
+        };
+        let (x, weight, bias) = (contiguous(&x), contiguous(&weight), contiguous(&bias));
+        let y = cpu_conv::forward(&g, slice(&x), slice(&weight), Some(slice(&bias)));
+        flex_tensor(y, g.output_shape())
+    }
+}
+
+/// The backward of [`FlexOps::conv2d_im2col`]: parents (x, weight[, bias]); the state keeps the
+/// input and weight.
+#[derive(Debug)]
+struct Conv2dIm2colBackward;
+
+impl Backward<Flex, 3> for Conv2dIm2colBackward {
+    type State = (FlexTensor, FlexTensor, ConvOptions<2>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_weight, node_bias] = ops.parents;
+        let dy = grads.consume::<Flex>(&ops.node);
+        let (x, weight, options) = ops.state;
+        let g = geometry(&x, &weight, &options)
+            .expect("conv2d_im2col records a backward only for the geometries it computes");
+        let dy = contiguous(&dy);
+        if let Some(node) = node_x {
+            let dx = cpu_conv::input_grad(&g, slice(&weight), slice(&dy));
+            grads.register::<Flex>(node.id, flex_tensor(dx, [g.batch, g.c_in, g.h, g.w]));
+        }
+        if node_weight.is_some() || node_bias.is_some() {
+            let (dw, db) = cpu_conv::weight_grad(&g, slice(&x), slice(&dy));
+            if let Some(node) = node_weight {
+                grads.register::<Flex>(node.id, flex_tensor(dw, dims4(&weight)));
+            }
+            if let Some(node) = node_bias {
+                grads.register::<Flex>(node.id, flex_tensor(db, [g.c_out]));
+            }
+        }
+    }
+}
+
+impl<C: CheckpointStrategy> FlexOps for Autodiff<Flex, C> {
+    fn conv2d_im2col(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        if geometry(x.primitive(), weight.primitive(), &options).is_none() {
+            return <Self as ModuleOps<Self>>::conv2d(x, weight, Some(bias), options);
+        }
+        match Conv2dIm2colBackward
+            .prepare::<C>([x.node(), weight.node(), bias.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (xp, wp) = (contiguous(x.primitive()), contiguous(weight.primitive()));
+                let y = Flex::conv2d_im2col(
+                    xp.clone(),
+                    wp.clone(),
+                    bias.into_primitive(),
+                    options.clone(),
+                );
+                prep.finish((xp, wp, options), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::conv2d_im2col(
+                x.into_primitive(),
+                weight.into_primitive(),
+                bias.into_primitive(),
+                options,
+            )),
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! fewstep's CPU kernels on flex (`src/backend/cpu_conv.rs` through burn's backend extension)
+//! against burn's generic ops: values and gradients of single convolutions of every geometry the
+//! models use, and of a whole UNet training step.
+#![cfg(feature = "flex")]
+
+use std::sync::Mutex;
+
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use burn::tensor::ops::ConvOptions;
+use fewstep::backend::{conv2d, set_fast_cpu_ops};
+use fewstep::models::{Conditioning, UNetConfig};
+
+/// The kernels are switched per process: tests that switch them run one at a time.
+static SWITCH: Mutex<()> = Mutex::new(());
+
+fn max_relative(a: Tensor<4>, b: Tensor<4>) -> f32 {
+    let scale = b.clone().abs().max().into_scalar::<f32>().max(1e-6);
+    (a - b).abs().max().into_scalar::<f32>() / scale
+}
+
+fn max_relative1(a: Tensor<1>, b: Tensor<1>) -> f32 {
+    let scale = b.clone().abs().max().into_scalar::<f32>().max(1e-6);
+    (a - b).abs().max().into_scalar::<f32>() / scale
+}
+
+#[test]
+fn convolutions_match_burns_generic_op_in_values_and_gradients() {
+    let _guard = SWITCH.lock().unwrap();
+    set_fast_cpu_ops(true);
+    let device = Device::flex().autodiff();
+    // (input, weight, options, bias): 3×3 same, strided downsample with diffusers' (0,1,0,1)
+    // padding, 1×1 shortcut, dilated, batch one, no bias.
+    let cases: Vec<([usize; 4], [usize; 4], ConvOptions<2>, bool)> = vec![
+        ([4, 8, 9, 9], [6, 8, 3, 3], ConvOptions::new([1, 1], [1, 1], [1, 1], 1), true),
+        (
+            [3, 4, 8, 8],
+            [4, 4, 3, 3],
+            ConvOptions::new_with_padding([2, 2], [(0, 1), (0, 1)], [1, 1], 1),
+            true,
+        ),
+        ([2, 8, 5, 7], [4, 8, 1, 1], ConvOptions::new([1, 1], [0, 0], [1, 1], 1), true),
+        ([2, 3, 9, 9], [5, 3, 3, 3], ConvOptions::new([1, 1], [2, 2], [2, 2], 1), true),
+        ([1, 3, 6, 6], [4, 3, 3, 3], ConvOptions::new([1, 1], [1, 1], [1, 1], 1), false),
+    ];
+    for (xs, ws, options, with_bias) in cases {
+        let x = Tensor::<4>::random(xs, Distribution::Normal(0.0, 1.0), &device);
+        let w = Tensor::<4>::random(ws, Distribution::Normal(0.0, 0.3), &device);
+        let b = Tensor::<1>::random([ws[0]], Distribution::Normal(0.0, 1.0), &device);
+        let run = |fast: bool| {
+            let (x, w, b) = (
+                x.clone().require_grad(),
+                w.clone().require_grad(),
+                b.clone().require_grad(),
+            );
+            let bias = with_bias.then(|| b.clone());
+            let y = if fast {
+                conv2d(x.clone(), w.clone(), bias, options.clone())
+            } else {
+                burn::tensor::module::conv2d(x.clone(), w.clone(), bias, options.clone())
+            };
+            // A loss whose gradient differs per output element.
+            let probe = Tensor::<4>::random(y.dims(), Distribution::Normal(0.0, 1.0), &device);
+            let grads = (y.clone() * probe).sum().backward();
+            let db = b.grad(&grads);
+            (y.inner(), x.grad(&grads).unwrap(), w.grad(&grads).unwrap(), db)
+        };
+        // Same seed for both probes.
+        device.seed(7);
+        let fast = run(true);
+        device.seed(7);
+        let generic = run(false);
+        let what = format!("{xs:?} * {ws:?}");
+        assert!(max_relative(fast.0, generic.0) < 1e-5, "{what}: output");
+        assert!(max_relative(fast.1, generic.1) < 1e-5, "{what}: input gradient");
+        assert!(max_relative(fast.2, generic.2) < 1e-5, "{what}: weight gradient");
+        match (fast.3, generic.3) {
+            (Some(a), Some(b)) => assert!(max_relative1(a, b) < 1e-5, "{what}: bias gradient"),
+            (None, None) => assert!(!with_bias),
+            _ => panic!("{what}: the bias gradient exists on one path only"),
+        }
+    }
+}
+
+#[test]
+fn a_unet_training_step_matches_burns_generic_ops() {
+    let _guard = SWITCH.lock().unwrap();
+    let device = Device::flex().autodiff();
+    let config = UNetConfig::tiny();
+    let unet = config.init(&device);
+    let x = Tensor::<4>::random([3, 3, 16, 16], Distribution::Normal(0.0, 1.0), &device);
+    let t = Tensor::<1>::from_floats([10.0, 500.0, 990.0], &device);
+    let step = |fast: bool| {
+        set_fast_cpu_ops(fast);
+        let y = unet.forward(x.clone(), t.clone(), &Conditioning::none());
+        let grads = GradientsParams::from_grads((y.clone() * y.clone()).mean().backward(), &unet);
+        let conv_in = grads
+            .get::<4>(unet.conv_in.weight.id)
+            .expect("conv_in has a gradient");
+        (y.inner(), conv_in)
+    };
+    let generic = step(false);
+    let fast = step(true);
+    set_fast_cpu_ops(true);
+    assert!(max_relative(fast.0, generic.0) < 1e-4, "UNet output");
+    assert!(max_relative(fast.1, generic.1) < 1e-3, "conv_in weight gradient");
+}
