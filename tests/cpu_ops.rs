@@ -5,11 +5,13 @@
 
 use std::sync::Mutex;
 
+use burn::nn::GroupNormConfig;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::ops::ConvOptions;
 use fewstep::backend::{conv2d, set_fast_cpu_ops};
+use fewstep::models::blocks::{group_norm_forward, group_norm_silu, silu};
 use fewstep::models::{Conditioning, UNetConfig};
 
 /// The kernels are switched per process: tests that switch them run one at a time.
@@ -33,16 +35,36 @@ fn convolutions_match_burns_generic_op_in_values_and_gradients() {
     // (input, weight, options, bias): 3×3 same, strided downsample with diffusers' (0,1,0,1)
     // padding, 1×1 shortcut, dilated, batch one, no bias.
     let cases: Vec<([usize; 4], [usize; 4], ConvOptions<2>, bool)> = vec![
-        ([4, 8, 9, 9], [6, 8, 3, 3], ConvOptions::new([1, 1], [1, 1], [1, 1], 1), true),
+        (
+            [4, 8, 9, 9],
+            [6, 8, 3, 3],
+            ConvOptions::new([1, 1], [1, 1], [1, 1], 1),
+            true,
+        ),
         (
             [3, 4, 8, 8],
             [4, 4, 3, 3],
             ConvOptions::new_with_padding([2, 2], [(0, 1), (0, 1)], [1, 1], 1),
             true,
         ),
-        ([2, 8, 5, 7], [4, 8, 1, 1], ConvOptions::new([1, 1], [0, 0], [1, 1], 1), true),
-        ([2, 3, 9, 9], [5, 3, 3, 3], ConvOptions::new([1, 1], [2, 2], [2, 2], 1), true),
-        ([1, 3, 6, 6], [4, 3, 3, 3], ConvOptions::new([1, 1], [1, 1], [1, 1], 1), false),
+        (
+            [2, 8, 5, 7],
+            [4, 8, 1, 1],
+            ConvOptions::new([1, 1], [0, 0], [1, 1], 1),
+            true,
+        ),
+        (
+            [2, 3, 9, 9],
+            [5, 3, 3, 3],
+            ConvOptions::new([1, 1], [2, 2], [2, 2], 1),
+            true,
+        ),
+        (
+            [1, 3, 6, 6],
+            [4, 3, 3, 3],
+            ConvOptions::new([1, 1], [1, 1], [1, 1], 1),
+            false,
+        ),
     ];
     for (xs, ws, options, with_bias) in cases {
         let x = Tensor::<4>::random(xs, Distribution::Normal(0.0, 1.0), &device);
@@ -64,7 +86,12 @@ fn convolutions_match_burns_generic_op_in_values_and_gradients() {
             let probe = Tensor::<4>::random(y.dims(), Distribution::Normal(0.0, 1.0), &device);
             let grads = (y.clone() * probe).sum().backward();
             let db = b.grad(&grads);
-            (y.inner(), x.grad(&grads).unwrap(), w.grad(&grads).unwrap(), db)
+            (
+                y.inner(),
+                x.grad(&grads).unwrap(),
+                w.grad(&grads).unwrap(),
+                db,
+            )
         };
         // Same seed for both probes.
         device.seed(7);
@@ -73,13 +100,74 @@ fn convolutions_match_burns_generic_op_in_values_and_gradients() {
         let generic = run(false);
         let what = format!("{xs:?} * {ws:?}");
         assert!(max_relative(fast.0, generic.0) < 1e-5, "{what}: output");
-        assert!(max_relative(fast.1, generic.1) < 1e-5, "{what}: input gradient");
-        assert!(max_relative(fast.2, generic.2) < 1e-5, "{what}: weight gradient");
+        assert!(
+            max_relative(fast.1, generic.1) < 1e-5,
+            "{what}: input gradient"
+        );
+        assert!(
+            max_relative(fast.2, generic.2) < 1e-5,
+            "{what}: weight gradient"
+        );
         match (fast.3, generic.3) {
             (Some(a), Some(b)) => assert!(max_relative1(a, b) < 1e-5, "{what}: bias gradient"),
             (None, None) => assert!(!with_bias),
             _ => panic!("{what}: the bias gradient exists on one path only"),
         }
+    }
+}
+
+#[test]
+fn fused_group_norms_match_burns_generic_ops_in_values_and_gradients() {
+    let _guard = SWITCH.lock().unwrap();
+    let device = Device::flex().autodiff();
+    for (shape, groups, with_silu) in [([2, 6, 5, 4], 3, true), ([3, 8, 4, 4], 4, false)] {
+        let norm = GroupNormConfig::new(groups, shape[1])
+            .with_epsilon(1e-6)
+            .init(&device);
+        // Non-trivial affine parameters.
+        let mut norm = norm;
+        norm.gamma = norm.gamma.map(|p| {
+            p.map(|_| {
+                Tensor::random([shape[1]], Distribution::Normal(1.0, 0.5), &device).require_grad()
+            })
+        });
+        norm.beta = norm.beta.map(|p| {
+            p.map(|_| {
+                Tensor::random([shape[1]], Distribution::Normal(0.0, 0.5), &device).require_grad()
+            })
+        });
+        let x = Tensor::<4>::random(shape, Distribution::Normal(0.5, 2.0), &device);
+        let probe = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let run = |fast: bool| {
+            set_fast_cpu_ops(fast);
+            let x = x.clone().require_grad();
+            let y = match (fast, with_silu) {
+                (true, true) => group_norm_silu(&norm, x.clone()),
+                (true, false) => group_norm_forward(&norm, x.clone()),
+                (false, true) => silu(norm.forward(x.clone())),
+                (false, false) => norm.forward(x.clone()),
+            };
+            let grads = (y.clone() * probe.clone()).sum().backward();
+            let gamma = norm.gamma.as_ref().unwrap().grad(&grads).unwrap();
+            let beta = norm.beta.as_ref().unwrap().grad(&grads).unwrap();
+            (y.inner(), x.grad(&grads).unwrap(), gamma, beta)
+        };
+        let generic = run(false);
+        let fast = run(true);
+        let what = format!("{shape:?}, {groups} groups, silu {with_silu}");
+        assert!(max_relative(fast.0, generic.0) < 1e-5, "{what}: output");
+        assert!(
+            max_relative(fast.1, generic.1) < 1e-4,
+            "{what}: input gradient"
+        );
+        assert!(
+            max_relative1(fast.2, generic.2) < 1e-4,
+            "{what}: gamma gradient"
+        );
+        assert!(
+            max_relative1(fast.3, generic.3) < 1e-4,
+            "{what}: beta gradient"
+        );
     }
 }
 
@@ -104,5 +192,8 @@ fn a_unet_training_step_matches_burns_generic_ops() {
     let fast = step(true);
     set_fast_cpu_ops(true);
     assert!(max_relative(fast.0, generic.0) < 1e-4, "UNet output");
-    assert!(max_relative(fast.1, generic.1) < 1e-3, "conv_in weight gradient");
+    assert!(
+        max_relative(fast.1, generic.1) < 1e-3,
+        "conv_in weight gradient"
+    );
 }

@@ -6,6 +6,8 @@
 //! - `conv2d_im2col`: the convolution of [`super::cpu_conv`] in all three passes. burn's generic
 //!   weight gradient (a convolution with dY as the kernel) is its largest single cost in a
 //!   training step (README "Speed").
+//! - `group_norm_fused`: GroupNorm (+ SiLU) of [`super::cpu_norm`], two passes each way instead
+//!   of a chain of primitive ops with an autodiff node each.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -20,6 +22,7 @@ use burn::tensor::DType;
 use burn::tensor::ops::ConvOptions;
 
 use super::cpu_conv::{self, ConvGeometry};
+use super::cpu_norm::{self, NormGeometry, NormStatistics};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait FlexOps: Backend {
@@ -31,6 +34,17 @@ pub trait FlexOps: Backend {
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
         options: ConvOptions<2>,
+    ) -> FloatTensor<Self>;
+
+    /// `GroupNorm` with affine `gamma`, `beta` ([C]) over `groups`, then SiLU when `silu`, on an
+    /// f32 input `[B, C, …]`.
+    fn group_norm_fused(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        groups: usize,
+        epsilon: f64,
+        silu: bool,
     ) -> FloatTensor<Self>;
 }
 
@@ -59,6 +73,40 @@ pub fn conv2d(
         weight.into_dispatch(),
         bias.into_dispatch(),
         options,
+    ))
+}
+
+/// Whether [`FlexOps::group_norm_fused`] takes this GroupNorm: a flex f32 input with affine
+/// parameters.
+pub fn group_norm_applies<const D: usize>(x: &Tensor<D>, norm: &burn::nn::GroupNorm) -> bool {
+    matches!(
+        x.device().inner().as_dispatch(),
+        burn::backend::DispatchDevice::Flex(_)
+    ) && x.dtype() == DType::F32
+        && norm.gamma.is_some()
+        && norm.beta.is_some()
+        && NormGeometry::new(&x.dims(), norm.num_groups, norm.epsilon, false).is_some()
+}
+
+/// [`FlexOps::group_norm_fused`] on `Tensor`s; the caller checked [`group_norm_applies`].
+pub fn group_norm<const D: usize>(
+    x: Tensor<D>,
+    norm: &burn::nn::GroupNorm,
+    silu: bool,
+) -> Tensor<D> {
+    let param = |p: &Option<burn::module::Param<Tensor<1>>>| {
+        p.as_ref()
+            .expect("an affine GroupNorm")
+            .val()
+            .into_dispatch()
+    };
+    Tensor::from_dispatch(<Dispatch as FlexOps>::group_norm_fused(
+        x.into_dispatch(),
+        param(&norm.gamma),
+        param(&norm.beta),
+        norm.num_groups,
+        norm.epsilon,
+        silu,
     ))
 }
 
@@ -100,6 +148,87 @@ impl FlexOps for Flex {
         let (x, weight, bias) = (contiguous(&x), contiguous(&weight), contiguous(&bias));
         let y = cpu_conv::forward(&g, slice(&x), slice(&weight), Some(slice(&bias)));
         flex_tensor(y, g.output_shape())
+    }
+
+    fn group_norm_fused(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        groups: usize,
+        epsilon: f64,
+        silu: bool,
+    ) -> FloatTensor<Self> {
+        group_norm_forward(&x, &gamma, &beta, groups, epsilon, silu).0
+    }
+}
+
+/// The fused GroupNorm's output and what its backward keeps.
+fn group_norm_forward(
+    x: &FlexTensor,
+    gamma: &FlexTensor,
+    beta: &FlexTensor,
+    groups: usize,
+    epsilon: f64,
+    silu: bool,
+) -> (FlexTensor, GroupNormState) {
+    let shape = x.layout().shape().clone();
+    let g = NormGeometry::new(&shape, groups, epsilon, silu)
+        .expect("group_norm_fused: channels divisible by groups");
+    let (x, gamma, beta) = (contiguous(x), contiguous(gamma), contiguous(beta));
+    let (y, stats) = cpu_norm::forward(&g, slice(&x), slice(&gamma), slice(&beta));
+    let y = FlexTensor::from_data(TensorData::new(y, shape));
+    (
+        y,
+        GroupNormState {
+            x,
+            gamma,
+            beta,
+            stats,
+            geometry: g,
+        },
+    )
+}
+
+/// What [`GroupNormBackward`] keeps from the forward.
+#[derive(Debug, Clone)]
+struct GroupNormState {
+    x: FlexTensor,
+    gamma: FlexTensor,
+    beta: FlexTensor,
+    stats: NormStatistics,
+    geometry: NormGeometry,
+}
+
+/// The backward of [`FlexOps::group_norm_fused`]: parents (x, gamma, beta).
+#[derive(Debug)]
+struct GroupNormBackward;
+
+impl Backward<Flex, 3> for GroupNormBackward {
+    type State = GroupNormState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_gamma, node_beta] = ops.parents;
+        let dout = contiguous(&grads.consume::<Flex>(&ops.node));
+        let s = ops.state;
+        let g = s.geometry;
+        let (dx, dgamma, dbeta) = cpu_norm::backward(
+            &g,
+            slice(&s.x),
+            slice(&s.gamma),
+            slice(&s.beta),
+            &s.stats,
+            slice(&dout),
+        );
+        if let Some(node) = node_x {
+            let shape = s.x.layout().shape().clone();
+            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, shape)));
+        }
+        if let Some(node) = node_gamma {
+            grads.register::<Flex>(node.id, flex_tensor(dgamma, [g.channels]));
+        }
+        if let Some(node) = node_beta {
+            grads.register::<Flex>(node.id, flex_tensor(dbeta, [g.channels]));
+        }
     }
 }
 
@@ -164,6 +293,41 @@ impl<C: CheckpointStrategy> FlexOps for Autodiff<Flex, C> {
                 weight.into_primitive(),
                 bias.into_primitive(),
                 options,
+            )),
+        }
+    }
+
+    fn group_norm_fused(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        groups: usize,
+        epsilon: f64,
+        silu: bool,
+    ) -> FloatTensor<Self> {
+        match GroupNormBackward
+            .prepare::<C>([x.node(), gamma.node(), beta.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (y, state) = group_norm_forward(
+                    x.primitive(),
+                    gamma.primitive(),
+                    beta.primitive(),
+                    groups,
+                    epsilon,
+                    silu,
+                );
+                prep.finish(state, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::group_norm_fused(
+                x.into_primitive(),
+                gamma.into_primitive(),
+                beta.into_primitive(),
+                groups,
+                epsilon,
+                silu,
             )),
         }
     }

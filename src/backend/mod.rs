@@ -15,6 +15,7 @@ use burn::tensor::ops::ConvOptions;
 use crate::error::{Error, Result};
 
 pub mod cpu_conv;
+pub mod cpu_norm;
 #[cfg(feature = "flex")]
 mod flex_ops;
 
@@ -41,6 +42,21 @@ pub fn conv2d(
         return flex_ops::conv2d(x, weight, bias, options);
     }
     burn::tensor::module::conv2d(x, weight, bias, options)
+}
+
+/// `GroupNorm` (then SiLU when `silu`) fused into one op on flex (f32, affine): `None` where
+/// it does not apply, for the caller to run burn's `GroupNorm::forward` (models::blocks).
+pub fn fused_group_norm<const D: usize>(
+    norm: &burn::nn::GroupNorm,
+    x: &Tensor<D>,
+    silu: bool,
+) -> Option<Tensor<D>> {
+    #[cfg(feature = "flex")]
+    if FAST_CPU_OPS.load(Ordering::Relaxed) && flex_ops::group_norm_applies(x, norm) {
+        return Some(flex_ops::group_norm(x.clone(), norm, silu));
+    }
+    let _ = (norm, x, silu);
+    None
 }
 
 /// `Conv2d::forward` through [`conv2d`] (explicit and valid padding; `Same` stays burn's).

@@ -20,6 +20,16 @@ pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     x.clone() / (x.neg().exp() + 1.0)
 }
 
+/// `silu(norm.forward(x))`, one fused op on the CPU backend ([`crate::backend::fused_group_norm`]).
+pub fn group_norm_silu<const D: usize>(norm: &GroupNorm, x: Tensor<D>) -> Tensor<D> {
+    crate::backend::fused_group_norm(norm, &x, true).unwrap_or_else(|| silu(norm.forward(x)))
+}
+
+/// `norm.forward(x)`, one fused op on the CPU backend ([`crate::backend::fused_group_norm`]).
+pub fn group_norm_forward<const D: usize>(norm: &GroupNorm, x: Tensor<D>) -> Tensor<D> {
+    crate::backend::fused_group_norm(norm, &x, false).unwrap_or_else(|| norm.forward(x))
+}
+
 /// A 3×3 (or k×k) convolution with "same" padding, as `nn.Conv2d(c_in, c_out, k, padding=k//2)`.
 pub fn conv(c_in: usize, c_out: usize, k: usize, device: &Device) -> Conv2d {
     Conv2dConfig::new([c_in, c_out], [k, k])
@@ -152,7 +162,7 @@ impl ResnetBlock {
 
     /// x: [B, C_in, H, W], temb: [B, T] (already SiLU-activated) → [B, C_out, H, W]
     pub fn forward(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> Tensor<4> {
-        let h = conv2d_forward(&self.conv1, silu(self.norm1.forward(x.clone())));
+        let h = conv2d_forward(&self.conv1, group_norm_silu(&self.norm1, x.clone()));
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(temb)) => {
                 h + proj.forward(temb.clone()).unsqueeze_dims::<4>(&[2, 3]) // [B, C_out, 1, 1]
@@ -161,7 +171,7 @@ impl ResnetBlock {
         };
         let h = conv2d_forward(
             &self.conv2,
-            self.dropout.forward(silu(self.norm2.forward(h))),
+            self.dropout.forward(group_norm_silu(&self.norm2, h)),
         );
         let skip = match &self.conv_shortcut {
             Some(c) => conv2d_forward(c, x),
@@ -209,9 +219,7 @@ impl Attention {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
         let n = h * w;
-        let tokens = self
-            .group_norm
-            .forward(x.clone())
+        let tokens = group_norm_forward(&self.group_norm, x.clone())
             .reshape([b, c, n])
             .swap_dims(1, 2); // [B, N, C]
         let split = |t: Tensor<3>| {

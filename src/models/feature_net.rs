@@ -9,7 +9,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 
-use super::blocks::{conv, group_norm, silu};
+use super::blocks::{conv, group_norm, group_norm_silu, silu};
 use crate::data::shapes::{KINDS, PALETTE};
 
 /// Most shapes an image holds: counts are classified over 0..=MAX_COUNT.
@@ -105,8 +105,8 @@ pub struct Stage {
 impl Stage {
     /// [B, C_in, H, W] -> [B, C, H/s, W/s]
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let x = silu(self.norm1.forward(conv2d_forward(&self.down, x)));
-        silu(self.norm2.forward(conv2d_forward(&self.conv, x)))
+        let x = group_norm_silu(&self.norm1, conv2d_forward(&self.down, x));
+        group_norm_silu(&self.norm2, conv2d_forward(&self.conv, x))
     }
 }
 

@@ -12,7 +12,7 @@ use burn::prelude::*;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
-use super::blocks::{conv, group_norm};
+use super::blocks::{conv, group_norm, group_norm_forward};
 use super::conditioning::Conditioning;
 
 /// Query rows per attention call, so that the [B, heads, rows, keys] score tensor stays under
@@ -323,7 +323,7 @@ impl Transformer2D {
     ) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
         let n = h * w;
-        let normed = self.norm.forward(x.clone());
+        let normed = group_norm_forward(&self.norm, x.clone());
         let to_tokens = |t: Tensor<4>| {
             let ch = t.dims()[1];
             t.reshape([b, ch, n]).swap_dims(1, 2) // [B, N, C]

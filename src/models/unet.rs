@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::blocks::{
     Attention, BlockSpec, Downsample, MidBlock, ResnetBlock, TimestepEmbedding, Upsample, conv,
-    group_norm, guidance_scale_embedding, silu, timestep_embedding,
+    group_norm, group_norm_silu, guidance_scale_embedding, silu, timestep_embedding,
 };
 use super::conditioning::Conditioning;
 use super::transformer::{AttentionBlock, Transformer2D, TransformerSpec};
@@ -1085,7 +1085,7 @@ impl UNet {
         for block in &self.up_blocks {
             x = block.forward(x, &emb, cond, &mut skips);
         }
-        let x = silu(self.conv_norm_out.forward(x));
+        let x = group_norm_silu(&self.conv_norm_out, x);
         conv2d_forward(&self.conv_out, x) // [B, C_out, H, W]
     }
 

@@ -11,7 +11,7 @@ use burn::tensor::FloatDType;
 use serde::{Deserialize, Serialize};
 
 use super::blocks::{
-    BlockSpec, Downsample, MidBlock, ResnetBlock, Upsample, conv, group_norm, silu,
+    BlockSpec, Downsample, MidBlock, ResnetBlock, Upsample, conv, group_norm, group_norm_silu,
 };
 use crate::error::{Error, Result};
 
@@ -282,7 +282,7 @@ impl Encoder {
             }
         }
         x = self.mid_block.forward(x, None);
-        conv2d_forward(&self.conv_out, silu(self.conv_norm_out.forward(x)))
+        conv2d_forward(&self.conv_out, group_norm_silu(&self.conv_norm_out, x))
     }
 }
 
@@ -309,7 +309,7 @@ impl Decoder {
                 x = up.forward(x);
             }
         }
-        conv2d_forward(&self.conv_out, silu(self.conv_norm_out.forward(x)))
+        conv2d_forward(&self.conv_out, group_norm_silu(&self.conv_norm_out, x))
     }
 }
 
