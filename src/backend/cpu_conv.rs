@@ -187,9 +187,7 @@ struct Operand<'a> {
 
 /// `dst [m, n] (row-major) = (accumulate ? dst : 0) + lhs [m, k] · rhs [k, n]`.
 fn gemm(
-    m: usize,
-    n: usize,
-    k: usize,
+    [m, n, k]: [usize; 3],
     dst: &mut [f32],
     accumulate: bool,
     lhs: Operand,
@@ -260,7 +258,7 @@ pub fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32], bias: Option<&[f32]>
             rs: p as isize,
             cs: 1,
         };
-        gemm(g.c_out, p, r, y_n, bias.is_some(), w, c, !per_sample);
+        gemm([g.c_out, p, r], y_n, bias.is_some(), w, c, !per_sample);
     };
     if per_sample {
         y.par_chunks_mut(g.c_out * p)
@@ -301,10 +299,10 @@ pub fn input_grad(g: &ConvGeometry, weight: &[f32], dy: &[f32]) -> Vec<f32> {
             cs: 1,
         };
         if g.is_pointwise() {
-            gemm(r, p, g.c_out, dx_n, false, wt, d, !per_sample);
+            gemm([r, p, g.c_out], dx_n, false, wt, d, !per_sample);
         } else {
             dcol.resize(r * p, 0.0);
-            gemm(r, p, g.c_out, dcol, false, wt, d, !per_sample);
+            gemm([r, p, g.c_out], dcol, false, wt, d, !per_sample);
             g.col2im_add(dcol, dx_n);
         }
     };
@@ -363,7 +361,7 @@ pub fn weight_grad(g: &ConvGeometry, x: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f3
                 rs: 1,
                 cs: p as isize,
             };
-            gemm(g.c_out, r, p, &mut dw, true, d, ct, !per_sample);
+            gemm([g.c_out, r, p], &mut dw, true, d, ct, !per_sample);
             for (b, row) in db.iter_mut().zip(dy_n.chunks_exact(p)) {
                 *b += row.iter().sum::<f32>();
             }

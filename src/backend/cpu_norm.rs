@@ -52,7 +52,8 @@ impl NormGeometry {
         self.channels_per_group() * self.spatial
     }
 
-    pub fn len(&self) -> usize {
+    /// Elements of the input.
+    pub fn elements(&self) -> usize {
         self.batch * self.channels * self.spatial
     }
 }
@@ -68,13 +69,13 @@ pub fn forward(
     gamma: &[f32],
     beta: &[f32],
 ) -> (Vec<f32>, NormStatistics) {
-    assert_eq!(x.len(), g.len(), "group_norm: input size");
+    assert_eq!(x.len(), g.elements(), "group_norm: input size");
     assert!(
         gamma.len() == g.channels && beta.len() == g.channels,
         "group_norm: affine size"
     );
     let (len, cpg) = (g.group_len(), g.channels_per_group());
-    let mut y = vec![0.0f32; g.len()];
+    let mut y = vec![0.0f32; g.elements()];
     let mut stats = vec![(0.0f32, 0.0f32); g.batch * g.groups];
     y.par_chunks_mut(len)
         .zip(x.par_chunks(len))
@@ -120,11 +121,11 @@ pub fn backward(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     assert_eq!(
         dout.len(),
-        g.len(),
+        g.elements(),
         "group_norm backward: output gradient size"
     );
     let (len, cpg) = (g.group_len(), g.channels_per_group());
-    let mut dx = vec![0.0f32; g.len()];
+    let mut dx = vec![0.0f32; g.elements()];
     // Per (sample, channel): Σ dy·x̂ and Σ dy, summed over samples below.
     let mut partial = vec![(0.0f64, 0.0f64); g.batch * g.channels];
     dx.par_chunks_mut(len)
@@ -205,9 +206,12 @@ mod tests {
     fn gradients_match_finite_differences_with_and_without_silu() {
         for silu in [false, true] {
             let g = NormGeometry::new(&[2, 6, 3, 4], 3, 1e-5, silu).unwrap();
-            let x: Vec<f32> = values(g.len(), 1).iter().map(|v| v * 3.0 + 0.5).collect();
+            let x: Vec<f32> = values(g.elements(), 1)
+                .iter()
+                .map(|v| v * 3.0 + 0.5)
+                .collect();
             let (gamma, beta) = (values(6, 2), values(6, 3));
-            let probe = values(g.len(), 4);
+            let probe = values(g.elements(), 4);
             let (_, stats) = forward(&g, &x, &gamma, &beta);
             let (dx, dgamma, dbeta) = backward(&g, &x, &gamma, &beta, &stats, &probe);
             let h = 1e-2f32;
@@ -246,7 +250,10 @@ mod tests {
     #[test]
     fn each_group_is_normalised_to_zero_mean_and_unit_variance() {
         let g = NormGeometry::new(&[2, 4, 5], 2, 0.0, false).unwrap();
-        let x: Vec<f32> = values(g.len(), 9).iter().map(|v| v * 5.0 + 2.0).collect();
+        let x: Vec<f32> = values(g.elements(), 9)
+            .iter()
+            .map(|v| v * 5.0 + 2.0)
+            .collect();
         let (y, _) = forward(&g, &x, &[1.0; 4], &[0.0; 4]);
         for group in y.chunks_exact(10) {
             let mean = group.iter().sum::<f32>() / 10.0;
