@@ -13,6 +13,8 @@
 //! feed every thread, else the GEMM itself is parallel (batch-1 inference).
 
 use burn::tensor::ops::ConvOptions;
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 /// The sizes of one convolution: input `[batch, c_in, h, w]`, weight `[c_out, c_in, k_h, k_w]`.
@@ -29,6 +31,8 @@ pub struct ConvGeometry {
     pub pad: [usize; 2],
     pub dilation: [usize; 2],
     pub out: [usize; 2],
+    /// Floats of im2col columns per tile ([`COL_BUDGET`]).
+    pub col_budget: usize,
 }
 
 impl ConvGeometry {
@@ -57,6 +61,7 @@ impl ConvGeometry {
             pad: [options.padding[0].0, options.padding[1].0],
             dilation: options.dilation,
             out,
+            col_budget: COL_BUDGET,
         })
     }
 
@@ -102,17 +107,30 @@ impl ConvGeometry {
         (0..self.h as isize).contains(&iy).then_some(iy as usize)
     }
 
-    /// `col [R, P]` of one sample `x [C_in, H, W]`.
-    fn im2col(&self, x: &[f32], col: &mut [f32]) {
-        let (p, [kh, kw], ow) = (self.pixels(), self.k, self.out[1]);
+    /// Output rows per tile: whole rows, at most `col_budget` floats of columns.
+    fn tile_rows(&self) -> usize {
+        (self.col_budget / (self.rows() * self.out[1])).clamp(1, self.out[0])
+    }
+
+    /// The output-row ranges of one sample's tiles.
+    fn tiles(&self) -> impl Iterator<Item = Range<usize>> + '_ {
+        let rows = self.tile_rows();
+        (0..self.out[0])
+            .step_by(rows)
+            .map(move |r| r..(r + rows).min(self.out[0]))
+    }
+
+    /// `col [R, T]` of the output rows `rows` (T = their pixels) of one sample `x [C_in, H, W]`.
+    fn im2col(&self, x: &[f32], rows: &Range<usize>, col: &mut [f32]) {
+        let ([kh, kw], ow) = (self.k, self.out[1]);
+        let t = rows.len() * ow;
         for ci in 0..self.c_in {
             let plane = &x[ci * self.h * self.w..][..self.h * self.w];
             for ki in 0..kh {
                 for kj in 0..kw {
-                    let row = &mut col[((ci * kh + ki) * kw + kj) * p..][..p];
+                    let row = &mut col[((ci * kh + ki) * kw + kj) * t..][..t];
                     let off = (kj * self.dilation[1]) as isize - self.pad[1] as isize;
-                    for oi in 0..self.out[0] {
-                        let dst = &mut row[oi * ow..][..ow];
+                    for (dst, oi) in row.chunks_exact_mut(ow).zip(rows.clone()) {
                         let Some(iy) = self.input_row(oi, ki) else {
                             dst.fill(0.0);
                             continue;
@@ -140,21 +158,21 @@ impl ConvGeometry {
         }
     }
 
-    /// Adds `col [R, P]` back into one sample's input gradient `dx [C_in, H, W]` (the adjoint
-    /// of [`Self::im2col`]).
-    fn col2im_add(&self, col: &[f32], dx: &mut [f32]) {
-        let (p, [kh, kw], ow) = (self.pixels(), self.k, self.out[1]);
+    /// Adds `col [R, T]` of the output rows `rows` back into one sample's input gradient
+    /// `dx [C_in, H, W]` (the adjoint of [`Self::im2col`]).
+    fn col2im_add(&self, col: &[f32], rows: &Range<usize>, dx: &mut [f32]) {
+        let ([kh, kw], ow) = (self.k, self.out[1]);
+        let t = rows.len() * ow;
         for ci in 0..self.c_in {
             let plane = &mut dx[ci * self.h * self.w..][..self.h * self.w];
             for ki in 0..kh {
                 for kj in 0..kw {
-                    let row = &col[((ci * kh + ki) * kw + kj) * p..][..p];
+                    let row = &col[((ci * kh + ki) * kw + kj) * t..][..t];
                     let off = (kj * self.dilation[1]) as isize - self.pad[1] as isize;
-                    for oi in 0..self.out[0] {
+                    for (src, oi) in row.chunks_exact(ow).zip(rows.clone()) {
                         let Some(iy) = self.input_row(oi, ki) else {
                             continue;
                         };
-                        let src = &row[oi * ow..][..ow];
                         let dst = &mut plane[iy * self.w..][..self.w];
                         if self.stride[1] == 1 {
                             let (lo, hi) = self.valid_columns(off);
@@ -177,7 +195,12 @@ impl ConvGeometry {
     }
 }
 
-/// A strided f32 matrix operand for [`gemm`]: element (i, j) at `ptr[i·rs + j·cs]`.
+/// Floats of one im2col tile (2 MiB): a 32×32 sample of the shapes UNets is one tile, a 64×64 or
+/// 128×128 one is cut into row bands whose columns stay in the core's cache (a whole 128×128
+/// sample's would be 19 MB at 32 channels).
+const COL_BUDGET: usize = 1 << 19;
+
+/// A strided f32 matrix operand for [`gemm`]: element (i, j) at `data[i·rs + j·cs]`.
 #[derive(Clone, Copy)]
 struct Operand<'a> {
     data: &'a [f32],
@@ -185,31 +208,50 @@ struct Operand<'a> {
     cs: isize,
 }
 
-/// `dst [m, n] (row-major) = (accumulate ? dst : 0) + lhs [m, k] · rhs [k, n]`.
-fn gemm(
+/// A row-major destination `[m, n]` with row stride `rs` (a column block of a wider matrix).
+struct Destination {
+    ptr: *mut f32,
+    rs: isize,
+}
+
+/// `dst [m, n] = (accumulate ? dst : 0) + lhs [m, k] · rhs [k, n]`.
+///
+/// # Safety
+/// `dst.ptr` must be valid for writes at `i·rs + j` for every `i < m`, `j < n`, and no other
+/// thread may touch those elements during the call.
+unsafe fn gemm(
     [m, n, k]: [usize; 3],
-    dst: &mut [f32],
+    dst: Destination,
     accumulate: bool,
     lhs: Operand,
     rhs: Operand,
     parallel: bool,
 ) {
-    assert!(dst.len() >= m * n, "gemm: destination too small");
+    let reach = |o: &Operand, rows: usize, cols: usize| {
+        (rows.max(1) - 1) as isize * o.rs + (cols.max(1) - 1) as isize * o.cs
+    };
+    assert!(
+        reach(&lhs, m, k) < lhs.data.len() as isize,
+        "gemm: lhs too small"
+    );
+    assert!(
+        reach(&rhs, k, n) < rhs.data.len() as isize,
+        "gemm: rhs too small"
+    );
     let parallelism = if parallel {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: every index the strides reach lies inside the slices (the callers' layouts are
-    // dense [m, k] / [k, n] views of them, checked by the length asserts at the call sites).
+    // SAFETY: the operands' reach is checked above; the destination's is the caller's contract.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst.ptr,
             1,
-            n as isize,
+            dst.rs,
             accumulate,
             lhs.data.as_ptr(),
             lhs.cs,
@@ -227,55 +269,78 @@ fn gemm(
     }
 }
 
+/// A pointer shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct SharedOutput(*mut f32);
+// SAFETY: the tasks given one write disjoint (sample, tile) blocks.
+unsafe impl Send for SharedOutput {}
+unsafe impl Sync for SharedOutput {}
+
+/// Every (sample, output-row tile) of a batch, the unit of parallel work.
+fn tasks(g: &ConvGeometry) -> Vec<(usize, Range<usize>)> {
+    (0..g.batch)
+        .flat_map(|n| g.tiles().map(move |rows| (n, rows)))
+        .collect()
+}
+
 /// Forward: `x [N, C_in, H, W]`, `weight [C_out, C_in, kh, kw]`, `bias [C_out]` → `[N, C_out, OH, OW]`.
+/// Tasks are (sample, tile) pairs, each writing its own column block of `y_n [C_out, P]`.
 pub fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
-    let (r, p) = (g.rows(), g.pixels());
-    assert_eq!(x.len(), g.batch * g.c_in * g.h * g.w, "conv2d: input size");
+    let (r, p, ow) = (g.rows(), g.pixels(), g.out[1]);
+    let plane = g.c_in * g.h * g.w;
+    assert_eq!(x.len(), g.batch * plane, "conv2d: input size");
     assert_eq!(weight.len(), g.c_out * r, "conv2d: weight size");
     let mut y = vec![0.0f32; g.batch * g.c_out * p];
-    let per_sample = g.per_sample_tasks();
-    let sample = |n: usize, y_n: &mut [f32], col: &mut Vec<f32>| {
-        let x_n = &x[n * g.c_in * g.h * g.w..][..g.c_in * g.h * g.w];
-        let col: &[f32] = if g.is_pointwise() {
-            x_n
-        } else {
-            col.resize(r * p, 0.0);
-            g.im2col(x_n, col);
-            col
-        };
-        if let Some(b) = bias {
-            for (row, &b) in y_n.chunks_exact_mut(p).zip(b) {
-                row.fill(b);
-            }
-        }
-        let w = Operand {
-            data: weight,
-            rs: r as isize,
-            cs: 1,
-        };
-        let c = Operand {
-            data: col,
-            rs: p as isize,
-            cs: 1,
-        };
-        gemm([g.c_out, p, r], y_n, bias.is_some(), w, c, !per_sample);
+    let out = SharedOutput(y.as_mut_ptr());
+    let w = Operand {
+        data: weight,
+        rs: r as isize,
+        cs: 1,
     };
-    if per_sample {
-        y.par_chunks_mut(g.c_out * p)
-            .enumerate()
-            .for_each_init(Vec::new, |col, (n, y_n)| sample(n, y_n, col));
-    } else {
-        let mut col = Vec::new();
-        for (n, y_n) in y.chunks_mut(g.c_out * p).enumerate() {
-            sample(n, y_n, &mut col);
-        }
-    }
+    tasks(g)
+        .into_par_iter()
+        .for_each_init(Vec::new, |col, (n, rows)| {
+            let out = out;
+            let x_n = &x[n * plane..][..plane];
+            let t = rows.len() * ow;
+            let c = if g.is_pointwise() {
+                // col_n is x_n: the tile is a column block of it.
+                Operand {
+                    data: &x_n[rows.start * ow..],
+                    rs: p as isize,
+                    cs: 1,
+                }
+            } else {
+                col.resize(r * t, 0.0);
+                g.im2col(x_n, &rows, col);
+                Operand {
+                    data: col,
+                    rs: t as isize,
+                    cs: 1,
+                }
+            };
+            // SAFETY: the block rows × columns [start·ow, start·ow + t) of sample n is this
+            // task's alone, inside y.
+            let block = unsafe { out.0.add(n * g.c_out * p + rows.start * ow) };
+            if let Some(b) = bias {
+                for (co, &b) in b.iter().enumerate() {
+                    // SAFETY: row co of the block, as above.
+                    unsafe { std::slice::from_raw_parts_mut(block.add(co * p), t) }.fill(b);
+                }
+            }
+            let dst = Destination {
+                ptr: block,
+                rs: p as isize,
+            };
+            unsafe { gemm([g.c_out, t, r], dst, bias.is_some(), w, c, false) };
+        });
     y
 }
 
-/// Input gradient `[N, C_in, H, W]` from the output gradient `dy [N, C_out, OH, OW]`.
+/// Input gradient `[N, C_in, H, W]` from the output gradient `dy [N, C_out, OH, OW]`: one
+/// sample per task (tiles of a sample overlap in the input), the GEMM parallel for batch 1.
 pub fn input_grad(g: &ConvGeometry, weight: &[f32], dy: &[f32]) -> Vec<f32> {
-    let (r, p) = (g.rows(), g.pixels());
+    let (r, p, ow) = (g.rows(), g.pixels(), g.out[1]);
     assert_eq!(
         dy.len(),
         g.batch * g.c_out * p,
@@ -285,25 +350,43 @@ pub fn input_grad(g: &ConvGeometry, weight: &[f32], dy: &[f32]) -> Vec<f32> {
     let plane = g.c_in * g.h * g.w;
     let mut dx = vec![0.0f32; g.batch * plane];
     let per_sample = g.per_sample_tasks();
+    // Wᵀ [R, C_out]: element (r, c) at weight[c·R + r].
+    let wt = Operand {
+        data: weight,
+        rs: 1,
+        cs: r as isize,
+    };
     let sample = |n: usize, dx_n: &mut [f32], dcol: &mut Vec<f32>| {
         let dy_n = &dy[n * g.c_out * p..][..g.c_out * p];
-        // Wᵀ [R, C_out]: element (r, c) at weight[c·R + r].
-        let wt = Operand {
-            data: weight,
-            rs: 1,
-            cs: r as isize,
-        };
-        let d = Operand {
-            data: dy_n,
-            rs: p as isize,
-            cs: 1,
-        };
         if g.is_pointwise() {
-            gemm([r, p, g.c_out], dx_n, false, wt, d, !per_sample);
-        } else {
-            dcol.resize(r * p, 0.0);
-            gemm([r, p, g.c_out], dcol, false, wt, d, !per_sample);
-            g.col2im_add(dcol, dx_n);
+            let d = Operand {
+                data: dy_n,
+                rs: p as isize,
+                cs: 1,
+            };
+            let dst = Destination {
+                ptr: dx_n.as_mut_ptr(),
+                rs: p as isize,
+            };
+            // SAFETY: dx_n is [R, P] = [C_in, H·W], this sample's alone.
+            unsafe { gemm([r, p, g.c_out], dst, false, wt, d, !per_sample) };
+            return;
+        }
+        for rows in g.tiles() {
+            let t = rows.len() * ow;
+            dcol.resize(r * t, 0.0);
+            let d = Operand {
+                data: &dy_n[rows.start * ow..],
+                rs: p as isize,
+                cs: 1,
+            };
+            let dst = Destination {
+                ptr: dcol.as_mut_ptr(),
+                rs: t as isize,
+            };
+            // SAFETY: dcol holds R × t.
+            unsafe { gemm([r, t, g.c_out], dst, false, wt, d, !per_sample) };
+            g.col2im_add(dcol, &rows, dx_n);
         }
     };
     if per_sample {
@@ -320,68 +403,70 @@ pub fn input_grad(g: &ConvGeometry, weight: &[f32], dy: &[f32]) -> Vec<f32> {
 }
 
 /// Weight gradient `[C_out, C_in, kh, kw]` and bias gradient `[C_out]` from the input `x` and the
-/// output gradient `dy`.
+/// output gradient `dy`: the (sample, tile) tasks split into one contiguous run per thread, each
+/// accumulating its own (dW, db), summed at the end.
 pub fn weight_grad(g: &ConvGeometry, x: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let (r, p) = (g.rows(), g.pixels());
-    assert_eq!(
-        x.len(),
-        g.batch * g.c_in * g.h * g.w,
-        "conv2d backward: input size"
-    );
+    let (r, p, ow) = (g.rows(), g.pixels(), g.out[1]);
+    let plane = g.c_in * g.h * g.w;
+    assert_eq!(x.len(), g.batch * plane, "conv2d backward: input size");
     assert_eq!(
         dy.len(),
         g.batch * g.c_out * p,
         "conv2d backward: output gradient size"
     );
-    let plane = g.c_in * g.h * g.w;
-    let per_sample = g.per_sample_tasks();
-    // Accumulates samples `range` into one (dW, db) pair.
-    let partial = |range: std::ops::Range<usize>| {
-        let mut dw = vec![0.0f32; g.c_out * r];
-        let mut db = vec![0.0f32; g.c_out];
-        let mut col = Vec::new();
-        for n in range {
+    let tasks = tasks(g);
+    let runs = rayon::current_num_threads().min(tasks.len()).max(1);
+    // With fewer tasks than threads the GEMM itself goes parallel.
+    let parallel_gemm = tasks.len() < rayon::current_num_threads();
+    let run = |run: &[(usize, Range<usize>)]| {
+        let (mut dw, mut db, mut col) =
+            (vec![0.0f32; g.c_out * r], vec![0.0f32; g.c_out], Vec::new());
+        for (n, rows) in run {
             let x_n = &x[n * plane..][..plane];
             let dy_n = &dy[n * g.c_out * p..][..g.c_out * p];
-            let col: &[f32] = if g.is_pointwise() {
-                x_n
-            } else {
-                col.resize(r * p, 0.0);
-                g.im2col(x_n, &mut col);
-                &col
-            };
+            let t = rows.len() * ow;
             let d = Operand {
-                data: dy_n,
+                data: &dy_n[rows.start * ow..],
                 rs: p as isize,
                 cs: 1,
             };
-            // colᵀ [P, R]: element (q, r) at col[r·P + q].
-            let ct = Operand {
-                data: col,
-                rs: 1,
-                cs: p as isize,
+            // colᵀ [T, R]: element (q, r) at col[r·T + q].
+            let ct = if g.is_pointwise() {
+                Operand {
+                    data: &x_n[rows.start * ow..],
+                    rs: 1,
+                    cs: p as isize,
+                }
+            } else {
+                col.resize(r * t, 0.0);
+                g.im2col(x_n, rows, &mut col);
+                Operand {
+                    data: &col,
+                    rs: 1,
+                    cs: t as isize,
+                }
             };
-            gemm([g.c_out, r, p], &mut dw, true, d, ct, !per_sample);
+            let dst = Destination {
+                ptr: dw.as_mut_ptr(),
+                rs: r as isize,
+            };
+            // SAFETY: dw is this run's own [C_out, R].
+            unsafe { gemm([g.c_out, r, t], dst, true, d, ct, parallel_gemm) };
             for (b, row) in db.iter_mut().zip(dy_n.chunks_exact(p)) {
-                *b += row.iter().sum::<f32>();
+                *b += row[rows.start * ow..][..t].iter().sum::<f32>();
             }
         }
         (dw, db)
     };
-    if !per_sample {
-        return partial(0..g.batch);
-    }
-    let tasks = rayon::current_num_threads().min(g.batch);
-    let chunk = g.batch.div_ceil(tasks);
-    (0..tasks)
-        .into_par_iter()
-        .map(|t| partial(t * chunk..((t + 1) * chunk).min(g.batch)))
+    tasks
+        .par_chunks(tasks.len().div_ceil(runs))
+        .map(run)
         .reduce_with(|(mut dw, mut db), (dw2, db2)| {
             dw.iter_mut().zip(&dw2).for_each(|(a, b)| *a += b);
             db.iter_mut().zip(&db2).for_each(|(a, b)| *a += b);
             (dw, db)
         })
-        .expect("at least one task")
+        .expect("a convolution has at least one task")
 }
 
 #[cfg(test)]
@@ -445,7 +530,19 @@ mod tests {
     /// against `<dy, ∂y/∂θ_i>`: the definition's response to a one-hot θ (exact: the
     /// convolution is linear in each argument).
     fn check(x_shape: [usize; 4], w_shape: [usize; 4], options: ConvOptions<2>) {
-        let g = ConvGeometry::new(x_shape, w_shape, &options).expect("geometry");
+        check_tiled(x_shape, w_shape, options, COL_BUDGET);
+    }
+
+    fn check_tiled(
+        x_shape: [usize; 4],
+        w_shape: [usize; 4],
+        options: ConvOptions<2>,
+        col_budget: usize,
+    ) {
+        let g = ConvGeometry {
+            col_budget,
+            ..ConvGeometry::new(x_shape, w_shape, &options).expect("geometry")
+        };
         let x = values(x_shape.iter().product(), 1);
         let w = values(w_shape.iter().product(), 2);
         let b = values(g.c_out, 3);
@@ -529,6 +626,20 @@ mod tests {
             [4, 3, 3, 3],
             ConvOptions::new([1, 1], [1, 1], [1, 1], 1),
         );
+    }
+
+    #[test]
+    fn images_of_several_tiles_match_the_definition() {
+        // 7 output rows of 6 columns, R = 18: 2 rows per tile at a budget of 216 floats (tiles
+        // of 2, 2, 2 and 1 rows), 1 row at 100 floats.
+        for budget in [216, 100] {
+            let same = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
+            check_tiled([2, 2, 7, 6], [3, 2, 3, 3], same, budget);
+            let strided = ConvOptions::new([2, 1], [1, 0], [1, 2], 1);
+            check_tiled([1, 2, 14, 10], [2, 2, 3, 3], strided, budget);
+            let pointwise = ConvOptions::new([1, 1], [0, 0], [1, 1], 1);
+            check_tiled([2, 18, 7, 6], [2, 18, 1, 1], pointwise, budget);
+        }
     }
 
     #[test]
