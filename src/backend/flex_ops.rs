@@ -48,14 +48,19 @@ pub trait FlexOps: Backend {
     ) -> FloatTensor<Self>;
 }
 
+/// Whether `x` lives on flex (with or without autodiff).
+fn on_flex<const D: usize>(x: &Tensor<D>) -> bool {
+    matches!(
+        x.device().inner().as_dispatch(),
+        burn::backend::DispatchDevice::Flex(_)
+    )
+}
+
 /// Whether [`FlexOps::conv2d_im2col`] takes this convolution: flex tensors (with or without
 /// autodiff), f32, groups 1.
 pub fn conv2d_applies(x: &Tensor<4>, weight: &Tensor<4>, options: &ConvOptions<2>) -> bool {
-    let flex = matches!(
-        x.device().inner().as_dispatch(),
-        burn::backend::DispatchDevice::Flex(_)
-    );
-    flex && x.dtype() == DType::F32
+    on_flex(x)
+        && x.dtype() == DType::F32
         && weight.dtype() == DType::F32
         && ConvGeometry::new(x.dims(), weight.dims(), options).is_some()
 }
@@ -79,10 +84,8 @@ pub fn conv2d(
 /// Whether [`FlexOps::group_norm_fused`] takes this GroupNorm: a flex f32 input with affine
 /// parameters.
 pub fn group_norm_applies<const D: usize>(x: &Tensor<D>, norm: &burn::nn::GroupNorm) -> bool {
-    matches!(
-        x.device().inner().as_dispatch(),
-        burn::backend::DispatchDevice::Flex(_)
-    ) && x.dtype() == DType::F32
+    on_flex(x)
+        && x.dtype() == DType::F32
         && norm.gamma.is_some()
         && norm.beta.is_some()
         && NormGeometry::new(&x.dims(), norm.num_groups, norm.epsilon, false).is_some()
