@@ -6,6 +6,7 @@ forward at batch 1 and 16 (no grad) and one AdamW training step at batch 32, on 
     python benches/unet_pytorch.py --compare   # fewstep (cargo bench --bench unet) and PyTorch in
                                                # one invocation: the table with ratios and the
                                                # cost curve (resolution 32/64/128 x batch 1/4/16/64)
+    python benches/unet_pytorch.py --compare --no-curve   # the table alone (a few minutes)
 
 `--compare` runs `cargo bench --bench unet` first (FEWSTEP_BENCH_CURVE=1, extra cargo arguments
 after `--`), then PyTorch on the same idle machine, and reads fewstep's medians from criterion's
@@ -94,13 +95,15 @@ def fmt(s):
     return "—" if s is None else (f"{s * 1000:.1f} ms" if s < 1 else f"{s:.2f} s")
 
 
-def compare(cargo_args):
-    env = dict(os.environ, FEWSTEP_BENCH_CURVE="1")
+def compare(cargo_args, curve):
+    env = dict(os.environ)
+    if curve:
+        env["FEWSTEP_BENCH_CURVE"] = "1"
     cmd = ["cargo", "bench", "--bench", "unet", *cargo_args]
-    print("$ FEWSTEP_BENCH_CURVE=1 " + " ".join(cmd), file=sys.stderr)
+    print(("$ FEWSTEP_BENCH_CURVE=1 " if curve else "$ ") + " ".join(cmd), file=sys.stderr)
     subprocess.run(cmd, env=env, check=True, cwd=Path(__file__).resolve().parent.parent)
     target = os.environ.get("CARGO_TARGET_DIR", str(Path(__file__).resolve().parent.parent / "target"))
-    torch_times = pytorch_table(curve=True)
+    torch_times = pytorch_table(curve=curve)
     rows = [("forward, batch 1", "forward_b1"), ("forward, batch 16", "forward_b16"),
             ("AdamW training step, batch 32", "train_step_b32")]
     print(f"\n| bench32 UNet (32×32) | fewstep flex | PyTorch {torch.__version__} CPU | ratio |")
@@ -110,6 +113,8 @@ def compare(cargo_args):
         theirs = torch_times[key]
         ratio = "—" if ours is None else f"{ours / theirs:.2f}×"
         print(f"| {label} | {fmt(ours)} | {fmt(theirs)} | {ratio} |")
+    if not curve:
+        return
     print("\nCost curve: forward time per image (ms), fewstep flex / PyTorch (ratio)\n")
     print("| resolution | " + " | ".join(f"batch {b}" for b in BATCHES) + " |")
     print("|---|" + "---|" * len(BATCHES))
@@ -129,11 +134,12 @@ def compare(cargo_args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compare", action="store_true")
+    parser.add_argument("--no-curve", action="store_true", help="with --compare: the table alone")
     args, cargo_args = parser.parse_known_args()
     if cargo_args and cargo_args[0] == "--":
         cargo_args = cargo_args[1:]
     if args.compare:
-        compare(cargo_args)
+        compare(cargo_args, curve=not args.no_curve)
         return
     for name, s in pytorch_table(curve=False).items():
         print(f"{name}: {s * 1000:.1f} ms")
