@@ -276,6 +276,13 @@ struct SharedOutput(*mut f32);
 unsafe impl Send for SharedOutput {}
 unsafe impl Sync for SharedOutput {}
 
+impl SharedOutput {
+    /// The pointer (a method, so that closures capture the `Send` wrapper, not its field).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Every (sample, output-row tile) of a batch, the unit of parallel work.
 fn tasks(g: &ConvGeometry) -> Vec<(usize, Range<usize>)> {
     (0..g.batch)
@@ -300,7 +307,6 @@ pub fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32], bias: Option<&[f32]>
     tasks(g)
         .into_par_iter()
         .for_each_init(Vec::new, |col, (n, rows)| {
-            let out = out;
             let x_n = &x[n * plane..][..plane];
             let t = rows.len() * ow;
             let c = if g.is_pointwise() {
@@ -321,7 +327,7 @@ pub fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32], bias: Option<&[f32]>
             };
             // SAFETY: the block rows × columns [start·ow, start·ow + t) of sample n is this
             // task's alone, inside y.
-            let block = unsafe { out.0.add(n * g.c_out * p + rows.start * ow) };
+            let block = unsafe { out.ptr().add(n * g.c_out * p + rows.start * ow) };
             if let Some(b) = bias {
                 for (co, &b) in b.iter().enumerate() {
                     // SAFETY: row co of the block, as above.

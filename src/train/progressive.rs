@@ -371,8 +371,8 @@ fn draw_batch(
 /// (shapes32 at 16 of 1 000 steps; README "FID versus steps"), and the first round's student
 /// learns that grain: the warning that says so, naming a divisor to start from instead.
 fn uneven_grid_warning(train_t: usize, steps: usize) -> Option<String> {
-    (steps > 0 && train_t % steps != 0).then(|| {
-        let divisor = (1..=steps).rev().find(|d| train_t % d == 0 && d.is_power_of_two());
+    (steps > 0 && !train_t.is_multiple_of(steps)).then(|| {
+        let divisor = (1..=steps).rev().find(|&d| train_t.is_multiple_of(d) && d.is_power_of_two());
         format!(
             "warning: --from-steps {steps}: the teacher's {train_t} train timesteps are not a multiple of {steps}, so its {steps}-step DDIM grid is uneven and samples with grain that the first round learns; start from a divisor{}",
             divisor.map_or(String::new(), |d| format!(" (e.g. --from-steps {d})"))
