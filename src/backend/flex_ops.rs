@@ -113,14 +113,10 @@ pub fn group_norm<const D: usize>(
     ))
 }
 
-/// A contiguous f32 view of a flex tensor (a copy only when it is strided).
-fn contiguous(t: &FlexTensor) -> FlexTensor {
-    t.to_contiguous()
-}
-
+/// The f32 values of a contiguous flex tensor (`to_contiguous` first: a copy only when strided).
 fn slice(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>()
-        .expect("flex conv2d: a contiguous f32 tensor")
+        .expect("fewstep flex ops: a contiguous f32 tensor")
 }
 
 fn flex_tensor(values: Vec<f32>, shape: impl Into<burn::tensor::Shape>) -> FlexTensor {
@@ -148,7 +144,11 @@ impl FlexOps for Flex {
         let Some(g) = geometry(&x, &weight, &options) else {
             return Flex::conv2d(x, weight, Some(bias), options);
         };
-        let (x, weight, bias) = (contiguous(&x), contiguous(&weight), contiguous(&bias));
+        let (x, weight, bias) = (
+            x.to_contiguous(),
+            weight.to_contiguous(),
+            bias.to_contiguous(),
+        );
         let y = cpu_conv::forward(&g, slice(&x), slice(&weight), Some(slice(&bias)));
         flex_tensor(y, g.output_shape())
     }
@@ -177,9 +177,13 @@ fn group_norm_forward(
     let shape = x.layout().shape().clone();
     let g = NormGeometry::new(&shape, groups, epsilon, silu)
         .expect("group_norm_fused: channels divisible by groups");
-    let (x, gamma, beta) = (contiguous(x), contiguous(gamma), contiguous(beta));
+    let (x, gamma, beta) = (
+        x.to_contiguous(),
+        gamma.to_contiguous(),
+        beta.to_contiguous(),
+    );
     let (y, stats) = cpu_norm::forward(&g, slice(&x), slice(&gamma), slice(&beta));
-    let y = FlexTensor::from_data(TensorData::new(y, shape));
+    let y = flex_tensor(y, shape);
     (
         y,
         GroupNormState {
@@ -211,7 +215,7 @@ impl Backward<Flex, 3> for GroupNormBackward {
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_x, node_gamma, node_beta] = ops.parents;
-        let dout = contiguous(&grads.consume::<Flex>(&ops.node));
+        let dout = grads.consume::<Flex>(&ops.node).to_contiguous();
         let s = ops.state;
         let g = s.geometry;
         let (dx, dgamma, dbeta) = cpu_norm::backward(
@@ -224,7 +228,7 @@ impl Backward<Flex, 3> for GroupNormBackward {
         );
         if let Some(node) = node_x {
             let shape = s.x.layout().shape().clone();
-            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, shape)));
+            grads.register::<Flex>(node.id, flex_tensor(dx, shape));
         }
         if let Some(node) = node_gamma {
             grads.register::<Flex>(node.id, flex_tensor(dgamma, [g.channels]));
@@ -249,7 +253,7 @@ impl Backward<Flex, 3> for Conv2dIm2colBackward {
         let (x, weight, options) = ops.state;
         let g = geometry(&x, &weight, &options)
             .expect("conv2d_im2col records a backward only for the geometries it computes");
-        let dy = contiguous(&dy);
+        let dy = dy.to_contiguous();
         if let Some(node) = node_x {
             let dx = cpu_conv::input_grad(&g, slice(&weight), slice(&dy));
             grads.register::<Flex>(node.id, flex_tensor(dx, [g.batch, g.c_in, g.h, g.w]));
@@ -282,7 +286,10 @@ impl<C: CheckpointStrategy> FlexOps for Autodiff<Flex, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let (xp, wp) = (contiguous(x.primitive()), contiguous(weight.primitive()));
+                let (xp, wp) = (
+                    x.primitive().to_contiguous(),
+                    weight.primitive().to_contiguous(),
+                );
                 let y = Flex::conv2d_im2col(
                     xp.clone(),
                     wp.clone(),
