@@ -59,26 +59,115 @@ impl NormGeometry {
 }
 
 /// `e^x` for f32 without a libm call, so that the loops around it vectorise: `x = n·ln2 + r`
-/// with `|r| ≤ ln2/2` (n rounded by the 1.5·2²³ trick), `e^r` by its degree-6 Taylor polynomial
-/// (relative error < 2e-7), `2^n` built in the exponent bits; `x` clamped to f32's normal range.
+/// with `|r| ≤ ln2/2` (n rounded by the 1.5·2²³ trick, whose low mantissa bits are then n itself,
+/// so no saturating float → int conversion breaks the vector loop), `e^r` by its degree-6 Taylor
+/// polynomial (relative error < 2e-7), `2^n` built in the exponent bits; `x` clamped to f32's
+/// normal range.
 #[inline(always)]
 fn exp(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0; // 1.5·2²³
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    f32::from_bits(((n as i32 + 127) << 23) as u32) * p
+    // `shifted`'s bits minus ROUND's are n (|n| ≤ 127 fits the 22 low mantissa bits).
+    let n_int = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    f32::from_bits(n_int.wrapping_add(127) << 23) * p
+}
+
+/// Lanes of the partial sums below: wide enough for two AVX2 registers, so that a reduction
+/// vectorises (a serial float sum cannot be reordered by the compiler).
+const LANES: usize = 16;
+
+/// `Σ f(x)` with f32 partial sums in [`LANES`] lanes over blocks of 1 024 values, blocks summed
+/// in f64.
+#[inline(always)]
+fn sum_of(x: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut total = 0.0f64;
+    for block in x.chunks(1024) {
+        let mut acc = [0.0f32; LANES];
+        let mut lanes = block.chunks_exact(LANES);
+        for c in &mut lanes {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a += f(v);
+            }
+        }
+        let tail: f32 = lanes.remainder().iter().map(|&v| f(v)).sum();
+        total += acc.iter().map(|&a| a as f64).sum::<f64>() + tail as f64;
+    }
+    total
+}
+
+/// Defines `fn $name` twice over the same body: compiled for AVX2 + FMA, taken when the CPU has
+/// them (checked once, cached by std), and as the crate is built (baseline x86-64: SSE2, 4 lanes).
+macro_rules! with_avx2 {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn kernel($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn wide($($arg: $ty),*) $(-> $ret)? {
+                    kernel($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has the features `wide` is compiled for (checked above).
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            kernel($($arg),*)
+        }
+    };
 }
 
 #[inline(always)]
 fn sigmoid(y: f32) -> f32 {
     1.0 / (1.0 + exp(-y))
+}
+
+with_avx2! {
+    /// One (sample, group): `x`, `y` its `cpg` channels × `spatial` values, `gamma`/`beta` its
+    /// channels' affine; returns (mean, 1/σ).
+    fn forward_group(
+        x: &[f32],
+        y: &mut [f32],
+        gamma: &[f32],
+        beta: &[f32],
+        spatial: usize,
+        epsilon: f64,
+        silu: bool,
+    ) -> (f32, f32) {
+        let len = x.len() as f64;
+        let mean = sum_of(x, |v| v) / len;
+        let m = mean as f32;
+        let var = sum_of(x, |v| (v - m) * (v - m)) / len;
+        let rstd = 1.0 / (var + epsilon).sqrt();
+        for (c, (y, x)) in y.chunks_exact_mut(spatial).zip(x.chunks_exact(spatial)).enumerate() {
+            let a = (rstd * gamma[c] as f64) as f32;
+            let b = beta[c] - m * a;
+            if silu {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    let v = x * a + b;
+                    *y = v * sigmoid(v);
+                }
+            } else {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = x * a + b;
+                }
+            }
+        }
+        (m, rstd as f32)
+    }
 }
 
 /// Output and statistics; `x`, `gamma` and `beta` as in `torch.nn.GroupNorm`.
@@ -101,32 +190,72 @@ pub fn forward(
         .zip(stats.par_iter_mut())
         .enumerate()
         .for_each(|(i, ((y, x), stat))| {
-            let mean = x.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
-            let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len as f64;
-            let rstd = 1.0 / (var + g.epsilon).sqrt();
-            *stat = (mean as f32, rstd as f32);
-            let c0 = (i % g.groups) * cpg;
-            for (c, (y, x)) in y
-                .chunks_exact_mut(g.spatial)
-                .zip(x.chunks_exact(g.spatial))
-                .enumerate()
-            {
-                let a = (rstd * gamma[c0 + c] as f64) as f32;
-                let b = beta[c0 + c] - mean as f32 * a;
-                if g.silu {
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        let v = x * a + b;
-                        *y = v * sigmoid(v);
-                    }
-                } else {
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        *y = x * a + b;
-                    }
-                }
-            }
+            let c = (i % g.groups) * cpg..(i % g.groups + 1) * cpg;
+            *stat = forward_group(
+                x,
+                y,
+                &gamma[c.clone()],
+                &beta[c],
+                g.spatial,
+                g.epsilon,
+                g.silu,
+            );
         });
     let (mean, rstd) = stats.into_iter().unzip();
     (y, NormStatistics { mean, rstd })
+}
+
+with_avx2! {
+    /// Pass 1 of the backward over one channel: `dx̂ = γ·dy` into `dx`; returns (Σ dy·x̂, Σ dy).
+    fn backward_channel(
+        dx: &mut [f32],
+        x: &[f32],
+        dout: &[f32],
+        mean: f32,
+        rstd: f32,
+        gamma: f32,
+        beta: f32,
+        silu: bool,
+    ) -> (f32, f32) {
+        let (mut sdy, mut sdy_xhat) = ([0.0f32; LANES], [0.0f32; LANES]);
+        let one = |dx: &mut f32, x: f32, dout: f32, sdy: &mut f32, sdy_xhat: &mut f32| {
+            let xhat = (x - mean) * rstd;
+            let dy = if silu {
+                let y = xhat * gamma + beta;
+                let s = sigmoid(y);
+                dout * s * (1.0 + y * (1.0 - s))
+            } else {
+                dout
+            };
+            *sdy += dy;
+            *sdy_xhat += dy * xhat;
+            *dx = dy * gamma;
+        };
+        let mut chunks = dx
+            .chunks_exact_mut(LANES)
+            .zip(x.chunks_exact(LANES))
+            .zip(dout.chunks_exact(LANES));
+        for ((dx, x), dout) in &mut chunks {
+            for l in 0..LANES {
+                one(&mut dx[l], x[l], dout[l], &mut sdy[l], &mut sdy_xhat[l]);
+            }
+        }
+        let done = x.len() / LANES * LANES;
+        for i in done..x.len() {
+            one(&mut dx[i], x[i], dout[i], &mut sdy[0], &mut sdy_xhat[0]);
+        }
+        (sdy_xhat.iter().sum(), sdy.iter().sum())
+    }
+}
+
+with_avx2! {
+    /// Pass 2 of the backward over one group: `dx = rstd·(dx̂ − m1 − x̂·m2)` in place.
+    fn backward_finish(dx: &mut [f32], x: &[f32], mean: f32, rstd: f32, m1: f32, m2: f32) {
+        for (dx, &x) in dx.iter_mut().zip(x) {
+            let xhat = (x - mean) * rstd;
+            *dx = rstd * (*dx - m1 - xhat * m2);
+        }
+    }
 }
 
 /// `(dx, dgamma, dbeta)` from the output gradient `dout`.
@@ -164,20 +293,7 @@ pub fn backward(
                 .enumerate()
             {
                 let (gm, bt) = (gamma[c0 + c], beta[c0 + c]);
-                let (mut sdy, mut sdy_xhat) = (0.0f32, 0.0f32);
-                for ((dx, &x), &dout) in dx.iter_mut().zip(x).zip(dout) {
-                    let xhat = (x - mean) * rstd;
-                    let dy = if g.silu {
-                        let y = xhat * gm + bt;
-                        let s = sigmoid(y);
-                        dout * s * (1.0 + y * (1.0 - s))
-                    } else {
-                        dout
-                    };
-                    sdy += dy;
-                    sdy_xhat += dy * xhat;
-                    *dx = dy * gm;
-                }
+                let (sdy_xhat, sdy) = backward_channel(dx, x, dout, mean, rstd, gm, bt, g.silu);
                 partial[c] = (sdy_xhat as f64, sdy as f64);
                 sum_dxhat += sdy as f64 * gm as f64;
                 sum_dxhat_xhat += sdy_xhat as f64 * gm as f64;
@@ -185,10 +301,7 @@ pub fn backward(
             // Pass 2: dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)).
             let m1 = (sum_dxhat / len as f64) as f32;
             let m2 = (sum_dxhat_xhat / len as f64) as f32;
-            for (dx, &x) in dx.iter_mut().zip(x) {
-                let xhat = (x - mean) * rstd;
-                *dx = rstd * (*dx - m1 - xhat * m2);
-            }
+            backward_finish(dx, x, mean, rstd, m1, m2);
         });
     let mut dgamma = vec![0.0f64; g.channels];
     let mut dbeta = vec![0.0f64; g.channels];
