@@ -5,7 +5,10 @@
 //! - input gradient: `dcol_n [R, P] = Wᵀ · dY_n`, scattered back by col2im;
 //! - weight gradient, the one burn's generic rule computes as a convolution with dY as the
 //!   kernel (a skinny GEMM over ~9× duplicated data): `dW [C_out, R] = Σ_n dY_n · col_nᵀ`, one
-//!   well-shaped GEMM per sample accumulated per thread, and the bias gradient in the same pass.
+//!   well-shaped GEMM per sample accumulated per thread, and the bias gradient in the same pass;
+//!   its columns are built transposed from a channels-last copy of the sample (`colᵀ [P, R]`,
+//!   taps ordered (k_i, k_j, c_in)), so that the GEMM reads both operands along their rows
+//!   instead of gathering `col_n` column by column while packing it.
 //!
 //! `R = C_in·k_h·k_w` rows of `col_n`, one per kernel tap, each the input plane shifted by that
 //! tap (zeros outside); `P = H_out·W_out` output pixels. A 1×1 convolution with unit stride and no
@@ -156,6 +159,71 @@ impl ConvGeometry {
                 }
             }
         }
+    }
+
+    /// One sample `x [C_in, H, W]` in channels-last order `[H, W, C_in]` (a blocked transpose),
+    /// so that one tap's values for one pixel are contiguous.
+    fn to_channels_last(&self, x: &[f32], out: &mut Vec<f32>) {
+        const BLOCK: usize = 16;
+        let (c, hw) = (self.c_in, self.h * self.w);
+        out.resize(c * hw, 0.0);
+        for p0 in (0..hw).step_by(BLOCK) {
+            let ps = p0..(p0 + BLOCK).min(hw);
+            for c0 in (0..c).step_by(BLOCK) {
+                for ci in c0..(c0 + BLOCK).min(c) {
+                    let src = &x[ci * hw..][ps.clone()];
+                    for (p, &v) in ps.clone().zip(src) {
+                        out[p * c + ci] = v;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `colᵀ [T, R]` of the output rows `rows` from one channels-last sample `x [H, W, C_in]`,
+    /// each pixel's row ordered (k_i, k_j, c_in) — the weight's taps permuted, which
+    /// [`Self::taps_to_weight_order`] undoes. Contiguous copies of `C_in` values, so that the
+    /// weight gradient's GEMM reads both operands along their rows.
+    fn im2col_channels_last(&self, x: &[f32], rows: &Range<usize>, col: &mut [f32]) {
+        let ([kh, kw], ow, c, r) = (self.k, self.out[1], self.c_in, self.rows());
+        for (q, (oi, oj)) in rows
+            .clone()
+            .flat_map(|oi| (0..ow).map(move |oj| (oi, oj)))
+            .enumerate()
+        {
+            let dst = &mut col[q * r..][..r];
+            for ki in 0..kh {
+                let iy = self.input_row(oi, ki);
+                for kj in 0..kw {
+                    let d = &mut dst[(ki * kw + kj) * c..][..c];
+                    let ix = (oj * self.stride[1] + kj * self.dilation[1]) as isize
+                        - self.pad[1] as isize;
+                    match iy {
+                        Some(iy) if (0..self.w as isize).contains(&ix) => {
+                            d.copy_from_slice(&x[(iy * self.w + ix as usize) * c..][..c])
+                        }
+                        _ => d.fill(0.0),
+                    }
+                }
+            }
+        }
+    }
+
+    /// `[C_out, (k_i, k_j, c_in)]` → the weight's `[C_out, (c_in, k_i, k_j)]`.
+    fn taps_to_weight_order(&self, taps: &[f32]) -> Vec<f32> {
+        let ([kh, kw], c) = (self.k, self.c_in);
+        let mut w = vec![0.0f32; taps.len()];
+        for (w, taps) in w
+            .chunks_exact_mut(self.rows())
+            .zip(taps.chunks_exact(self.rows()))
+        {
+            for (tap, values) in taps.chunks_exact(c).enumerate() {
+                for (ci, &v) in values.iter().enumerate() {
+                    w[ci * kh * kw + tap] = v;
+                }
+            }
+        }
+        w
     }
 
     /// Adds `col [R, T]` of the output rows `rows` back into one sample's input gradient
@@ -425,10 +493,13 @@ pub fn weight_grad(g: &ConvGeometry, x: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f3
     // With fewer tasks than threads the GEMM itself goes parallel.
     let parallel_gemm = tasks.len() < rayon::current_num_threads();
     let run = |run: &[(usize, Range<usize>)]| {
-        let (mut dw, mut db, mut col) =
-            (vec![0.0f32; g.c_out * r], vec![0.0f32; g.c_out], Vec::new());
+        let (mut dw, mut db) = (vec![0.0f32; g.c_out * r], vec![0.0f32; g.c_out]);
+        let (mut x_cl, mut col, mut last) = (Vec::new(), Vec::new(), None);
         for (n, rows) in run {
-            let x_n = &x[n * plane..][..plane];
+            if last != Some(*n) {
+                g.to_channels_last(&x[n * plane..][..plane], &mut x_cl);
+                last = Some(*n);
+            }
             let dy_n = &dy[n * g.c_out * p..][..g.c_out * p];
             let t = rows.len() * ow;
             let d = Operand {
@@ -436,20 +507,20 @@ pub fn weight_grad(g: &ConvGeometry, x: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f3
                 rs: p as isize,
                 cs: 1,
             };
-            // colᵀ [T, R]: element (q, r) at col[r·T + q].
+            // colᵀ [T, R], taps ordered (k_i, k_j, c_in).
             let ct = if g.is_pointwise() {
                 Operand {
-                    data: &x_n[rows.start * ow..],
-                    rs: 1,
-                    cs: p as isize,
+                    data: &x_cl[rows.start * ow * r..],
+                    rs: r as isize,
+                    cs: 1,
                 }
             } else {
                 col.resize(r * t, 0.0);
-                g.im2col(x_n, rows, &mut col);
+                g.im2col_channels_last(&x_cl, rows, &mut col);
                 Operand {
                     data: &col,
-                    rs: 1,
-                    cs: t as isize,
+                    rs: r as isize,
+                    cs: 1,
                 }
             };
             let dst = Destination {
@@ -472,6 +543,7 @@ pub fn weight_grad(g: &ConvGeometry, x: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f3
             db.iter_mut().zip(&db2).for_each(|(a, b)| *a += b);
             (dw, db)
         })
+        .map(|(dw, db)| (g.taps_to_weight_order(&dw), db))
         .expect("a convolution has at least one task")
 }
 
