@@ -161,20 +161,20 @@ impl ConvGeometry {
         }
     }
 
-    /// One sample `x [C_in, H, W]` in channels-last order `[H, W, C_in]` (a blocked transpose),
-    /// so that one tap's values for one pixel are contiguous.
+    /// One sample `x [C_in, H, W]` in channels-last order `[H, W, C_in]`, so that one tap's
+    /// values for one pixel are contiguous. Channels in blocks of 16: each pixel's block is one
+    /// contiguous write gathered from 16 sequential read streams (a pixel-major order would read
+    /// from all `C_in` planes at once, more streams than the prefetcher follows).
     fn to_channels_last(&self, x: &[f32], out: &mut Vec<f32>) {
         const BLOCK: usize = 16;
         let (c, hw) = (self.c_in, self.h * self.w);
         out.resize(c * hw, 0.0);
-        for p0 in (0..hw).step_by(BLOCK) {
-            let ps = p0..(p0 + BLOCK).min(hw);
-            for c0 in (0..c).step_by(BLOCK) {
-                for ci in c0..(c0 + BLOCK).min(c) {
-                    let src = &x[ci * hw..][ps.clone()];
-                    for (p, &v) in ps.clone().zip(src) {
-                        out[p * c + ci] = v;
-                    }
+        for c0 in (0..c).step_by(BLOCK) {
+            let block = c0..(c0 + BLOCK).min(c);
+            let planes = &x[c0 * hw..block.end * hw];
+            for (p, dst) in out.chunks_exact_mut(c).enumerate() {
+                for (i, d) in dst[block.clone()].iter_mut().enumerate() {
+                    *d = planes[i * hw + p];
                 }
             }
         }
