@@ -1,6 +1,6 @@
-//! fewstep's CPU kernels on flex (`src/backend/cpu_conv.rs` through burn's backend extension)
+//! fewstep's CPU kernels on flex (`src/backend/cpu_*.rs` through burn's backend extension)
 //! against burn's generic ops: values and gradients of single convolutions of every geometry the
-//! models use, and of a whole UNet training step.
+//! models use, of fused GroupNorms and attention, and of a whole UNet training step.
 #![cfg(feature = "flex")]
 
 use std::sync::Mutex;
@@ -10,7 +10,7 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::ops::ConvOptions;
-use fewstep::backend::{conv2d, set_fast_cpu_ops};
+use fewstep::backend::{attention, conv2d, set_fast_cpu_ops};
 use fewstep::models::blocks::{group_norm_forward, group_norm_silu, silu};
 use fewstep::models::{Conditioning, UNetConfig};
 
@@ -168,6 +168,59 @@ fn fused_group_norms_match_burns_generic_ops_in_values_and_gradients() {
             max_relative1(fast.3, generic.3) < 1e-4,
             "{what}: beta gradient"
         );
+    }
+}
+
+#[test]
+fn fused_attention_matches_burns_attention_in_values_and_gradients() {
+    let _guard = SWITCH.lock().unwrap();
+    let device = Device::flex().autodiff();
+    // Self-attention (the UNet's spatial attention: 8-wide heads) and cross-attention with a
+    // different value width.
+    for (qs, ks, vs) in [
+        ([2, 4, 36, 8], [2, 4, 36, 8], [2, 4, 36, 8]),
+        ([1, 2, 10, 16], [1, 2, 77, 16], [1, 2, 77, 24]),
+    ] {
+        let q = Tensor::<4>::random(qs, Distribution::Normal(0.0, 1.5), &device);
+        let k = Tensor::<4>::random(ks, Distribution::Normal(0.0, 1.0), &device);
+        let v = Tensor::<4>::random(vs, Distribution::Normal(0.0, 1.0), &device);
+        let mut out = qs;
+        out[3] = vs[3];
+        let probe = Tensor::<4>::random(out, Distribution::Normal(0.0, 1.0), &device);
+        let run = |fast: bool| {
+            let (q, k, v) = (
+                q.clone().require_grad(),
+                k.clone().require_grad(),
+                v.clone().require_grad(),
+            );
+            let y = if fast {
+                attention(q.clone(), k.clone(), v.clone())
+            } else {
+                burn::tensor::module::attention(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    None,
+                    None,
+                    Default::default(),
+                )
+            };
+            let grads = (y.clone() * probe.clone()).sum().backward();
+            let g = |t: &Tensor<4>| t.grad(&grads).unwrap();
+            (y.inner(), g(&q), g(&k), g(&v))
+        };
+        set_fast_cpu_ops(true);
+        let fast = run(true);
+        let generic = run(false);
+        let what = format!("{qs:?} {ks:?} {vs:?}");
+        assert!(max_relative(fast.0, generic.0) < 1e-5, "{what}: output");
+        for (name, a, b) in [
+            ("q", fast.1, generic.1),
+            ("k", fast.2, generic.2),
+            ("v", fast.3, generic.3),
+        ] {
+            assert!(max_relative(a, b) < 1e-4, "{what}: {name} gradient");
+        }
     }
 }
 

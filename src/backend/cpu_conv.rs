@@ -270,10 +270,10 @@ const COL_BUDGET: usize = 1 << 19;
 
 /// A strided f32 matrix operand for [`gemm`]: element (i, j) at `data[i·rs + j·cs]`.
 #[derive(Clone, Copy)]
-struct Operand<'a> {
-    data: &'a [f32],
-    rs: isize,
-    cs: isize,
+pub(super) struct Operand<'a> {
+    pub data: &'a [f32],
+    pub rs: isize,
+    pub cs: isize,
 }
 
 /// A row-major destination `[m, n]` with row stride `rs` (a column block of a wider matrix).
@@ -335,6 +335,24 @@ unsafe fn gemm(
             parallelism,
         );
     }
+}
+
+/// `dst [m, n] = (accumulate ? dst : 0) + lhs [m, k] · rhs [k, n]` into a contiguous row-major
+/// `dst`, on the calling thread.
+pub(super) fn matmul(
+    dst: &mut [f32],
+    [m, n, k]: [usize; 3],
+    accumulate: bool,
+    lhs: Operand,
+    rhs: Operand,
+) {
+    assert!(dst.len() >= m * n, "matmul: destination too small");
+    let dst = Destination {
+        ptr: dst.as_mut_ptr(),
+        rs: n as isize,
+    };
+    // SAFETY: `dst` is an exclusive borrow of at least m·n elements, row stride n.
+    unsafe { gemm([m, n, k], dst, accumulate, lhs, rhs, false) }
 }
 
 /// A pointer shared by tasks that write disjoint elements.

@@ -64,7 +64,7 @@ impl NormGeometry {
 /// polynomial (relative error < 2e-7), `2^n` built in the exponent bits; `x` clamped to f32's
 /// normal range.
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(super) fn exp(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0; // 1.5·2²³
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
@@ -102,32 +102,6 @@ fn sum_of(x: &[f32], f: impl Fn(f32) -> f32) -> f64 {
         total += acc.iter().map(|&a| a as f64).sum::<f64>() + tail as f64;
     }
     total
-}
-
-/// Defines `fn $name` twice over the same body: compiled for AVX2 + FMA, taken when the CPU has
-/// them (checked once, cached by std), and as the crate is built (baseline x86-64: SSE2, 4 lanes).
-macro_rules! with_avx2 {
-    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        $(#[$meta])*
-        fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            fn kernel($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                fn wide($($arg: $ty),*) $(-> $ret)? {
-                    kernel($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU has the features `wide` is compiled for (checked above).
-                    return unsafe { wide($($arg),*) };
-                }
-            }
-            kernel($($arg),*)
-        }
-    };
 }
 
 #[inline(always)]

@@ -8,6 +8,8 @@
 //!   training step (README "Speed").
 //! - `group_norm_fused`: GroupNorm (+ SiLU) of [`super::cpu_norm`], two passes each way instead
 //!   of a chain of primitive ops with an autodiff node each.
+//! - `attention_fused`: unmasked attention of [`super::cpu_attention`], GEMMs and a vectorised
+//!   softmax, its backward recomputing the probabilities.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -21,6 +23,7 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use burn::tensor::ops::ConvOptions;
 
+use super::cpu_attention::{self, AttentionGeometry};
 use super::cpu_conv::{self, ConvGeometry};
 use super::cpu_norm::{self, NormGeometry, NormStatistics};
 
@@ -45,6 +48,14 @@ pub trait FlexOps: Backend {
         groups: usize,
         epsilon: f64,
         silu: bool,
+    ) -> FloatTensor<Self>;
+
+    /// `softmax(q·kᵀ/√d)·v` without a mask: q `[B, h, N, d]`, k `[B, h, M, d]`, v `[B, h, M, d_v]`
+    /// (f32).
+    fn attention_fused(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
 }
 
@@ -113,6 +124,23 @@ pub fn group_norm<const D: usize>(
     ))
 }
 
+/// Whether [`FlexOps::attention_fused`] takes this attention: flex f32 tensors of consistent
+/// shapes.
+pub fn attention_applies(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> bool {
+    on_flex(q)
+        && [q, k, v].iter().all(|t| t.dtype() == DType::F32)
+        && AttentionGeometry::new(q.dims(), k.dims(), v.dims()).is_some()
+}
+
+/// [`FlexOps::attention_fused`] on `Tensor`s; the caller checked [`attention_applies`].
+pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as FlexOps>::attention_fused(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+    ))
+}
+
 /// The f32 values of a contiguous flex tensor (`to_contiguous` first: a copy only when strided).
 fn slice(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>()
@@ -162,6 +190,44 @@ impl FlexOps for Flex {
         silu: bool,
     ) -> FloatTensor<Self> {
         group_norm_forward(&x, &gamma, &beta, groups, epsilon, silu).0
+    }
+
+    fn attention_fused(q: FlexTensor, k: FlexTensor, v: FlexTensor) -> FlexTensor {
+        let g = attention_geometry(&q, &k, &v);
+        let (q, k, v) = (q.to_contiguous(), k.to_contiguous(), v.to_contiguous());
+        let out = cpu_attention::forward(&g, slice(&q), slice(&k), slice(&v));
+        let mut shape = dims4(&q);
+        shape[3] = g.value_dim;
+        flex_tensor(out, shape)
+    }
+}
+
+fn attention_geometry(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor) -> AttentionGeometry {
+    AttentionGeometry::new(dims4(q), dims4(k), dims4(v))
+        .expect("attention_fused: q [B, h, N, d], k [B, h, M, d], v [B, h, M, d_v]")
+}
+
+/// The backward of [`FlexOps::attention_fused`]: parents (q, k, v), kept as the state.
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl Backward<Flex, 3> for AttentionBackward {
+    type State = (FlexTensor, FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let parents = ops.parents;
+        let dout = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let (q, k, v) = ops.state;
+        let g = attention_geometry(&q, &k, &v);
+        let (dq, dk, dv) =
+            cpu_attention::backward(&g, slice(&q), slice(&k), slice(&v), slice(&dout));
+        for (node, grad, like) in [(0, dq, &q), (1, dk, &k), (2, dv, &v)]
+            .map(|(i, grad, like)| (parents[i].clone(), grad, like))
+        {
+            if let Some(node) = node {
+                grads.register::<Flex>(node.id, flex_tensor(grad, dims4(like)));
+            }
+        }
     }
 }
 
@@ -338,6 +404,33 @@ impl<C: CheckpointStrategy> FlexOps for Autodiff<Flex, C> {
                 groups,
                 epsilon,
                 silu,
+            )),
+        }
+    }
+
+    fn attention_fused(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        match AttentionBackward
+            .prepare::<C>([q.node(), k.node(), v.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (qp, kp, vp) = (
+                    q.primitive().to_contiguous(),
+                    k.primitive().to_contiguous(),
+                    v.primitive().to_contiguous(),
+                );
+                let out = Flex::attention_fused(qp.clone(), kp.clone(), vp.clone());
+                prep.finish((qp, kp, vp), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::attention_fused(
+                q.into_primitive(),
+                k.into_primitive(),
+                v.into_primitive(),
             )),
         }
     }

@@ -17,6 +17,33 @@ use burn::tensor::ops::ConvOptions;
 
 use crate::error::{Error, Result};
 
+/// Defines `fn $name` twice over the same body: compiled for AVX2 + FMA, taken when the CPU has
+/// them (checked once, cached by std), and as the crate is built (baseline x86-64: SSE2, 4 lanes).
+macro_rules! with_avx2 {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn kernel($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn wide($($arg: $ty),*) $(-> $ret)? {
+                    kernel($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has the features `wide` is compiled for (checked above).
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            kernel($($arg),*)
+        }
+    };
+}
+
+pub mod cpu_attention;
 pub mod cpu_conv;
 pub mod cpu_norm;
 #[cfg(feature = "flex")]
@@ -60,6 +87,28 @@ pub fn fused_group_norm<const D: usize>(
     }
     let _ = (norm, x, silu);
     None
+}
+
+/// `softmax(q·kᵀ/√d)·v` without a mask (q `[B, h, N, d]`, k `[B, h, M, d]`, v `[B, h, M, d_v]`):
+/// on flex (f32) fewstep's fused kernel ([`cpu_attention`]) with its own backward, burn's
+/// `attention` elsewhere.
+pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    #[cfg(feature = "flex")]
+    if attention_is_fused(&q, &k, &v) {
+        return flex_ops::attention(q, k, v);
+    }
+    burn::tensor::module::attention(q, k, v, None, None, Default::default())
+}
+
+/// Whether [`attention`] runs fewstep's fused kernel on these tensors (which needs no query
+/// chunking to bound its memory).
+pub fn attention_is_fused(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> bool {
+    #[cfg(feature = "flex")]
+    if FAST_CPU_OPS.load(Ordering::Relaxed) {
+        return flex_ops::attention_applies(q, k, v);
+    }
+    let _ = (q, k, v);
+    false
 }
 
 /// `Conv2d::forward` through [`conv2d`] (explicit and valid padding; `Same` stays burn's).

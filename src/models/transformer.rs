@@ -106,6 +106,10 @@ pub fn chunked_attention(
     };
     let rows = (ATTENTION_SCORE_BUDGET / (b * h * m).max(1)).max(1);
     let full_mask = |mask: &Tensor<4, Bool>, rows: usize| mask.clone().expand([b, h, rows, m]);
+    if mask.is_none() && !causal && crate::backend::attention_is_fused(&q, &k, &v) {
+        // fewstep's fused kernel on flex, which blocks queries itself.
+        return crate::backend::attention(q, k, v);
+    }
     if rows >= n || causal {
         let mask = mask.map(|mask| full_mask(&mask, n));
         return attention(q, k, v, mask, None, options);
