@@ -383,7 +383,11 @@ pub fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32], bias: Option<&[f32]>
     let plane = g.c_in * g.h * g.w;
     assert_eq!(x.len(), g.batch * plane, "conv2d: input size");
     assert_eq!(weight.len(), g.c_out * r, "conv2d: weight size");
-    let mut y = vec![0.0f32; g.batch * g.c_out * p];
+    // Not zeroed: every element is written once below, by the task of its (sample, tile) — the
+    // bias pre-fill then an accumulating GEMM, or a GEMM that does not read its destination.
+    // (A zeroed `vec!` of a size the allocator recycles is a serial memset of the whole output.)
+    let len = g.batch * g.c_out * p;
+    let mut y = Vec::<f32>::with_capacity(len);
     let out = SharedOutput(y.as_mut_ptr());
     let w = Operand {
         data: weight,
@@ -416,16 +420,22 @@ pub fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32], bias: Option<&[f32]>
             let block = unsafe { out.ptr().add(n * g.c_out * p + rows.start * ow) };
             if let Some(b) = bias {
                 for (co, &b) in b.iter().enumerate() {
-                    // SAFETY: row co of the block, as above.
-                    unsafe { std::slice::from_raw_parts_mut(block.add(co * p), t) }.fill(b);
+                    // SAFETY: row co of the block, as above; written through the raw pointer,
+                    // never read before.
+                    for j in 0..t {
+                        unsafe { block.add(co * p + j).write(b) };
+                    }
                 }
             }
             let dst = Destination {
                 ptr: block,
                 rs: p as isize,
             };
+            // SAFETY: as above; without a bias the GEMM only writes its destination.
             unsafe { gemm([g.c_out, t, r], dst, bias.is_some(), w, c, false) };
         });
+    // SAFETY: the tasks cover every (sample, channel, pixel) of the output and wrote each.
+    unsafe { y.set_len(len) };
     y
 }
 

@@ -8,6 +8,8 @@
 //! `dy = dout·σ(y)·(1 + y·(1 − σ(y)))` (or `dout`) and `dx̂ = γ_c·dy`:
 //! `dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂))`, `dγ_c = Σ dy·x̂`, `dβ_c = Σ dy`.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 /// The sizes of one GroupNorm: input `[batch, channels, spatial…]`.
@@ -114,7 +116,7 @@ with_avx2! {
     /// channels' affine; returns (mean, 1/σ).
     fn forward_group(
         x: &[f32],
-        y: &mut [f32],
+        y: &mut [MaybeUninit<f32>],
         gamma: &[f32],
         beta: &[f32],
         spatial: usize,
@@ -132,11 +134,11 @@ with_avx2! {
             if silu {
                 for (y, &x) in y.iter_mut().zip(x) {
                     let v = x * a + b;
-                    *y = v * sigmoid(v);
+                    y.write(v * sigmoid(v));
                 }
             } else {
                 for (y, &x) in y.iter_mut().zip(x) {
-                    *y = x * a + b;
+                    y.write(x * a + b);
                 }
             }
         }
@@ -157,9 +159,12 @@ pub fn forward(
         "group_norm: affine size"
     );
     let (len, cpg) = (g.group_len(), g.channels_per_group());
-    let mut y = vec![0.0f32; g.elements()];
+    // Written once per element by its group's task; not zeroed first (a zeroed `vec!` of a
+    // recycled size is a serial memset).
+    let mut y = Vec::<f32>::with_capacity(g.elements());
     let mut stats = vec![(0.0f32, 0.0f32); g.batch * g.groups];
-    y.par_chunks_mut(len)
+    y.spare_capacity_mut()[..g.elements()]
+        .par_chunks_mut(len)
         .zip(x.par_chunks(len))
         .zip(stats.par_iter_mut())
         .enumerate()
@@ -175,6 +180,8 @@ pub fn forward(
                 g.silu,
             );
         });
+    // SAFETY: the groups partition the output and `forward_group` wrote every element of each.
+    unsafe { y.set_len(g.elements()) };
     let (mean, rstd) = stats.into_iter().unzip();
     (y, NormStatistics { mean, rstd })
 }
