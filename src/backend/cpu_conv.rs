@@ -127,6 +127,9 @@ impl ConvGeometry {
     fn im2col(&self, x: &[f32], rows: &Range<usize>, col: &mut [f32]) {
         let ([kh, kw], ow) = (self.k, self.out[1]);
         let t = rows.len() * ow;
+        if self.stride == [1, 1] && ow == self.w {
+            return self.im2col_same_width(x, rows, col);
+        }
         for ci in 0..self.c_in {
             let plane = &x[ci * self.h * self.w..][..self.h * self.w];
             for ki in 0..kh {
@@ -154,6 +157,51 @@ impl ConvGeometry {
                                     0.0
                                 };
                             }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`Self::im2col`] for unit stride with output rows as wide as the input's (a "same"
+    /// convolution): one output row further is one input row further, so each tap's column row
+    /// is one contiguous copy of the shifted plane, then the columns that wrapped around a row
+    /// edge and the rows outside the image are zeroed — a few calls per tap instead of three
+    /// per tap and output row.
+    fn im2col_same_width(&self, x: &[f32], rows: &Range<usize>, col: &mut [f32]) {
+        let ([kh, kw], ow, (h, w)) = (self.k, self.out[1], (self.h, self.w));
+        let t = rows.len() * ow;
+        for ci in 0..self.c_in {
+            let plane = &x[ci * h * w..][..h * w];
+            for ki in 0..kh {
+                // Output rows whose input row is inside: [a, b).
+                let dy = (ki * self.dilation[0]) as isize - self.pad[0] as isize;
+                let a = (-dy).clamp(rows.start as isize, rows.end as isize) as usize;
+                let b = (h as isize - dy).clamp(a as isize, rows.end as isize) as usize;
+                for kj in 0..kw {
+                    let dst = &mut col[((ci * kh + ki) * kw + kj) * t..][..t];
+                    let off = (kj * self.dilation[1]) as isize - self.pad[1] as isize;
+                    let (d0, d1) = ((a - rows.start) * ow, (b - rows.start) * ow);
+                    dst[..d0].fill(0.0);
+                    dst[d1..].fill(0.0);
+                    if d0 == d1 {
+                        continue;
+                    }
+                    // dst[d] = plane[d + base] inside [d0, d1), clipped to the plane.
+                    let base = (rows.start as isize + dy) * w as isize + off;
+                    let c0 = (d0 as isize).max(-base) as usize;
+                    let c1 = (d1 as isize).min((h * w) as isize - base).max(c0 as isize) as usize;
+                    let s0 = (c0 as isize + base) as usize;
+                    dst[c0..c1].copy_from_slice(&plane[s0..s0 + (c1 - c0)]);
+                    // The clipped ends and the wrapped columns of each row: zeros.
+                    let (lo, hi) = self.valid_columns(off);
+                    for row in dst[d0..d1].chunks_exact_mut(ow) {
+                        for v in &mut row[..lo] {
+                            *v = 0.0;
+                        }
+                        for v in &mut row[hi..] {
+                            *v = 0.0;
                         }
                     }
                 }
@@ -743,6 +791,13 @@ mod tests {
             check_tiled([2, 2, 7, 6], [3, 2, 3, 3], same, budget);
             let strided = ConvOptions::new([2, 1], [1, 0], [1, 2], 1);
             check_tiled([1, 2, 14, 10], [2, 2, 3, 3], strided, budget);
+            // Same-width convolutions with dilation and with asymmetric padding (the contiguous
+            // copy of `im2col_same_width`, clipped at the plane's ends).
+            let dilated = ConvOptions::new([1, 1], [2, 2], [2, 2], 1);
+            check_tiled([1, 2, 7, 6], [2, 2, 3, 3], dilated, budget);
+            let asymmetric =
+                ConvOptions::new_with_padding([1, 1], [(0, 2), (2, 0)], [1, 1], 1);
+            check_tiled([2, 2, 7, 6], [3, 2, 3, 3], asymmetric, budget);
             let pointwise = ConvOptions::new([1, 1], [0, 0], [1, 1], 1);
             check_tiled([2, 18, 7, 6], [2, 18, 1, 1], pointwise, budget);
         }
