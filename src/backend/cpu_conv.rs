@@ -110,9 +110,13 @@ impl ConvGeometry {
         (0..self.h as isize).contains(&iy).then_some(iy as usize)
     }
 
-    /// Output rows per tile: whole rows, at most `col_budget` floats of columns.
+    /// Output rows per tile: whole rows, at most `col_budget` floats of columns, and at least
+    /// one tile per thread when the batch is smaller than the thread pool (batch-1 inference
+    /// splits each image into row bands rather than leaving threads idle).
     fn tile_rows(&self) -> usize {
-        (self.col_budget / (self.rows() * self.out[1])).clamp(1, self.out[0])
+        let budget = (self.col_budget / (self.rows() * self.out[1])).max(1);
+        let per_sample = rayon::current_num_threads().div_ceil(self.batch.max(1));
+        budget.min(self.out[0].div_ceil(per_sample)).clamp(1, self.out[0])
     }
 
     /// The output-row ranges of one sample's tiles.
