@@ -7,6 +7,7 @@ forward at batch 1 and 16 (no grad) and one AdamW training step at batch 32, on 
                                                # one invocation: the table with ratios and the
                                                # cost curve (resolution 32/64/128 x batch 1/4/16/64)
     python benches/unet_pytorch.py --compare --no-curve   # the table alone (a few minutes)
+    python benches/unet_pytorch.py --compare --no-curve --rounds 3   # alternate 3 times, medians
 
 `--compare` runs `cargo bench --bench unet` first (FEWSTEP_BENCH_CURVE=1, extra cargo arguments
 after `--`), then PyTorch on the same idle machine, and reads fewstep's medians from criterion's
@@ -95,24 +96,48 @@ def fmt(s):
     return "—" if s is None else (f"{s * 1000:.1f} ms" if s < 1 else f"{s:.2f} s")
 
 
-def compare(cargo_args, curve):
-    env = dict(os.environ)
-    if curve:
-        env["FEWSTEP_BENCH_CURVE"] = "1"
-    cmd = ["cargo", "bench", "--bench", "unet", *cargo_args]
-    print(("$ FEWSTEP_BENCH_CURVE=1 " if curve else "$ ") + " ".join(cmd), file=sys.stderr)
-    subprocess.run(cmd, env=env, check=True, cwd=Path(__file__).resolve().parent.parent)
-    target = os.environ.get("CARGO_TARGET_DIR", str(Path(__file__).resolve().parent.parent / "target"))
-    torch_times = pytorch_table(curve=curve)
+def compare(cargo_args, curve, rounds=1):
+    """fewstep's `cargo bench --bench unet` then PyTorch, `rounds` times alternately (the curve in
+    the first round only); the table of medians, and each round's ratios when there are several."""
+    root = Path(__file__).resolve().parent.parent
+    target = os.environ.get("CARGO_TARGET_DIR", str(root / "target"))
     rows = [("forward, batch 1", "forward_b1"), ("forward, batch 16", "forward_b16"),
             ("AdamW training step, batch 32", "train_step_b32")]
-    print(f"\n| bench32 UNet (32×32) | fewstep flex | PyTorch {torch.__version__} CPU | ratio |")
+    measured = []  # per round: {key: (ours, theirs)}
+    for r in range(rounds):
+        env = dict(os.environ)
+        with_curve = curve and r == 0
+        if with_curve:
+            env["FEWSTEP_BENCH_CURVE"] = "1"
+        cmd = ["cargo", "bench", "--bench", "unet", *cargo_args]
+        print(f"[round {r + 1}/{rounds}] " + ("$ FEWSTEP_BENCH_CURVE=1 " if with_curve else "$ ")
+              + " ".join(cmd), file=sys.stderr)
+        subprocess.run(cmd, env=env, check=True, cwd=root)
+        ours = {key: criterion_median(target, "unet32/flex", key) for _, key in rows}
+        if with_curve:
+            ours.update({f"r{size}_b{b}": criterion_median(target, "unet_curve/flex", f"r{size}_b{b}")
+                         for size in SIZES for b in BATCHES})
+        theirs = pytorch_table(curve=with_curve)
+        measured.append({key: (ours[key], theirs[key]) for key in ours})
+    median = lambda v: sorted(v)[len(v) // 2]
+    if rounds > 1:
+        print(f"\nRatios per round (fewstep / PyTorch): " + "; ".join(
+            f"{label}: " + ", ".join("—" if m[key][0] is None else f"{m[key][0] / m[key][1]:.2f}×"
+                                     for m in measured) for label, key in rows))
+    title = "median of " + str(rounds) + " alternating rounds, " if rounds > 1 else ""
+    print(f"\n| bench32 UNet (32×32{', ' + title[:-2] if title else ''}) | fewstep flex | "
+          f"PyTorch {torch.__version__} CPU | ratio |")
     print("|---|---|---|---|")
     for label, key in rows:
-        ours = criterion_median(target, "unet32/flex", key)
-        theirs = torch_times[key]
-        ratio = "—" if ours is None else f"{ours / theirs:.2f}×"
-        print(f"| {label} | {fmt(ours)} | {fmt(theirs)} | {ratio} |")
+        if any(m[key][0] is None for m in measured):
+            print(f"| {label} | — | {fmt(median([m[key][1] for m in measured]))} | — |")
+            continue
+        ours = median([m[key][0] for m in measured])
+        theirs = median([m[key][1] for m in measured])
+        ratio = median([m[key][0] / m[key][1] for m in measured])
+        print(f"| {label} | {fmt(ours)} | {fmt(theirs)} | {ratio:.2f}× |")
+    ours_curve = {k: v[0] for k, v in measured[0].items()}
+    torch_times = {k: v[1] for k, v in measured[0].items()}
     if not curve:
         return
     print("\nCost curve: forward time per image (ms), fewstep flex / PyTorch (ratio)\n")
@@ -122,7 +147,7 @@ def compare(cargo_args, curve):
         cells = []
         for b in BATCHES:
             key = f"r{size}_b{b}"
-            ours = criterion_median(target, "unet_curve/flex", key)
+            ours = ours_curve[key]
             theirs = torch_times[key]
             if ours is None:
                 cells.append(f"— / {theirs / b * 1000:.2f}")
@@ -135,11 +160,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compare", action="store_true")
     parser.add_argument("--no-curve", action="store_true", help="with --compare: the table alone")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with --compare: alternate fewstep and PyTorch this many times and "
+                             "report the median of each (the machine's run-to-run spread is 10-15%%)")
     args, cargo_args = parser.parse_known_args()
     if cargo_args and cargo_args[0] == "--":
         cargo_args = cargo_args[1:]
     if args.compare:
-        compare(cargo_args, curve=not args.no_curve)
+        compare(cargo_args, curve=not args.no_curve, rounds=max(1, args.rounds))
         return
     for name, s in pytorch_table(curve=False).items():
         print(f"{name}: {s * 1000:.1f} ms")
