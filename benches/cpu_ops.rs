@@ -1,6 +1,7 @@
 //! fewstep's CPU kernels on flex against burn's generic ops, per op, at the shapes of the bench32
 //! UNet (batch 32): 3×3 convolution forward, forward + weight gradient, forward + input gradient,
-//! and GroupNorm + SiLU forward + backward.
+//! GroupNorm + SiLU forward + backward, and the spatial attention of its 8×8 level (16 heads of
+//! 8 channels, 64 tokens) forward and forward + backward.
 //!
 //!     cargo bench --bench cpu_ops
 
@@ -11,7 +12,7 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::ops::ConvOptions;
 use criterion::{Criterion, criterion_group, criterion_main};
-use fewstep::backend::{conv2d, set_fast_cpu_ops};
+use fewstep::backend::{attention, conv2d, set_fast_cpu_ops};
 use fewstep::models::blocks::group_norm_silu;
 
 fn bench_cpu_ops(c: &mut Criterion) {
@@ -74,6 +75,24 @@ fn bench_cpu_ops(c: &mut Criterion) {
                 },
             );
         }
+        let qkv = || Tensor::<4>::random([32, 16, 64, 8], Distribution::Normal(0.0, 1.0), &ad);
+        let (q, k, v) = (qkv(), qkv(), qkv());
+        group.bench_function(format!("attention_forward/32x16x64x8/{kernels}"), |bench| {
+            bench.iter(|| {
+                let out = attention(q.clone().inner(), k.clone().inner(), v.clone().inner());
+                black_box(out.into_data())
+            })
+        });
+        group.bench_function(
+            format!("attention_forward_backward/32x16x64x8/{kernels}"),
+            |bench| {
+                bench.iter(|| {
+                    let q = q.clone().require_grad();
+                    let grads = attention(q.clone(), k.clone(), v.clone()).sum().backward();
+                    black_box(q.grad(&grads).unwrap().into_data())
+                })
+            },
+        );
     }
     set_fast_cpu_ops(true);
     group.finish();

@@ -119,11 +119,23 @@ with_avx2! {
 }
 
 /// The probabilities of the query rows `block` of one (batch, head): `[rows, M]` into `probs`.
-fn probabilities(g: &AttentionGeometry, q: &[f32], k: &[f32], block: &std::ops::Range<usize>, probs: &mut Vec<f32>) {
+fn probabilities(
+    g: &AttentionGeometry,
+    q: &[f32],
+    k: &[f32],
+    block: &std::ops::Range<usize>,
+    probs: &mut Vec<f32>,
+) {
     let (d, m) = (g.head_dim, g.keys);
     probs.resize(block.len() * m, 0.0);
     let q_block = &q[block.start * d..block.end * d];
-    matmul(probs, [block.len(), m, d], false, rows(q_block, d), transposed(k, d));
+    matmul(
+        probs,
+        [block.len(), m, d],
+        false,
+        rows(q_block, d),
+        transposed(k, d),
+    );
     probs.iter_mut().for_each(|s| *s *= g.scale);
     softmax_rows(probs, m);
 }
@@ -132,14 +144,20 @@ fn probabilities(g: &AttentionGeometry, q: &[f32], k: &[f32], block: &std::ops::
 pub fn forward(g: &AttentionGeometry, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
     let (n, m, d, dv) = (g.queries, g.keys, g.head_dim, g.value_dim);
     assert!(
-        q.len() == g.batch_heads * n * d && k.len() == g.batch_heads * m * d && v.len() == g.batch_heads * m * dv,
+        q.len() == g.batch_heads * n * d
+            && k.len() == g.batch_heads * m * d
+            && v.len() == g.batch_heads * m * dv,
         "attention: input sizes"
     );
     let mut out = vec![0.0f32; g.batch_heads * n * dv];
     out.par_chunks_mut(n * dv)
         .enumerate()
         .for_each_init(Vec::new, |probs, (i, out)| {
-            let (q, k, v) = (&q[i * n * d..][..n * d], &k[i * m * d..][..m * d], &v[i * m * dv..][..m * dv]);
+            let (q, k, v) = (
+                &q[i * n * d..][..n * d],
+                &k[i * m * d..][..m * d],
+                &v[i * m * dv..][..m * dv],
+            );
             for block in g.blocks() {
                 probabilities(g, q, k, &block, probs);
                 let o = &mut out[block.start * dv..block.end * dv];
@@ -158,7 +176,11 @@ pub fn backward(
     dout: &[f32],
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (n, m, d, dvd) = (g.queries, g.keys, g.head_dim, g.value_dim);
-    assert_eq!(dout.len(), g.batch_heads * n * dvd, "attention backward: output gradient size");
+    assert_eq!(
+        dout.len(),
+        g.batch_heads * n * dvd,
+        "attention backward: output gradient size"
+    );
     let mut dq = vec![0.0f32; g.batch_heads * n * d];
     let mut dk = vec![0.0f32; g.batch_heads * m * d];
     let mut dv = vec![0.0f32; g.batch_heads * m * dvd];
@@ -169,22 +191,47 @@ pub fn backward(
         .for_each_init(
             || (Vec::new(), Vec::new()),
             |(probs, grad), (i, ((dq, dk), dv))| {
-                let (q, k, v) = (&q[i * n * d..][..n * d], &k[i * m * d..][..m * d], &v[i * m * dvd..][..m * dvd]);
+                let (q, k, v) = (
+                    &q[i * n * d..][..n * d],
+                    &k[i * m * d..][..m * d],
+                    &v[i * m * dvd..][..m * dvd],
+                );
                 let dout = &dout[i * n * dvd..][..n * dvd];
                 for (b, block) in g.blocks().enumerate() {
                     probabilities(g, q, k, &block, probs);
                     let rows_n = block.len();
-                    let (do_block, q_block) = (&dout[block.start * dvd..block.end * dvd], &q[block.start * d..block.end * d]);
+                    let (do_block, q_block) = (
+                        &dout[block.start * dvd..block.end * dvd],
+                        &q[block.start * d..block.end * d],
+                    );
                     // dV += Pᵀ·dO
-                    matmul(dv, [m, dvd, rows_n], b > 0, transposed(probs, m), rows(do_block, dvd));
+                    matmul(
+                        dv,
+                        [m, dvd, rows_n],
+                        b > 0,
+                        transposed(probs, m),
+                        rows(do_block, dvd),
+                    );
                     // dP = dO·Vᵀ, then dS (scaled) in place.
                     grad.resize(rows_n * m, 0.0);
-                    matmul(grad, [rows_n, m, dvd], false, rows(do_block, dvd), transposed(v, dvd));
+                    matmul(
+                        grad,
+                        [rows_n, m, dvd],
+                        false,
+                        rows(do_block, dvd),
+                        transposed(v, dvd),
+                    );
                     softmax_backward_rows(grad, probs, m, g.scale);
                     // dQ = dS·K; dK += dSᵀ·Q
                     let dq_block = &mut dq[block.start * d..block.end * d];
                     matmul(dq_block, [rows_n, d, m], false, rows(grad, m), rows(k, d));
-                    matmul(dk, [m, d, rows_n], b > 0, transposed(grad, m), rows(q_block, d));
+                    matmul(
+                        dk,
+                        [m, d, rows_n],
+                        b > 0,
+                        transposed(grad, m),
+                        rows(q_block, d),
+                    );
                 }
             },
         );
@@ -209,7 +256,9 @@ mod tests {
             for i in 0..n {
                 let s: Vec<f64> = (0..m)
                     .map(|j| {
-                        (0..d).map(|c| q[(h * n + i) * d + c] as f64 * k[(h * m + j) * d + c] as f64).sum::<f64>()
+                        (0..d)
+                            .map(|c| q[(h * n + i) * d + c] as f64 * k[(h * m + j) * d + c] as f64)
+                            .sum::<f64>()
                             * g.scale as f64
                     })
                     .collect();
@@ -217,8 +266,9 @@ mod tests {
                 let e: Vec<f64> = s.iter().map(|s| (s - max).exp()).collect();
                 let z: f64 = e.iter().sum();
                 for c in 0..dv {
-                    out[(h * n + i) * dv + c] =
-                        (0..m).map(|j| e[j] / z * v[(h * m + j) * dv + c] as f64).sum();
+                    out[(h * n + i) * dv + c] = (0..m)
+                        .map(|j| e[j] / z * v[(h * m + j) * dv + c] as f64)
+                        .sum();
                 }
             }
         }
@@ -239,7 +289,11 @@ mod tests {
         let probe = values(out.len(), 4);
         let (dq, dk, dv) = backward(&g, &q, &k, &v, &probe);
         let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
-            reference(&g, q, k, v).iter().zip(&probe).map(|(a, &b)| a * b as f64).sum()
+            reference(&g, q, k, v)
+                .iter()
+                .zip(&probe)
+                .map(|(a, &b)| a * b as f64)
+                .sum()
         };
         let h = 1e-3f32;
         for (which, grad, len) in [(0, &dq, q.len()), (1, &dk, k.len()), (2, &dv, v.len())] {
@@ -251,7 +305,10 @@ mod tests {
                 };
                 let want = (bump(h) - bump(-h)) / (2.0 * h as f64);
                 let got = grad[idx] as f64;
-                assert!((got - want).abs() < 1e-3 * (1.0 + want.abs()), "grad {which}[{idx}]: {got} vs {want}");
+                assert!(
+                    (got - want).abs() < 1e-3 * (1.0 + want.abs()),
+                    "grad {which}[{idx}]: {got} vs {want}"
+                );
             }
         }
     }

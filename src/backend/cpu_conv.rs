@@ -116,7 +116,9 @@ impl ConvGeometry {
     fn tile_rows(&self) -> usize {
         let budget = (self.col_budget / (self.rows() * self.out[1])).max(1);
         let per_sample = rayon::current_num_threads().div_ceil(self.batch.max(1));
-        budget.min(self.out[0].div_ceil(per_sample)).clamp(1, self.out[0])
+        budget
+            .min(self.out[0].div_ceil(per_sample))
+            .clamp(1, self.out[0])
     }
 
     /// The output-row ranges of one sample's tiles.
@@ -217,7 +219,7 @@ impl ConvGeometry {
     /// values for one pixel are contiguous. Channels in blocks of 16: each pixel's block is one
     /// contiguous write gathered from 16 sequential read streams (a pixel-major order would read
     /// from all `C_in` planes at once, more streams than the prefetcher follows).
-    fn to_channels_last(&self, x: &[f32], out: &mut Vec<f32>) {
+    fn copy_channels_last(&self, x: &[f32], out: &mut Vec<f32>) {
         const BLOCK: usize = 16;
         let (c, hw) = (self.c_in, self.h * self.w);
         out.resize(c * hw, 0.0);
@@ -577,7 +579,7 @@ pub fn weight_grad(g: &ConvGeometry, x: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f3
         let (mut x_cl, mut col, mut last) = (Vec::new(), Vec::new(), None);
         for (n, rows) in run {
             if last != Some(*n) {
-                g.to_channels_last(&x[n * plane..][..plane], &mut x_cl);
+                g.copy_channels_last(&x[n * plane..][..plane], &mut x_cl);
                 last = Some(*n);
             }
             let dy_n = &dy[n * g.c_out * p..][..g.c_out * p];
@@ -799,8 +801,7 @@ mod tests {
             // copy of `im2col_same_width`, clipped at the plane's ends).
             let dilated = ConvOptions::new([1, 1], [2, 2], [2, 2], 1);
             check_tiled([1, 2, 7, 6], [2, 2, 3, 3], dilated, budget);
-            let asymmetric =
-                ConvOptions::new_with_padding([1, 1], [(0, 2), (2, 0)], [1, 1], 1);
+            let asymmetric = ConvOptions::new_with_padding([1, 1], [(0, 2), (2, 0)], [1, 1], 1);
             check_tiled([2, 2, 7, 6], [3, 2, 3, 3], asymmetric, budget);
             let pointwise = ConvOptions::new([1, 1], [0, 0], [1, 1], 1);
             check_tiled([2, 18, 7, 6], [2, 18, 1, 1], pointwise, budget);

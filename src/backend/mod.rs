@@ -22,11 +22,14 @@ use crate::error::{Error, Result};
 macro_rules! with_avx2 {
     ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
+        #[allow(clippy::too_many_arguments)]
         fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[allow(clippy::too_many_arguments)]
             #[inline(always)]
             fn kernel($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[allow(clippy::too_many_arguments)]
                 #[target_feature(enable = "avx2,fma")]
                 fn wide($($arg: $ty),*) $(-> $ret)? {
                     kernel($($arg),*)
