@@ -10,7 +10,7 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::ops::ConvOptions;
-use fewstep::backend::{attention, conv2d, set_fast_cpu_ops};
+use fewstep::backend::{attention, conv2d, set_fast_cpu_ops, upsample_nearest2x};
 use fewstep::models::blocks::{group_norm_forward, group_norm_silu, silu};
 use fewstep::models::{Conditioning, UNetConfig};
 
@@ -222,6 +222,25 @@ fn fused_attention_matches_burns_attention_in_values_and_gradients() {
             assert!(max_relative(a, b) < 1e-4, "{what}: {name} gradient");
         }
     }
+}
+
+#[test]
+fn the_upsampling_kernel_matches_the_reshape_expand_chain() {
+    let _guard = SWITCH.lock().unwrap();
+    let device = Device::flex().autodiff();
+    let x = Tensor::<4>::random([2, 3, 5, 4], Distribution::Normal(0.0, 1.0), &device);
+    let probe = Tensor::<4>::random([2, 3, 10, 8], Distribution::Normal(0.0, 1.0), &device);
+    let run = |fast: bool| {
+        set_fast_cpu_ops(fast);
+        let x = x.clone().require_grad();
+        let y = upsample_nearest2x(x.clone());
+        let grads = (y.clone() * probe.clone()).sum().backward();
+        (y.inner(), x.grad(&grads).unwrap())
+    };
+    let generic = run(false);
+    let fast = run(true);
+    assert!(max_relative(fast.0, generic.0) == 0.0, "output");
+    assert!(max_relative(fast.1, generic.1) < 1e-6, "input gradient");
 }
 
 #[test]

@@ -8,6 +8,7 @@
 //!   training step (README "Speed").
 //! - `group_norm_fused`: GroupNorm (+ SiLU) of [`super::cpu_norm`], two passes each way instead
 //!   of a chain of primitive ops with an autodiff node each.
+//! - `upsample_nearest2x`: the 2× nearest upsampling of [`super::cpu_upsample`], parallel.
 //! - `attention_fused`: unmasked attention of [`super::cpu_attention`], GEMMs and a vectorised
 //!   softmax, its backward recomputing the probabilities.
 
@@ -26,6 +27,7 @@ use burn::tensor::ops::ConvOptions;
 use super::cpu_attention::{self, AttentionGeometry};
 use super::cpu_conv::{self, ConvGeometry};
 use super::cpu_norm::{self, NormGeometry, NormStatistics};
+use super::cpu_upsample;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait FlexOps: Backend {
@@ -57,6 +59,9 @@ pub trait FlexOps: Backend {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
+
+    /// Nearest-neighbour 2× upsampling of an f32 `[B, C, H, W]`.
+    fn upsample_nearest2x(x: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 /// Whether `x` lives on flex (with or without autodiff).
@@ -141,6 +146,16 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     ))
 }
 
+/// Whether [`FlexOps::upsample_nearest2x`] takes this tensor: flex, f32.
+pub fn upsample_applies(x: &Tensor<4>) -> bool {
+    on_flex(x) && x.dtype() == DType::F32
+}
+
+/// [`FlexOps::upsample_nearest2x`] on `Tensor`s; the caller checked [`upsample_applies`].
+pub fn upsample_nearest2x(x: Tensor<4>) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as FlexOps>::upsample_nearest2x(x.into_dispatch()))
+}
+
 /// The f32 values of a contiguous flex tensor (`to_contiguous` first: a copy only when strided).
 fn slice(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>()
@@ -192,6 +207,15 @@ impl FlexOps for Flex {
         group_norm_forward(&x, &gamma, &beta, groups, epsilon, silu).0
     }
 
+    fn upsample_nearest2x(x: FlexTensor) -> FlexTensor {
+        let x = x.to_contiguous();
+        let ([b, c, h, w], (n, _, _)) = (dims4(&x), planes(&x));
+        flex_tensor(
+            cpu_upsample::forward(slice(&x), n, h, w),
+            [b, c, 2 * h, 2 * w],
+        )
+    }
+
     fn attention_fused(q: FlexTensor, k: FlexTensor, v: FlexTensor) -> FlexTensor {
         let g = attention_geometry(&q, &k, &v);
         let (q, k, v) = (q.to_contiguous(), k.to_contiguous(), v.to_contiguous());
@@ -199,6 +223,30 @@ impl FlexOps for Flex {
         let mut shape = dims4(&q);
         shape[3] = g.value_dim;
         flex_tensor(out, shape)
+    }
+}
+
+/// The (planes, h, w) of a `[B, C, H, W]` tensor.
+fn planes(x: &FlexTensor) -> (usize, usize, usize) {
+    let [b, c, h, w] = dims4(x);
+    (b * c, h, w)
+}
+
+/// The backward of [`FlexOps::upsample_nearest2x`]: one parent; the state is the input's shape.
+#[derive(Debug)]
+struct UpsampleBackward;
+
+impl Backward<Flex, 1> for UpsampleBackward {
+    type State = [usize; 4];
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node] = ops.parents;
+        let dy = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let [b, c, h, w] = ops.state;
+        if let Some(node) = node {
+            let dx = cpu_upsample::backward(slice(&dy), b * c, h, w);
+            grads.register::<Flex>(node.id, flex_tensor(dx, [b, c, h, w]));
+        }
     }
 }
 
@@ -432,6 +480,20 @@ impl<C: CheckpointStrategy> FlexOps for Autodiff<Flex, C> {
                 k.into_primitive(),
                 v.into_primitive(),
             )),
+        }
+    }
+
+    fn upsample_nearest2x(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        match UpsampleBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let shape = dims4(x.primitive());
+                prep.finish(shape, Flex::upsample_nearest2x(x.into_primitive()))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::upsample_nearest2x(x.into_primitive())),
         }
     }
 }

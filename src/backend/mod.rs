@@ -49,6 +49,7 @@ macro_rules! with_avx2 {
 pub mod cpu_attention;
 pub mod cpu_conv;
 pub mod cpu_norm;
+pub mod cpu_upsample;
 #[cfg(feature = "flex")]
 mod flex_ops;
 
@@ -112,6 +113,19 @@ pub fn attention_is_fused(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> bool {
     }
     let _ = (q, k, v);
     false
+}
+
+/// Nearest-neighbour 2× upsampling `[B, C, H, W]` → `[B, C, 2H, 2W]`: fewstep's parallel kernel
+/// on flex (f32, [`cpu_upsample`]) with its own backward, a reshape/expand elsewhere.
+pub fn upsample_nearest2x(x: Tensor<4>) -> Tensor<4> {
+    #[cfg(feature = "flex")]
+    if FAST_CPU_OPS.load(Ordering::Relaxed) && flex_ops::upsample_applies(&x) {
+        return flex_ops::upsample_nearest2x(x);
+    }
+    let [b, c, h, w] = x.dims();
+    x.reshape([b, c, h, 1, w, 1])
+        .expand([b, c, h, 2, w, 2])
+        .reshape([b, c, 2 * h, 2 * w])
 }
 
 /// `Conv2d::forward` through [`conv2d`] (explicit and valid padding; `Same` stays burn's).

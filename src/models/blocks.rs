@@ -291,12 +291,7 @@ impl Upsample {
 
     /// [B, C, H, W] → [B, C, 2H, 2W]
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let [b, c, h, w] = x.dims();
-        let up = x
-            .reshape([b, c, h, 1, w, 1])
-            .expand([b, c, h, 2, w, 2])
-            .reshape([b, c, 2 * h, 2 * w]);
-        conv2d_forward(&self.conv, up)
+        conv2d_forward(&self.conv, crate::backend::upsample_nearest2x(x))
     }
 }
 
