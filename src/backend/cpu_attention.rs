@@ -241,12 +241,7 @@ pub fn backward(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
-            .collect()
-    }
+    use crate::backend::test_values as values;
 
     /// The definition in f64: out[i] = Σ_j softmax_j(scale·q_i·k_j)·v_j.
     fn reference(g: &AttentionGeometry, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f64> {

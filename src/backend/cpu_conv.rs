@@ -632,6 +632,7 @@ pub fn weight_grad(g: &ConvGeometry, x: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f3
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::test_values as values;
 
     /// Direct convolution by the definition, in f64: the reference for all three passes.
     fn reference(g: &ConvGeometry, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<f64> {
@@ -668,12 +669,6 @@ mod tests {
             }
         }
         y
-    }
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
-            .collect()
     }
 
     fn close(a: &[f32], b: &[f64], what: &str) {

@@ -299,12 +299,7 @@ pub fn backward(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
-            .collect()
-    }
+    use crate::backend::test_values as values;
 
     /// The loss `Σ probe·out` in f64, for finite differences.
     fn loss(g: &NormGeometry, x: &[f32], gamma: &[f32], beta: &[f32], probe: &[f32]) -> f64 {

@@ -53,6 +53,14 @@ pub mod cpu_upsample;
 #[cfg(feature = "flex")]
 mod flex_ops;
 
+/// Deterministic values in [−1, 1] for the kernels' unit tests.
+#[cfg(test)]
+fn test_values(len: usize, seed: u32) -> Vec<f32> {
+    (0..len)
+        .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+        .collect()
+}
+
 /// Whether [`conv2d`] uses fewstep's CPU kernels on flex (on by default; off only to measure or
 /// test against burn's generic ops).
 static FAST_CPU_OPS: AtomicBool = AtomicBool::new(true);
