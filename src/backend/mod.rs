@@ -1,13 +1,14 @@
 //! The one place that knows which burn backends were compiled in (cargo features `flex`,
 //! `ndarray`, `wgpu`, `tch`) and turns `--device` into a burn [`Device`].
 //!
-//! The CPU default is `flex`, burn's pure-Rust backend, with fewstep's own convolution and fused
-//! GroupNorm kernels added to it through burn's backend extension ([`cpu_conv`], [`cpu_norm`],
-//! `flex_ops.rs`): on the 2.74 M-parameter UNet of `benches/unet.rs` a batch-16 forward in
-//! 0.19 s and a batch-32 AdamW step in 0.95 s (burn's generic ops: 0.25 s and 1.7 s; the
-//! deprecated `ndarray`, selectable as `--device ndarray` with `--features ndarray`: 1.05 s and
-//! ~66 s). The kernels apply on flex only, with no flag; [`set_fast_cpu_ops`] turns them off to
-//! measure or test against burn's ops.
+//! The CPU default is `flex`, burn's pure-Rust backend, with fewstep's own convolution, fused
+//! GroupNorm, attention and upsampling kernels added to it through burn's backend extension
+//! ([`cpu_conv`], [`cpu_norm`], [`cpu_attention`], [`cpu_upsample`], `flex_ops.rs`): on the
+//! 2.74 M-parameter UNet of `benches/unet.rs` a batch-16 forward in ~0.11 s and a batch-32 AdamW
+//! step in ~0.73 s (burn's generic ops: 0.25 s and 1.7 s; PyTorch on the same machine ~0.11 s
+//! and ~0.66 s; the deprecated `ndarray`, `--device ndarray` with `--features ndarray`: 1.05 s
+//! and ~66 s). The kernels apply on flex only, with no flag; [`set_fast_cpu_ops`] turns them off
+//! to measure or test against burn's ops.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
