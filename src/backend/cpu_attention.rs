@@ -3,8 +3,9 @@
 //! decomposition into matmul, softmax and matmul with an autodiff node each.
 //!
 //! Per (batch, head) task and per block of queries (scores kept within [`SCORE_BLOCK`] floats,
-//! so that a 4 096-token image does not allocate a 4 096² matrix): `S = scale·Q·Kᵀ` (GEMM),
-//! `P = softmax(S)` row by row (the vectorisable `exp` of [`super::cpu_norm`]), `O = P·V` (GEMM).
+//! so that a 4 096-token image does not allocate a 4 096² matrix): `S = Q·Kᵀ` (GEMM),
+//! `P = softmax(scale·S)` row by row (the vectorisable `exp` of [`super::cpu_norm`], the scale
+//! folded into its argument), `O = P·V` (GEMM).
 //! The backward recomputes `P` per block rather than keeping it (flash attention's trade):
 //! `dV += Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P∘(dP − rowsum(dP∘P))`, `dQ = scale·dS·K`,
 //! `dK += scale·dSᵀ·Q`.
@@ -12,7 +13,7 @@
 use rayon::prelude::*;
 
 use super::cpu_conv::{Operand, matmul};
-use super::cpu_norm::exp;
+use super::cpu_norm::{LANES, exp};
 
 /// Floats of scores per query block.
 pub const SCORE_BLOCK: usize = 1 << 16;
@@ -74,21 +75,22 @@ fn transposed(data: &[f32], cols: usize) -> Operand<'_> {
 }
 
 with_avx2! {
-    /// Scores → probabilities in place, one softmax per row of `keys` values.
-    fn softmax_rows(scores: &mut [f32], keys: usize) {
+    /// Raw scores `q·kᵀ` → probabilities `softmax(scale·s)` in place, one row of `keys` values at
+    /// a time (the scale folded into the exponent: no separate pass).
+    fn softmax_rows(scores: &mut [f32], keys: usize, scale: f32) {
         for row in scores.chunks_exact_mut(keys) {
             let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let mut lanes = [0.0f32; 16];
-            let mut chunks = row.chunks_exact_mut(16);
+            let mut lanes = [0.0f32; LANES];
+            let mut chunks = row.chunks_exact_mut(LANES);
             for c in &mut chunks {
                 for (l, v) in lanes.iter_mut().zip(c.iter_mut()) {
-                    *v = exp(*v - max);
+                    *v = exp((*v - max) * scale);
                     *l += *v;
                 }
             }
             let mut sum: f32 = lanes.iter().sum();
             for v in chunks.into_remainder() {
-                *v = exp(*v - max);
+                *v = exp((*v - max) * scale);
                 sum += *v;
             }
             let inv = 1.0 / sum;
@@ -101,14 +103,14 @@ with_avx2! {
     /// `dP → scale·P∘(dP − rowsum(dP∘P))` in place (`grad` holds dP, `probs` P).
     fn softmax_backward_rows(grad: &mut [f32], probs: &[f32], keys: usize, scale: f32) {
         for (g, p) in grad.chunks_exact_mut(keys).zip(probs.chunks_exact(keys)) {
-            let mut lanes = [0.0f32; 16];
-            let mut chunks = g.chunks_exact(16).zip(p.chunks_exact(16));
+            let mut lanes = [0.0f32; LANES];
+            let mut chunks = g.chunks_exact(LANES).zip(p.chunks_exact(LANES));
             for (g, p) in &mut chunks {
-                for l in 0..16 {
+                for l in 0..LANES {
                     lanes[l] += g[l] * p[l];
                 }
             }
-            let done = keys / 16 * 16;
+            let done = keys / LANES * LANES;
             let dot: f32 =
                 lanes.iter().sum::<f32>() + g[done..].iter().zip(&p[done..]).map(|(a, b)| a * b).sum::<f32>();
             for (g, &p) in g.iter_mut().zip(p) {
@@ -136,8 +138,7 @@ fn probabilities(
         rows(q_block, d),
         transposed(k, d),
     );
-    probs.iter_mut().for_each(|s| *s *= g.scale);
-    softmax_rows(probs, m);
+    softmax_rows(probs, m, g.scale);
 }
 
 /// `out [BH, N, d_v]`.

@@ -85,7 +85,7 @@ pub(super) fn exp(x: f32) -> f32 {
 
 /// Lanes of the partial sums below: wide enough for two AVX2 registers, so that a reduction
 /// vectorises (a serial float sum cannot be reordered by the compiler).
-const LANES: usize = 16;
+pub(super) const LANES: usize = 16;
 
 /// `Σ f(x)` with f32 partial sums in [`LANES`] lanes over blocks of 1 024 values, blocks summed
 /// in f64.

@@ -209,9 +209,9 @@ impl FlexOps for Flex {
 
     fn upsample_nearest2x(x: FlexTensor) -> FlexTensor {
         let x = x.to_contiguous();
-        let ([b, c, h, w], (n, _, _)) = (dims4(&x), planes(&x));
+        let [b, c, h, w] = dims4(&x);
         flex_tensor(
-            cpu_upsample::forward(slice(&x), n, h, w),
+            cpu_upsample::forward(slice(&x), b * c, h, w),
             [b, c, 2 * h, 2 * w],
         )
     }
@@ -224,12 +224,6 @@ impl FlexOps for Flex {
         shape[3] = g.value_dim;
         flex_tensor(out, shape)
     }
-}
-
-/// The (planes, h, w) of a `[B, C, H, W]` tensor.
-fn planes(x: &FlexTensor) -> (usize, usize, usize) {
-    let [b, c, h, w] = dims4(x);
-    (b * c, h, w)
 }
 
 /// The backward of [`FlexOps::upsample_nearest2x`]: one parent; the state is the input's shape.
