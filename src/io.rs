@@ -5,7 +5,7 @@
 //! `gamma`/`beta`; PyTorch stores [out, in] and `weight`/`bias`. The mapping happens here, once,
 //! by walking the module tree with its parameter paths.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
@@ -254,6 +254,19 @@ impl PathTracker {
     pub fn joined(&self) -> String {
         self.path.join(".")
     }
+    /// The container type of the innermost module entered (`Struct:Conv2d`, …).
+    pub fn container(&self) -> &str {
+        self.containers.last().map(String::as_str).unwrap_or("")
+    }
+    /// Whether the walk is inside a parameter's reparameterization (LoRA factors, learned
+    /// quantization scales, packed codes).
+    pub fn in_reparameterization(&self) -> bool {
+        self.containers.iter().any(|c| c == "Reparameterization")
+    }
+    /// The PyTorch name of the current parameter and whether its layout is transposed.
+    pub fn torch_name(&self) -> (String, bool) {
+        self.current()
+    }
     fn current(&self) -> (String, bool) {
         torch_name(
             &self.path,
@@ -382,6 +395,8 @@ struct Loader<'a> {
     ids: Option<&'a BTreeMap<String, u64>>,
     /// Upload as f16 (else f32).
     half: bool,
+    /// Parameters loaded otherwise (packed quantized weights), with everything beneath them.
+    skip: Option<&'a BTreeSet<String>>,
 }
 
 /// [rows, cols] row-major → [cols, rows].
@@ -404,6 +419,14 @@ impl ModuleMapper for Loader<'_> {
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let (name, transpose) = self.tracker.current();
+        if let Some(skip) = self.skip
+            && skip.iter().any(|s| {
+                name.strip_prefix(s.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+            })
+        {
+            return param;
+        }
         let mut expected: Vec<usize> = param.lazy_shape().dims::<D>().to_vec();
         if transpose {
             expected.reverse();
@@ -473,7 +496,7 @@ pub fn load_weights_with_ids<M: Module>(
     path: &Path,
     ids: Option<&BTreeMap<String, u64>>,
 ) -> Result<M> {
-    load_tensors(module, path, |name| Some(name.to_string()), ids, false)
+    load_tensors(module, path, |name| Some(name.to_string()), ids, false, None)
 }
 
 /// [`load_weights`] where the file's names go through `rename` first: `Some(name)` is the
@@ -487,7 +510,26 @@ pub fn load_weights_renamed<M: Module>(
     rename: impl Fn(&str) -> Option<String>,
     half: bool,
 ) -> Result<M> {
-    load_tensors(module, path, rename, None, half)
+    load_tensors(module, path, rename, None, half, None)
+}
+
+/// [`load_weights_renamed`] (names as they are) for a module some of whose parameters were
+/// loaded otherwise: `skip` names them (and the file tensors they took), with everything
+/// beneath them.
+pub fn load_weights_except<M: Module>(
+    module: M,
+    path: &Path,
+    half: bool,
+    skip: &BTreeSet<String>,
+) -> Result<M> {
+    load_tensors(
+        module,
+        path,
+        |name| (!skip.contains(name)).then(|| name.to_string()),
+        None,
+        half,
+        Some(skip),
+    )
 }
 
 fn load_tensors<M: Module>(
@@ -496,6 +538,7 @@ fn load_tensors<M: Module>(
     rename: impl Fn(&str) -> Option<String>,
     ids: Option<&BTreeMap<String, u64>>,
     half: bool,
+    skip: Option<&BTreeSet<String>>,
 ) -> Result<M> {
     let bytes = map_file(path)?;
     let file = SafeTensors::deserialize(&bytes)
@@ -512,6 +555,7 @@ fn load_tensors<M: Module>(
         errors: Vec::new(),
         ids,
         half,
+        skip,
     };
     let module = module.map(&mut loader);
     if let Some(first) = loader.errors.first() {
@@ -642,6 +686,53 @@ pub fn weights_to_bytes_prefixed<M: Module>(module: &M, prefix: &str) -> Result<
             (name, view)
         })
         .collect();
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    safetensors::serialize(views, Some(meta))
+        .map_err(|e| Error::Config(format!("cannot serialise weights: {e}")))
+}
+
+/// A tensor as a file stores it: dtype, shape, little-endian bytes.
+#[derive(Debug, Clone)]
+pub struct RawTensor {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+/// [`weights_to_bytes`] where the tensors of `stored` take the place of the parameters of the
+/// same names (and of everything beneath them: a quantized weight's fake-quantization state), and
+/// its other tensors are added (their scales).
+pub fn weights_to_bytes_stored<M: Module>(
+    module: &M,
+    stored: &BTreeMap<String, RawTensor>,
+) -> Result<Vec<u8>> {
+    let mut c = Collector {
+        tracker: PathTracker::default(),
+        tensors: BTreeMap::new(),
+    };
+    module.visit(&mut c);
+    let replaced = |name: &str| {
+        stored.keys().any(|s| {
+            name.strip_prefix(s.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+        })
+    };
+    let mut views: Vec<(String, safetensors::tensor::TensorView<'_>)> = c
+        .tensors
+        .iter()
+        .filter(|(name, _)| !replaced(name))
+        .map(|(name, (shape, bytes))| {
+            let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes)
+                .expect("shape matches data");
+            (name.clone(), view)
+        })
+        .collect();
+    for (name, t) in stored {
+        let view = safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes)
+            .map_err(|e| Error::Config(format!("tensor `{name}`: {e}")))?;
+        views.push((name.clone(), view));
+    }
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     safetensors::serialize(views, Some(meta))

@@ -12,6 +12,7 @@ use crate::io::{
     CONFIG_NAME, SCHEDULER_CONFIG_NAME, WEIGHTS_NAME, read_text, save_weights, write_json,
 };
 use crate::models::footprint::{self, Use};
+use crate::models::quant;
 use crate::models::{ClipTextConfig, ClipTextModel, UNet, UNetConfig, Vae, VaeConfig};
 use crate::text::ClipTokenizer;
 
@@ -129,13 +130,32 @@ pub fn load_unet_in(
         .map_err(|e| e.in_file(&config_path))?;
     // One image must be computable before anything is allocated.
     footprint::check_unet(&config, &config_path, None, Use::Inference { batch: 1 })?;
-    let unet = load_in(config.init(device), &dir.join(WEIGHTS_NAME), precision)?;
+    let weights = dir.join(WEIGHTS_NAME);
+    let unet = match &config.quantization_config {
+        None => load_in(config.init(device), &weights, precision)?,
+        Some(q) => {
+            let half = precision == Precision::F16;
+            let unet = quant::load_quantized(config.init(device), &weights, q.weights, |m, skip| {
+                crate::io::load_weights_except(m, &weights, half, skip)
+            })?;
+            if half {
+                crate::backend::cast_module(unet, precision.dtype())
+            } else {
+                unet
+            }
+        }
+    };
     Ok((config, unet))
 }
 
+/// Writes `DIR/config.json` and the weights; with a `quantization_config`, the convolution and
+/// linear weights quantized in its format (at the scales of an attached fake quantization).
 pub fn save_unet(dir: &Path, config: &UNetConfig, unet: &UNet) -> Result<()> {
     write_json(&dir.join(CONFIG_NAME), &config.to_json())?;
-    save_weights(unet, &dir.join(WEIGHTS_NAME))
+    match &config.quantization_config {
+        None => save_weights(unet, &dir.join(WEIGHTS_NAME)),
+        Some(q) => quant::save_quantized(unet, q.weights, &dir.join(WEIGHTS_NAME)),
+    }
 }
 
 pub fn load_vae(dir: &Path, device: &Device) -> Result<(VaeConfig, Vae)> {
@@ -387,6 +407,20 @@ impl Pipeline {
         } else {
             vae.decode(z)
         })
+    }
+
+    /// The pipeline with its UNet's convolution and linear weights to be written in `format`
+    /// (post-training quantization, max-abs scales, when saved). `source` names the folder in
+    /// errors.
+    pub fn quantized(mut self, format: quant::QuantFormat, source: &Path) -> Result<Self> {
+        if self.unet_config.quantization_config.is_some() {
+            return Err(Error::file(
+                source,
+                "the UNet is already quantized (its config.json has a quantization_config)",
+            ));
+        }
+        self.unet_config.quantization_config = Some(quant::QuantizationConfig::new(format));
+        Ok(self)
     }
 
     /// Whether prompts condition this pipeline (a text encoder and a UNet2DConditionModel).

@@ -486,7 +486,10 @@ fn run_fid(args: FidArgs) -> Result<()> {
                 "precision": model.precision.name(),
                 "steps": args.steps,
                 "seed": args.sampling.seed,
-                "params": burn::module::Module::num_params(&model.pipeline.unet),
+                // From the config: a quantized UNet's parameters are packed codes.
+                "params": burn::module::Module::num_params(&model.pipeline.unet_config.init(&device)),
+                "weight_bytes": crate::models::quant::weight_bytes(&model.pipeline.unet),
+                "weights": model.pipeline.unet_config.quantization_config.as_ref().map_or("f32", |q| q.weights.name()),
                 "macs_per_step": model.pipeline.unet_config.macs_per_step(),
             });
             (scores, source, Some(per_sec))

@@ -10,6 +10,7 @@ pub mod distill;
 pub mod eval;
 pub mod gan;
 pub mod lora;
+pub mod quantize;
 pub mod sample;
 pub mod tokenize;
 pub mod train;
@@ -56,6 +57,8 @@ pub enum Command {
     /// Print the CLIP token ids a text-to-image pipeline feeds its text encoder, one JSON object
     /// per prompt.
     Tokenize(tokenize::TokenizeArgs),
+    /// Post-training quantization of a pipeline's UNet to int8 or 4-bit weights.
+    Quantize(quantize::QuantizeArgs),
 }
 
 /// `--device`, shared by every command that computes.
@@ -321,5 +324,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::TrainGan(args) => gan::run_train(args),
         Command::TrainVae(args) => train_vae::run(args),
         Command::Tokenize(args) => tokenize::run(args),
+        Command::Quantize(args) => quantize::run(args),
     }
 }

@@ -8,6 +8,7 @@ pub mod footprint;
 pub mod gan;
 pub mod inception;
 pub mod lora;
+pub mod quant;
 pub mod transformer;
 pub mod unet;
 pub mod vae;

@@ -266,6 +266,10 @@ pub struct UNetConfig {
     /// UNet2DConditionModel: attention scores in f32 under f16 weights (SD-2.1).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub upcast_attention: bool,
+    /// fewstep's quantized weights (`fewstep quantize`, `--quantize`): the format the
+    /// convolution and linear weights of the weights file are stored in (see `models::quant`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization_config: Option<super::quant::QuantizationConfig>,
 }
 
 fn unet_2d() -> String {
@@ -479,6 +483,9 @@ impl UNetConfig {
 
     /// Rejects what this implementation does not compute, naming the field.
     pub fn validate(&self) -> Result<()> {
+        if let Some(q) = &self.quantization_config {
+            q.validate()?;
+        }
         let n = self.block_out_channels.len();
         if n == 0 {
             return Err(Error::Config("field `block_out_channels` is empty".into()));
