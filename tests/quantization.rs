@@ -4,7 +4,9 @@
 //! line.
 
 mod common;
-use common::{assert_clean_failure, fewstep, ok, repo, scratch};
+use common::{
+    assert_clean_failure, fewstep, interrupt_after_rows, ok, repo, scratch, tiny_model,
+};
 
 use std::path::Path;
 
@@ -251,4 +253,140 @@ fn quantize_refuses_bad_input_in_one_line() {
         scratch("quantization", "bad.png").to_str().unwrap(),
     ]);
     assert_clean_failure(o, "conv_in.weight_scale");
+}
+
+fn progressive_args<'a>(teacher: &'a Path, out: &'a Path, iters: &'a str) -> Vec<&'a str> {
+    vec![
+        "distill",
+        "progressive",
+        "--teacher",
+        teacher.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--from-steps",
+        "4",
+        "--to-steps",
+        "1",
+        "--iters-per-round",
+        iters,
+        "--batch",
+        "2",
+        "--checkpoint-every",
+        "3",
+        "--ema",
+        "0.9",
+        "--quantize",
+        "int4",
+        "--lsq",
+        "--no-eval",
+        "--quiet",
+    ]
+}
+
+#[test]
+fn quantization_aware_rounds_write_quantized_students_and_resume_exactly() {
+    let teacher = tiny_model("quantization", "teacher-pd");
+    let whole = scratch("quantization", "qad-whole");
+    ok(&fewstep(&progressive_args(&teacher, &whole, "12")));
+    let split = scratch("quantization", "qad-split");
+    interrupt_after_rows(
+        &progressive_args(&teacher, &split, "12"),
+        &split.join("loss.csv"),
+        5,
+    );
+    ok(&fewstep(&[
+        "distill",
+        "progressive",
+        "--out",
+        split.to_str().unwrap(),
+        "--resume",
+        "--no-eval",
+        "--quiet",
+    ]));
+    let device = device();
+    for steps in [2usize, 1] {
+        let round = format!("round-{steps}steps");
+        let weights = format!("{round}/unet/diffusion_pytorch_model.safetensors");
+        let (a, b) = (
+            std::fs::read(whole.join(&weights)).unwrap(),
+            std::fs::read(split.join(&weights)).unwrap(),
+        );
+        assert!(a == b, "{steps} steps: the resumed student differs");
+        let (config, unet) = load_unet(&whole.join(&round).join("unet"), &device).unwrap();
+        assert_eq!(
+            config.quantization_config,
+            Some(QuantizationConfig::new(QuantFormat::Int4))
+        );
+        assert!(is_packed(&unet));
+        let o = fewstep(&[
+            "sample",
+            "--model",
+            whole.join(&round).to_str().unwrap(),
+            "--num",
+            "2",
+            "--out",
+            scratch("quantization", &format!("qad{steps}.png")).to_str().unwrap(),
+        ]);
+        ok(&o);
+    }
+}
+
+#[test]
+fn quantization_aware_consistency_starts_from_init_and_refuses_what_cannot_combine() {
+    let teacher = tiny_model("quantization", "teacher-cd");
+    let out = scratch("quantization", "qad-cd");
+    let args = |out: &Path, extra: &[&str]| {
+        let mut a = vec![
+            "distill".to_string(),
+            "consistency".into(),
+            "--teacher".into(),
+            teacher.to_str().unwrap().into(),
+            "--out".into(),
+            out.to_str().unwrap().into(),
+            "--iters".into(),
+            "3".into(),
+            "--batch".into(),
+            "2".into(),
+            "--scales".into(),
+            "10".into(),
+            "--no-eval".into(),
+            "--quiet".into(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run = |a: Vec<String>| fewstep(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    ok(&run(args(
+        &out,
+        &["--quantize", "int8", "--init", teacher.to_str().unwrap()],
+    )));
+    let (config, unet) = load_unet(&out.join("student/unet"), &device()).unwrap();
+    assert_eq!(config.quantization_config.unwrap().weights, QuantFormat::Int8);
+    assert!(is_packed(&unet));
+    assert_clean_failure(
+        run(args(&scratch("quantization", "qad-lsq"), &["--lsq"])),
+        "--quantize",
+    );
+    assert_clean_failure(
+        run(args(
+            &scratch("quantization", "qad-lora"),
+            &["--quantize", "int4", "--lora-rank", "2"],
+        )),
+        "--quantize with --lora-rank",
+    );
+    assert_clean_failure(
+        run(args(
+            &scratch("quantization", "qad-fmt"),
+            &["--quantize", "int2"],
+        )),
+        "int2",
+    );
+    let other = repo().join("tests/fixtures/models/pipe_latent");
+    assert_clean_failure(
+        run(args(
+            &scratch("quantization", "qad-init"),
+            &["--quantize", "int8", "--init", other.to_str().unwrap()],
+        )),
+        "--init",
+    );
 }

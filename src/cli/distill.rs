@@ -17,6 +17,7 @@ use crate::eval::Evaluator;
 use crate::io;
 use crate::metrics::{self, FeatureExtractor, Reference, ShapesFeatures};
 use crate::models::lora::{LoraFormat, LoraSpec};
+use crate::models::quant::{QuantFormat, QuantizeSpec};
 use crate::train::consistency::{
     self, CONSISTENCY_RUN, ConsistencyConfig, ConsistencyOutcome, ConsistencyRun, GuidanceRange,
     LrDecay,
@@ -84,6 +85,18 @@ pub struct DistillArgs {
     pub feature_weights: Option<PathBuf>,
     #[arg(long)]
     pub quiet: bool,
+    /// Quantization-aware distillation: the student learns under simulated int8 or 4-bit
+    /// weights (blocks of 32 with f16 scales, straight-through estimator) against the
+    /// full-precision teacher, and is written quantized.
+    #[arg(long, value_parser = ["int8", "int4"])]
+    pub quantize: Option<String>,
+    /// With --quantize: learned block scales (LSQ, Esser et al. 2020) instead of max-abs ones.
+    #[arg(long, requires = "quantize")]
+    pub lsq: bool,
+    /// A pipeline folder whose UNet the student starts from instead of the teacher's (same
+    /// architecture): e.g. the f32 student, fine-tuned under --quantize.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
     #[command(flatten)]
     pub device: DeviceArgs,
     #[command(flatten)]
@@ -93,6 +106,33 @@ pub struct DistillArgs {
 }
 
 impl DistillArgs {
+    /// `--quantize` / `--lsq`.
+    fn quantize(&self) -> Result<Option<QuantizeSpec>> {
+        self.quantize
+            .as_deref()
+            .map(|f| {
+                Ok(QuantizeSpec {
+                    format: QuantFormat::parse(f, "--quantize")?,
+                    lsq: self.lsq,
+                })
+            })
+            .transpose()
+    }
+
+    /// `--init`, absolute, checked to be a pipeline folder.
+    fn init(&self) -> Result<Option<PathBuf>> {
+        match &self.init {
+            None => Ok(None),
+            Some(dir) => {
+                let dir = absolute(dir, "--init")?;
+                if !dir.join("unet").is_dir() {
+                    return Err(Error::file(&dir, "--init: expected a pipeline folder with unet/"));
+                }
+                Ok(Some(dir))
+            }
+        }
+    }
+
     /// The distillation optimizer (AdamW, weight decay 1e-4, clip 1) with the flags applied.
     fn optimizer(&self) -> Result<crate::train::optim::OptimizerConfig> {
         self.optimizer
@@ -321,6 +361,7 @@ impl ProgressiveArgs {
                 max: *g.last().expect("one or two values"),
             }),
             guided_iters: self.guided_iters,
+            quantize: self.common.quantize()?,
         })
     }
 }
@@ -400,6 +441,7 @@ fn run_progressive(args: ProgressiveArgs) -> Result<()> {
         Some(ProgressiveRun {
             kind: PROGRESSIVE_RUN.into(),
             teacher,
+            init: args.common.init()?,
             config,
             data,
         })
@@ -500,6 +542,7 @@ impl ConsistencyArgs {
             } else {
                 LoraFormat::Peft
             },
+            quantize: self.common.quantize()?,
         })
     }
 
@@ -608,6 +651,7 @@ fn run_consistency(args: ConsistencyArgs) -> Result<()> {
         Some(ConsistencyRun {
             kind: CONSISTENCY_RUN.into(),
             teacher,
+            init: args.common.init()?,
             config,
             data,
         })

@@ -90,6 +90,27 @@ impl QuantFormat {
     }
 }
 
+/// Quantization-aware training of a student (`--quantize`, `--lsq`), as a run records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QuantizeSpec {
+    pub format: QuantFormat,
+    /// Learned block scales (LSQ) instead of max-abs ones.
+    pub lsq: bool,
+}
+
+impl QuantizeSpec {
+    /// The student `unet` with fake quantization attached.
+    pub fn attach<M: Module>(&self, unet: M) -> Result<M> {
+        attach_fake_quant(unet, self.format, self.lsq)
+    }
+}
+
+/// A student to train from a saved UNet: a quantized one (a previous round's student) as its
+/// dequantized weights — the f32 master weights were not kept — others as they are.
+pub fn trainable_weights<M: Module>(unet: M) -> M {
+    if is_packed(&unet) { unet.materialize() } else { unet }
+}
+
 /// `quantization_config` of a quantized model's `config.json`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct QuantizationConfig {

@@ -31,6 +31,7 @@ use crate::distill::consistency::{
 use crate::error::{Error, Result};
 use crate::io;
 use crate::models::lora::{self, LoraFormat, LoraSpec};
+use crate::models::quant::{QuantizationConfig, QuantizeSpec};
 use crate::models::{Conditioning, UNet, UNetConfig};
 use crate::noise::NoiseStream;
 use crate::pipeline::{self, Pipeline};
@@ -82,6 +83,10 @@ pub struct ConsistencyConfig {
     /// The key layout lora.safetensors is written in.
     #[serde(default)]
     pub lora_format: LoraFormat,
+    /// Quantization-aware distillation: the student learns under fake-quantized weights and is
+    /// written quantized (the teacher stays full precision).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<QuantizeSpec>,
 }
 
 impl ConsistencyConfig {
@@ -135,6 +140,11 @@ impl ConsistencyConfig {
         }
         if let Some(spec) = &self.lora {
             spec.validate()?;
+            if self.quantize.is_some() {
+                return Err(Error::Usage(
+                    "--quantize with --lora-rank: quantize the merged student instead (`fewstep lora merge`, then `fewstep quantize`)".into(),
+                ));
+            }
         }
         if let Some(g) = self.guidance
             && !(g.min >= 0.0 && g.min <= g.max && g.max.is_finite())
@@ -210,6 +220,7 @@ pub const GUIDANCE_EMBEDDING_DIM: usize = 256;
 /// conditions the student on w.
 pub fn student_unet_config(teacher: &UNetConfig, cfg: &ConsistencyConfig) -> UNetConfig {
     let mut c = teacher.clone();
+    c.quantization_config = cfg.quantize.map(|q| QuantizationConfig::new(q.format));
     if cfg.guidance.is_some_and(|g| g.conditions_student()) {
         c.time_cond_proj_dim = Some(GUIDANCE_EMBEDDING_DIM);
     }
@@ -222,6 +233,10 @@ pub struct ConsistencyRun {
     pub kind: String,
     /// The teacher's pipeline folder (absolute).
     pub teacher: PathBuf,
+    /// The pipeline folder whose UNet the student starts from (absolute; default: the
+    /// teacher's) — an f32 student, for quantization-aware fine-tuning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<PathBuf>,
     pub config: ConsistencyConfig,
     pub data: DataSource,
 }
@@ -262,21 +277,24 @@ fn new_optimizer(cfg: &ConsistencyConfig) -> ModuleOptimizer {
 }
 
 /// A trainable student on `device` (an autodiff device): the teacher's UNet, with adapters
-/// attached for a LoRA run.
+/// attached for a LoRA run, fake quantization for a quantization-aware one.
 fn trainable(unet: UNet, cfg: &ConsistencyConfig) -> Result<UNet> {
-    match &cfg.lora {
-        Some(spec) => lora::attach(unet, spec),
-        None => Ok(unet),
+    match (&cfg.lora, &cfg.quantize) {
+        (Some(spec), _) => lora::attach(unet, spec),
+        (None, Some(q)) => q.attach(unet),
+        (None, None) => Ok(unet),
     }
 }
 
-/// The weights written as a pipeline: the EMA copy or the student, adapters merged.
-fn written(state: &State) -> UNet {
-    state
-        .ema
-        .clone()
-        .unwrap_or_else(|| state.student.valid())
-        .materialize()
+/// The weights written as a pipeline: the EMA copy or the student, adapters merged; fake
+/// quantization kept (the writer quantizes at its scales).
+fn written(state: &State, cfg: &ConsistencyConfig) -> UNet {
+    let unet = state.ema.clone().unwrap_or_else(|| state.student.valid());
+    if cfg.quantize.is_some() {
+        unet
+    } else {
+        unet.materialize()
+    }
 }
 
 struct State {
@@ -295,6 +313,7 @@ fn save_checkpoint(
     unet_config: &UNetConfig,
     scheduler: &SchedulerConfig,
     state: &State,
+    cfg: &ConsistencyConfig,
     iter: usize,
 ) -> Result<()> {
     let dir = checkpoint::incoming(run_dir)?;
@@ -302,7 +321,7 @@ fn save_checkpoint(
     pipeline::save_pipeline(
         &dir,
         unet_config,
-        &written(state),
+        &written(state, cfg),
         scheduler,
         Algorithm::Lcm,
         teacher.vae.as_ref().map(|(c, v)| (c, v)),
@@ -495,8 +514,16 @@ pub fn distill_consistency(
         Some(s) => s,
         None => {
             let ad = device.clone().autodiff();
-            let (_, mut student) = pipeline::load_unet(&run.teacher.join("unet"), &ad)?;
-            if conditioned {
+            let init = run.init.as_ref().unwrap_or(&run.teacher);
+            let (init_config, student) = pipeline::load_unet(&init.join("unet"), &ad)?;
+            if student_unet_config(&init_config, cfg) != unet_config {
+                return Err(Error::file(
+                    init,
+                    "--init: its UNet config differs from the teacher's: the student must have the teacher's architecture",
+                ));
+            }
+            let mut student = crate::models::quant::trainable_weights(student);
+            if conditioned && init_config.time_cond_proj_dim.is_none() {
                 // The teacher's weights and a zero guidance embedding: the student starts as
                 // the teacher.
                 student.time_embedding.cond_proj = unet_config.init(&ad).time_embedding.cond_proj;
@@ -607,7 +634,9 @@ pub fn distill_consistency(
                 },
             ))
         },
-        |state, done| save_checkpoint(run_dir, &teacher, &unet_config, &scheduler, state, done),
+        |state, done| {
+            save_checkpoint(run_dir, &teacher, &unet_config, &scheduler, state, cfg, done)
+        },
     )?;
     let Some((final_loss, seconds)) = end.finished() else {
         return Ok(ConsistencyOutcome {
@@ -632,7 +661,7 @@ pub fn distill_consistency(
         &teacher,
         super::Student {
             unet_config: &unet_config,
-            unet: &written(&state),
+            unet: &written(&state, cfg),
             scheduler: &scheduler,
             algorithm: Algorithm::Lcm,
         },

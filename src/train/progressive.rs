@@ -29,6 +29,7 @@ use crate::error::{Error, Result};
 use crate::io;
 use crate::models::{Conditioning, UNet, UNetConfig};
 use crate::noise::NoiseStream;
+use crate::models::quant::{QuantizationConfig, QuantizeSpec};
 use crate::pipeline::{self, Pipeline};
 
 /// The `run.json` kind of a progressive-distillation run.
@@ -61,6 +62,11 @@ pub struct ProgressiveConfig {
     /// Iterations of stage one (default: `iters_per_round`).
     #[serde(default)]
     pub guided_iters: Option<usize>,
+    /// Quantization-aware distillation: each round's student learns under fake-quantized
+    /// weights and is written quantized; a later round's student starts from those weights
+    /// dequantized (the original teacher stays full precision).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<QuantizeSpec>,
 }
 
 /// One stretch of a progressive run: stage one of guided distillation, or a halving round.
@@ -175,6 +181,10 @@ pub struct ProgressiveRun {
     pub kind: String,
     /// The original teacher's pipeline folder (absolute).
     pub teacher: PathBuf,
+    /// The pipeline folder whose UNet the first stage's student starts from (absolute;
+    /// default: the teacher's) — an f32 student, for quantization-aware fine-tuning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<PathBuf>,
     pub config: ProgressiveConfig,
     pub data: DataSource,
 }
@@ -260,6 +270,9 @@ struct RoundState {
     iter: usize,
 }
 
+/// The f32 EMA weights of a quantization-aware round (the pipeline holds them quantized).
+const EMA_WEIGHTS: &str = "ema.safetensors";
+
 fn save_checkpoint(
     run_dir: &Path,
     teacher: &Pipeline,
@@ -285,6 +298,10 @@ fn save_checkpoint(
         &state.optim,
         &json!({ "round_steps": steps, "iter": state.iter }),
     )?;
+    if let (Some(ema), Some(_)) = (&state.ema, &student_config.quantization_config) {
+        // The pipeline above holds the EMA quantized; its f32 weights resume from here.
+        io::save_weights(ema, &dir.join("state").join(EMA_WEIGHTS))?;
+    }
     checkpoint::publish(run_dir)
 }
 
@@ -300,7 +317,11 @@ fn load_checkpoint(
         return Ok(None);
     };
     let ad = device.clone().autodiff();
-    let st = checkpoint::read_state(&ckpt, student_config.init(&ad), new_optimizer(cfg))?;
+    let fresh = |d: &Device| match &cfg.quantize {
+        Some(q) => q.attach(student_config.init(d)),
+        None => Ok(student_config.init(d)),
+    };
+    let st = checkpoint::read_state(&ckpt, fresh(&ad)?, new_optimizer(cfg))?;
     if st.progress["round_steps"].as_u64() != Some(steps as u64) {
         return Ok(None);
     }
@@ -308,10 +329,14 @@ fn load_checkpoint(
         .as_u64()
         .ok_or_else(|| Error::file(ckpt.join("state/state.json"), "no `iter`"))?
         as usize;
+    let ema_weights = match cfg.quantize {
+        Some(_) => ckpt.join("state").join(EMA_WEIGHTS),
+        None => ckpt.join("unet").join(io::WEIGHTS_NAME),
+    };
     let ema = match cfg.ema_decay {
         Some(_) => Some(io::load_weights_with_ids(
-            student_config.init(device),
-            &ckpt.join("unet").join(io::WEIGHTS_NAME),
+            fresh(device)?,
+            &ema_weights,
             Some(&st.ids),
         )?),
         None => None,
@@ -465,6 +490,7 @@ pub fn distill_progressive(
         // Stage one's student takes w through a guidance-scale embedding (LCM's
         // time_cond_proj_dim); later rounds inherit it from their teacher.
         let mut student_config = teacher.unet_config.clone();
+        student_config.quantization_config = cfg.quantize.map(|q| QuantizationConfig::new(q.format));
         if guided {
             student_config.time_cond_proj_dim = Some(GUIDANCE_EMBEDDING_DIM);
         }
@@ -487,12 +513,33 @@ pub fn distill_progressive(
             Some(s) => s,
             None => {
                 let ad = device.clone().autodiff();
-                let (_, mut student) = pipeline::load_unet(&teacher_dir.join("unet"), &ad)?;
-                if guided {
+                // The first stage's student may start from --init (its teacher's architecture).
+                let init = match (&run.init, stage_index) {
+                    (Some(init), 0) => init.clone(),
+                    _ => teacher_dir.clone(),
+                };
+                let (init_config, student) = pipeline::load_unet(&init.join("unet"), &ad)?;
+                let mut init_config = init_config;
+                init_config.quantization_config = student_config.quantization_config.clone();
+                if guided && init_config.time_cond_proj_dim.is_none() {
+                    init_config.time_cond_proj_dim = student_config.time_cond_proj_dim;
+                }
+                if init_config != student_config {
+                    return Err(Error::file(
+                        &init,
+                        "--init: its UNet config differs from the teacher's: the student must have the teacher's architecture",
+                    ));
+                }
+                let mut student = crate::models::quant::trainable_weights(student);
+                if guided && student.time_embedding.cond_proj.is_none() {
                     // The teacher's weights and a fresh guidance embedding.
                     student.time_embedding.cond_proj =
                         student_config.init(&ad).time_embedding.cond_proj;
                 }
+                let student = match &cfg.quantize {
+                    Some(q) => q.attach(student)?,
+                    None => student,
+                };
                 RoundState {
                     ema: cfg.ema_decay.map(|_| student.valid()),
                     student,
