@@ -496,7 +496,14 @@ pub fn load_weights_with_ids<M: Module>(
     path: &Path,
     ids: Option<&BTreeMap<String, u64>>,
 ) -> Result<M> {
-    load_tensors(module, path, |name| Some(name.to_string()), ids, false, None)
+    load_tensors(
+        module,
+        path,
+        |name| Some(name.to_string()),
+        ids,
+        false,
+        None,
+    )
 }
 
 /// [`load_weights`] where the file's names go through `rename` first: `Some(name)` is the

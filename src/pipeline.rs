@@ -135,9 +135,10 @@ pub fn load_unet_in(
         None => load_in(config.init(device), &weights, precision)?,
         Some(q) => {
             let half = precision == Precision::F16;
-            let unet = quant::load_quantized(config.init(device), &weights, q.weights, |m, skip| {
-                crate::io::load_weights_except(m, &weights, half, skip)
-            })?;
+            let unet =
+                quant::load_quantized(config.init(device), &weights, q.weights, |m, skip| {
+                    crate::io::load_weights_except(m, &weights, half, skip)
+                })?;
             if half {
                 crate::backend::cast_module(unet, precision.dtype())
             } else {

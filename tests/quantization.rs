@@ -4,9 +4,7 @@
 //! line.
 
 mod common;
-use common::{
-    assert_clean_failure, fewstep, interrupt_after_rows, ok, repo, scratch, tiny_model,
-};
+use common::{assert_clean_failure, fewstep, interrupt_after_rows, ok, repo, scratch, tiny_model};
 
 use std::path::Path;
 
@@ -65,7 +63,11 @@ fn block_codes_round_trip_through_the_file_layout() {
             }
             // The all-zero row has scale 1 and zero codes.
             assert!(q.codes[fan_in..2 * fan_in].iter().all(|&c| c == 0));
-            assert!(q.scales[blocks..2 * blocks].iter().all(|s| s.to_f32() == 1.0));
+            assert!(
+                q.scales[blocks..2 * blocks]
+                    .iter()
+                    .all(|s| s.to_f32() == 1.0)
+            );
             // The largest magnitude of a block reaches the top code.
             let qmax = format.qmax() as i8;
             assert!(q.codes.iter().any(|&c| c.abs() == qmax));
@@ -76,7 +78,11 @@ fn block_codes_round_trip_through_the_file_layout() {
         QuantFormat::Int8,
         &[1, 2],
         (safetensors::Dtype::I8, &[1, 2], &[0x80, 0]),
-        (safetensors::Dtype::F16, &[1, 1], &half::f16::ONE.to_le_bytes()),
+        (
+            safetensors::Dtype::F16,
+            &[1, 1],
+            &half::f16::ONE.to_le_bytes(),
+        ),
     );
     assert!(bad.unwrap_err().contains("-128"));
 }
@@ -93,11 +99,17 @@ fn forward(unet: &fewstep::models::UNet, channels: usize, text: bool, device: &D
     } else {
         Conditioning::none()
     };
-    unet.forward(x, t, &cond).into_data().try_to_vec::<f32>().unwrap()
+    unet.forward(x, t, &cond)
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// `pipe`: a fixture pipeline; the UNet with fake quantization attached and the one loaded from
@@ -120,7 +132,10 @@ fn fake_quant_matches_the_folder(pipe: &Path, text: bool, name: &str) {
             config.quantization_config = Some(QuantizationConfig::new(format));
             save_unet(&dir, &config, &fake).unwrap();
             let (loaded_config, packed) = load_unet(&dir, &device).unwrap();
-            assert_eq!(loaded_config.quantization_config, config.quantization_config);
+            assert_eq!(
+                loaded_config.quantization_config,
+                config.quantization_config
+            );
             assert!(is_packed(&packed));
             seed(&device);
             let packed_out = forward(&packed, c, text, &device);
@@ -156,16 +171,25 @@ fn learned_scales_receive_gradients_and_the_weights_pass_straight_through() {
     let unet = attach_fake_quant(p.unet, QuantFormat::Int4, true).unwrap();
     let x = Tensor::<4>::random([1, 3, 8, 8], Distribution::Normal(0.0, 1.0), &device);
     let t = Tensor::<1>::from_floats([100.0], &device);
-    let loss = unet.forward(x, t, &Conditioning::none()).powi_scalar(2).mean();
+    let loss = unet
+        .forward(x, t, &Conditioning::none())
+        .powi_scalar(2)
+        .mean();
     let grads = loss.backward();
     let weight = &unet.conv_in.weight;
-    let g = weight.base().grad(&grads).expect("the weight has a gradient (STE)");
+    let g = weight
+        .base()
+        .grad(&grads)
+        .expect("the weight has a gradient (STE)");
     assert!(g.abs().sum().into_scalar::<f32>() > 0.0);
     let step = weight
         .reparameterization::<fewstep::models::quant::FakeQuant>()
         .and_then(|f| f.step.as_ref())
         .expect("learned scales");
-    let gs = step.val().grad(&grads).expect("the scales have a gradient (LSQ)");
+    let gs = step
+        .val()
+        .grad(&grads)
+        .expect("the scales have a gradient (LSQ)");
     assert!(gs.abs().sum().into_scalar::<f32>() > 0.0);
 }
 
@@ -200,7 +224,9 @@ fn the_shipped_student_quantized_keeps_its_weights_small_in_memory() {
             "--num",
             "2",
             "--out",
-            scratch("quantization", &format!("ptq-{format}.png")).to_str().unwrap(),
+            scratch("quantization", &format!("ptq-{format}.png"))
+                .to_str()
+                .unwrap(),
         ]);
         ok(&o);
     }
@@ -222,7 +248,10 @@ fn quantize_refuses_bad_input_in_one_line() {
             out.to_str().unwrap(),
         ])
     };
-    assert_clean_failure(run("int3", &model, &out), "--format int3: expected int8 or int4");
+    assert_clean_failure(
+        run("int3", &model, &out),
+        "--format int3: expected int8 or int4",
+    );
     assert_clean_failure(
         run("int8", &scratch("quantization", "absent"), &out),
         "not found",
@@ -325,7 +354,9 @@ fn quantization_aware_rounds_write_quantized_students_and_resume_exactly() {
             "--num",
             "2",
             "--out",
-            scratch("quantization", &format!("qad{steps}.png")).to_str().unwrap(),
+            scratch("quantization", &format!("qad{steps}.png"))
+                .to_str()
+                .unwrap(),
         ]);
         ok(&o);
     }
@@ -361,7 +392,10 @@ fn quantization_aware_consistency_starts_from_init_and_refuses_what_cannot_combi
         &["--quantize", "int8", "--init", teacher.to_str().unwrap()],
     )));
     let (config, unet) = load_unet(&out.join("student/unet"), &device()).unwrap();
-    assert_eq!(config.quantization_config.unwrap().weights, QuantFormat::Int8);
+    assert_eq!(
+        config.quantization_config.unwrap().weights,
+        QuantFormat::Int8
+    );
     assert!(is_packed(&unet));
     assert_clean_failure(
         run(args(&scratch("quantization", "qad-lsq"), &["--lsq"])),
@@ -387,6 +421,82 @@ fn quantization_aware_consistency_starts_from_init_and_refuses_what_cannot_combi
             &scratch("quantization", "qad-init"),
             &["--quantize", "int8", "--init", other.to_str().unwrap()],
         )),
+        "--init",
+    );
+}
+
+#[test]
+fn quantization_aware_kd_gan_fine_tunes_the_f32_students() {
+    let teacher = scratch("quantization", "gan-teacher");
+    let run = |cmd: &[&str], extra: &[&str]| {
+        let mut a: Vec<&str> = cmd.to_vec();
+        a.extend_from_slice(&["--iters", "2", "--batch", "4", "--quiet"]);
+        a.extend_from_slice(extra);
+        fewstep(&a)
+    };
+    ok(&run(
+        &["train-gan", "--out", teacher.to_str().unwrap()],
+        &[],
+    ));
+    let t = teacher.to_str().unwrap();
+    let f32_students = scratch("quantization", "gan-f32");
+    ok(&run(
+        &[
+            "distill",
+            "gan",
+            "--teacher",
+            t,
+            "--out",
+            f32_students.to_str().unwrap(),
+        ],
+        &[],
+    ));
+    let qad = scratch("quantization", "gan-qad");
+    ok(&run(
+        &[
+            "distill",
+            "gan",
+            "--teacher",
+            t,
+            "--out",
+            qad.to_str().unwrap(),
+        ],
+        &[
+            "--quantize",
+            "int4",
+            "--lsq",
+            "--init",
+            f32_students.to_str().unwrap(),
+        ],
+    ));
+    let (config, g) = fewstep::models::gan::folder::load_generator(&qad, &device()).unwrap();
+    assert_eq!(
+        config.quantization_config.unwrap().weights,
+        QuantFormat::Int4
+    );
+    assert!(is_packed(&g));
+    ok(&fewstep(&[
+        "sample",
+        "--model",
+        qad.to_str().unwrap(),
+        "--num",
+        "2",
+        "--out",
+        scratch("quantization", "gan-qad.png").to_str().unwrap(),
+    ]));
+    // The teacher is not a pair of quarter-width students.
+    assert_clean_failure(
+        run(
+            &[
+                "distill",
+                "gan",
+                "--teacher",
+                t,
+                "--out",
+                scratch("quantization", "gan-bad").to_str().unwrap(),
+            ],
+            &["--quantize", "int8", "--init", t],
+        ),
         "--init",
     );
 }

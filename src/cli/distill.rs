@@ -126,7 +126,10 @@ impl DistillArgs {
             Some(dir) => {
                 let dir = absolute(dir, "--init")?;
                 if !dir.join("unet").is_dir() {
-                    return Err(Error::file(&dir, "--init: expected a pipeline folder with unet/"));
+                    return Err(Error::file(
+                        &dir,
+                        "--init: expected a pipeline folder with unet/",
+                    ));
                 }
                 Ok(Some(dir))
             }

@@ -461,7 +461,10 @@ fn run_fid(args: FidArgs) -> Result<()> {
                 "model": gan.dir.display().to_string(),
                 "kind": "gan",
                 "seed": args.sampling.seed,
-                "params": burn::module::Module::num_params(&gan.generator),
+                // From the config: a quantized generator's parameters are packed codes.
+                "params": burn::module::Module::num_params(&gan.config.init(&device)),
+                "weight_bytes": crate::models::quant::weight_bytes(&gan.generator),
+                "weights": gan.config.quantization_config.as_ref().map_or("f32", |q| q.weights.name()),
                 "macs_per_image": gan.config.macs_per_image(),
             });
             (scores, source, Some(sampled.per_second))

@@ -225,6 +225,16 @@ pub struct DistillGanArgs {
     /// The run folder (the student GAN's generator/ and discriminator/, checkpoints, loss.csv).
     #[arg(long, default_value = "runs/kd-gan")]
     pub out: PathBuf,
+    /// Quantization-aware distillation: the student generator learns under simulated int8 or
+    /// 4-bit weights (blocks of 32, f16 scales) and is written quantized.
+    #[arg(long, value_parser = ["int8", "int4"])]
+    pub quantize: Option<String>,
+    /// With --quantize: learned block scales (LSQ) instead of max-abs ones.
+    #[arg(long, requires = "quantize")]
+    pub lsq: bool,
+    /// A GAN folder of students of these widths to start from (e.g. the f32 KD students).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
 }
 
 pub fn run_distill(args: DistillGanArgs) -> Result<()> {
@@ -282,6 +292,24 @@ fn distill_run(args: &DistillGanArgs) -> Result<GanRun> {
                 logit: args.lambda_kd,
             },
             perceptual_net,
+            quantize: args
+                .quantize
+                .as_deref()
+                .map(|f| {
+                    Ok::<_, Error>(crate::models::quant::QuantizeSpec {
+                        format: crate::models::quant::QuantFormat::parse(f, "--quantize")?,
+                        lsq: args.lsq,
+                    })
+                })
+                .transpose()?,
+            init: args
+                .init
+                .as_ref()
+                .map(|p| {
+                    p.canonicalize()
+                        .map_err(|_| Error::file(p, "--init: not found"))
+                })
+                .transpose()?,
         },
         config: args.optim.config()?,
         data: args.optim.data()?,

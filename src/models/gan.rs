@@ -46,6 +46,10 @@ pub struct GeneratorConfig {
     pub image_size: usize,
     #[serde(default)]
     pub num_classes: Option<usize>,
+    /// fewstep's quantized weights (`distill gan --quantize`): the format the convolution and
+    /// linear weights of `model.safetensors` are stored in (see `models::quant`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization_config: Option<super::quant::QuantizationConfig>,
 }
 
 impl GeneratorConfig {
@@ -58,6 +62,7 @@ impl GeneratorConfig {
             channel_multiple: 8,
             image_size: 32,
             num_classes: None,
+            quantization_config: None,
         }
     }
 
@@ -86,6 +91,9 @@ impl GeneratorConfig {
             return Err(crate::error::Error::Config(
                 "fields `latent_dim` and `channel_multiple` must be at least 1".into(),
             ));
+        }
+        if let Some(q) = &self.quantization_config {
+            q.validate()?;
         }
         Ok(())
     }
@@ -491,6 +499,7 @@ pub mod folder {
     use super::{Discriminator, DiscriminatorConfig, Generator, GeneratorConfig};
     use crate::error::{Error, Result};
     use crate::io;
+    use crate::models::quant;
 
     pub const GENERATOR: &str = "generator";
     pub const DISCRIMINATOR: &str = "discriminator";
@@ -526,7 +535,13 @@ pub mod folder {
         let path = d.join(io::CONFIG_NAME);
         let c =
             GeneratorConfig::from_json_str(&io::read_text(&path)?).map_err(|e| e.in_file(&path))?;
-        let g = io::load_weights(c.init(device), &d.join(WEIGHTS))?;
+        let weights = d.join(WEIGHTS);
+        let g = match &c.quantization_config {
+            None => io::load_weights(c.init(device), &weights)?,
+            Some(q) => quant::load_quantized(c.init(device), &weights, q.weights, |m, skip| {
+                io::load_weights_except(m, &weights, false, skip)
+            })?,
+        };
         Ok((c, g))
     }
 
@@ -554,7 +569,10 @@ pub mod folder {
             &gd.join(io::CONFIG_NAME),
             &serde_json::to_value(g.0).expect("config"),
         )?;
-        io::save_weights(g.1, &gd.join(WEIGHTS))?;
+        match &g.0.quantization_config {
+            None => io::save_weights(g.1, &gd.join(WEIGHTS))?,
+            Some(q) => quant::save_quantized(g.1, q.weights, &gd.join(WEIGHTS))?,
+        }
         let dd = dir.join(DISCRIMINATOR);
         io::write_json(
             &dd.join(io::CONFIG_NAME),

@@ -108,7 +108,11 @@ impl QuantizeSpec {
 /// A student to train from a saved UNet: a quantized one (a previous round's student) as its
 /// dequantized weights — the f32 master weights were not kept — others as they are.
 pub fn trainable_weights<M: Module>(unet: M) -> M {
-    if is_packed(&unet) { unet.materialize() } else { unet }
+    if is_packed(&unet) {
+        unet.materialize()
+    } else {
+        unet
+    }
 }
 
 /// `quantization_config` of a quantized model's `config.json`.
@@ -194,7 +198,12 @@ impl QuantizedWeight {
     }
 
     /// Quantization at given scales ([rows · blocks], e.g. learned ones).
-    pub fn with_scales(values: &[f32], shape: &[usize], format: QuantFormat, scales: Vec<f16>) -> Self {
+    pub fn with_scales(
+        values: &[f32],
+        shape: &[usize],
+        format: QuantFormat,
+        scales: Vec<f16>,
+    ) -> Self {
         let (rows, fan_in) = rows_fan_in(shape);
         let blocks = fan_in.div_ceil(BLOCK);
         assert_eq!(scales.len(), rows * blocks, "one scale per block");
@@ -342,10 +351,7 @@ impl QuantizedWeight {
                 words[r * words_per_row + c / per_word] |= u << (bits * (c % per_word));
             }
         }
-        (
-            words.into_iter().map(|w| w as i32).collect(),
-            words_per_row,
-        )
+        (words.into_iter().map(|w| w as i32).collect(), words_per_row)
     }
 }
 
@@ -396,7 +402,8 @@ impl FakeQuant {
             Some(step) => {
                 let s = step.val();
                 let g = 1.0 / ((BLOCK as f32) * qmax).sqrt();
-                let scaled = s.clone().mul_scalar(g) + (s.clone() - s.clone().mul_scalar(g)).detach();
+                let scaled =
+                    s.clone().mul_scalar(g) + (s.clone() - s.clone().mul_scalar(g)).detach();
                 let rounded = to_f16_grid(s.detach());
                 scaled.clone() + (rounded - scaled).detach()
             }
@@ -441,7 +448,9 @@ impl Reparameterization for FakeQuant {
         let qmax = self.format().qmax();
         let x = blocks / scale.clone();
         let q = (x.clone() + (x.clone().round() - x).detach()).clamp(-qmax, qmax);
-        let w = (q * scale).reshape([rows, n * BLOCK]).slice([0..rows, 0..fan_in]);
+        let w = (q * scale)
+            .reshape([rows, n * BLOCK])
+            .slice([0..rows, 0..fan_in]);
         from_rows(w, dims, self.transposed)
     }
 }
@@ -452,7 +461,7 @@ impl Reparameterization for FakeQuant {
 pub struct PackedWeight {
     /// [rows, words]: codes biased by 2^(bits−1), 32/bits per i32 word, lowest bits first.
     pub codes: Param<Tensor<2, Int>>,
-    /// [rows, blocks, 1], f16.
+    /// [rows, blocks, 1], f16 (f32 on a device without f16).
     pub scales: Param<Tensor<3>>,
     pub bits: usize,
     pub fan_in: usize,
@@ -467,10 +476,16 @@ impl PackedWeight {
         let (words, per_row) = weight.words();
         let codes = Tensor::<2, Int>::from_data(TensorData::new(words, [rows, per_row]), device);
         let blocks = weight.blocks_per_row();
-        let scales = Tensor::<3>::from_data(
-            TensorData::new(weight.scales.clone(), [rows, blocks, 1]),
-            (device, DType::F16),
-        );
+        // f16 where the device holds it (a wgpu adapter without `shader-f16` does not).
+        let scales = if device.supports_dtype(DType::F16) {
+            Tensor::<3>::from_data(
+                TensorData::new(weight.scales.clone(), [rows, blocks, 1]),
+                (device, DType::F16),
+            )
+        } else {
+            let f32s: Vec<f32> = weight.scales.iter().map(|s| s.to_f32()).collect();
+            Tensor::<3>::from_data(TensorData::new(f32s, [rows, blocks, 1]), device)
+        };
         Self {
             codes: Param::initialized(burn::module::ParamId::new(), codes),
             scales: Param::from_tensor(scales),
@@ -555,8 +570,13 @@ impl ModuleVisitor for Targets {
         let conv = matches!(container, "Struct:Conv2d" | "Struct:ConvTranspose2d") && D == 4;
         if (linear || conv) && self.raw.last().is_some_and(|n| n == "weight") {
             let (torch_name, transposed) = self.torch.torch_name();
-            self.found
-                .insert(self.raw.join("."), Target { torch_name, transposed });
+            self.found.insert(
+                self.raw.join("."),
+                Target {
+                    torch_name,
+                    transposed,
+                },
+            );
         }
     }
 }
@@ -645,7 +665,11 @@ impl ModuleVisitor for Quantize {
             let base = param.val();
             let shape = torch_shape(&base.dims(), target.transposed);
             let rows = rows_view(base, target.transposed);
-            let values: Vec<f32> = rows.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32");
+            let values: Vec<f32> = rows
+                .into_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .expect("f32");
             self.out.insert(
                 target.torch_name.clone(),
                 QuantizedWeight::quantize(&values, &shape, self.format),
@@ -724,7 +748,14 @@ pub fn stored_tensors<M: Module>(
                 bytes: weight.scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
             },
         );
-        out.insert(name, crate::io::RawTensor { dtype, shape, bytes });
+        out.insert(
+            name,
+            crate::io::RawTensor {
+                dtype,
+                shape,
+                bytes,
+            },
+        );
     }
     Ok(out)
 }

@@ -635,7 +635,15 @@ pub fn distill_consistency(
             ))
         },
         |state, done| {
-            save_checkpoint(run_dir, &teacher, &unet_config, &scheduler, state, cfg, done)
+            save_checkpoint(
+                run_dir,
+                &teacher,
+                &unet_config,
+                &scheduler,
+                state,
+                cfg,
+                done,
+            )
         },
     )?;
     let Some((final_loss, seconds)) = end.finished() else {

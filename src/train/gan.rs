@@ -38,6 +38,7 @@ use crate::error::{Error, Result};
 use crate::io;
 use crate::metrics::ShapesFeatures;
 use crate::models::gan::{Discriminator, DiscriminatorConfig, Generator, GeneratorConfig, folder};
+use crate::models::quant::{self, QuantizationConfig, QuantizeSpec};
 use crate::noise::NoiseStream;
 
 /// The `run.json` kind of a GAN teacher run.
@@ -112,6 +113,13 @@ pub enum GanMode {
         weights: KdWeights,
         /// The `shapes` feature network for the perceptual term (absent: no perceptual term).
         perceptual_net: Option<PathBuf>,
+        /// Quantization-aware distillation of the student generator (written quantized).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        quantize: Option<QuantizeSpec>,
+        /// A GAN folder of students (the widths' architecture) both start from, instead of
+        /// fresh initialisations: e.g. the f32 KD students, fine-tuned under `quantize`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        init: Option<PathBuf>,
     },
 }
 
@@ -171,6 +179,9 @@ struct Teacher {
     g_config: GeneratorConfig,
     d: Discriminator,
     perceptual: Option<ShapesFeatures>,
+    /// `--init`: the GAN folder the students start from (checked against their configs).
+    init: Option<PathBuf>,
+    quantize: Option<QuantizeSpec>,
 }
 
 fn optimizer(cfg: &GanTrainConfig) -> ModuleOptimizer {
@@ -192,6 +203,8 @@ fn configs(
             generator_width,
             discriminator_width,
             perceptual_net,
+            quantize,
+            init,
             ..
         } => {
             let (gc, g) = folder::load_generator(teacher, device)?;
@@ -208,6 +221,24 @@ fn configs(
                 .validate()
                 .and_then(|_| student_d.validate())
                 .map_err(|e| Error::Usage(format!("--width/--d-width: {e}")))?;
+            let mut student_g = student_g;
+            student_g.quantization_config = quantize.map(|q| QuantizationConfig::new(q.format));
+            if let Some(dir) = init {
+                let (ig, _) = folder::load_generator(dir, device)?;
+                let (id, _) = folder::load_discriminator(dir, device)?;
+                let quantized = student_g.quantization_config.clone();
+                if (GeneratorConfig {
+                    quantization_config: quantized,
+                    ..ig
+                }) != student_g
+                    || id != student_d
+                {
+                    return Err(Error::file(
+                        dir,
+                        "--init: its generator or discriminator differs from the students --width/--d-width describe",
+                    ));
+                }
+            }
             Ok((
                 student_g,
                 student_d,
@@ -216,6 +247,8 @@ fn configs(
                     g_config: gc,
                     d,
                     perceptual,
+                    init: init.clone(),
+                    quantize: *quantize,
                 }),
             ))
         }
@@ -247,32 +280,50 @@ fn save_checkpoint(
     checkpoint::publish(run_dir).map(|_| ())
 }
 
-fn fresh_student(
+/// The student generator (with its regressors) and discriminator on `device`: fresh, or the
+/// `--init` students'; fake quantization attached to the generator for a quantization-aware
+/// run.
+fn fresh_students(
     gc: &GeneratorConfig,
+    dc: &DiscriminatorConfig,
     teacher: Option<&Teacher>,
     with_regressors: bool,
     device: &Device,
-) -> StudentG {
-    StudentG {
-        g: gc.init(device),
-        regressors: match teacher {
-            Some(t) if with_regressors => Some(Regressors::new(gc, &t.g_config, device)),
-            _ => None,
+) -> Result<(StudentG, Discriminator)> {
+    let (g, d) = match teacher.and_then(|t| t.init.as_ref()) {
+        Some(dir) => (
+            quant::trainable_weights(folder::load_generator(dir, device)?.1),
+            folder::load_discriminator(dir, device)?.1,
+        ),
+        None => (gc.init(device), dc.init(device)),
+    };
+    let g = match teacher.and_then(|t| t.quantize) {
+        Some(q) => q.attach(g)?,
+        None => g,
+    };
+    Ok((
+        StudentG {
+            g,
+            regressors: match teacher {
+                Some(t) if with_regressors => Some(Regressors::new(gc, &t.g_config, device)),
+                _ => None,
+            },
         },
-    }
+        d,
+    ))
 }
 
 fn load_checkpoint(
     run_dir: &Path,
     cfg: &GanTrainConfig,
-    fresh: impl Fn(&Device) -> (StudentG, Discriminator),
+    fresh: impl Fn(&Device) -> Result<(StudentG, Discriminator)>,
     device: &Device,
 ) -> Result<Option<(State, usize)>> {
     let Some(ckpt) = checkpoint::latest(run_dir) else {
         return Ok(None);
     };
     let ad = device.clone().autodiff();
-    let (g0, d0) = fresh(&ad);
+    let (g0, d0) = fresh(&ad)?;
     let gs = checkpoint::read_state(&ckpt.join(G_STATE), g0, optimizer(cfg))?;
     let ds = checkpoint::read_state(&ckpt.join(D_STATE), d0, optimizer(cfg))?;
     let state_path = ckpt.join("state").join("state.json");
@@ -289,7 +340,7 @@ fn load_checkpoint(
                 .filter_map(|(k, v)| k.strip_prefix("g.").map(|k| (k.to_string(), *v)))
                 .collect();
             Some(io::load_weights_with_ids(
-                fresh(device).0.g,
+                fresh(device)?.0.g,
                 &ckpt.join("state").join(EMA_WEIGHTS),
                 Some(&ids),
             )?)
@@ -353,19 +404,14 @@ pub fn train_gan(
             &serde_json::to_value(&run).expect("run serialises"),
         )?;
     }
-    let fresh = |d: &Device| {
-        (
-            fresh_student(&gc, teacher.as_ref(), with_regressors, d),
-            dc.init(d),
-        )
-    };
+    let fresh = |d: &Device| fresh_students(&gc, &dc, teacher.as_ref(), with_regressors, d);
     let (state, start) = match load_checkpoint(run_dir, cfg, fresh, device)? {
         Some(s) => s,
         None => {
             let ad = device.clone().autodiff();
             // Seeded initialisation: the same --seed gives the same run on this backend.
             ad.seed(cfg.seed);
-            let (g, d) = fresh(&ad);
+            let (g, d) = fresh(&ad)?;
             (
                 State {
                     ema: cfg.ema_decay.map(|_| g.g.valid()),

@@ -27,9 +27,9 @@ use crate::distill::progressive::{
 };
 use crate::error::{Error, Result};
 use crate::io;
+use crate::models::quant::{QuantizationConfig, QuantizeSpec};
 use crate::models::{Conditioning, UNet, UNetConfig};
 use crate::noise::NoiseStream;
-use crate::models::quant::{QuantizationConfig, QuantizeSpec};
 use crate::pipeline::{self, Pipeline};
 
 /// The `run.json` kind of a progressive-distillation run.
@@ -490,7 +490,8 @@ pub fn distill_progressive(
         // Stage one's student takes w through a guidance-scale embedding (LCM's
         // time_cond_proj_dim); later rounds inherit it from their teacher.
         let mut student_config = teacher.unet_config.clone();
-        student_config.quantization_config = cfg.quantize.map(|q| QuantizationConfig::new(q.format));
+        student_config.quantization_config =
+            cfg.quantize.map(|q| QuantizationConfig::new(q.format));
         if guided {
             student_config.time_cond_proj_dim = Some(GUIDANCE_EMBEDDING_DIM);
         }
