@@ -93,6 +93,11 @@ pub struct DistillArgs {
     /// With --quantize: learned block scales (LSQ, Esser et al. 2020) instead of max-abs ones.
     #[arg(long, requires = "quantize")]
     pub lsq: bool,
+    /// With --quantize and --init: weight of the term that ties the quantized student's output
+    /// to the full-precision --init model's at the same input (distillation from the f32
+    /// student to its quantized copy); 0 trains on the distillation objective alone.
+    #[arg(long, value_parser = super::values::non_negative_f32, default_value_t = 1.0, requires = "quantize")]
+    pub quant_anchor: f32,
     /// A pipeline folder whose UNet the student starts from instead of the teacher's (same
     /// architecture): e.g. the f32 student, fine-tuned under --quantize.
     #[arg(long)]
@@ -114,6 +119,7 @@ impl DistillArgs {
                 Ok(QuantizeSpec {
                     format: QuantFormat::parse(f, "--quantize")?,
                     lsq: self.lsq,
+                    anchor: if self.init.is_some() { self.quant_anchor } else { 0.0 },
                 })
             })
             .transpose()

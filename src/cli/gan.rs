@@ -299,6 +299,7 @@ fn distill_run(args: &DistillGanArgs) -> Result<GanRun> {
                     Ok::<_, Error>(crate::models::quant::QuantizeSpec {
                         format: crate::models::quant::QuantFormat::parse(f, "--quantize")?,
                         lsq: args.lsq,
+                        anchor: 0.0,
                     })
                 })
                 .transpose()?,

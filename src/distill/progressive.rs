@@ -134,6 +134,20 @@ pub fn guided_target(
 }
 
 /// max(SNR_t, 1)·mean‖x̃ − x̂_student‖² per row: [B].
+/// A model's x̂₀ at the students' points: the space the progressive loss compares in.
+pub fn x0_prediction(
+    model: &UNet,
+    prediction: Prediction,
+    z: Tensor<4>,
+    steps: &[StudentStep],
+    cond: &Conditioning,
+) -> Tensor<4> {
+    let t: Vec<i64> = steps.iter().map(|s| s.t).collect();
+    let a_t: Vec<f64> = steps.iter().map(|s| s.alpha_bar_t).collect();
+    let out = model_output(model, z.clone(), &t, cond);
+    x0_from_output(prediction, z, out, &a_t)
+}
+
 pub fn progressive_loss(
     student: &UNet,
     prediction: Prediction,
@@ -143,10 +157,7 @@ pub fn progressive_loss(
     cond: &Conditioning,
 ) -> Tensor<1> {
     let device = z.device();
-    let t: Vec<i64> = steps.iter().map(|s| s.t).collect();
-    let a_t: Vec<f64> = steps.iter().map(|s| s.alpha_bar_t).collect();
-    let out = model_output(student, z.clone(), &t, cond);
-    let x0 = x0_from_output(prediction, z, out, &a_t);
+    let x0 = x0_prediction(student, prediction, z, steps, cond);
     let weight: Vec<f32> = steps
         .iter()
         .map(|s| (s.alpha_bar_t / (1.0 - s.alpha_bar_t)).max(1.0) as f32)

@@ -91,11 +91,16 @@ impl QuantFormat {
 }
 
 /// Quantization-aware training of a student (`--quantize`, `--lsq`), as a run records it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct QuantizeSpec {
     pub format: QuantFormat,
     /// Learned block scales (LSQ) instead of max-abs ones.
     pub lsq: bool,
+    /// Weight of the term that ties the quantized student's output to the full-precision
+    /// model it starts from (`--init`), distance as the objective's: knowledge distillation from
+    /// the f32 student to its quantized copy. 0 without `--init`.
+    #[serde(default)]
+    pub anchor: f32,
 }
 
 impl QuantizeSpec {

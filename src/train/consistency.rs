@@ -540,6 +540,18 @@ pub fn distill_consistency(
             )
         }
     };
+    // Quantization-aware fine-tuning from a full-precision student: that student, frozen, whose
+    // outputs the quantized one is also tied to.
+    let anchors = match (&run.init, cfg.quantize) {
+        (Some(init), Some(q)) if q.anchor > 0.0 => {
+            let (_, unet) = pipeline::load_unet(&init.join("unet"), device)?;
+            Some(data_parallel::replicate(
+                &crate::models::quant::trainable_weights(unet),
+                devices,
+            ))
+        }
+        _ => None,
+    };
     if !quiet {
         eprintln!(
             "consistency distillation of {} ({} scales{}, {} iterations of batch {})",
@@ -605,6 +617,17 @@ pub fn distill_consistency(
                         &cond,
                         student_w,
                     );
+                    let anchor = anchors.as_ref().map(|a| {
+                        consistency_output(
+                            &a[shard.index],
+                            prediction,
+                            z.clone(),
+                            &steps,
+                            At::Start,
+                            &cond,
+                            student_w,
+                        )
+                    });
                     // The teacher and target ran without autodiff; the student trains with it.
                     let online = consistency_output(
                         student,
@@ -615,7 +638,13 @@ pub fn distill_consistency(
                         &cond.autodiff(),
                         student_w,
                     );
-                    distance(online, target.autodiff(), cfg.distance).mean()
+                    let loss = distance(online.clone(), target.autodiff(), cfg.distance);
+                    match (anchor, cfg.quantize) {
+                        (Some(anchor), Some(q)) => (loss
+                            + distance(online, anchor.autodiff(), cfg.distance).mul_scalar(q.anchor))
+                        .mean(),
+                        _ => loss.mean(),
+                    }
                 },
             )?;
             let lr = cfg.lr_at(iter);

@@ -24,6 +24,7 @@ use super::{checkpoint, data_parallel, ema, open_images};
 use crate::data::{DataSource, TrainImages};
 use crate::distill::progressive::{
     StudentStep, guided_target, noised, progressive_loss, student_steps, teacher_target,
+    x0_prediction,
 };
 use crate::error::{Error, Result};
 use crate::io;
@@ -549,6 +550,17 @@ pub fn distill_progressive(
                 }
             }
         };
+        // The full-precision --init student the first stage's quantized one is tied to.
+        let anchors = match (&run.init, cfg.quantize, stage_index) {
+            (Some(init), Some(q), 0) if q.anchor > 0.0 => {
+                let (_, unet) = pipeline::load_unet(&init.join("unet"), device)?;
+                Some(data_parallel::replicate(
+                    &crate::models::quant::trainable_weights(unet),
+                    devices,
+                ))
+            }
+            _ => None,
+        };
         let name = match stage {
             Stage::Guided { steps } => format!("guided {steps} steps"),
             Stage::Halving { steps } => format!("round {steps} steps"),
@@ -617,6 +629,24 @@ pub fn distill_progressive(
                                 &cond_w,
                             ),
                         };
+                        // Quantization-aware fine-tuning from a full-precision student: its
+                        // x̂₀ joins the target, a·‖x̂₀ − T‖² + λ·‖x̂₀ − A‖² being
+                        // (1 + λ)·‖x̂₀ − (T + λA)/(1 + λ)‖² up to a constant.
+                        let (target, scale) = match (&anchors, cfg.quantize) {
+                            (Some(a), Some(q)) => {
+                                let anchor = x0_prediction(
+                                    &a[shard.index],
+                                    prediction,
+                                    z.clone(),
+                                    &steps,
+                                    &cond_w,
+                                );
+                                let blended = (target + anchor.mul_scalar(q.anchor))
+                                    .div_scalar(1.0 + q.anchor);
+                                (blended, 1.0 + q.anchor)
+                            }
+                            _ => (target, 1.0),
+                        };
                         // The teacher ran without autodiff; the student trains with it.
                         progressive_loss(
                             student,
@@ -627,6 +657,7 @@ pub fn distill_progressive(
                             &cond_w.autodiff(),
                         )
                         .mean()
+                        .mul_scalar(scale)
                     },
                 )?;
                 let lr = cfg.lr_at(iter, iters);
