@@ -397,6 +397,24 @@ fn quantization_aware_consistency_starts_from_init_and_refuses_what_cannot_combi
         QuantFormat::Int8
     );
     assert!(is_packed(&unet));
+    // The anchor to the full-precision --init model is part of the objective.
+    let unanchored = scratch("quantization", "qad-cd-unanchored");
+    ok(&run(args(
+        &unanchored,
+        &[
+            "--quantize",
+            "int8",
+            "--init",
+            teacher.to_str().unwrap(),
+            "--quant-anchor",
+            "0",
+        ],
+    )));
+    let weights = "student/unet/diffusion_pytorch_model.safetensors";
+    assert!(
+        std::fs::read(out.join(weights)).unwrap()
+            != std::fs::read(unanchored.join(weights)).unwrap()
+    );
     assert_clean_failure(
         run(args(&scratch("quantization", "qad-lsq"), &["--lsq"])),
         "--quantize",

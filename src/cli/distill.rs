@@ -119,7 +119,11 @@ impl DistillArgs {
                 Ok(QuantizeSpec {
                     format: QuantFormat::parse(f, "--quantize")?,
                     lsq: self.lsq,
-                    anchor: if self.init.is_some() { self.quant_anchor } else { 0.0 },
+                    anchor: if self.init.is_some() {
+                        self.quant_anchor
+                    } else {
+                        0.0
+                    },
                 })
             })
             .transpose()

@@ -641,7 +641,8 @@ pub fn distill_consistency(
                     let loss = distance(online.clone(), target.autodiff(), cfg.distance);
                     match (anchor, cfg.quantize) {
                         (Some(anchor), Some(q)) => (loss
-                            + distance(online, anchor.autodiff(), cfg.distance).mul_scalar(q.anchor))
+                            + distance(online, anchor.autodiff(), cfg.distance)
+                                .mul_scalar(q.anchor))
                         .mean(),
                         _ => loss.mean(),
                     }
