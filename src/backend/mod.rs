@@ -262,6 +262,20 @@ pub fn compiled_devices() -> Vec<(&'static str, Device)> {
     out
 }
 
+/// Whether `device` keeps its tensors in this process's memory (flex, with or without autodiff):
+/// host-side code may then read and build them without a transfer.
+pub fn is_host_memory(device: &Device) -> bool {
+    #[cfg(feature = "flex")]
+    if matches!(
+        device.clone().inner().as_dispatch(),
+        burn::backend::DispatchDevice::Flex(_)
+    ) {
+        return true;
+    }
+    let _ = device;
+    false
+}
+
 /// The default CPU device.
 pub fn cpu_device() -> Option<Device> {
     flex_device().or_else(ndarray_device)

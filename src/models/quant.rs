@@ -501,6 +501,55 @@ impl PackedWeight {
         }
     }
 
+    /// The weight in burn's layout, decoded on the host (rows in parallel).
+    fn dequantize_host(&self) -> Vec<f32> {
+        use rayon::prelude::*;
+        let words: Vec<i32> = self
+            .codes
+            .val()
+            .into_data()
+            .convert::<i32>()
+            .try_to_vec::<i32>()
+            .expect("i32 words");
+        let scales: Vec<f32> = self
+            .scales
+            .val()
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .expect("scales");
+        let [rows, per_row] = self.codes.val().dims();
+        let (bits, fan_in) = (self.bits, self.fan_in);
+        let per_word = 32 / bits;
+        let blocks = scales.len() / rows;
+        let (mask, bias) = ((1u32 << bits) - 1, (1i32 << (bits - 1)) as f32);
+        let decode_row = |r: usize, out: &mut dyn FnMut(usize, f32)| {
+            let row = &words[r * per_row..(r + 1) * per_row];
+            for c in 0..fan_in {
+                let u = ((row[c / per_word] as u32) >> (bits * (c % per_word))) & mask;
+                out(c, scales[r * blocks + c / BLOCK] * (u as f32 - bias));
+            }
+        };
+        let mut w = vec![0.0f32; rows * fan_in];
+        if self.transposed {
+            // [in, out]: column r of the result is PyTorch's row r.
+            let mut t = vec![0.0f32; rows * fan_in];
+            t.par_chunks_mut(fan_in).enumerate().for_each(|(r, dst)| {
+                decode_row(r, &mut |c, v| dst[c] = v);
+            });
+            for r in 0..rows {
+                for c in 0..fan_in {
+                    w[c * rows + r] = t[r * fan_in + c];
+                }
+            }
+        } else {
+            w.par_chunks_mut(fan_in).enumerate().for_each(|(r, dst)| {
+                decode_row(r, &mut |c, v| dst[c] = v);
+            });
+        }
+        w
+    }
+
     /// The codes in −Q..=Q as floats, [rows, blocks · 32].
     fn codes_f32(&self) -> Tensor<2> {
         let words = self.codes.val();
@@ -526,6 +575,20 @@ impl Reparameterization for PackedWeight {
     const NAME: &'static str = "packed";
 
     fn apply<const D: usize>(&self, placeholder: Tensor<D>) -> Tensor<D> {
+        let device = placeholder.device();
+        if crate::backend::is_host_memory(&device) && placeholder.dtype() == DType::F32 {
+            // One pass over the packed words on the CPU: a dozen tensor ops per layer cost
+            // more than the layer itself at batch 1.
+            let dims: [usize; D] = self.dims.clone().try_into().expect("the weight's rank");
+            return Tensor::<D>::from_data(TensorData::new(self.dequantize_host(), dims), &device);
+        }
+        self.dequantize_tensor_ops(placeholder)
+    }
+}
+
+impl PackedWeight {
+    /// The weight dequantized by tensor ops on its device (wgpu, LibTorch, f16 anywhere).
+    fn dequantize_tensor_ops<const D: usize>(&self, placeholder: Tensor<D>) -> Tensor<D> {
         let q = self.codes_f32();
         let [rows, padded] = q.dims();
         let scales = self.scales.val().cast(DType::F32);
@@ -927,4 +990,50 @@ pub fn weight_bytes<M: Module>(module: &M) -> usize {
     let mut b = Bytes(0);
     module.visit(&mut b);
     b.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The host decoder (flex) and the tensor-op one (other devices) give the same weight, in
+    /// both layouts and formats.
+    #[test]
+    fn host_and_tensor_op_dequantization_agree() {
+        let device = crate::backend::cpu_device().expect("a CPU backend");
+        for format in [QuantFormat::Int8, QuantFormat::Int4] {
+            for (shape, transposed) in [(vec![6usize, 3, 3, 3], false), (vec![5, 70], true)] {
+                let n: usize = shape.iter().product();
+                let values: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 0.1).collect();
+                let q = QuantizedWeight::quantize(&values, &shape, format);
+                let dims = if transposed {
+                    vec![shape[1], shape[0]]
+                } else {
+                    shape.clone()
+                };
+                let packed = PackedWeight::new(&q, transposed, dims.clone(), &device);
+                let host = packed.dequantize_host();
+                let ops: Vec<f32> = match dims.len() {
+                    2 => packed.dequantize_tensor_ops(Tensor::<2>::zeros([1, 1], &device)),
+                    _ => packed
+                        .dequantize_tensor_ops(Tensor::<4>::zeros([1, 1, 1, 1], &device))
+                        .reshape([dims[0], n / dims[0]]),
+                }
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap();
+                assert_eq!(host, ops, "{format:?} {shape:?}");
+                // Both are the host form's d·q, in burn's layout.
+                let want = q.dequantize();
+                let want: Vec<f32> = if transposed {
+                    (0..n)
+                        .map(|i| want[(i % shape[0]) * shape[1] + i / shape[0]])
+                        .collect()
+                } else {
+                    want
+                };
+                assert_eq!(host, want);
+            }
+        }
+    }
 }

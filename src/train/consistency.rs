@@ -744,6 +744,7 @@ mod tests {
             checkpoint_every: 10,
             lora: None,
             lora_format: LoraFormat::Peft,
+            quantize: None,
         }
     }
 
