@@ -29,6 +29,7 @@ fn main() -> fewstep::Result<()> {
         teacher: io::shipped("shapes32")
             .canonicalize()
             .expect("weights/shapes32"),
+        init: None, // Some(dir): the student starts from that folder's UNet
         config: ConsistencyConfig {
             scales: 50,             // LCM's skipping grid: 1000/50 timesteps per teacher step
             scales_start: None,     // N fixed (Some(n): doubling curriculum)
@@ -48,6 +49,7 @@ fn main() -> fewstep::Result<()> {
             checkpoint_every: 20,
             lora: None, // Some(LoraSpec { .. }): adapters instead of a full student (examples/lcm_lora.rs)
             lora_format: Default::default(),
+            quantize: None, // Some(QuantizeSpec { .. }): quantization-aware (weights int8/int4)
         },
         data: DataSource::Shapes { seed: 0 },
     };

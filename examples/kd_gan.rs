@@ -67,6 +67,8 @@ fn main() -> fewstep::Result<()> {
                 logit: 0.0,
             },
             perceptual_net: None,
+            quantize: None, // Some(QuantizeSpec { .. }): a quantization-aware student generator
+            init: None,
         },
         config: optim,
         data: DataSource::Shapes { seed: 0 },

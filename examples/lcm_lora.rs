@@ -32,6 +32,7 @@ fn main() -> fewstep::Result<()> {
     let run = ConsistencyRun {
         kind: CONSISTENCY_RUN.into(),
         teacher: teacher.clone(),
+        init: None,
         config: ConsistencyConfig {
             scales: 50,
             scales_start: None,
@@ -56,6 +57,7 @@ fn main() -> fewstep::Result<()> {
                 linears: false,      // true: also the resnets' time-embedding projections
             }),
             lora_format: LoraFormat::Peft, // or Kohya: lora_unet_….lora_down/lora_up/alpha
+            quantize: None, // adapters are not quantized: merge, then `fewstep quantize`
         },
         data: DataSource::Shapes { seed: 0 },
     };

@@ -28,6 +28,7 @@ fn main() -> fewstep::Result<()> {
         teacher: io::shipped("shapes32")
             .canonicalize()
             .expect("weights/shapes32"),
+        init: None, // Some(dir): the first round's student starts from that folder's UNet
         config: ProgressiveConfig {
             from_steps: 16,
             to_steps: 4,
@@ -42,6 +43,8 @@ fn main() -> fewstep::Result<()> {
             // (Meng et al.): a w range here adds the guided stage one.
             guidance: None,
             guided_iters: None,
+            // Some(QuantizeSpec { .. }): quantization-aware rounds, students written int8/int4.
+            quantize: None,
         },
         data: DataSource::Shapes { seed: 0 },
     };
