@@ -262,9 +262,9 @@ pub fn compiled_devices() -> Vec<(&'static str, Device)> {
     out
 }
 
-/// Whether `device` keeps its tensors in this process's memory (flex, with or without autodiff):
-/// host-side code may then read and build them without a transfer.
-pub fn is_host_memory(device: &Device) -> bool {
+/// Whether `device` is flex (with or without autodiff): its tensors live in this process's
+/// memory in their own dtype, so host-side code may read and build them without a transfer.
+pub fn is_flex(device: &Device) -> bool {
     #[cfg(feature = "flex")]
     if matches!(
         device.clone().inner().as_dispatch(),

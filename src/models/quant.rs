@@ -433,11 +433,25 @@ impl FakeQuant {
 }
 
 /// `s` rounded to the nearest f16 (what the file keeps), clamped to f16's range, zeros → 1.
+/// (No gradient flows through it.)
 fn to_f16_grid(s: Tensor<3>) -> Tensor<3> {
-    let s = s
-        .clamp(0.0, f16::MAX.to_f32())
-        .cast(DType::F16)
-        .cast(DType::F32);
+    let s = s.clamp(0.0, f16::MAX.to_f32());
+    let device = s.device();
+    let s = if device.supports_dtype(DType::F16) {
+        s.cast(DType::F16).cast(DType::F32)
+    } else {
+        // A backend without f16 tensors (ndarray): round on the host.
+        let dims = s.dims();
+        let rounded: Vec<f32> = s
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .expect("f32 scales")
+            .into_iter()
+            .map(|v| f16::from_f32(v).to_f32())
+            .collect();
+        Tensor::<3>::from_data(TensorData::new(rounded, dims), &device)
+    };
     let zero = s.clone().equal_elem(0.0);
     s.mask_fill(zero, 1.0)
 }
@@ -576,7 +590,7 @@ impl Reparameterization for PackedWeight {
 
     fn apply<const D: usize>(&self, placeholder: Tensor<D>) -> Tensor<D> {
         let device = placeholder.device();
-        if crate::backend::is_host_memory(&device) && placeholder.dtype() == DType::F32 {
+        if crate::backend::is_flex(&device) && placeholder.dtype() == DType::F32 {
             // One pass over the packed words on the CPU: a dozen tensor ops per layer cost
             // more than the layer itself at batch 1.
             let dims: [usize; D] = self.dims.clone().try_into().expect("the weight's rank");
