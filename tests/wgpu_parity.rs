@@ -55,6 +55,42 @@ fn unet_forward_and_vae_decode_match_cpu_on_wgpu() {
     );
 }
 
+/// A 4-bit UNet folder: packed codes dequantized by tensor ops on wgpu (bit shifts of i32 words),
+/// in one host pass on the CPU — the same weights, the same forward.
+#[test]
+fn quantized_unet_matches_cpu_on_wgpu() {
+    use fewstep::models::quant::{QuantFormat, QuantizationConfig, is_packed};
+    let cpu = device(DeviceChoice::Cpu).unwrap();
+    let gpu = device(DeviceChoice::Wgpu).expect("a wgpu adapter (install mesa-vulkan-drivers)");
+    let pipe = common::repo().join("tests/fixtures/models/pipe_latent");
+    let (mut config, unet) = pipeline::load_unet(&pipe.join("unet"), &cpu).unwrap();
+    config.quantization_config = Some(QuantizationConfig::new(QuantFormat::Int4));
+    let dir = common::scratch("wgpu", "unet-int4");
+    std::fs::create_dir_all(&dir).unwrap();
+    pipeline::save_unet(&dir, &config, &unet).unwrap();
+    let (_, unet_cpu) = pipeline::load_unet(&dir, &cpu).unwrap();
+    let (_, unet_gpu) = pipeline::load_unet(&dir, &gpu).unwrap();
+    assert!(is_packed(&unet_gpu));
+    let x = io::read_safetensors(&pipe.join("unet/io.safetensors")).unwrap();
+    let (xs, ts) = (&x["x"], &x["t"]);
+    let d = max_rel_diff(
+        unet_cpu.forward(
+            xs.to_device::<4>(&cpu).unwrap(),
+            ts.to_device::<1>(&cpu).unwrap(),
+            &Conditioning::none(),
+        ),
+        unet_gpu.forward(
+            xs.to_device::<4>(&gpu).unwrap(),
+            ts.to_device::<1>(&gpu).unwrap(),
+            &Conditioning::none(),
+        ),
+    );
+    assert!(
+        d <= 1e-4,
+        "int4 UNet: wgpu differs from CPU by {d} (relative)"
+    );
+}
+
 fn shipped_latent_student_images(device: &Device, precision: Precision) -> Vec<f32> {
     let student = Pipeline::load(&io::shipped("shapes-latent-lcm"), device)
         .unwrap()
