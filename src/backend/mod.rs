@@ -474,21 +474,39 @@ impl Precision {
     }
 }
 
-struct CastFloats(burn::tensor::FloatDType);
+struct CastFloats {
+    dtype: burn::tensor::FloatDType,
+    /// Depth inside parameters' reparameterizations, whose own state (LoRA factors, quantized
+    /// weights' scales) keeps its dtype: a packed weight computes in its placeholder's.
+    reparameterization: usize,
+}
 
 impl burn::module::ModuleMapper for CastFloats {
+    fn enter_module(&mut self, _: &str, container: &str) {
+        self.reparameterization += usize::from(container == "Reparameterization");
+    }
+    fn exit_module(&mut self, _: &str, container: &str) {
+        self.reparameterization -= usize::from(container == "Reparameterization");
+    }
     fn map_float<const D: usize>(
         &mut self,
         param: burn::module::Param<burn::prelude::Tensor<D>>,
     ) -> burn::module::Param<burn::prelude::Tensor<D>> {
-        let dtype = self.0;
+        if self.reparameterization > 0 {
+            return param;
+        }
+        let dtype = self.dtype;
         param.map(|t| t.cast(dtype))
     }
 }
 
-/// `module` with every float parameter (and buffer) cast to `dtype`.
+/// `module` with every float parameter (and buffer) cast to `dtype` (a reparameterization's own
+/// state excepted).
 pub fn cast_module<M: burn::module::Module>(module: M, dtype: burn::tensor::FloatDType) -> M {
-    module.map(&mut CastFloats(dtype))
+    module.map(&mut CastFloats {
+        dtype,
+        reparameterization: 0,
+    })
 }
 
 #[cfg(feature = "tch")]
