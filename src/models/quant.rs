@@ -537,29 +537,36 @@ impl PackedWeight {
         let per_word = 32 / bits;
         let blocks = scales.len() / rows;
         let (mask, bias) = ((1u32 << bits) - 1, (1i32 << (bits - 1)) as f32);
-        let decode_row = |r: usize, out: &mut dyn FnMut(usize, f32)| {
+        // Row r into `dst` (fan_in values): word by word, no per-element division.
+        let decode_row = |r: usize, dst: &mut [f32]| {
             let row = &words[r * per_row..(r + 1) * per_row];
-            for c in 0..fan_in {
-                let u = ((row[c / per_word] as u32) >> (bits * (c % per_word))) & mask;
-                out(c, scales[r * blocks + c / BLOCK] * (u as f32 - bias));
+            let scales = &scales[r * blocks..(r + 1) * blocks];
+            for (i, &word) in row.iter().enumerate() {
+                let first = i * per_word;
+                let scale = scales[first / BLOCK];
+                let last = (first + per_word).min(fan_in);
+                for (k, out) in dst[first.min(fan_in)..last].iter_mut().enumerate() {
+                    let u = ((word as u32) >> (bits * k)) & mask;
+                    *out = scale * (u as f32 - bias);
+                }
             }
         };
         let mut w = vec![0.0f32; rows * fan_in];
         if self.transposed {
             // [in, out]: column r of the result is PyTorch's row r.
             let mut t = vec![0.0f32; rows * fan_in];
-            t.par_chunks_mut(fan_in).enumerate().for_each(|(r, dst)| {
-                decode_row(r, &mut |c, v| dst[c] = v);
-            });
+            t.par_chunks_mut(fan_in)
+                .enumerate()
+                .for_each(|(r, dst)| decode_row(r, dst));
             for r in 0..rows {
                 for c in 0..fan_in {
                     w[c * rows + r] = t[r * fan_in + c];
                 }
             }
         } else {
-            w.par_chunks_mut(fan_in).enumerate().for_each(|(r, dst)| {
-                decode_row(r, &mut |c, v| dst[c] = v);
-            });
+            w.par_chunks_mut(fan_in)
+                .enumerate()
+                .for_each(|(r, dst)| decode_row(r, dst));
         }
         w
     }
