@@ -193,22 +193,26 @@ fn learned_scales_receive_gradients_and_the_weights_pass_straight_through() {
     assert!(gs.abs().sum().into_scalar::<f32>() > 0.0);
 }
 
+/// `fewstep quantize --model MODEL --format FORMAT --out OUT`.
+fn quantize(format: &str, model: &Path, out: &Path) -> std::process::Output {
+    fewstep(&[
+        "quantize",
+        "--model",
+        model.to_str().unwrap(),
+        "--format",
+        format,
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
 #[test]
 fn the_shipped_student_quantized_keeps_its_weights_small_in_memory() {
     let model = repo().join("weights/shapes32-lcm");
     for (format, bar) in [("int8", 0.30), ("int4", 0.17)] {
         let out = scratch("quantization", &format!("ptq-{format}"));
         let _ = std::fs::remove_dir_all(&out);
-        let o = fewstep(&[
-            "quantize",
-            "--model",
-            model.to_str().unwrap(),
-            "--format",
-            format,
-            "--out",
-            out.to_str().unwrap(),
-        ]);
-        ok(&o);
+        ok(&quantize(format, &model, &out));
         let device = device();
         let f32_bytes = weight_bytes(&Pipeline::load(&model, &device).unwrap().unet);
         let q = Pipeline::load(&out, &device).unwrap();
@@ -244,17 +248,7 @@ fn quantize_refuses_bad_input_in_one_line() {
     let model = repo().join("tests/fixtures/models/pipe_pixel");
     let out = scratch("quantization", "bad");
     let _ = std::fs::remove_dir_all(&out);
-    let run = |format: &str, model: &Path, out: &Path| {
-        fewstep(&[
-            "quantize",
-            "--model",
-            model.to_str().unwrap(),
-            "--format",
-            format,
-            "--out",
-            out.to_str().unwrap(),
-        ])
-    };
+    let run = quantize;
     assert_clean_failure(
         run("int3", &model, &out),
         "--format int3: expected int8 or int4",
