@@ -359,7 +359,7 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, HostTensor>> {
 
 /// The bytes of a file, memory-mapped: a multi-gigabyte checkpoint is read from the page cache
 /// tensor by tensor, not first copied whole into memory.
-fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+pub(crate) fn map_file(path: &Path) -> Result<memmap2::Mmap> {
     if path.is_dir() {
         return Err(Error::file(
             path,

@@ -518,9 +518,9 @@ impl PackedWeight {
     /// The weight in burn's layout, decoded on the host (rows in parallel).
     fn dequantize_host(&self) -> Vec<f32> {
         use rayon::prelude::*;
-        let words: Vec<i32> = self
-            .codes
-            .val()
+        let codes = self.codes.val();
+        let [rows, per_row] = codes.dims();
+        let words: Vec<i32> = codes
             .into_data()
             .convert::<i32>()
             .try_to_vec::<i32>()
@@ -532,7 +532,6 @@ impl PackedWeight {
             .convert::<f32>()
             .try_to_vec::<f32>()
             .expect("scales");
-        let [rows, per_row] = self.codes.val().dims();
         let (bits, fan_in) = (self.bits, self.fan_in);
         let per_word = 32 / bits;
         let blocks = scales.len() / rows;
@@ -634,6 +633,8 @@ struct Target {
     /// The diffusers (PyTorch) name.
     torch_name: String,
     transposed: bool,
+    /// The weight's PyTorch shape.
+    shape: Vec<usize>,
 }
 
 #[derive(Default)]
@@ -652,18 +653,20 @@ impl ModuleVisitor for Targets {
         self.raw.pop();
         self.torch.exit();
     }
-    fn visit_float<const D: usize>(&mut self, _param: &Param<Tensor<D>>) {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let container = self.torch.container().to_string();
         let container = container.as_str();
         let linear = container == "Struct:Linear" && D == 2;
         let conv = matches!(container, "Struct:Conv2d" | "Struct:ConvTranspose2d") && D == 4;
         if (linear || conv) && self.raw.last().is_some_and(|n| n == "weight") {
             let (torch_name, transposed) = self.torch.torch_name();
+            let shape = torch_shape(&param.lazy_shape().dims::<D>(), transposed);
             self.found.insert(
                 self.raw.join("."),
                 Target {
                     torch_name,
                     transposed,
+                    shape,
                 },
             );
         }
@@ -872,7 +875,6 @@ pub fn is_packed<M: Module>(module: &M) -> bool {
 struct AttachPacked<'a> {
     targets: HashMap<String, Target>,
     weights: &'a HashMap<String, QuantizedWeight>,
-    attached: usize,
 }
 
 impl Reparameterizer for &mut AttachPacked<'_> {
@@ -894,7 +896,6 @@ impl Reparameterizer for &mut AttachPacked<'_> {
         let device = param.lazy_device();
         let dims = param.lazy_shape().dims::<D>().to_vec();
         let packed = PackedWeight::new(weight, target.transposed, dims, &device);
-        self.attached += 1;
         // The lazily initialised weight is dropped unmaterialised: only the packed form is
         // ever allocated.
         let placeholder = Tensor::<D>::zeros([1; D], &device);
@@ -910,10 +911,7 @@ fn read_quantized(
     format: QuantFormat,
     expected: &BTreeMap<String, Vec<usize>>,
 ) -> Result<HashMap<String, QuantizedWeight>> {
-    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::file(path, "file not found"),
-        _ => Error::file(path, format!("cannot read: {e}")),
-    })?;
+    let bytes = crate::io::map_file(path)?;
     let file = SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::file(path, format!("corrupt or truncated safetensors file ({e})")))?;
     let mut out = HashMap::new();
@@ -950,40 +948,14 @@ pub fn load_quantized<M: Module>(
     load_rest: impl FnOnce(M, &std::collections::BTreeSet<String>) -> Result<M>,
 ) -> Result<M> {
     let targets = targets(&module);
-    let expected: BTreeMap<String, Vec<usize>> = {
-        struct Shapes<'a> {
-            raw: Vec<String>,
-            targets: &'a HashMap<String, Target>,
-            out: BTreeMap<String, Vec<usize>>,
-        }
-        impl ModuleVisitor for Shapes<'_> {
-            fn enter_module(&mut self, name: &str, _: &str) {
-                self.raw.push(name.to_string());
-            }
-            fn exit_module(&mut self, _: &str, _: &str) {
-                self.raw.pop();
-            }
-            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-                if let Some(t) = self.targets.get(&self.raw.join(".")) {
-                    let dims = param.lazy_shape().dims::<D>().to_vec();
-                    self.out
-                        .insert(t.torch_name.clone(), torch_shape(&dims, t.transposed));
-                }
-            }
-        }
-        let mut s = Shapes {
-            raw: Vec::new(),
-            targets: &targets,
-            out: BTreeMap::new(),
-        };
-        module.visit(&mut s);
-        s.out
-    };
+    let expected: BTreeMap<String, Vec<usize>> = targets
+        .values()
+        .map(|t| (t.torch_name.clone(), t.shape.clone()))
+        .collect();
     let weights = read_quantized(path, format, &expected)?;
     let mut attach = AttachPacked {
         targets,
         weights: &weights,
-        attached: 0,
     };
     let module = module.apply_reparameterization(&mut attach);
     let mut taken: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
