@@ -56,6 +56,11 @@ pub struct TrainArgs {
     /// Linear learning-rate warm-up steps.
     #[arg(long, value_parser = super::values::whole, default_value_t = 200)]
     pub warmup: usize,
+    /// Decay the learning rate linearly to 0 over the run's last N steps (default: none, constant
+    /// after warm-up). With --resume it replaces the stored value, so a finished run extended by
+    /// --steps can end on a decay.
+    #[arg(long, value_parser = super::values::whole)]
+    pub cooldown: Option<usize>,
     /// EMA decay of the weights written to the pipeline folder.
     #[arg(long, value_parser = super::values::decay, default_value_t = 0.999)]
     pub ema: f32,
@@ -243,6 +248,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             batch: args.batch,
             lr: args.lr,
             warmup: args.warmup,
+            cooldown: args.cooldown.unwrap_or(0),
             ema_decay: args.ema,
             optimizer: args
                 .optimizer
@@ -267,6 +273,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         run,
         args.resume,
         args.steps,
+        args.cooldown,
         &devices,
         args.quiet,
     )?;

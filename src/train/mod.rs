@@ -61,6 +61,11 @@ pub struct TrainConfig {
     pub lr: f64,
     /// Linear warm-up steps from 0 to `lr`.
     pub warmup: usize,
+    /// Linear decay of the learning rate to 0 over the run's last `cooldown` steps (0: constant
+    /// after warm-up). A warm-up–stable–decay schedule: a finished run can be extended with
+    /// `--resume --steps N --cooldown M` and still end on a decay.
+    #[serde(default)]
+    pub cooldown: usize,
     pub ema_decay: f32,
     pub optimizer: optim::OptimizerConfig,
     /// Probability of replacing a class label by the null class (classifier-free guidance).
@@ -76,6 +81,7 @@ impl Default for TrainConfig {
             batch: 32,
             lr: 2e-4,
             warmup: 200,
+            cooldown: 0,
             ema_decay: 0.999,
             optimizer: optim::OptimizerConfig::diffusion(),
             label_dropout: 0.1,
@@ -110,12 +116,25 @@ impl TrainConfig {
         if self.checkpoint_every == 0 {
             return Err(Error::Usage("--checkpoint-every must be at least 1".into()));
         }
+        if self.cooldown > self.steps {
+            return Err(Error::Usage(format!(
+                "--cooldown {}: expected at most the run's --steps ({})",
+                self.cooldown, self.steps
+            )));
+        }
         Ok(())
     }
 
-    /// Learning rate at `step` (linear warm-up, then constant).
+    /// Learning rate at `step`: linear warm-up, constant, then (with `cooldown`) linear decay to 0
+    /// over the last `cooldown` steps.
     pub fn lr_at(&self, step: usize) -> f64 {
-        self.lr * warmup_factor(step, self.warmup)
+        let decay_start = self.steps - self.cooldown;
+        let decay = if self.cooldown > 0 && step >= decay_start {
+            (self.steps - step.min(self.steps)) as f64 / self.cooldown as f64
+        } else {
+            1.0
+        };
+        self.lr * warmup_factor(step, self.warmup) * decay
     }
 }
 
@@ -342,6 +361,7 @@ pub fn train_diffusion(
     run: Option<DiffusionRun>,
     resume: bool,
     steps_override: Option<usize>,
+    cooldown_override: Option<usize>,
     devices: &[Device],
     quiet: bool,
 ) -> Result<TrainOutcome> {
@@ -381,6 +401,9 @@ pub fn train_diffusion(
     };
     if let Some(steps) = steps_override {
         run.train.steps = steps;
+    }
+    if let Some(cooldown) = cooldown_override {
+        run.train.cooldown = cooldown;
     }
     run.train.validate()?;
     let (algorithm, _) = run.scheduler.algorithm();
@@ -680,4 +703,36 @@ pub(crate) fn progress_bar(total: usize, at: usize, quiet: bool) -> indicatif::P
     );
     bar.set_position(at as u64);
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TrainConfig;
+
+    #[test]
+    fn cooldown_decays_the_learning_rate_linearly_to_zero_over_the_last_steps() {
+        let config = TrainConfig {
+            steps: 100,
+            lr: 1e-3,
+            warmup: 10,
+            cooldown: 20,
+            ..TrainConfig::default()
+        };
+        config.validate().unwrap();
+        assert!((config.lr_at(4) - 5e-4).abs() < 1e-12);
+        assert!((config.lr_at(79) - 1e-3).abs() < 1e-12);
+        assert!((config.lr_at(80) - 1e-3).abs() < 1e-12);
+        assert!((config.lr_at(90) - 5e-4).abs() < 1e-12);
+        assert!((config.lr_at(99) - 5e-5).abs() < 1e-12);
+        let constant = TrainConfig {
+            cooldown: 0,
+            ..config.clone()
+        };
+        assert!((constant.lr_at(99) - 1e-3).abs() < 1e-12);
+        let too_long = TrainConfig {
+            cooldown: 101,
+            ..config
+        };
+        assert!(too_long.validate().is_err());
+    }
 }
