@@ -363,6 +363,10 @@ fn resume_names_the_flags_it_ignores_and_keeps_the_stored_settings() {
         "1",
         "--steps",
         "3",
+        "--cooldown",
+        "1",
+        "--devices",
+        "1",
         "--quiet",
         "--out",
         run.to_str().unwrap(),
@@ -370,8 +374,9 @@ fn resume_names_the_flags_it_ignores_and_keeps_the_stored_settings() {
     ]);
     ok(&o);
     let err = String::from_utf8_lossy(&o.stderr);
+    // --steps, --cooldown and --devices apply to a resumed run: not named.
     assert!(
-        err.contains("warning: --model-config, --lr: ignored with --resume"),
+        err.contains("warning: --model-config, --lr: ignored with --resume, which"),
         "{err}"
     );
     let now: serde_json::Value =
@@ -383,6 +388,7 @@ fn resume_names_the_flags_it_ignores_and_keeps_the_stored_settings() {
     );
     assert_eq!(now["train"]["lr"], before["train"]["lr"]);
     assert_eq!(now["train"]["steps"], 3, "--steps extends a resumed run");
+    assert_eq!(now["train"]["cooldown"], 1, "--cooldown applies to a resumed run");
     assert_eq!(
         now["train"]["optimizer"]["kind"], "adamw",
         "the optimizer is recorded"

@@ -226,7 +226,14 @@ fn typed_flags() -> Vec<String> {
     while let Some((_, sub)) = m.subcommand() {
         m = sub;
     }
+    // A flattened argument struct also appears as a group named after the struct
+    // (`DataParallelArgs`); arguments are the fields' snake_case names.
+    let is_argument = |id: &str| {
+        id.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    };
     m.ids()
+        .filter(|id| is_argument(id.as_str()))
         .filter(|id| m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine))
         .map(|id| format!("--{}", id.as_str().replace('_', "-")))
         .collect()

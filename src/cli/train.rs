@@ -109,7 +109,7 @@ fn model_config(arg: &str) -> Result<UNetConfig> {
 pub fn run(args: TrainArgs) -> Result<()> {
     let devices = args.data_parallel.devices(&args.device)?;
     let run = if args.resume {
-        super::warn_flags_on_resume(&["--steps"]);
+        super::warn_flags_on_resume(&["--steps", "--cooldown"]);
         None
     } else {
         let mut unet = model_config(&args.model_config)?;
