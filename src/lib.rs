@@ -8,6 +8,7 @@ pub mod cli;
 pub mod data;
 pub mod denoiser;
 pub mod distill;
+pub mod distributed;
 pub mod error;
 pub mod eval;
 pub mod image_grid;

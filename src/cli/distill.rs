@@ -459,14 +459,22 @@ fn run_progressive(args: ProgressiveArgs) -> Result<()> {
             data,
         })
     };
+    let folder =
+        args.common
+            .data_parallel
+            .join("distill progressive", &args.out, args.common.resume)?;
     train::install_interrupt_handler();
     let outcome = progressive::distill_progressive(
-        &args.out,
+        folder.path(),
         run,
         args.common.resume,
         &devices,
-        args.common.quiet,
+        args.common.quiet || !folder.is_main(),
     )?;
+    if !folder.is_main() {
+        return Ok(());
+    }
+    folder.report_overhead(args.common.quiet);
     if outcome.interrupted {
         eprintln!(
             "interrupted; resume with: fewstep distill progressive --out {} --resume",
@@ -653,9 +661,6 @@ fn run_consistency(args: ConsistencyArgs) -> Result<()> {
     }
     let run = if args.common.resume {
         super::warn_flags_on_resume(&["--iters"]);
-        if let Some(iters) = args.iters {
-            consistency::extend_run(&args.out, iters)?;
-        }
         None
     } else {
         let (teacher, data) = args.common.teacher_and_data()?;
@@ -669,14 +674,27 @@ fn run_consistency(args: ConsistencyArgs) -> Result<()> {
             data,
         })
     };
+    let folder =
+        args.common
+            .data_parallel
+            .join("distill consistency", &args.out, args.common.resume)?;
+    if args.common.resume
+        && let Some(iters) = args.iters
+    {
+        consistency::extend_run(folder.path(), iters)?;
+    }
     train::install_interrupt_handler();
     let outcome = consistency::distill_consistency(
-        &args.out,
+        folder.path(),
         run,
         args.common.resume,
         &devices,
-        args.common.quiet,
+        args.common.quiet || !folder.is_main(),
     )?;
+    if !folder.is_main() {
+        return Ok(());
+    }
+    folder.report_overhead(args.common.quiet);
     let Some(student) = &outcome.student else {
         eprintln!(
             "interrupted; resume with: fewstep distill consistency --out {} --resume",

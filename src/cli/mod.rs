@@ -135,9 +135,190 @@ pub struct DataParallelArgs {
     /// batch, split evenly; the result is that of one device up to float rounding.
     #[arg(long, default_value = "1")]
     pub devices: String,
+    /// Multi-process run: the number of processes, each with its own --devices, on one machine
+    /// or many (torchrun's WORLD_SIZE). --batch stays the global batch, split across all of
+    /// them; the result is that of one process up to float rounding.
+    #[arg(long, value_parser = values::count)]
+    pub nodes: Option<usize>,
+    /// This process's rank in 0..--nodes (torchrun's RANK); rank 0 coordinates and is the one
+    /// that writes checkpoints, logs and reports.
+    #[arg(long)]
+    pub node_rank: Option<usize>,
+    /// HOST:PORT where rank 0 listens and the others join (torchrun's MASTER_ADDR and
+    /// MASTER_PORT).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub coordinator: Option<String>,
+    /// HOST or HOST:PORT the other processes reach this one at (default: this machine's address
+    /// on the route to the coordinator, port = the coordinator's port + rank).
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub node_address: Option<String>,
+    /// Seconds to wait for the other processes: to join, and at each gradient exchange.
+    #[arg(long, value_name = "SECS", default_value_t = 300.0, value_parser = values::positive_f64)]
+    pub peer_timeout: f64,
+}
+
+/// Where a data-parallel process works: the run folder (`--out`) on rank 0, which alone writes
+/// there; a private scratch folder on the other ranks (for --resume, a copy of `--out`, which
+/// every machine must then hold: a shared filesystem or a copy), removed when dropped.
+pub struct RunFolder {
+    path: std::path::PathBuf,
+    scratch: bool,
+}
+
+impl RunFolder {
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Whether this process writes the run's results and reports (rank 0, or a lone process).
+    pub fn is_main(&self) -> bool {
+        !self.scratch
+    }
+}
+
+impl RunFolder {
+    /// Prints the gradient exchanges' overhead (rank 0 of a multi-process run, unless `quiet`).
+    pub fn report_overhead(&self, quiet: bool) {
+        if self.is_main()
+            && !quiet
+            && let Some(line) =
+                crate::distributed::with_group(|g| g.overhead_report()).flatten()
+        {
+            eprintln!("{line}");
+        }
+    }
+}
+
+impl Drop for RunFolder {
+    fn drop(&mut self) {
+        if self.scratch {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Copies the folder `from` into `to` (created), recursively.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// An environment variable of torchrun's launch protocol, parsed (`None` when unset).
+fn launch_env<T: std::str::FromStr>(name: &str) -> Result<Option<T>> {
+    match std::env::var(name) {
+        Err(_) => Ok(None),
+        Ok(v) => v.trim().parse().map(Some).map_err(|_| {
+            crate::error::Error::Usage(format!(
+                "environment variable {name}={v}: expected a non-negative integer"
+            ))
+        }),
+    }
 }
 
 impl DataParallelArgs {
+    /// The multi-process launch these flags describe, with torchrun's environment variables
+    /// (WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT) for flags not given; `None` for one process.
+    pub fn launch(&self) -> Result<Option<crate::distributed::Launch>> {
+        use crate::error::Error;
+        let nodes = match self.nodes {
+            Some(n) => n,
+            None => launch_env::<usize>("WORLD_SIZE")?.unwrap_or(1),
+        };
+        if nodes <= 1 {
+            return Ok(None);
+        }
+        let rank = match self.node_rank {
+            Some(r) => r,
+            None => launch_env::<usize>("RANK")?.ok_or_else(|| {
+                Error::Usage(format!(
+                    "--nodes {nodes}: give this process's --node-rank (or RANK) in 0..{nodes}"
+                ))
+            })?,
+        };
+        let coordinator = match &self.coordinator {
+            Some(c) => c.clone(),
+            None => match (std::env::var("MASTER_ADDR"), std::env::var("MASTER_PORT")) {
+                (Ok(a), Ok(p)) => format!("{a}:{p}"),
+                _ => {
+                    return Err(Error::Usage(format!(
+                        "--nodes {nodes}: give --coordinator HOST:PORT (or MASTER_ADDR and MASTER_PORT), where rank 0 listens"
+                    )));
+                }
+            },
+        };
+        let bad = || {
+            Error::Usage(format!(
+                "--coordinator {coordinator}: expected HOST:PORT (e.g. 10.0.0.1:29500, [::1]:29500)"
+            ))
+        };
+        let (host, port) = coordinator.rsplit_once(':').ok_or_else(bad)?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if host.is_empty() || port == 0 {
+            return Err(bad());
+        }
+        Ok(Some(crate::distributed::Launch {
+            nodes,
+            rank,
+            coordinator_host: host.to_string(),
+            coordinator_port: port,
+            node_address: self.node_address.clone(),
+            timeout: std::time::Duration::from_secs_f64(self.peer_timeout),
+        }))
+    }
+
+    /// Joins the process group of a multi-process run (every process runs `job`, the same
+    /// command) and says where this process works ([`RunFolder`]); a lone process works in
+    /// `out`.
+    pub fn join(&self, job: &str, out: &std::path::Path, resume: bool) -> Result<RunFolder> {
+        let Some(launch) = self.launch()? else {
+            return Ok(RunFolder {
+                path: out.to_path_buf(),
+                scratch: false,
+            });
+        };
+        let group = crate::distributed::ProcessGroup::join(&launch, job)?;
+        // Named by rank and port, not process id: the next launch of this rank replaces what a
+        // killed one left behind.
+        let rank = group.rank();
+        crate::distributed::init(group);
+        if rank == 0 {
+            return Ok(RunFolder {
+                path: out.to_path_buf(),
+                scratch: false,
+            });
+        }
+        let path = std::env::temp_dir().join(format!(
+            "fewstep-rank{rank}-port{}",
+            launch.coordinator_port
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        let folder = RunFolder {
+            path,
+            scratch: true,
+        };
+        if resume {
+            copy_dir(out, &folder.path).map_err(|e| {
+                crate::error::Error::file(
+                    out,
+                    format!(
+                        "--resume on rank {rank}: cannot read the run folder ({e}); every machine needs rank 0's --out (a shared filesystem or a copy)"
+                    ),
+                )
+            })?;
+        }
+        Ok(folder)
+    }
+
     /// The devices to train on; the first is where models, optimiser and data live.
     pub fn devices(&self, device: &DeviceArgs) -> Result<Vec<burn::prelude::Device>> {
         let devices = crate::backend::data_parallel_devices(&self.devices, device.choice()?)?;
@@ -246,6 +427,11 @@ const RESUME_FLAGS: &[&str] = &[
     "--device",
     "--verbose",
     "--devices",
+    "--nodes",
+    "--node-rank",
+    "--coordinator",
+    "--node-address",
+    "--peer-timeout",
     "--quiet",
     "--no-eval",
     "--eval-samples",

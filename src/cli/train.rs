@@ -267,16 +267,21 @@ pub fn run(args: TrainArgs) -> Result<()> {
             text,
         })
     };
+    let folder = args.data_parallel.join("train", &args.out, args.resume)?;
     train::install_interrupt_handler();
     let outcome = train::train_diffusion(
-        &args.out,
+        folder.path(),
         run,
         args.resume,
         args.steps,
         args.cooldown,
         &devices,
-        args.quiet,
+        args.quiet || !folder.is_main(),
     )?;
+    if !folder.is_main() {
+        return Ok(());
+    }
+    folder.report_overhead(args.quiet);
     let what = if outcome.interrupted {
         "interrupted"
     } else {

@@ -10,6 +10,10 @@
 //! gradient of the whole batch's mean loss: N devices with a global batch B train the same model
 //! as one device with batch B, up to the order of float additions.
 //!
+//! Across processes and machines (`--nodes`), the same split continues one level up: each
+//! process takes a contiguous share of the batch rows, splits it over its own devices, and the
+//! processes' gradient sums are all-reduced ([`crate::distributed`]).
+//!
 //! burn's DDP strategy (`DistributedDataParallel`, collective all-reduce) is not used: in burn
 //! 0.22.1 only the CUDA and remote backends implement collective operations; on the CPU backends
 //! `all_reduce` is a trait default that panics.
@@ -84,6 +88,11 @@ pub fn replicate<M: Module>(module: &M, devices: &[Device]) -> Vec<M> {
 /// `model`'s device. `shard_loss(model, shard)` computes the mean loss of the batch rows
 /// `shard.rows` with `model` (already forked onto `shard.device`); it runs on one thread per
 /// device. With one device this is a plain backward pass on the calling thread.
+///
+/// In a multi-process run ([`crate::distributed`]) every process holds the whole batch (the
+/// same draws everywhere), computes the gradients of its own contiguous share of the rows, and
+/// the shares are summed across processes: each process gets the whole batch's loss and
+/// gradients, and applies the same optimiser step to an identical replica.
 pub fn loss_and_grads<M, F>(
     model: &M,
     devices: &[Device],
@@ -99,18 +108,49 @@ where
         .first()
         .cloned()
         .ok_or_else(|| Error::Config("data parallel: the model has no parameters".into()))?;
+    let (rank, world) = crate::distributed::rank_and_world();
+    let rows = shards(batch, world).swap_remove(rank);
+    let (loss, grads) = process_loss_and_grads(model, &main, devices, batch, rows, &shard_loss)?;
+    if world == 1 {
+        return Ok((loss, grads));
+    }
+    all_reduce_grads(model, &main, loss, grads)
+}
+
+/// This process's part of [`loss_and_grads`]: the rows `rows` of a batch of `batch`, over
+/// `devices`, each shard's loss weighted by its share of the whole batch.
+fn process_loss_and_grads<M, F>(
+    model: &M,
+    main: &Device,
+    devices: &[Device],
+    batch: usize,
+    rows: Range<usize>,
+    shard_loss: &F,
+) -> Result<(f32, GradientsParams)>
+where
+    M: Module,
+    F: Fn(&M, &Shard<'_>) -> Tensor<1> + Sync,
+{
+    if rows.is_empty() {
+        // More processes than rows: this one contributes nothing to the sum.
+        return Ok((0.0, GradientsParams::new()));
+    }
     if devices.len() <= 1 {
+        let whole = rows.len() == batch;
+        let weight = rows.len() as f32 / batch as f32;
         let shard = Shard {
             index: 0,
-            rows: 0..batch,
-            device: &main,
+            rows,
+            device: main,
         };
-        return Ok(backward(shard_loss(model, &shard), model));
+        let loss = shard_loss(model, &shard);
+        let loss = if whole { loss } else { loss * weight };
+        return Ok(backward(loss, model));
     }
-    let shard_loss = &shard_loss;
     let results: Vec<std::thread::Result<(f32, GradientsParams)>> = std::thread::scope(|scope| {
-        let workers: Vec<_> = shards(batch, devices.len())
+        let workers: Vec<_> = shards(rows.len(), devices.len())
             .into_iter()
+            .map(|r| rows.start + r.start..rows.start + r.end)
             .zip(devices)
             .enumerate()
             .filter(|(_, (rows, _))| !rows.is_empty())
@@ -143,9 +183,138 @@ where
             Error::Backend(format!("--devices: a data-parallel worker failed: {why}"))
         })?;
         total += value;
-        accumulator.accumulate(model, grads.to_device(&main, model));
+        accumulator.accumulate(model, grads.to_device(main, model));
     }
     Ok((total, accumulator.grads()))
+}
+
+/// Sums `loss` and `grads` over the processes of the run: the gradients go to host memory in the
+/// model's parameter order (one presence flag each, so a parameter without a gradient on some
+/// process still lines up), through one all-reduce, and back. Before the first exchange the
+/// replicas are checked to be identical.
+fn all_reduce_grads<M: Module>(
+    model: &M,
+    main: &Device,
+    loss: f32,
+    mut grads: GradientsParams,
+) -> Result<(f32, GradientsParams)> {
+    let needs_check = crate::distributed::with_group(|g| !g.replicas_checked()).unwrap_or(false);
+    let mut flat = Flatten {
+        grads: &mut grads,
+        present: Vec::new(),
+        values: Vec::new(),
+        shapes: Vec::new(),
+        device: None,
+        fingerprint: needs_check.then_some([0.0f64; 3]),
+    };
+    model.visit(&mut flat);
+    let Flatten {
+        present,
+        values,
+        shapes,
+        device,
+        fingerprint,
+        ..
+    } = flat;
+    let mut buffer = Vec::with_capacity(1 + present.len() + values.len());
+    buffer.push(loss);
+    buffer.extend(&present);
+    buffer.extend(&values);
+    crate::distributed::with_group(|g| {
+        if let Some(f) = fingerprint {
+            g.check_replicas(&f.map(|x| x as f32))?;
+        }
+        g.all_reduce_sum(&mut buffer)
+    })
+    .unwrap_or(Ok(()))?;
+    let device = device.unwrap_or_else(|| main.clone().without_autodiff());
+    let mut rebuild = Rebuild {
+        grads: GradientsParams::new(),
+        present: &buffer[1..1 + present.len()],
+        values: &buffer[1 + present.len()..],
+        shapes: &shapes,
+        index: 0,
+        offset: 0,
+        device: &device,
+    };
+    model.visit(&mut rebuild);
+    Ok((buffer[0], rebuild.grads))
+}
+
+/// Moves the gradients of a module's trainable parameters into one host buffer (zeros and a 0
+/// flag where a parameter has none), and optionally sums the parameters themselves (count, sum,
+/// sum of squares) as a fingerprint of the replica.
+struct Flatten<'a> {
+    grads: &'a mut GradientsParams,
+    present: Vec<f32>,
+    values: Vec<f32>,
+    shapes: Vec<Vec<usize>>,
+    device: Option<Device>,
+    fingerprint: Option<[f64; 3]>,
+}
+
+impl burn::module::ModuleVisitor for Flatten<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+        if !param.is_require_grad() {
+            return;
+        }
+        let shape = param.lazy_shape().dims::<D>().to_vec();
+        let len: usize = shape.iter().product();
+        match self.grads.remove::<D>(param.id) {
+            Some(g) => {
+                self.device.get_or_insert_with(|| g.device());
+                self.present.push(1.0);
+                let data = g.into_data().convert::<f32>();
+                self.values
+                    .extend(data.as_slice::<f32>().expect("converted to f32"));
+            }
+            None => {
+                self.present.push(0.0);
+                self.values.extend(std::iter::repeat_n(0.0, len));
+            }
+        }
+        if let Some(f) = &mut self.fingerprint {
+            let data = param.val().into_data().convert::<f32>();
+            for &x in data.as_slice::<f32>().expect("converted to f32") {
+                f[0] += 1.0;
+                f[1] += x as f64;
+                f[2] += (x as f64) * (x as f64);
+            }
+        }
+        self.shapes.push(shape);
+    }
+}
+
+/// The inverse of [`Flatten`]: registers the summed gradients of the parameters some process
+/// had a gradient for.
+struct Rebuild<'a> {
+    grads: GradientsParams,
+    present: &'a [f32],
+    values: &'a [f32],
+    shapes: &'a [Vec<usize>],
+    index: usize,
+    offset: usize,
+    device: &'a Device,
+}
+
+impl burn::module::ModuleVisitor for Rebuild<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+        if !param.is_require_grad() {
+            return;
+        }
+        let shape = &self.shapes[self.index];
+        let len: usize = shape.iter().product();
+        if self.present[self.index] > 0.0 {
+            let data = burn::tensor::TensorData::new(
+                self.values[self.offset..self.offset + len].to_vec(),
+                shape.clone(),
+            );
+            self.grads
+                .register::<D>(param.id, Tensor::from_data(data, self.device));
+        }
+        self.index += 1;
+        self.offset += len;
+    }
 }
 
 /// The loss's value and its gradients with respect to `model`'s parameters.

@@ -1,0 +1,268 @@
+//! Multi-process data parallelism (`--nodes`) on the loopback address: processes that together
+//! train and distill the weights one process trains, a resume with another process count, and
+//! peers that die or never come.
+
+mod common;
+use common::{assert_clean_failure, fewstep, ok, scratch, tiny_model};
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A block of ports for one test (rank r of a group listens at port + r), apart from other
+/// test processes' blocks.
+fn ports(test: u16) -> u16 {
+    20_000 + (std::process::id() % 1000) as u16 * 20 + test * 4
+}
+
+/// Starts rank `rank` of `nodes` processes running `fewstep args`.
+fn spawn(args: &[&str], nodes: usize, rank: usize, port: u16) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_fewstep"))
+        .args(args)
+        .args([
+            "--nodes",
+            &nodes.to_string(),
+            "--node-rank",
+            &rank.to_string(),
+            "--coordinator",
+            &format!("127.0.0.1:{port}"),
+            "--peer-timeout",
+            "60",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Runs `nodes` processes; `args(rank)` is each one's command line. Every one must succeed.
+fn run_group(nodes: usize, port: u16, args: impl Fn(usize) -> Vec<String>) {
+    let children: Vec<Child> = (0..nodes)
+        .map(|rank| {
+            let a = args(rank);
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            spawn(&a, nodes, rank, port)
+        })
+        .collect();
+    for (rank, child) in children.into_iter().enumerate() {
+        let o = child.wait_with_output().unwrap();
+        assert!(
+            o.status.success(),
+            "rank {rank}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+/// The largest difference between same-named tensors of two safetensors files, relative to the
+/// largest magnitude of the tensor in `b`.
+fn max_relative_difference(a: &Path, b: &Path) -> f32 {
+    let (a, b) = (
+        fewstep::io::read_safetensors(a).unwrap(),
+        fewstep::io::read_safetensors(b).unwrap(),
+    );
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .map(|(k, t)| {
+            let scale = b[k].data.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+            let diff = t
+                .data
+                .iter()
+                .zip(&b[k].data)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            diff / scale
+        })
+        .fold(0f32, f32::max)
+}
+
+const RAW: &str = "checkpoints/latest/state/model.safetensors";
+
+fn train_args(out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "train",
+        "--model-config",
+        "tiny",
+        "--batch",
+        "4",
+        "--warmup",
+        "0",
+        "--lr",
+        "1e-3",
+        "--class-conditional",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn two_processes_train_the_one_process_weights_and_resume_on_three() {
+    let one = scratch("dist", "train-one");
+    let group = scratch("dist", "train-group");
+    let other = scratch("dist", "train-rank1");
+    ok(&fewstep(&strs(&train_args(&one, &["--steps", "3", "--checkpoint-every", "3"]))));
+    let port = ports(0);
+    run_group(2, port, |rank| {
+        let out = if rank == 0 { &group } else { &other };
+        train_args(out, &["--steps", "3", "--checkpoint-every", "3"])
+    });
+    let diff = max_relative_difference(&group.join(RAW), &one.join(RAW));
+    assert!(diff <= 1e-5, "2 processes vs 1: {diff}");
+    assert!(!other.exists(), "only rank 0 writes");
+    let rows = std::fs::read_to_string(group.join("loss.csv")).unwrap();
+    assert_eq!(rows.lines().count(), 4, "header + 3 steps: {rows}");
+
+    // Resumed on three processes (batch 4: rows 2 + 1 + 1) from the folder every process
+    // reads, to the weights of the one-process run resumed.
+    let resume = |out: &Path| {
+        vec![
+            "train".to_string(),
+            "--out".into(),
+            out.to_str().unwrap().into(),
+            "--resume".into(),
+            "--steps".into(),
+            "6".into(),
+            "--quiet".into(),
+        ]
+    };
+    ok(&fewstep(&strs(&resume(&one))));
+    run_group(3, ports(1), |_| resume(&group));
+    let diff = max_relative_difference(&group.join(RAW), &one.join(RAW));
+    assert!(diff <= 1e-5, "resumed on 3 processes vs 1: {diff}");
+}
+
+#[test]
+fn two_processes_distill_progressive_rounds_of_one() {
+    let teacher = tiny_model("dist", "teacher");
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "distill",
+            "progressive",
+            "--teacher",
+            teacher.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--from-steps",
+            "4",
+            "--to-steps",
+            "1",
+            "--iters-per-round",
+            "3",
+            "--batch",
+            "2",
+            "--no-eval",
+            "--quiet",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let (one, group, other) = (
+        scratch("dist", "pd-one"),
+        scratch("dist", "pd-group"),
+        scratch("dist", "pd-rank1"),
+    );
+    ok(&fewstep(&strs(&args(&one))));
+    run_group(2, ports(2), |rank| args(if rank == 0 { &group } else { &other }));
+    for steps in [2usize, 1] {
+        let w = format!("round-{steps}steps/unet/diffusion_pytorch_model.safetensors");
+        let diff = max_relative_difference(&group.join(&w), &one.join(&w));
+        assert!(diff <= 1e-5, "{steps} steps: {diff}");
+    }
+    assert!(!other.exists(), "only rank 0 writes");
+}
+
+/// Waits for `child` at most `limit`; `None` if it is still running then (it is killed).
+fn wait_at_most(mut child: Child, limit: Duration) -> Option<(Output, Duration)> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if child.try_wait().unwrap().is_some() {
+            return Some((child.wait_with_output().unwrap(), started.elapsed()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    None
+}
+
+#[test]
+fn a_killed_peer_ends_the_other_process_with_one_line() {
+    let (a, b) = (scratch("dist", "kill-0"), scratch("dist", "kill-1"));
+    let port = ports(3);
+    let args = |out: &Path| train_args(out, &["--steps", "100000", "--checkpoint-every", "2"]);
+    let rank0 = spawn(&strs(&args(&a)), 2, 0, port);
+    let mut rank1 = spawn(&strs(&args(&b)), 2, 1, port);
+    let started = Instant::now();
+    while std::fs::read_to_string(a.join("loss.csv"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+        < 4
+    {
+        assert!(started.elapsed() < Duration::from_secs(120), "never trained");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    rank1.kill().unwrap(); // SIGKILL
+    let _ = rank1.wait();
+    let (o, waited) = wait_at_most(rank0, Duration::from_secs(60))
+        .expect("rank 0 still running 60 s after its peer was killed");
+    assert!(waited < Duration::from_secs(60));
+    assert_clean_failure(o, "rank 1");
+    // What rank 0 wrote is a resumable run.
+    assert!(a.join("checkpoints/latest").exists());
+}
+
+#[test]
+fn a_peer_that_never_joins_or_a_bad_launch_is_one_line() {
+    let out = scratch("dist", "alone");
+    let o = out.to_str().unwrap();
+    let port = ports(4).to_string();
+    let coordinator = format!("127.0.0.1:{port}");
+    let started = Instant::now();
+    assert_clean_failure(
+        fewstep(&[
+            "train", "--out", o, "--quiet", "--nodes", "2", "--node-rank", "0", "--coordinator",
+            &coordinator, "--peer-timeout", "1",
+        ]),
+        "did not join",
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_clean_failure(
+        fewstep(&["train", "--out", o, "--nodes", "2", "--coordinator", &coordinator]),
+        "--node-rank",
+    );
+    assert_clean_failure(
+        fewstep(&["train", "--out", o, "--nodes", "2", "--node-rank", "0"]),
+        "--coordinator",
+    );
+    assert_clean_failure(
+        fewstep(&[
+            "train", "--out", o, "--nodes", "2", "--node-rank", "0", "--coordinator", "nohost",
+        ]),
+        "HOST:PORT",
+    );
+    assert_clean_failure(
+        fewstep(&[
+            "train", "--out", o, "--nodes", "2", "--node-rank", "2", "--coordinator",
+            &coordinator,
+        ]),
+        "--node-rank 2",
+    );
+    // Rank 1 with no rank 0 to join.
+    assert_clean_failure(
+        fewstep(&[
+            "train", "--out", o, "--nodes", "2", "--node-rank", "1", "--coordinator",
+            &coordinator, "--peer-timeout", "1",
+        ]),
+        "could not be reached",
+    );
+    assert!(!out.exists(), "nothing written on bad input");
+}
