@@ -188,6 +188,8 @@ pub struct ProcessGroup {
     reduces: usize,
     reduced_floats: usize,
     reduce_time: Duration,
+    /// The most floats one message carries.
+    piece_floats: usize,
     /// Stops this process's server when the group is dropped.
     _shutdown: tokio::sync::oneshot::Sender<()>,
     runtime: tokio::runtime::Runtime,
@@ -260,6 +262,7 @@ impl ProcessGroup {
             reduces: 0,
             reduced_floats: 0,
             reduce_time: Duration::ZERO,
+            piece_floats: 1 << 24,
             _shutdown: shutdown,
             runtime,
         })
@@ -287,7 +290,7 @@ impl ProcessGroup {
         for s in 0..n - 1 {
             let send = chunks[(r + n - s) % n].clone();
             let recv = chunks[(r + 2 * n - s - 1) % n].clone();
-            let got = self.exchange(&data[send], recv.len())?;
+            let got = self.transfer(data, send, recv.len())?;
             for (d, x) in data[recv].iter_mut().zip(got) {
                 *d += x;
             }
@@ -296,7 +299,7 @@ impl ProcessGroup {
         for s in 0..n - 1 {
             let send = chunks[(r + 1 + n - s) % n].clone();
             let recv = chunks[(r + n - s) % n].clone();
-            let got = self.exchange(&data[send], recv.len())?;
+            let got = self.transfer(data, send, recv.len())?;
             data[recv].copy_from_slice(&got);
         }
         self.reduces += 1;
@@ -352,8 +355,30 @@ impl ProcessGroup {
         Ok(())
     }
 
-    /// Sends `out` to the next rank while receiving `len` floats from the previous one.
-    fn exchange(&mut self, out: &[f32], len: usize) -> Result<Vec<f32>> {
+    /// Sends `data[send]` to the next rank while receiving `recv_len` floats from the previous
+    /// one, in messages of at most `piece_floats` (a websocket message is limited to 1 GiB).
+    /// Each side cuts a chunk the same way, so pieces pair up.
+    fn transfer(&mut self, data: &[f32], send: Range<usize>, recv_len: usize) -> Result<Vec<f32>> {
+        let size = self.piece_floats.max(1);
+        let pieces = |len: usize| len.div_ceil(size).max(1);
+        let (ps, pr) = (pieces(send.len()), pieces(recv_len));
+        let mut got = Vec::with_capacity(recv_len);
+        for p in 0..ps.max(pr) {
+            let out = (p < ps).then(|| {
+                let start = send.start + p * size;
+                &data[start..(start + size).min(send.end)]
+            });
+            let want = (p < pr).then(|| size.min(recv_len - p * size));
+            if let Some(v) = self.exchange(out, want)? {
+                got.extend(v);
+            }
+        }
+        Ok(got)
+    }
+
+    /// Sends `out` (if any) to the next rank while receiving `len` floats (if any) from the
+    /// previous one.
+    fn exchange(&mut self, out: Option<&[f32]>, len: Option<usize>) -> Result<Option<Vec<f32>>> {
         let (rank, world, timeout) = (self.rank, self.world, self.timeout);
         let prev = (rank + world - 1) % world;
         let next = (rank + 1) % world;
@@ -361,11 +386,25 @@ impl ProcessGroup {
             .ring
             .as_mut()
             .expect("a group of more than one process has its ring");
-        let bytes: Vec<u8> = out.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let bytes: Option<Vec<u8>> =
+            out.map(|o| o.iter().flat_map(|x| x.to_le_bytes()).collect());
         let (sent, received) = self.runtime.block_on(async {
             tokio::join!(
-                tokio::time::timeout(timeout, to_next.send(Message::new(bytes.into()))),
-                tokio::time::timeout(timeout, from_prev.recv())
+                async {
+                    match bytes {
+                        Some(b) => Some(
+                            tokio::time::timeout(timeout, to_next.send(Message::new(b.into())))
+                                .await,
+                        ),
+                        None => None,
+                    }
+                },
+                async {
+                    match len {
+                        Some(_) => Some(tokio::time::timeout(timeout, from_prev.recv()).await),
+                        None => None,
+                    }
+                }
             )
         });
         let peer = |r: usize| format!("rank {r} ({})", self.addresses[r]);
@@ -385,10 +424,13 @@ impl ProcessGroup {
             ))
         };
         match sent {
-            Err(_) => return Err(silent(next)),
-            Ok(Err(_)) => return Err(gone(next, "refused data")),
-            Ok(Ok(())) => {}
+            Some(Err(_)) => return Err(silent(next)),
+            Some(Ok(Err(_))) => return Err(gone(next, "refused data")),
+            Some(Ok(Ok(()))) | None => {}
         }
+        let (Some(len), Some(received)) = (len, received) else {
+            return Ok(None);
+        };
         let message = match received {
             Err(_) => return Err(silent(prev)),
             Ok(Err(_)) => return Err(gone(prev, "dropped its connection")),
@@ -404,11 +446,13 @@ impl ProcessGroup {
                 4 * len
             )));
         }
-        Ok(message
-            .data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect())
+        Ok(Some(
+            message
+                .data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        ))
     }
 }
 
@@ -657,6 +701,8 @@ mod tests {
             .map(|rank| {
                 std::thread::spawn(move || {
                     let mut g = ProcessGroup::join(&launch(3, rank, port), "test").unwrap();
+                    // Chunks of 334 floats go as pieces of 64, the last one shorter.
+                    g.piece_floats = 64;
                     let mut sums = Vec::new();
                     for step in 0..3 {
                         // Lengths that leave the ring's chunks uneven, and one shorter than it.
