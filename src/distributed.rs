@@ -56,12 +56,15 @@ pub struct Launch {
 impl Launch {
     /// The host and port this process listens at (rank 0: the coordinator's port).
     fn own_endpoint(&self) -> Result<(String, u16)> {
-        let default_port = self.coordinator_port.checked_add(self.rank as u16).ok_or_else(|| {
-            Error::Usage(format!(
-                "--coordinator: port {} + rank {} is past 65535; give --node-address HOST:PORT",
-                self.coordinator_port, self.rank
-            ))
-        })?;
+        let default_port = self
+            .coordinator_port
+            .checked_add(self.rank as u16)
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "--coordinator: port {} + rank {} is past 65535; give --node-address HOST:PORT",
+                    self.coordinator_port, self.rank
+                ))
+            })?;
         let (host, port) = match &self.node_address {
             Some(a) => match a.rsplit_once(':') {
                 Some((h, p)) if !h.is_empty() && !h.ends_with(':') => {
@@ -166,7 +169,11 @@ struct Hello {
 }
 
 fn encode<T: Serialize>(value: &T) -> Message {
-    Message::new(serde_json::to_vec(value).expect("plain data serializes").into())
+    Message::new(
+        serde_json::to_vec(value)
+            .expect("plain data serializes")
+            .into(),
+    )
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(message: &Message) -> Option<T> {
@@ -386,8 +393,7 @@ impl ProcessGroup {
             .ring
             .as_mut()
             .expect("a group of more than one process has its ring");
-        let bytes: Option<Vec<u8>> =
-            out.map(|o| o.iter().flat_map(|x| x.to_le_bytes()).collect());
+        let bytes: Option<Vec<u8>> = out.map(|o| o.iter().flat_map(|x| x.to_le_bytes()).collect());
         let (sent, received) = self.runtime.block_on(async {
             tokio::join!(
                 async {
@@ -764,7 +770,11 @@ mod tests {
         let a = a.join().unwrap();
         let a = a.expect("rank 0 refuses").to_string();
         assert!(a.contains("--nodes 3"), "{a}");
-        assert!(b.expect("rank 1 is refused").to_string().contains("--nodes"));
+        assert!(
+            b.expect("rank 1 is refused")
+                .to_string()
+                .contains("--nodes")
+        );
     }
 
     #[test]
@@ -772,6 +782,9 @@ mod tests {
         let mut l = launch(2, 0, 41_821);
         l.timeout = Duration::from_millis(600);
         let err = ProcessGroup::join(&l, "train").err().unwrap().to_string();
-        assert!(err.contains("rank(s) 1") && err.contains("--peer-timeout"), "{err}");
+        assert!(
+            err.contains("rank(s) 1") && err.contains("--peer-timeout"),
+            "{err}"
+        );
     }
 }

@@ -79,7 +79,8 @@ fn max_relative_difference(a: &Path, b: &Path) -> f32 {
 const RAW: &str = "checkpoints/latest/state/model.safetensors";
 
 fn train_args(out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = [
+    let o = out.to_str().unwrap();
+    let base = [
         "train",
         "--model-config",
         "tiny",
@@ -88,52 +89,68 @@ fn train_args(out: &Path, extra: &[&str]) -> Vec<String> {
         "--warmup",
         "0",
         "--lr",
-        "1e-3",
-        "--class-conditional",
-        "--quiet",
-        "--out",
-        out.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
+    ];
+    let more = ["1e-3", "--class-conditional", "--quiet", "--out", o];
+    owned(&[&base[..], &more[..]].concat(), extra)
 }
 
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
+/// `fewstep args` plus `extra` (owned strings, for [`run_group`]).
+fn owned(args: &[&str], extra: &[&str]) -> Vec<String> {
+    args.iter().chain(extra).map(|s| s.to_string()).collect()
+}
+
+/// Runs `args(out)` as one process and as two on loopback (rank 1 given a folder it must not
+/// write), then checks that each weights file of `weights` agrees within 1e-5 at the model's
+/// scale. Returns the one-process and the two-process run folders.
+fn two_match_one(
+    name: &str,
+    port: u16,
+    args: impl Fn(&Path) -> Vec<String>,
+    weights: &[String],
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (one, group, other) = (
+        scratch("dist", &format!("{name}-one")),
+        scratch("dist", &format!("{name}-group")),
+        scratch("dist", &format!("{name}-rank1")),
+    );
+    ok(&fewstep(&strs(&args(&one))));
+    run_group(2, port, |rank| {
+        args(if rank == 0 { &group } else { &other })
+    });
+    for w in weights {
+        let diff = max_relative_difference(&group.join(w), &one.join(w));
+        assert!(
+            diff <= 1e-5,
+            "{name}, {w}: 2 processes vs 1 differ by {diff}"
+        );
+    }
+    assert!(!other.exists(), "{name}: only rank 0 writes");
+    (one, group)
+}
+
 #[test]
 fn two_processes_train_the_one_process_weights_and_resume_on_three() {
-    let one = scratch("dist", "train-one");
-    let group = scratch("dist", "train-group");
-    let other = scratch("dist", "train-rank1");
-    ok(&fewstep(&strs(&train_args(&one, &["--steps", "3", "--checkpoint-every", "3"]))));
-    let port = ports(0);
-    run_group(2, port, |rank| {
-        let out = if rank == 0 { &group } else { &other };
-        train_args(out, &["--steps", "3", "--checkpoint-every", "3"])
-    });
-    let diff = max_relative_difference(&group.join(RAW), &one.join(RAW));
-    assert!(diff <= 1e-5, "2 processes vs 1: {diff}");
-    assert!(!other.exists(), "only rank 0 writes");
+    let (one, group) = two_match_one(
+        "train",
+        ports(0),
+        |out| train_args(out, &["--steps", "3", "--checkpoint-every", "3"]),
+        &[RAW.to_string()],
+    );
     let rows = std::fs::read_to_string(group.join("loss.csv")).unwrap();
     assert_eq!(rows.lines().count(), 4, "header + 3 steps: {rows}");
 
     // Resumed on three processes (batch 4: rows 2 + 1 + 1) from the folder every process
     // reads, to the weights of the one-process run resumed.
     let resume = |out: &Path| {
-        vec![
-            "train".to_string(),
-            "--out".into(),
-            out.to_str().unwrap().into(),
-            "--resume".into(),
-            "--steps".into(),
-            "6".into(),
-            "--quiet".into(),
-        ]
+        let o = out.to_str().unwrap();
+        owned(
+            &["train", "--out", o, "--resume", "--steps", "6", "--quiet"],
+            &[],
+        )
     };
     ok(&fewstep(&strs(&resume(&one))));
     run_group(3, ports(1), |_| resume(&group));
@@ -144,84 +161,42 @@ fn two_processes_train_the_one_process_weights_and_resume_on_three() {
 #[test]
 fn two_processes_distill_progressive_rounds_of_one() {
     let teacher = tiny_model("dist", "teacher");
-    let args = |out: &Path| -> Vec<String> {
-        [
-            "distill",
-            "progressive",
-            "--teacher",
-            teacher.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--from-steps",
-            "4",
-            "--to-steps",
-            "1",
-            "--iters-per-round",
-            "3",
-            "--batch",
-            "2",
-            "--no-eval",
-            "--quiet",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    let args = |out: &Path| {
+        let flags = "--from-steps 4 --to-steps 1 --iters-per-round 3 --batch 2 --no-eval --quiet";
+        command("distill progressive", &teacher, out, flags)
     };
-    let (one, group, other) = (
-        scratch("dist", "pd-one"),
-        scratch("dist", "pd-group"),
-        scratch("dist", "pd-rank1"),
-    );
-    ok(&fewstep(&strs(&args(&one))));
-    run_group(2, ports(2), |rank| args(if rank == 0 { &group } else { &other }));
-    for steps in [2usize, 1] {
-        let w = format!("round-{steps}steps/unet/diffusion_pytorch_model.safetensors");
-        let diff = max_relative_difference(&group.join(&w), &one.join(&w));
-        assert!(diff <= 1e-5, "{steps} steps: {diff}");
-    }
-    assert!(!other.exists(), "only rank 0 writes");
+    let weights: Vec<String> = [2, 1]
+        .iter()
+        .map(|s| format!("round-{s}steps/unet/diffusion_pytorch_model.safetensors"))
+        .collect();
+    two_match_one("pd", ports(2), args, &weights);
 }
 
 #[test]
 fn two_processes_distill_consistency_to_the_one_process_student() {
     // Guided class-conditional: labels and per-example guidance scales split with the rows.
     let teacher = tiny_model_with("dist", "teacher-cd", &["--class-conditional"]);
-    let args = |out: &Path| -> Vec<String> {
-        [
-            "distill",
-            "consistency",
-            "--teacher",
-            teacher.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--iters",
-            "3",
-            "--batch",
-            "2",
-            "--scales",
-            "10",
-            "--warmup",
-            "2",
-            "--guidance",
-            "1,4",
-            "--no-eval",
-            "--quiet",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    let args = |out: &Path| {
+        let flags = "--iters 3 --batch 2 --scales 10 --warmup 2 --guidance 1,4 --no-eval --quiet";
+        command("distill consistency", &teacher, out, flags)
     };
-    let (one, group, other) = (
-        scratch("dist", "cd-one"),
-        scratch("dist", "cd-group"),
-        scratch("dist", "cd-rank1"),
-    );
-    ok(&fewstep(&strs(&args(&one))));
-    run_group(2, ports(4), |rank| args(if rank == 0 { &group } else { &other }));
-    let w = "student/unet/diffusion_pytorch_model.safetensors";
-    let diff = max_relative_difference(&group.join(w), &one.join(w));
-    assert!(diff <= 1e-5, "{diff}");
-    assert!(!other.exists(), "only rank 0 writes");
+    let w = "student/unet/diffusion_pytorch_model.safetensors".to_string();
+    two_match_one("cd", ports(4), args, &[w]);
+}
+
+/// `fewstep <command> --teacher <teacher> --out <out> <flags>` (flags split at spaces).
+fn command(command: &str, teacher: &Path, out: &Path, flags: &str) -> Vec<String> {
+    let paths = [
+        "--teacher",
+        teacher.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let words = command
+        .split_whitespace()
+        .chain(paths)
+        .chain(flags.split_whitespace());
+    words.map(str::to_string).collect()
 }
 
 /// Waits for `child` at most `limit`; `None` if it is still running then (it is killed).
@@ -250,7 +225,10 @@ fn a_killed_peer_ends_the_other_process_with_one_line() {
         .unwrap_or(0)
         < 4
     {
-        assert!(started.elapsed() < Duration::from_secs(120), "never trained");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "never trained"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     rank1.kill().unwrap(); // SIGKILL
@@ -266,45 +244,33 @@ fn a_killed_peer_ends_the_other_process_with_one_line() {
 #[test]
 fn a_peer_that_never_joins_or_a_bad_launch_is_one_line() {
     let out = scratch("dist", "alone");
-    let o = out.to_str().unwrap();
-    let port = ports(5).to_string();
-    let coordinator = format!("127.0.0.1:{port}");
+    let c = format!("127.0.0.1:{}", ports(5));
+    // `fewstep train --out <out> <flags>`, {c} standing for the coordinator address.
+    let train = |flags: &str| {
+        let flags = flags.replace("{c}", &c);
+        let mut a = vec!["train", "--out", out.to_str().unwrap()];
+        a.extend(flags.split_whitespace());
+        fewstep(&a)
+    };
     let started = Instant::now();
     assert_clean_failure(
-        fewstep(&[
-            "train", "--out", o, "--quiet", "--nodes", "2", "--node-rank", "0", "--coordinator",
-            &coordinator, "--peer-timeout", "1",
-        ]),
+        train("--quiet --nodes 2 --node-rank 0 --coordinator {c} --peer-timeout 1"),
         "did not join",
     );
     assert!(started.elapsed() < Duration::from_secs(30));
+    assert_clean_failure(train("--nodes 2 --coordinator {c}"), "--node-rank");
+    assert_clean_failure(train("--nodes 2 --node-rank 0"), "--coordinator");
     assert_clean_failure(
-        fewstep(&["train", "--out", o, "--nodes", "2", "--coordinator", &coordinator]),
-        "--node-rank",
-    );
-    assert_clean_failure(
-        fewstep(&["train", "--out", o, "--nodes", "2", "--node-rank", "0"]),
-        "--coordinator",
-    );
-    assert_clean_failure(
-        fewstep(&[
-            "train", "--out", o, "--nodes", "2", "--node-rank", "0", "--coordinator", "nohost",
-        ]),
+        train("--nodes 2 --node-rank 0 --coordinator nohost"),
         "HOST:PORT",
     );
     assert_clean_failure(
-        fewstep(&[
-            "train", "--out", o, "--nodes", "2", "--node-rank", "2", "--coordinator",
-            &coordinator,
-        ]),
+        train("--nodes 2 --node-rank 2 --coordinator {c}"),
         "--node-rank 2",
     );
     // Rank 1 with no rank 0 to join.
     assert_clean_failure(
-        fewstep(&[
-            "train", "--out", o, "--nodes", "2", "--node-rank", "1", "--coordinator",
-            &coordinator, "--peer-timeout", "1",
-        ]),
+        train("--nodes 2 --node-rank 1 --coordinator {c} --peer-timeout 1"),
         "could not be reached",
     );
     assert!(!out.exists(), "nothing written on bad input");

@@ -388,7 +388,10 @@ fn resume_names_the_flags_it_ignores_and_keeps_the_stored_settings() {
     );
     assert_eq!(now["train"]["lr"], before["train"]["lr"]);
     assert_eq!(now["train"]["steps"], 3, "--steps extends a resumed run");
-    assert_eq!(now["train"]["cooldown"], 1, "--cooldown applies to a resumed run");
+    assert_eq!(
+        now["train"]["cooldown"], 1,
+        "--cooldown applies to a resumed run"
+    );
     assert_eq!(
         now["train"]["optimizer"]["kind"], "adamw",
         "the optimizer is recorded"

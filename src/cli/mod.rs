@@ -181,8 +181,7 @@ impl RunFolder {
     pub fn report_overhead(&self, quiet: bool) {
         if self.is_main()
             && !quiet
-            && let Some(line) =
-                crate::distributed::with_group(|g| g.overhead_report()).flatten()
+            && let Some(line) = crate::distributed::with_group(|g| g.overhead_report()).flatten()
         {
             eprintln!("{line}");
         }
