@@ -95,7 +95,8 @@ impl Launch {
         if target.ip().is_loopback() {
             return Ok(target.ip().to_string());
         }
-        let local = UdpSocket::bind(("0.0.0.0", 0))
+        let any = if target.is_ipv6() { "::" } else { "0.0.0.0" };
+        let local = UdpSocket::bind((any, 0))
             .and_then(|s| {
                 s.connect(target)?;
                 s.local_addr()
@@ -225,8 +226,13 @@ impl ProcessGroup {
         } else {
             format!("--node-address {}", ws_address(&host, port))
         };
+        // Every interface, of the address family this process is reached at.
+        let any = match host.parse::<IpAddr>() {
+            Ok(IpAddr::V6(_)) => "::",
+            _ => "0.0.0.0",
+        };
         let listener = runtime
-            .block_on(tokio::net::TcpListener::bind(("0.0.0.0", port)))
+            .block_on(tokio::net::TcpListener::bind((any, port)))
             .map_err(|e| Error::Usage(format!("{flag}: cannot listen on port {port}: {e}")))?;
         let (join_tx, join_rx) = mpsc::unbounded_channel::<WsServerChannel>();
         let (ring_tx, ring_rx) = mpsc::unbounded_channel::<WsServerChannel>();
@@ -775,6 +781,29 @@ mod tests {
                 .to_string()
                 .contains("--nodes")
         );
+    }
+
+    #[test]
+    fn ipv6_loopback_works_too() {
+        if std::net::TcpListener::bind("[::1]:0").is_err() {
+            eprintln!("no IPv6 loopback on this machine: nothing to test");
+            return;
+        }
+        let l = |rank| Launch {
+            coordinator_host: "::1".into(),
+            ..launch(2, rank, 41_851)
+        };
+        let a = std::thread::spawn(move || {
+            let mut g = ProcessGroup::join(&l(0), "test").unwrap();
+            let mut v = vec![1.0f32, 2.0];
+            g.all_reduce_sum(&mut v).unwrap();
+            v
+        });
+        let mut g = ProcessGroup::join(&l(1), "test").unwrap();
+        let mut v = vec![10.0f32, 20.0];
+        g.all_reduce_sum(&mut v).unwrap();
+        assert_eq!(v, vec![11.0, 22.0]);
+        assert_eq!(a.join().unwrap(), vec![11.0, 22.0]);
     }
 
     #[test]
