@@ -43,6 +43,7 @@ fn main() -> fewstep::Result<()> {
             lr: 1e-4,
             warmup: 10,
             lr_decay: LrDecay::Constant, // LrDecay::Cosine: to 0 at the last iteration
+            timestep_sampling: Default::default(), // TimestepSampling::ICT: iCT's log-normal
             optimizer: fewstep::train::optim::OptimizerConfig::distillation(),
             ema_decay: None,
             seed: 0,

@@ -20,7 +20,7 @@ use crate::models::lora::{LoraFormat, LoraSpec};
 use crate::models::quant::{QuantFormat, QuantizeSpec};
 use crate::train::consistency::{
     self, CONSISTENCY_RUN, ConsistencyConfig, ConsistencyOutcome, ConsistencyRun, GuidanceRange,
-    LrDecay,
+    LrDecay, TimestepSampling,
 };
 use crate::train::progressive::{
     self, PROGRESSIVE_RUN, ProgressiveConfig, ProgressiveOutcome, ProgressiveRun,
@@ -258,6 +258,12 @@ pub enum SolverKind {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TimestepSamplingKind {
+    Uniform,
+    Lognormal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LrDecayKind {
     Constant,
     Cosine,
@@ -284,6 +290,10 @@ pub struct ConsistencyArgs {
     /// at the last iteration).
     #[arg(long, value_enum, default_value = "constant")]
     pub lr_decay: LrDecayKind,
+    /// How each row's grid point is drawn: uniform (CD, LCM) or iCT's log-normal over σ
+    /// (ln σ ~ N(−1.1, 2²)), which puts more rows in the middle of the noise range.
+    #[arg(long, value_enum, default_value = "uniform")]
+    pub timestep_sampling: TimestepSamplingKind,
     /// Scales N of the skipping grid, the teacher's DDIM solver taking T/N timesteps per step
     /// (LCM: 50); the written LCM scheduler's original_inference_steps.
     #[arg(long, value_parser = super::values::count, default_value_t = 50)]
@@ -547,6 +557,10 @@ impl ConsistencyArgs {
             lr_decay: match self.lr_decay {
                 LrDecayKind::Constant => LrDecay::Constant,
                 LrDecayKind::Cosine => LrDecay::Cosine,
+            },
+            timestep_sampling: match self.timestep_sampling {
+                TimestepSamplingKind::Uniform => TimestepSampling::Uniform,
+                TimestepSamplingKind::Lognormal => TimestepSampling::ICT,
             },
             optimizer: self.common.optimizer()?,
             ema_decay: self.ema.or(ema),

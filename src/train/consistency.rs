@@ -72,6 +72,9 @@ pub struct ConsistencyConfig {
     /// How the learning rate moves after the warm-up.
     #[serde(default)]
     pub lr_decay: LrDecay,
+    /// How each row's grid point is drawn.
+    #[serde(default)]
+    pub timestep_sampling: TimestepSampling,
     pub optimizer: super::optim::OptimizerConfig,
     /// EMA decay of the written student (`None`: the raw student, as LCM).
     pub ema_decay: Option<f32>,
@@ -189,6 +192,64 @@ pub enum LrDecay {
     Constant,
     /// Half a cosine from the peak to 0 over the iterations after the warm-up.
     Cosine,
+}
+
+/// How a row's grid point (the student's t_n) is drawn.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimestepSampling {
+    /// Every grid point equally often (CD, LCM).
+    #[default]
+    Uniform,
+    /// iCT's (Song & Dhariwal 2023): the step from σ_{n−1} to σ_n with the probability that a
+    /// log-normal σ (ln σ ~ N(mean, std²); iCT: −1.1, 2.0) falls between them, σ = √((1−ᾱ)/ᾱ):
+    /// more rows at low noise, where consistency errors show as lost detail, fewer at high.
+    LogNormal { mean: f64, std: f64 },
+}
+
+impl TimestepSampling {
+    /// iCT's setting.
+    pub const ICT: Self = Self::LogNormal {
+        mean: -1.1,
+        std: 2.0,
+    };
+
+    /// The probability of each grid point (the grid lowest timestep first).
+    pub fn weights(&self, grid: &[ConsistencyStep]) -> Vec<f64> {
+        match *self {
+            Self::Uniform => vec![1.0 / grid.len() as f64; grid.len()],
+            Self::LogNormal { mean, std } => {
+                let sigma = |alpha_bar: f64| ((1.0 - alpha_bar) / alpha_bar).sqrt();
+                let cdf = |s: f64| 0.5 * (1.0 + erf((s.ln() - mean) / (std * 2f64.sqrt())));
+                let mass: Vec<f64> = grid
+                    .iter()
+                    .map(|g| (cdf(sigma(g.alpha_bar_t)) - cdf(sigma(g.alpha_bar_prev))).max(0.0))
+                    .collect();
+                let total: f64 = mass.iter().sum();
+                if total > 0.0 {
+                    mass.iter().map(|m| m / total).collect()
+                } else {
+                    vec![1.0 / grid.len() as f64; grid.len()]
+                }
+            }
+        }
+    }
+}
+
+/// The error function (Abramowitz & Stegun 7.1.26; |error| < 1.5e-7).
+fn erf(x: f64) -> f64 {
+    let t = 1.0 / (1.0 + 0.3275911 * x.abs());
+    let poly = t
+        * (0.254829592
+            + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
+    (1.0 - poly * (-x * x).exp()).copysign(x)
+}
+
+/// Index into `cumulative` (a non-decreasing CDF ending at 1) for a uniform draw `u`.
+fn pick(cumulative: &[f64], u: f64) -> usize {
+    cumulative
+        .partition_point(|&c| c <= u)
+        .min(cumulative.len() - 1)
 }
 
 /// The classifier-free guidance scales w a run draws from (uniformly, per row).
@@ -397,9 +458,24 @@ fn draw_batch(
     // Order of draws: images, grid points, noise, guidance scales, caption wording (fixed:
     // resume relies on it).
     let (x, labels, rows) = images.random_rows(&mut rng, cfg.batch, device);
-    let steps: Vec<ConsistencyStep> = (0..cfg.batch)
-        .map(|_| grid[rng.below(grid.len() as u64) as usize])
-        .collect();
+    let steps: Vec<ConsistencyStep> = match cfg.timestep_sampling {
+        TimestepSampling::Uniform => (0..cfg.batch)
+            .map(|_| grid[rng.below(grid.len() as u64) as usize])
+            .collect(),
+        sampling => {
+            let cumulative: Vec<f64> = sampling
+                .weights(grid)
+                .iter()
+                .scan(0.0, |acc, w| {
+                    *acc += w;
+                    Some(*acc)
+                })
+                .collect();
+            (0..cfg.batch)
+                .map(|_| grid[pick(&cumulative, rng.uniform())])
+                .collect()
+        }
+    };
     let x0 = super::model_space(teacher, x);
     let eps = crate::sample::host_noise(&mut rng, x0.dims(), device);
     let w = cfg
@@ -738,6 +814,7 @@ mod tests {
             lr: 1e-3,
             warmup: 10,
             lr_decay,
+            timestep_sampling: TimestepSampling::Uniform,
             optimizer: crate::train::optim::OptimizerConfig::distillation(),
             ema_decay: None,
             seed: 0,
@@ -746,6 +823,46 @@ mod tests {
             lora_format: LoraFormat::Peft,
             quantize: None,
         }
+    }
+
+    #[test]
+    fn log_normal_sampling_favours_the_middle_of_the_noise_range() {
+        assert!((erf(0.5) - 0.520_499_877_8).abs() < 1e-6);
+        assert!((erf(-1.5) + 0.966_105_146_5).abs() < 1e-6);
+        let sched = SchedulerConfig::from_map(
+            serde_json::json!({
+                "_class_name": "DDIMScheduler",
+                "num_train_timesteps": 1000,
+                "beta_schedule": "scaled_linear",
+                "beta_start": 0.00085,
+                "beta_end": 0.012,
+            })
+            .as_object()
+            .unwrap(),
+        )
+        .unwrap();
+        let grid = crate::distill::consistency::skipping_grid(&sched, 50, 10.0).unwrap();
+        assert!(grid[0].t < grid[49].t, "lowest timestep first");
+        let uniform = TimestepSampling::Uniform.weights(&grid);
+        assert!(uniform.iter().all(|w| (w - 0.02).abs() < 1e-12));
+        let w = TimestepSampling::ICT.weights(&grid);
+        assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        // Low noise gets the rows (σ = e^−1.1 ≈ 0.33 is the density's mode in ln σ), and
+        // the weights fall toward the highest noise.
+        assert!(w[0] > 10.0 * w[49], "{w:?}");
+        assert!(w[1..].windows(2).all(|p| p[0] >= p[1]), "{w:?}");
+        assert!(w.iter().all(|&x| x > 0.0), "{w:?}");
+        // Draws follow the weights.
+        let cumulative: Vec<f64> = w
+            .iter()
+            .scan(0.0, |a, x| {
+                *a += x;
+                Some(*a)
+            })
+            .collect();
+        assert_eq!(pick(&cumulative, 0.0), 0);
+        assert_eq!(pick(&cumulative, w[0] + 1e-9), 1);
+        assert_eq!(pick(&cumulative, 0.999_999_999), w.len() - 1);
     }
 
     #[test]
