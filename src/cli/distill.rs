@@ -291,7 +291,7 @@ pub struct ConsistencyArgs {
     #[arg(long, value_enum, default_value = "constant")]
     pub lr_decay: LrDecayKind,
     /// How each row's grid point is drawn: uniform (CD, LCM) or iCT's log-normal over σ
-    /// (ln σ ~ N(−1.1, 2²)), which puts more rows in the middle of the noise range.
+    /// (ln σ ~ N(−1.1, 2²)), which puts more rows at low noise and fewer at high.
     #[arg(long, value_enum, default_value = "uniform")]
     pub timestep_sampling: TimestepSamplingKind,
     /// Scales N of the skipping grid, the teacher's DDIM solver taking T/N timesteps per step
