@@ -297,7 +297,7 @@ impl ProcessGroup {
             return Ok(());
         }
         let started = Instant::now();
-        let chunks = chunks(data.len(), n);
+        let chunks = crate::train::data_parallel::shards(data.len(), n);
         let r = self.rank;
         // Reduce-scatter: after n − 1 exchanges rank r holds the whole sum of chunk r + 1.
         for s in 0..n - 1 {
@@ -466,20 +466,6 @@ impl ProcessGroup {
                 .collect(),
         ))
     }
-}
-
-/// `n` contiguous ranges covering `0..len`, sizes differing by at most one.
-fn chunks(len: usize, n: usize) -> Vec<Range<usize>> {
-    let (base, extra) = (len / n, len % n);
-    let mut start = 0;
-    (0..n)
-        .map(|i| {
-            let end = start + base + usize::from(i < extra);
-            let r = start..end;
-            start = end;
-            r
-        })
-        .collect()
 }
 
 /// Rank 0: waits for every other rank's join, checks them, and answers each with the address
@@ -698,12 +684,6 @@ mod tests {
             node_address: None,
             timeout: Duration::from_secs(20),
         }
-    }
-
-    #[test]
-    fn chunks_cover_the_buffer() {
-        assert_eq!(chunks(10, 3), vec![0..4, 4..7, 7..10]);
-        assert_eq!(chunks(1, 2), vec![0..1, 1..1]);
     }
 
     #[test]

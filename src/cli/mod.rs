@@ -174,9 +174,7 @@ impl RunFolder {
     pub fn is_main(&self) -> bool {
         !self.scratch
     }
-}
 
-impl RunFolder {
     /// Prints the gradient exchanges' overhead (rank 0 of a multi-process run, unless `quiet`).
     pub fn report_overhead(&self, quiet: bool) {
         if self.is_main()
