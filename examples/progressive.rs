@@ -43,6 +43,7 @@ fn main() -> fewstep::Result<()> {
             // (Meng et al.): a w range here adds the guided stage one.
             guidance: None,
             guided_iters: None,
+            rollout_fraction: None,
             // Some(QuantizeSpec { .. }): quantization-aware rounds, students written int8/int4.
             quantize: None,
         },

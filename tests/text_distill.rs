@@ -227,7 +227,8 @@ fn text_to_image_teacher_students_and_adherence_on_tiny_models() {
         assert!(diff < 1e-4, "{format}: {diff}");
     }
 
-    // Guided progressive: stage one at 4 steps (w-conditioned), then one halving round.
+    // Guided progressive: stage one at 4 steps (w-conditioned), then one halving round; half of
+    // each batch noised along the student's own trajectory (text rows gathered for the rollout).
     let pd = root.join("pd");
     ok(&fewstep(&[
         "distill",
@@ -248,11 +249,17 @@ fn text_to_image_teacher_students_and_adherence_on_tiny_models() {
         "2",
         "--batch",
         "4",
+        "--rollout-fraction",
+        "0.5",
         "--out",
         s(&pd),
         "--quiet",
         "--no-eval",
     ]));
+    assert_eq!(
+        json(&pd.join("run.json"))["config"]["rollout_fraction"],
+        0.5
+    );
     for steps in [4, 2] {
         let dir = pd.join(format!("round-{steps}steps"));
         assert_eq!(

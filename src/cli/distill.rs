@@ -238,6 +238,12 @@ pub struct ProgressiveArgs {
     /// Iterations of guided stage one (default: --iters-per-round).
     #[arg(long, value_parser = super::values::count, requires = "guidance")]
     pub guided_iters: Option<usize>,
+    /// The fraction of each batch's rows (0 to 1) noised along the student's own sampling
+    /// trajectory (its DDIM sampler from noise to the row's step, no gradients; ~steps/2 extra
+    /// passes per such row) instead of from data, so the teacher is also fitted where the student
+    /// samples (default: none, as in the papers).
+    #[arg(long, value_parser = super::values::probability)]
+    pub rollout_fraction: Option<f32>,
     /// The run folder (round-<N>steps/ students, checkpoints, loss.csv, report.{json,csv}).
     #[arg(long, default_value = "runs/progressive")]
     pub out: PathBuf,
@@ -384,6 +390,7 @@ impl ProgressiveArgs {
                 max: *g.last().expect("one or two values"),
             }),
             guided_iters: self.guided_iters,
+            rollout_fraction: self.rollout_fraction,
             quantize: self.common.quantize()?,
         })
     }

@@ -133,7 +133,69 @@ pub fn guided_target(
     x0_from_output(prediction, z, out, &a_t)
 }
 
-/// max(SNR_t, 1)·mean‖x̃ − x̂_student‖² per row: [B].
+/// The points the student meets when it samples: each row's z at the start of its grid step
+/// `k[i]`, reached by the student's own deterministic DDIM sampler on `grid` from the noise
+/// `start` (row i: k[i] student steps, no gradients; k = 0 is the noise itself). Fitting the
+/// teacher there as well as at z_t noised from data corrects the drift of the student's
+/// trajectory (the on-policy correction of DAgger, Ross et al. 2011), which data-noised z_t
+/// alone never show it. Rows are stepped longest-first so that each step runs only the rows
+/// that still need it: Σ k[i] model passes in all.
+pub fn student_rollout(
+    student: &UNet,
+    prediction: Prediction,
+    start: Tensor<4>,
+    grid: &[StudentStep],
+    k: &[usize],
+    cond: &Conditioning,
+) -> Tensor<4> {
+    let device = start.device();
+    let b = k.len();
+    assert_eq!(start.dims()[0], b, "one grid index per row");
+    let mut order: Vec<usize> = (0..b).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(k[i]));
+    let gather = |rows: &[usize]| {
+        let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        Tensor::<1, Int>::from_ints(idx.as_slice(), &device)
+    };
+    let cond = cond.select(&order);
+    let mut z = start.select(0, gather(&order));
+    // Finished rows in sorted order, last rows first.
+    let mut done: Vec<Tensor<4>> = Vec::new();
+    let mut active = b;
+    for (j, step) in grid.iter().enumerate() {
+        let still = order.iter().take_while(|&&i| k[i] > j).count();
+        if still < active {
+            done.push(z.clone().narrow(0, still, active - still));
+        }
+        active = still;
+        if active == 0 {
+            break;
+        }
+        z = z.narrow(0, 0, active);
+        let out = model_output(
+            student,
+            z.clone(),
+            &vec![step.t; active],
+            &cond.select(&(0..active).collect::<Vec<_>>()),
+        );
+        z = ddim_move(
+            prediction,
+            z,
+            out,
+            &vec![step.alpha_bar_t; active],
+            &vec![step.alpha_bar_end; active],
+        );
+    }
+    assert_eq!(active, 0, "every grid index is below the grid's length");
+    done.reverse();
+    let sorted = Tensor::cat(done, 0);
+    let mut inverse = vec![0; b];
+    for (pos, &i) in order.iter().enumerate() {
+        inverse[i] = pos;
+    }
+    sorted.select(0, gather(&inverse))
+}
+
 /// A model's x̂₀ at the students' points: the space the progressive loss compares in.
 pub fn x0_prediction(
     model: &UNet,
@@ -148,6 +210,7 @@ pub fn x0_prediction(
     x0_from_output(prediction, z, out, &a_t)
 }
 
+/// max(SNR_t, 1)·mean‖x̃ − x̂_student‖² per row: [B].
 pub fn progressive_loss(
     student: &UNet,
     prediction: Prediction,
@@ -262,5 +325,46 @@ mod tests {
                 "step {i}: {diff} (scale {scale})"
             );
         }
+    }
+
+    #[test]
+    fn a_rollout_row_is_its_own_sampler_run_for_k_steps() {
+        use crate::models::UNetConfig;
+        use crate::noise::NoiseStream;
+        let device = crate::backend::cpu_device().expect("a CPU backend is compiled in");
+        let student = UNetConfig::tiny().init(&device);
+        let grid = student_steps(&config(), 4).unwrap();
+        let mut rng = NoiseStream::new(5);
+        let start = crate::sample::host_noise(&mut rng, [4, 3, 32, 32], &device);
+        let k = [2, 0, 3, 1];
+        let got = student_rollout(
+            &student,
+            Prediction::V,
+            start.clone(),
+            &grid,
+            &k,
+            &Conditioning::none(),
+        );
+        for (row, &steps) in k.iter().enumerate() {
+            let mut z = start.clone().narrow(0, row, 1);
+            for step in &grid[..steps] {
+                let out = model_output(&student, z.clone(), &[step.t], &Conditioning::none());
+                z = ddim_move(
+                    Prediction::V,
+                    z,
+                    out,
+                    &[step.alpha_bar_t],
+                    &[step.alpha_bar_end],
+                );
+            }
+            let diff: f32 = (got.clone().narrow(0, row, 1) - z)
+                .abs()
+                .max()
+                .into_scalar::<f32>();
+            assert!(diff <= 1e-4, "row {row} (k = {steps}): {diff}");
+        }
+        // k = 0 is the starting noise untouched, and the rows moved.
+        let moved: f32 = (got - start).abs().max().into_scalar::<f32>();
+        assert!(moved > 1e-3, "the rollout did not move any row");
     }
 }

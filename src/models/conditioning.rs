@@ -51,6 +51,31 @@ impl Conditioning {
         }
     }
 
+    /// The rows `rows` of every part, in that order (a gather along the batch dimension).
+    pub fn select(&self, rows: &[usize]) -> Self {
+        let Some(device) = self.device() else {
+            return Self::default();
+        };
+        let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        let idx = Tensor::<1, Int>::from_ints(idx.as_slice(), &device);
+        Conditioning {
+            labels: self.labels.clone().map(|t| t.select(0, idx.clone())),
+            guidance: self.guidance.clone().map(|t| t.select(0, idx.clone())),
+            context: self.context.clone().map(|t| t.select(0, idx.clone())),
+            context_mask: self.context_mask.clone().map(|t| t.select(0, idx)),
+        }
+    }
+
+    /// The device of the first part present (None: no conditioning).
+    fn device(&self) -> Option<Device> {
+        self.labels
+            .as_ref()
+            .map(Tensor::device)
+            .or_else(|| self.guidance.as_ref().map(Tensor::device))
+            .or_else(|| self.context.as_ref().map(Tensor::device))
+            .or_else(|| self.context_mask.as_ref().map(Tensor::device))
+    }
+
     pub fn with_guidance(mut self, guidance: Option<Tensor<1>>) -> Self {
         self.guidance = guidance;
         self

@@ -23,8 +23,8 @@ use super::teacher_conditioning::TeacherConditioning;
 use super::{checkpoint, data_parallel, ema, open_images};
 use crate::data::{DataSource, TrainImages};
 use crate::distill::progressive::{
-    StudentStep, guided_target, noised, progressive_loss, student_steps, teacher_target,
-    x0_prediction,
+    StudentStep, guided_target, noised, progressive_loss, student_rollout, student_steps,
+    teacher_target, x0_prediction,
 };
 use crate::error::{Error, Result};
 use crate::io;
@@ -68,6 +68,12 @@ pub struct ProgressiveConfig {
     /// dequantized (the original teacher stays full precision).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantize: Option<QuantizeSpec>,
+    /// The fraction of each batch's rows noised along the student's own sampling trajectory
+    /// (its DDIM sampler run from noise to the row's grid step, with the row's conditioning
+    /// and w) instead of from data: the teacher is then fitted where the student samples.
+    /// `None`: every row noised from data (the paper).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_fraction: Option<f32>,
 }
 
 /// One stretch of a progressive run: stage one of guided distillation, or a halving round.
@@ -161,6 +167,13 @@ impl ProgressiveConfig {
             return Err(Error::Usage(format!(
                 "--guidance {},{}: expected scales of 0 or more, the first not above the second",
                 g.min, g.max
+            )));
+        }
+        if let Some(f) = self.rollout_fraction
+            && !(f > 0.0 && f <= 1.0)
+        {
+            return Err(Error::Usage(format!(
+                "--rollout-fraction {f}: expected a fraction above 0, at most 1"
             )));
         }
         if self.guided_iters == Some(0) {
@@ -355,7 +368,13 @@ fn load_checkpoint(
 /// for one iteration, with the student steps, noise, noised samples and guidance scales.
 struct Batch {
     z: Tensor<4>,
+    /// The noise of each row (a rollout row's sampler starts from it).
+    eps: Tensor<4>,
     steps: Vec<StudentStep>,
+    /// Each row's index in the grid.
+    grid_index: Vec<usize>,
+    /// Whether the row's z is to come from the student's rollout ([`rollout_rows`]).
+    rollout: Vec<bool>,
     cond: Conditioning,
     w: Vec<f32>,
 }
@@ -373,9 +392,10 @@ fn draw_batch(
     // Order of draws: images, grid steps, noise, guidance scales, caption wording (fixed:
     // resume relies on it).
     let (x, labels, rows) = images.random_rows(&mut rng, cfg.batch, device);
-    let steps: Vec<StudentStep> = (0..cfg.batch)
-        .map(|_| grid[rng.below(grid.len() as u64) as usize])
+    let grid_index: Vec<usize> = (0..cfg.batch)
+        .map(|_| rng.below(grid.len() as u64) as usize)
         .collect();
+    let steps: Vec<StudentStep> = grid_index.iter().map(|&i| grid[i]).collect();
     let x0 = super::model_space(teacher, x);
     let [b, c, h, w] = x0.dims();
     let eps = crate::sample::host_noise(&mut rng, [b, c, h, w], device);
@@ -384,11 +404,58 @@ fn draw_batch(
         .map_or_else(Vec::new, |g| g.draw(&mut rng, cfg.batch));
     let cond = conditioning.batch(teacher, labels, &rows, &mut rng, device)?;
     Ok(Batch {
-        z: noised(x0, eps, &steps),
+        z: noised(x0, eps.clone(), &steps),
+        eps,
         steps,
+        grid_index,
+        rollout: rollout_rows(cfg.batch, cfg.rollout_fraction.unwrap_or(0.0)),
         cond,
         w,
     })
+}
+
+/// Which of `batch` rows are rollout rows at `fraction`: spread evenly (row i when
+/// ⌊(i + 1)·f⌋ > ⌊i·f⌋), so that every data-parallel shard gets its share.
+fn rollout_rows(batch: usize, fraction: f32) -> Vec<bool> {
+    let f = f64::from(fraction);
+    (0..batch)
+        .map(|i| ((i + 1) as f64 * f).floor() > (i as f64 * f).floor())
+        .collect()
+}
+
+/// `z` with its rollout rows (`rollout`) replaced by the student's own trajectory to their grid
+/// step ([`student_rollout`], from the row's noise in `eps`).
+#[allow(clippy::too_many_arguments)]
+fn with_rollouts(
+    student: &UNet,
+    prediction: Prediction,
+    z: Tensor<4>,
+    eps: Tensor<4>,
+    grid: &[StudentStep],
+    grid_index: &[usize],
+    rollout: &[bool],
+    cond: &Conditioning,
+) -> Tensor<4> {
+    let rows: Vec<usize> = (0..rollout.len()).filter(|&i| rollout[i]).collect();
+    if rows.is_empty() {
+        return z;
+    }
+    let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+    let start = eps.select(0, Tensor::<1, Int>::from_ints(idx.as_slice(), &z.device()));
+    let k: Vec<usize> = rows.iter().map(|&r| grid_index[r]).collect();
+    let rolled = student_rollout(student, prediction, start, grid, &k, &cond.select(&rows));
+    let mut next = 0;
+    let pieces = (0..rollout.len())
+        .map(|i| {
+            if rollout[i] {
+                next += 1;
+                rolled.clone().narrow(0, next - 1, 1)
+            } else {
+                z.clone().narrow(0, i, 1)
+            }
+        })
+        .collect();
+    Tensor::cat(pieces, 0)
 }
 
 /// Runs (or resumes) progressive distillation in `run_dir`; data-parallel over `devices` when
@@ -606,6 +673,16 @@ pub fn distill_progressive(
                             w.as_ref()
                                 .map(|w| Tensor::<1>::from_floats(w.as_slice(), &z.device())),
                         );
+                        let z = with_rollouts(
+                            &student.valid(),
+                            prediction,
+                            z,
+                            shard.take(&b.eps),
+                            &grid,
+                            &shard.take_list(&b.grid_index),
+                            &shard.take_list(&b.rollout),
+                            &cond_w,
+                        );
                         let target = match (guided, &w) {
                             (true, Some(w)) => {
                                 let uncond = conditioning
@@ -726,6 +803,21 @@ pub fn distill_progressive(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rollout_rows_are_spread_over_the_batch() {
+        let rows = |n, f| -> Vec<usize> {
+            super::rollout_rows(n, f)
+                .iter()
+                .enumerate()
+                .filter_map(|(i, &r)| r.then_some(i))
+                .collect()
+        };
+        assert_eq!(rows(8, 0.5), vec![1, 3, 5, 7]);
+        assert_eq!(rows(8, 0.25), vec![3, 7]);
+        assert_eq!(rows(4, 1.0), vec![0, 1, 2, 3]);
+        assert_eq!(rows(4, 0.0), Vec::<usize>::new());
+    }
+
     #[test]
     fn an_uneven_first_grid_is_named_with_a_divisor_to_start_from() {
         assert_eq!(super::uneven_grid_warning(1000, 8), None);
