@@ -120,6 +120,9 @@ fn collect_features(
     let mut sink = FeatureSink::new(extractor);
     let mut kept = Kept::default();
     let started = std::time::Instant::now();
+    // Without a terminal (nohup, CI logs) indicatif draws nothing: a line every tenth instead.
+    let lines = !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut done = 0;
     generate(&mut |first, x| {
         let [b, c, h, w] = x.dims();
         if first < keep {
@@ -135,6 +138,14 @@ fn collect_features(
         }
         sink.add(x)?;
         bar.inc(b as u64);
+        let before = done;
+        done += b;
+        if lines && (done * 10 / num.max(1) > before * 10 / num.max(1) || done >= num) {
+            eprintln!(
+                "{}",
+                progress_line(label, done, num, started.elapsed().as_secs_f64())
+            );
+        }
         Ok(())
     })?;
     bar.finish_and_clear();
@@ -144,6 +155,13 @@ fn collect_features(
         per_second: num as f64 / started.elapsed().as_secs_f64(),
         adherence: scores,
     })
+}
+
+/// One line of sampling progress: `label: done/num samples | rate | ETA`.
+fn progress_line(label: &str, done: usize, num: usize, seconds: f64) -> String {
+    let rate = done as f64 / seconds.max(1e-9);
+    let eta = num.saturating_sub(done) as f64 / rate.max(1e-9);
+    format!("{label}: {done}/{num} samples | {rate:.2} samples/s | ETA {eta:.0} s")
 }
 
 /// Generates `request.num` images from `pipeline` with `algorithm` at `steps` steps (progress bar
@@ -310,4 +328,16 @@ pub fn stats_reference(path: &Path) -> Result<Reference> {
         features,
         protocol: json!({ "statistics_file": path.display().to_string(), "stored_protocol": protocol }),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_progress_line_gives_the_rate_and_the_time_left() {
+        assert_eq!(
+            super::progress_line("teacher @ 50 steps", 250, 1000, 10.0),
+            "teacher @ 50 steps: 250/1000 samples | 25.00 samples/s | ETA 30 s"
+        );
+        assert!(super::progress_line("x", 1000, 1000, 40.0).ends_with("ETA 0 s"));
+    }
 }
