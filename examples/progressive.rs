@@ -44,6 +44,7 @@ fn main() -> fewstep::Result<()> {
             guidance: None,
             guided_iters: None,
             rollout_fraction: None,
+            snr_weight_cap: None,
             // Some(QuantizeSpec { .. }): quantization-aware rounds, students written int8/int4.
             quantize: None,
         },

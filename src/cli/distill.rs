@@ -244,6 +244,11 @@ pub struct ProgressiveArgs {
     /// samples (default: none, as in the papers).
     #[arg(long, value_parser = super::values::probability)]
     pub rollout_fraction: Option<f32>,
+    /// Cap the loss weight max(SNR_t, 1) at this value (min-SNR-γ, e.g. 5): the high-noise steps,
+    /// where content is decided, weigh more against the low-noise ones (default: uncapped, as in
+    /// the paper).
+    #[arg(long, value_parser = super::values::positive_f64)]
+    pub snr_weight_cap: Option<f64>,
     /// The run folder (round-<N>steps/ students, checkpoints, loss.csv, report.{json,csv}).
     #[arg(long, default_value = "runs/progressive")]
     pub out: PathBuf,
@@ -391,6 +396,7 @@ impl ProgressiveArgs {
             }),
             guided_iters: self.guided_iters,
             rollout_fraction: self.rollout_fraction,
+            snr_weight_cap: self.snr_weight_cap,
             quantize: self.common.quantize()?,
         })
     }

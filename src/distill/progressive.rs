@@ -210,7 +210,15 @@ pub fn x0_prediction(
     x0_from_output(prediction, z, out, &a_t)
 }
 
-/// max(SNR_t, 1)·mean‖x̃ − x̂_student‖² per row: [B].
+/// The loss weight of a row at ᾱ_t: max(SNR_t, 1) (the paper's truncated SNR), and with
+/// `cap` at most `cap` (min-SNR-γ, Hang et al. 2023: the low-noise rows, whose SNR runs to the
+/// hundreds, no longer drown the high-noise ones, where the image's content is decided).
+pub fn snr_weight(alpha_bar_t: f64, cap: Option<f64>) -> f64 {
+    let w = (alpha_bar_t / (1.0 - alpha_bar_t)).max(1.0);
+    cap.map_or(w, |c| w.min(c))
+}
+
+/// weight·mean‖x̃ − x̂_student‖² per row: [B], the weight [`snr_weight`].
 pub fn progressive_loss(
     student: &UNet,
     prediction: Prediction,
@@ -218,12 +226,13 @@ pub fn progressive_loss(
     target: Tensor<4>,
     steps: &[StudentStep],
     cond: &Conditioning,
+    weight_cap: Option<f64>,
 ) -> Tensor<1> {
     let device = z.device();
     let x0 = x0_prediction(student, prediction, z, steps, cond);
     let weight: Vec<f32> = steps
         .iter()
-        .map(|s| (s.alpha_bar_t / (1.0 - s.alpha_bar_t)).max(1.0) as f32)
+        .map(|s| snr_weight(s.alpha_bar_t, weight_cap) as f32)
         .collect();
     let [bsz, c, h, w] = x0.dims();
     let mse = (x0 - target)
@@ -366,5 +375,15 @@ mod tests {
         // k = 0 is the starting noise untouched, and the rows moved.
         let moved: f32 = (got - start).abs().max().into_scalar::<f32>();
         assert!(moved > 1e-3, "the rollout did not move any row");
+    }
+
+    #[test]
+    fn the_snr_weight_is_truncated_below_at_one_and_capped_above() {
+        // ᾱ = 0.2: SNR 0.25 → 1; ᾱ = 0.9: SNR 9; ᾱ = 0.99: SNR 99.
+        assert_eq!(snr_weight(0.2, None), 1.0);
+        assert!((snr_weight(0.9, None) - 9.0).abs() < 1e-9);
+        assert!((snr_weight(0.99, None) - 99.0).abs() < 1e-6);
+        assert_eq!(snr_weight(0.99, Some(5.0)), 5.0);
+        assert_eq!(snr_weight(0.2, Some(5.0)), 1.0);
     }
 }

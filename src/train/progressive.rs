@@ -74,6 +74,9 @@ pub struct ProgressiveConfig {
     /// `None`: every row noised from data (the paper).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout_fraction: Option<f32>,
+    /// A cap on the loss weight max(SNR_t, 1) (min-SNR-γ); `None`: uncapped (the paper).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snr_weight_cap: Option<f64>,
 }
 
 /// One stretch of a progressive run: stage one of guided distillation, or a halving round.
@@ -174,6 +177,13 @@ impl ProgressiveConfig {
         {
             return Err(Error::Usage(format!(
                 "--rollout-fraction {f}: expected a fraction above 0, at most 1"
+            )));
+        }
+        if let Some(c) = self.snr_weight_cap
+            && !(c >= 1.0 && c.is_finite())
+        {
+            return Err(Error::Usage(format!(
+                "--snr-weight-cap {c}: expected a number of 1 or more (the weight is at least 1)"
             )));
         }
         if self.guided_iters == Some(0) {
@@ -732,6 +742,7 @@ pub fn distill_progressive(
                             target.autodiff(),
                             &steps,
                             &cond_w.autodiff(),
+                            cfg.snr_weight_cap,
                         )
                         .mean()
                         .mul_scalar(scale)
