@@ -87,6 +87,23 @@ fn rounds_write_students_that_sample_at_their_step_count() {
 }
 
 #[test]
+fn rollout_rows_and_a_capped_weight_train_an_unconditional_student() {
+    let teacher = tiny_model("pd", "teacher-d");
+    let out = scratch("pd", "rollout");
+    let mut args = distill_args(&teacher, &out, "2");
+    args.extend_from_slice(&["--rollout-fraction", "1", "--snr-weight-cap", "5"]);
+    ok(&fewstep(&args));
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["config"]["rollout_fraction"], 1.0);
+    assert_eq!(run["config"]["snr_weight_cap"], 5.0);
+    let teacher_w =
+        io::read_safetensors(&teacher.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let student_w = student_weights(&out, 1);
+    assert!(teacher_w.iter().any(|(k, t)| t.data != student_w[k].data));
+}
+
+#[test]
 fn an_interrupted_run_resumes_to_the_uninterrupted_students() {
     let teacher = tiny_model("pd", "teacher-b");
     let whole = scratch("pd", "whole");
@@ -153,6 +170,14 @@ fn bad_input_is_one_clear_line() {
     assert_clean_failure(with(&["--teacher", "/no/teacher"]), "model_index.json");
     assert_clean_failure(with(&["--teacher", t, "--batch", "0"]), "--batch");
     assert_clean_failure(with(&["--teacher", t, "--ema", "1.5"]), "--ema 1.5");
+    assert_clean_failure(
+        with(&["--teacher", t, "--rollout-fraction", "0"]),
+        "--rollout-fraction 0",
+    );
+    assert_clean_failure(
+        with(&["--teacher", t, "--snr-weight-cap", "0.5"]),
+        "--snr-weight-cap 0.5",
+    );
     assert_clean_failure(
         fewstep(&["distill", "progressive", "--out", o, "--resume"]),
         "no run to resume",
