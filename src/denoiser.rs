@@ -16,6 +16,12 @@ pub fn per_row(values: Vec<f32>, device: &Device) -> Tensor<4> {
     Tensor::<1>::from_floats(values.as_slice(), device).reshape([b, 1, 1, 1])
 }
 
+/// Batch row indices as an index tensor (for `select` along dimension 0).
+pub fn row_index(rows: &[usize], device: &Device) -> Tensor<1, Int> {
+    let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+    Tensor::<1, Int>::from_ints(idx.as_slice(), device)
+}
+
 /// `unet`'s output at one (integer) timestep per row.
 pub fn model_output(unet: &UNet, z: Tensor<4>, t: &[i64], cond: &Conditioning) -> Tensor<4> {
     let device = z.device();

@@ -16,7 +16,7 @@ use fewstep_schedulers::config::{Algorithm, ConfigError};
 use fewstep_schedulers::ddim::Ddim;
 use fewstep_schedulers::{Prediction, Scheduler, SchedulerConfig};
 
-use crate::denoiser::{ddim_move, model_output, noise_to, per_row, x0_from_output};
+use crate::denoiser::{ddim_move, model_output, noise_to, per_row, row_index, x0_from_output};
 use crate::models::{Conditioning, UNet};
 use crate::sample::DeviceSample;
 
@@ -153,12 +153,8 @@ pub fn student_rollout(
     assert_eq!(start.dims()[0], b, "one grid index per row");
     let mut order: Vec<usize> = (0..b).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(k[i]));
-    let gather = |rows: &[usize]| {
-        let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
-        Tensor::<1, Int>::from_ints(idx.as_slice(), &device)
-    };
     let cond = cond.select(&order);
-    let mut z = start.select(0, gather(&order));
+    let mut z = start.select(0, row_index(&order, &device));
     // Finished rows in sorted order, last rows first.
     let mut done: Vec<Tensor<4>> = Vec::new();
     let mut active = b;
@@ -193,7 +189,7 @@ pub fn student_rollout(
     for (pos, &i) in order.iter().enumerate() {
         inverse[i] = pos;
     }
-    sorted.select(0, gather(&inverse))
+    sorted.select(0, row_index(&inverse, &device))
 }
 
 /// A model's x̂₀ at the students' points: the space the progressive loss compares in.

@@ -56,8 +56,7 @@ impl Conditioning {
         let Some(device) = self.device() else {
             return Self::default();
         };
-        let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
-        let idx = Tensor::<1, Int>::from_ints(idx.as_slice(), &device);
+        let idx = crate::denoiser::row_index(rows, &device);
         Conditioning {
             labels: self.labels.clone().map(|t| t.select(0, idx.clone())),
             guidance: self.guidance.clone().map(|t| t.select(0, idx.clone())),

@@ -433,7 +433,7 @@ fn rollout_rows(batch: usize, fraction: f32) -> Vec<bool> {
         .collect()
 }
 
-/// `z` with its rollout rows (`rollout`) replaced by the student's own trajectory to their grid
+/// `z` with its rollout rows (`rollout`, at least one) replaced by the student's own trajectory to their grid
 /// step ([`student_rollout`], from the row's noise in `eps`).
 #[allow(clippy::too_many_arguments)]
 fn with_rollouts(
@@ -447,11 +447,7 @@ fn with_rollouts(
     cond: &Conditioning,
 ) -> Tensor<4> {
     let rows: Vec<usize> = (0..rollout.len()).filter(|&i| rollout[i]).collect();
-    if rows.is_empty() {
-        return z;
-    }
-    let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
-    let start = eps.select(0, Tensor::<1, Int>::from_ints(idx.as_slice(), &z.device()));
+    let start = eps.select(0, crate::denoiser::row_index(&rows, &z.device()));
     let k: Vec<usize> = rows.iter().map(|&r| grid_index[r]).collect();
     let rolled = student_rollout(student, prediction, start, grid, &k, &cond.select(&rows));
     let mut next = 0;
@@ -683,16 +679,22 @@ pub fn distill_progressive(
                             w.as_ref()
                                 .map(|w| Tensor::<1>::from_floats(w.as_slice(), &z.device())),
                         );
-                        let z = with_rollouts(
-                            &student.valid(),
-                            prediction,
-                            z,
-                            shard.take(&b.eps),
-                            &grid,
-                            &shard.take_list(&b.grid_index),
-                            &shard.take_list(&b.rollout),
-                            &cond_w,
-                        );
+                        // Only shards with rollout rows pay for the student copy and the noise.
+                        let rollout = shard.take_list(&b.rollout);
+                        let z = if rollout.contains(&true) {
+                            with_rollouts(
+                                &student.valid(),
+                                prediction,
+                                z,
+                                shard.take(&b.eps),
+                                &grid,
+                                &shard.take_list(&b.grid_index),
+                                &rollout,
+                                &cond_w,
+                            )
+                        } else {
+                            z
+                        };
                         let target = match (guided, &w) {
                             (true, Some(w)) => {
                                 let uncond = conditioning
