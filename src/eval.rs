@@ -28,6 +28,8 @@ pub struct Sampling {
     pub seed: u64,
     /// Guidance scale of a guidance-conditioned student (w + 1).
     pub guidance_scale: Option<f32>,
+    /// DDIM's stochasticity η (0: deterministic).
+    pub eta: f32,
     pub precision: Precision,
     /// A LoRA file merged into every model's UNet, at `lora_scale`.
     pub lora: Option<PathBuf>,
@@ -130,6 +132,7 @@ impl ModelUnderTest {
         let request = Generation {
             guidance_scale: sampling.guidance_scale,
             text: prompts.as_ref(),
+            eta: sampling.eta,
             ..Generation::new(sampling.num_samples, self.batch, sampling.seed)
         };
         metrics::sample_features(
@@ -383,6 +386,7 @@ impl<'a> Evaluator<'a> {
             batch: 100,
             seed: 0,
             guidance_scale: self.guidance_scale,
+            eta: 0.0,
             precision: Precision::F32,
             lora: None,
             lora_scale: 1.0,

@@ -225,6 +225,9 @@ pub struct Generation<'a> {
     pub guidance_scale: Option<f32>,
     /// The prompts of a text-to-image pipeline (`num` must be prompts × per_prompt).
     pub text: Option<&'a TextPrompts>,
+    /// DDIM's stochasticity η (the pipelines' `eta`; 0: deterministic, the only value other
+    /// schedulers take).
+    pub eta: f32,
 }
 
 /// Prompts for a text-to-image pipeline, as diffusers' `StableDiffusionPipeline.__call__` takes
@@ -347,6 +350,7 @@ impl Generation<'_> {
             latents: None,
             guidance_scale: None,
             text: None,
+            eta: 0.0,
         }
     }
 }
@@ -387,6 +391,9 @@ pub fn generate(
             k - 1
         )));
     }
+    scheduler
+        .set_eta(request.eta)
+        .map_err(|e| Error::Usage(e.0))?;
     let mut initial_noise = NoiseStream::new(request.seed);
     let mut step_noise = NoiseStream::new(request.seed.wrapping_add(0x5eed));
     for first in (0..request.num).step_by(request.batch) {

@@ -292,6 +292,10 @@ fn cases() -> Vec<(Vec<&'static str>, &'static str)> {
         ),
         c("eval fid --model @/gan-unfinished", "unfinished GAN run"),
         c(
+            "eval fid --model @/tiny --scheduler euler --eta 0.5 --steps 2 --num-samples 200",
+            "--eta 0.5: only the ddim scheduler",
+        ),
+        c(
             "sample --model @/tiny --out @/x.png --device bogus",
             "--device",
         ),

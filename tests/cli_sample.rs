@@ -89,6 +89,49 @@ fn sample_with_latents_file_reproduces_diffusers_for_each_deterministic_schedule
     }
 }
 
+/// DDIM at η > 0 draws its step noise from --seed's stream: the same seed gives the same samples,
+/// and they differ from the deterministic ones.
+#[test]
+fn ddim_eta_is_seeded_and_stochastic() {
+    let dir = scratch("eta");
+    let pipe = fixtures().join("pipe_pixel");
+    let run = |eta: &str, name: &str| {
+        let out = dir.join(format!("{name}.safetensors"));
+        let png = dir.join(format!("{name}.png"));
+        let o = fewstep(&[
+            "sample",
+            "--model",
+            pipe.to_str().unwrap(),
+            "--scheduler",
+            "ddim",
+            "--steps",
+            "4",
+            "--num",
+            "2",
+            "--seed",
+            "3",
+            "--eta",
+            eta,
+            "--out",
+            png.to_str().unwrap(),
+            "--save-tensors",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        io::read_safetensors(&out).unwrap()["samples"].data.clone()
+    };
+    let (a, b, det) = (run("1", "a"), run("1", "b"), run("0", "det"));
+    assert_eq!(a, b, "same seed, same η: same samples");
+    let moved = a
+        .iter()
+        .zip(&det)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(
+        moved > 1e-3,
+        "η = 1 changes the samples (max difference {moved})"
+    );
+}
+
 /// The command fails with exit code 1 (2: refused by the argument parser) and one `error:` line
 /// that mentions `needle`.
 fn assert_clean_failure(args: &[&str], needle: &str) {
@@ -129,6 +172,24 @@ fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
     assert_clean_failure(
         &["sample", "--model", p, "--device", "nope", "--out", png],
         "--device nope",
+    );
+    assert_clean_failure(
+        &[
+            "sample",
+            "--model",
+            p,
+            "--scheduler",
+            "euler",
+            "--eta",
+            "0.5",
+            "--out",
+            png,
+        ],
+        "--eta 0.5: only the ddim scheduler",
+    );
+    assert_clean_failure(
+        &["sample", "--model", p, "--eta", "-1", "--out", png],
+        "--eta",
     );
     let gan = common::repo().join("weights/shapes-gan-kd");
     assert_clean_failure(

@@ -1,4 +1,6 @@
-//! DDIM (Song et al. 2021), deterministic (η = 0): `scheduling_ddim.py`.
+//! DDIM (Song et al. 2021): `scheduling_ddim.py`, deterministic at η = 0 (the default); η > 0
+//! injects σ_t = η·√((1−ᾱ_prev)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_prev) of fresh noise per step, η = 1 being
+//! DDPM's posterior variance (the pipelines' `eta` argument).
 
 use crate::config::{ConfigError, Resolved};
 use crate::schedule::{NoiseSchedule, eps_coefficients, integer_timesteps, predict_x0};
@@ -13,6 +15,8 @@ pub struct Ddim {
     int_timesteps: Vec<i64>,
     /// ᾱ used past the last timestep: 1 with `set_alpha_to_one`, else ᾱ_0.
     final_alpha_cumprod: f32,
+    /// The stochasticity η (0: deterministic DDIM).
+    pub eta: f32,
 }
 
 impl Ddim {
@@ -29,6 +33,7 @@ impl Ddim {
             step_index: 0,
             int_timesteps: Vec::new(),
             final_alpha_cumprod,
+            eta: 0.0,
         }
     }
 
@@ -88,11 +93,37 @@ impl Ddim {
         }
     }
 
-    pub fn step<T: SampleOps>(&mut self, model_output: &T, sample: &T) -> StepOutput<T> {
+    /// σ_t of the current step: η·√((1−ᾱ_prev)/(1−ᾱ_t)·(1−ᾱ_t/ᾱ_prev)) (`_get_variance`).
+    fn noise_std(&self) -> f32 {
+        let Some(&(t, prev_t)) = self.transitions().get(self.step_index) else {
+            return 0.0;
+        };
+        if self.eta == 0.0 {
+            return 0.0;
+        }
+        let alpha_t = self.schedule.alphas_cumprod[t as usize];
+        let alpha_prev = self.alpha_bar_or_final(prev_t);
+        let variance = (1.0 - alpha_prev) / (1.0 - alpha_t) * (1.0 - alpha_t / alpha_prev);
+        self.eta * variance.max(0.0).sqrt()
+    }
+
+    /// Whether the current step takes noise: every step at η > 0, as diffusers draws it (the
+    /// last step's σ is 0 where `set_alpha_to_one`), so both consume one noise stream alike.
+    pub fn needs_noise(&self) -> bool {
+        self.eta > 0.0 && self.step_index < self.int_timesteps.len()
+    }
+
+    pub fn step<T: SampleOps>(
+        &mut self,
+        model_output: &T,
+        sample: &T,
+        noise: Option<&T>,
+    ) -> StepOutput<T> {
         // diffusers steps back by train/n whatever the spacing (scheduling_ddim.py, `step`).
         let (t, prev_t) = self.transitions()[self.step_index];
         let alpha_t = self.schedule.alphas_cumprod[t as usize];
         let alpha_prev = self.alpha_bar_or_final(prev_t);
+        let std = self.noise_std();
         let clip = self
             .config
             .clip_sample
@@ -101,7 +132,11 @@ impl Ddim {
         // The direction term uses the unclipped ε.
         let (ea, eb) = eps_coefficients(self.config.prediction, alpha_t);
         let eps = sample.axpby(ea, model_output, eb);
-        let prev_sample = x0.axpby(alpha_prev.sqrt(), &eps, (1.0 - alpha_prev).sqrt());
+        let direction = (1.0 - alpha_prev - std * std).max(0.0).sqrt();
+        let mut prev_sample = x0.axpby(alpha_prev.sqrt(), &eps, direction);
+        if let Some(noise) = noise.filter(|_| self.eta > 0.0) {
+            prev_sample = prev_sample.axpby(1.0, noise, std);
+        }
         self.step_index += 1;
         StepOutput {
             prev_sample,

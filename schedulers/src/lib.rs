@@ -126,6 +126,25 @@ impl<T: SampleOps> Scheduler<T> {
         dispatch!(self, s => s.set_timesteps(n))
     }
 
+    /// DDIM's stochasticity η (the pipelines' `eta`: 0 deterministic, 1 DDPM's posterior
+    /// variance); an error for any other algorithm unless `eta` is 0.
+    pub fn set_eta(&mut self, eta: f32) -> Result<(), ConfigError> {
+        match self {
+            Scheduler::Ddim(s) if eta.is_finite() && eta >= 0.0 => {
+                s.eta = eta;
+                Ok(())
+            }
+            Scheduler::Ddim(_) => Err(ConfigError::new(format!(
+                "--eta {eta}: expected a number of 0 or more"
+            ))),
+            _ if eta == 0.0 => Ok(()),
+            other => Err(ConfigError::new(format!(
+                "--eta {eta}: only the ddim scheduler takes eta, this one is {}",
+                other.algorithm().cli_name()
+            ))),
+        }
+    }
+
     /// A one-line warning when the current grid makes this algorithm sample badly (DDIM at a
     /// step count that does not divide `num_train_timesteps`: [`ddim::Ddim::grid_warning`]).
     pub fn grid_warning(&self) -> Option<String> {
@@ -183,6 +202,7 @@ impl<T: SampleOps> Scheduler<T> {
         match self {
             Scheduler::Ddpm(s) => s.needs_noise(),
             Scheduler::Lcm(s) => s.needs_noise(),
+            Scheduler::Ddim(s) => s.needs_noise(),
             _ => false,
         }
     }
@@ -202,7 +222,7 @@ impl<T: SampleOps> Scheduler<T> {
         }
         Ok(match self {
             Scheduler::Ddpm(s) => s.step(model_output, sample, noise),
-            Scheduler::Ddim(s) => s.step(model_output, sample),
+            Scheduler::Ddim(s) => s.step(model_output, sample, noise),
             Scheduler::Euler(s) => s.step(model_output, sample),
             Scheduler::Heun(s) => s.step(model_output, sample),
             Scheduler::DpmPp2m(s) => s.step(model_output, sample),

@@ -71,6 +71,9 @@ fn every_algorithm_matches_diffusers_step_by_step() {
         let cfg = SchedulerConfig::from_map(case["config"].as_object().unwrap())
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let mut s: Scheduler<Vec<f32>> = cfg.build(Some(algo)).unwrap();
+        if let Some(eta) = case.get("eta") {
+            s.set_eta(eta.as_f64().unwrap() as f32).unwrap();
+        }
         s.set_timesteps(case["steps"].as_u64().unwrap() as usize)
             .unwrap();
         assert_eq!(
@@ -206,4 +209,30 @@ fn ddim_warns_where_its_stride_misses_the_grid() {
     .unwrap();
     ddpm.set_timesteps(256).unwrap();
     assert!(ddpm.grid_warning().is_none());
+}
+
+#[test]
+fn eta_is_ddims_alone_and_zero_keeps_it_deterministic() {
+    let build = |name: &str| -> Scheduler<Vec<f32>> {
+        SchedulerConfig::default()
+            .build(Algorithm::from_cli_name(name))
+            .unwrap()
+    };
+    let err = build("euler").set_eta(0.5).unwrap_err();
+    assert!(
+        err.0.contains("--eta 0.5") && err.0.contains("ddim"),
+        "{}",
+        err.0
+    );
+    build("euler").set_eta(0.0).unwrap();
+    assert!(build("ddim").set_eta(-1.0).is_err());
+    assert!(build("ddim").set_eta(f32::NAN).is_err());
+    let mut ddim = build("ddim");
+    ddim.set_eta(0.0).unwrap();
+    ddim.set_timesteps(4).unwrap();
+    assert!(!ddim.needs_noise(), "η = 0 draws no noise");
+    ddim.set_eta(1.0).unwrap();
+    assert!(ddim.needs_noise());
+    let x = vec![0.5f32; 4];
+    assert!(ddim.step(&x, &x, None).is_err(), "η > 0 needs noise");
 }

@@ -236,6 +236,10 @@ pub struct SamplingArgs {
     /// Guidance scale of a guidance-conditioned consistency student (w + 1).
     #[arg(long, value_parser = super::values::non_negative_f32)]
     pub guidance_scale: Option<f32>,
+    /// DDIM's stochasticity η, as the diffusers pipelines' `eta`: 0 deterministic, 1 DDPM's
+    /// posterior noise (--scheduler ddim only).
+    #[arg(long, value_parser = super::values::non_negative_f32, default_value_t = 0.0)]
+    pub eta: f32,
     /// Precision of the UNet and VAE: f32, or f16 where the device computes in it (the
     /// scheduler's arithmetic stays f32).
     #[arg(long, default_value = "f32", value_parser = ["f32", "f16"])]
@@ -259,6 +263,7 @@ impl SamplingArgs {
             batch: self.batch,
             seed: self.seed,
             guidance_scale: self.guidance_scale,
+            eta: self.eta,
             precision: Precision::parse(&self.precision)?,
             lora: self.lora.clone(),
             lora_scale: self.lora_scale,
@@ -486,6 +491,7 @@ fn run_fid(args: FidArgs) -> Result<()> {
                 "lora": sampling.lora_json(),
                 "guidance_scale": model.pipeline.is_text_to_image().then(|| sampling.guidance_scale.unwrap_or(crate::eval::DEFAULT_TEXT_GUIDANCE)),
                 "scheduler": model.algorithm.to_string(),
+                "eta": sampling.eta,
                 "precision": model.precision.name(),
                 "steps": args.steps,
                 "seed": args.sampling.seed,
@@ -670,6 +676,7 @@ fn run_curve(args: CurveArgs) -> Result<()> {
                 rows.push(json!({
                     "model": model.dir.display().to_string(),
                     "scheduler": model.algorithm.to_string(),
+                    "eta": sampling.eta,
                     "precision": model.precision.name(),
                     "steps": n,
                     "guidance_scale": text_g,

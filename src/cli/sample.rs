@@ -44,6 +44,10 @@ pub struct SampleArgs {
     /// student takes as w = s − 1 (diffusers' LCM pipeline convention).
     #[arg(long, value_parser = super::values::non_negative_f32)]
     pub guidance_scale: Option<f32>,
+    /// DDIM's stochasticity η, as the diffusers pipelines' `eta`: 0 deterministic, 1 DDPM's
+    /// posterior noise; fresh noise from --seed's stream each step (--scheduler ddim only).
+    #[arg(long, value_parser = super::values::non_negative_f32, default_value_t = 0.0)]
+    pub eta: f32,
     /// A prompt for a text-to-image pipeline (repeat for several; --num-per-prompt images each).
     #[arg(long)]
     pub prompt: Vec<String>,
@@ -157,6 +161,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
         &pipeline.scheduler,
     );
     let mut scheduler: Scheduler<DeviceSample> = pipeline.scheduler.build(Some(algorithm))?;
+    scheduler.set_eta(args.eta).map_err(|e| Error::Usage(e.0))?;
     let train = scheduler.schedule().num_train_timesteps();
     let steps = args
         .steps
@@ -222,6 +227,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
         latents: initial.as_deref(),
         guidance_scale: args.guidance_scale,
         text: text.as_ref(),
+        eta: args.eta,
     };
     generate(
         &pipeline,
@@ -379,6 +385,7 @@ fn sample_gan(args: &SampleArgs, device: &burn::prelude::Device) -> Result<()> {
         latents: None,
         guidance_scale: None,
         text: None,
+        eta: 0.0,
     };
     crate::sample::generate_gan(&generator, config.latent_dim, &request, device, |_, x| {
         outputs.extend(x.into_data().try_to_vec::<f32>().expect("f32 samples"));

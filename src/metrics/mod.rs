@@ -181,6 +181,9 @@ pub fn sample_features(
 ) -> Result<Sampled> {
     let mut scheduler: Scheduler<DeviceSample> = pipeline.scheduler.build(Some(algorithm))?;
     scheduler
+        .set_eta(request.eta)
+        .map_err(|e| Error::Usage(e.0))?;
+    scheduler
         .set_timesteps(steps)
         .map_err(|e| Error::Usage(format!("--steps {steps}: {}", e.0)))?;
     if let Some(w) = scheduler.grid_warning() {
