@@ -30,6 +30,8 @@ pub struct Sampling {
     pub guidance_scale: Option<f32>,
     /// DDIM's stochasticity η (0: deterministic).
     pub eta: f32,
+    /// Custom timesteps of the LCM scheduler; empty: its grid.
+    pub timesteps: Vec<i64>,
     pub precision: Precision,
     /// A LoRA file merged into every model's UNet, at `lora_scale`.
     pub lora: Option<PathBuf>,
@@ -133,6 +135,7 @@ impl ModelUnderTest {
             guidance_scale: sampling.guidance_scale,
             text: prompts.as_ref(),
             eta: sampling.eta,
+            timesteps: &sampling.timesteps,
             ..Generation::new(sampling.num_samples, self.batch, sampling.seed)
         };
         metrics::sample_features(
@@ -387,6 +390,7 @@ impl<'a> Evaluator<'a> {
             seed: 0,
             guidance_scale: self.guidance_scale,
             eta: 0.0,
+            timesteps: Vec::new(),
             precision: Precision::F32,
             lora: None,
             lora_scale: 1.0,

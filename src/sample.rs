@@ -228,6 +228,8 @@ pub struct Generation<'a> {
     /// DDIM's stochasticity η (the pipelines' `eta`; 0: deterministic, the only value other
     /// schedulers take).
     pub eta: f32,
+    /// Custom timesteps of the LCM scheduler (the pipelines' `timesteps`); empty: its grid.
+    pub timesteps: &'a [i64],
 }
 
 /// Prompts for a text-to-image pipeline, as diffusers' `StableDiffusionPipeline.__call__` takes
@@ -351,8 +353,23 @@ impl Generation<'_> {
             guidance_scale: None,
             text: None,
             eta: 0.0,
+            timesteps: &[],
         }
     }
+}
+
+/// Applies the request's sampler settings to `scheduler`: DDIM's η and the LCM scheduler's
+/// custom timesteps (each refused, in one line, by schedulers that do not take it).
+pub fn configure_scheduler(
+    scheduler: &mut Scheduler<DeviceSample>,
+    request: &Generation<'_>,
+) -> Result<()> {
+    scheduler
+        .set_eta(request.eta)
+        .map_err(|e| Error::Usage(e.0))?;
+    scheduler
+        .set_custom_timesteps(request.timesteps)
+        .map_err(|e| Error::Usage(e.0))
 }
 
 /// Generates `request.num` images with `scheduler` at `steps` steps, handing each batch (model
@@ -391,9 +408,7 @@ pub fn generate(
             k - 1
         )));
     }
-    scheduler
-        .set_eta(request.eta)
-        .map_err(|e| Error::Usage(e.0))?;
+    configure_scheduler(scheduler, request)?;
     let mut initial_noise = NoiseStream::new(request.seed);
     let mut step_noise = NoiseStream::new(request.seed.wrapping_add(0x5eed));
     for first in (0..request.num).step_by(request.batch) {

@@ -296,6 +296,26 @@ fn cases() -> Vec<(Vec<&'static str>, &'static str)> {
             "--eta 0.5: only the ddim scheduler",
         ),
         c(
+            "eval fid --model @/tiny --scheduler ddim --timesteps 999,339 --num-samples 200",
+            "--timesteps: only the lcm scheduler",
+        ),
+        c(
+            "sample --model @/tiny --out @/x.png --scheduler lcm --timesteps 339,999",
+            "--timesteps 339,999: expected strictly decreasing",
+        ),
+        c(
+            "sample --model @/tiny --out @/x.png --scheduler lcm --timesteps 999,339 --steps 4",
+            "--steps 4: --timesteps gives 2 steps",
+        ),
+        c(
+            "sample --model @/tiny --out @/x.png --timesteps 9x",
+            "--timesteps",
+        ),
+        c(
+            "eval curve --model @/tiny --steps 2 --timesteps 999,339 --out @/curve",
+            "--timesteps: eval curve",
+        ),
+        c(
             "sample --model @/tiny --out @/x.png --device bogus",
             "--device",
         ),

@@ -25,6 +25,9 @@ pub struct Lcm {
     pub timesteps: Vec<f32>,
     pub step_index: usize,
     int_timesteps: Vec<i64>,
+    /// A grid given by the caller (diffusers' `set_timesteps(timesteps=…)`), used by every
+    /// [`Self::set_timesteps`] of its length.
+    custom: Option<Vec<i64>>,
 }
 
 impl Lcm {
@@ -35,12 +38,50 @@ impl Lcm {
             timesteps: Vec::new(),
             step_index: 0,
             int_timesteps: Vec::new(),
+            custom: None,
         }
+    }
+
+    /// Samples on `timesteps` (strictly decreasing training timesteps, the first below
+    /// `num_train_timesteps`) instead of the skipping-step grid, as diffusers'
+    /// `set_timesteps(timesteps=…)` does; empty: back to the grid.
+    pub fn set_custom_timesteps(&mut self, timesteps: &[i64]) -> Result<(), ConfigError> {
+        let train = self.config.num_train_timesteps as i64;
+        let list = timesteps
+            .iter()
+            .map(|t| t.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        if timesteps.windows(2).any(|p| p[1] >= p[0]) {
+            return Err(ConfigError::new(format!(
+                "--timesteps {list}: expected strictly decreasing timesteps, e.g. 999,339"
+            )));
+        }
+        if timesteps.iter().any(|&t| t < 0 || t >= train) {
+            return Err(ConfigError::new(format!(
+                "--timesteps {list}: expected training timesteps from 0 to {}",
+                train - 1
+            )));
+        }
+        self.custom = (!timesteps.is_empty()).then(|| timesteps.to_vec());
+        Ok(())
     }
 
     /// The skipping-step grid: `original_inference_steps` evenly spaced training timesteps
     /// (k·i − 1), of which `n` are taken evenly from the top.
     pub fn set_timesteps(&mut self, n: usize) -> Result<(), ConfigError> {
+        if let Some(custom) = &self.custom {
+            if custom.len() != n {
+                return Err(ConfigError::new(format!(
+                    "--steps {n}: --timesteps gives {} steps",
+                    custom.len()
+                )));
+            }
+            self.int_timesteps = custom.clone();
+            self.timesteps = custom.iter().map(|&t| t as f32).collect();
+            self.step_index = 0;
+            return Ok(());
+        }
         let orig = self.config.original_inference_steps;
         if n > orig {
             return Err(ConfigError::new(format!(
@@ -55,6 +96,25 @@ impl Lcm {
         self.timesteps = self.int_timesteps.iter().map(|&t| t as f32).collect();
         self.step_index = 0;
         Ok(())
+    }
+
+    /// Custom timesteps off the distillation grid (`k·i − 1`, k = train / original steps), which
+    /// the model was not trained at, named as diffusers warns of them; `None` on the grid.
+    pub fn grid_warning(&self) -> Option<String> {
+        let custom = self.custom.as_ref()?;
+        let k = (self.config.num_train_timesteps / self.config.original_inference_steps) as i64;
+        let off: Vec<String> = custom
+            .iter()
+            .filter(|&&t| (t + 1) % k != 0)
+            .map(|t| t.to_string())
+            .collect();
+        (!off.is_empty()).then(|| {
+            format!(
+                "--timesteps: {} not on the {}-step distillation grid (multiples of {k}, minus 1) the model was trained on; samples may suffer",
+                off.join(", "),
+                self.config.original_inference_steps
+            )
+        })
     }
 
     /// Every step but the last re-injects noise.

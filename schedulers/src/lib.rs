@@ -145,11 +145,26 @@ impl<T: SampleOps> Scheduler<T> {
         }
     }
 
+    /// Custom timesteps for the LCM scheduler (diffusers' `timesteps=` argument of
+    /// `LCMScheduler.set_timesteps` and the LCM pipelines): later [`Self::set_timesteps`] calls
+    /// must ask for as many steps. An error for any other algorithm unless `timesteps` is empty.
+    pub fn set_custom_timesteps(&mut self, timesteps: &[i64]) -> Result<(), ConfigError> {
+        match self {
+            Scheduler::Lcm(s) => s.set_custom_timesteps(timesteps),
+            _ if timesteps.is_empty() => Ok(()),
+            other => Err(ConfigError::new(format!(
+                "--timesteps: only the lcm scheduler takes custom timesteps, this one is {}",
+                other.algorithm().cli_name()
+            ))),
+        }
+    }
+
     /// A one-line warning when the current grid makes this algorithm sample badly (DDIM at a
     /// step count that does not divide `num_train_timesteps`: [`ddim::Ddim::grid_warning`]).
     pub fn grid_warning(&self) -> Option<String> {
         match self {
             Scheduler::Ddim(s) => s.grid_warning(),
+            Scheduler::Lcm(s) => s.grid_warning(),
             _ => None,
         }
     }

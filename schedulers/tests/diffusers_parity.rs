@@ -74,6 +74,10 @@ fn every_algorithm_matches_diffusers_step_by_step() {
         if let Some(eta) = case.get("eta") {
             s.set_eta(eta.as_f64().unwrap() as f32).unwrap();
         }
+        if let Some(ts) = case.get("custom_timesteps") {
+            let ts: Vec<i64> = floats(ts).iter().map(|&t| t as i64).collect();
+            s.set_custom_timesteps(&ts).unwrap();
+        }
         s.set_timesteps(case["steps"].as_u64().unwrap() as usize)
             .unwrap();
         assert_eq!(
@@ -209,6 +213,49 @@ fn ddim_warns_where_its_stride_misses_the_grid() {
     .unwrap();
     ddpm.set_timesteps(256).unwrap();
     assert!(ddpm.grid_warning().is_none());
+}
+
+#[test]
+fn custom_timesteps_are_lcms_alone_checked_and_warned_off_its_grid() {
+    let build = |name: &str| -> Scheduler<Vec<f32>> {
+        SchedulerConfig::default()
+            .build(Algorithm::from_cli_name(name))
+            .unwrap()
+    };
+    let err = build("ddim").set_custom_timesteps(&[999, 339]).unwrap_err();
+    assert!(
+        err.0.contains("--timesteps") && err.0.contains("lcm"),
+        "{}",
+        err.0
+    );
+    build("ddim").set_custom_timesteps(&[]).unwrap();
+    let mut lcm = build("lcm");
+    for bad in [&[339, 999][..], &[999, 999], &[1000, 3], &[5, -1]] {
+        let err = lcm.set_custom_timesteps(bad).unwrap_err();
+        assert!(err.0.starts_with("--timesteps "), "{}", err.0);
+    }
+    lcm.set_custom_timesteps(&[999, 339]).unwrap();
+    assert!(
+        lcm.set_timesteps(3).is_err(),
+        "--steps must agree with --timesteps"
+    );
+    lcm.set_timesteps(2).unwrap();
+    assert_eq!(lcm.timesteps(), &[999.0, 339.0]);
+    assert!(
+        lcm.grid_warning().is_none(),
+        "999 and 339 lie on the 50-step grid"
+    );
+    lcm.set_custom_timesteps(&[900, 500]).unwrap();
+    lcm.set_timesteps(2).unwrap();
+    let w = lcm.grid_warning().expect("off the grid");
+    assert!(w.contains("900") && w.contains("500"), "{w}");
+    lcm.set_custom_timesteps(&[]).unwrap();
+    lcm.set_timesteps(2).unwrap();
+    assert_eq!(
+        lcm.timesteps(),
+        &[999.0, 499.0],
+        "back to the skipping-step grid"
+    );
 }
 
 #[test]

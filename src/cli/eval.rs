@@ -240,6 +240,11 @@ pub struct SamplingArgs {
     /// posterior noise (--scheduler ddim only).
     #[arg(long, value_parser = super::values::non_negative_f32, default_value_t = 0.0)]
     pub eta: f32,
+    /// The LCM scheduler's timesteps, comma-separated and decreasing (the pipelines'
+    /// `timesteps`, e.g. 999,339 for two steps; --steps is then their number); default: its
+    /// skipping-step grid. Not with eval curve.
+    #[arg(long, value_parser = super::values::timesteps)]
+    pub timesteps: Option<super::values::Timesteps>,
     /// Precision of the UNet and VAE: f32, or f16 where the device computes in it (the
     /// scheduler's arithmetic stays f32).
     #[arg(long, default_value = "f32", value_parser = ["f32", "f16"])]
@@ -254,6 +259,11 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
+    /// The step count: as many as --timesteps gives, else `steps` (--steps).
+    fn steps(&self, steps: usize) -> usize {
+        self.timesteps.as_ref().map_or(steps, |t| t.0.len())
+    }
+
     /// The library's sampling settings for `device`.
     fn sampling(&self, device: &DeviceArgs) -> Result<Sampling> {
         let choice = device.choice()?;
@@ -264,6 +274,7 @@ impl SamplingArgs {
             seed: self.seed,
             guidance_scale: self.guidance_scale,
             eta: self.eta,
+            timesteps: self.timesteps.clone().map(|t| t.0).unwrap_or_default(),
             precision: Precision::parse(&self.precision)?,
             lora: self.lora.clone(),
             lora_scale: self.lora_scale,
@@ -475,14 +486,9 @@ fn run_fid(args: FidArgs) -> Result<()> {
             (scores, source, Some(sampled.per_second))
         }
         FidSource::Pipeline(dir, model) => {
-            let sampled = model.sample_features(
-                args.steps,
-                &sampling,
-                extractor,
-                0,
-                judge.as_ref(),
-                &device,
-            )?;
+            let steps = args.sampling.steps(args.steps);
+            let sampled =
+                model.sample_features(steps, &sampling, extractor, 0, judge.as_ref(), &device)?;
             let per_sec = sampled.per_second;
             let scores = metrics::score(&sampled.features, &reference)?;
             adherence = sampled.adherence;
@@ -492,8 +498,9 @@ fn run_fid(args: FidArgs) -> Result<()> {
                 "guidance_scale": model.pipeline.is_text_to_image().then(|| sampling.guidance_scale.unwrap_or(crate::eval::DEFAULT_TEXT_GUIDANCE)),
                 "scheduler": model.algorithm.to_string(),
                 "eta": sampling.eta,
+                "timesteps": (!sampling.timesteps.is_empty()).then_some(&sampling.timesteps),
                 "precision": model.precision.name(),
-                "steps": args.steps,
+                "steps": steps,
                 "seed": args.sampling.seed,
                 // From the config: a quantized UNet's parameters are packed codes.
                 "params": burn::module::Module::num_params(&model.pipeline.unet_config.init(&device)),
@@ -555,6 +562,11 @@ fn run_fid(args: FidArgs) -> Result<()> {
 
 fn run_curve(args: CurveArgs) -> Result<()> {
     let steps = parse_steps(&args.steps)?;
+    if args.sampling.timesteps.is_some() {
+        return Err(Error::Usage(
+            "--timesteps: eval curve samples each --steps on the scheduler's own grid; score custom timesteps with eval fid".into(),
+        ));
+    }
     let device = args.device.device()?;
     let sampling = args.sampling.sampling(&args.device)?;
     let extractor = args.reference.extractor(&device)?;
@@ -776,8 +788,9 @@ fn run_stats(args: StatsArgs) -> Result<()> {
                     sampling.num_samples,
                     &device,
                 )?;
+                let steps = args.sampling.steps(args.steps);
                 let sampled = model.sample_features(
-                    args.steps,
+                    steps,
                     &sampling,
                     extractor,
                     0,
@@ -786,7 +799,7 @@ fn run_stats(args: StatsArgs) -> Result<()> {
                 )?;
                 (
                     sampled.features,
-                    json!({ "model": dir.display().to_string(), "scheduler": model.algorithm.to_string(), "steps": args.steps, "num_samples": args.sampling.num_samples, "seed": args.sampling.seed }),
+                    json!({ "model": dir.display().to_string(), "scheduler": model.algorithm.to_string(), "steps": steps, "num_samples": args.sampling.num_samples, "seed": args.sampling.seed }),
                 )
             }
         }

@@ -48,6 +48,10 @@ pub struct SampleArgs {
     /// posterior noise; fresh noise from --seed's stream each step (--scheduler ddim only).
     #[arg(long, value_parser = super::values::non_negative_f32, default_value_t = 0.0)]
     pub eta: f32,
+    /// The LCM scheduler's timesteps, comma-separated and decreasing (the pipelines'
+    /// `timesteps`, e.g. 999,339 for two steps); default: its skipping-step grid.
+    #[arg(long, value_parser = super::values::timesteps)]
+    pub timesteps: Option<super::values::Timesteps>,
     /// A prompt for a text-to-image pipeline (repeat for several; --num-per-prompt images each).
     #[arg(long)]
     pub prompt: Vec<String>,
@@ -161,10 +165,19 @@ pub fn run(args: SampleArgs) -> Result<()> {
         &pipeline.scheduler,
     );
     let mut scheduler: Scheduler<DeviceSample> = pipeline.scheduler.build(Some(algorithm))?;
-    scheduler.set_eta(args.eta).map_err(|e| Error::Usage(e.0))?;
+    let custom = args.timesteps.as_ref().map_or(&[][..], |t| &t.0);
+    crate::sample::configure_scheduler(
+        &mut scheduler,
+        &Generation {
+            eta: args.eta,
+            timesteps: custom,
+            ..Generation::new(1, 1, 0)
+        },
+    )?;
     let train = scheduler.schedule().num_train_timesteps();
     let steps = args
         .steps
+        .or((!custom.is_empty()).then_some(custom.len()))
         .or(pipeline.scheduler.distilled_steps)
         .unwrap_or_else(|| default_steps(algorithm, train));
     scheduler
@@ -228,6 +241,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
         guidance_scale: args.guidance_scale,
         text: text.as_ref(),
         eta: args.eta,
+        timesteps: custom,
     };
     generate(
         &pipeline,
@@ -386,6 +400,7 @@ fn sample_gan(args: &SampleArgs, device: &burn::prelude::Device) -> Result<()> {
         guidance_scale: None,
         text: None,
         eta: 0.0,
+        timesteps: &[],
     };
     crate::sample::generate_gan(&generator, config.latent_dim, &request, device, |_, x| {
         outputs.extend(x.into_data().try_to_vec::<f32>().expect("f32 samples"));

@@ -112,6 +112,20 @@ pub fn seed(s: &str) -> Result<u64, String> {
         .map_err(|_| "expected a whole number ≥ 0".to_string())
 }
 
+/// A list of training timesteps (one flag value: clap would take a bare `Vec` for repeats).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timesteps(pub Vec<i64>);
+
+/// Training timesteps, comma-separated (`999,339`); order and range are checked by the
+/// scheduler, which knows its number of training timesteps.
+pub fn timesteps(s: &str) -> Result<Timesteps, String> {
+    s.split(',')
+        .map(|t| t.trim().parse::<i64>())
+        .collect::<Result<Vec<_>, _>>()
+        .map(Timesteps)
+        .map_err(|_| "expected whole numbers separated by commas, e.g. 999,339".to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +138,9 @@ mod tests {
         assert!(positive_f64("nan").is_err());
         assert!(positive_f64("inf").is_err());
         assert!(positive_f64("abc").is_err());
+        assert_eq!(timesteps("999, 339"), Ok(Timesteps(vec![999, 339])));
+        assert!(timesteps("999,,339").is_err());
+        assert!(timesteps("a").is_err());
         assert_eq!(non_negative_f32("0"), Ok(0.0));
         assert!(non_negative_f32("-0.5").is_err());
         assert_eq!(probability("1"), Ok(1.0));

@@ -180,9 +180,7 @@ pub fn sample_features(
     device: &Device,
 ) -> Result<Sampled> {
     let mut scheduler: Scheduler<DeviceSample> = pipeline.scheduler.build(Some(algorithm))?;
-    scheduler
-        .set_eta(request.eta)
-        .map_err(|e| Error::Usage(e.0))?;
+    crate::sample::configure_scheduler(&mut scheduler, request)?;
     scheduler
         .set_timesteps(steps)
         .map_err(|e| Error::Usage(format!("--steps {steps}: {}", e.0)))?;
