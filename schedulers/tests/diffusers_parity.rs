@@ -215,13 +215,15 @@ fn ddim_warns_where_its_stride_misses_the_grid() {
     assert!(ddpm.grid_warning().is_none());
 }
 
+/// A default-config scheduler of the algorithm named as on the command line.
+fn build(name: &str) -> Scheduler<Vec<f32>> {
+    SchedulerConfig::default()
+        .build(Algorithm::from_cli_name(name))
+        .unwrap()
+}
+
 #[test]
 fn custom_timesteps_are_lcms_alone_checked_and_warned_off_its_grid() {
-    let build = |name: &str| -> Scheduler<Vec<f32>> {
-        SchedulerConfig::default()
-            .build(Algorithm::from_cli_name(name))
-            .unwrap()
-    };
     let err = build("ddim").set_custom_timesteps(&[999, 339]).unwrap_err();
     assert!(
         err.0.contains("--timesteps") && err.0.contains("lcm"),
@@ -260,11 +262,6 @@ fn custom_timesteps_are_lcms_alone_checked_and_warned_off_its_grid() {
 
 #[test]
 fn eta_is_ddims_alone_and_zero_keeps_it_deterministic() {
-    let build = |name: &str| -> Scheduler<Vec<f32>> {
-        SchedulerConfig::default()
-            .build(Algorithm::from_cli_name(name))
-            .unwrap()
-    };
     let err = build("euler").set_eta(0.5).unwrap_err();
     assert!(
         err.0.contains("--eta 0.5") && err.0.contains("ddim"),
