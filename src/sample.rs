@@ -358,17 +358,16 @@ impl Generation<'_> {
     }
 }
 
-/// Applies the request's sampler settings to `scheduler`: DDIM's η and the LCM scheduler's
-/// custom timesteps (each refused, in one line, by schedulers that do not take it).
+/// Applies the sampler settings of a [`Generation`] to `scheduler`: DDIM's η and the LCM
+/// scheduler's custom timesteps (each refused, in one line, by schedulers that do not take it).
 pub fn configure_scheduler(
     scheduler: &mut Scheduler<DeviceSample>,
-    request: &Generation<'_>,
+    eta: f32,
+    timesteps: &[i64],
 ) -> Result<()> {
+    scheduler.set_eta(eta).map_err(|e| Error::Usage(e.0))?;
     scheduler
-        .set_eta(request.eta)
-        .map_err(|e| Error::Usage(e.0))?;
-    scheduler
-        .set_custom_timesteps(request.timesteps)
+        .set_custom_timesteps(timesteps)
         .map_err(|e| Error::Usage(e.0))
 }
 
@@ -408,7 +407,7 @@ pub fn generate(
             k - 1
         )));
     }
-    configure_scheduler(scheduler, request)?;
+    configure_scheduler(scheduler, request.eta, request.timesteps)?;
     let mut initial_noise = NoiseStream::new(request.seed);
     let mut step_noise = NoiseStream::new(request.seed.wrapping_add(0x5eed));
     for first in (0..request.num).step_by(request.batch) {

@@ -93,16 +93,12 @@ impl Ddim {
         }
     }
 
-    /// σ_t of the current step: η·√((1−ᾱ_prev)/(1−ᾱ_t)·(1−ᾱ_t/ᾱ_prev)) (`_get_variance`).
-    fn noise_std(&self) -> f32 {
-        let Some(&(t, prev_t)) = self.transitions().get(self.step_index) else {
-            return 0.0;
-        };
+    /// σ_t of a step from ᾱ_t to ᾱ_prev: η·√((1−ᾱ_prev)/(1−ᾱ_t)·(1−ᾱ_t/ᾱ_prev))
+    /// (`_get_variance`).
+    fn noise_std(&self, alpha_t: f32, alpha_prev: f32) -> f32 {
         if self.eta == 0.0 {
             return 0.0;
         }
-        let alpha_t = self.schedule.alphas_cumprod[t as usize];
-        let alpha_prev = self.alpha_bar_or_final(prev_t);
         let variance = (1.0 - alpha_prev) / (1.0 - alpha_t) * (1.0 - alpha_t / alpha_prev);
         self.eta * variance.max(0.0).sqrt()
     }
@@ -123,7 +119,7 @@ impl Ddim {
         let (t, prev_t) = self.transitions()[self.step_index];
         let alpha_t = self.schedule.alphas_cumprod[t as usize];
         let alpha_prev = self.alpha_bar_or_final(prev_t);
-        let std = self.noise_std();
+        let std = self.noise_std(alpha_t, alpha_prev);
         let clip = self
             .config
             .clip_sample

@@ -166,14 +166,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
     );
     let mut scheduler: Scheduler<DeviceSample> = pipeline.scheduler.build(Some(algorithm))?;
     let custom = args.timesteps.as_ref().map_or(&[][..], |t| &t.0);
-    crate::sample::configure_scheduler(
-        &mut scheduler,
-        &Generation {
-            eta: args.eta,
-            timesteps: custom,
-            ..Generation::new(1, 1, 0)
-        },
-    )?;
+    crate::sample::configure_scheduler(&mut scheduler, args.eta, custom)?;
     let train = scheduler.schedule().num_train_timesteps();
     let steps = args
         .steps

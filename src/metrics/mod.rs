@@ -180,7 +180,7 @@ pub fn sample_features(
     device: &Device,
 ) -> Result<Sampled> {
     let mut scheduler: Scheduler<DeviceSample> = pipeline.scheduler.build(Some(algorithm))?;
-    crate::sample::configure_scheduler(&mut scheduler, request)?;
+    crate::sample::configure_scheduler(&mut scheduler, request.eta, request.timesteps)?;
     scheduler
         .set_timesteps(steps)
         .map_err(|e| Error::Usage(format!("--steps {steps}: {}", e.0)))?;
