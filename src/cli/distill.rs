@@ -260,6 +260,10 @@ pub enum LossKind {
     L2,
     /// Pseudo-Huber √((a − b)² + c²) − c per element (LCM).
     Huber,
+    /// LPIPS's form on the teacher's own encoder: channel-normalised features of every
+    /// encoder map, squared differences summed (the consistency-models paper's perceptual
+    /// distance, with the teacher as the network; ~1.5× the time of an iteration).
+    TeacherFeatures,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -554,6 +558,7 @@ impl ConsistencyArgs {
             distance: match self.loss {
                 LossKind::L2 => Distance::L2,
                 LossKind::Huber => Distance::PseudoHuber { c: self.huber_c },
+                LossKind::TeacherFeatures => Distance::TeacherFeatures,
             },
             solver: match self.solver {
                 SolverKind::Ddim => Solver::Ddim,

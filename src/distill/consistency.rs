@@ -19,6 +19,7 @@
 //! √((a − b)² + c²) − c averaged over elements.
 
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 use fewstep_schedulers::config::ConfigError;
 use fewstep_schedulers::lcm::boundary_scalings;
 use fewstep_schedulers::schedule::NoiseSchedule;
@@ -226,20 +227,77 @@ pub enum Distance {
     L2,
     /// √((a − b)² + c²) − c averaged over elements (LCM's "huber", c = 0.001).
     PseudoHuber { c: f32 },
+    /// A perceptual distance in LPIPS's form (Zhang et al. 2018) on the teacher's own encoder
+    /// ([`teacher_feature_distance`]): the consistency-models paper's LPIPS, which it found far
+    /// ahead of L2 at one step, without a network trained elsewhere (none is reachable
+    /// offline) and without the FID feature network (which would train on the metric).
+    TeacherFeatures,
 }
 
-/// d(a, b) per row: [B].
-pub fn distance(a: Tensor<4>, b: Tensor<4>, d: Distance) -> Tensor<1> {
+/// d(a, b) per row: [B]. `features` is the frozen teacher on `a`'s (autodiff) device, which
+/// [`Distance::TeacherFeatures`] runs; the element-wise distances ignore it.
+pub fn distance(
+    a: Tensor<4>,
+    b: Tensor<4>,
+    d: Distance,
+    features: Option<(&UNet, &Conditioning)>,
+) -> Tensor<1> {
     let [bsz, c, h, w] = a.dims();
-    let sq = (a - b).powf_scalar(2.0);
+    let sq = (a.clone() - b.clone()).powf_scalar(2.0);
     let per_elem = match d {
         Distance::L2 => sq,
         Distance::PseudoHuber { c } => (sq + c * c).sqrt() - c,
+        Distance::TeacherFeatures => {
+            let (net, cond) = features.expect("the teacher-feature distance is given the teacher");
+            return teacher_feature_distance(net, a, b, cond);
+        }
     };
     per_elem
         .reshape([bsz, c * h * w])
         .mean_dim(1)
         .reshape([bsz])
+}
+
+/// Σ over the teacher's encoder maps ([`UNet::encoder_features`] at t = 0, each row with its
+/// own conditioning) of the squared difference of the channel-normalised features, summed
+/// over channels and averaged over positions — LPIPS with uniform layer weights (it learns
+/// per-channel weights from human judgements, which do not exist for a user's data): [B].
+pub fn teacher_feature_distance(
+    net: &UNet,
+    a: Tensor<4>,
+    b: Tensor<4>,
+    cond: &Conditioning,
+) -> Tensor<1> {
+    let bsz = a.dims()[0];
+    let device = a.device();
+    let x = Tensor::cat(vec![a, b], 0);
+    let t = Tensor::<1>::zeros([2 * bsz], &device);
+    let feats = net.encoder_features(x, t, &cond.clone().concat(cond.clone()));
+    let mut total: Option<Tensor<1>> = None;
+    for f in feats {
+        let f = f.cast(FloatDType::F32);
+        let [_, c, h, w] = f.dims();
+        let norm = f
+            .clone()
+            .powf_scalar(2.0)
+            .sum_dim(1)
+            .sqrt()
+            .add_scalar(1e-10);
+        let f = f / norm; // [2B, C, H, W], unit length over C at each position
+        let fa = f.clone().narrow(0, 0, bsz);
+        let fb = f.narrow(0, bsz, bsz);
+        let d = (fa - fb)
+            .powf_scalar(2.0)
+            .reshape([bsz, c * h * w])
+            .sum_dim(1)
+            .reshape([bsz])
+            .div_scalar((h * w) as f64);
+        total = Some(match total {
+            Some(t) => t + d,
+            None => d,
+        });
+    }
+    total.expect("the encoder has at least conv_in's map")
 }
 
 /// How the number of scales N and the target network's EMA rate μ move with the iteration:
@@ -381,14 +439,86 @@ mod tests {
         let device = crate::backend::cpu_device().expect("a CPU backend is compiled in");
         let a = Tensor::<1>::from_floats([0.0, 1.0, 2.0, 3.0], &device).reshape([1, 1, 2, 2]);
         for d in [Distance::L2, Distance::PseudoHuber { c: 0.001 }] {
-            let same: f32 = distance(a.clone(), a.clone(), d).into_scalar::<f32>();
-            let near: f32 = distance(a.clone(), a.clone() + 0.1, d).into_scalar::<f32>();
-            let far: f32 = distance(a.clone(), a.clone() + 1.0, d).into_scalar::<f32>();
+            let same: f32 = distance(a.clone(), a.clone(), d, None).into_scalar::<f32>();
+            let near: f32 = distance(a.clone(), a.clone() + 0.1, d, None).into_scalar::<f32>();
+            let far: f32 = distance(a.clone(), a.clone() + 1.0, d, None).into_scalar::<f32>();
             assert!(same.abs() < 1e-7 && near > 0.0 && far > near, "{d:?}");
         }
-        let h: f32 =
-            distance(a.clone(), a + 1.0, Distance::PseudoHuber { c: 0.001 }).into_scalar::<f32>();
+        let h: f32 = distance(a.clone(), a + 1.0, Distance::PseudoHuber { c: 0.001 }, None)
+            .into_scalar::<f32>();
         assert!((h - (1.0f32 + 1e-6).sqrt() + 0.001).abs() < 1e-5);
+    }
+
+    #[test]
+    fn the_teacher_feature_distance_is_a_per_row_distance_that_trains_the_input_only() {
+        use crate::models::UNetConfig;
+        use burn::module::Module;
+        let device = crate::backend::cpu_device().expect("a CPU backend is compiled in");
+        let ad = device.clone().autodiff();
+        let config = UNetConfig::tiny();
+        let net = config.init(&device).to_device(&ad).no_grad();
+        let cond = Conditioning::none();
+        let maps = net.encoder_features(
+            Tensor::<4>::zeros([1, 3, 16, 16], &ad),
+            Tensor::<1>::zeros([1], &ad),
+            &cond,
+        );
+        // conv_in, one map per down-block resnet and downsampler, and the mid block.
+        let blocks = config.block_out_channels.len();
+        assert_eq!(
+            maps.len(),
+            1 + blocks * config.layers_per_block + (blocks - 1) + 1
+        );
+        let a = Tensor::<4>::random(
+            [3, 3, 16, 16],
+            burn::tensor::Distribution::Normal(0.0, 0.5),
+            &device,
+        );
+        let b = Tensor::<4>::random(
+            [3, 3, 16, 16],
+            burn::tensor::Distribution::Normal(0.0, 0.5),
+            &device,
+        );
+        let d = |x: &Tensor<4>, y: &Tensor<4>| {
+            distance(
+                x.clone().autodiff(),
+                y.clone().autodiff(),
+                Distance::TeacherFeatures,
+                Some((&net, &cond)),
+            )
+            .valid()
+            .into_data()
+            .try_to_vec::<f32>()
+            .expect("f32 distances")
+        };
+        let (same, ab, ba) = (d(&a, &a), d(&a, &b), d(&b, &a));
+        assert_eq!(same.len(), 3);
+        for i in 0..3 {
+            assert!(same[i].abs() < 1e-6, "{same:?}");
+            assert!(ab[i] > 1e-3, "{ab:?}");
+            assert!((ab[i] - ba[i]).abs() < 1e-4 * ab[i], "{ab:?} {ba:?}");
+        }
+        // Row i's distance depends on row i alone.
+        let mut c = b.clone();
+        c = c.slice_assign([0..1, 0..3, 0..16, 0..16], a.clone().narrow(0, 0, 1));
+        let ac = d(&a, &c);
+        assert!(
+            ac[0].abs() < 1e-6 && (ac[1] - ab[1]).abs() < 1e-5 * ab[1],
+            "{ac:?}"
+        );
+        // Gradients reach the input, not the frozen teacher.
+        let x = a.clone().autodiff().require_grad();
+        let loss = distance(
+            x.clone(),
+            b.clone().autodiff(),
+            Distance::TeacherFeatures,
+            Some((&net, &cond)),
+        )
+        .mean();
+        let grads = loss.backward();
+        let gx = x.grad(&grads).expect("the input has a gradient");
+        assert!(gx.abs().sum().into_scalar::<f32>() > 0.0);
+        assert!(net.conv_in.weight.val().grad(&grads).is_none());
     }
 
     #[test]

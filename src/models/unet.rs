@@ -1051,6 +1051,38 @@ impl UNet {
     /// `get_guidance_scale_embedding(w, time_cond_proj_dim)`) and the text context (a
     /// UNet2DConditionModel); parts the model was not built for are ignored.
     pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, cond: &Conditioning) -> Tensor<4> {
+        let (mut x, mut skips, emb, cond) = self.encode(x, t, cond);
+        x = self.mid_block.forward_conditioned(x, Some(&emb), &cond);
+        for block in &self.up_blocks {
+            x = block.forward(x, &emb, &cond, &mut skips);
+        }
+        let x = group_norm_silu(&self.conv_norm_out, x);
+        conv2d_forward(&self.conv_out, x) // [B, C_out, H, W]
+    }
+
+    /// The encoder's activations — `conv_in`'s output, every down-block resnet's and
+    /// downsampler's (the skips the decoder takes) and the mid block's — from fine to coarse: the
+    /// multi-scale features a perceptual distance compares ([`crate::distill::consistency`]'s
+    /// teacher-feature distance). The decoder does not run.
+    pub fn encoder_features(
+        &self,
+        x: Tensor<4>,
+        t: Tensor<1>,
+        cond: &Conditioning,
+    ) -> Vec<Tensor<4>> {
+        let (x, mut skips, emb, cond) = self.encode(x, t, cond);
+        skips.push(self.mid_block.forward_conditioned(x, Some(&emb), &cond));
+        skips
+    }
+
+    /// The down path: its output, the skips, the (SiLU-ed) embedding and the conditioning in
+    /// the weights' precision.
+    fn encode(
+        &self,
+        x: Tensor<4>,
+        t: Tensor<1>,
+        cond: &Conditioning,
+    ) -> (Tensor<4>, Vec<Tensor<4>>, Tensor<2>, Conditioning) {
         // Compute in the weights' precision (f16 after `cast_module`); the sinusoidal features
         // are made in the timesteps' own precision (f32) and cast after, as diffusers does.
         let dtype: FloatDType = self.conv_in.weight.val().dtype().into();
@@ -1079,21 +1111,16 @@ impl UNet {
         // Every resnet applies SiLU to the embedding before its projection: do it once here.
         let emb = silu(emb);
 
-        let cond = &Conditioning {
+        let cond = Conditioning {
             context: cond.context.clone().map(|c| c.cast(dtype)),
             ..cond.clone()
         };
         let mut x = conv2d_forward(&self.conv_in, x); // [B, C0, H, W]
         let mut skips = vec![x.clone()];
         for block in &self.down_blocks {
-            x = block.forward(x, &emb, cond, &mut skips);
+            x = block.forward(x, &emb, &cond, &mut skips);
         }
-        x = self.mid_block.forward_conditioned(x, Some(&emb), cond);
-        for block in &self.up_blocks {
-            x = block.forward(x, &emb, cond, &mut skips);
-        }
-        let x = group_norm_silu(&self.conv_norm_out, x);
-        conv2d_forward(&self.conv_out, x) // [B, C_out, H, W]
+        (x, skips, emb, cond)
     }
 
     /// Whether the model takes a guidance scale (has a guidance-scale embedding).

@@ -552,6 +552,26 @@ pub fn distill_consistency(
     cfg.validate()?;
     let teacher = Pipeline::load(&run.teacher, device)?;
     let teachers = data_parallel::replicate(&teacher.unet, devices);
+    // The teacher-feature distance backpropagates through the frozen teacher: one copy per
+    // device on its autodiff side, its weights out of the gradient.
+    let feature_nets: Vec<UNet> = if cfg.distance == Distance::TeacherFeatures {
+        let on: Vec<Device> = if devices.is_empty() {
+            vec![device.clone()]
+        } else {
+            devices.to_vec()
+        };
+        on.iter()
+            .map(|d| {
+                teacher
+                    .unet
+                    .clone()
+                    .to_device(&d.clone().autodiff())
+                    .no_grad()
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let teacher_prediction = teacher.scheduler.resolve(Algorithm::Lcm).prediction;
     let prediction = consistency_prediction(&teacher.scheduler, cfg);
     let scheduler = student_scheduler(&teacher.scheduler, cfg);
@@ -705,19 +725,21 @@ pub fn distill_consistency(
                         )
                     });
                     // The teacher and target ran without autodiff; the student trains with it.
+                    let ad_cond = cond.autodiff();
                     let online = consistency_output(
                         student,
                         prediction,
                         z.autodiff(),
                         &steps,
                         At::Start,
-                        &cond.autodiff(),
+                        &ad_cond,
                         student_w,
                     );
-                    let loss = distance(online.clone(), target.autodiff(), cfg.distance);
+                    let features = feature_nets.get(shard.index).map(|net| (net, &ad_cond));
+                    let loss = distance(online.clone(), target.autodiff(), cfg.distance, features);
                     match (anchor, cfg.quantize) {
                         (Some(anchor), Some(q)) => (loss
-                            + distance(online, anchor.autodiff(), cfg.distance)
+                            + distance(online, anchor.autodiff(), cfg.distance, features)
                                 .mul_scalar(q.anchor))
                         .mean(),
                         _ => loss.mean(),
