@@ -205,26 +205,46 @@ fn a_finished_run_extends_with_resume_iters_to_the_longer_runs_student() {
 
 #[test]
 fn data_parallel_distillation_matches_one_device() {
-    // Guided class-conditional: labels and per-example guidance scales shard with the images.
+    // Guided class-conditional: labels and per-example guidance scales shard with the images;
+    // the teacher-feature distance runs a frozen teacher per device on its autodiff side.
     let teacher = tiny_model_with("cd", "teacher-dp", &["--class-conditional"]);
-    let (one, two) = (scratch("cd", "dp-one"), scratch("cd", "dp-two"));
-    for (out, devices) in [(&one, "1"), (&two, "2")] {
-        let mut args = distill_args(&teacher, out, "3");
-        args.extend_from_slice(&["--guidance", "1,4", "--devices", devices]);
-        ok(&fewstep(&args));
-    }
-    let student = format!("student/{WEIGHTS}");
-    let max = max_weight_difference(&one.join(&student), &two.join(&student));
-    assert!(max < 1e-5, "{max}");
-    let loss = |run: &Path| std::fs::read_to_string(run.join("loss.csv")).unwrap();
-    let rows = |text: String| -> Vec<f32> {
-        text.lines()
-            .skip(1)
-            .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
-            .collect()
-    };
-    for (a, b) in rows(loss(&one)).iter().zip(rows(loss(&two))) {
-        assert!((a - b).abs() <= 1e-5 * a.abs().max(1e-3), "loss {a} vs {b}");
+    for loss in ["huber", "teacher-features"] {
+        let (one, two) = (
+            scratch("cd", &format!("dp-one-{loss}")),
+            scratch("cd", &format!("dp-two-{loss}")),
+        );
+        for (out, devices) in [(&one, "1"), (&two, "2")] {
+            let mut args = distill_args(&teacher, out, "3");
+            args.extend_from_slice(&["--guidance", "1,4", "--devices", devices, "--loss", loss]);
+            ok(&fewstep(&args));
+        }
+        let run = std::fs::read_to_string(two.join("run.json")).unwrap();
+        let stored = if loss == "huber" {
+            "pseudo_huber"
+        } else {
+            "teacher_features"
+        };
+        assert!(run.contains(&format!("\"{stored}\"")), "{loss}: {run}");
+        let student = format!("student/{WEIGHTS}");
+        let max = max_weight_difference(&one.join(&student), &two.join(&student));
+        assert!(max < 1e-5, "{loss}: {max}");
+        let loss_rows = |run: &Path| -> Vec<f32> {
+            std::fs::read_to_string(run.join("loss.csv"))
+                .unwrap()
+                .lines()
+                .skip(1)
+                .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+                .collect()
+        };
+        let (a, b) = (loss_rows(&one), loss_rows(&two));
+        assert_eq!(a.len(), 3);
+        for (a, b) in a.iter().zip(b) {
+            assert!(a.is_finite() && *a > 0.0, "{loss}: loss {a}");
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs().max(1e-3),
+                "{loss}: loss {a} vs {b}"
+            );
+        }
     }
 }
 
