@@ -4,8 +4,8 @@
 
 mod common;
 use common::{
-    assert_clean_failure, fewstep, interrupt_after_rows, max_weight_difference, ok, scratch,
-    tiny_model, tiny_model_with,
+    assert_clean_failure, fewstep, interrupt_after_rows, losses, max_weight_difference, ok,
+    scratch, tiny_model, tiny_model_with,
 };
 
 use std::path::Path;
@@ -228,15 +228,7 @@ fn data_parallel_distillation_matches_one_device() {
         let student = format!("student/{WEIGHTS}");
         let max = max_weight_difference(&one.join(&student), &two.join(&student));
         assert!(max < 1e-5, "{loss}: {max}");
-        let loss_rows = |run: &Path| -> Vec<f32> {
-            std::fs::read_to_string(run.join("loss.csv"))
-                .unwrap()
-                .lines()
-                .skip(1)
-                .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
-                .collect()
-        };
-        let (a, b) = (loss_rows(&one), loss_rows(&two));
+        let (a, b) = (losses(&one), losses(&two));
         assert_eq!(a.len(), 3);
         for (a, b) in a.iter().zip(b) {
             assert!(a.is_finite() && *a > 0.0, "{loss}: loss {a}");

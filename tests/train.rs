@@ -2,7 +2,7 @@
 //! bad input.
 
 mod common;
-use common::{assert_clean_failure, fewstep, max_weight_difference, ok, scratch};
+use common::{assert_clean_failure, fewstep, losses, max_weight_difference, ok, scratch};
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -55,16 +55,6 @@ fn resumed_run_reaches_the_uninterrupted_weights() {
 fn max_run_difference(a: &Path, b: &Path) -> f32 {
     let raw = "checkpoints/latest/state/model.safetensors";
     max_weight_difference(&a.join(raw), &b.join(raw))
-}
-
-/// The losses of a run's `loss.csv`, by step.
-fn losses(run: &Path) -> Vec<f32> {
-    std::fs::read_to_string(run.join("loss.csv"))
-        .unwrap()
-        .lines()
-        .skip(1)
-        .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
-        .collect()
 }
 
 #[test]

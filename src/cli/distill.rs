@@ -262,7 +262,7 @@ pub enum LossKind {
     Huber,
     /// LPIPS's form on the teacher's own encoder: channel-normalised features of every
     /// encoder map, squared differences summed (the consistency-models paper's perceptual
-    /// distance, with the teacher as the network; ~1.5× the time of an iteration).
+    /// distance, with the teacher as the network; gradients pass through the frozen teacher).
     TeacherFeatures,
 }
 

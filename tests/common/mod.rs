@@ -140,3 +140,13 @@ pub fn max_weight_difference(a: &Path, b: &Path) -> f32 {
         .flat_map(|(k, t)| t.data.iter().zip(&b[k].data).map(|(x, y)| (x - y).abs()))
         .fold(0f32, f32::max)
 }
+
+/// The losses of a run's `loss.csv`, by step.
+pub fn losses(run: &Path) -> Vec<f32> {
+    std::fs::read_to_string(run.join("loss.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+        .collect()
+}
