@@ -242,15 +242,15 @@ pub fn distance(
     d: Distance,
     features: Option<(&UNet, &Conditioning)>,
 ) -> Tensor<1> {
+    if d == Distance::TeacherFeatures {
+        let (net, cond) = features.expect("the teacher-feature distance is given the teacher");
+        return teacher_feature_distance(net, a, b, cond);
+    }
     let [bsz, c, h, w] = a.dims();
-    let sq = (a.clone() - b.clone()).powf_scalar(2.0);
+    let sq = (a - b).powf_scalar(2.0);
     let per_elem = match d {
-        Distance::L2 => sq,
         Distance::PseudoHuber { c } => (sq + c * c).sqrt() - c,
-        Distance::TeacherFeatures => {
-            let (net, cond) = features.expect("the teacher-feature distance is given the teacher");
-            return teacher_feature_distance(net, a, b, cond);
-        }
+        Distance::L2 | Distance::TeacherFeatures => sq,
     };
     per_elem
         .reshape([bsz, c * h * w])
@@ -273,31 +273,29 @@ pub fn teacher_feature_distance(
     let x = Tensor::cat(vec![a, b], 0);
     let t = Tensor::<1>::zeros([2 * bsz], &device);
     let feats = net.encoder_features(x, t, &cond.clone().concat(cond.clone()));
-    let mut total: Option<Tensor<1>> = None;
-    for f in feats {
-        let f = f.cast(FloatDType::F32);
-        let [_, c, h, w] = f.dims();
-        let norm = f
-            .clone()
-            .powf_scalar(2.0)
-            .sum_dim(1)
-            .sqrt()
-            .add_scalar(1e-10);
-        let f = f / norm; // [2B, C, H, W], unit length over C at each position
-        let fa = f.clone().narrow(0, 0, bsz);
-        let fb = f.narrow(0, bsz, bsz);
-        let d = (fa - fb)
-            .powf_scalar(2.0)
-            .reshape([bsz, c * h * w])
-            .sum_dim(1)
-            .reshape([bsz])
-            .div_scalar((h * w) as f64);
-        total = Some(match total {
-            Some(t) => t + d,
-            None => d,
-        });
-    }
-    total.expect("the encoder has at least conv_in's map")
+    feats
+        .into_iter()
+        .map(|f| {
+            let f = f.cast(FloatDType::F32);
+            let [_, c, h, w] = f.dims();
+            let norm = f
+                .clone()
+                .powf_scalar(2.0)
+                .sum_dim(1)
+                .sqrt()
+                .add_scalar(1e-10);
+            let f = f / norm; // [2B, C, H, W], unit length over C at each position
+            let fa = f.clone().narrow(0, 0, bsz);
+            let fb = f.narrow(0, bsz, bsz);
+            (fa - fb)
+                .powf_scalar(2.0)
+                .reshape([bsz, c * h * w])
+                .sum_dim(1)
+                .reshape([bsz])
+                .div_scalar((h * w) as f64)
+        })
+        .reduce(|acc, d| acc + d)
+        .expect("the encoder has at least conv_in's map")
 }
 
 /// How the number of scales N and the target network's EMA rate μ move with the iteration:
