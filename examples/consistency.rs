@@ -51,6 +51,7 @@ fn main() -> fewstep::Result<()> {
             lora: None, // Some(LoraSpec { .. }): adapters instead of a full student (examples/lcm_lora.rs)
             lora_format: Default::default(),
             quantize: None, // Some(QuantizeSpec { .. }): quantization-aware (weights int8/int4)
+            adversarial: None, // Some(AdversarialSpec { .. }): a one-step GAN term (LADD heads)
         },
         data: DataSource::Shapes { seed: 0 },
     };

@@ -59,6 +59,7 @@ fn main() -> fewstep::Result<()> {
             }),
             lora_format: LoraFormat::Peft, // or Kohya: lora_unet_….lora_down/lora_up/alpha
             quantize: None, // adapters are not quantized: merge, then `fewstep quantize`
+            adversarial: None,
         },
         data: DataSource::Shapes { seed: 0 },
     };

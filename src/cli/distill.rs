@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::DeviceArgs;
 use crate::data::DataSource;
-use crate::distill::consistency::{Distance, Solver};
+use crate::distill::consistency::{AdversarialSpec, Distance, Solver};
 use crate::error::{Error, Result};
 use crate::eval::Evaluator;
 use crate::io;
@@ -330,6 +330,18 @@ pub struct ConsistencyArgs {
     /// consistency-models paper's second-order step, two calls).
     #[arg(long, value_enum, default_value = "ddim")]
     pub solver: SolverKind,
+    /// Add an adversarial term of this weight: heads on the frozen teacher's encoder features
+    /// (LADD's discriminator) judge the student's one-step samples against the training images,
+    /// both re-noised to a timestep in 0..=--adversarial-max-t; the student minimises the hinge
+    /// generator loss × WEIGHT beside the consistency distance (e.g. 0.1).
+    #[arg(long, value_parser = super::values::positive_f32, value_name = "WEIGHT")]
+    pub adversarial: Option<f32>,
+    /// With --adversarial: the highest timestep the discriminator's inputs are re-noised to.
+    #[arg(long, value_parser = super::values::whole, default_value_t = 500, requires = "adversarial")]
+    pub adversarial_max_t: usize,
+    /// With --adversarial: the discriminator heads' learning rate (Adam, β = 0.5, 0.999).
+    #[arg(long, value_parser = super::values::positive_f64, default_value_t = 2e-4, requires = "adversarial")]
+    pub adversarial_lr: f64,
     /// c of the pseudo-Huber distance (LCM: 0.001).
     #[arg(long, value_parser = super::values::positive_f32, default_value_t = 0.001)]
     pub huber_c: f32,
@@ -596,6 +608,11 @@ impl ConsistencyArgs {
                 LoraFormat::Peft
             },
             quantize: self.common.quantize()?,
+            adversarial: self.adversarial.map(|weight| AdversarialSpec {
+                weight,
+                max_t: self.adversarial_max_t,
+                lr: self.adversarial_lr,
+            }),
         })
     }
 

@@ -29,6 +29,8 @@ use crate::denoiser::{
     consistency_combination, ddim_move, guided_output, model_output, noise_to, per_row,
     x0_from_output,
 };
+use crate::distill::gan::{GanLoss, discriminator_loss, generator_loss};
+use crate::models::feature_heads::FeatureHeads;
 use crate::models::{Conditioning, UNet};
 
 /// One training point of the skipping grid and the point the teacher's step reaches.
@@ -298,6 +300,73 @@ pub fn teacher_feature_distance(
         .expect("the encoder has at least conv_in's map")
 }
 
+/// The adversarial term of adversarial consistency distillation: a discriminator whose backbone
+/// is the frozen teacher's encoder (LADD, Sauer et al. 2024), judging the student's one-step
+/// samples against the training images, both re-noised to a random timestep; the student
+/// minimises `weight` × the hinge generator loss beside the consistency distance (CTM, Kim et
+/// al. 2023, adds a GAN term to consistency training the same way).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdversarialSpec {
+    /// Weight of the generator's adversarial loss against the consistency distance's 1.
+    pub weight: f32,
+    /// Real and generated images are re-noised to a timestep drawn uniformly from 0..=max_t
+    /// before the teacher's encoder sees them (LADD: the noise level sets which scales the
+    /// discriminator judges, low for detail, high for layout).
+    pub max_t: usize,
+    /// Learning rate of the discriminator heads (Adam, β = (0.5, 0.999)).
+    pub lr: f64,
+}
+
+/// Channels of each discriminator head's hidden layer.
+pub const HEAD_WIDTH: usize = 64;
+
+/// The discriminator's logits for `x` re-noised with `eps` to each row's `t` (ᾱ `alpha_bar`): the
+/// frozen teacher's encoder maps at t, each through its head: [B, H·W] per map.
+pub fn discriminator_logits(
+    net: &UNet,
+    heads: &FeatureHeads,
+    x: Tensor<4>,
+    eps: Tensor<4>,
+    t: &[i64],
+    alpha_bar: &[f64],
+    cond: &Conditioning,
+) -> Vec<Tensor<2>> {
+    let device = x.device();
+    let z = noise_to(x, eps, alpha_bar);
+    let t_in: Vec<f32> = t.iter().map(|&t| t as f32).collect();
+    let feats = net.encoder_features(z, Tensor::<1>::from_floats(t_in.as_slice(), &device), cond);
+    heads.forward(feats)
+}
+
+/// The student's adversarial loss: the hinge generator loss −E[D], averaged over the heads.
+pub fn adversarial_generator_loss(logits: Vec<Tensor<2>>) -> Tensor<1> {
+    let n = logits.len() as f64;
+    logits
+        .into_iter()
+        .map(|l| generator_loss(GanLoss::Hinge, l.flatten(0, 1)))
+        .reduce(|a, b| a + b)
+        .expect("at least one head")
+        .div_scalar(n)
+}
+
+/// The discriminator's loss: the hinge loss E[max(0, 1 − D(real))] + E[max(0, 1 + D(fake))] of
+/// every position, averaged over the heads; `logits` holds the real rows first, then as many
+/// generated ones.
+pub fn adversarial_discriminator_loss(logits: Vec<Tensor<2>>) -> Tensor<1> {
+    let n = logits.len() as f64;
+    logits
+        .into_iter()
+        .map(|l| {
+            let half = l.dims()[0] / 2;
+            let real = l.clone().narrow(0, 0, half).flatten(0, 1);
+            let fake = l.narrow(0, half, half).flatten(0, 1);
+            discriminator_loss(GanLoss::Hinge, real, fake)
+        })
+        .reduce(|a, b| a + b)
+        .expect("at least one head")
+        .div_scalar(n)
+}
+
 /// How the number of scales N and the target network's EMA rate μ move with the iteration:
 /// a fixed N and μ (consistency distillation's setting), or N doubling from `start` to `end` in
 /// equal stages over the run (iCT's schedule) with μ(k) = exp(N_start·ln μ₀ / N(k)) (the CT
@@ -517,6 +586,64 @@ mod tests {
         let gx = x.grad(&grads).expect("the input has a gradient");
         assert!(gx.abs().sum().into_scalar::<f32>() > 0.0);
         assert!(net.conv_in.weight.val().grad(&grads).is_none());
+    }
+
+    #[test]
+    fn the_discriminator_heads_learn_through_the_frozen_teacher_and_train_the_input() {
+        use crate::models::UNetConfig;
+        use burn::optim::GradientsParams;
+        let device = crate::backend::cpu_device().expect("a CPU backend is compiled in");
+        let ad = device.clone().autodiff();
+        let net = UNetConfig::tiny().init(&device).to_device(&ad).no_grad();
+        ad.seed(3);
+        let mut heads = FeatureHeads::new(&net.encoder_channels(), HEAD_WIDTH, &ad);
+        let mut optim = crate::train::optim::OptimizerConfig::adam((0.5, 0.999)).init();
+        let cond = Conditioning::none();
+        let normal = |seed: u64| {
+            crate::sample::host_noise(&mut crate::noise::NoiseStream::new(seed), [4, 3, 32, 32], &device)
+        };
+        let t = [0i64, 100, 200, 300];
+        let alpha_bar = [0.999, 0.9, 0.7, 0.5];
+        let both = |v: &[i64]| [v, v].concat();
+        let loss_at = |heads: &FeatureHeads, k: u64| {
+            // Real rows: blobs at +0.5; generated: at −0.5, under the same re-noising noise.
+            let x = Tensor::cat(vec![normal(k) * 0.1 + 0.5, normal(k + 1) * 0.1 - 0.5], 0);
+            let eps = normal(k + 2);
+            adversarial_discriminator_loss(discriminator_logits(
+                &net,
+                heads,
+                x.autodiff(),
+                Tensor::cat(vec![eps.clone(), eps], 0).autodiff(),
+                &both(&t),
+                &[alpha_bar, alpha_bar].concat(),
+                &cond.clone().concat(cond.clone()),
+            ))
+        };
+        let first: f32 = loss_at(&heads, 0).into_scalar::<f32>();
+        assert!((first - 2.0).abs() < 0.5, "fresh heads barely separate: {first}");
+        for k in 0..30 {
+            let loss = loss_at(&heads, 10 * k + 100);
+            let grads = GradientsParams::from_grads(loss.backward(), &heads);
+            heads = optim.step(1e-3, heads, grads);
+        }
+        let last: f32 = loss_at(&heads, 0).into_scalar::<f32>();
+        assert!(last < 0.5 * first, "the heads learn to separate: {first} → {last}");
+        // The generator's loss reaches its samples, not the teacher or the heads it is judged by.
+        let frozen = heads.valid().to_device(&ad).no_grad();
+        let x = (normal(7) * 0.1 - 0.5).autodiff().require_grad();
+        let g = adversarial_generator_loss(discriminator_logits(
+            &net,
+            &frozen,
+            x.clone(),
+            normal(8).autodiff(),
+            &t,
+            &alpha_bar,
+            &cond,
+        ));
+        let grads = g.backward();
+        assert!(x.grad(&grads).expect("the samples get a gradient").abs().sum().into_scalar::<f32>() > 0.0);
+        assert!(net.conv_in.weight.val().grad(&grads).is_none());
+        assert!(frozen.heads[0].conv.weight.val().grad(&grads).is_none());
     }
 
     #[test]

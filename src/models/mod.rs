@@ -3,6 +3,7 @@
 pub mod blocks;
 pub mod clip;
 pub mod conditioning;
+pub mod feature_heads;
 pub mod feature_net;
 pub mod footprint;
 pub mod gan;

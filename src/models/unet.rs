@@ -1123,6 +1123,20 @@ impl UNet {
         (x, skips, emb, cond)
     }
 
+    /// The channel count of each map [`encoder_features`](Self::encoder_features) returns, in
+    /// its order: conv_in, every down-block resnet (after its attention) and downsampler, the
+    /// mid block.
+    pub fn encoder_channels(&self) -> Vec<usize> {
+        let out = |c: &Conv2d| c.weight.dims()[0];
+        let mut channels = vec![out(&self.conv_in)];
+        for block in &self.down_blocks {
+            channels.extend(block.resnets.iter().map(|r| out(&r.conv2)));
+            channels.extend(block.downsamplers.iter().map(|d| out(&d.conv)));
+        }
+        channels.push(*channels.last().expect("conv_in's map"));
+        channels
+    }
+
     /// Whether the model takes a guidance scale (has a guidance-scale embedding).
     pub fn takes_guidance(&self) -> bool {
         self.time_embedding.cond_proj.is_some()

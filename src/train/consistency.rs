@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
-use burn::optim::ModuleOptimizer;
+use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use fewstep_schedulers::{Algorithm, Prediction, SchedulerConfig};
 use serde_json::json;
@@ -25,11 +25,13 @@ use super::teacher_conditioning::TeacherConditioning;
 use super::{checkpoint, data_parallel, ema, open_images};
 use crate::data::{DataSource, TrainImages};
 use crate::distill::consistency::{
-    At, ConsistencyStep, Curriculum, Distance, Solver, consistency_output, distance, noised,
-    skipping_grid, teacher_solver_step,
+    AdversarialSpec, At, ConsistencyStep, Curriculum, Distance, HEAD_WIDTH, Solver,
+    adversarial_discriminator_loss, adversarial_generator_loss, consistency_output,
+    discriminator_logits, distance, noised, skipping_grid, teacher_solver_step,
 };
 use crate::error::{Error, Result};
 use crate::io;
+use crate::models::feature_heads::FeatureHeads;
 use crate::models::lora::{self, LoraFormat, LoraSpec};
 use crate::models::quant::{QuantizationConfig, QuantizeSpec};
 use crate::models::{Conditioning, UNet, UNetConfig};
@@ -90,6 +92,10 @@ pub struct ConsistencyConfig {
     /// written quantized (the teacher stays full precision).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantize: Option<QuantizeSpec>,
+    /// An adversarial term on the student's one-step samples, judged by heads on the frozen
+    /// teacher's encoder (`distill::consistency::AdversarialSpec`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adversarial: Option<AdversarialSpec>,
 }
 
 impl ConsistencyConfig {
@@ -140,6 +146,20 @@ impl ConsistencyConfig {
             return Err(Error::Usage(format!(
                 "--huber-c {c}: expected a positive number"
             )));
+        }
+        if let Some(a) = self.adversarial {
+            if !(a.weight > 0.0 && a.weight.is_finite()) {
+                return Err(Error::Usage(format!(
+                    "--adversarial {}: expected a positive weight",
+                    a.weight
+                )));
+            }
+            if !(a.lr > 0.0 && a.lr.is_finite()) {
+                return Err(Error::Usage(format!(
+                    "--adversarial-lr {}: expected a positive number",
+                    a.lr
+                )));
+            }
         }
         if let Some(spec) = &self.lora {
             spec.validate()?;
@@ -363,10 +383,36 @@ struct State {
     target: UNet,
     ema: Option<UNet>,
     optim: ModuleOptimizer,
+    discriminator: Option<Discriminator>,
+}
+
+/// The trainable heads of an adversarial run's discriminator and their optimiser.
+struct Discriminator {
+    heads: FeatureHeads,
+    optim: ModuleOptimizer,
+}
+
+impl Discriminator {
+    /// Fresh heads for `teacher`'s encoder maps on `device` (an autodiff device), initialised
+    /// from `seed`.
+    fn new(teacher: &UNet, seed: u64, device: &Device) -> Self {
+        device.seed(seed);
+        Discriminator {
+            heads: FeatureHeads::new(&teacher.encoder_channels(), HEAD_WIDTH, device),
+            optim: discriminator_optimizer(),
+        }
+    }
+}
+
+/// The discriminator heads' optimiser: Adam with β₁ = 0.5, the usual GAN setting.
+fn discriminator_optimizer() -> ModuleOptimizer {
+    super::optim::OptimizerConfig::adam((0.5, 0.999)).init()
 }
 
 const TARGET_WEIGHTS: &str = "target.safetensors";
 const EMA_WEIGHTS: &str = "ema.safetensors";
+/// The discriminator's training state inside a checkpoint (`discriminator/state/`).
+const DISCRIMINATOR_DIR: &str = "discriminator";
 
 fn save_checkpoint(
     run_dir: &Path,
@@ -393,6 +439,14 @@ fn save_checkpoint(
     if let Some(ema) = ema {
         io::save_weights(&ema, &dir.join("state").join(EMA_WEIGHTS))?;
     }
+    if let Some(d) = &state.discriminator {
+        checkpoint::write_state(
+            &dir.join(DISCRIMINATOR_DIR),
+            &d.heads,
+            &d.optim,
+            &json!({ "iter": iter }),
+        )?;
+    }
     checkpoint::publish(run_dir).map(|_| ())
 }
 
@@ -400,6 +454,7 @@ fn load_checkpoint(
     run_dir: &Path,
     unet_config: &UNetConfig,
     cfg: &ConsistencyConfig,
+    teacher: &UNet,
     device: &Device,
 ) -> Result<Option<(State, usize)>> {
     let Some(ckpt) = checkpoint::latest(run_dir) else {
@@ -425,12 +480,25 @@ fn load_checkpoint(
         )?),
         None => None,
     };
+    let discriminator = match cfg.adversarial {
+        Some(_) => {
+            let fresh = Discriminator::new(teacher, cfg.seed, &ad);
+            let ds =
+                checkpoint::read_state(&ckpt.join(DISCRIMINATOR_DIR), fresh.heads, fresh.optim)?;
+            Some(Discriminator {
+                heads: ds.model,
+                optim: ds.optim,
+            })
+        }
+        None => None,
+    };
     Ok(Some((
         State {
             student: st.model,
             target,
             ema,
             optim: st.optim,
+            discriminator,
         },
         iter,
     )))
@@ -443,20 +511,34 @@ struct Batch {
     steps: Vec<ConsistencyStep>,
     cond: Conditioning,
     w: Vec<f32>,
+    adversarial: Option<AdversarialRows>,
 }
 
+/// An adversarial run's rows: the student's one-step samples start from `noise`; the real
+/// images `x0` (the batch's) and those samples are re-noised with `eps` to each row's `t`.
+struct AdversarialRows {
+    x0: Tensor<4>,
+    noise: Tensor<4>,
+    eps: Tensor<4>,
+    t: Vec<i64>,
+    alpha_bar: Vec<f64>,
+}
+
+#[allow(clippy::too_many_arguments)]
 fn draw_batch(
     teacher: &Pipeline,
     images: &TrainImages,
     conditioning: &TeacherConditioning,
     grid: &[ConsistencyStep],
+    alpha_bars: &[f64],
     cfg: &ConsistencyConfig,
     iter: usize,
     device: &Device,
 ) -> Result<Batch> {
     let mut rng = NoiseStream::for_step(cfg.seed, iter as u64);
-    // Order of draws: images, grid points, noise, guidance scales, caption wording (fixed:
-    // resume relies on it).
+    // Order of draws: images, grid points, noise, guidance scales, caption wording, then an
+    // adversarial run's sampling noise, re-noising noise and timesteps (fixed: resume relies
+    // on it).
     let (x, labels, rows) = images.random_rows(&mut rng, cfg.batch, device);
     let steps: Vec<ConsistencyStep> = match cfg.timestep_sampling {
         TimestepSampling::Uniform => (0..cfg.batch)
@@ -482,11 +564,26 @@ fn draw_batch(
         .guidance
         .map_or_else(Vec::new, |g| g.draw(&mut rng, cfg.batch));
     let cond = conditioning.batch(teacher, labels, &rows, &mut rng, device)?;
+    let adversarial = cfg.adversarial.map(|a| {
+        let noise = crate::sample::host_noise(&mut rng, x0.dims(), device);
+        let eps = crate::sample::host_noise(&mut rng, x0.dims(), device);
+        let t: Vec<i64> = (0..cfg.batch)
+            .map(|_| rng.below(a.max_t as u64 + 1) as i64)
+            .collect();
+        AdversarialRows {
+            x0: x0.clone(),
+            noise,
+            eps,
+            alpha_bar: t.iter().map(|&t| alpha_bars[t as usize]).collect(),
+            t,
+        }
+    });
     Ok(Batch {
         z: noised(x0, eps, &steps),
         steps,
         cond,
         w,
+        adversarial,
     })
 }
 
@@ -552,26 +649,30 @@ pub fn distill_consistency(
     cfg.validate()?;
     let teacher = Pipeline::load(&run.teacher, device)?;
     let teachers = data_parallel::replicate(&teacher.unet, devices);
-    // The teacher-feature distance backpropagates through the frozen teacher: one copy per
-    // device on its autodiff side, its weights out of the gradient.
-    let feature_nets: Vec<UNet> = if cfg.distance == Distance::TeacherFeatures {
-        let on: Vec<Device> = if devices.is_empty() {
-            vec![device.clone()]
+    // The teacher-feature distance and the adversarial term backpropagate through the frozen
+    // teacher: one copy per device on its autodiff side, its weights out of the gradient.
+    let feature_nets: Vec<UNet> =
+        if cfg.distance == Distance::TeacherFeatures || cfg.adversarial.is_some() {
+            data_parallel::frozen_through(&teacher.unet, device, devices)
         } else {
-            devices.to_vec()
+            Vec::new()
         };
-        on.iter()
-            .map(|d| {
-                teacher
-                    .unet
-                    .clone()
-                    .to_device(&d.clone().autodiff())
-                    .no_grad()
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let schedule = teacher
+        .scheduler
+        .noise_schedule(Algorithm::Lcm)
+        .map_err(|e| Error::file(&run.teacher, e.0))?;
+    let alpha_bars: Vec<f64> = (0..schedule.num_train_timesteps())
+        .map(|t| schedule.alpha_bar(t) as f64)
+        .collect();
+    if let Some(a) = cfg.adversarial
+        && a.max_t >= alpha_bars.len()
+    {
+        return Err(Error::Usage(format!(
+            "--adversarial-max-t {}: expected a timestep below the teacher's num_train_timesteps ({})",
+            a.max_t,
+            alpha_bars.len()
+        )));
+    }
     let teacher_prediction = teacher.scheduler.resolve(Algorithm::Lcm).prediction;
     let prediction = consistency_prediction(&teacher.scheduler, cfg);
     let scheduler = student_scheduler(&teacher.scheduler, cfg);
@@ -606,7 +707,7 @@ pub fn distill_consistency(
             &serde_json::to_value(&run).expect("run serialises"),
         )?;
     }
-    let (state, start) = match load_checkpoint(run_dir, &unet_config, cfg, device)? {
+    let (state, start) = match load_checkpoint(run_dir, &unet_config, cfg, &teacher.unet, device)? {
         Some(s) => s,
         None => {
             let ad = device.clone().autodiff();
@@ -631,6 +732,9 @@ pub fn distill_consistency(
                     ema: cfg.ema_decay.map(|_| student.valid()),
                     student,
                     optim: new_optimizer(cfg),
+                    discriminator: cfg
+                        .adversarial
+                        .map(|_| Discriminator::new(&teacher.unet, cfg.seed, &ad)),
                 },
                 0,
             )
@@ -676,8 +780,24 @@ pub fn distill_consistency(
         state,
         |mut state, iter| {
             let grid = &grids[&curriculum.scales_at(iter)];
-            let b = draw_batch(&teacher, &images, &conditioning, grid, cfg, iter, device)?;
+            let b = draw_batch(
+                &teacher,
+                &images,
+                &conditioning,
+                grid,
+                &alpha_bars,
+                cfg,
+                iter,
+                device,
+            )?;
             let targets = data_parallel::replicate(&state.target, devices);
+            // One-step samples start at the grid's highest timestep, as the LCM sampler's one
+            // step does.
+            let top = *grid.last().expect("a grid has at least one scale");
+            let heads: Vec<FeatureHeads> =
+                state.discriminator.as_ref().map_or_else(Vec::new, |d| {
+                    data_parallel::frozen_through(&d.heads.valid(), device, devices)
+                });
             let (value, grads) = data_parallel::loss_and_grads(
                 &state.student,
                 devices,
@@ -737,12 +857,36 @@ pub fn distill_consistency(
                     );
                     let features = feature_nets.get(shard.index).map(|net| (net, &ad_cond));
                     let loss = distance(online.clone(), target.autodiff(), cfg.distance, features);
-                    match (anchor, cfg.quantize) {
+                    let loss = match (anchor, cfg.quantize) {
                         (Some(anchor), Some(q)) => (loss
                             + distance(online, anchor.autodiff(), cfg.distance, features)
                                 .mul_scalar(q.anchor))
                         .mean(),
                         _ => loss.mean(),
+                    };
+                    match (cfg.adversarial, &b.adversarial) {
+                        (Some(a), Some(rows)) => {
+                            let fake = consistency_output(
+                                student,
+                                prediction,
+                                shard.take(&rows.noise).autodiff(),
+                                &vec![top; shard.rows.len()],
+                                At::Start,
+                                &ad_cond,
+                                student_w,
+                            );
+                            let logits = discriminator_logits(
+                                &feature_nets[shard.index],
+                                &heads[shard.index],
+                                fake,
+                                shard.take(&rows.eps).autodiff(),
+                                &shard.take_list(&rows.t),
+                                &shard.take_list(&rows.alpha_bar),
+                                &ad_cond,
+                            );
+                            loss + adversarial_generator_loss(logits).mul_scalar(a.weight)
+                        }
+                        _ => loss,
                     }
                 },
             )?;
@@ -753,12 +897,49 @@ pub fn distill_consistency(
             if let (Some(decay), Some(e)) = (cfg.ema_decay, state.ema.take()) {
                 state.ema = Some(ema::update(e, &inner, ema::decay_at(iter, decay)));
             }
+            let mut note = String::new();
+            if let (Some(a), Some(rows), Some(d)) =
+                (cfg.adversarial, &b.adversarial, state.discriminator.take())
+            {
+                // The discriminator's step: the training images against the updated student's
+                // one-step samples from the same noise the student's step saw.
+                let w = conditioned.then_some(b.w.as_slice());
+                let fake = consistency_output(
+                    &inner,
+                    prediction,
+                    rows.noise.clone(),
+                    &vec![top; cfg.batch],
+                    At::Start,
+                    &b.cond,
+                    w,
+                );
+                // The frozen teacher on the main device's autodiff side (nothing below it
+                // requires a gradient, so the backward pass stops at the heads).
+                let x = Tensor::cat(vec![rows.x0.clone(), fake], 0).autodiff();
+                let eps = Tensor::cat(vec![rows.eps.clone(), rows.eps.clone()], 0).autodiff();
+                let d_loss = adversarial_discriminator_loss(discriminator_logits(
+                    &feature_nets[0],
+                    &d.heads,
+                    x,
+                    eps,
+                    &[rows.t.as_slice(), rows.t.as_slice()].concat(),
+                    &[rows.alpha_bar.as_slice(), rows.alpha_bar.as_slice()].concat(),
+                    &b.cond.clone().concat(b.cond.clone()).autodiff(),
+                ));
+                let d_value: f32 = d_loss.clone().into_scalar::<f32>();
+                let grads = GradientsParams::from_grads(d_loss.backward(), &d.heads);
+                let Discriminator { heads, mut optim } = d;
+                let heads = optim.step(a.lr, heads, grads);
+                state.discriminator = Some(Discriminator { heads, optim });
+                note = format!(" | D {d_value:.3}");
+                eprintln!("DBG iter {iter} D {d_value:.6}");
+            }
             Ok((
                 state,
                 IterReport {
                     loss: value,
                     lr,
-                    note: String::new(),
+                    note,
                 },
             ))
         },
@@ -844,6 +1025,7 @@ mod tests {
             lora: None,
             lora_format: LoraFormat::Peft,
             quantize: None,
+            adversarial: None,
         }
     }
 

@@ -84,6 +84,20 @@ pub fn replicate<M: Module>(module: &M, devices: &[Device]) -> Vec<M> {
     }
 }
 
+/// One copy of a frozen module per device (`main` alone when `devices` is empty) on the
+/// device's autodiff side, its parameters out of the gradient: a network inside a loss that
+/// gradients pass through to its input but do not train (`copies[shard.index]`).
+pub fn frozen_through<M: Module>(module: &M, main: &Device, devices: &[Device]) -> Vec<M> {
+    let on = if devices.is_empty() {
+        std::slice::from_ref(main)
+    } else {
+        devices
+    };
+    on.iter()
+        .map(|d| module.clone().to_device(&d.clone().autodiff()).no_grad())
+        .collect()
+}
+
 /// The loss of the whole batch and its gradients with respect to `model`'s parameters, on
 /// `model`'s device. `shard_loss(model, shard)` computes the mean loss of the batch rows
 /// `shard.rows` with `model` (already forked onto `shard.device`); it runs on one thread per
