@@ -97,6 +97,17 @@ fn latent_and_guided_class_conditional_teachers_distill() {
     let dir = out.join("student");
     assert!(dir.join("vae/config.json").is_file());
     samples_in(&dir, 2);
+    // The teacher-feature discriminator judges latents; the pixel one takes 3-channel images.
+    let out = scratch("cd", "latent-adversarial");
+    let mut args = distill_args(&latent, &out, "2");
+    args.extend_from_slice(&["--adversarial", "0.1"]);
+    ok(&fewstep(&args));
+    samples_in(&out.join("student"), 1);
+    let out = scratch("cd", "latent-pixels");
+    let mut args = distill_args(&latent, &out, "2");
+    args.extend_from_slice(&["--adversarial", "0.1", "--adversarial-backbone", "pixels"]);
+    assert_clean_failure(fewstep(&args), "--adversarial-backbone pixels");
+    assert!(!out.exists(), "nothing written on bad input");
 
     let teacher = tiny_model_with("cd", "teacher-class", &["--class-conditional"]);
     let out = scratch("cd", "guided");
@@ -172,6 +183,70 @@ fn an_interrupted_run_resumes_to_the_uninterrupted_student() {
 }
 
 #[test]
+fn an_interrupted_adversarial_run_resumes_to_the_uninterrupted_student() {
+    // The discriminator's weights and optimiser are part of the checkpoint: without them the
+    // resumed run would judge with fresh ones and differ.
+    let teacher = tiny_model("cd", "teacher-adv");
+    let plain = scratch("cd", "adv-plain");
+    ok(&fewstep(&distill_args(&teacher, &plain, "12")));
+    for backbone in ["teacher-features", "pixels"] {
+        let args = |out: &Path| -> Vec<String> {
+            let mut a: Vec<String> = distill_args(&teacher, out, "12")
+                .into_iter()
+                .map(String::from)
+                .collect();
+            for x in [
+                "--adversarial",
+                "0.5",
+                "--adversarial-backbone",
+                backbone,
+                "--adversarial-start",
+                "2",
+                "--adversarial-max-t",
+                "100",
+            ] {
+                a.push(x.into());
+            }
+            a
+        };
+        let whole = scratch("cd", &format!("adv-whole-{backbone}"));
+        let a = args(&whole);
+        ok(&fewstep(&a.iter().map(String::as_str).collect::<Vec<_>>()));
+        assert!(
+            whole
+                .join("checkpoints/latest/discriminator/state/model.safetensors")
+                .is_file(),
+            "{backbone}: the discriminator is checkpointed"
+        );
+        let w = format!("student/{WEIGHTS}");
+        let gap = max_weight_difference(&whole.join(&w), &plain.join(&w));
+        assert!(
+            gap > 0.0,
+            "{backbone}: the adversarial term changes the student"
+        );
+        let split = scratch("cd", &format!("adv-split-{backbone}"));
+        let a = args(&split);
+        interrupt_after_rows(
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+            &split.join("loss.csv"),
+            7,
+        );
+        assert!(!split.join("student").exists());
+        ok(&fewstep(&[
+            "distill",
+            "consistency",
+            "--out",
+            split.to_str().unwrap(),
+            "--resume",
+            "--no-eval",
+            "--quiet",
+        ]));
+        let max = max_weight_difference(&whole.join(&w), &split.join(&w));
+        assert!(max == 0.0, "{backbone}: resumed differs by {max}");
+    }
+}
+
+#[test]
 fn a_finished_run_extends_with_resume_iters_to_the_longer_runs_student() {
     let teacher = tiny_model("cd", "teacher-x");
     let whole = scratch("cd", "x-whole");
@@ -206,25 +281,28 @@ fn a_finished_run_extends_with_resume_iters_to_the_longer_runs_student() {
 #[test]
 fn data_parallel_distillation_matches_one_device() {
     // Guided class-conditional: labels and per-example guidance scales shard with the images;
-    // the teacher-feature distance runs a frozen teacher per device on its autodiff side.
+    // the teacher-feature distance and the adversarial term's generator loss run a frozen
+    // teacher (and discriminator) per device on its autodiff side.
     let teacher = tiny_model_with("cd", "teacher-dp", &["--class-conditional"]);
-    for loss in ["huber", "teacher-features"] {
+    let adversarial = ["--adversarial", "0.5", "--adversarial-max-t", "100"];
+    for (loss, extra, stored) in [
+        ("huber", &[][..], "pseudo_huber"),
+        ("teacher-features", &[][..], "teacher_features"),
+        ("huber", &adversarial[..], "backbone"),
+    ] {
+        let name = format!("{loss}{}", extra.len());
         let (one, two) = (
-            scratch("cd", &format!("dp-one-{loss}")),
-            scratch("cd", &format!("dp-two-{loss}")),
+            scratch("cd", &format!("dp-one-{name}")),
+            scratch("cd", &format!("dp-two-{name}")),
         );
         for (out, devices) in [(&one, "1"), (&two, "2")] {
             let mut args = distill_args(&teacher, out, "3");
             args.extend_from_slice(&["--guidance", "1,4", "--devices", devices, "--loss", loss]);
+            args.extend_from_slice(extra);
             ok(&fewstep(&args));
         }
         let run = std::fs::read_to_string(two.join("run.json")).unwrap();
-        let stored = if loss == "huber" {
-            "pseudo_huber"
-        } else {
-            "teacher_features"
-        };
-        assert!(run.contains(&format!("\"{stored}\"")), "{loss}: {run}");
+        assert!(run.contains(&format!("\"{stored}\"")), "{name}: {run}");
         let student = format!("student/{WEIGHTS}");
         let max = max_weight_difference(&one.join(&student), &two.join(&student));
         assert!(max < 1e-5, "{loss}: {max}");
@@ -272,6 +350,25 @@ fn bad_input_is_one_clear_line() {
         "--target-ema",
     );
     assert_clean_failure(with(&["--teacher", "/no/teacher"]), "model_index.json");
+    assert_clean_failure(
+        with(&["--teacher", t, "--adversarial", "0"]),
+        "--adversarial",
+    );
+    assert_clean_failure(
+        with(&[
+            "--teacher",
+            t,
+            "--adversarial",
+            "0.1",
+            "--adversarial-max-t",
+            "1000",
+        ]),
+        "--adversarial-max-t 1000",
+    );
+    assert_clean_failure(
+        with(&["--teacher", t, "--adversarial-lr", "1e-3"]),
+        "--adversarial",
+    );
     assert_clean_failure(
         fewstep(&["distill", "consistency", "--out", o, "--resume"]),
         "no run to resume",

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::DeviceArgs;
 use crate::data::DataSource;
-use crate::distill::consistency::{AdversarialSpec, Distance, Solver};
+use crate::distill::consistency::{AdversarialSpec, DiscriminatorBackbone, Distance, Solver};
 use crate::error::{Error, Result};
 use crate::eval::Evaluator;
 use crate::io;
@@ -267,6 +267,12 @@ pub enum LossKind {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackboneKind {
+    TeacherFeatures,
+    Pixels,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SolverKind {
     Ddim,
     Heun,
@@ -339,7 +345,21 @@ pub struct ConsistencyArgs {
     /// With --adversarial: the highest timestep the discriminator's inputs are re-noised to.
     #[arg(long, value_parser = super::values::whole, default_value_t = 500, requires = "adversarial")]
     pub adversarial_max_t: usize,
-    /// With --adversarial: the discriminator heads' learning rate (Adam, β = 0.5, 0.999).
+    /// With --adversarial: what the discriminator looks at — heads on the frozen teacher's
+    /// encoder maps (LADD), or the images through a spectral-norm convolutional network trained
+    /// from scratch (the KD-GAN's; 3-channel 32×32 teachers).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "teacher-features",
+        requires = "adversarial"
+    )]
+    pub adversarial_backbone: BackboneKind,
+    /// With --adversarial: iterations the discriminator trains alone before the student's
+    /// adversarial term starts.
+    #[arg(long, value_parser = super::values::whole, default_value_t = 0, requires = "adversarial")]
+    pub adversarial_start: usize,
+    /// With --adversarial: the discriminator's learning rate (Adam, β = 0.5, 0.999).
     #[arg(long, value_parser = super::values::positive_f64, default_value_t = 2e-4, requires = "adversarial")]
     pub adversarial_lr: f64,
     /// c of the pseudo-Huber distance (LCM: 0.001).
@@ -612,6 +632,11 @@ impl ConsistencyArgs {
                 weight,
                 max_t: self.adversarial_max_t,
                 lr: self.adversarial_lr,
+                start: self.adversarial_start,
+                backbone: match self.adversarial_backbone {
+                    BackboneKind::TeacherFeatures => DiscriminatorBackbone::TeacherFeatures,
+                    BackboneKind::Pixels => DiscriminatorBackbone::Pixels,
+                },
             }),
         })
     }

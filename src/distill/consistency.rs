@@ -30,7 +30,7 @@ use crate::denoiser::{
     x0_from_output,
 };
 use crate::distill::gan::{GanLoss, discriminator_loss, generator_loss};
-use crate::models::feature_heads::FeatureHeads;
+use crate::models::feature_heads::ConsistencyDiscriminator;
 use crate::models::{Conditioning, UNet};
 
 /// One training point of the skipping grid and the point the teacher's step reaches.
@@ -313,8 +313,27 @@ pub struct AdversarialSpec {
     /// before the teacher's encoder sees them (LADD: the noise level sets which scales the
     /// discriminator judges, low for detail, high for layout).
     pub max_t: usize,
-    /// Learning rate of the discriminator heads (Adam, β = (0.5, 0.999)).
+    /// Learning rate of the discriminator (Adam, β = (0.5, 0.999)).
     pub lr: f64,
+    /// What the discriminator looks at.
+    #[serde(default)]
+    pub backbone: DiscriminatorBackbone,
+    /// Iterations the discriminator trains alone before the student's adversarial term starts
+    /// (a discriminator from scratch judges at random at first, and its gradients are noise).
+    #[serde(default)]
+    pub start: usize,
+}
+
+/// The discriminator's backbone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiscriminatorBackbone {
+    /// Heads on the frozen teacher's encoder maps at the re-noised timestep (LADD).
+    #[default]
+    TeacherFeatures,
+    /// A spectral-norm convolutional discriminator on the re-noised images, from scratch (the
+    /// KD-GAN's 32-64-128 network with minibatch standard deviation; 3-channel 32×32 teachers).
+    Pixels,
 }
 
 /// Channels of each discriminator head's hidden layer.
@@ -323,8 +342,8 @@ pub const HEAD_WIDTH: usize = 64;
 /// The discriminator's logits for `x` re-noised with `eps` to each row's `t` (ᾱ `alpha_bar`): the
 /// frozen teacher's encoder maps at t, each through its head: [B, H·W] per map.
 pub fn discriminator_logits(
-    net: &UNet,
-    heads: &FeatureHeads,
+    net: Option<&UNet>,
+    d: &ConsistencyDiscriminator,
     x: Tensor<4>,
     eps: Tensor<4>,
     t: &[i64],
@@ -334,8 +353,10 @@ pub fn discriminator_logits(
     let device = x.device();
     let z = noise_to(x, eps, alpha_bar);
     let t_in: Vec<f32> = t.iter().map(|&t| t as f32).collect();
-    let feats = net.encoder_features(z, Tensor::<1>::from_floats(t_in.as_slice(), &device), cond);
-    heads.forward(feats)
+    d.forward(z, |z| {
+        net.expect("the teacher-feature discriminator is given the teacher")
+            .encoder_features(z, Tensor::<1>::from_floats(t_in.as_slice(), &device), cond)
+    })
 }
 
 /// The student's adversarial loss: the hinge generator loss −E[D], averaged over the heads.
@@ -350,18 +371,12 @@ pub fn adversarial_generator_loss(logits: Vec<Tensor<2>>) -> Tensor<1> {
 }
 
 /// The discriminator's loss: the hinge loss E[max(0, 1 − D(real))] + E[max(0, 1 + D(fake))] of
-/// every position, averaged over the heads; `logits` holds the real rows first, then as many
-/// generated ones.
-pub fn adversarial_discriminator_loss(logits: Vec<Tensor<2>>) -> Tensor<1> {
-    let n = logits.len() as f64;
-    logits
-        .into_iter()
-        .map(|l| {
-            let half = l.dims()[0] / 2;
-            let real = l.clone().narrow(0, 0, half).flatten(0, 1);
-            let fake = l.narrow(0, half, half).flatten(0, 1);
-            discriminator_loss(GanLoss::Hinge, real, fake)
-        })
+/// every position, averaged over the heads.
+pub fn adversarial_discriminator_loss(real: Vec<Tensor<2>>, fake: Vec<Tensor<2>>) -> Tensor<1> {
+    let n = real.len() as f64;
+    real.into_iter()
+        .zip(fake)
+        .map(|(r, f)| discriminator_loss(GanLoss::Hinge, r.flatten(0, 1), f.flatten(0, 1)))
         .reduce(|a, b| a + b)
         .expect("at least one head")
         .div_scalar(n)
@@ -589,61 +604,91 @@ mod tests {
     }
 
     #[test]
-    fn the_discriminator_heads_learn_through_the_frozen_teacher_and_train_the_input() {
+    fn both_discriminators_learn_to_separate_and_train_the_samples_only() {
         use crate::models::UNetConfig;
+        use crate::models::feature_heads::FeatureHeads;
+        use crate::models::gan::DiscriminatorConfig;
         use burn::optim::GradientsParams;
         let device = crate::backend::cpu_device().expect("a CPU backend is compiled in");
         let ad = device.clone().autodiff();
         let net = UNetConfig::tiny().init(&device).to_device(&ad).no_grad();
-        ad.seed(3);
-        let mut heads = FeatureHeads::new(&net.encoder_channels(), HEAD_WIDTH, &ad);
-        let mut optim = crate::train::optim::OptimizerConfig::adam((0.5, 0.999)).init();
         let cond = Conditioning::none();
         let normal = |seed: u64| {
-            crate::sample::host_noise(&mut crate::noise::NoiseStream::new(seed), [4, 3, 32, 32], &device)
+            let mut rng = crate::noise::NoiseStream::new(seed);
+            crate::sample::host_noise(&mut rng, [4, 3, 32, 32], &device)
         };
         let t = [0i64, 100, 200, 300];
         let alpha_bar = [0.999, 0.9, 0.7, 0.5];
-        let both = |v: &[i64]| [v, v].concat();
-        let loss_at = |heads: &FeatureHeads, k: u64| {
+        ad.seed(3);
+        let judges = [
+            ConsistencyDiscriminator {
+                heads: Some(FeatureHeads::new(&net.encoder_channels(), HEAD_WIDTH, &ad)),
+                pixels: None,
+            },
+            ConsistencyDiscriminator {
+                heads: None,
+                pixels: Some(DiscriminatorConfig::shapes32().init(&ad)),
+            },
+        ];
+        for mut d in judges {
+            let mut optim = crate::train::optim::OptimizerConfig::adam((0.5, 0.999)).init();
             // Real rows: blobs at +0.5; generated: at −0.5, under the same re-noising noise.
-            let x = Tensor::cat(vec![normal(k) * 0.1 + 0.5, normal(k + 1) * 0.1 - 0.5], 0);
-            let eps = normal(k + 2);
-            adversarial_discriminator_loss(discriminator_logits(
-                &net,
-                heads,
-                x.autodiff(),
-                Tensor::cat(vec![eps.clone(), eps], 0).autodiff(),
-                &both(&t),
-                &[alpha_bar, alpha_bar].concat(),
-                &cond.clone().concat(cond.clone()),
-            ))
-        };
-        let first: f32 = loss_at(&heads, 0).into_scalar::<f32>();
-        assert!((first - 2.0).abs() < 0.5, "fresh heads barely separate: {first}");
-        for k in 0..30 {
-            let loss = loss_at(&heads, 10 * k + 100);
-            let grads = GradientsParams::from_grads(loss.backward(), &heads);
-            heads = optim.step(1e-3, heads, grads);
+            let loss_at = |d: &ConsistencyDiscriminator, k: u64| {
+                let eps = normal(k + 2).autodiff();
+                let logits = |x: Tensor<4>| {
+                    discriminator_logits(
+                        Some(&net),
+                        d,
+                        x.autodiff(),
+                        eps.clone(),
+                        &t,
+                        &alpha_bar,
+                        &cond,
+                    )
+                };
+                adversarial_discriminator_loss(
+                    logits(normal(k) * 0.1 + 0.5),
+                    logits(normal(k + 1) * 0.1 - 0.5),
+                )
+            };
+            let first: f32 = loss_at(&d, 0).into_scalar::<f32>();
+            assert!(
+                (first - 2.0).abs() < 0.5,
+                "a fresh one barely separates: {first}"
+            );
+            for k in 0..30 {
+                let loss = loss_at(&d, 10 * k + 100);
+                let grads = GradientsParams::from_grads(loss.backward(), &d);
+                d = optim.step(1e-3, d, grads).power_iteration();
+            }
+            let last: f32 = loss_at(&d, 0).into_scalar::<f32>();
+            assert!(
+                last < 0.75 * first,
+                "it learns to separate: {first} → {last}"
+            );
+            // The generator's loss reaches its samples, not the teacher or the discriminator.
+            let frozen = d.valid().to_device(&ad).no_grad();
+            let x = (normal(7) * 0.1 - 0.5).autodiff().require_grad();
+            let g = adversarial_generator_loss(discriminator_logits(
+                Some(&net),
+                &frozen,
+                x.clone(),
+                normal(8).autodiff(),
+                &t,
+                &alpha_bar,
+                &cond,
+            ));
+            let grads = g.backward();
+            let gx = x.grad(&grads).expect("the samples get a gradient");
+            assert!(gx.abs().sum().into_scalar::<f32>() > 0.0);
+            assert!(net.conv_in.weight.val().grad(&grads).is_none());
+            let judge_weight = match (&frozen.heads, &frozen.pixels) {
+                (Some(h), _) => h.heads[0].conv.weight.val(),
+                (None, Some(p)) => p.convs[0].weight.val(),
+                (None, None) => unreachable!(),
+            };
+            assert!(judge_weight.grad(&grads).is_none());
         }
-        let last: f32 = loss_at(&heads, 0).into_scalar::<f32>();
-        assert!(last < 0.5 * first, "the heads learn to separate: {first} → {last}");
-        // The generator's loss reaches its samples, not the teacher or the heads it is judged by.
-        let frozen = heads.valid().to_device(&ad).no_grad();
-        let x = (normal(7) * 0.1 - 0.5).autodiff().require_grad();
-        let g = adversarial_generator_loss(discriminator_logits(
-            &net,
-            &frozen,
-            x.clone(),
-            normal(8).autodiff(),
-            &t,
-            &alpha_bar,
-            &cond,
-        ));
-        let grads = g.backward();
-        assert!(x.grad(&grads).expect("the samples get a gradient").abs().sum().into_scalar::<f32>() > 0.0);
-        assert!(net.conv_in.weight.val().grad(&grads).is_none());
-        assert!(frozen.heads[0].conv.weight.val().grad(&grads).is_none());
     }
 
     #[test]

@@ -64,6 +64,41 @@ impl FeatureHeads {
     }
 }
 
+/// The discriminator of adversarial consistency distillation: heads on the frozen teacher's
+/// encoder maps, or a spectral-norm convolutional discriminator on the images themselves
+/// (the KD-GAN's, for 3-channel 32×32 teachers), trained from scratch.
+#[derive(Module, Debug)]
+pub struct ConsistencyDiscriminator {
+    pub heads: Option<FeatureHeads>,
+    pub pixels: Option<crate::models::gan::Discriminator>,
+}
+
+impl ConsistencyDiscriminator {
+    /// Logits of `z` (already re-noised), [B, positions] per map; `features` runs the frozen
+    /// teacher's encoder for the heads.
+    pub fn forward(
+        &self,
+        z: Tensor<4>,
+        features: impl FnOnce(Tensor<4>) -> Vec<Tensor<4>>,
+    ) -> Vec<Tensor<2>> {
+        match (&self.heads, &self.pixels) {
+            (Some(heads), _) => heads.forward(features(z)),
+            (None, Some(d)) => {
+                let logits = d.forward(z.cast(FloatDType::F32), None);
+                let [b] = logits.dims();
+                vec![logits.reshape([b, 1])]
+            }
+            (None, None) => unreachable!("a discriminator has heads or a pixel network"),
+        }
+    }
+
+    /// A spectral-norm discriminator's power iteration after its step (heads: unchanged).
+    pub fn power_iteration(mut self) -> Self {
+        self.pixels = self.pixels.map(|d| d.power_iteration());
+        self
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,13 +25,14 @@ use super::teacher_conditioning::TeacherConditioning;
 use super::{checkpoint, data_parallel, ema, open_images};
 use crate::data::{DataSource, TrainImages};
 use crate::distill::consistency::{
-    AdversarialSpec, At, ConsistencyStep, Curriculum, Distance, HEAD_WIDTH, Solver,
-    adversarial_discriminator_loss, adversarial_generator_loss, consistency_output,
+    AdversarialSpec, At, ConsistencyStep, Curriculum, DiscriminatorBackbone, Distance, HEAD_WIDTH,
+    Solver, adversarial_discriminator_loss, adversarial_generator_loss, consistency_output,
     discriminator_logits, distance, noised, skipping_grid, teacher_solver_step,
 };
 use crate::error::{Error, Result};
 use crate::io;
-use crate::models::feature_heads::FeatureHeads;
+use crate::models::feature_heads::{ConsistencyDiscriminator, FeatureHeads};
+use crate::models::gan::DiscriminatorConfig;
 use crate::models::lora::{self, LoraFormat, LoraSpec};
 use crate::models::quant::{QuantizationConfig, QuantizeSpec};
 use crate::models::{Conditioning, UNet, UNetConfig};
@@ -386,19 +387,33 @@ struct State {
     discriminator: Option<Discriminator>,
 }
 
-/// The trainable heads of an adversarial run's discriminator and their optimiser.
+/// An adversarial run's discriminator and its optimiser.
 struct Discriminator {
-    heads: FeatureHeads,
+    net: ConsistencyDiscriminator,
     optim: ModuleOptimizer,
 }
 
 impl Discriminator {
-    /// Fresh heads for `teacher`'s encoder maps on `device` (an autodiff device), initialised
-    /// from `seed`.
-    fn new(teacher: &UNet, seed: u64, device: &Device) -> Self {
+    /// A fresh discriminator for `teacher` on `device` (an autodiff device), initialised from
+    /// `seed`.
+    fn new(teacher: &UNet, spec: &AdversarialSpec, seed: u64, device: &Device) -> Self {
         device.seed(seed);
+        let net = match spec.backbone {
+            DiscriminatorBackbone::TeacherFeatures => ConsistencyDiscriminator {
+                heads: Some(FeatureHeads::new(
+                    &teacher.encoder_channels(),
+                    HEAD_WIDTH,
+                    device,
+                )),
+                pixels: None,
+            },
+            DiscriminatorBackbone::Pixels => ConsistencyDiscriminator {
+                heads: None,
+                pixels: Some(DiscriminatorConfig::shapes32().init(device)),
+            },
+        };
         Discriminator {
-            heads: FeatureHeads::new(&teacher.encoder_channels(), HEAD_WIDTH, device),
+            net,
             optim: discriminator_optimizer(),
         }
     }
@@ -442,7 +457,7 @@ fn save_checkpoint(
     if let Some(d) = &state.discriminator {
         checkpoint::write_state(
             &dir.join(DISCRIMINATOR_DIR),
-            &d.heads,
+            &d.net,
             &d.optim,
             &json!({ "iter": iter }),
         )?;
@@ -481,12 +496,11 @@ fn load_checkpoint(
         None => None,
     };
     let discriminator = match cfg.adversarial {
-        Some(_) => {
-            let fresh = Discriminator::new(teacher, cfg.seed, &ad);
-            let ds =
-                checkpoint::read_state(&ckpt.join(DISCRIMINATOR_DIR), fresh.heads, fresh.optim)?;
+        Some(a) => {
+            let fresh = Discriminator::new(teacher, &a, cfg.seed, &ad);
+            let ds = checkpoint::read_state(&ckpt.join(DISCRIMINATOR_DIR), fresh.net, fresh.optim)?;
             Some(Discriminator {
-                heads: ds.model,
+                net: ds.model,
                 optim: ds.optim,
             })
         }
@@ -651,12 +665,15 @@ pub fn distill_consistency(
     let teachers = data_parallel::replicate(&teacher.unet, devices);
     // The teacher-feature distance and the adversarial term backpropagate through the frozen
     // teacher: one copy per device on its autodiff side, its weights out of the gradient.
-    let feature_nets: Vec<UNet> =
-        if cfg.distance == Distance::TeacherFeatures || cfg.adversarial.is_some() {
-            data_parallel::frozen_through(&teacher.unet, device, devices)
-        } else {
-            Vec::new()
-        };
+    let feature_nets: Vec<UNet> = if cfg.distance == Distance::TeacherFeatures
+        || cfg
+            .adversarial
+            .is_some_and(|a| a.backbone == DiscriminatorBackbone::TeacherFeatures)
+    {
+        data_parallel::frozen_through(&teacher.unet, device, devices)
+    } else {
+        Vec::new()
+    };
     let schedule = teacher
         .scheduler
         .noise_schedule(Algorithm::Lcm)
@@ -664,6 +681,17 @@ pub fn distill_consistency(
     let alpha_bars: Vec<f64> = (0..schedule.num_train_timesteps())
         .map(|t| schedule.alpha_bar(t) as f64)
         .collect();
+    if let Some(a) = cfg.adversarial
+        && a.backbone == DiscriminatorBackbone::Pixels
+    {
+        let (c, size) = (teacher.unet_config.in_channels, super::image_size(&teacher));
+        if c != 3 || size != 32 {
+            return Err(Error::Usage(format!(
+                "--adversarial-backbone pixels: expected a teacher on 3-channel 32×32 images, {} is {c}-channel {size}×{size} (use teacher-features)",
+                run.teacher.display()
+            )));
+        }
+    }
     if let Some(a) = cfg.adversarial
         && a.max_t >= alpha_bars.len()
     {
@@ -734,7 +762,7 @@ pub fn distill_consistency(
                     optim: new_optimizer(cfg),
                     discriminator: cfg
                         .adversarial
-                        .map(|_| Discriminator::new(&teacher.unet, cfg.seed, &ad)),
+                        .map(|a| Discriminator::new(&teacher.unet, &a, cfg.seed, &ad)),
                 },
                 0,
             )
@@ -794,9 +822,9 @@ pub fn distill_consistency(
             // One-step samples start at the grid's highest timestep, as the LCM sampler's one
             // step does.
             let top = *grid.last().expect("a grid has at least one scale");
-            let heads: Vec<FeatureHeads> =
+            let judges: Vec<ConsistencyDiscriminator> =
                 state.discriminator.as_ref().map_or_else(Vec::new, |d| {
-                    data_parallel::frozen_through(&d.heads.valid(), device, devices)
+                    data_parallel::frozen_through(&d.net.valid(), device, devices)
                 });
             let (value, grads) = data_parallel::loss_and_grads(
                 &state.student,
@@ -865,7 +893,7 @@ pub fn distill_consistency(
                         _ => loss.mean(),
                     };
                     match (cfg.adversarial, &b.adversarial) {
-                        (Some(a), Some(rows)) => {
+                        (Some(a), Some(rows)) if iter >= a.start => {
                             let fake = consistency_output(
                                 student,
                                 prediction,
@@ -876,8 +904,8 @@ pub fn distill_consistency(
                                 student_w,
                             );
                             let logits = discriminator_logits(
-                                &feature_nets[shard.index],
-                                &heads[shard.index],
+                                feature_nets.get(shard.index),
+                                &judges[shard.index],
                                 fake,
                                 shard.take(&rows.eps).autodiff(),
                                 &shard.take_list(&rows.t),
@@ -914,25 +942,27 @@ pub fn distill_consistency(
                     w,
                 );
                 // The frozen teacher on the main device's autodiff side (nothing below it
-                // requires a gradient, so the backward pass stops at the heads).
-                let x = Tensor::cat(vec![rows.x0.clone(), fake], 0).autodiff();
-                let eps = Tensor::cat(vec![rows.eps.clone(), rows.eps.clone()], 0).autodiff();
-                let d_loss = adversarial_discriminator_loss(discriminator_logits(
-                    &feature_nets[0],
-                    &d.heads,
-                    x,
-                    eps,
-                    &[rows.t.as_slice(), rows.t.as_slice()].concat(),
-                    &[rows.alpha_bar.as_slice(), rows.alpha_bar.as_slice()].concat(),
-                    &b.cond.clone().concat(b.cond.clone()).autodiff(),
-                ));
+                // requires a gradient, so the backward pass stops at the discriminator). Real
+                // and generated rows in separate passes (the minibatch statistic of the pixel
+                // discriminator must not mix them).
+                let logits = |x: Tensor<4>| {
+                    discriminator_logits(
+                        feature_nets.first(),
+                        &d.net,
+                        x.autodiff(),
+                        rows.eps.clone().autodiff(),
+                        &rows.t,
+                        &rows.alpha_bar,
+                        &b.cond.clone().autodiff(),
+                    )
+                };
+                let d_loss = adversarial_discriminator_loss(logits(rows.x0.clone()), logits(fake));
                 let d_value: f32 = d_loss.clone().into_scalar::<f32>();
-                let grads = GradientsParams::from_grads(d_loss.backward(), &d.heads);
-                let Discriminator { heads, mut optim } = d;
-                let heads = optim.step(a.lr, heads, grads);
-                state.discriminator = Some(Discriminator { heads, optim });
+                let grads = GradientsParams::from_grads(d_loss.backward(), &d.net);
+                let Discriminator { net, mut optim } = d;
+                let net = optim.step(a.lr, net, grads).power_iteration();
+                state.discriminator = Some(Discriminator { net, optim });
                 note = format!(" | D {d_value:.3}");
-                eprintln!("DBG iter {iter} D {d_value:.6}");
             }
             Ok((
                 state,
