@@ -168,7 +168,10 @@ pub enum Solver {
     #[default]
     Ddim,
     /// Heun's second-order step in σ = √((1 − ᾱ)/ᾱ) space, between the same two grid points
-    /// (the consistency-models paper's solver): two teacher calls.
+    /// (the consistency-models paper's solver): two teacher calls. The step that lands on the
+    /// boundary t = 0 stays Euler, as the last step of Karras et al.'s Heun sampler (2022,
+    /// Algorithm 1): there the slope is the teacher's noise estimate at almost no noise, which
+    /// it cannot know, and the correction would add it to the target at a weight of ~σ/2.
     Heun,
 }
 
@@ -208,10 +211,17 @@ pub fn teacher_solver_step(
     // d′ = euler/√(1 − ᾱ′) − x̂0′/σ′: every coefficient stays O(1) where ᾱ → 0, so nothing
     // large cancels in f32.
     let (mut dz, mut dx0, mut de, mut dx0e, mut corr) = (vec![], vec![], vec![], vec![], vec![]);
-    for (&a, &a2) in from.iter().zip(&to) {
+    for ((&a, &a2), step) in from.iter().zip(&to).zip(steps) {
         let (s, s2) = (sigma(a), sigma(a2));
         dz.push((1.0 / (1.0 - a).sqrt()) as f32);
         dx0.push((1.0 / s) as f32);
+        if step.t_prev == 0 {
+            // Euler onto the boundary: no correction (and no 1/σ′ to overflow).
+            de.push(0.0);
+            dx0e.push(0.0);
+            corr.push(0.0);
+            continue;
+        }
         de.push((1.0 / (1.0 - a2).sqrt()) as f32);
         dx0e.push((1.0 / s2) as f32);
         corr.push((a2.sqrt() * (s2 - s) / 2.0) as f32);
@@ -471,10 +481,14 @@ mod tests {
             teacher_solver_step(u, p, z.clone(), &steps, &Conditioning::none(), None, solver)
         };
         let gap = |a: Tensor<4>, b: Tensor<4>| -> f32 { (a - b).abs().max().into_scalar::<f32>() };
-        let random = gap(
+        let (ddim, heun) = (
             solve(&unet, Prediction::V, Solver::Ddim),
             solve(&unet, Prediction::V, Solver::Heun),
         );
+        // The step onto the boundary (row 0: t 19 → 0) stays Euler; the others are corrected.
+        let row = |x: &Tensor<4>, i: usize| x.clone().narrow(0, i, 1);
+        assert_eq!(gap(row(&ddim, 0), row(&heun, 0)), 0.0);
+        let random = gap(row(&ddim, 1), row(&heun, 1)).min(gap(row(&ddim, 2), row(&heun, 2)));
         assert!(random > 1e-4, "{random}");
         // A model that always predicts x0 = 0: x̃ = σ·ε is linear in σ, Euler (DDIM) is exact.
         unet.conv_out.weight = unet.conv_out.weight.map(|w| w.zeros_like());
