@@ -156,27 +156,29 @@ fn latent_and_guided_class_conditional_teachers_distill() {
     ok(&sample(&["--guidance-scale", "3.5"]));
 }
 
+/// Runs `args` (a run into `out`), interrupts it after `rows` iterations, checks that no student
+/// was written, and resumes it to the end.
+fn interrupt_and_resume(args: &[&str], out: &Path, rows: usize) {
+    interrupt_after_rows(args, &out.join("loss.csv"), rows);
+    assert!(!out.join("student").exists());
+    ok(&fewstep(&[
+        "distill",
+        "consistency",
+        "--out",
+        out.to_str().unwrap(),
+        "--resume",
+        "--no-eval",
+        "--quiet",
+    ]));
+}
+
 #[test]
 fn an_interrupted_run_resumes_to_the_uninterrupted_student() {
     let teacher = tiny_model("cd", "teacher-b");
     let whole = scratch("cd", "whole");
     ok(&fewstep(&distill_args(&teacher, &whole, "20")));
     let split = scratch("cd", "split");
-    interrupt_after_rows(
-        &distill_args(&teacher, &split, "20"),
-        &split.join("loss.csv"),
-        6,
-    );
-    assert!(!split.join("student").exists());
-    ok(&fewstep(&[
-        "distill",
-        "consistency",
-        "--out",
-        split.to_str().unwrap(),
-        "--resume",
-        "--no-eval",
-        "--quiet",
-    ]));
+    interrupt_and_resume(&distill_args(&teacher, &split, "20"), &split, 6);
     let w = format!("student/{WEIGHTS}");
     let max = max_weight_difference(&whole.join(&w), &split.join(&w));
     assert!(max == 0.0, "resumed differs by {max}");
@@ -226,21 +228,7 @@ fn an_interrupted_adversarial_run_resumes_to_the_uninterrupted_student() {
         );
         let split = scratch("cd", &format!("adv-split-{backbone}"));
         let a = args(&split);
-        interrupt_after_rows(
-            &a.iter().map(String::as_str).collect::<Vec<_>>(),
-            &split.join("loss.csv"),
-            7,
-        );
-        assert!(!split.join("student").exists());
-        ok(&fewstep(&[
-            "distill",
-            "consistency",
-            "--out",
-            split.to_str().unwrap(),
-            "--resume",
-            "--no-eval",
-            "--quiet",
-        ]));
+        interrupt_and_resume(&a.iter().map(String::as_str).collect::<Vec<_>>(), &split, 7);
         let max = max_weight_difference(&whole.join(&w), &split.join(&w));
         assert!(max == 0.0, "{backbone}: resumed differs by {max}");
     }
