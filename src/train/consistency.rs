@@ -893,6 +893,8 @@ pub fn distill_consistency(
                         _ => loss.mean(),
                     };
                     match (cfg.adversarial, &b.adversarial) {
+                        // The student's term on its one-step samples. (The pixel
+                        // discriminator's minibatch statistic is over this shard's rows.)
                         (Some(a), Some(rows)) if iter >= a.start => {
                             let fake = consistency_output(
                                 student,
