@@ -297,9 +297,10 @@ pub fn teacher_feature_distance(
         .expect("the encoder has at least conv_in's map")
 }
 
-/// The adversarial term of adversarial consistency distillation: a discriminator whose backbone
-/// is the frozen teacher's encoder (LADD, Sauer et al. 2024), judging the student's one-step
-/// samples against the training images, both re-noised to a random timestep; the student
+/// The adversarial term of adversarial consistency distillation: a discriminator (heads on the
+/// frozen teacher's encoder as in LADD, Sauer et al. 2024, or a pixel network), judging the
+/// student's one-step samples against the training images, both re-noised to a random
+/// timestep; the student
 /// minimises `weight` × the hinge generator loss beside the consistency distance (CTM, Kim et
 /// al. 2023, adds a GAN term to consistency training the same way).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -336,8 +337,9 @@ pub enum DiscriminatorBackbone {
 /// Channels of each discriminator head's hidden layer.
 pub const HEAD_WIDTH: usize = 64;
 
-/// The discriminator's logits for `x` re-noised with `eps` to each row's `t` (ᾱ `alpha_bar`): the
-/// frozen teacher's encoder maps at t, each through its head: [B, H·W] per map.
+/// The discriminator's logits for `x` re-noised with `eps` to each row's `t` (ᾱ `alpha_bar`):
+/// the frozen teacher `net`'s encoder maps at t, each through its head ([B, H·W] per map), or
+/// the pixel network's ([B, 1]; `net` unused).
 pub fn discriminator_logits(
     net: Option<&UNet>,
     d: &ConsistencyDiscriminator,
