@@ -300,9 +300,8 @@ pub fn teacher_feature_distance(
 /// The adversarial term of adversarial consistency distillation: a discriminator (heads on the
 /// frozen teacher's encoder as in LADD, Sauer et al. 2024, or a pixel network), judging the
 /// student's one-step samples against the training images, both re-noised to a random
-/// timestep; the student
-/// minimises `weight` × the hinge generator loss beside the consistency distance (CTM, Kim et
-/// al. 2023, adds a GAN term to consistency training the same way).
+/// timestep; the student minimises `weight` × the hinge generator loss beside the consistency
+/// distance (CTM, Kim et al. 2023, adds a GAN term to consistency training the same way).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdversarialSpec {
     /// Weight of the generator's adversarial loss against the consistency distance's 1.
