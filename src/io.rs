@@ -332,8 +332,12 @@ pub(crate) fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
 
 /// Reads every tensor of a safetensors file (f32, f16, bf16 or f64) as f32.
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, HostTensor>> {
-    let bytes = map_file(path)?;
-    let st = SafeTensors::deserialize(&bytes)
+    read_safetensors_bytes(&map_file(path)?, path)
+}
+
+/// [`read_safetensors`] of a file's bytes already in memory (`path` names it in errors).
+pub fn read_safetensors_bytes(bytes: &[u8], path: &Path) -> Result<HashMap<String, HostTensor>> {
+    let st = SafeTensors::deserialize(bytes)
         .map_err(|e| Error::file(path, format!("corrupt or truncated safetensors file ({e})")))?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {

@@ -184,3 +184,45 @@ fn bad_input_is_one_clear_line() {
     );
     assert!(!out.exists(), "nothing written on bad input");
 }
+
+#[test]
+fn a_widened_teacher_starts_a_wider_student_line() {
+    let teacher = tiny_model("pd", "teacher-w");
+    let wide = scratch("pd", "widened");
+    ok(&fewstep(&[
+        "widen",
+        "--model",
+        teacher.to_str().unwrap(),
+        "--out",
+        wide.to_str().unwrap(),
+    ]));
+    let out = scratch("pd", "wide-line");
+    let mut args = distill_args(&teacher, &out, "2");
+    args.extend_from_slice(&["--init", wide.to_str().unwrap()]);
+    ok(&fewstep(&args));
+    let device = fewstep::backend::cpu_device().expect("a CPU backend is compiled in");
+    for steps in [2usize, 1] {
+        let p = Pipeline::load(&out.join(format!("round-{steps}steps")), &device).unwrap();
+        assert_eq!(p.unet_config.block_out_channels, vec![16, 32], "{steps}");
+    }
+    // A different architecture, not a widening, is refused in one line.
+    let other_class = scratch("pd", "other-init");
+    ok(&fewstep(&[
+        "train",
+        "--model-config",
+        "tiny",
+        "--class-conditional",
+        "--steps",
+        "1",
+        "--batch",
+        "2",
+        "--quiet",
+        "--out",
+        other_class.to_str().unwrap(),
+    ]));
+    let bad = scratch("pd", "wide-bad");
+    let init = other_class.join("checkpoints/latest");
+    let mut args = distill_args(&teacher, &bad, "2");
+    args.extend_from_slice(&["--init", init.to_str().unwrap()]);
+    assert_clean_failure(fewstep(&args), "or a wider one");
+}

@@ -387,3 +387,127 @@ fn resume_names_the_flags_it_ignores_and_keeps_the_stored_settings() {
         "the optimizer is recorded"
     );
 }
+
+/// `fewstep train --init` of the tiny model's narrow and `fewstep widen`ed folders for one
+/// step of batch 4 (seed 0), the run's loss.
+fn first_loss(init: &Path, out: &Path) -> f32 {
+    ok(&fewstep(&[
+        "train",
+        "--init",
+        init.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--batch",
+        "4",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    losses(out)[0]
+}
+
+#[test]
+fn a_widened_model_trains_on_from_where_the_narrow_one_stood() {
+    let narrow = common::tiny_model("train", "widen-narrow");
+    let wide = scratch("train", "widen-wide");
+    ok(&fewstep(&[
+        "widen",
+        "--model",
+        narrow.to_str().unwrap(),
+        "--factor",
+        "2",
+        "--noise",
+        "0",
+        "--out",
+        wide.to_str().unwrap(),
+    ]));
+    let device = fewstep::backend::cpu_device().unwrap();
+    let p = Pipeline::load(&wide, &device).unwrap();
+    assert_eq!(p.unet_config.block_out_channels, vec![16, 32]);
+    // The same data, noise and timesteps through the same function: the same first loss.
+    let (a, b) = (
+        first_loss(&narrow, &scratch("train", "widen-run-narrow")),
+        first_loss(&wide, &scratch("train", "widen-run-wide")),
+    );
+    assert!((a - b).abs() <= 1e-5 * a.abs().max(1e-3), "{a} vs {b}");
+    // Bad input: one line each, nothing written.
+    let bad = scratch("train", "widen-bad");
+    assert_clean_failure(
+        fewstep(&[
+            "train",
+            "--init",
+            wide.to_str().unwrap(),
+            "--model-config",
+            "tiny",
+            "--out",
+            bad.to_str().unwrap(),
+        ]),
+        "--init and --model-config",
+    );
+    assert_clean_failure(
+        fewstep(&[
+            "train",
+            "--init",
+            "/nonexistent/pipeline",
+            "--out",
+            bad.to_str().unwrap(),
+        ]),
+        "--init: not found",
+    );
+    assert_clean_failure(
+        fewstep(&[
+            "train",
+            "--init",
+            wide.to_str().unwrap(),
+            "--prediction",
+            "epsilon",
+            "--out",
+            bad.to_str().unwrap(),
+        ]),
+        "give --prediction v_prediction",
+    );
+    assert!(!bad.exists());
+    assert_clean_failure(
+        fewstep(&[
+            "widen",
+            "--model",
+            narrow.to_str().unwrap(),
+            "--factor",
+            "1",
+            "--out",
+            bad.to_str().unwrap(),
+        ]),
+        "--factor 1",
+    );
+    assert_clean_failure(
+        fewstep(&[
+            "widen",
+            "--model",
+            narrow.to_str().unwrap(),
+            "--out",
+            wide.to_str().unwrap(),
+        ]),
+        "--out",
+    );
+    let quantized = scratch("train", "widen-int8");
+    ok(&fewstep(&[
+        "quantize",
+        "--model",
+        narrow.to_str().unwrap(),
+        "--format",
+        "int8",
+        "--out",
+        quantized.to_str().unwrap(),
+    ]));
+    assert_clean_failure(
+        fewstep(&[
+            "widen",
+            "--model",
+            quantized.to_str().unwrap(),
+            "--out",
+            bad.to_str().unwrap(),
+        ]),
+        "a quantized UNet cannot be widened",
+    );
+    assert!(!bad.exists());
+}

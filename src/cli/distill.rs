@@ -99,7 +99,9 @@ pub struct DistillArgs {
     #[arg(long, value_parser = super::values::non_negative_f32, default_value_t = 1.0, requires = "quantize")]
     pub quant_anchor: f32,
     /// A pipeline folder whose UNet the student starts from instead of the teacher's (same
-    /// architecture): e.g. the f32 student, fine-tuned under --quantize.
+    /// architecture): e.g. the f32 student, fine-tuned under --quantize. `distill progressive`
+    /// also takes a wider one (`fewstep widen` of the teacher): its first student, and every
+    /// later round's, keeps that width.
     #[arg(long)]
     pub init: Option<PathBuf>,
     #[command(flatten)]

@@ -18,6 +18,7 @@ pub mod train_clip;
 pub mod train_features;
 pub mod train_vae;
 pub mod values;
+pub mod widen;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -59,6 +60,9 @@ pub enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Post-training quantization of a pipeline's UNet to int8 or 4-bit weights.
     Quantize(quantize::QuantizeArgs),
+    /// A pipeline whose UNet has more channels and computes what the original does
+    /// (function-preserving widening): more capacity without training from scratch.
+    Widen(widen::WidenArgs),
 }
 
 /// `--device`, shared by every command that computes.
@@ -515,5 +519,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::TrainVae(args) => train_vae::run(args),
         Command::Tokenize(args) => tokenize::run(args),
         Command::Quantize(args) => quantize::run(args),
+        Command::Widen(args) => widen::run(args),
     }
 }

@@ -21,9 +21,14 @@ pub struct TrainArgs {
     #[arg(long, value_parser = super::values::seed, default_value_t = 0)]
     pub data_seed: u64,
     /// A preset (tiny, shapes32, bench32; shapes-latent8 with --vae) or a diffusers UNet
-    /// config.json.
-    #[arg(long, default_value = "shapes32")]
-    pub model_config: String,
+    /// config.json [default: shapes32].
+    #[arg(long)]
+    pub model_config: Option<String>,
+    /// Start from this pipeline folder's UNet (its config and weights) instead of a seeded
+    /// initialisation — e.g. a `fewstep widen` of a trained teacher. Not with --model-config; its
+    /// scheduler must have the --prediction and --beta-schedule given.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
     /// Latent diffusion: a VAE folder (or a pipeline / `train-vae` run holding `vae/`); the data
     /// is encoded once (`latent_cache.safetensors` in the run) and the UNet learns its scaled
     /// posterior samples. The written pipeline includes the VAE.
@@ -112,7 +117,35 @@ pub fn run(args: TrainArgs) -> Result<()> {
         super::warn_flags_on_resume(&["--steps", "--cooldown"]);
         None
     } else {
-        let mut unet = model_config(&args.model_config)?;
+        let init = match &args.init {
+            None => None,
+            Some(dir) => {
+                if args.model_config.is_some() {
+                    return Err(Error::Usage(
+                        "--init and --model-config: the --init folder's UNet config is the model's; give one of them".into(),
+                    ));
+                }
+                let dir = dir.canonicalize().map_err(|_| {
+                    Error::file(
+                        dir,
+                        "--init: not found (expected a pipeline folder with unet/)",
+                    )
+                })?;
+                if !dir.join("unet").join(io::CONFIG_NAME).is_file() {
+                    return Err(Error::file(
+                        &dir,
+                        "--init: no unet/config.json here (expected a pipeline folder with unet/)",
+                    ));
+                }
+                Some(dir)
+            }
+        };
+        let config_arg = match (&init, &args.model_config) {
+            (Some(dir), _) => dir.join("unet").join(io::CONFIG_NAME).display().to_string(),
+            (None, Some(c)) => c.clone(),
+            (None, None) => "shapes32".into(),
+        };
+        let mut unet = model_config(&config_arg)?;
         let data = DataSource::from_flag(&args.data, args.data_seed)?;
         let text = match (&args.text_encoder, unet.is_conditional()) {
             (Some(dir), true) => {
@@ -142,13 +175,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
             (Some(_), false) => {
                 return Err(Error::Usage(format!(
                     "--text-encoder: --model-config {} is not a UNet2DConditionModel (use the shapes-t2i8 preset or a text-conditioned config.json)",
-                    args.model_config
+                    config_arg
                 )));
             }
             (None, true) => {
                 return Err(Error::Usage(format!(
                     "--model-config {} is a text-conditioned UNet2DConditionModel: give --text-encoder (e.g. a `fewstep train-clip` run)",
-                    args.model_config
+                    config_arg
                 )));
             }
         };
@@ -189,7 +222,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 if unet.sample_size.is_some_and(|s| s != side) {
                     return Err(Error::Usage(format!(
                         "--model-config {}: the UNet sees {side}×{side} inputs here (`shapes` images are 32×32{}); the config needs sample_size {side}",
-                        args.model_config,
+                        config_arg,
                         if latent.is_some() {
                             ", encoded by --vae"
                         } else {
@@ -213,21 +246,21 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 if unet.sample_size.is_none() {
                     return Err(Error::Usage(format!(
                         "--model-config {}: training on an image folder needs `sample_size` in the config",
-                        args.model_config
+                        config_arg
                     )));
                 }
             }
         }
         crate::models::footprint::check_unet(
             &unet,
-            std::path::Path::new(&args.model_config),
+            std::path::Path::new(&config_arg),
             unet.sample_size,
             crate::models::footprint::Use::Training { batch: args.batch },
         )?;
         if unet.in_channels != channels || unet.out_channels != channels {
             return Err(Error::Usage(format!(
                 "--model-config {}: {what}; the config needs {channels} in and out channels",
-                args.model_config
+                config_arg
             )));
         }
         let scheduler = SchedulerConfig::from_map(
@@ -243,6 +276,27 @@ pub fn run(args: TrainArgs) -> Result<()> {
             .as_object()
             .expect("object"),
         )?;
+        if let Some(dir) = &init {
+            let theirs = crate::pipeline::load_scheduler_config(&dir.join("scheduler"))?
+                .to_json(Algorithm::Ddim);
+            let ours = scheduler.to_json(Algorithm::Ddim);
+            for (key, flag) in [
+                ("prediction_type", "--prediction"),
+                ("beta_schedule", "--beta-schedule"),
+            ] {
+                if theirs[key] != ours[key] {
+                    return Err(Error::file(
+                        dir.join("scheduler"),
+                        format!(
+                            "--init: the model was trained with {key} {}, the run would use {} (give {flag} {})",
+                            theirs[key],
+                            ours[key],
+                            theirs[key].as_str().unwrap_or("?")
+                        ),
+                    ));
+                }
+            }
+        }
         let train = TrainConfig {
             steps: args.steps.unwrap_or(TrainConfig::default().steps),
             batch: args.batch,
@@ -265,6 +319,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             data,
             latent,
             text,
+            init,
         })
     };
     let folder = args.data_parallel.join("train", &args.out, args.resume)?;

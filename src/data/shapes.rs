@@ -47,7 +47,7 @@ pub struct ShapeLabels {
 pub(crate) struct SplitMix(u64);
 
 impl SplitMix {
-    fn new(seed: u64, index: u64) -> Self {
+    pub(crate) fn new(seed: u64, index: u64) -> Self {
         let mut s = SplitMix(seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         s.next();
         s
@@ -60,7 +60,7 @@ impl SplitMix {
         z ^ (z >> 31)
     }
     /// Uniform in [lo, hi).
-    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+    pub(crate) fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
         let u = (self.next() >> 40) as f32 / (1u64 << 24) as f32;
         lo + (hi - lo) * u
     }

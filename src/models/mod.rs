@@ -13,6 +13,7 @@ pub mod quant;
 pub mod transformer;
 pub mod unet;
 pub mod vae;
+pub mod widen;
 
 pub use clip::{ClipTextConfig, ClipTextModel};
 pub use conditioning::Conditioning;

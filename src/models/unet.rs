@@ -450,6 +450,18 @@ impl UNetConfig {
         json
     }
 
+    /// Whether `other` differs from `self` at most in width — block channels, channels per head
+    /// or head counts, the time embedding's width — so that it takes the same inputs and
+    /// conditioning and gives the same outputs (a `fewstep widen` of this model).
+    pub fn same_but_width(&self, other: &UNetConfig) -> bool {
+        let mut o = other.clone();
+        o.block_out_channels = self.block_out_channels.clone();
+        o.attention_head_dim = self.attention_head_dim.clone();
+        o.num_attention_heads = self.num_attention_heads.clone();
+        o.time_embedding_dim = self.time_embedding_dim;
+        other.block_out_channels.len() == self.block_out_channels.len() && o == *self
+    }
+
     /// Heads of the attention in down block `i` (the mid block: `i = n − 1`) with `c` channels.
     fn heads(&self, i: usize, c: usize) -> usize {
         if self.is_conditional() {

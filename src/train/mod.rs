@@ -160,6 +160,9 @@ pub struct DiffusionRun {
     pub latent: Option<LatentSpec>,
     /// Text-to-image: the frozen text encoder and how captions are read and dropped.
     pub text: Option<TextSpec>,
+    /// The pipeline folder whose UNet weights the run starts from (absolute; `None`: a seeded
+    /// initialisation) — e.g. a `fewstep widen` of a trained model.
+    pub init: Option<PathBuf>,
 }
 
 /// The text side of a text-to-image training run (`run.json`'s `text`).
@@ -183,6 +186,7 @@ impl DiffusionRun {
             "data": self.data,
             "latent": self.latent,
             "text": self.text,
+            "init": self.init,
         })
     }
 
@@ -211,6 +215,12 @@ impl DiffusionRun {
                 None | Some(serde_json::Value::Null) => None,
                 Some(t) => Some(
                     serde_json::from_value(t.clone()).map_err(|e| bad("text", e.to_string()))?,
+                ),
+            },
+            init: match v.get("init") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(i) => Some(
+                    serde_json::from_value(i.clone()).map_err(|e| bad("init", e.to_string()))?,
                 ),
             },
         })
@@ -370,25 +380,38 @@ pub fn train_diffusion(
         .ok_or_else(|| Error::Usage("--devices: give at least one device".into()))?;
     // A fresh state from the run's seed: a new run, or a resumed one killed before its first
     // checkpoint (which then starts over from its stored settings).
-    let fresh = |run: &DiffusionRun| {
+    let fresh = |run: &DiffusionRun| -> Result<State> {
         let ad = device.clone().autodiff();
         // Seeded initialisation: the same --seed gives the same run on this backend.
         ad.seed(run.train.seed);
-        let model = run.unet.init(&ad);
+        let model = match &run.init {
+            None => run.unet.init(&ad),
+            Some(dir) => {
+                let unet_dir = dir.join("unet");
+                let (config, model) = crate::pipeline::load_unet(&unet_dir, &ad)?;
+                if config != run.unet {
+                    return Err(Error::file(
+                        &unet_dir,
+                        "--init: its UNet config is not the run's (was the folder changed after the run began?)",
+                    ));
+                }
+                model
+            }
+        };
         let ema = model.valid();
-        State {
+        Ok(State {
             model,
             ema,
             optim: new_optimizer(&run.train),
             step: 0,
-        }
+        })
     };
     let (mut run, state) = if resume {
         let v = checkpoint::read_run(run_dir, DIFFUSION_RUN)?;
         let run = DiffusionRun::from_json(&v, &run_dir.join(checkpoint::RUN_FILE))?;
         let state = match checkpoint::latest(run_dir) {
             Some(ckpt) => load_checkpoint(&ckpt, &run, device)?,
-            None => fresh(&run),
+            None => fresh(&run)?,
         };
         (run, state)
     } else {
@@ -396,7 +419,7 @@ pub fn train_diffusion(
             run.ok_or_else(|| Error::Usage("nothing to train: give a model config".into()))?;
         run.unet.validate()?;
         run.train.validate()?;
-        let state = fresh(&run);
+        let state = fresh(&run)?;
         (run, state)
     };
     if let Some(steps) = steps_override {
