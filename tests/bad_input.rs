@@ -642,6 +642,26 @@ fn cases() -> Vec<(Vec<&'static str>, &'static str)> {
             "eval curve --model @/tiny --guidance-scales 1,x --out @/new",
             "--guidance-scales 1,x",
         ),
+        // widen, and train / distill from a widened folder
+        c("widen --model @/missing --out @/new", "@/missing"),
+        c("widen --model @/tiny --factor 1 --out @/new", "--factor 1"),
+        c("widen --model @/tiny --factor 0 --out @/new", "--factor 0"),
+        c("widen --model @/tiny --noise -1 --out @/new", "--noise -1"),
+        c("widen --model @/truncated --out @/new", "@/truncated"),
+        c("widen --model @/tiny --out @/tiny", "--out"),
+        c("train --init @/missing --out @/new", "--init: not found"),
+        c(
+            "train --init @/file.txt --out @/new",
+            "--init: no unet/config.json",
+        ),
+        c(
+            "train --init @/tiny --model-config tiny --out @/new",
+            "--init and --model-config",
+        ),
+        c(
+            "train --init @/tiny --prediction epsilon --out @/new",
+            "--prediction v_prediction",
+        ),
         // the command line itself
         c("bogus", "bogus"),
         c("train --bogus-flag 1", "--bogus-flag"),
