@@ -256,45 +256,55 @@ mod tests {
     use burn::module::Module;
     use burn::tensor::{Distribution, Int, Tensor};
 
-    /// Widens `unet` through a safetensors round trip, as `fewstep widen` does.
-    fn widened(config: &UNetConfig, unet: &UNet, spec: WidenSpec, tag: &str) -> (UNetConfig, UNet) {
-        let device = crate::backend::cpu_device().unwrap();
+    /// `unet`'s weights as host tensors, and `tensors` loaded into `module` through a
+    /// safetensors file (as `fewstep widen` writes and reloads them).
+    fn host(unet: &UNet) -> HashMap<String, HostTensor> {
+        let bytes = crate::io::weights_to_bytes(unet).unwrap();
+        crate::io::read_safetensors_bytes(&bytes, std::path::Path::new("memory")).unwrap()
+    }
+
+    fn load(module: UNet, tensors: &[(String, HostTensor)], tag: &str) -> UNet {
         let dir = std::env::temp_dir().join(format!("fewstep-widen-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(crate::io::WEIGHTS_NAME);
-        let bytes = crate::io::weights_to_bytes(unet).unwrap();
-        let tensors = crate::io::read_safetensors_bytes(&bytes, &path).unwrap();
-        let (wide, out) = widen(config, &tensors, spec).unwrap();
-        let list: Vec<(&str, Vec<usize>, Vec<f32>)> = out
+        let list: Vec<(&str, Vec<usize>, Vec<f32>)> = tensors
             .iter()
             .map(|(n, t)| (n.as_str(), t.shape.clone(), t.data.clone()))
             .collect();
         crate::io::write_safetensors(&path, &list).unwrap();
-        let net = crate::io::load_weights(wide.init(&device), &path).unwrap();
+        let net = crate::io::load_weights(module, &path).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
+        net
+    }
+
+    /// `unet` widened by `spec`.
+    fn widened(config: &UNetConfig, unet: &UNet, spec: WidenSpec, tag: &str) -> (UNetConfig, UNet) {
+        let device = crate::backend::cpu_device().unwrap();
+        let (wide, out) = widen(config, &host(unet), spec).unwrap();
+        let net = load(wide.init(&device), &out, tag);
         (wide, net)
     }
 
-    /// Randomises every parameter (a freshly initialised UNet has zeroed output layers).
+    /// Every parameter drawn from U(−0.3, 0.3) (a freshly initialised UNet has zeroed output
+    /// layers).
     fn randomised(unet: UNet, seed: u64) -> UNet {
-        let bytes = crate::io::weights_to_bytes(&unet).unwrap();
-        let dir =
-            std::env::temp_dir().join(format!("fewstep-widen-r{seed}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(crate::io::WEIGHTS_NAME);
-        let tensors = crate::io::read_safetensors_bytes(&bytes, &path).unwrap();
         let mut rng = crate::data::shapes::SplitMix::new(seed, 1);
-        let list: Vec<(&str, Vec<usize>, Vec<f32>)> = tensors
-            .iter()
+        let mut sorted: Vec<(String, HostTensor)> = host(&unet).into_iter().collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        let tensors: Vec<(String, HostTensor)> = sorted
+            .into_iter()
             .map(|(n, t)| {
                 let data = t.data.iter().map(|_| rng.uniform(-0.3, 0.3)).collect();
-                (n.as_str(), t.shape.clone(), data)
+                (
+                    n,
+                    HostTensor {
+                        shape: t.shape,
+                        data,
+                    },
+                )
             })
             .collect();
-        crate::io::write_safetensors(&path, &list).unwrap();
-        let net = crate::io::load_weights(unet, &path).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
-        net
+        load(unet, &tensors, &format!("r{seed}"))
     }
 
     fn max_rel(a: Tensor<4>, b: Tensor<4>) -> f32 {
