@@ -11,7 +11,7 @@ use super::DeviceArgs;
 use crate::error::{Error, Result};
 use crate::models::Conditioning;
 use crate::models::widen::{WidenSpec, widen};
-use crate::pipeline::{self, Pipeline};
+use crate::pipeline::Pipeline;
 
 #[derive(Debug, clap::Args)]
 pub struct WidenArgs {
@@ -65,7 +65,7 @@ pub fn run(args: WidenArgs) -> Result<()> {
         narrow.unet_config.block_out_channels.clone(),
     );
     let mut narrow = narrow;
-    let mut deviation = 0.0;
+    let (mut deviation, mut wide_params) = (0.0, 0.0);
     crate::io::write_dir_atomic(&args.out, |incoming| {
         let dir = incoming.join("unet");
         std::fs::create_dir_all(&dir)
@@ -78,16 +78,16 @@ pub fn run(args: WidenArgs) -> Result<()> {
         crate::io::write_safetensors(&weights, &list)?;
         let unet = crate::io::load_weights(config.init(&device), &weights)?;
         deviation = output_deviation(&narrow, &unet, &device)?;
+        wide_params = params(&unet);
         narrow.unet = unet;
         narrow.unet_config = config.clone();
         narrow.save(incoming, algorithm)
     })?;
-    let written = pipeline::load_unet(&args.out.join("unet"), &device)?.1;
     eprintln!(
         "wrote {} (UNet {:.2} M → {:.2} M parameters, channels {:?} → {:?}; the noise {} moved its output by {:.2e} of the largest value)",
         args.out.display(),
         before.0,
-        params(&written),
+        wide_params,
         before.1,
         config.block_out_channels,
         args.noise,

@@ -205,25 +205,24 @@ impl DiffusionRun {
                 .map_err(|e| bad("train", e.to_string()))?,
             data: serde_json::from_value(v["data"].clone())
                 .map_err(|e| bad("data", e.to_string()))?,
-            latent: match v.get("latent") {
-                None | Some(serde_json::Value::Null) => None,
-                Some(l) => Some(
-                    serde_json::from_value(l.clone()).map_err(|e| bad("latent", e.to_string()))?,
-                ),
-            },
-            text: match v.get("text") {
-                None | Some(serde_json::Value::Null) => None,
-                Some(t) => Some(
-                    serde_json::from_value(t.clone()).map_err(|e| bad("text", e.to_string()))?,
-                ),
-            },
-            init: match v.get("init") {
-                None | Some(serde_json::Value::Null) => None,
-                Some(i) => Some(
-                    serde_json::from_value(i.clone()).map_err(|e| bad("init", e.to_string()))?,
-                ),
-            },
+            latent: optional_field(v, "latent").map_err(|e| bad("latent", e))?,
+            text: optional_field(v, "text").map_err(|e| bad("text", e))?,
+            init: optional_field(v, "init").map_err(|e| bad("init", e))?,
         })
+    }
+}
+
+/// `run.json`'s field `key` when present and not null (fields added after a run was stored read as
+/// absent).
+fn optional_field<T: serde::de::DeserializeOwned>(
+    v: &serde_json::Value,
+    key: &str,
+) -> std::result::Result<Option<T>, String> {
+    match v.get(key) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(x) => serde_json::from_value(x.clone())
+            .map(Some)
+            .map_err(|e| e.to_string()),
     }
 }
 
