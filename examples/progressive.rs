@@ -43,6 +43,7 @@ fn main() -> fewstep::Result<()> {
             // (Meng et al.): a w range here adds the guided stage one.
             guidance: None,
             guided_iters: None,
+            guided_halving: false,
             rollout_fraction: None,
             snr_weight_cap: None,
             // Some(QuantizeSpec { .. }): quantization-aware rounds, students written int8/int4.

@@ -639,6 +639,10 @@ fn cases() -> Vec<(Vec<&'static str>, &'static str)> {
             "--guidance",
         ),
         c(
+            "distill progressive --teacher @/tiny --guided-halving --out @/new",
+            "--guidance",
+        ),
+        c(
             "eval curve --model @/tiny --guidance-scales 1,x --out @/new",
             "--guidance-scales 1,x",
         ),

@@ -4,7 +4,7 @@
 mod common;
 use common::{
     assert_clean_failure, fewstep, interrupt_after_rows, max_weight_difference, ok, scratch,
-    tiny_model,
+    tiny_model, tiny_model_with,
 };
 
 use std::path::Path;
@@ -225,4 +225,47 @@ fn a_widened_teacher_starts_a_wider_student_line() {
     let mut args = distill_args(&teacher, &bad, "2");
     args.extend_from_slice(&["--init", init.to_str().unwrap()]);
     assert_clean_failure(fewstep(&args), "or a wider one");
+}
+
+#[test]
+fn guided_halving_makes_the_first_student_at_half_the_teachers_steps() {
+    // Two guided teacher steps (4-step grid) into one w-conditioned student step (2 steps),
+    // then one halving round to 1 step: no one-pass student at 4 steps in between.
+    let teacher = tiny_model_with("pd", "teacher-g", &["--class-conditional"]);
+    let out = scratch("pd", "guided-halving");
+    let mut args = distill_args(&teacher, &out, "2");
+    args.extend_from_slice(&[
+        "--guidance",
+        "0,3",
+        "--guided-iters",
+        "3",
+        "--guided-halving",
+    ]);
+    ok(&fewstep(&args));
+    assert!(!out.join("round-4steps").exists());
+    let json = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    assert_eq!(
+        json(&out.join("run.json"))["config"]["guided_halving"],
+        true
+    );
+    assert_eq!(
+        json(&out.join("round-2steps/distill.json"))["stage"],
+        "guided-halving"
+    );
+    assert_eq!(
+        json(&out.join("round-1steps/distill.json"))["stage"],
+        "halving"
+    );
+    for steps in [2, 1] {
+        let config = json(&out.join(format!("round-{steps}steps/unet/config.json")));
+        assert_eq!(config["time_cond_proj_dim"], 256, "{steps}");
+    }
+    // 3 guided + 2 halving iterations, each logged once.
+    let rows = std::fs::read_to_string(out.join("loss.csv"))
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(rows, 1 + 5);
 }

@@ -240,6 +240,11 @@ pub struct ProgressiveArgs {
     /// Iterations of guided stage one (default: --iters-per-round).
     #[arg(long, value_parser = super::values::count, requires = "guidance")]
     pub guided_iters: Option<usize>,
+    /// Guided stage one as the first halving round: the student learns to do in one step what
+    /// the guided teacher does in two of its --from-steps sampler, so the first student samples
+    /// in --from-steps/2 (default: stage one at --from-steps, as in Meng et al., then halving).
+    #[arg(long, requires = "guidance")]
+    pub guided_halving: bool,
     /// The fraction of each batch's rows (0 to 1) noised along the student's own sampling
     /// trajectory (its DDIM sampler from noise to the row's step, no gradients; ~steps/2 extra
     /// passes per such row) instead of from data, so the teacher is also fitted where the student
@@ -433,6 +438,7 @@ impl ProgressiveArgs {
                 max: *g.last().expect("one or two values"),
             }),
             guided_iters: self.guided_iters,
+            guided_halving: self.guided_halving,
             rollout_fraction: self.rollout_fraction,
             snr_weight_cap: self.snr_weight_cap,
             quantize: self.common.quantize()?,

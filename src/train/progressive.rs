@@ -23,8 +23,8 @@ use super::teacher_conditioning::TeacherConditioning;
 use super::{checkpoint, data_parallel, ema, open_images};
 use crate::data::{DataSource, TrainImages};
 use crate::distill::progressive::{
-    StudentStep, guided_target, noised, progressive_loss, student_rollout, student_steps,
-    teacher_target, x0_prediction,
+    StudentStep, guided_target, guided_two_step_target, noised, progressive_loss, student_rollout,
+    student_steps, teacher_target, x0_prediction,
 };
 use crate::error::{Error, Result};
 use crate::io;
@@ -63,6 +63,11 @@ pub struct ProgressiveConfig {
     /// Iterations of stage one (default: `iters_per_round`).
     #[serde(default)]
     pub guided_iters: Option<usize>,
+    /// Stage one distills two steps of the guided teacher's `from_steps` sampler into one step
+    /// of a w-conditioned student (`round-<from/2>steps/`), the first halving and the guidance
+    /// in one stage, instead of a one-pass copy at `from_steps` that the rounds then halve.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub guided_halving: bool,
     /// Quantization-aware distillation: each round's student learns under fake-quantized
     /// weights and is written quantized; a later round's student starts from those weights
     /// dequantized (the original teacher stays full precision).
@@ -82,8 +87,9 @@ pub struct ProgressiveConfig {
 /// One stretch of a progressive run: stage one of guided distillation, or a halving round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
-    /// The guided teacher into a w-conditioned student at the same step count.
-    Guided { steps: usize },
+    /// The guided teacher into a w-conditioned student: at the same step count, or with
+    /// `halving` at half of it (two guided teacher steps into one).
+    Guided { steps: usize, halving: bool },
     /// 2N teacher steps into N student steps.
     Halving { steps: usize },
 }
@@ -91,7 +97,7 @@ enum Stage {
 impl Stage {
     fn steps(self) -> usize {
         match self {
-            Stage::Guided { steps } | Stage::Halving { steps } => steps,
+            Stage::Guided { steps, .. } | Stage::Halving { steps } => steps,
         }
     }
 }
@@ -100,19 +106,20 @@ impl ProgressiveConfig {
     /// Every stretch in order, with its iterations.
     fn stages(&self) -> Result<Vec<(Stage, usize)>> {
         let mut stages = Vec::new();
+        let mut rounds = self.rounds()?.into_iter();
         if self.guidance.is_some() {
+            let halving = self.guided_halving;
+            let steps = if halving {
+                rounds.next().expect("at least one round")
+            } else {
+                self.from_steps
+            };
             stages.push((
-                Stage::Guided {
-                    steps: self.from_steps,
-                },
+                Stage::Guided { steps, halving },
                 self.guided_iters.unwrap_or(self.iters_per_round),
             ));
         }
-        stages.extend(
-            self.rounds()?
-                .into_iter()
-                .map(|steps| (Stage::Halving { steps }, self.iters_per_round)),
-        );
+        stages.extend(rounds.map(|steps| (Stage::Halving { steps }, self.iters_per_round)));
         Ok(stages)
     }
 
@@ -188,6 +195,11 @@ impl ProgressiveConfig {
         }
         if self.guided_iters == Some(0) {
             return Err(Error::Usage("--guided-iters must be at least 1".into()));
+        }
+        if self.guided_halving && self.guidance.is_none() {
+            return Err(Error::Usage(
+                "--guided-halving distills the guided teacher: give --guidance MIN,MAX too".into(),
+            ));
         }
         Ok(())
     }
@@ -561,6 +573,7 @@ pub fn distill_progressive(
         let prediction = student_prediction(teacher_prediction);
         let scheduler = student_scheduler(&teacher.scheduler, prediction, steps);
         let guided = matches!(stage, Stage::Guided { .. });
+        let guided_halving = matches!(stage, Stage::Guided { halving: true, .. });
         // Stage one's student takes w through a guidance-scale embedding (LCM's
         // time_cond_proj_dim); later rounds inherit it from their teacher.
         let mut student_config = teacher.unet_config.clone();
@@ -584,7 +597,7 @@ pub fn distill_progressive(
             }
         }
         let grid = match stage {
-            Stage::Guided { steps } | Stage::Halving { steps } => {
+            Stage::Guided { steps, .. } | Stage::Halving { steps } => {
                 student_steps(&teacher.scheduler, steps)
                     .map_err(|e| Error::file(&teacher_dir, e.0))?
             }
@@ -649,11 +662,16 @@ pub fn distill_progressive(
             _ => None,
         };
         let name = match stage {
-            Stage::Guided { steps } => format!("guided {steps} steps"),
+            Stage::Guided { steps, .. } => format!("guided {steps} steps"),
             Stage::Halving { steps } => format!("round {steps} steps"),
         };
         if !quiet {
-            let what = if guided {
+            let what = if guided_halving {
+                format!(
+                    "guided teacher at {} steps → w-conditioned student at {steps} steps",
+                    steps * 2
+                )
+            } else if guided {
                 format!("guided teacher → w-conditioned student at {steps} steps")
             } else {
                 format!("{} → {steps} steps", steps * 2)
@@ -714,7 +732,12 @@ pub fn distill_progressive(
                                 let uncond = conditioning
                                     .uncond(shard.rows.len(), &z.device())
                                     .expect("checked: a guidable teacher");
-                                guided_target(
+                                let target = if guided_halving {
+                                    guided_two_step_target
+                                } else {
+                                    guided_target
+                                };
+                                target(
                                     &teachers[shard.index],
                                     teacher_prediction,
                                     z.clone(),
@@ -806,7 +829,11 @@ pub fn distill_progressive(
             },
             &json!({
                 "steps": steps,
-                "stage": if guided { "guided" } else { "halving" },
+                "stage": match (guided, guided_halving) {
+                    (true, true) => "guided-halving",
+                    (true, false) => "guided",
+                    _ => "halving",
+                },
                 "guidance": cfg.guidance,
                 "teacher": teacher_dir,
                 "final_loss": final_loss,
