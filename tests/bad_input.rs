@@ -655,6 +655,10 @@ fn cases() -> Vec<(Vec<&'static str>, &'static str)> {
         c("widen --model @/tiny --out @/tiny", "--out"),
         c("train --init @/missing --out @/new", "--init: not found"),
         c(
+            "train --init @/tiny --class-conditional --out @/new",
+            "drop --class-conditional",
+        ),
+        c(
             "train --init @/file.txt --out @/new",
             "--init: no unet/config.json",
         ),

@@ -146,6 +146,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
             (None, None) => "shapes32".into(),
         };
         let mut unet = model_config(&config_arg)?;
+        // An --init model's class embedding is fixed by its weights.
+        let init_classes = unet.num_class_embeds;
         let data = DataSource::from_flag(&args.data, args.data_seed)?;
         let text = match (&args.text_encoder, unet.is_conditional()) {
             (Some(dir), true) => {
@@ -250,6 +252,18 @@ pub fn run(args: TrainArgs) -> Result<()> {
                     )));
                 }
             }
+        }
+        if let Some(dir) = &init
+            && unet.num_class_embeds != init_classes
+        {
+            let what = match (init_classes, unet.num_class_embeds) {
+                (None, _) => "--init: the model has no class embedding; drop --class-conditional, or start from a class-conditional model".to_string(),
+                (Some(a), b) => format!(
+                    "--init: the model has {a} class embeddings (num_class_embeds), --class-conditional on this data needs {} (its classes and the null class)",
+                    b.unwrap_or(0)
+                ),
+            };
+            return Err(Error::file(dir.join("unet"), what));
         }
         crate::models::footprint::check_unet(
             &unet,
