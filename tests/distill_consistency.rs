@@ -363,3 +363,29 @@ fn bad_input_is_one_clear_line() {
     );
     assert!(!out.exists(), "nothing written on bad input");
 }
+
+#[test]
+fn a_widened_teacher_starts_a_wider_consistency_student() {
+    let teacher = tiny_model("cd", "teacher-w");
+    let wide = scratch("cd", "widened");
+    ok(&fewstep(&[
+        "widen",
+        "--model",
+        teacher.to_str().unwrap(),
+        "--out",
+        wide.to_str().unwrap(),
+    ]));
+    let out = scratch("cd", "wide-student");
+    let mut args = distill_args(&teacher, &out, "2");
+    args.extend_from_slice(&["--init", wide.to_str().unwrap()]);
+    ok(&fewstep(&args));
+    let device = fewstep::backend::cpu_device().expect("a CPU backend is compiled in");
+    let p = Pipeline::load(&out.join("student"), &device).unwrap();
+    assert_eq!(p.unet_config.block_out_channels, vec![16, 32]);
+    samples_in(&out.join("student"), 1);
+    // Adapters belong to the teacher's own architecture.
+    let lora = scratch("cd", "wide-lora");
+    let mut args = distill_args(&teacher, &lora, "2");
+    args.extend_from_slice(&["--init", wide.to_str().unwrap(), "--lora-rank", "2"]);
+    assert_clean_failure(fewstep(&args), "drop --lora-rank");
+}

@@ -99,9 +99,10 @@ pub struct DistillArgs {
     #[arg(long, value_parser = super::values::non_negative_f32, default_value_t = 1.0, requires = "quantize")]
     pub quant_anchor: f32,
     /// A pipeline folder whose UNet the student starts from instead of the teacher's (same
-    /// architecture): e.g. the f32 student, fine-tuned under --quantize. `distill progressive`
-    /// also takes a wider one (`fewstep widen` of the teacher): its first student, and every
-    /// later round's, keeps that width.
+    /// architecture): e.g. the f32 student, fine-tuned under --quantize. A wider one (`fewstep
+    /// widen` of the teacher) makes a wider student: in `distill progressive` its first student,
+    /// and every later round's, keeps that width; `distill consistency` takes it for a full
+    /// student, not with --lora-rank.
     #[arg(long)]
     pub init: Option<PathBuf>,
     #[command(flatten)]

@@ -704,7 +704,19 @@ pub fn distill_consistency(
     let teacher_prediction = teacher.scheduler.resolve(Algorithm::Lcm).prediction;
     let prediction = consistency_prediction(&teacher.scheduler, cfg);
     let scheduler = student_scheduler(&teacher.scheduler, cfg);
-    let unet_config = student_unet_config(&teacher.unet_config, cfg);
+    let mut unet_config = student_unet_config(&teacher.unet_config, cfg);
+    // A student wider than the teacher (`fewstep widen`) keeps its width.
+    if let Some(init) = &run.init
+        && let Some(wide) = super::wider_student(&unet_config, init)?
+    {
+        if cfg.lora.is_some() {
+            return Err(Error::file(
+                init,
+                "--init: wider than the teacher, but --lora-rank trains adapters for the teacher itself (drop --lora-rank for a wider full student)",
+            ));
+        }
+        unet_config = wide;
+    }
     let conditioned = cfg.guidance.is_some_and(|g| g.conditions_student());
     let curriculum = cfg.curriculum();
     let mut grids: HashMap<usize, Vec<ConsistencyStep>> = HashMap::new();
@@ -744,7 +756,7 @@ pub fn distill_consistency(
             if student_unet_config(&init_config, cfg) != unet_config {
                 return Err(Error::file(
                     init,
-                    "--init: its UNet config differs from the teacher's: the student must have the teacher's architecture",
+                    "--init: its UNet config differs from the teacher's: the student must have the teacher's architecture, or a wider one (`fewstep widen`)",
                 ));
             }
             let mut student = crate::models::quant::trainable_weights(student);

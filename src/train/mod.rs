@@ -567,6 +567,21 @@ pub fn train_diffusion(
     })
 }
 
+/// The config of a distillation student that starts from `init`'s UNet when that UNet is a
+/// wider copy of the student's architecture (`fewstep widen` of the teacher): `student` with the
+/// init's widths, its quantization and guidance embedding kept. `None`: not wider (the same
+/// architecture or another one, which loading the weights then refuses).
+pub(crate) fn wider_student(student: &UNetConfig, init: &Path) -> Result<Option<UNetConfig>> {
+    let path = init.join("unet").join(io::CONFIG_NAME);
+    let mut wide =
+        UNetConfig::from_json_str(&io::read_text(&path)?).map_err(|e| e.in_file(&path))?;
+    wide.quantization_config = student.quantization_config.clone();
+    if wide.time_cond_proj_dim.is_none() {
+        wide.time_cond_proj_dim = student.time_cond_proj_dim;
+    }
+    Ok((wide != *student && student.same_but_width(&wide)).then_some(wide))
+}
+
 /// The side of the images a pipeline's UNet works on: its `sample_size`, times the VAE's
 /// downsampling factor (2^(blocks − 1)) for a latent pipeline.
 pub(crate) fn image_size(p: &pipeline::Pipeline) -> usize {

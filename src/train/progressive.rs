@@ -584,17 +584,10 @@ pub fn distill_progressive(
         }
         // The first stage's student may be wider than its teacher (`fewstep widen`): it keeps
         // its width, and later rounds inherit it.
-        if let (Some(init), 0) = (&run.init, stage_index) {
-            let path = init.join("unet").join(crate::io::CONFIG_NAME);
-            let mut wide = UNetConfig::from_json_str(&crate::io::read_text(&path)?)
-                .map_err(|e| e.in_file(&path))?;
-            wide.quantization_config = student_config.quantization_config.clone();
-            if guided && wide.time_cond_proj_dim.is_none() {
-                wide.time_cond_proj_dim = student_config.time_cond_proj_dim;
-            }
-            if student_config.same_but_width(&wide) {
-                student_config = wide;
-            }
+        if let (Some(init), 0) = (&run.init, stage_index)
+            && let Some(wide) = super::wider_student(&student_config, init)?
+        {
+            student_config = wide;
         }
         let grid = match stage {
             Stage::Guided { steps, .. } | Stage::Halving { steps } => {
