@@ -5,7 +5,7 @@
 mod common;
 use common::{
     assert_clean_failure, fewstep, interrupt_after_rows, losses, max_weight_difference, ok,
-    scratch, tiny_model, tiny_model_with,
+    scratch, tiny_model, tiny_model_with, widened,
 };
 
 use std::path::Path;
@@ -367,14 +367,7 @@ fn bad_input_is_one_clear_line() {
 #[test]
 fn a_widened_teacher_starts_a_wider_consistency_student() {
     let teacher = tiny_model("cd", "teacher-w");
-    let wide = scratch("cd", "widened");
-    ok(&fewstep(&[
-        "widen",
-        "--model",
-        teacher.to_str().unwrap(),
-        "--out",
-        wide.to_str().unwrap(),
-    ]));
+    let wide = widened("cd", "widened", &teacher);
     let out = scratch("cd", "wide-student");
     let mut args = distill_args(&teacher, &out, "2");
     args.extend_from_slice(&["--init", wide.to_str().unwrap()]);

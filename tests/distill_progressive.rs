@@ -4,7 +4,7 @@
 mod common;
 use common::{
     assert_clean_failure, fewstep, interrupt_after_rows, max_weight_difference, ok, scratch,
-    tiny_model, tiny_model_with,
+    tiny_model, tiny_model_with, widened,
 };
 
 use std::path::Path;
@@ -188,14 +188,7 @@ fn bad_input_is_one_clear_line() {
 #[test]
 fn a_widened_teacher_starts_a_wider_student_line() {
     let teacher = tiny_model("pd", "teacher-w");
-    let wide = scratch("pd", "widened");
-    ok(&fewstep(&[
-        "widen",
-        "--model",
-        teacher.to_str().unwrap(),
-        "--out",
-        wide.to_str().unwrap(),
-    ]));
+    let wide = widened("pd", "widened", &teacher);
     let out = scratch("pd", "wide-line");
     let mut args = distill_args(&teacher, &out, "2");
     args.extend_from_slice(&["--init", wide.to_str().unwrap()]);

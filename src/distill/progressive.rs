@@ -101,14 +101,26 @@ pub fn guided_two_step_target(
     uncond: &Conditioning,
     w: &[f32],
 ) -> Tensor<4> {
-    let device = z.device();
+    let output = guided_teacher(teacher, cond, uncond, w, z.device());
+    two_step_target(prediction, z, steps, output)
+}
+
+/// The classifier-free guided teacher's output (1 + w)·c − w·u per row at (z, t), both passes
+/// in one batch [uncond; cond].
+fn guided_teacher(
+    teacher: &UNet,
+    cond: &Conditioning,
+    uncond: &Conditioning,
+    w: &[f32],
+    device: Device,
+) -> impl Fn(Tensor<4>, &[i64]) -> Tensor<4> {
     let both = uncond.clone().concat(cond.clone());
     let g = per_row(w.iter().map(|w| w + 1.0).collect(), &device);
-    two_step_target(prediction, z, steps, |z, t| {
+    move |z, t| {
         let t: Vec<f32> = t.iter().map(|&t| t as f32).collect();
-        let t = Tensor::<1>::from_floats(t.as_slice(), &device);
+        let t = Tensor::<1>::from_floats(t.as_slice(), &z.device());
         crate::denoiser::guided_output(teacher, z, t, &both, g.clone())
-    })
+    }
 }
 
 /// x̃ from two DDIM moves t → t′ → t″ of the teacher whose output at (z, t) is `output`.
@@ -155,17 +167,9 @@ pub fn guided_target(
     uncond: &Conditioning,
     w: &[f32],
 ) -> Tensor<4> {
-    let device = z.device();
-    let t: Vec<f32> = steps.iter().map(|s| s.t as f32).collect();
+    let t: Vec<i64> = steps.iter().map(|s| s.t).collect();
     let a_t: Vec<f64> = steps.iter().map(|s| s.alpha_bar_t).collect();
-    let g = per_row(w.iter().map(|w| w + 1.0).collect(), &device);
-    let out = crate::denoiser::guided_output(
-        teacher,
-        z.clone(),
-        Tensor::<1>::from_floats(t.as_slice(), &device),
-        &uncond.clone().concat(cond.clone()),
-        g,
-    );
+    let out = guided_teacher(teacher, cond, uncond, w, z.device())(z.clone(), &t);
     x0_from_output(prediction, z, out, &a_t)
 }
 

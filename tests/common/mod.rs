@@ -69,6 +69,19 @@ pub fn assert_clean_failure(o: Output, needle: &str) {
     assert!(err.starts_with("error: ") && err.contains(needle), "{err}");
 }
 
+/// `model` widened 2× by `fewstep widen` (default noise), in the scratch folder `name`.
+pub fn widened(group: &str, name: &str, model: &Path) -> PathBuf {
+    let wide = scratch(group, name);
+    ok(&fewstep(&[
+        "widen",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        wide.to_str().unwrap(),
+    ]));
+    wide
+}
+
 /// A tiny v-prediction model trained for two steps, as a pipeline folder (the run's latest
 /// checkpoint): enough for everything that needs a model but not a good one.
 pub fn tiny_model(group: &str, name: &str) -> PathBuf {
