@@ -9,10 +9,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{max_weight_difference, ok, scratch};
+use common::{command, max_weight_difference, ok, scratch};
 
 fn train_args(out: &Path) -> Vec<String> {
     [
@@ -32,16 +32,6 @@ fn train_args(out: &Path) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect()
-}
-
-/// The binary on one compute thread: rayon's parallel reductions split where work is stolen, so
-/// on a loaded machine two runs of the same step can round differently in the last bit (seen
-/// once: 1.5e-8 with a training run beside the tests). Resume, not thread scheduling, is what
-/// these runs compare bit for bit.
-fn command() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fewstep"));
-    cmd.env("RAYON_NUM_THREADS", "1");
-    cmd
 }
 
 fn fewstep(args: &[String], crash_at: Option<&str>) -> std::process::Output {

@@ -156,7 +156,7 @@ fn diverging_loss_stops_and_keeps_the_last_good_checkpoint() {
 #[test]
 fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
     let run = scratch("train", "interrupt");
-    let child = Command::new(env!("CARGO_BIN_EXE_fewstep"))
+    let child = common::command()
         .args([
             "train",
             "--model-config",

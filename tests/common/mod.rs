@@ -22,11 +22,19 @@ pub fn scratch(group: &str, name: &str) -> PathBuf {
     dir
 }
 
+/// The `fewstep` binary on one compute thread. rayon's parallel reductions split where work is
+/// stolen, so on a loaded machine two runs of the same step can round differently in the last
+/// bit (seen once: 1.5e-8 with a training run beside the tests); the tests compare runs bit for
+/// bit across resume, interruption and crashes, not across thread scheduling (the CPU kernels'
+/// own tests, in-process, keep the threads). Tiny models run faster so, too.
+pub fn command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fewstep"));
+    cmd.env("RAYON_NUM_THREADS", "1");
+    cmd
+}
+
 pub fn fewstep(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fewstep"))
-        .args(args)
-        .output()
-        .unwrap()
+    command().args(args).output().unwrap()
 }
 
 /// `fewstep distill consistency --lora-rank 2` of `teacher` into `out` at a high learning rate
@@ -116,11 +124,7 @@ pub fn train_tiny(run: &Path, extra: &[&str]) {
 /// Runs `fewstep args`, sends it Ctrl-C (SIGINT) once `csv` has `rows` lines, and returns its
 /// output after checking that it stopped cleanly and said how to resume.
 pub fn interrupt_after_rows(args: &[&str], csv: &Path, rows: usize) -> Output {
-    let child = Command::new(env!("CARGO_BIN_EXE_fewstep"))
-        .args(args)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = command().args(args).stderr(Stdio::piped()).spawn().unwrap();
     let started = Instant::now();
     while std::fs::read_to_string(csv)
         .map(|t| t.lines().count())
