@@ -100,6 +100,15 @@ impl Stage {
             Stage::Guided { steps, .. } | Stage::Halving { steps } => steps,
         }
     }
+
+    /// The stage's name in the student's `distill.json`.
+    fn record_name(self) -> &'static str {
+        match self {
+            Stage::Guided { halving: true, .. } => "guided-halving",
+            Stage::Guided { .. } => "guided",
+            Stage::Halving { .. } => "halving",
+        }
+    }
 }
 
 impl ProgressiveConfig {
@@ -822,11 +831,7 @@ pub fn distill_progressive(
             },
             &json!({
                 "steps": steps,
-                "stage": match (guided, guided_halving) {
-                    (true, true) => "guided-halving",
-                    (true, false) => "guided",
-                    _ => "halving",
-                },
+                "stage": stage.record_name(),
                 "guidance": cfg.guidance,
                 "teacher": teacher_dir,
                 "final_loss": final_loss,
