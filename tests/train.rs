@@ -388,6 +388,35 @@ fn resume_names_the_flags_it_ignores_and_keeps_the_stored_settings() {
     );
 }
 
+#[test]
+fn snr_gamma_weights_each_sample_and_is_kept_in_the_run() {
+    // One step, the same seeded batch: with ε prediction and γ above every SNR of the schedule
+    // each weight is 1, so the loss is the plain one; with v prediction and γ = 5 every weight,
+    // min(SNR, 5) / (SNR + 1), is below 1, so the loss is smaller.
+    let first = |name: &str, extra: &[&str]| {
+        let run = scratch("train", name);
+        ok(&train(&run, &[&["--steps", "1"], extra].concat()));
+        let stored: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).unwrap()).unwrap();
+        (losses(&run)[0], stored["train"]["snr_gamma"].clone())
+    };
+    let (eps, none) = first("snr-eps-plain", &["--prediction", "epsilon"]);
+    assert!(none.is_null(), "a plain run records no snr_gamma: {none}");
+    let (eps_capped, gamma) = first(
+        "snr-eps-huge",
+        &["--prediction", "epsilon", "--snr-gamma", "1e12"],
+    );
+    assert_eq!(gamma, 1e12);
+    assert!(
+        (eps - eps_capped).abs() <= 1e-6 * eps,
+        "{eps} vs {eps_capped}"
+    );
+    let (v, _) = first("snr-v-plain", &[]);
+    let (v_weighted, gamma) = first("snr-v-5", &["--snr-gamma", "5"]);
+    assert_eq!(gamma, 5.0);
+    assert!(v_weighted < 0.99 * v, "weighted {v_weighted} vs plain {v}");
+}
+
 /// `fewstep train --init` of the tiny model's narrow and `fewstep widen`ed folders for one
 /// step of batch 4 (seed 0), the run's loss.
 fn first_loss(init: &Path, out: &Path) -> f32 {

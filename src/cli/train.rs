@@ -73,6 +73,11 @@ pub struct TrainArgs {
     pub optimizer: super::OptimizerArgs,
     #[arg(long, value_parser = ["epsilon", "v_prediction", "sample"], default_value = "v_prediction")]
     pub prediction: String,
+    /// Min-SNR-γ loss weighting (Hang et al. 2023; diffusers' `--snr_gamma`, 5 in both): each
+    /// sample's error counts as if its x0 error were weighted min(SNR_t, γ), which takes weight
+    /// off the nearly clean timesteps. Default: the plain mean squared error.
+    #[arg(long, value_parser = super::values::positive_f64)]
+    pub snr_gamma: Option<f64>,
     #[arg(long, value_parser = ["linear", "scaled_linear", "squaredcos_cap_v2"], default_value = "squaredcos_cap_v2")]
     pub beta_schedule: String,
     /// Condition on the kind of the largest shape (3 classes + a null class for guidance).
@@ -324,6 +329,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             label_dropout: args.label_dropout,
             seed: args.seed,
             checkpoint_every: args.checkpoint_every,
+            snr_gamma: args.snr_gamma,
         };
         train.validate()?;
         Some(DiffusionRun {

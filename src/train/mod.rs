@@ -72,6 +72,10 @@ pub struct TrainConfig {
     pub label_dropout: f32,
     pub seed: u64,
     pub checkpoint_every: usize,
+    /// Min-SNR-γ loss weighting (Hang et al. 2023): each sample's error weighted as if its x0
+    /// error counted min(SNR_t, γ) (`diffusion::min_snr_weight`); `None`: the plain mean.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snr_gamma: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -87,6 +91,7 @@ impl Default for TrainConfig {
             label_dropout: 0.1,
             seed: 0,
             checkpoint_every: 500,
+            snr_gamma: None,
         }
     }
 }
@@ -115,6 +120,13 @@ impl TrainConfig {
         }
         if self.checkpoint_every == 0 {
             return Err(Error::Usage("--checkpoint-every must be at least 1".into()));
+        }
+        if let Some(g) = self.snr_gamma
+            && !(g > 0.0 && g.is_finite())
+        {
+            return Err(Error::Usage(format!(
+                "--snr-gamma {g}: expected a positive number (5 in the paper and diffusers' scripts)"
+            )));
         }
         if self.cooldown > self.steps {
             return Err(Error::Usage(format!(
@@ -527,6 +539,7 @@ pub fn train_diffusion(
                         },
                         &schedule,
                         prediction,
+                        run.train.snr_gamma,
                     )
                 },
             )?;
