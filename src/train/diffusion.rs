@@ -87,7 +87,7 @@ mod tests {
         assert!((min_snr_weight(Prediction::Epsilon, 0.95, 5.0) - 5.0 / 19.0).abs() < 1e-5);
         assert!((min_snr_weight(Prediction::V, 0.95, 5.0) - 0.25).abs() < 1e-5);
         assert!((min_snr_weight(Prediction::Sample, 0.95, 5.0) - 5.0).abs() < 1e-5);
-        // SNR 0: ε keeps weight 1 (the limit), v and x0 carry no x0 information.
+        // SNR 0: the x0 weight min(0, γ) is 0, so v's is 0 too; ε keeps 1, the limit of min(SNR, γ)/SNR.
         assert_eq!(min_snr_weight(Prediction::Epsilon, 0.0, 5.0), 1.0);
         assert_eq!(min_snr_weight(Prediction::V, 0.0, 5.0), 0.0);
         // In x0 terms the three agree: weight × (SNR for ε, SNR + 1 for v, 1 for x0).
