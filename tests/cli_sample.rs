@@ -11,9 +11,9 @@ fn fixtures() -> PathBuf {
     common::repo().join("tests/fixtures/models")
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("fewstep-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+/// An empty scratch folder, removed when the test passes.
+fn scratch(name: &str) -> common::Scratch {
+    let dir = common::scratch("cli", name);
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }

@@ -3,7 +3,7 @@
 //! peers that die or never come.
 
 mod common;
-use common::{assert_clean_failure, fewstep, ok, scratch, tiny_model, tiny_model_with};
+use common::{Scratch, assert_clean_failure, fewstep, ok, scratch, tiny_model, tiny_model_with};
 
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -111,7 +111,7 @@ fn two_match_one(
     port: u16,
     args: impl Fn(&Path) -> Vec<String>,
     weights: &[String],
-) -> (std::path::PathBuf, std::path::PathBuf) {
+) -> (Scratch, Scratch) {
     let (one, group, other) = (
         scratch("dist", &format!("{name}-one")),
         scratch("dist", &format!("{name}-group")),
@@ -233,6 +233,11 @@ fn a_killed_peer_ends_the_other_process_with_one_line() {
     }
     rank1.kill().unwrap(); // SIGKILL
     let _ = rank1.wait();
+    // Rank 1's private run folder, which a killed process cannot remove (the next launch of rank
+    // 1 on this port would replace it).
+    let private = std::env::temp_dir().join(format!("fewstep-rank1-port{port}"));
+    assert!(private.join("run.json").exists(), "{}", private.display());
+    std::fs::remove_dir_all(&private).unwrap();
     let (o, waited) = wait_at_most(rank0, Duration::from_secs(60))
         .expect("rank 0 still running 60 s after its peer was killed");
     assert!(waited < Duration::from_secs(60));

@@ -3,7 +3,7 @@
 //! scoring, and bad input.
 
 mod common;
-use common::{assert_clean_failure, distill_tiny_lora, fewstep, ok, scratch, tiny_model};
+use common::{assert_clean_failure, distill_tiny_lora, fewstep, ok, scratch, train_tiny};
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -12,8 +12,10 @@ use std::sync::OnceLock;
 fn fixtures() -> &'static (PathBuf, PathBuf) {
     static F: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     F.get_or_init(|| {
-        let model = tiny_model("eval", "model");
-        let features = scratch("eval", "features");
+        let folder = common::fixture_folder("eval");
+        let (model, features) = (folder.join("model"), folder.join("features"));
+        train_tiny(&model, &[]);
+        let model = model.join("checkpoints/latest");
         ok(&fewstep(&[
             "train-features",
             "--steps",

@@ -3,10 +3,11 @@
 
 mod common;
 use common::{
-    assert_clean_failure, fewstep, interrupt_after_rows, max_weight_difference, ok, scratch,
+    Scratch, assert_clean_failure, fewstep, interrupt_after_rows, max_weight_difference, ok,
+    scratch,
 };
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 const G_WEIGHTS: &str = "generator/model.safetensors";
 
@@ -30,7 +31,7 @@ fn teacher_args<'a>(out: &'a Path, iters: &'a str) -> Vec<&'a str> {
 }
 
 /// A teacher at full width (so that a quarter-width student is 8× cheaper), trained 2 steps.
-fn tiny_teacher(name: &str) -> PathBuf {
+fn tiny_teacher(name: &str) -> Scratch {
     let out = scratch("gan", name);
     ok(&fewstep(&[
         "train-gan",

@@ -47,7 +47,8 @@ fn args<'a>(out: &'a Path, config: &'a str, iters: &'a str) -> Vec<&'a str> {
 #[test]
 fn a_trained_vae_is_a_diffusers_folder_with_its_scaling_factor_and_report() {
     let out = scratch("vae", "trained");
-    let config = tiny_config(&scratch("vae", "config-trained"));
+    let config_dir = scratch("vae", "config-trained");
+    let config = tiny_config(&config_dir);
     let o = fewstep(&args(&out, &config, "8"));
     ok(&o);
     let line = String::from_utf8_lossy(&o.stdout);
@@ -71,7 +72,8 @@ fn a_trained_vae_is_a_diffusers_folder_with_its_scaling_factor_and_report() {
 
 #[test]
 fn an_interrupted_run_resumes_to_the_uninterrupted_weights() {
-    let config = tiny_config(&scratch("vae", "config-resume"));
+    let config_dir = scratch("vae", "config-resume");
+    let config = tiny_config(&config_dir);
     let whole = scratch("vae", "whole");
     ok(&fewstep(&args(&whole, &config, "9")));
     let split = scratch("vae", "split");

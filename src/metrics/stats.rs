@@ -214,5 +214,6 @@ mod tests {
         assert_eq!(back.sigma, s.sigma);
         assert_eq!(back.count, 3);
         assert_eq!(protocol["extractor"], "x");
+        std::fs::remove_file(&path).unwrap();
     }
 }

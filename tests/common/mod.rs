@@ -15,11 +15,78 @@ pub fn repo() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
-/// A fresh, absent scratch path unique to this test process.
-pub fn scratch(group: &str, name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("fewstep-{group}-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+/// A fresh, absent scratch path unique to this test process, removed (file or folder) when the
+/// guard is dropped — unless the test is failing: then it stays, named on stderr, to be looked at.
+pub fn scratch(group: &str, name: &str) -> Scratch {
+    let root = std::env::temp_dir().join(format!("fewstep-{group}-{name}-{}", std::process::id()));
+    remove(&root);
+    Scratch {
+        path: root.clone(),
+        root,
+    }
+}
+
+/// A folder for fixtures that a test binary makes once and keeps in a static, which is never
+/// dropped: a fixed name under cargo's target tmp folder, emptied when the binary first asks for
+/// it, so that runs replace it rather than pile up.
+pub fn fixture_folder(group: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("fewstep-{group}"));
+    remove(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// A scratch path (see [`scratch`]); derefs to the path it stands for, which may lie inside the
+/// scratch root ([`Scratch::at`]).
+pub struct Scratch {
+    root: PathBuf,
+    path: PathBuf,
+}
+
+impl Scratch {
+    /// The same scratch root, standing for `relative` inside it.
+    pub fn at(self, relative: &str) -> Scratch {
+        let mut scratch = self;
+        scratch.path = scratch.root.join(relative);
+        scratch
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for Scratch {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.path.as_os_str()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept for a look: {}", self.root.display());
+        } else {
+            remove(&self.root);
+        }
+    }
+}
+
+fn remove(path: &Path) {
+    if path.is_dir() {
+        let _ = std::fs::remove_dir_all(path);
+    } else {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// The `fewstep` binary on one compute thread. rayon's parallel reductions split where work is
@@ -78,7 +145,7 @@ pub fn assert_clean_failure(o: Output, needle: &str) {
 }
 
 /// `model` widened 2× by `fewstep widen` (default noise), in the scratch folder `name`.
-pub fn widened(group: &str, name: &str, model: &Path) -> PathBuf {
+pub fn widened(group: &str, name: &str, model: &Path) -> Scratch {
     let wide = scratch(group, name);
     ok(&fewstep(&[
         "widen",
@@ -92,15 +159,15 @@ pub fn widened(group: &str, name: &str, model: &Path) -> PathBuf {
 
 /// A tiny v-prediction model trained for two steps, as a pipeline folder (the run's latest
 /// checkpoint): enough for everything that needs a model but not a good one.
-pub fn tiny_model(group: &str, name: &str) -> PathBuf {
+pub fn tiny_model(group: &str, name: &str) -> Scratch {
     tiny_model_with(group, name, &[])
 }
 
 /// [`tiny_model`] with more `fewstep train` flags (`--class-conditional`, …).
-pub fn tiny_model_with(group: &str, name: &str, extra: &[&str]) -> PathBuf {
+pub fn tiny_model_with(group: &str, name: &str, extra: &[&str]) -> Scratch {
     let run = scratch(group, name);
     train_tiny(&run, extra);
-    run.join("checkpoints/latest")
+    run.at("checkpoints/latest")
 }
 
 /// Trains the tiny v-prediction model for two steps into the run folder `run`.
