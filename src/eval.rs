@@ -4,6 +4,8 @@
 //! of the distillation reports. `fewstep eval` and `fewstep distill` parse flags and call these;
 //! examples and benches use the same code.
 
+pub mod denoising;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

@@ -292,6 +292,11 @@ fn cases() -> Vec<(Vec<&'static str>, &'static str)> {
         ),
         c("eval fid --model @/gan-unfinished", "unfinished GAN run"),
         c(
+            "eval denoise --model @/tiny --starts 1000",
+            "--starts: 1000",
+        ),
+        c("eval denoise --model @/tiny --images 0", "--images 0"),
+        c(
             "eval fid --model @/tiny --scheduler euler --eta 0.5 --steps 2 --num-samples 200",
             "--eta 0.5: only the ddim scheduler",
         ),

@@ -388,3 +388,100 @@ fn bad_input_is_one_clear_line() {
     );
     assert!(!out.exists());
 }
+
+/// `fewstep eval denoise --json` of `model` with `extra`, parsed.
+fn denoise_json(model: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "eval",
+        "denoise",
+        "--model",
+        model.to_str().unwrap(),
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let o = fewstep(&args);
+    ok(&o);
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn denoise_profiles_the_schedule_in_bands_and_recovers_from_each_start() {
+    let (model, _) = fixtures();
+    let dir = scratch("eval", "denoise");
+    std::fs::create_dir_all(&dir).unwrap();
+    let grid = dir.join("grid.png");
+    let flags = [
+        "--images", "5", "--bands", "4", "--starts", "1,900", "--stride", "100",
+    ];
+    let mut with_grid = flags.to_vec();
+    with_grid.extend(["--batch", "5", "--grid", grid.to_str().unwrap()]);
+    let report = denoise_json(model, &with_grid);
+    let bands = report["bands"].as_array().unwrap();
+    let edges: Vec<(u64, u64)> = bands
+        .iter()
+        .map(|b| (b["from"].as_u64().unwrap(), b["to"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(edges, vec![(0, 250), (250, 500), (500, 750), (750, 1000)]);
+    for b in bands {
+        for key in ["loss", "x0_mse"] {
+            let v = b[key].as_f64().unwrap();
+            assert!(v.is_finite() && v > 0.0, "{key}: {b}");
+        }
+    }
+    // The x0 error of any model grows with the noise: at t < 250 the noisy image is nearly x0.
+    assert!(
+        bands[0]["x0_mse"].as_f64().unwrap() < bands[3]["x0_mse"].as_f64().unwrap(),
+        "{report}"
+    );
+    let recovery = report["recovery"].as_array().unwrap();
+    assert_eq!(recovery[0]["t0"], 1);
+    assert_eq!(recovery[0]["steps"], 1);
+    assert_eq!(recovery[1]["steps"], 9);
+    // From t0 = 1 any model returns (nearly) the image it was given; from 900 a two-step model
+    // returns something else.
+    assert!(
+        recovery[0]["mse"].as_f64().unwrap() < 1e-3 && recovery[1]["mse"].as_f64().unwrap() > 0.01,
+        "{report}"
+    );
+    // Three rows (originals, two starts) of three images, 32 px with 2 px gaps.
+    let png = image::open(&grid).unwrap();
+    assert_eq!((png.width(), png.height()), (100, 100));
+    // Each image draws from its own noise stream: the figures do not depend on --batch.
+    let mut batched = flags.to_vec();
+    batched.extend(["--batch", "2"]);
+    let again = denoise_json(model, &batched);
+    for key in ["bands", "recovery"] {
+        let (a, b) = (
+            again[key].as_array().unwrap(),
+            report[key].as_array().unwrap(),
+        );
+        assert_eq!(a.len(), b.len());
+        for (a, b) in a.iter().zip(b) {
+            for (name, x) in a.as_object().unwrap() {
+                let (x, y) = (x.as_f64().unwrap(), b[name].as_f64().unwrap());
+                // Equal up to the order of the sums.
+                assert!(
+                    (x - y).abs() <= 1e-5 * y.abs().max(1e-3),
+                    "{key} {name}: {x} vs {y}"
+                );
+            }
+        }
+    }
+    // What it cannot measure is one line.
+    let latent = common::repo().join("tests/fixtures/models/pipe_latent");
+    assert_clean_failure(
+        fewstep(&["eval", "denoise", "--model", latent.to_str().unwrap()]),
+        "a latent one",
+    );
+    assert_clean_failure(
+        fewstep(&[
+            "eval",
+            "denoise",
+            "--model",
+            model.to_str().unwrap(),
+            "--starts",
+            "1000",
+        ]),
+        "--starts: 1000",
+    );
+}

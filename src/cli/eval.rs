@@ -29,6 +29,46 @@ pub enum EvalCommand {
     /// Feature statistics (mu, sigma) of images, a dataset or a model's samples, written as
     /// pytorch-fid's `.npz` (by extension) or fewstep's `.safetensors` (with the features).
     Stats(StatsArgs),
+    /// Where along the noise schedule a pixel model of `shapes` is weak: its error per
+    /// timestep band and how well it recovers held-out images noised to t0 (SDEdit).
+    Denoise(DenoiseArgs),
+}
+
+/// `fewstep eval denoise`.
+#[derive(Debug, clap::Args)]
+pub struct DenoiseArgs {
+    /// A pixel-space diffusers pipeline folder (unconditional or class-conditional, 32×32 RGB).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Held-out `shapes` images measured (the same for every model at the same seeds).
+    #[arg(long, value_parser = super::values::count, default_value_t = 64)]
+    pub images: usize,
+    /// Equal timestep bands of the error profile.
+    #[arg(long, value_parser = super::values::count, default_value_t = 10)]
+    pub bands: usize,
+    /// Recovery starts t0, comma-separated: images noised to t0, then DDIM back to 0.
+    #[arg(long, value_parser = super::values::count, value_delimiter = ',', default_value = "200,400,600,800")]
+    pub starts: Vec<usize>,
+    /// DDIM stride of the recovery, in timesteps.
+    #[arg(long, value_parser = super::values::count, default_value_t = 20)]
+    pub stride: usize,
+    /// Seed of the noise and timesteps.
+    #[arg(long, value_parser = super::values::seed, default_value_t = 0)]
+    pub seed: u64,
+    /// Seed of the `shapes` images.
+    #[arg(long, value_parser = super::values::seed, default_value_t = 0)]
+    pub data_seed: u64,
+    /// Images per forward pass.
+    #[arg(long, value_parser = super::values::count, default_value_t = 64)]
+    pub batch: usize,
+    /// Also write a PNG grid: a row of originals, then a row recovered from each start.
+    #[arg(long)]
+    pub grid: Option<PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 /// `fewstep eval stats`.
@@ -730,7 +770,88 @@ pub fn run(command: EvalCommand) -> Result<()> {
         EvalCommand::Fid(args) => run_fid(args),
         EvalCommand::Curve(args) => run_curve(args),
         EvalCommand::Stats(args) => run_stats(args),
+        EvalCommand::Denoise(args) => run_denoise(args),
     }
+}
+
+fn run_denoise(args: DenoiseArgs) -> Result<()> {
+    use crate::eval::denoising::{ProfileRequest, denoising_profile};
+    if let Some(grid) = &args.grid {
+        io::check_output_file(grid, "--grid")?;
+    }
+    let device = args.device.device()?;
+    let pipeline = crate::pipeline::Pipeline::load(&args.model, &device)?;
+    let request = ProfileRequest {
+        images: args.images,
+        data_seed: args.data_seed,
+        bands: args.bands,
+        starts: args.starts.clone(),
+        stride: args.stride,
+        batch: args.batch,
+        seed: args.seed,
+    };
+    // A square grid: as many examples as rows.
+    let rows = args.starts.len() + 1;
+    let started = std::time::Instant::now();
+    let profile = denoising_profile(&pipeline, &request, rows, &device)?;
+    if let Some(grid) = &args.grid {
+        let mut pixels = Vec::new();
+        let mut n = 0;
+        for row in &profile.examples {
+            n += row.dims()[0];
+            pixels.extend(
+                row.clone()
+                    .into_data()
+                    .try_to_vec::<f32>()
+                    .expect("f32 images"),
+            );
+        }
+        let [_, c, h, w] = profile.examples[0].dims();
+        crate::image_grid::write_grid(grid, &pixels, n, [c, h, w])?;
+    }
+    if args.json {
+        let report = json!({
+            "model": args.model.display().to_string(),
+            "prediction": profile.prediction.name(),
+            "images": args.images,
+            "data_seed": args.data_seed,
+            "seed": args.seed,
+            "bands": profile.bands.iter().map(|b| json!({
+                "from": b.from, "to": b.to, "loss": b.loss, "x0_mse": b.x0_mse,
+            })).collect::<Vec<_>>(),
+            "recovery": profile.recovery.iter().map(|r| json!({
+                "t0": r.t0, "steps": r.steps, "mse": r.mse,
+            })).collect::<Vec<_>>(),
+            "seconds": started.elapsed().as_secs_f64(),
+        });
+        println!("{report}");
+        return Ok(());
+    }
+    println!(
+        "{}: {} held-out shapes images (data seed {}), noise seed {}, {} target",
+        args.model.display(),
+        args.images,
+        args.data_seed,
+        args.seed,
+        profile.prediction.name()
+    );
+    println!("timesteps   loss     x0 MSE");
+    for b in &profile.bands {
+        println!(
+            "{:>4}-{:<4}  {:.5}  {:.5}",
+            b.from,
+            b.to - 1,
+            b.loss,
+            b.x0_mse
+        );
+    }
+    for r in &profile.recovery {
+        println!(
+            "recovered from t0 = {} ({} DDIM steps): MSE {:.5}",
+            r.t0, r.steps, r.mse
+        );
+    }
+    Ok(())
 }
 
 fn run_stats(args: StatsArgs) -> Result<()> {
