@@ -6,7 +6,7 @@
 
 use burn::prelude::*;
 use fewstep_schedulers::Prediction;
-use fewstep_schedulers::schedule::{eps_coefficients, x0_coefficients};
+use fewstep_schedulers::schedule::{eps_coefficients, target_coefficients, x0_coefficients};
 
 use crate::models::{Conditioning, UNet};
 
@@ -42,6 +42,22 @@ pub fn x0_from_output(
         .map(|&a| x0_coefficients(prediction, a as f32))
         .unzip();
     z * per_row(a, &device) + out * per_row(b, &device)
+}
+
+/// The training target a·x0 + b·ε per row at ᾱ `alpha_bar`, for a model of `prediction` type
+/// (ε, v or x0) on z = √ᾱ·x0 + √(1 − ᾱ)·ε.
+pub fn training_target(
+    prediction: Prediction,
+    x0: Tensor<4>,
+    eps: Tensor<4>,
+    alpha_bar: &[f64],
+) -> Tensor<4> {
+    let device = x0.device();
+    let (a, b): (Vec<f32>, Vec<f32>) = alpha_bar
+        .iter()
+        .map(|&a| target_coefficients(prediction, a as f32))
+        .unzip();
+    x0 * per_row(a, &device) + eps * per_row(b, &device)
 }
 
 /// One deterministic DDIM move per row: from z at ᾱ `from`, with the model output `out` there,

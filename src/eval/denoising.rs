@@ -15,11 +15,10 @@
 //! every model compared.
 
 use burn::prelude::*;
-use fewstep_schedulers::schedule::target_coefficients;
 use fewstep_schedulers::{NoiseSchedule, Prediction};
 
 use crate::data::{shapes, shapes_batch};
-use crate::denoiser::{ddim_move, model_output, noise_to, per_row, x0_from_output};
+use crate::denoiser::{ddim_move, model_output, noise_to, training_target, x0_from_output};
 use crate::error::{Error, Result};
 use crate::models::Conditioning;
 use crate::noise::NoiseStream;
@@ -98,11 +97,8 @@ fn check_model(pipeline: &Pipeline) -> Result<()> {
             c.in_channels, c.out_channels
         ));
     }
-    if c.sample_size.is_some_and(|s| s != shapes::SIZE) {
-        return refuse(&format!(
-            "this UNet's sample_size is {}",
-            c.sample_size.unwrap_or(0)
-        ));
+    if let Some(size) = c.sample_size.filter(|&s| s != shapes::SIZE) {
+        return refuse(&format!("this UNet's sample_size is {size}"));
     }
     Ok(())
 }
@@ -273,16 +269,11 @@ fn band_errors(
     t: &[usize],
     cond: &Conditioning,
 ) -> (f64, f64) {
-    let device = x0.device();
     let alpha_bar = alpha_bars(schedule, t);
     let z = noise_to(x0.clone(), eps.clone(), &alpha_bar);
     let t_model: Vec<i64> = t.iter().map(|&t| t as i64).collect();
     let out = model_output(&pipeline.unet, z.clone(), &t_model, cond);
-    let (ta, tb): (Vec<f32>, Vec<f32>) = alpha_bar
-        .iter()
-        .map(|&a| target_coefficients(prediction, a as f32))
-        .unzip();
-    let target = x0.clone() * per_row(ta, &device) + eps * per_row(tb, &device);
+    let target = training_target(prediction, x0.clone(), eps, &alpha_bar);
     let loss = (out.clone() - target).powi_scalar(2).mean();
     let x0_hat = x0_from_output(prediction, z, out, &alpha_bar);
     let x0_err = (x0_hat - x0).powi_scalar(2).mean();

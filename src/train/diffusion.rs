@@ -3,10 +3,9 @@
 //! min-SNR-γ (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy").
 
 use burn::prelude::*;
-use fewstep_schedulers::schedule::target_coefficients;
 use fewstep_schedulers::{NoiseSchedule, Prediction};
 
-use crate::denoiser::per_row;
+use crate::denoiser::{per_row, training_target};
 use crate::models::{Conditioning, UNet};
 
 /// The min-SNR-γ weight of one sample's squared error on the `prediction` target at ᾱ_t.
@@ -51,13 +50,8 @@ pub fn denoising_loss(
     let a = per_row(coeffs.iter().map(|c| c.0).collect(), &device);
     let s = per_row(coeffs.iter().map(|c| c.1).collect(), &device);
     let z = x0.clone() * a + eps.clone() * s; // [B, C, H, W]
-    let targets: Vec<(f32, f32)> = t
-        .iter()
-        .map(|&t| target_coefficients(prediction, schedule.alpha_bar(t)))
-        .collect();
-    let ta = per_row(targets.iter().map(|c| c.0).collect(), &device);
-    let tb = per_row(targets.iter().map(|c| c.1).collect(), &device);
-    let target = x0 * ta + eps * tb;
+    let alpha_bar: Vec<f64> = t.iter().map(|&t| schedule.alpha_bar(t) as f64).collect();
+    let target = training_target(prediction, x0, eps, &alpha_bar);
     let t_in: Vec<f32> = t.iter().map(|&t| t as f32).collect();
     let out = unet.forward(z, Tensor::<1>::from_floats(t_in.as_slice(), &device), cond);
     let err = (out - target).powf_scalar(2.0);
