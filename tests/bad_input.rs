@@ -343,6 +343,10 @@ fn cases() -> Vec<(Vec<&'static str>, &'static str)> {
         c("train --out @/new --label-dropout 2", "--label-dropout 2"),
         c("train --out @/new --ema 1", "--ema 1"),
         c("train --out @/new --snr-gamma 0", "--snr-gamma 0"),
+        c(
+            "train --out @/new --timestep-sampling lognormal:0,0",
+            "lognormal:0,0",
+        ),
         c("train --out @/new --batch 0", "--batch 0"),
         c("train --out @/new --steps 0", "--steps 0"),
         c(

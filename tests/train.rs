@@ -417,6 +417,45 @@ fn snr_gamma_weights_each_sample_and_is_kept_in_the_run() {
     assert!(v_weighted < 0.99 * v, "weighted {v_weighted} vs plain {v}");
 }
 
+#[test]
+fn timestep_sampling_draws_from_its_law_and_is_kept_in_the_run() {
+    // One step of the same seeded images and noise with every row's timestep drawn near one end
+    // of the schedule. An untrained model's output is small, so the v loss is about the mean
+    // square of the target: ε's (1) at σ ≈ e^−6 (t = 0), x0's (the images', well under 1) at
+    // σ ≈ e^6 (t = 999). run.json records the law; a uniform run records nothing.
+    let first = |name: &str, extra: &[&str]| {
+        let run = scratch("train", name);
+        ok(&train(&run, &[&["--steps", "1"], extra].concat()));
+        let stored: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).unwrap()).unwrap();
+        (losses(&run)[0], stored["train"]["timestep_sampling"].clone(), run)
+    };
+    let (low, law, run) = first("ts-low", &["--timestep-sampling", "lognormal:-6,0.1"]);
+    assert_eq!(
+        law,
+        serde_json::json!({"log_normal": {"mean": -6.0, "std": 0.1}})
+    );
+    let (high, _, _) = first("ts-high", &["--timestep-sampling", "lognormal:6,0.1"]);
+    assert!(low > 2.0 * high, "t ≈ 0: {low}, t ≈ 999: {high}");
+    let (uniform, none, _) = first("ts-uniform", &[]);
+    assert!(none.is_null(), "a uniform run records no law: {none}");
+    assert!(uniform < low && uniform > high, "{high} < {uniform} < {low}");
+    // A resumed run keeps drawing from the stored law.
+    ok(&fewstep(&[
+        "train",
+        "--out",
+        run.to_str().unwrap(),
+        "--resume",
+        "--steps",
+        "2",
+        "--quiet",
+    ]));
+    let stored: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).unwrap()).unwrap();
+    assert_eq!(stored["train"]["timestep_sampling"], law);
+    assert_eq!(losses(&run).len(), 2);
+}
+
 /// `fewstep train --init` of the tiny model's narrow and `fewstep widen`ed folders for one
 /// step of batch 4 (seed 0), the run's loss.
 fn first_loss(init: &Path, out: &Path) -> f32 {

@@ -20,11 +20,12 @@ use crate::models::lora::{LoraFormat, LoraSpec};
 use crate::models::quant::{QuantFormat, QuantizeSpec};
 use crate::train::consistency::{
     self, CONSISTENCY_RUN, ConsistencyConfig, ConsistencyOutcome, ConsistencyRun, GuidanceRange,
-    LrDecay, TimestepSampling,
+    LrDecay,
 };
 use crate::train::progressive::{
     self, PROGRESSIVE_RUN, ProgressiveConfig, ProgressiveOutcome, ProgressiveRun,
 };
+use crate::train::timesteps::TimestepSampling;
 use crate::train::{self, checkpoint};
 
 #[derive(Debug, clap::Subcommand)]

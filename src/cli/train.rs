@@ -78,6 +78,11 @@ pub struct TrainArgs {
     /// off the nearly clean timesteps. Default: the plain mean squared error.
     #[arg(long, value_parser = super::values::positive_f64)]
     pub snr_gamma: Option<f64>,
+    /// The law of each row's timestep: `uniform` (DDPM's), `lognormal` (EDM's: ln σ ~ N(−1.2,
+    /// 1.2²), σ = √((1−ᾱ_t)/ᾱ_t), more rows at low noise) or `lognormal:MEAN,STD` (SD3's
+    /// logit-normal is lognormal:0,1: the middle of the schedule, few rows at either end).
+    #[arg(long, value_parser = super::values::timestep_sampling, default_value = "uniform")]
+    pub timestep_sampling: crate::train::timesteps::TimestepSampling,
     #[arg(long, value_parser = ["linear", "scaled_linear", "squaredcos_cap_v2"], default_value = "squaredcos_cap_v2")]
     pub beta_schedule: String,
     /// Condition on the kind of the largest shape (3 classes + a null class for guidance).
@@ -330,6 +335,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             seed: args.seed,
             checkpoint_every: args.checkpoint_every,
             snr_gamma: args.snr_gamma,
+            timestep_sampling: args.timestep_sampling,
         };
         train.validate()?;
         Some(DiffusionRun {

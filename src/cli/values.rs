@@ -5,6 +5,8 @@
 
 use std::str::FromStr;
 
+use crate::train::timesteps::TimestepSampling;
+
 fn number<T: FromStr>(s: &str) -> Result<T, String> {
     s.trim()
         .parse::<T>()
@@ -126,6 +128,27 @@ pub fn timesteps(s: &str) -> Result<Timesteps, String> {
         .map_err(|_| "expected whole numbers separated by commas, e.g. 999,339".to_string())
 }
 
+/// A timestep law: `uniform`, `lognormal` (EDM's mean −1.2, std 1.2) or `lognormal:MEAN,STD`
+/// (a finite mean, a positive std).
+pub fn timestep_sampling(s: &str) -> Result<TimestepSampling, String> {
+    const EXPECTED: &str = "expected uniform, lognormal or lognormal:MEAN,STD (e.g. lognormal:0,1)";
+    match s.trim() {
+        "uniform" => Ok(TimestepSampling::Uniform),
+        "lognormal" => Ok(TimestepSampling::EDM),
+        other => {
+            let (mean, std) = other
+                .strip_prefix("lognormal:")
+                .and_then(|rest| rest.split_once(','))
+                .ok_or_else(|| EXPECTED.to_string())?;
+            let mean: f64 =
+                float(mean).map_err(|_| format!("{EXPECTED}: the mean is not a finite number"))?;
+            let std = positive_f64(std)
+                .map_err(|_| format!("{EXPECTED}: the std is not a positive number"))?;
+            Ok(TimestepSampling::LogNormal { mean, std })
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,5 +177,30 @@ mod tests {
         assert_eq!(finite_f32("-2"), Ok(-2.0));
         assert!(finite_f32("inf").is_err());
         assert!(seed("-3").is_err());
+        assert_eq!(timestep_sampling("uniform"), Ok(TimestepSampling::Uniform));
+        assert_eq!(timestep_sampling("lognormal"), Ok(TimestepSampling::EDM));
+        assert_eq!(
+            timestep_sampling("lognormal:0, 1"),
+            Ok(TimestepSampling::LogNormal {
+                mean: 0.0,
+                std: 1.0
+            })
+        );
+        assert_eq!(
+            timestep_sampling("lognormal:-1.2,0.5"),
+            Ok(TimestepSampling::LogNormal {
+                mean: -1.2,
+                std: 0.5
+            })
+        );
+        for bad in [
+            "normal",
+            "lognormal:0",
+            "lognormal:0,0",
+            "lognormal:x,1",
+            "lognormal:0,-1",
+        ] {
+            assert!(timestep_sampling(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -22,6 +22,7 @@ use serde_json::json;
 use super::progressive::student_prediction;
 use super::run_loop::{IterReport, LoopSpec, run_loop};
 use super::teacher_conditioning::TeacherConditioning;
+use super::timesteps::{Picker, TimestepSampling};
 use super::{checkpoint, data_parallel, ema, open_images};
 use crate::data::{DataSource, TrainImages};
 use crate::distill::consistency::{
@@ -215,62 +216,14 @@ pub enum LrDecay {
     Cosine,
 }
 
-/// How a row's grid point (the student's t_n) is drawn.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TimestepSampling {
-    /// Every grid point equally often (CD, LCM).
-    #[default]
-    Uniform,
-    /// iCT's (Song & Dhariwal 2023): the step from σ_{n−1} to σ_n with the probability that a
-    /// log-normal σ (ln σ ~ N(mean, std²); iCT: −1.1, 2.0) falls between them, σ = √((1−ᾱ)/ᾱ):
-    /// more rows at low noise, where consistency errors show as lost detail, fewer at high.
-    LogNormal { mean: f64, std: f64 },
-}
-
-impl TimestepSampling {
-    /// iCT's setting.
-    pub const ICT: Self = Self::LogNormal {
-        mean: -1.1,
-        std: 2.0,
-    };
-
-    /// The probability of each grid point (the grid lowest timestep first).
-    pub fn weights(&self, grid: &[ConsistencyStep]) -> Vec<f64> {
-        match *self {
-            Self::Uniform => vec![1.0 / grid.len() as f64; grid.len()],
-            Self::LogNormal { mean, std } => {
-                let sigma = |alpha_bar: f64| ((1.0 - alpha_bar) / alpha_bar).sqrt();
-                let cdf = |s: f64| 0.5 * (1.0 + erf((s.ln() - mean) / (std * 2f64.sqrt())));
-                let mass: Vec<f64> = grid
-                    .iter()
-                    .map(|g| (cdf(sigma(g.alpha_bar_t)) - cdf(sigma(g.alpha_bar_prev))).max(0.0))
-                    .collect();
-                let total: f64 = mass.iter().sum();
-                if total > 0.0 {
-                    mass.iter().map(|m| m / total).collect()
-                } else {
-                    vec![1.0 / grid.len() as f64; grid.len()]
-                }
-            }
-        }
-    }
-}
-
-/// The error function (Abramowitz & Stegun 7.1.26; |error| < 1.5e-7).
-fn erf(x: f64) -> f64 {
-    let t = 1.0 / (1.0 + 0.3275911 * x.abs());
-    let poly = t
-        * (0.254829592
-            + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
-    (1.0 - poly * (-x * x).exp()).copysign(x)
-}
-
-/// Index into `cumulative` (a non-decreasing CDF ending at 1) for a uniform draw `u`.
-fn pick(cumulative: &[f64], u: f64) -> usize {
-    cumulative
-        .partition_point(|&c| c <= u)
-        .min(cumulative.len() - 1)
+/// The probability of each point of `grid` (lowest timestep first) under `sampling`: a point's
+/// span runs from its ᾱ_{n−1} to its ᾱ_n.
+fn grid_weights(sampling: TimestepSampling, grid: &[ConsistencyStep]) -> Vec<f64> {
+    let spans: Vec<(f64, f64)> = grid
+        .iter()
+        .map(|g| (g.alpha_bar_prev, g.alpha_bar_t))
+        .collect();
+    sampling.weights(&spans)
 }
 
 /// The classifier-free guidance scales w a run draws from (uniformly, per row).
@@ -559,16 +512,9 @@ fn draw_batch(
             .map(|_| grid[rng.below(grid.len() as u64) as usize])
             .collect(),
         sampling => {
-            let cumulative: Vec<f64> = sampling
-                .weights(grid)
-                .iter()
-                .scan(0.0, |acc, w| {
-                    *acc += w;
-                    Some(*acc)
-                })
-                .collect();
+            let picker = Picker::new(&grid_weights(sampling, grid));
             (0..cfg.batch)
-                .map(|_| grid[pick(&cumulative, rng.uniform())])
+                .map(|_| grid[picker.pick(rng.uniform())])
                 .collect()
         }
     };
@@ -1075,8 +1021,6 @@ mod tests {
 
     #[test]
     fn log_normal_sampling_favours_the_middle_of_the_noise_range() {
-        assert!((erf(0.5) - 0.520_499_877_8).abs() < 1e-6);
-        assert!((erf(-1.5) + 0.966_105_146_5).abs() < 1e-6);
         let sched = SchedulerConfig::from_map(
             serde_json::json!({
                 "_class_name": "DDIMScheduler",
@@ -1091,9 +1035,9 @@ mod tests {
         .unwrap();
         let grid = crate::distill::consistency::skipping_grid(&sched, 50, 10.0).unwrap();
         assert!(grid[0].t < grid[49].t, "lowest timestep first");
-        let uniform = TimestepSampling::Uniform.weights(&grid);
+        let uniform = grid_weights(TimestepSampling::Uniform, &grid);
         assert!(uniform.iter().all(|w| (w - 0.02).abs() < 1e-12));
-        let w = TimestepSampling::ICT.weights(&grid);
+        let w = grid_weights(TimestepSampling::ICT, &grid);
         assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-9);
         // Low noise gets the rows (σ = e^−1.1 ≈ 0.33 is the density's mode in ln σ), and
         // the weights fall toward the highest noise.
@@ -1101,16 +1045,10 @@ mod tests {
         assert!(w[1..].windows(2).all(|p| p[0] >= p[1]), "{w:?}");
         assert!(w.iter().all(|&x| x > 0.0), "{w:?}");
         // Draws follow the weights.
-        let cumulative: Vec<f64> = w
-            .iter()
-            .scan(0.0, |a, x| {
-                *a += x;
-                Some(*a)
-            })
-            .collect();
-        assert_eq!(pick(&cumulative, 0.0), 0);
-        assert_eq!(pick(&cumulative, w[0] + 1e-9), 1);
-        assert_eq!(pick(&cumulative, 0.999_999_999), w.len() - 1);
+        let picker = Picker::new(&w);
+        assert_eq!(picker.pick(0.0), 0);
+        assert_eq!(picker.pick(w[0] + 1e-9), 1);
+        assert_eq!(picker.pick(0.999_999_999), w.len() - 1);
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod optim;
 pub mod progressive;
 pub(crate) mod run_loop;
 pub(crate) mod teacher_conditioning;
+pub mod timesteps;
 pub mod vae;
 
 use std::path::{Path, PathBuf};
@@ -23,7 +24,7 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::optim::ModuleOptimizer;
 use burn::prelude::*;
-use fewstep_schedulers::{Algorithm, SchedulerConfig};
+use fewstep_schedulers::{Algorithm, NoiseSchedule, SchedulerConfig};
 use serde_json::json;
 
 pub use crate::data::DataSource;
@@ -34,6 +35,7 @@ use crate::models::{Conditioning, UNet, UNetConfig};
 use crate::noise::NoiseStream;
 use crate::pipeline;
 use latents::{LatentCache, LatentSpec};
+use timesteps::{Picker, TimestepSampling};
 
 /// The `run.json` kind of a diffusion training run.
 pub const DIFFUSION_RUN: &str = "train-diffusion";
@@ -76,6 +78,10 @@ pub struct TrainConfig {
     /// error counted min(SNR_t, γ) (`diffusion::min_snr_weight`); `None`: the plain mean.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snr_gamma: Option<f64>,
+    /// The law of each row's timestep (uniform: DDPM's); recorded only when not uniform, so
+    /// older runs read unchanged.
+    #[serde(default, skip_serializing_if = "TimestepSampling::is_uniform")]
+    pub timestep_sampling: TimestepSampling,
 }
 
 impl Default for TrainConfig {
@@ -92,6 +98,7 @@ impl Default for TrainConfig {
             seed: 0,
             checkpoint_every: 500,
             snr_gamma: None,
+            timestep_sampling: TimestepSampling::Uniform,
         }
     }
 }
@@ -126,6 +133,13 @@ impl TrainConfig {
         {
             return Err(Error::Usage(format!(
                 "--snr-gamma {g}: expected a positive number (5 in the paper and diffusers' scripts)"
+            )));
+        }
+        if let TimestepSampling::LogNormal { mean, std } = self.timestep_sampling
+            && !(mean.is_finite() && std > 0.0 && std.is_finite())
+        {
+            return Err(Error::Usage(format!(
+                "--timestep-sampling lognormal:{mean},{std}: expected a finite mean and a positive std"
             )));
         }
         if self.cooldown > self.steps {
@@ -305,6 +319,36 @@ fn load_checkpoint(ckpt: &Path, run: &DiffusionRun, device: &Device) -> Result<S
     })
 }
 
+/// How a step draws its rows' timesteps.
+enum TimestepDraw {
+    /// Uniform over 0..T, one integer draw per row (the stream every uniform run was trained on).
+    Uniform(usize),
+    /// Any other law: one uniform draw per row, mapped through its cumulative weights.
+    Weighted(Picker),
+}
+
+impl TimestepDraw {
+    fn new(sampling: TimestepSampling, schedule: &NoiseSchedule) -> Self {
+        let train_t = schedule.num_train_timesteps();
+        match sampling {
+            TimestepSampling::Uniform => Self::Uniform(train_t),
+            law => {
+                let alpha_bars: Vec<f64> = (0..train_t)
+                    .map(|t| f64::from(schedule.alpha_bar(t)))
+                    .collect();
+                Self::Weighted(law.over_timesteps(&alpha_bars))
+            }
+        }
+    }
+
+    fn draw(&self, rng: &mut NoiseStream) -> usize {
+        match self {
+            Self::Uniform(train_t) => rng.below(*train_t as u64) as usize,
+            Self::Weighted(picker) => picker.pick(rng.uniform()),
+        }
+    }
+}
+
 /// One batch of training data for `step`.
 struct Batch {
     x0: Tensor<4>,
@@ -333,7 +377,7 @@ fn draw_batch(
     data: &TrainData,
     text: Option<&TextData>,
     step: usize,
-    train_t: usize,
+    timesteps: &TimestepDraw,
     device: &Device,
 ) -> Result<Batch> {
     let cfg = &run.train;
@@ -344,9 +388,7 @@ fn draw_batch(
         TrainData::Pixels(images) => images.random_rows(&mut rng, cfg.batch, device),
         TrainData::Latents(cache) => cache.random_batch(&mut rng, cfg.batch, device),
     };
-    let t: Vec<usize> = (0..cfg.batch)
-        .map(|_| rng.below(train_t as u64) as usize)
-        .collect();
+    let t: Vec<usize> = (0..cfg.batch).map(|_| timesteps.draw(&mut rng)).collect();
     let [b, c, h, w] = x0.dims();
     let eps = crate::sample::host_noise(&mut rng, [b, c, h, w], device);
     let labels = run.unet.num_class_embeds.map(|k| {
@@ -443,7 +485,7 @@ pub fn train_diffusion(
     let (algorithm, _) = run.scheduler.algorithm();
     let schedule = run.scheduler.noise_schedule(algorithm)?;
     let prediction = run.scheduler.resolve(algorithm).prediction;
-    let train_t = schedule.num_train_timesteps();
+    let timesteps = TimestepDraw::new(run.train.timestep_sampling, &schedule);
 
     // A text run's encoder and captions load before the run folder is created: a bad
     // --text-encoder or a missing caption leaves nothing behind.
@@ -520,7 +562,7 @@ pub fn train_diffusion(
         state,
         |mut state: State, step| {
             // Drawn without autodiff: each shard moves its rows to its device.
-            let batch = draw_batch(&run, &data, text.as_ref(), step, train_t, device)?;
+            let batch = draw_batch(&run, &data, text.as_ref(), step, &timesteps, device)?;
             let (loss, grads) = data_parallel::loss_and_grads(
                 &state.model,
                 devices,
