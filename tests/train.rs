@@ -25,20 +25,25 @@ fn train(out: &Path, extra: &[&str]) -> Output {
     fewstep(&args)
 }
 
+/// `fewstep train --out RUN --resume --steps N --quiet`.
+fn resume(run: &Path, steps: &str) -> Output {
+    fewstep(&[
+        "train",
+        "--out",
+        run.to_str().unwrap(),
+        "--resume",
+        "--steps",
+        steps,
+        "--quiet",
+    ])
+}
+
 #[test]
 fn resumed_run_reaches_the_uninterrupted_weights() {
     let (a, b) = (scratch("train", "whole"), scratch("train", "split"));
     ok(&train(&a, &["--steps", "6", "--checkpoint-every", "3"]));
     ok(&train(&b, &["--steps", "3", "--checkpoint-every", "3"]));
-    ok(&fewstep(&[
-        "train",
-        "--out",
-        b.to_str().unwrap(),
-        "--resume",
-        "--steps",
-        "6",
-        "--quiet",
-    ]));
+    ok(&resume(&b, "6"));
     let max = max_run_difference(&a, &b);
     // Same data, noise, ids and optimizer moments, and loaded weights laid out as built ones:
     // bit for bit.
@@ -304,15 +309,7 @@ fn trains_on_an_image_folder_with_class_subfolders() {
         data.canonicalize().unwrap().to_str().unwrap()
     );
     // Resume re-opens the folder from run.json.
-    ok(&fewstep(&[
-        "train",
-        "--out",
-        run.to_str().unwrap(),
-        "--resume",
-        "--steps",
-        "3",
-        "--quiet",
-    ]));
+    ok(&resume(&run, "3"));
 
     // Class-conditional training needs class sub-folders.
     let flat = scratch("train", "folder-flat");
@@ -388,17 +385,24 @@ fn resume_names_the_flags_it_ignores_and_keeps_the_stored_settings() {
     );
 }
 
+/// One step of the tiny model (batch 4, seed 0) with `extra` flags: its loss, the `train` object
+/// of its run.json and the run folder.
+fn first_step(name: &str, extra: &[&str]) -> (f32, serde_json::Value, common::Scratch) {
+    let run = scratch("train", name);
+    ok(&train(&run, &[&["--steps", "1"], extra].concat()));
+    let stored: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).unwrap()).unwrap();
+    (losses(&run)[0], stored["train"].clone(), run)
+}
+
 #[test]
 fn snr_gamma_weights_each_sample_and_is_kept_in_the_run() {
     // One step, the same seeded batch: with ε prediction and γ above every SNR of the schedule
     // each weight is 1, so the loss is the plain one; with v prediction and γ = 5 every weight,
     // min(SNR, 5) / (SNR + 1), is below 1, so the loss is smaller.
     let first = |name: &str, extra: &[&str]| {
-        let run = scratch("train", name);
-        ok(&train(&run, &[&["--steps", "1"], extra].concat()));
-        let stored: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).unwrap()).unwrap();
-        (losses(&run)[0], stored["train"]["snr_gamma"].clone())
+        let (loss, stored, _) = first_step(name, extra);
+        (loss, stored["snr_gamma"].clone())
     };
     let (eps, none) = first("snr-eps-plain", &["--prediction", "epsilon"]);
     assert!(none.is_null(), "a plain run records no snr_gamma: {none}");
@@ -424,11 +428,8 @@ fn timestep_sampling_draws_from_its_law_and_is_kept_in_the_run() {
     // square of the target: ε's (1) at σ ≈ e^−6 (t = 0), x0's (the images', well under 1) at
     // σ ≈ e^6 (t = 999). run.json records the law; a uniform run records nothing.
     let first = |name: &str, extra: &[&str]| {
-        let run = scratch("train", name);
-        ok(&train(&run, &[&["--steps", "1"], extra].concat()));
-        let stored: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).unwrap()).unwrap();
-        (losses(&run)[0], stored["train"]["timestep_sampling"].clone(), run)
+        let (loss, stored, run) = first_step(name, extra);
+        (loss, stored["timestep_sampling"].clone(), run)
     };
     let (low, law, run) = first("ts-low", &["--timestep-sampling", "lognormal:-6,0.1"]);
     assert_eq!(
@@ -439,17 +440,12 @@ fn timestep_sampling_draws_from_its_law_and_is_kept_in_the_run() {
     assert!(low > 2.0 * high, "t ≈ 0: {low}, t ≈ 999: {high}");
     let (uniform, none, _) = first("ts-uniform", &[]);
     assert!(none.is_null(), "a uniform run records no law: {none}");
-    assert!(uniform < low && uniform > high, "{high} < {uniform} < {low}");
+    assert!(
+        uniform < low && uniform > high,
+        "{high} < {uniform} < {low}"
+    );
     // A resumed run keeps drawing from the stored law.
-    ok(&fewstep(&[
-        "train",
-        "--out",
-        run.to_str().unwrap(),
-        "--resume",
-        "--steps",
-        "2",
-        "--quiet",
-    ]));
+    ok(&resume(&run, "2"));
     let stored: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).unwrap()).unwrap();
     assert_eq!(stored["train"]["timestep_sampling"], law);
