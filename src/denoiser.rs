@@ -36,12 +36,7 @@ pub fn x0_from_output(
     out: Tensor<4>,
     alpha_bar: &[f64],
 ) -> Tensor<4> {
-    let device = z.device();
-    let (a, b): (Vec<f32>, Vec<f32>) = alpha_bar
-        .iter()
-        .map(|&a| x0_coefficients(prediction, a as f32))
-        .unzip();
-    z * per_row(a, &device) + out * per_row(b, &device)
+    combine_per_row(z, out, alpha_bar, |a| x0_coefficients(prediction, a))
 }
 
 /// The training target a·x0 + b·ε per row at ᾱ `alpha_bar`, for a model of `prediction` type
@@ -52,12 +47,19 @@ pub fn training_target(
     eps: Tensor<4>,
     alpha_bar: &[f64],
 ) -> Tensor<4> {
-    let device = x0.device();
-    let (a, b): (Vec<f32>, Vec<f32>) = alpha_bar
-        .iter()
-        .map(|&a| target_coefficients(prediction, a as f32))
-        .unzip();
-    x0 * per_row(a, &device) + eps * per_row(b, &device)
+    combine_per_row(x0, eps, alpha_bar, |a| target_coefficients(prediction, a))
+}
+
+/// a·u + b·w per row, with (a, b) = `coefficients`(ᾱ) at each row's ᾱ.
+fn combine_per_row(
+    u: Tensor<4>,
+    w: Tensor<4>,
+    alpha_bar: &[f64],
+    coefficients: impl Fn(f32) -> (f32, f32),
+) -> Tensor<4> {
+    let device = u.device();
+    let (a, b): (Vec<f32>, Vec<f32>) = alpha_bar.iter().map(|&a| coefficients(a as f32)).unzip();
+    u * per_row(a, &device) + w * per_row(b, &device)
 }
 
 /// One deterministic DDIM move per row: from z at ᾱ `from`, with the model output `out` there,
@@ -71,11 +73,7 @@ pub fn ddim_move(
 ) -> Tensor<4> {
     let device = z.device();
     let x0 = x0_from_output(prediction, z.clone(), out.clone(), from);
-    let (ea, eb): (Vec<f32>, Vec<f32>) = from
-        .iter()
-        .map(|&a| eps_coefficients(prediction, a as f32))
-        .unzip();
-    let eps = z * per_row(ea, &device) + out * per_row(eb, &device);
+    let eps = combine_per_row(z, out, from, |a| eps_coefficients(prediction, a));
     let a_to = per_row(to.iter().map(|&a| a.sqrt() as f32).collect(), &device);
     let s_to = per_row(
         to.iter().map(|&a| (1.0 - a).sqrt() as f32).collect(),

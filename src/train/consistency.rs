@@ -22,7 +22,7 @@ use serde_json::json;
 use super::progressive::student_prediction;
 use super::run_loop::{IterReport, LoopSpec, run_loop};
 use super::teacher_conditioning::TeacherConditioning;
-use super::timesteps::{Picker, TimestepSampling};
+use super::timesteps::{SpanDraw, TimestepSampling};
 use super::{checkpoint, data_parallel, ema, open_images};
 use crate::data::{DataSource, TrainImages};
 use crate::distill::consistency::{
@@ -216,14 +216,11 @@ pub enum LrDecay {
     Cosine,
 }
 
-/// The probability of each point of `grid` (lowest timestep first) under `sampling`: a point's
-/// span runs from its ᾱ_{n−1} to its ᾱ_n.
-fn grid_weights(sampling: TimestepSampling, grid: &[ConsistencyStep]) -> Vec<f64> {
-    let spans: Vec<(f64, f64)> = grid
-        .iter()
+/// The span of each point of `grid` (lowest timestep first): from its ᾱ_{n−1} to its ᾱ_n.
+fn grid_spans(grid: &[ConsistencyStep]) -> Vec<(f64, f64)> {
+    grid.iter()
         .map(|g| (g.alpha_bar_prev, g.alpha_bar_t))
-        .collect();
-    sampling.weights(&spans)
+        .collect()
 }
 
 /// The classifier-free guidance scales w a run draws from (uniformly, per row).
@@ -507,17 +504,8 @@ fn draw_batch(
     // adversarial run's sampling noise, re-noising noise and timesteps (fixed: resume relies
     // on it).
     let (x, labels, rows) = images.random_rows(&mut rng, cfg.batch, device);
-    let steps: Vec<ConsistencyStep> = match cfg.timestep_sampling {
-        TimestepSampling::Uniform => (0..cfg.batch)
-            .map(|_| grid[rng.below(grid.len() as u64) as usize])
-            .collect(),
-        sampling => {
-            let picker = Picker::new(&grid_weights(sampling, grid));
-            (0..cfg.batch)
-                .map(|_| grid[picker.pick(rng.uniform())])
-                .collect()
-        }
-    };
+    let spans = SpanDraw::new(cfg.timestep_sampling, &grid_spans(grid));
+    let steps: Vec<ConsistencyStep> = (0..cfg.batch).map(|_| grid[spans.draw(&mut rng)]).collect();
     let x0 = super::model_space(teacher, x);
     let eps = crate::sample::host_noise(&mut rng, x0.dims(), device);
     let w = cfg
@@ -1035,9 +1023,9 @@ mod tests {
         .unwrap();
         let grid = crate::distill::consistency::skipping_grid(&sched, 50, 10.0).unwrap();
         assert!(grid[0].t < grid[49].t, "lowest timestep first");
-        let uniform = grid_weights(TimestepSampling::Uniform, &grid);
+        let uniform = TimestepSampling::Uniform.weights(&grid_spans(&grid));
         assert!(uniform.iter().all(|w| (w - 0.02).abs() < 1e-12));
-        let w = grid_weights(TimestepSampling::ICT, &grid);
+        let w = TimestepSampling::ICT.weights(&grid_spans(&grid));
         assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-9);
         // Low noise gets the rows (σ = e^−1.1 ≈ 0.33 is the density's mode in ln σ), and
         // the weights fall toward the highest noise.
@@ -1045,7 +1033,7 @@ mod tests {
         assert!(w[1..].windows(2).all(|p| p[0] >= p[1]), "{w:?}");
         assert!(w.iter().all(|&x| x > 0.0), "{w:?}");
         // Draws follow the weights.
-        let picker = Picker::new(&w);
+        let picker = crate::train::timesteps::Picker::new(&w);
         assert_eq!(picker.pick(0.0), 0);
         assert_eq!(picker.pick(w[0] + 1e-9), 1);
         assert_eq!(picker.pick(0.999_999_999), w.len() - 1);

@@ -24,7 +24,7 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::optim::ModuleOptimizer;
 use burn::prelude::*;
-use fewstep_schedulers::{Algorithm, NoiseSchedule, SchedulerConfig};
+use fewstep_schedulers::{Algorithm, SchedulerConfig};
 use serde_json::json;
 
 pub use crate::data::DataSource;
@@ -35,7 +35,7 @@ use crate::models::{Conditioning, UNet, UNetConfig};
 use crate::noise::NoiseStream;
 use crate::pipeline;
 use latents::{LatentCache, LatentSpec};
-use timesteps::{Picker, TimestepSampling};
+use timesteps::{SpanDraw, TimestepSampling};
 
 /// The `run.json` kind of a diffusion training run.
 pub const DIFFUSION_RUN: &str = "train-diffusion";
@@ -319,36 +319,6 @@ fn load_checkpoint(ckpt: &Path, run: &DiffusionRun, device: &Device) -> Result<S
     })
 }
 
-/// How a step draws its rows' timesteps.
-enum TimestepDraw {
-    /// Uniform over 0..T, one integer draw per row (the stream every uniform run was trained on).
-    Uniform(usize),
-    /// Any other law: one uniform draw per row, mapped through its cumulative weights.
-    Weighted(Picker),
-}
-
-impl TimestepDraw {
-    fn new(sampling: TimestepSampling, schedule: &NoiseSchedule) -> Self {
-        let train_t = schedule.num_train_timesteps();
-        match sampling {
-            TimestepSampling::Uniform => Self::Uniform(train_t),
-            law => {
-                let alpha_bars: Vec<f64> = (0..train_t)
-                    .map(|t| f64::from(schedule.alpha_bar(t)))
-                    .collect();
-                Self::Weighted(law.over_timesteps(&alpha_bars))
-            }
-        }
-    }
-
-    fn draw(&self, rng: &mut NoiseStream) -> usize {
-        match self {
-            Self::Uniform(train_t) => rng.below(*train_t as u64) as usize,
-            Self::Weighted(picker) => picker.pick(rng.uniform()),
-        }
-    }
-}
-
 /// One batch of training data for `step`.
 struct Batch {
     x0: Tensor<4>,
@@ -377,7 +347,7 @@ fn draw_batch(
     data: &TrainData,
     text: Option<&TextData>,
     step: usize,
-    timesteps: &TimestepDraw,
+    timesteps: &SpanDraw,
     device: &Device,
 ) -> Result<Batch> {
     let cfg = &run.train;
@@ -485,7 +455,10 @@ pub fn train_diffusion(
     let (algorithm, _) = run.scheduler.algorithm();
     let schedule = run.scheduler.noise_schedule(algorithm)?;
     let prediction = run.scheduler.resolve(algorithm).prediction;
-    let timesteps = TimestepDraw::new(run.train.timestep_sampling, &schedule);
+    let alpha_bars: Vec<f64> = (0..schedule.num_train_timesteps())
+        .map(|t| f64::from(schedule.alpha_bar(t)))
+        .collect();
+    let timesteps = SpanDraw::over_timesteps(run.train.timestep_sampling, &alpha_bars);
 
     // A text run's encoder and captions load before the run folder is created: a bad
     // --text-encoder or a missing caption leaves nothing behind.

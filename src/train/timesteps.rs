@@ -6,6 +6,8 @@
 //! al. 2022: −1.2, 1.2), iCT's over a consistency grid (Song & Dhariwal 2023: −1.1, 2.0) and, since
 //! logit t = ln σ in rectified-flow time, SD3's logit-normal (Esser et al. 2024: 0, 1).
 
+use crate::noise::NoiseStream;
+
 /// The law of a row's timestep.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -66,13 +68,50 @@ impl TimestepSampling {
     /// A drawer over timesteps 0..T of a schedule whose ᾱ_t is `alpha_bars[t]`: the span of t runs
     /// from ᾱ_{t−1} (1 for t = 0) to ᾱ_t.
     pub fn over_timesteps(&self, alpha_bars: &[f64]) -> Picker {
-        let spans: Vec<(f64, f64)> = alpha_bars
-            .iter()
-            .enumerate()
-            .map(|(t, &a)| (if t == 0 { 1.0 } else { alpha_bars[t - 1] }, a))
-            .collect();
-        Picker::new(&self.weights(&spans))
+        Picker::new(&self.weights(&timestep_spans(alpha_bars)))
     }
+}
+
+/// Draws a row's span (a timestep, or a consistency grid point) under a law.
+///
+/// Uniform draws one integer per row: the stream every uniform run was trained on, kept so those
+/// runs resume and reproduce exactly. Any other law maps one uniform number per row through the
+/// spans' cumulative weights.
+#[derive(Debug, Clone)]
+pub enum SpanDraw {
+    Uniform(usize),
+    Weighted(Picker),
+}
+
+impl SpanDraw {
+    /// A draw over `spans`, each (ᾱ at its low-noise edge, ᾱ at its high-noise edge).
+    pub fn new(sampling: TimestepSampling, spans: &[(f64, f64)]) -> Self {
+        match sampling {
+            TimestepSampling::Uniform => Self::Uniform(spans.len()),
+            law => Self::Weighted(Picker::new(&law.weights(spans))),
+        }
+    }
+
+    /// A draw over timesteps 0..T of a schedule whose ᾱ_t is `alpha_bars[t]`: the span of t runs
+    /// from ᾱ_{t−1} (1 for t = 0) to ᾱ_t.
+    pub fn over_timesteps(sampling: TimestepSampling, alpha_bars: &[f64]) -> Self {
+        Self::new(sampling, &timestep_spans(alpha_bars))
+    }
+
+    pub fn draw(&self, rng: &mut NoiseStream) -> usize {
+        match self {
+            Self::Uniform(n) => rng.below(*n as u64) as usize,
+            Self::Weighted(picker) => picker.pick(rng.uniform()),
+        }
+    }
+}
+
+fn timestep_spans(alpha_bars: &[f64]) -> Vec<(f64, f64)> {
+    alpha_bars
+        .iter()
+        .enumerate()
+        .map(|(t, &a)| (if t == 0 { 1.0 } else { alpha_bars[t - 1] }, a))
+        .collect()
 }
 
 /// Draws an index with given probabilities from a uniform number in [0, 1).
@@ -165,5 +204,28 @@ mod tests {
         assert_eq!(p.pick(0.2499), 0);
         assert_eq!(p.pick(0.25), 2, "an empty span is never drawn");
         assert_eq!(p.pick(0.999_999_999), 2);
+    }
+
+    #[test]
+    fn a_uniform_span_draw_keeps_the_integer_stream_and_a_law_maps_uniform_numbers() {
+        // Ten spans of falling ᾱ, from nearly clean to nearly pure noise.
+        let alpha_bars: Vec<f64> = (0..10).map(|t| 0.999 - 0.1 * t as f64).collect();
+        let uniform = SpanDraw::over_timesteps(TimestepSampling::Uniform, &alpha_bars);
+        let (mut a, mut b) = (NoiseStream::for_step(3, 7), NoiseStream::for_step(3, 7));
+        for _ in 0..200 {
+            assert_eq!(uniform.draw(&mut a), b.below(10) as usize);
+        }
+        let law = TimestepSampling::LogNormal {
+            mean: 2.0,
+            std: 0.5,
+        };
+        let weighted = SpanDraw::over_timesteps(law, &alpha_bars);
+        let picker = law.over_timesteps(&alpha_bars);
+        let (mut a, mut b) = (NoiseStream::for_step(3, 7), NoiseStream::for_step(3, 7));
+        let drawn: Vec<usize> = (0..200).map(|_| weighted.draw(&mut a)).collect();
+        assert!(drawn.iter().all(|&i| i == picker.pick(b.uniform())));
+        // The law's median σ = e² ≈ 7.4 lies past the noisiest span (σ 2.0 to 3.0), which holds
+        // most of the mass the spans cover.
+        assert!(drawn.iter().filter(|&&i| i == 9).count() > 150, "{drawn:?}");
     }
 }
