@@ -474,6 +474,10 @@ fn cases() -> Vec<(Vec<&'static str>, &'static str)> {
             "--target-ema 1.5",
         ),
         c(
+            "distill consistency --out @/new --teacher @/tiny --timestep-sampling lognormal:1",
+            "lognormal:1",
+        ),
+        c(
             "distill consistency --out @/new --teacher @/tiny --huber-c -1",
             "--huber-c -1",
         ),

@@ -288,12 +288,6 @@ pub enum SolverKind {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum TimestepSamplingKind {
-    Uniform,
-    Lognormal,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LrDecayKind {
     Constant,
     Cosine,
@@ -320,10 +314,11 @@ pub struct ConsistencyArgs {
     /// at the last iteration).
     #[arg(long, value_enum, default_value = "constant")]
     pub lr_decay: LrDecayKind,
-    /// How each row's grid point is drawn: uniform (CD, LCM) or iCT's log-normal over σ
-    /// (ln σ ~ N(−1.1, 2²)), which puts more rows at low noise and fewer at high.
-    #[arg(long, value_enum, default_value = "uniform")]
-    pub timestep_sampling: TimestepSamplingKind,
+    /// How each row's grid point is drawn: uniform (CD, LCM), iCT's log-normal over σ
+    /// (`lognormal`: ln σ ~ N(−1.1, 2²), more rows at low noise and fewer at high) or
+    /// `lognormal:MEAN,STD`, each point with the probability that σ falls in its span.
+    #[arg(long, value_parser = super::values::consistency_timestep_sampling, default_value = "uniform")]
+    pub timestep_sampling: TimestepSampling,
     /// Scales N of the skipping grid, the teacher's DDIM solver taking T/N timesteps per step
     /// (LCM: 50); the written LCM scheduler's original_inference_steps.
     #[arg(long, value_parser = super::values::count, default_value_t = 50)]
@@ -618,10 +613,7 @@ impl ConsistencyArgs {
                 LrDecayKind::Constant => LrDecay::Constant,
                 LrDecayKind::Cosine => LrDecay::Cosine,
             },
-            timestep_sampling: match self.timestep_sampling {
-                TimestepSamplingKind::Uniform => TimestepSampling::Uniform,
-                TimestepSamplingKind::Lognormal => TimestepSampling::ICT,
-            },
+            timestep_sampling: self.timestep_sampling,
             optimizer: self.common.optimizer()?,
             ema_decay: self.ema.or(ema),
             seed: self.common.seed,

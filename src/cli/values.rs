@@ -131,10 +131,21 @@ pub fn timesteps(s: &str) -> Result<Timesteps, String> {
 /// A timestep law: `uniform`, `lognormal` (EDM's mean −1.2, std 1.2) or `lognormal:MEAN,STD`
 /// (a finite mean, a positive std).
 pub fn timestep_sampling(s: &str) -> Result<TimestepSampling, String> {
+    timestep_law(s, TimestepSampling::EDM)
+}
+
+/// `distill consistency --timestep-sampling`: as [`timestep_sampling`], `lognormal` alone being
+/// iCT's law over the consistency grid.
+pub fn consistency_timestep_sampling(s: &str) -> Result<TimestepSampling, String> {
+    timestep_law(s, TimestepSampling::ICT)
+}
+
+/// `uniform`, `lognormal` (the command's paper's law, `bare`) or `lognormal:MEAN,STD`.
+fn timestep_law(s: &str, bare: TimestepSampling) -> Result<TimestepSampling, String> {
     const EXPECTED: &str = "expected uniform, lognormal or lognormal:MEAN,STD (e.g. lognormal:0,1)";
     match s.trim() {
         "uniform" => Ok(TimestepSampling::Uniform),
-        "lognormal" => Ok(TimestepSampling::EDM),
+        "lognormal" => Ok(bare),
         other => {
             let (mean, std) = other
                 .strip_prefix("lognormal:")
@@ -179,6 +190,14 @@ mod tests {
         assert!(seed("-3").is_err());
         assert_eq!(timestep_sampling("uniform"), Ok(TimestepSampling::Uniform));
         assert_eq!(timestep_sampling("lognormal"), Ok(TimestepSampling::EDM));
+        assert_eq!(
+            consistency_timestep_sampling("lognormal"),
+            Ok(TimestepSampling::ICT)
+        );
+        assert_eq!(
+            consistency_timestep_sampling("lognormal:0,1"),
+            timestep_sampling("lognormal:0,1")
+        );
         assert_eq!(
             timestep_sampling("lognormal:0, 1"),
             Ok(TimestepSampling::LogNormal {
