@@ -64,12 +64,6 @@ impl TimestepSampling {
             }
         }
     }
-
-    /// A drawer over timesteps 0..T of a schedule whose ᾱ_t is `alpha_bars[t]`: the span of t runs
-    /// from ᾱ_{t−1} (1 for t = 0) to ᾱ_t.
-    pub fn over_timesteps(&self, alpha_bars: &[f64]) -> Picker {
-        Picker::new(&self.weights(&timestep_spans(alpha_bars)))
-    }
 }
 
 /// Draws a row's span (a timestep, or a consistency grid point) under a law.
@@ -153,6 +147,11 @@ fn erf(x: f64) -> f64 {
 mod tests {
     use super::*;
 
+    /// The picker a log-normal (or uniform) law builds over timesteps 0..T.
+    fn picker_over_timesteps(law: TimestepSampling, alpha_bars: &[f64]) -> Picker {
+        Picker::new(&law.weights(&timestep_spans(alpha_bars)))
+    }
+
     #[test]
     fn erf_matches_tabulated_values() {
         assert!((erf(0.5) - 0.520_499_877_8).abs() < 1e-6);
@@ -173,12 +172,13 @@ mod tests {
             })
             .collect();
         let sigma = |t: usize| ((1.0 - alpha_bars[t]) / alpha_bars[t]).sqrt();
-        let uniform = TimestepSampling::Uniform.over_timesteps(&alpha_bars);
+        let uniform = picker_over_timesteps(TimestepSampling::Uniform, &alpha_bars);
         assert_eq!(uniform.pick(0.0), 0);
         assert_eq!(uniform.pick(0.5005), 500);
         assert_eq!(uniform.pick(0.999_999), 999);
         for mean in [-1.2, 0.0, 1.0] {
-            let p = TimestepSampling::LogNormal { mean, std: 1.0 }.over_timesteps(&alpha_bars);
+            let p =
+                picker_over_timesteps(TimestepSampling::LogNormal { mean, std: 1.0 }, &alpha_bars);
             // Half the draws fall below the timestep where σ crosses e^mean.
             let median = p.pick(0.5);
             assert!(
@@ -220,7 +220,7 @@ mod tests {
             std: 0.5,
         };
         let weighted = SpanDraw::over_timesteps(law, &alpha_bars);
-        let picker = law.over_timesteps(&alpha_bars);
+        let picker = picker_over_timesteps(law, &alpha_bars);
         let (mut a, mut b) = (NoiseStream::for_step(3, 7), NoiseStream::for_step(3, 7));
         let drawn: Vec<usize> = (0..200).map(|_| weighted.draw(&mut a)).collect();
         assert!(drawn.iter().all(|&i| i == picker.pick(b.uniform())));
