@@ -32,6 +32,7 @@ fn main() -> fewstep::Result<()> {
         config: ProgressiveConfig {
             from_steps: 16,
             to_steps: 4,
+            round_factor: 2, // teacher steps per student step: 16 -> 8 -> 4
             iters_per_round: 30,
             batch: 8,
             lr: 1e-4,

@@ -1,5 +1,6 @@
-//! `fewstep distill progressive`: halve a teacher's sampling steps round by round, then print the
-//! FID-versus-steps table (teacher at N and 2N steps against each round's student at N).
+//! `fewstep distill progressive`: halve a teacher's sampling steps round by round (or divide them
+//! by `--round-factor K`), then print the FID-versus-steps table (teacher at N and K·N steps
+//! against each round's student at N).
 //! `fewstep distill consistency`: a consistency (LCM) student, then its FID at 1, 2, 4 … steps
 //! against the teacher's.
 
@@ -214,12 +215,17 @@ impl DistillArgs {
 pub struct ProgressiveArgs {
     #[command(flatten)]
     pub common: DistillArgs,
-    /// The teacher's step count (a power of two; quick and full 16).
+    /// The teacher's step count (--to-steps times a power of --round-factor; quick and full 16).
     #[arg(long, value_parser = super::values::count)]
     pub from_steps: Option<usize>,
-    /// The last student's step count (a power of two; quick 4, full 1).
+    /// The last student's step count (quick 4, full 1).
     #[arg(long, value_parser = super::values::count)]
     pub to_steps: Option<usize>,
+    /// Teacher DDIM steps per student step: each round divides the steps by it (default 2, the
+    /// paper's halving; e.g. 8 with --from-steps 32 --to-steps 4 distills the teacher's 32-step
+    /// sampler into a 4-step student in one round, on targets from the teacher itself).
+    #[arg(long, value_parser = super::values::count)]
+    pub round_factor: Option<usize>,
     /// Optimiser steps per halving round (quick 120, full 1500).
     #[arg(long, value_parser = super::values::count)]
     pub iters_per_round: Option<usize>,
@@ -423,6 +429,7 @@ impl ProgressiveArgs {
         Ok(ProgressiveConfig {
             from_steps: self.from_steps.unwrap_or(from),
             to_steps: self.to_steps.unwrap_or(to),
+            round_factor: self.round_factor.unwrap_or(2),
             iters_per_round: self.iters_per_round.unwrap_or(iters),
             batch: self.batch.unwrap_or(batch),
             lr: self.lr.unwrap_or(lr),
@@ -453,17 +460,19 @@ fn report(
     let (extractor, reference, num) = args.common.reference(&run.data, device)?;
     let mut ev = Evaluator::new(&extractor, &reference, num, None, device);
     let mut rows = Vec::new();
-    let mut csv = String::from(
-        "steps,student_fid,student_kid,teacher_fid_at_steps,teacher_fid_at_2x_steps,final_loss,seconds\n",
+    // The teacher at the K·N steps each student learned from (K = 2: the paper's halving).
+    let k = run.config.round_factor;
+    let mut csv = format!(
+        "steps,student_fid,student_kid,teacher_fid_at_steps,teacher_fid_at_{k}x_steps,final_loss,seconds\n",
     );
     let mut table = format!(
-        "FID vs steps ({num} samples per entry, DDIM, {} features, reference {})\n  steps | teacher @ 2N | teacher @ N | student @ N | student / teacher@2N\n",
+        "FID vs steps ({num} samples per entry, DDIM, {} features, reference {})\n  steps | teacher @ {k}N | teacher @ N | student @ N | student / teacher@{k}N\n",
         extractor.id(),
         reference.protocol["dataset"].as_str().unwrap_or("images")
     );
     for round in &outcome.rounds {
         let n = round.steps;
-        let t2 = ev.eval(&run.teacher, Algorithm::Ddim, 2 * n)?;
+        let t2 = ev.eval(&run.teacher, Algorithm::Ddim, k * n)?;
         let t1 = ev.eval(&run.teacher, Algorithm::Ddim, n)?;
         let s = ev.eval(&round.dir, Algorithm::Ddim, n)?;
         table += &format!(
@@ -482,7 +491,7 @@ fn report(
             "steps": n,
             "student": s,
             "teacher_at_steps": t1,
-            "teacher_at_2x_steps": t2,
+            format!("teacher_at_{k}x_steps"): t2,
             "final_loss": round.final_loss,
             "seconds": round.seconds,
             "folder": round.dir.display().to_string(),

@@ -2,11 +2,11 @@
 //! Diffusion Models", Algorithm 2; google-research `diffusion_distillation/dpm.py`).
 //!
 //! The student, initialised from the teacher, learns to do in one DDIM step what the teacher does
-//! in two. On diffusers' discrete grids: the student's N-step DDIM sampler moves from timestep t
-//! to t″ = t − T/N (its `transitions`); the teacher runs DDIM t → t′ → t″ through t′, the
-//! timestep of the teacher's own 2N-step grid between them (where the teacher was trained to
-//! step, for a teacher that is itself a student). The student's target is the x̃ that makes its
-//! single DDIM step land where the teacher's two did:
+//! in two (the paper), or in K (`--round-factor K`). On diffusers' discrete grids: the student's
+//! N-step DDIM sampler moves from timestep t to t″ = t − T/N (its `transitions`); the teacher
+//! runs DDIM t → t′ → … → t″ through the K − 1 timesteps of its own K·N-step grid between them
+//! (where the teacher was trained to step, for a teacher that is itself a student). The
+//! student's target is the x̃ that makes its single DDIM step land where the teacher's K did:
 //!   x̃ = (z_t″ − (σ_t″/σ_t)·z_t) / (α_t″ − (σ_t″/σ_t)·α_t)      (paper, Algorithm 2)
 //! and, on the last step (σ_t″ = 0, α_t″ = 1), x̃ = z_t″ = the teacher's x̂. The loss is
 //! ‖x̃ − x̂_student‖² weighted by max(SNR_t, 1), the paper's "truncated SNR" weighting.
@@ -20,17 +20,17 @@ use crate::denoiser::{ddim_move, model_output, noise_to, per_row, row_index, x0_
 use crate::models::{Conditioning, UNet};
 use crate::sample::DeviceSample;
 
-/// One student step on the N-step grid, with the teacher's intermediate timestep.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// One student step on the N-step grid, with the teacher's intermediate timesteps.
+#[derive(Debug, Clone, PartialEq)]
 pub struct StudentStep {
     /// Where the student (and the teacher's first step) runs the model.
     pub t: i64,
-    /// The teacher's intermediate timestep (on its 2N-step grid).
-    pub t_mid: i64,
+    /// The teacher's timesteps strictly between `t` and `t_end` on its K·N-step grid, in
+    /// sampling order, each with its ᾱ: K − 1 of them (one for the paper's halving).
+    pub teacher_mids: Vec<(i64, f64)>,
     /// Where the student's step lands (negative: the final ᾱ, i.e. x0).
     pub t_end: i64,
     pub alpha_bar_t: f64,
-    pub alpha_bar_mid: f64,
     pub alpha_bar_end: f64,
 }
 
@@ -44,28 +44,46 @@ fn ddim(config: &SchedulerConfig, n: usize) -> Result<Ddim, ConfigError> {
     }
 }
 
-/// The student's N-step grid with the teacher's 2N-step midpoints.
-pub fn student_steps(config: &SchedulerConfig, n: usize) -> Result<Vec<StudentStep>, ConfigError> {
+/// The student's N-step grid, each step with the K − 1 timesteps of the teacher's K·N-step grid
+/// it spans (`factor` = K ≥ 2). An error when the teacher's grid does not fall strictly inside
+/// the student's steps (a grid too fine for the train timesteps).
+pub fn student_steps(
+    config: &SchedulerConfig,
+    n: usize,
+    factor: usize,
+) -> Result<Vec<StudentStep>, ConfigError> {
+    assert!(factor >= 2, "a round factor of at least 2");
     let student = ddim(config, n)?;
-    let teacher = ddim(config, 2 * n)?.transitions();
-    Ok(student
+    let teacher = ddim(config, factor * n)?.transitions();
+    student
         .transitions()
         .iter()
         .enumerate()
         .map(|(i, &(t, t_end))| {
-            // The teacher's grid holds t at 2i; its next model timestep, 2i + 1, lies between t
+            // The teacher's grid holds t at K·i; its next K − 1 model timesteps lie between t
             // and t_end.
-            let t_mid = teacher[2 * i + 1].0;
-            StudentStep {
+            let mut teacher_mids = Vec::with_capacity(factor - 1);
+            let mut previous = t;
+            for j in 1..factor {
+                let mid = teacher[factor * i + j].0;
+                if !(mid < previous && mid > t_end) {
+                    return Err(ConfigError::new(format!(
+                        "the teacher's {}-step DDIM grid does not fall inside the student's {n}-step grid (timestep {mid} between {t} and {t_end})",
+                        factor * n
+                    )));
+                }
+                teacher_mids.push((mid, student.alpha_bar_or_final(mid) as f64));
+                previous = mid;
+            }
+            Ok(StudentStep {
                 t,
-                t_mid,
+                teacher_mids,
                 t_end,
                 alpha_bar_t: student.alpha_bar_or_final(t) as f64,
-                alpha_bar_mid: student.alpha_bar_or_final(t_mid) as f64,
                 alpha_bar_end: student.alpha_bar_or_final(t_end) as f64,
-            }
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// z_t = α_t·x0 + σ_t·ε for each row's step.
@@ -82,17 +100,17 @@ pub fn teacher_target(
     steps: &[StudentStep],
     cond: &Conditioning,
 ) -> Tensor<4> {
-    two_step_target(prediction, z, steps, |z, t| {
+    teacher_steps_target(prediction, z, steps, |z, t| {
         model_output(teacher, z, t, cond)
     })
 }
 
-/// Two guided teacher steps into one student step (`distill progressive --guided-halving`):
-/// [`teacher_target`] with the classifier-free guided teacher's output at both of its steps,
+/// K guided teacher steps into one student step (`distill progressive --guided-halving`):
+/// [`teacher_target`] with the classifier-free guided teacher's output at each of its steps,
 /// (1 + w)·c − w·u per row, both passes in one batch — the guided teacher's 2N-step sampler
 /// distilled straight into a w-conditioned N-step student, without stage one's one-pass copy
-/// at 2N steps in between.
-pub fn guided_two_step_target(
+/// at K·N steps in between.
+pub fn guided_steps_target(
     teacher: &UNet,
     prediction: Prediction,
     z: Tensor<4>,
@@ -102,7 +120,7 @@ pub fn guided_two_step_target(
     w: &[f32],
 ) -> Tensor<4> {
     let output = guided_teacher(teacher, cond, uncond, w, z.device());
-    two_step_target(prediction, z, steps, output)
+    teacher_steps_target(prediction, z, steps, output)
 }
 
 /// The classifier-free guided teacher's output (1 + w)·c − w·u per row at (z, t), both passes
@@ -123,23 +141,37 @@ fn guided_teacher(
     }
 }
 
-/// x̃ from two DDIM moves t → t′ → t″ of the teacher whose output at (z, t) is `output`.
-fn two_step_target(
+/// x̃ from the teacher's DDIM moves t → t′ → … → t″ (through each row's `teacher_mids`; every
+/// row has as many) of the teacher whose output at (z, t) is `output`.
+fn teacher_steps_target(
     prediction: Prediction,
     z: Tensor<4>,
     steps: &[StudentStep],
     output: impl Fn(Tensor<4>, &[i64]) -> Tensor<4>,
 ) -> Tensor<4> {
     let device = z.device();
-    let t: Vec<i64> = steps.iter().map(|s| s.t).collect();
-    let t_mid: Vec<i64> = steps.iter().map(|s| s.t_mid).collect();
-    let a_t: Vec<f64> = steps.iter().map(|s| s.alpha_bar_t).collect();
-    let a_mid: Vec<f64> = steps.iter().map(|s| s.alpha_bar_mid).collect();
-    let a_end: Vec<f64> = steps.iter().map(|s| s.alpha_bar_end).collect();
-    let out = output(z.clone(), &t);
-    let z_mid = ddim_move(prediction, z.clone(), out, &a_t, &a_mid);
-    let out = output(z_mid.clone(), &t_mid);
-    let z_end = ddim_move(prediction, z_mid, out, &a_mid, &a_end);
+    let mids = steps[0].teacher_mids.len();
+    assert!(
+        steps.iter().all(|s| s.teacher_mids.len() == mids),
+        "every row spans as many teacher steps"
+    );
+    let mut t: Vec<i64> = steps.iter().map(|s| s.t).collect();
+    let mut a: Vec<f64> = steps.iter().map(|s| s.alpha_bar_t).collect();
+    let mut z_end = z.clone();
+    for j in 0..=mids {
+        let (t_next, a_next): (Vec<i64>, Vec<f64>) = steps
+            .iter()
+            .map(|s| {
+                s.teacher_mids
+                    .get(j)
+                    .copied()
+                    .unwrap_or((s.t_end, s.alpha_bar_end))
+            })
+            .unzip();
+        let out = output(z_end.clone(), &t);
+        z_end = ddim_move(prediction, z_end, out, &a, &a_next);
+        (t, a) = (t_next, a_next);
+    }
     // x̃ = (z″ − r·z) / (α″ − r·α), r = σ″/σ.
     let (num_z, den): (Vec<f32>, Vec<f32>) = steps
         .iter()
@@ -287,93 +319,122 @@ mod tests {
         crate::distill::test_scheduler_config()
     }
 
-    #[test]
-    fn grid_nests_the_teacher_steps_inside_the_student_steps() {
-        let steps = student_steps(&config(), 4).unwrap();
-        let t: Vec<(i64, i64, i64)> = steps.iter().map(|s| (s.t, s.t_mid, s.t_end)).collect();
-        assert_eq!(
-            t,
-            vec![
-                (999, 874, 749),
-                (749, 624, 499),
-                (499, 374, 249),
-                (249, 124, -1)
-            ]
-        );
-        assert_eq!(steps[3].alpha_bar_end, 1.0);
-        let one = student_steps(&config(), 1).unwrap();
-        assert_eq!((one[0].t, one[0].t_mid, one[0].t_end), (999, 499, -1));
+    /// (t, the teacher's timesteps between, t_end) of each student step.
+    fn spans(steps: &[StudentStep]) -> Vec<(i64, Vec<i64>, i64)> {
+        steps
+            .iter()
+            .map(|s| (s.t, s.teacher_mids.iter().map(|m| m.0).collect(), s.t_end))
+            .collect()
     }
 
     #[test]
-    fn the_target_makes_one_student_step_land_where_two_teacher_steps_do() {
-        // At 2 → 4 steps diffusers' DDIM grid strides are exact (1000/4 = 250), so the teacher's
-        // own 4-step scheduler runs the same two steps as `teacher_target`.
+    fn grid_nests_the_teacher_steps_inside_the_student_steps() {
+        let steps = student_steps(&config(), 4, 2).unwrap();
+        assert_eq!(
+            spans(&steps),
+            vec![
+                (999, vec![874], 749),
+                (749, vec![624], 499),
+                (499, vec![374], 249),
+                (249, vec![124], -1)
+            ]
+        );
+        assert_eq!(steps[3].alpha_bar_end, 1.0);
+        let one = student_steps(&config(), 1, 2).unwrap();
+        assert_eq!(spans(&one), vec![(999, vec![499], -1)]);
+        // K = 4: the teacher's 8-step grid, three of its timesteps inside each student step.
+        let two = student_steps(&config(), 2, 4).unwrap();
+        assert_eq!(
+            spans(&two),
+            vec![
+                (999, vec![874, 749, 624], 499),
+                (499, vec![374, 249, 124], -1)
+            ]
+        );
+        let (mid, alpha_bar) = two[0].teacher_mids[1];
+        let d: Ddim = ddim(&config(), 8).unwrap();
+        assert_eq!(alpha_bar, d.alpha_bar_or_final(mid) as f64);
+    }
+
+    #[test]
+    fn a_teacher_grid_outside_the_student_steps_is_an_error() {
+        // Leading spacing: the 4-step grid 751, 501, 251, 1 and the 8-step one 876, 751, …, 1;
+        // the teacher's timestep after 751 is 751 itself, no step.
+        let leading = SchedulerConfig::from_json_str(
+            r#"{"_class_name": "DDIMScheduler", "beta_schedule": "squaredcos_cap_v2",
+                "prediction_type": "v_prediction", "timestep_spacing": "leading",
+                "steps_offset": 1}"#,
+        )
+        .unwrap();
+        let err = student_steps(&leading, 4, 2).unwrap_err();
+        assert!(
+            err.0.contains("8-step") && err.0.contains("between 751 and 501"),
+            "{}",
+            err.0
+        );
+    }
+
+    #[test]
+    fn the_target_makes_one_student_step_land_where_k_teacher_steps_do() {
+        // At 2 student steps diffusers' DDIM grid strides are exact for K = 2 and 4 (1000/4 =
+        // 250, 1000/8 = 125), so the teacher's own 2K-step scheduler runs the same K steps as
+        // `teacher_target`.
         use crate::models::UNetConfig;
         use crate::noise::NoiseStream;
         let device = crate::backend::cpu_device().expect("a CPU backend is compiled in");
         let cfg = config();
         let teacher = UNetConfig::tiny().init(&device);
-        let steps = student_steps(&cfg, 2).unwrap();
         let mut rng = NoiseStream::new(3);
         let z = crate::sample::host_noise(&mut rng, [1, 3, 32, 32], &device);
-        for (i, step) in steps.iter().enumerate() {
-            let mut sched: Scheduler<DeviceSample> = cfg.build(Some(Algorithm::Ddim)).unwrap();
-            sched.set_timesteps(4).unwrap();
-            let mut x = DeviceSample(z.clone());
-            for k in 0..4 {
-                let t = sched.current_timestep().unwrap();
-                if k >= 2 * i {
+        for factor in [2, 4] {
+            let steps = student_steps(&cfg, 2, factor).unwrap();
+            for (i, step) in steps.iter().enumerate() {
+                let mut sched: Scheduler<DeviceSample> = cfg.build(Some(Algorithm::Ddim)).unwrap();
+                sched.set_timesteps(2 * factor).unwrap();
+                // The scheduler runs to student step i without moving x, then K steps from z.
+                let mut x = DeviceSample(z.clone());
+                for k in 0..factor * (i + 1) {
+                    let t = sched.current_timestep().unwrap();
                     let out = teacher.forward(
                         x.0.clone(),
                         Tensor::<1>::full([1], t, &device),
                         &Conditioning::none(),
                     );
-                    x = sched
-                        .step(&DeviceSample(out), &x, None)
-                        .unwrap()
-                        .prev_sample;
-                } else {
-                    let out = teacher.forward(
-                        x.0.clone(),
-                        Tensor::<1>::full([1], t, &device),
-                        &Conditioning::none(),
-                    );
-                    sched.step(&DeviceSample(out), &x, None).unwrap();
+                    let next = sched.step(&DeviceSample(out), &x, None).unwrap();
+                    if k >= factor * i {
+                        x = next.prev_sample;
+                    }
                 }
-                if k == 2 * i + 1 {
-                    break;
-                }
+                let target = teacher_target(
+                    &teacher,
+                    Prediction::V,
+                    z.clone(),
+                    std::slice::from_ref(step),
+                    &Conditioning::none(),
+                );
+                // One student DDIM step with x0 := x̃ from z at step.t.
+                let (a, s) = (
+                    step.alpha_bar_t.sqrt() as f32,
+                    (1.0 - step.alpha_bar_t).sqrt() as f32,
+                );
+                let (a2, s2) = (
+                    step.alpha_bar_end.sqrt() as f32,
+                    (1.0 - step.alpha_bar_end).sqrt() as f32,
+                );
+                let eps = (z.clone() - target.clone() * a) / s;
+                let landed = target * a2 + eps * s2;
+                let diff: f32 = (landed - x.0.clone()).abs().max().into_scalar::<f32>();
+                let scale: f32 = x.0.abs().max().into_scalar::<f32>();
+                assert!(
+                    diff <= 1e-4 * scale.max(1.0),
+                    "K = {factor}, step {i}: {diff} (scale {scale})"
+                );
             }
-            let target = teacher_target(
-                &teacher,
-                Prediction::V,
-                z.clone(),
-                &[*step],
-                &Conditioning::none(),
-            );
-            // One student DDIM step with x0 := x̃ from z at step.t.
-            let (a, s) = (
-                step.alpha_bar_t.sqrt() as f32,
-                (1.0 - step.alpha_bar_t).sqrt() as f32,
-            );
-            let (a2, s2) = (
-                step.alpha_bar_end.sqrt() as f32,
-                (1.0 - step.alpha_bar_end).sqrt() as f32,
-            );
-            let eps = (z.clone() - target.clone() * a) / s;
-            let landed = target * a2 + eps * s2;
-            let diff: f32 = (landed - x.0.clone()).abs().max().into_scalar::<f32>();
-            let scale: f32 = x.0.abs().max().into_scalar::<f32>();
-            assert!(
-                diff <= 1e-4 * scale.max(1.0),
-                "step {i}: {diff} (scale {scale})"
-            );
         }
     }
 
     #[test]
-    fn the_guided_two_step_target_is_the_plain_one_on_the_guided_teacher() {
+    fn the_guided_steps_target_is_the_plain_one_on_the_guided_teacher() {
         // w = 0 is the conditional teacher alone; w = 2 is the plain target of a teacher whose
         // output is 3·c − 2·u, and differs from w = 0.
         use crate::models::UNetConfig;
@@ -382,8 +443,8 @@ mod tests {
         let mut ucfg = UNetConfig::tiny();
         ucfg.num_class_embeds = Some(4);
         let teacher = ucfg.init(&device);
-        let steps = student_steps(&config(), 4).unwrap();
-        let rows = [steps[0], steps[2]];
+        let steps = student_steps(&config(), 4, 2).unwrap();
+        let rows = [steps[0].clone(), steps[2].clone()];
         let mut rng = NoiseStream::new(5);
         let z = crate::sample::host_noise(&mut rng, [2, 3, 32, 32], &device);
         let labels = |l: [i64; 2]| {
@@ -393,7 +454,7 @@ mod tests {
         let max_diff = |a: Tensor<4>, b: Tensor<4>| -> f32 { (a - b).abs().max().into_scalar() };
         let plain = teacher_target(&teacher, Prediction::V, z.clone(), &rows, &cond);
         let guided = |w: [f32; 2]| {
-            guided_two_step_target(
+            guided_steps_target(
                 &teacher,
                 Prediction::V,
                 z.clone(),
@@ -404,7 +465,7 @@ mod tests {
             )
         };
         assert!(max_diff(guided([0.0, 0.0]), plain.clone()) < 1e-5);
-        let by_hand = two_step_target(Prediction::V, z.clone(), &rows, |z, t| {
+        let by_hand = teacher_steps_target(Prediction::V, z.clone(), &rows, |z, t| {
             let c = model_output(&teacher, z.clone(), t, &cond);
             let u = model_output(&teacher, z, t, &uncond);
             c.mul_scalar(3.0) - u.mul_scalar(2.0)
@@ -420,7 +481,7 @@ mod tests {
         use crate::noise::NoiseStream;
         let device = crate::backend::cpu_device().expect("a CPU backend is compiled in");
         let student = UNetConfig::tiny().init(&device);
-        let grid = student_steps(&config(), 4).unwrap();
+        let grid = student_steps(&config(), 4, 2).unwrap();
         let mut rng = NoiseStream::new(5);
         let start = crate::sample::host_noise(&mut rng, [4, 3, 32, 32], &device);
         let k = [2, 0, 3, 1];

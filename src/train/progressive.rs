@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use burn::module::Module;
 use burn::optim::ModuleOptimizer;
 use burn::prelude::*;
-use fewstep_schedulers::{Algorithm, Prediction, SchedulerConfig};
+use fewstep_schedulers::{Algorithm, Prediction, SchedulerConfig, TimestepSpacing};
 use serde_json::json;
 
 use super::consistency::{GUIDANCE_EMBEDDING_DIM, GuidanceRange};
@@ -23,7 +23,7 @@ use super::teacher_conditioning::TeacherConditioning;
 use super::{checkpoint, data_parallel, ema, open_images};
 use crate::data::{DataSource, TrainImages};
 use crate::distill::progressive::{
-    StudentStep, guided_target, guided_two_step_target, noised, progressive_loss, student_rollout,
+    StudentStep, guided_steps_target, guided_target, noised, progressive_loss, student_rollout,
     student_steps, teacher_target, x0_prediction,
 };
 use crate::error::{Error, Result};
@@ -42,10 +42,14 @@ pub const ROUND_RECORD: &str = super::DISTILL_RECORD;
 /// Settings of a progressive-distillation run.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ProgressiveConfig {
-    /// The teacher's step count; the first student samples in half as many.
+    /// The teacher's step count; the first student samples in 1/`round_factor` as many.
     pub from_steps: usize,
     /// The last student's step count.
     pub to_steps: usize,
+    /// Teacher DDIM steps per student step: each round divides the steps by it (2: the paper's
+    /// halving; 8 distills a 32-step teacher into a 4-step student in one round).
+    #[serde(default = "paper_round_factor")]
+    pub round_factor: usize,
     pub iters_per_round: usize,
     pub batch: usize,
     /// Peak learning rate of each round (linear decay to 0 over the round).
@@ -84,13 +88,19 @@ pub struct ProgressiveConfig {
     pub snr_weight_cap: Option<f64>,
 }
 
+/// The paper's halving: two teacher steps per student step (`run.json`s written before
+/// `round_factor` existed).
+fn paper_round_factor() -> usize {
+    2
+}
+
 /// One stretch of a progressive run: stage one of guided distillation, or a halving round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
     /// The guided teacher into a w-conditioned student: at the same step count, or with
     /// `halving` at half of it (two guided teacher steps into one).
     Guided { steps: usize, halving: bool },
-    /// 2N teacher steps into N student steps.
+    /// K·N teacher steps into N student steps (K the round factor, 2 in the paper).
     Halving { steps: usize },
 }
 
@@ -132,17 +142,18 @@ impl ProgressiveConfig {
         Ok(stages)
     }
 
-    /// The students' step counts, halving from `from_steps / 2` to `to_steps`.
+    /// The students' step counts, from `from_steps / K` down to `to_steps`, each round dividing
+    /// by the round factor K.
     pub fn rounds(&self) -> Result<Vec<usize>> {
-        let (from, to) = (self.from_steps, self.to_steps);
-        if from == 0 || !from.is_power_of_two() {
+        let (from, to, k) = (self.from_steps, self.to_steps, self.round_factor);
+        if k < 2 {
             return Err(Error::Usage(format!(
-                "--from-steps {from}: expected a power of two (each round halves the steps)"
+                "--round-factor {k}: expected 2 or more teacher steps per student step"
             )));
         }
-        if to == 0 || !to.is_power_of_two() {
+        if to == 0 {
             return Err(Error::Usage(format!(
-                "--to-steps {to}: expected a power of two (each round halves the steps)"
+                "--to-steps {to}: expected at least one step"
             )));
         }
         if to >= from {
@@ -151,10 +162,20 @@ impl ProgressiveConfig {
             )));
         }
         let mut rounds = Vec::new();
-        let mut n = from / 2;
-        while n >= to {
+        let mut n = from;
+        while n > to && n.is_multiple_of(k) {
+            n /= k;
             rounds.push(n);
-            n /= 2;
+        }
+        if n != to {
+            let power = if k == 2 {
+                "a power of two (each round halves the steps)".to_string()
+            } else {
+                format!("a power of {k} (--round-factor {k}: each round divides the steps by {k})")
+            };
+            return Err(Error::Usage(format!(
+                "--from-steps {from}: expected --to-steps {to} times {power}"
+            )));
         }
         Ok(rounds)
     }
@@ -294,14 +315,25 @@ pub fn student_prediction(teacher: Prediction) -> Prediction {
     }
 }
 
+/// The teacher's scheduler config on the grids distillation runs on: trailing spacing. Its
+/// student grids start at the last train timestep and nest the teacher's K·N-step grid inside
+/// each N-step one; "leading" and "linspace" (Stable Diffusion's) end their grids on a step
+/// 1 → x0 with no teacher step inside it, and leading's first teacher step sits above the
+/// student's first timestep.
+fn distillation_grid(teacher: &SchedulerConfig) -> SchedulerConfig {
+    let mut s = teacher.clone();
+    s.timestep_spacing = Some(TimestepSpacing::Trailing);
+    s
+}
+
 /// The scheduler config written with a student: the teacher's DDIM config with the student's
-/// prediction type and step count.
+/// prediction type and step count, on the grid it learned ([`distillation_grid`]).
 fn student_scheduler(
     teacher: &SchedulerConfig,
     prediction: Prediction,
     steps: usize,
 ) -> SchedulerConfig {
-    let mut s = teacher.clone();
+    let mut s = distillation_grid(teacher);
     s.class = Some(Algorithm::Ddim);
     s.prediction_type = Some(prediction);
     s.distilled_steps = Some(steps);
@@ -426,7 +458,7 @@ fn draw_batch(
     let grid_index: Vec<usize> = (0..cfg.batch)
         .map(|_| rng.below(grid.len() as u64) as usize)
         .collect();
-    let steps: Vec<StudentStep> = grid_index.iter().map(|&i| grid[i]).collect();
+    let steps: Vec<StudentStep> = grid_index.iter().map(|&i| grid[i].clone()).collect();
     let x0 = super::model_space(teacher, x);
     let [b, c, h, w] = x0.dims();
     let eps = crate::sample::host_noise(&mut rng, [b, c, h, w], device);
@@ -599,10 +631,12 @@ pub fn distill_progressive(
             student_config = wide;
         }
         let grid = match stage {
-            Stage::Guided { steps, .. } | Stage::Halving { steps } => {
-                student_steps(&teacher.scheduler, steps)
-                    .map_err(|e| Error::file(&teacher_dir, e.0))?
-            }
+            Stage::Guided { steps, .. } | Stage::Halving { steps } => student_steps(
+                &distillation_grid(&teacher.scheduler),
+                steps,
+                cfg.round_factor,
+            )
+            .map_err(|e| Error::file(&teacher_dir, e.0))?,
         };
         if images.is_none() {
             images = Some(open_images(
@@ -671,12 +705,12 @@ pub fn distill_progressive(
             let what = if guided_halving {
                 format!(
                     "guided teacher at {} steps → w-conditioned student at {steps} steps",
-                    steps * 2
+                    steps * cfg.round_factor
                 )
             } else if guided {
                 format!("guided teacher → w-conditioned student at {steps} steps")
             } else {
-                format!("{} → {steps} steps", steps * 2)
+                format!("{} → {steps} steps", steps * cfg.round_factor)
             };
             eprintln!(
                 "stage {}/{}: {what} (teacher {})",
@@ -735,7 +769,7 @@ pub fn distill_progressive(
                                     .uncond(shard.rows.len(), &z.device())
                                     .expect("checked: a guidable teacher");
                                 let target = if guided_halving {
-                                    guided_two_step_target
+                                    guided_steps_target
                                 } else {
                                     guided_target
                                 };
@@ -855,6 +889,72 @@ pub fn distill_progressive(
 
 #[cfg(test)]
 mod tests {
+    fn config(from_steps: usize, to_steps: usize, round_factor: usize) -> super::ProgressiveConfig {
+        super::ProgressiveConfig {
+            from_steps,
+            to_steps,
+            round_factor,
+            iters_per_round: 1,
+            batch: 1,
+            lr: 1e-4,
+            optimizer: crate::train::optim::OptimizerConfig::distillation(),
+            ema_decay: None,
+            seed: 0,
+            checkpoint_every: 1,
+            guidance: None,
+            guided_iters: None,
+            guided_halving: false,
+            quantize: None,
+            rollout_fraction: None,
+            snr_weight_cap: None,
+        }
+    }
+
+    #[test]
+    fn rounds_divide_the_steps_by_the_round_factor() {
+        let rounds = |from, to, k| config(from, to, k).rounds();
+        assert_eq!(rounds(16, 1, 2).unwrap(), vec![8, 4, 2, 1]);
+        assert_eq!(rounds(32, 4, 8).unwrap(), vec![4]);
+        assert_eq!(rounds(32, 2, 4).unwrap(), vec![8, 2]);
+        assert_eq!(rounds(24, 3, 2).unwrap(), vec![12, 6, 3]);
+        let err = |from, to, k| rounds(from, to, k).unwrap_err().to_string();
+        assert!(err(12, 4, 2).contains("power of two"), "{}", err(12, 4, 2));
+        let e = err(32, 2, 8);
+        assert!(
+            e.contains("--from-steps 32") && e.contains("power of 8"),
+            "{e}"
+        );
+        assert!(err(16, 1, 1).contains("--round-factor 1"));
+        assert!(err(8, 8, 2).contains("must be below"));
+    }
+
+    #[test]
+    fn a_run_json_without_a_round_factor_halves() {
+        let mut v = serde_json::to_value(config(16, 4, 2)).unwrap();
+        v.as_object_mut().unwrap().remove("round_factor");
+        let back: super::ProgressiveConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(back.round_factor, 2);
+    }
+
+    #[test]
+    fn a_leading_teacher_is_distilled_and_written_on_the_trailing_grid() {
+        use fewstep_schedulers::{SchedulerConfig, TimestepSpacing};
+        let leading = SchedulerConfig::from_json_str(
+            r#"{"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear",
+                "prediction_type": "epsilon", "timestep_spacing": "leading", "steps_offset": 1}"#,
+        )
+        .unwrap();
+        // On its own grid a leading teacher's 8-step sampler starts above the 4-step one's
+        // first timestep (876 > 751): no nesting.
+        assert!(crate::distill::progressive::student_steps(&leading, 4, 2).is_err());
+        let grid = super::distillation_grid(&leading);
+        let steps = crate::distill::progressive::student_steps(&grid, 4, 2).unwrap();
+        assert_eq!(steps[0].t, 999);
+        let written = super::student_scheduler(&leading, fewstep_schedulers::Prediction::V, 4);
+        assert_eq!(written.timestep_spacing, Some(TimestepSpacing::Trailing));
+        assert_eq!(written.distilled_steps, Some(4));
+    }
+
     #[test]
     fn rollout_rows_are_spread_over_the_batch() {
         let rows = |n, f| -> Vec<usize> {
