@@ -87,6 +87,31 @@ fn rounds_write_students_that_sample_at_their_step_count() {
 }
 
 #[test]
+fn a_round_factor_of_four_makes_one_student_at_a_quarter_of_the_steps() {
+    let teacher = tiny_model("pd", "teacher-k");
+    let out = scratch("pd", "factor");
+    let mut args = distill_args(&teacher, &out, "2");
+    args.extend_from_slice(&["--round-factor", "4"]);
+    ok(&fewstep(&args));
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["config"]["round_factor"], 4);
+    // 4 → 1 in one round: no 2-step student in between.
+    assert!(!out.join("round-2steps").exists());
+    let dir = out.join("round-1steps");
+    let p = Pipeline::load(
+        &dir,
+        &fewstep::backend::cpu_device().expect("a CPU backend is compiled in"),
+    )
+    .unwrap();
+    assert_eq!(p.scheduler.distilled_steps, Some(1));
+    let teacher_w =
+        io::read_safetensors(&teacher.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let student_w = student_weights(&out, 1);
+    assert!(teacher_w.iter().any(|(k, t)| t.data != student_w[k].data));
+}
+
+#[test]
 fn rollout_rows_and_a_capped_weight_train_an_unconditional_student() {
     let teacher = tiny_model("pd", "teacher-d");
     let out = scratch("pd", "rollout");
@@ -166,6 +191,23 @@ fn bad_input_is_one_clear_line() {
     assert_clean_failure(
         with(&["--teacher", t, "--from-steps", "8", "--to-steps", "8"]),
         "must be below",
+    );
+    assert_clean_failure(
+        with(&[
+            "--teacher",
+            t,
+            "--from-steps",
+            "16",
+            "--to-steps",
+            "2",
+            "--round-factor",
+            "4",
+        ]),
+        "power of 4",
+    );
+    assert_clean_failure(
+        with(&["--teacher", t, "--round-factor", "1"]),
+        "--round-factor 1",
     );
     assert_clean_failure(with(&["--teacher", "/no/teacher"]), "model_index.json");
     assert_clean_failure(with(&["--teacher", t, "--batch", "0"]), "--batch");
