@@ -249,8 +249,9 @@ pub struct ProgressiveArgs {
     #[arg(long, value_parser = super::values::count, requires = "guidance")]
     pub guided_iters: Option<usize>,
     /// Guided stage one as the first halving round: the student learns to do in one step what
-    /// the guided teacher does in two of its --from-steps sampler, so the first student samples
-    /// in --from-steps/2 (default: stage one at --from-steps, as in Meng et al., then halving).
+    /// the guided teacher does in two (--round-factor K: in K) of its --from-steps sampler, so the
+    /// first student samples in --from-steps/2 (/K) (default: stage one at --from-steps, as in
+    /// Meng et al., then halving).
     #[arg(long, requires = "guidance")]
     pub guided_halving: bool,
     /// The fraction of each batch's rows (0 to 1) noised along the student's own sampling

@@ -46,7 +46,7 @@ fn ddim(config: &SchedulerConfig, n: usize) -> Result<Ddim, ConfigError> {
 
 /// The student's N-step grid, each step with the K − 1 timesteps of the teacher's K·N-step grid
 /// it spans (`factor` = K ≥ 2). An error when the teacher's grid does not fall strictly inside
-/// the student's steps (a grid too fine for the train timesteps).
+/// the student's steps (diffusers' leading and linspace spacings; trailing always nests).
 pub fn student_steps(
     config: &SchedulerConfig,
     n: usize,
@@ -107,7 +107,7 @@ pub fn teacher_target(
 
 /// K guided teacher steps into one student step (`distill progressive --guided-halving`):
 /// [`teacher_target`] with the classifier-free guided teacher's output at each of its steps,
-/// (1 + w)·c − w·u per row, both passes in one batch — the guided teacher's 2N-step sampler
+/// (1 + w)·c − w·u per row, both passes in one batch — the guided teacher's K·N-step sampler
 /// distilled straight into a w-conditioned N-step student, without stage one's one-pass copy
 /// at K·N steps in between.
 pub fn guided_steps_target(

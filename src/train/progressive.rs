@@ -67,9 +67,10 @@ pub struct ProgressiveConfig {
     /// Iterations of stage one (default: `iters_per_round`).
     #[serde(default)]
     pub guided_iters: Option<usize>,
-    /// Stage one distills two steps of the guided teacher's `from_steps` sampler into one step
-    /// of a w-conditioned student (`round-<from/2>steps/`), the first halving and the guidance
-    /// in one stage, instead of a one-pass copy at `from_steps` that the rounds then halve.
+    /// Stage one distills K steps of the guided teacher's `from_steps` sampler into one step
+    /// of a w-conditioned student (`round-<from/K>steps/`, K = `round_factor`), the first round
+    /// and the guidance in one stage, instead of a one-pass copy at `from_steps` that the rounds
+    /// then divide.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub guided_halving: bool,
     /// Quantization-aware distillation: each round's student learns under fake-quantized
@@ -98,7 +99,7 @@ fn paper_round_factor() -> usize {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
     /// The guided teacher into a w-conditioned student: at the same step count, or with
-    /// `halving` at half of it (two guided teacher steps into one).
+    /// `halving` at 1/K of it (K guided teacher steps into one, K the round factor).
     Guided { steps: usize, halving: bool },
     /// K·N teacher steps into N student steps (K the round factor, 2 in the paper).
     Halving { steps: usize },
