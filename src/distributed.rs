@@ -335,6 +335,16 @@ impl ProcessGroup {
         })
     }
 
+    /// Returns once every rank of the group has called it: a token goes n − 1 times around the
+    /// ring, so after the last exchange each rank has heard, through its predecessors, from
+    /// every other. Not counted in [`Self::overhead_report`].
+    pub fn barrier(&mut self) -> Result<()> {
+        for _ in 1..self.world {
+            self.exchange(Some(&[0.0]), Some(1))?;
+        }
+        Ok(())
+    }
+
     /// Every rank's copy of `values` (the same length everywhere), in rank order.
     pub fn all_gather(&mut self, values: &[f32]) -> Result<Vec<Vec<f32>>> {
         let k = values.len();
@@ -688,7 +698,7 @@ mod tests {
 
     #[test]
     fn three_processes_sum_and_agree() {
-        let port = 41_731;
+        let port = 31_731;
         let handles: Vec<_> = (0..3)
             .map(|rank| {
                 std::thread::spawn(move || {
@@ -726,8 +736,39 @@ mod tests {
     }
 
     #[test]
+    fn a_barrier_holds_every_rank_until_the_last_arrives() {
+        let port = 31_871;
+        let late = Duration::from_millis(700);
+        let handles: Vec<_> = (0..3)
+            .map(|rank| {
+                std::thread::spawn(move || {
+                    let mut g = ProcessGroup::join(&launch(3, rank, port), "test").unwrap();
+                    if rank == 2 {
+                        std::thread::sleep(late);
+                    }
+                    let started = Instant::now();
+                    g.barrier().unwrap();
+                    let waited = started.elapsed();
+                    // The group still sums after it: the barrier left no message behind.
+                    let mut v = vec![1.0f32; 5];
+                    g.all_reduce_sum(&mut v).unwrap();
+                    assert_eq!(v, vec![3.0f32; 5]);
+                    assert_eq!(g.reduces, 1, "the barrier is not an all-reduce");
+                    (rank, waited)
+                })
+            })
+            .collect();
+        for h in handles {
+            let (rank, waited) = h.join().unwrap();
+            if rank != 2 {
+                assert!(waited >= late / 2, "rank {rank} passed after {waited:?}");
+            }
+        }
+    }
+
+    #[test]
     fn a_rank_that_leaves_ends_the_others_with_an_error() {
-        let port = 41_761;
+        let port = 31_761;
         let survivor = std::thread::spawn(move || {
             let mut g = ProcessGroup::join(&launch(2, 0, port), "test").unwrap();
             let mut v = vec![1.0f32; 16];
@@ -750,7 +791,7 @@ mod tests {
 
     #[test]
     fn a_rank_claimed_twice_or_a_world_mismatch_is_refused() {
-        let port = 41_791;
+        let port = 31_791;
         let a = std::thread::spawn(move || ProcessGroup::join(&launch(2, 0, port), "train").err());
         let b = ProcessGroup::join(&launch(3, 1, port), "train").err();
         let a = a.join().unwrap();
@@ -771,7 +812,7 @@ mod tests {
         }
         let l = |rank| Launch {
             coordinator_host: "::1".into(),
-            ..launch(2, rank, 41_851)
+            ..launch(2, rank, 31_851)
         };
         let a = std::thread::spawn(move || {
             let mut g = ProcessGroup::join(&l(0), "test").unwrap();
@@ -788,7 +829,7 @@ mod tests {
 
     #[test]
     fn a_rank_that_never_joins_times_out() {
-        let mut l = launch(2, 0, 41_821);
+        let mut l = launch(2, 0, 31_821);
         l.timeout = Duration::from_millis(600);
         let err = ProcessGroup::join(&l, "train").err().unwrap().to_string();
         assert!(

@@ -10,9 +10,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// A block of ports for one test (rank r of a group listens at port + r), apart from other
-/// test processes' blocks.
+/// test processes' blocks, and below Linux's ephemeral range (32768–60999), where the system
+/// hands out ports to outgoing connections, this test's own among them.
 fn ports(test: u16) -> u16 {
-    20_000 + (std::process::id() % 1000) as u16 * 24 + test * 4
+    20_000 + (std::process::id() % 480) as u16 * 24 + test * 4
 }
 
 /// Starts rank `rank` of `nodes` processes running `fewstep args`.
@@ -44,14 +45,18 @@ fn run_group(nodes: usize, port: u16, args: impl Fn(usize) -> Vec<String>) {
             spawn(&a, nodes, rank, port)
         })
         .collect();
-    for (rank, child) in children.into_iter().enumerate() {
-        let o = child.wait_with_output().unwrap();
-        assert!(
-            o.status.success(),
-            "rank {rank}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
+    // Every rank's output before any verdict: the first rank to fail is often not rank 0.
+    let outputs: Vec<Output> = children
+        .into_iter()
+        .map(|child| child.wait_with_output().unwrap())
+        .collect();
+    let failed: Vec<String> = outputs
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| !o.status.success())
+        .map(|(rank, o)| format!("rank {rank}: {}", String::from_utf8_lossy(&o.stderr)))
+        .collect();
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
 
 /// The largest elementwise difference between two safetensors files' weights, relative to the
@@ -153,6 +158,24 @@ fn two_processes_train_the_one_process_weights_and_resume_on_three() {
         )
     };
     ok(&fewstep(&strs(&resume(&one))));
+    // A rank started without --resume beside one with it: both refuse, before any step.
+    let fresh = scratch("dist", "train-fresh");
+    let mixed: Vec<Output> = [resume(&group), train_args(&fresh, &["--steps", "6"])]
+        .iter()
+        .enumerate()
+        .map(|(rank, a)| spawn(&strs(a), 2, rank, ports(1)))
+        .collect::<Vec<Child>>()
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    for o in mixed {
+        assert_clean_failure(o, "--resume");
+    }
+    assert_eq!(
+        std::fs::read_to_string(group.join("loss.csv")).unwrap(),
+        rows,
+        "the refused resume left the run as it was"
+    );
     run_group(3, ports(1), |_| resume(&group));
     let diff = max_relative_difference(&group.join(RAW), &one.join(RAW));
     assert!(diff <= 1e-5, "resumed on 3 processes vs 1: {diff}");

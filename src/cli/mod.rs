@@ -287,36 +287,48 @@ impl DataParallelArgs {
                 scratch: false,
             });
         };
-        let group = crate::distributed::ProcessGroup::join(&launch, job)?;
-        // Named by rank and port, not process id: the next launch of this rank replaces what a
-        // killed one left behind.
+        // Every process must agree on --resume too: the ranks' first exchange differs with it.
+        let job = if resume {
+            format!("{job} --resume")
+        } else {
+            job.to_string()
+        };
+        let mut group = crate::distributed::ProcessGroup::join(&launch, &job)?;
         let rank = group.rank();
-        crate::distributed::init(group);
-        if rank == 0 {
-            return Ok(RunFolder {
+        let folder = if rank == 0 {
+            RunFolder {
                 path: out.to_path_buf(),
                 scratch: false,
-            });
-        }
-        let path = std::env::temp_dir().join(format!(
-            "fewstep-rank{rank}-port{}",
-            launch.coordinator_port
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        let folder = RunFolder {
-            path,
-            scratch: true,
+            }
+        } else {
+            // Named by rank and port, not process id: the next launch of this rank replaces
+            // what a killed one left behind.
+            let path = std::env::temp_dir().join(format!(
+                "fewstep-rank{rank}-port{}",
+                launch.coordinator_port
+            ));
+            let _ = std::fs::remove_dir_all(&path);
+            RunFolder {
+                path,
+                scratch: true,
+            }
         };
         if resume {
-            copy_dir(out, &folder.path).map_err(|e| {
-                crate::error::Error::file(
-                    out,
-                    format!(
-                        "--resume on rank {rank}: cannot read the run folder ({e}); every machine needs rank 0's --out (a shared filesystem or a copy)"
-                    ),
-                )
-            })?;
+            if rank > 0 {
+                copy_dir(out, &folder.path).map_err(|e| {
+                    crate::error::Error::file(
+                        out,
+                        format!(
+                            "--resume on rank {rank}: cannot read the run folder ({e}); every machine needs rank 0's --out (a shared filesystem or a copy)"
+                        ),
+                    )
+                })?;
+            }
+            // Rank 0 resumes in that folder (it rewrites the loss log and run files): on a
+            // shared filesystem it must not start before every other rank has its copy.
+            group.barrier()?;
         }
+        crate::distributed::init(group);
         Ok(folder)
     }
 
