@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 
 use fewstep::data::DataSource;
+use fewstep::distill::progressive::Distance;
 use fewstep::io;
 use fewstep::pipeline::Pipeline;
 use fewstep::sample::{Generation, write_sample_grid};
@@ -47,6 +48,8 @@ fn main() -> fewstep::Result<()> {
             guided_halving: false,
             rollout_fraction: None,
             snr_weight_cap: None,
+            // Distance::TeacherFeatures: a perceptual distance on the teacher's encoder.
+            distance: Distance::L2,
             // Some(QuantizeSpec { .. }): quantization-aware rounds, students written int8/int4.
             quantize: None,
         },

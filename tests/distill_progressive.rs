@@ -129,6 +129,42 @@ fn rollout_rows_and_a_capped_weight_train_an_unconditional_student() {
 }
 
 #[test]
+fn a_perceptual_distance_trains_a_class_conditional_student_on_two_devices() {
+    let teacher = tiny_model_with("pd", "teacher-lpips", &["--class-conditional"]);
+    let first_loss = |loss: &str| {
+        let out = scratch("pd", &format!("loss-{loss}"));
+        let mut args = distill_args(&teacher, &out, "2");
+        args.extend_from_slice(&["--loss", loss, "--devices", "2"]);
+        ok(&fewstep(&args));
+        let run: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+        let rows = std::fs::read_to_string(out.join("loss.csv")).unwrap();
+        let loss_value: f64 = rows
+            .lines()
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(loss_value.is_finite() && loss_value > 0.0, "{loss}: {rows}");
+        assert!(out.join("round-1steps/model_index.json").is_file());
+        (run["config"]["distance"].clone(), loss_value)
+    };
+    let (l2_recorded, l2) = first_loss("l2");
+    let (tf_recorded, tf) = first_loss("teacher-features");
+    // L2, the paper's, is not written (old run.json files read as L2).
+    assert_eq!(l2_recorded, serde_json::Value::Null);
+    assert_eq!(tf_recorded, "teacher_features");
+    // Same rows, same student, another distance.
+    assert!(
+        (tf - l2).abs() > 1e-3 * l2.max(tf),
+        "l2 {l2}, teacher-features {tf}"
+    );
+}
+
+#[test]
 fn an_interrupted_run_resumes_to_the_uninterrupted_students() {
     let teacher = tiny_model("pd", "teacher-b");
     let whole = scratch("pd", "whole");

@@ -265,6 +265,14 @@ pub struct ProgressiveArgs {
     /// the paper).
     #[arg(long, value_parser = super::values::positive_f64)]
     pub snr_weight_cap: Option<f64>,
+    /// Distance between the student's x̂₀ and the teacher's x̃, under the same SNR weight: l2 (the
+    /// paper), huber, or teacher-features (LPIPS's form on the original teacher's encoder, as
+    /// `distill consistency --loss teacher-features`; one more encoder pass over both images).
+    #[arg(long, value_enum, default_value = "l2")]
+    pub loss: LossKind,
+    /// c of the pseudo-Huber distance with --loss huber.
+    #[arg(long, value_parser = super::values::positive_f32, default_value_t = 0.001)]
+    pub huber_c: f32,
     /// The run folder (round-<N>steps/ students, checkpoints, loss.csv, report.{json,csv}).
     #[arg(long, default_value = "runs/progressive")]
     pub out: PathBuf,
@@ -280,6 +288,17 @@ pub enum LossKind {
     /// encoder map, squared differences summed (the consistency-models paper's perceptual
     /// distance, with the teacher as the network; gradients pass through the frozen teacher).
     TeacherFeatures,
+}
+
+impl LossKind {
+    /// The distance this flag names, `huber_c` being --huber-c.
+    pub fn distance(self, huber_c: f32) -> Distance {
+        match self {
+            LossKind::L2 => Distance::L2,
+            LossKind::Huber => Distance::PseudoHuber { c: huber_c },
+            LossKind::TeacherFeatures => Distance::TeacherFeatures,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -446,6 +465,7 @@ impl ProgressiveArgs {
             guided_halving: self.guided_halving,
             rollout_fraction: self.rollout_fraction,
             snr_weight_cap: self.snr_weight_cap,
+            distance: self.loss.distance(self.huber_c),
             quantize: self.common.quantize()?,
         })
     }
@@ -602,11 +622,7 @@ impl ConsistencyArgs {
             scales_start: self.scales_start,
             target_ema: self.target_ema,
             timestep_scaling: self.timestep_scaling,
-            distance: match self.loss {
-                LossKind::L2 => Distance::L2,
-                LossKind::Huber => Distance::PseudoHuber { c: self.huber_c },
-                LossKind::TeacherFeatures => Distance::TeacherFeatures,
-            },
+            distance: self.loss.distance(self.huber_c),
             solver: match self.solver {
                 SolverKind::Ddim => Solver::Ddim,
                 SolverKind::Heun => Solver::Heun,

@@ -218,11 +218,13 @@ pub fn teacher_solver_step(
     euler + (x0_end - x0) * per_row(corr, &device)
 }
 
-/// The distance between the student's and the target's consistency outputs.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+/// The distance between the student's and the target's outputs (consistency outputs, or the
+/// progressive student's x̂₀ and its teacher's x̃).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Distance {
     /// Mean squared error over elements.
+    #[default]
     L2,
     /// √((a − b)² + c²) − c averaged over elements (LCM's "huber", c = 0.001).
     PseudoHuber { c: f32 },
@@ -231,6 +233,12 @@ pub enum Distance {
     /// ahead of L2 at one step, without a network trained elsewhere (none is reachable
     /// offline) and without the FID feature network (which would train on the metric).
     TeacherFeatures,
+}
+
+impl Distance {
+    pub fn is_l2(&self) -> bool {
+        *self == Distance::L2
+    }
 }
 
 /// d(a, b) per row: [B]. `features` is the frozen teacher on `a`'s (autodiff) device, which

@@ -9,7 +9,9 @@
 //! student's target is the x̃ that makes its single DDIM step land where the teacher's K did:
 //!   x̃ = (z_t″ − (σ_t″/σ_t)·z_t) / (α_t″ − (σ_t″/σ_t)·α_t)      (paper, Algorithm 2)
 //! and, on the last step (σ_t″ = 0, α_t″ = 1), x̃ = z_t″ = the teacher's x̂. The loss is
-//! ‖x̃ − x̂_student‖² weighted by max(SNR_t, 1), the paper's "truncated SNR" weighting.
+//! ‖x̃ − x̂_student‖² weighted by max(SNR_t, 1), the paper's "truncated SNR" weighting; with
+//! `--loss teacher-features` the squared error gives way to a perceptual distance on the
+//! original teacher's encoder (LPIPS's form, [`Distance::TeacherFeatures`]), weighted alike.
 
 use burn::prelude::*;
 use fewstep_schedulers::config::{Algorithm, ConfigError};
@@ -17,6 +19,8 @@ use fewstep_schedulers::ddim::Ddim;
 use fewstep_schedulers::{Prediction, Scheduler, SchedulerConfig};
 
 use crate::denoiser::{ddim_move, model_output, noise_to, per_row, row_index, x0_from_output};
+pub use crate::distill::consistency::Distance;
+use crate::distill::consistency::distance;
 use crate::models::{Conditioning, UNet};
 use crate::sample::DeviceSample;
 
@@ -45,14 +49,15 @@ fn ddim(config: &SchedulerConfig, n: usize) -> Result<Ddim, ConfigError> {
 }
 
 /// The student's N-step grid, each step with the K − 1 timesteps of the teacher's K·N-step grid
-/// it spans (`factor` = K ≥ 2). An error when the teacher's grid does not fall strictly inside
-/// the student's steps (diffusers' leading and linspace spacings; trailing always nests).
+/// it spans (`factor` = K; K = 1 for a stage whose target is one teacher step, the guided stage
+/// one). An error when the teacher's grid does not fall strictly inside the student's steps
+/// (diffusers' leading and linspace spacings; trailing always nests).
 pub fn student_steps(
     config: &SchedulerConfig,
     n: usize,
     factor: usize,
 ) -> Result<Vec<StudentStep>, ConfigError> {
-    assert!(factor >= 2, "a round factor of at least 2");
+    assert!(factor >= 1, "a round factor of at least 1");
     let student = ddim(config, n)?;
     let teacher = ddim(config, factor * n)?.transitions();
     student
@@ -286,7 +291,10 @@ pub fn snr_weight(alpha_bar_t: f64, cap: Option<f64>) -> f64 {
     cap.map_or(w, |c| w.min(c))
 }
 
-/// weight·mean‖x̃ − x̂_student‖² per row: [B], the weight [`snr_weight`].
+/// weight·d(x̂_student, x̃) per row: [B], the weight [`snr_weight`]. d is the paper's
+/// mean‖x̃ − x̂‖² with [`Distance::L2`]; `features` is the frozen network (and its conditioning)
+/// that [`Distance::TeacherFeatures`] runs.
+#[allow(clippy::too_many_arguments)]
 pub fn progressive_loss(
     student: &UNet,
     prediction: Prediction,
@@ -295,6 +303,8 @@ pub fn progressive_loss(
     steps: &[StudentStep],
     cond: &Conditioning,
     weight_cap: Option<f64>,
+    d: Distance,
+    features: Option<(&UNet, &Conditioning)>,
 ) -> Tensor<1> {
     let device = z.device();
     let x0 = x0_prediction(student, prediction, z, steps, cond);
@@ -302,13 +312,7 @@ pub fn progressive_loss(
         .iter()
         .map(|s| snr_weight(s.alpha_bar_t, weight_cap) as f32)
         .collect();
-    let [bsz, c, h, w] = x0.dims();
-    let mse = (x0 - target)
-        .powf_scalar(2.0)
-        .reshape([bsz, c * h * w])
-        .mean_dim(1)
-        .reshape([bsz]);
-    mse * Tensor::<1>::from_floats(weight.as_slice(), &device)
+    distance(x0, target, d, features) * Tensor::<1>::from_floats(weight.as_slice(), &device)
 }
 
 #[cfg(test)]
@@ -342,6 +346,17 @@ mod tests {
         assert_eq!(steps[3].alpha_bar_end, 1.0);
         let one = student_steps(&config(), 1, 2).unwrap();
         assert_eq!(spans(&one), vec![(999, vec![499], -1)]);
+        // K = 1 (guided stage one: one teacher step per student step): the student's own grid,
+        // which exists for step counts whose doubled grid does not (600 · 2 > 1000 timesteps).
+        let same = student_steps(&config(), 4, 1).unwrap();
+        let bare: Vec<(i64, i64)> = steps.iter().map(|s| (s.t, s.t_end)).collect();
+        assert_eq!(
+            same.iter().map(|s| (s.t, s.t_end)).collect::<Vec<_>>(),
+            bare
+        );
+        assert!(same.iter().all(|s| s.teacher_mids.is_empty()));
+        assert_eq!(student_steps(&config(), 600, 1).unwrap().len(), 600);
+        assert!(student_steps(&config(), 600, 2).is_err());
         // K = 4: the teacher's 8-step grid, three of its timesteps inside each student step.
         let two = student_steps(&config(), 2, 4).unwrap();
         assert_eq!(

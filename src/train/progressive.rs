@@ -23,8 +23,8 @@ use super::teacher_conditioning::TeacherConditioning;
 use super::{checkpoint, data_parallel, ema, open_images};
 use crate::data::{DataSource, TrainImages};
 use crate::distill::progressive::{
-    StudentStep, guided_steps_target, guided_target, noised, progressive_loss, student_rollout,
-    student_steps, teacher_target, x0_prediction,
+    Distance, StudentStep, guided_steps_target, guided_target, noised, progressive_loss,
+    student_rollout, student_steps, teacher_target, x0_prediction,
 };
 use crate::error::{Error, Result};
 use crate::io;
@@ -87,6 +87,10 @@ pub struct ProgressiveConfig {
     /// A cap on the loss weight max(SNR_t, 1) (min-SNR-γ); `None`: uncapped (the paper).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snr_weight_cap: Option<f64>,
+    /// The distance between the student's x̂₀ and the teacher's x̃: L2 (the paper), or a
+    /// perceptual one on the original teacher's encoder (whatever teacher a round learns from).
+    #[serde(default, skip_serializing_if = "Distance::is_l2")]
+    pub distance: Distance,
 }
 
 /// The paper's halving: two teacher steps per student step (`run.json`s written before
@@ -585,6 +589,15 @@ pub fn distill_progressive(
     };
     let cfg = &run.config;
     let stages = cfg.stages()?;
+    // The perceptual distance runs the original teacher's encoder, whichever teacher a round
+    // learns from (a halving round's is the last student, never trained at t = 0): one frozen
+    // copy per device, gradients passing through it to the student's x̂₀.
+    let feature_nets: Vec<UNet> = if cfg.distance == Distance::TeacherFeatures {
+        let original = Pipeline::load(&run.teacher, device)?;
+        data_parallel::frozen_through(&original.unet, device, devices)
+    } else {
+        Vec::new()
+    };
     let csv_path = run_dir.join("loss.csv");
     let mut outcomes = Vec::new();
     let mut teacher_dir = run.teacher.clone();
@@ -631,14 +644,14 @@ pub fn distill_progressive(
         {
             student_config = wide;
         }
-        let grid = match stage {
-            Stage::Guided { steps, .. } | Stage::Halving { steps } => student_steps(
-                &distillation_grid(&teacher.scheduler),
-                steps,
-                cfg.round_factor,
-            )
-            .map_err(|e| Error::file(&teacher_dir, e.0))?,
+        // Guided stage one without --guided-halving targets one guided teacher step on the
+        // student's own grid: no finer teacher grid to build (or to fail on).
+        let factor = match stage {
+            Stage::Guided { halving: false, .. } => 1,
+            _ => cfg.round_factor,
         };
+        let grid = student_steps(&distillation_grid(&teacher.scheduler), steps, factor)
+            .map_err(|e| Error::file(&teacher_dir, e.0))?;
         if images.is_none() {
             images = Some(open_images(
                 &run.data,
@@ -811,6 +824,8 @@ pub fn distill_progressive(
                             _ => (target, 1.0),
                         };
                         // The teacher ran without autodiff; the student trains with it.
+                        let ad_cond = cond.autodiff();
+                        let features = feature_nets.get(shard.index).map(|net| (net, &ad_cond));
                         progressive_loss(
                             student,
                             prediction,
@@ -819,6 +834,8 @@ pub fn distill_progressive(
                             &steps,
                             &cond_w.autodiff(),
                             cfg.snr_weight_cap,
+                            cfg.distance,
+                            features,
                         )
                         .mean()
                         .mul_scalar(scale)
@@ -908,6 +925,7 @@ mod tests {
             quantize: None,
             rollout_fraction: None,
             snr_weight_cap: None,
+            distance: super::Distance::L2,
         }
     }
 
