@@ -696,31 +696,44 @@ mod tests {
         }
     }
 
-    #[test]
-    fn three_processes_sum_and_agree() {
-        let port = 31_731;
-        let handles: Vec<_> = (0..3)
+    /// Runs `f(rank, group)` on `n` threads, each joined to the group at `port` as its rank;
+    /// the results in rank order.
+    fn on_each_rank<R: Send + 'static>(
+        n: usize,
+        port: u16,
+        f: fn(usize, ProcessGroup) -> R,
+    ) -> Vec<R> {
+        let handles: Vec<_> = (0..n)
             .map(|rank| {
                 std::thread::spawn(move || {
-                    let mut g = ProcessGroup::join(&launch(3, rank, port), "test").unwrap();
-                    // Chunks of 334 floats go as pieces of 64, the last one shorter.
-                    g.piece_floats = 64;
-                    let mut sums = Vec::new();
-                    for step in 0..3 {
-                        // Lengths that leave the ring's chunks uneven, and one shorter than it.
-                        for len in [7usize, 2, 1000] {
-                            let mut v: Vec<f32> = (0..len)
-                                .map(|i| (rank * 1000 + i + step) as f32 * 0.5)
-                                .collect();
-                            g.all_reduce_sum(&mut v).unwrap();
-                            sums.push(v);
-                        }
-                    }
-                    sums
+                    f(
+                        rank,
+                        ProcessGroup::join(&launch(n, rank, port), "test").unwrap(),
+                    )
                 })
             })
             .collect();
-        let results: Vec<Vec<Vec<f32>>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    #[test]
+    fn three_processes_sum_and_agree() {
+        let results: Vec<Vec<Vec<f32>>> = on_each_rank(3, 31_731, |rank, mut g| {
+            // Chunks of 334 floats go as pieces of 64, the last one shorter.
+            g.piece_floats = 64;
+            let mut sums = Vec::new();
+            for step in 0..3 {
+                // Lengths that leave the ring's chunks uneven, and one shorter than it.
+                for len in [7usize, 2, 1000] {
+                    let mut v: Vec<f32> = (0..len)
+                        .map(|i| (rank * 1000 + i + step) as f32 * 0.5)
+                        .collect();
+                    g.all_reduce_sum(&mut v).unwrap();
+                    sums.push(v);
+                }
+            }
+            sums
+        });
         let mut k = 0;
         for step in 0..3 {
             for len in [7usize, 2, 1000] {
@@ -737,28 +750,20 @@ mod tests {
 
     #[test]
     fn a_barrier_holds_every_rank_until_the_last_arrives() {
-        let port = 31_871;
-        let handles: Vec<_> = (0..3)
-            .map(|rank| {
-                std::thread::spawn(move || {
-                    let mut g = ProcessGroup::join(&launch(3, rank, port), "test").unwrap();
-                    if rank == 2 {
-                        std::thread::sleep(Duration::from_millis(300));
-                    }
-                    let arrived = Instant::now();
-                    g.barrier().unwrap();
-                    let left = Instant::now();
-                    // The group still sums after it: the barrier left no message behind.
-                    let mut v = vec![1.0f32; 5];
-                    g.all_reduce_sum(&mut v).unwrap();
-                    assert_eq!(v, vec![3.0f32; 5]);
-                    assert_eq!(g.reduces, 1, "the barrier is not an all-reduce");
-                    (arrived, left)
-                })
-            })
-            .collect();
-        let times: Vec<(Instant, Instant)> =
-            handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let times: Vec<(Instant, Instant)> = on_each_rank(3, 31_871, |rank, mut g| {
+            if rank == 2 {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            let arrived = Instant::now();
+            g.barrier().unwrap();
+            let left = Instant::now();
+            // The group still sums after it: the barrier left no message behind.
+            let mut v = vec![1.0f32; 5];
+            g.all_reduce_sum(&mut v).unwrap();
+            assert_eq!(v, vec![3.0f32; 5]);
+            assert_eq!(g.reduces, 1, "the barrier is not an all-reduce");
+            (arrived, left)
+        });
         // No rank leaves before the last one (rank 2, late) has arrived: the same clock for all.
         let last = times.iter().map(|t| t.0).max().unwrap();
         for (rank, &(_, left)) in times.iter().enumerate() {

@@ -36,20 +36,22 @@ fn spawn(args: &[&str], nodes: usize, rank: usize, port: u16) -> Child {
         .unwrap()
 }
 
-/// Runs `nodes` processes; `args(rank)` is each one's command line. Every one must succeed.
-fn run_group(nodes: usize, port: u16, args: impl Fn(usize) -> Vec<String>) {
+/// Runs `nodes` processes, `args(rank)` each one's command line, and waits for them all: their
+/// outputs in rank order.
+fn group_outputs(nodes: usize, port: u16, args: impl Fn(usize) -> Vec<String>) -> Vec<Output> {
     let children: Vec<Child> = (0..nodes)
-        .map(|rank| {
-            let a = args(rank);
-            let a: Vec<&str> = a.iter().map(String::as_str).collect();
-            spawn(&a, nodes, rank, port)
-        })
+        .map(|rank| spawn(&strs(&args(rank)), nodes, rank, port))
         .collect();
-    // Every rank's output before any verdict: the first rank to fail is often not rank 0.
-    let outputs: Vec<Output> = children
+    children
         .into_iter()
         .map(|child| child.wait_with_output().unwrap())
-        .collect();
+        .collect()
+}
+
+/// Runs `nodes` processes; `args(rank)` is each one's command line. Every one must succeed.
+fn run_group(nodes: usize, port: u16, args: impl Fn(usize) -> Vec<String>) {
+    // Every rank's output before any verdict: the first rank to fail is often not rank 0.
+    let outputs = group_outputs(nodes, port, args);
     let failed: Vec<String> = outputs
         .iter()
         .enumerate()
@@ -160,15 +162,8 @@ fn two_processes_train_the_one_process_weights_and_resume_on_three() {
     ok(&fewstep(&strs(&resume(&one))));
     // A rank started without --resume beside one with it: both refuse, before any step.
     let fresh = scratch("dist", "train-fresh");
-    let mixed: Vec<Output> = [resume(&group), train_args(&fresh, &["--steps", "6"])]
-        .iter()
-        .enumerate()
-        .map(|(rank, a)| spawn(&strs(a), 2, rank, ports(1)))
-        .collect::<Vec<Child>>()
-        .into_iter()
-        .map(|c| c.wait_with_output().unwrap())
-        .collect();
-    for o in mixed {
+    let commands = [resume(&group), train_args(&fresh, &["--steps", "6"])];
+    for o in group_outputs(2, ports(1), |rank| commands[rank].clone()) {
         assert_clean_failure(o, "--resume");
     }
     assert_eq!(
