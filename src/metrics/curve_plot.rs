@@ -1,4 +1,5 @@
-//! The FID-versus-steps plot: log2 steps on x, FID on y, one labelled line per model.
+//! The FID-versus-steps plot: log2 steps on x, FID on a log y axis (a teacher at one step and a
+//! student at its best lie two orders of magnitude apart), one labelled line per model.
 //! Text uses an ASCII subset of DejaVu Sans compiled into the binary (licence beside it), so the
 //! plot needs no system fonts.
 
@@ -30,7 +31,6 @@ pub fn plot_fid_curve(path: &Path, title: &str, series: &[Series]) -> Result<()>
     let err = |e: String| Error::file(path, format!("cannot draw the plot: {e}"));
     let points = series.iter().flat_map(|s| s.points.iter());
     let (mut max_steps, mut lo, mut hi) = (1usize, f64::INFINITY, 0f64);
-    // lo only tells whether any finite point exists.
     for &(steps, fid) in points {
         max_steps = max_steps.max(steps);
         if fid.is_finite() && fid > 0.0 {
@@ -39,7 +39,13 @@ pub fn plot_fid_curve(path: &Path, title: &str, series: &[Series]) -> Result<()>
         }
     }
     if !lo.is_finite() {
-        hi = 1.0;
+        (lo, hi) = (1.0, 1.0);
+    }
+    // A margin of a third on either side, and at least one decade shown.
+    let (mut y_lo, mut y_hi) = (lo / 1.3, hi * 1.3);
+    if y_hi / y_lo < 10.0 {
+        let widen = (10.0 * y_lo / y_hi).sqrt();
+        (y_lo, y_hi) = (y_lo / widen, y_hi * widen);
     }
     let x_max = (max_steps as f64).log2().ceil().max(1.0);
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
@@ -49,12 +55,12 @@ pub fn plot_fid_curve(path: &Path, title: &str, series: &[Series]) -> Result<()>
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(64)
-        .build_cartesian_2d(-0.25f64..x_max + 0.25, 0f64..hi * 1.1)
+        .build_cartesian_2d(-0.25f64..x_max + 0.25, (y_lo..y_hi).log_scale())
         .map_err(|e| err(e.to_string()))?;
     chart
         .configure_mesh()
         .x_desc("sampling steps")
-        .y_desc("FID")
+        .y_desc("FID (log scale)")
         .x_labels(x_max as usize + 2)
         .x_label_formatter(&|v| {
             let r = v.round();
@@ -64,12 +70,12 @@ pub fn plot_fid_curve(path: &Path, title: &str, series: &[Series]) -> Result<()>
                 String::new()
             }
         })
-        .y_labels(8)
+        .y_labels(12)
         .y_label_formatter(&|v| {
-            if hi >= 10.0 {
+            if *v >= 10.0 {
                 format!("{v:.0}")
             } else {
-                format!("{v:.3}")
+                format!("{}", (v * 1000.0).round() / 1000.0)
             }
         })
         .label_style(("sans-serif", 15))
@@ -96,6 +102,7 @@ pub fn plot_fid_curve(path: &Path, title: &str, series: &[Series]) -> Result<()>
     }
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 15))

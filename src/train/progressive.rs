@@ -523,8 +523,9 @@ fn with_rollouts(
 }
 
 /// A DDIM grid of `steps` over `train_t` timesteps that is not evenly spaced can sample with
-/// grain (the shipped shapes32 teacher at 16 of 1 000 steps; README "FID versus steps"), which
-/// the first round's student then learns — or not (`shapes32-lr1e3` scores best at 32): the
+/// grain (the previous default shapes32 teacher at 16 of 1 000 steps; README "FID versus
+/// steps"), which the first round's student then learns — or not (the present one scores best
+/// at 32): the
 /// warning that says so and names the comparison to make.
 fn uneven_grid_warning(train_t: usize, steps: usize) -> Option<String> {
     (steps > 0 && !train_t.is_multiple_of(steps)).then(|| {
