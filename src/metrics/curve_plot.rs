@@ -25,6 +25,17 @@ fn register_font() {
     });
 }
 
+/// The log FID axis for points between `lo` and `hi` (both > 0): a margin of a third on either
+/// side, widened evenly to at least one decade.
+fn log_axis_range(lo: f64, hi: f64) -> (f64, f64) {
+    let (y_lo, y_hi) = (lo / 1.3, hi * 1.3);
+    if y_hi / y_lo >= 10.0 {
+        return (y_lo, y_hi);
+    }
+    let widen = (10.0 * y_lo / y_hi).sqrt();
+    (y_lo / widen, y_hi * widen)
+}
+
 /// Writes the plot as a PNG.
 pub fn plot_fid_curve(path: &Path, title: &str, series: &[Series]) -> Result<()> {
     register_font();
@@ -38,15 +49,11 @@ pub fn plot_fid_curve(path: &Path, title: &str, series: &[Series]) -> Result<()>
             hi = hi.max(fid);
         }
     }
-    if !lo.is_finite() {
-        (lo, hi) = (1.0, 1.0);
-    }
-    // A margin of a third on either side, and at least one decade shown.
-    let (mut y_lo, mut y_hi) = (lo / 1.3, hi * 1.3);
-    if y_hi / y_lo < 10.0 {
-        let widen = (10.0 * y_lo / y_hi).sqrt();
-        (y_lo, y_hi) = (y_lo / widen, y_hi * widen);
-    }
+    let (y_lo, y_hi) = if lo.is_finite() {
+        log_axis_range(lo, hi)
+    } else {
+        log_axis_range(1.0, 1.0)
+    };
     let x_max = (max_steps as f64).log2().ceil().max(1.0);
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
@@ -110,4 +117,26 @@ pub fn plot_fid_curve(path: &Path, title: &str, series: &[Series]) -> Result<()>
         .map_err(|e| err(e.to_string()))?;
     root.present().map_err(|e| err(e.to_string()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_axis_range;
+
+    #[test]
+    fn the_log_axis_holds_every_point_and_at_least_a_decade() {
+        // A teacher at one step and a student at its best: the margins alone.
+        let (lo, hi) = log_axis_range(7.8, 519.9);
+        assert!(
+            (lo - 6.0).abs() < 1e-9 && (hi - 675.87).abs() < 1e-9,
+            "{lo} {hi}"
+        );
+        // Close points (or one): widened evenly to exactly a decade around them.
+        for (a, b) in [(9.4, 11.9), (1.0, 1.0)] {
+            let (lo, hi) = log_axis_range(a, b);
+            assert!(lo < a && hi > b, "{lo} {hi}");
+            assert!((hi / lo - 10.0).abs() < 1e-9, "{lo} {hi}");
+            assert!(((a / lo) / (hi / b) - 1.0).abs() < 1e-9, "{lo} {hi}");
+        }
+    }
 }
