@@ -525,8 +525,7 @@ fn with_rollouts(
 /// A DDIM grid of `steps` over `train_t` timesteps that is not evenly spaced can sample with
 /// grain (the previous default shapes32 teacher at 16 of 1 000 steps; README "FID versus
 /// steps"), which the first round's student then learns — or not (the present one scores best
-/// at 32): the
-/// warning that says so and names the comparison to make.
+/// at 32): the warning that says so and names the comparison to make.
 fn uneven_grid_warning(train_t: usize, steps: usize) -> Option<String> {
     (steps > 0 && !train_t.is_multiple_of(steps)).then(|| {
         let divisor = (1..=steps).rev().find(|&d| train_t.is_multiple_of(d) && d.is_power_of_two());
