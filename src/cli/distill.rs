@@ -37,6 +37,9 @@ pub enum DistillCommand {
     Consistency(ConsistencyArgs),
     /// KD-GAN co-distillation: a smaller generator and discriminator from a teacher GAN.
     Gan(super::gan::DistillGanArgs),
+    /// Distribution matching distillation (DMD2): a 1–4 step generator whose samples match the
+    /// teacher's distribution, judged by the teacher's score against one learned online.
+    Dmd(super::dmd::DmdArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -135,7 +138,7 @@ impl DistillArgs {
     }
 
     /// `--init`, absolute, checked to be a pipeline folder.
-    fn init(&self) -> Result<Option<PathBuf>> {
+    pub(super) fn init(&self) -> Result<Option<PathBuf>> {
         match &self.init {
             None => Ok(None),
             Some(dir) => {
@@ -152,7 +155,7 @@ impl DistillArgs {
     }
 
     /// The distillation optimizer (AdamW, weight decay 1e-4, clip 1) with the flags applied.
-    fn optimizer(&self) -> Result<crate::train::optim::OptimizerConfig> {
+    pub(super) fn optimizer(&self) -> Result<crate::train::optim::OptimizerConfig> {
         self.optimizer
             .config(crate::train::optim::OptimizerConfig::distillation())
     }
@@ -165,7 +168,7 @@ impl DistillArgs {
     }
 
     /// The teacher folder and data of a new run, checked.
-    fn teacher_and_data(&self) -> Result<(PathBuf, DataSource)> {
+    pub(super) fn teacher_and_data(&self) -> Result<(PathBuf, DataSource)> {
         let teacher = self
             .teacher
             .clone()
@@ -181,7 +184,7 @@ impl DistillArgs {
     }
 
     /// The feature extractor and the reference statistics of the run's data.
-    fn reference(
+    pub(super) fn reference(
         &self,
         data: &DataSource,
         device: &Device,
@@ -435,7 +438,7 @@ pub struct ConsistencyArgs {
     pub out: PathBuf,
 }
 
-fn absolute(path: &Path, flag: &str) -> Result<PathBuf> {
+pub(super) fn absolute(path: &Path, flag: &str) -> Result<PathBuf> {
     path.canonicalize()
         .map_err(|_| Error::file(path, format!("{flag}: not found")))
 }
@@ -677,24 +680,33 @@ impl ConsistencyArgs {
     }
 }
 
-/// Evaluates the consistency student (LCM sampling) and the teacher (DDIM) at each of
-/// `--eval-steps`, and the teacher at `--reference-steps`; prints the table, writes
+/// What the FID table of an LCM-sampled student needs.
+pub(super) struct LcmReport<'a> {
+    pub(super) common: &'a DistillArgs,
+    /// The run folder report.{json,csv} go to.
+    pub(super) out: &'a Path,
+    pub(super) eval_steps: &'a [usize],
+    pub(super) reference_steps: usize,
+    pub(super) teacher: &'a Path,
+    pub(super) data: &'a DataSource,
+    /// The guidance scale a w-conditioned student is sampled at.
+    pub(super) guidance_scale: Option<f32>,
+    /// The run's config, recorded in report.json.
+    pub(super) config: serde_json::Value,
+    pub(super) final_loss: f64,
+    pub(super) seconds: f64,
+}
+
+/// Evaluates an LCM-sampled student (consistency, distribution matching) and the teacher (DDIM)
+/// at each of `--eval-steps`, and the teacher at `--reference-steps`; prints the table, writes
 /// report.{json,csv}.
-fn consistency_report(
-    args: &ConsistencyArgs,
-    run: &ConsistencyRun,
-    outcome: &ConsistencyOutcome,
-    student: &Path,
-    device: &Device,
-) -> Result<()> {
-    let (extractor, reference, num) = args.common.reference(&run.data, device)?;
-    // A w-conditioned student is evaluated at the middle of its range.
-    let guidance_scale = run.config.guidance.map(|g| 1.0 + (g.min + g.max) / 2.0);
-    let mut ev = Evaluator::new(&extractor, &reference, num, guidance_scale, device);
-    let r = args.reference_steps();
-    let teacher_ref = ev.eval(&run.teacher, Algorithm::Ddim, r)?;
+pub(super) fn lcm_report(r: LcmReport<'_>, student: &Path, device: &Device) -> Result<()> {
+    let (extractor, reference, num) = r.common.reference(r.data, device)?;
+    let mut ev = Evaluator::new(&extractor, &reference, num, r.guidance_scale, device);
+    let rs = r.reference_steps;
+    let teacher_ref = ev.eval(r.teacher, Algorithm::Ddim, rs)?;
     let mut table = format!(
-        "FID vs steps ({num} samples per entry, {} features, reference {}); teacher @ {r} DDIM steps: {:.3}\n  steps | teacher (DDIM) | student (LCM) | student / teacher@{r}\n",
+        "FID vs steps ({num} samples per entry, {} features, reference {}); teacher @ {rs} DDIM steps: {:.3}\n  steps | teacher (DDIM) | student (LCM) | student / teacher@{rs}\n",
         extractor.id(),
         reference.protocol["dataset"].as_str().unwrap_or("images"),
         teacher_ref.fid
@@ -703,8 +715,8 @@ fn consistency_report(
         "steps,student_fid,student_kid,teacher_fid_at_steps,teacher_fid_at_reference,reference_steps\n",
     );
     let mut rows = Vec::new();
-    for &n in &args.eval_steps {
-        let t = ev.eval(&run.teacher, Algorithm::Ddim, n)?;
+    for &n in r.eval_steps {
+        let t = ev.eval(r.teacher, Algorithm::Ddim, n)?;
         let s = ev.eval(student, Algorithm::Lcm, n)?;
         table += &format!(
             "  {n:>5} | {:>14.3} | {:>13.3} | {:>8.3}\n",
@@ -714,7 +726,7 @@ fn consistency_report(
         );
         let kid = s.kid.map_or(f64::NAN, |k| k.mean);
         csv += &format!(
-            "{n},{:.6},{kid:.6},{:.6},{:.6},{r}\n",
+            "{n},{:.6},{kid:.6},{:.6},{:.6},{rs}\n",
             s.fid, t.fid, teacher_ref.fid
         );
         rows.push(json!({ "steps": n, "student": s, "teacher_at_steps": t }));
@@ -729,20 +741,47 @@ fn consistency_report(
         "teacher_scheduler": "ddim",
     });
     io::write_json(
-        &args.out.join("report.json"),
+        &r.out.join("report.json"),
         &json!({
             "protocol": protocol,
-            "config": run.config,
-            "teacher": run.teacher,
-            "teacher_at_reference": { "steps": r, "scores": teacher_ref },
-            "final_loss": outcome.final_loss,
-            "seconds": outcome.seconds,
+            "config": r.config,
+            "teacher": r.teacher,
+            "teacher_at_reference": { "steps": rs, "scores": teacher_ref },
+            "final_loss": r.final_loss,
+            "seconds": r.seconds,
             "steps": rows,
         }),
     )?;
-    io::write_atomic(&args.out.join("report.csv"), csv.as_bytes())?;
-    eprintln!("wrote {}/report.{{json,csv}}", args.out.display());
+    io::write_atomic(&r.out.join("report.csv"), csv.as_bytes())?;
+    eprintln!("wrote {}/report.{{json,csv}}", r.out.display());
     Ok(())
+}
+
+/// The FID table of a consistency student.
+fn consistency_report(
+    args: &ConsistencyArgs,
+    run: &ConsistencyRun,
+    outcome: &ConsistencyOutcome,
+    student: &Path,
+    device: &Device,
+) -> Result<()> {
+    lcm_report(
+        LcmReport {
+            common: &args.common,
+            out: &args.out,
+            eval_steps: &args.eval_steps,
+            reference_steps: args.reference_steps(),
+            teacher: &run.teacher,
+            data: &run.data,
+            // A w-conditioned student is evaluated at the middle of its range.
+            guidance_scale: run.config.guidance.map(|g| 1.0 + (g.min + g.max) / 2.0),
+            config: serde_json::to_value(&run.config).expect("config serialises"),
+            final_loss: outcome.final_loss,
+            seconds: outcome.seconds,
+        },
+        student,
+        device,
+    )
 }
 
 fn run_consistency(args: ConsistencyArgs) -> Result<()> {
@@ -840,5 +879,6 @@ pub fn run(command: DistillCommand) -> Result<()> {
         DistillCommand::Progressive(args) => run_progressive(args),
         DistillCommand::Consistency(args) => run_consistency(args),
         DistillCommand::Gan(args) => super::gan::run_distill(args),
+        DistillCommand::Dmd(args) => super::dmd::run(args),
     }
 }

@@ -7,6 +7,7 @@ use crate::backend::{DeviceChoice, describe, device};
 use crate::error::Result;
 
 pub mod distill;
+pub mod dmd;
 pub mod eval;
 pub mod gan;
 pub mod lora;

@@ -2,6 +2,7 @@
 //! target (from [`crate::denoiser`]'s arithmetic on the teacher) plus a loss.
 
 pub mod consistency;
+pub mod dmd;
 pub mod gan;
 pub mod progressive;
 

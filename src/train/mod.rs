@@ -6,6 +6,7 @@ pub mod clip;
 pub mod consistency;
 pub mod data_parallel;
 pub mod diffusion;
+pub mod dmd;
 pub mod ema;
 pub mod feature_net;
 pub mod gan;

@@ -1,0 +1,163 @@
+//! `fewstep distill dmd` on tiny teachers: the generator is an LCM pipeline folder that samples
+//! in 1 and 2 steps, started from a consistency student or the teacher; an interrupted run
+//! resumes to the uninterrupted generator; bad input is one clear line.
+
+mod common;
+use common::{
+    assert_clean_failure, fewstep, interrupt_after_rows, max_weight_difference, ok, scratch,
+    tiny_model,
+};
+
+use std::path::Path;
+
+use fewstep::pipeline::Pipeline;
+use fewstep_schedulers::Algorithm;
+
+const WEIGHTS: &str = "unet/diffusion_pytorch_model.safetensors";
+
+fn dmd_args<'a>(teacher: &'a Path, out: &'a Path, iters: &'a str) -> Vec<&'a str> {
+    vec![
+        "distill",
+        "dmd",
+        "--teacher",
+        teacher.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--iters",
+        iters,
+        "--batch",
+        "2",
+        "--fake-updates",
+        "2",
+        "--fake-warmup",
+        "1",
+        "--lr",
+        "1e-3",
+        "--scales",
+        "10",
+        "--checkpoint-every",
+        "3",
+        "--no-eval",
+        "--quiet",
+    ]
+}
+
+fn samples_in(dir: &Path, steps: usize) {
+    let o = fewstep(&[
+        "sample",
+        "--model",
+        dir.to_str().unwrap(),
+        "--steps",
+        &steps.to_string(),
+        "--num",
+        "2",
+        "--out",
+        dir.join(format!("grid{steps}.png")).to_str().unwrap(),
+    ]);
+    ok(&o);
+}
+
+#[test]
+fn the_generator_is_an_lcm_pipeline_from_the_teacher_or_a_consistency_student() {
+    let teacher = tiny_model("dmd", "teacher-a");
+    // From the teacher itself: read as a consistency function on a 10-scale grid.
+    let out = scratch("dmd", "from-teacher");
+    let mut args = dmd_args(&teacher, &out, "3");
+    args.extend_from_slice(&["--sampling-steps", "2", "--ema", "0.9"]);
+    ok(&fewstep(&args));
+    let dir = out.join("student");
+    let device = fewstep::backend::cpu_device().expect("a CPU backend is compiled in");
+    let p = Pipeline::load(&dir, &device).unwrap();
+    assert_eq!(p.scheduler.class, Some(Algorithm::Lcm));
+    assert_eq!(
+        p.scheduler.resolve(Algorithm::Lcm).original_inference_steps,
+        10
+    );
+    for steps in [1, 2] {
+        samples_in(&dir, steps);
+    }
+    assert!(max_weight_difference(&teacher.join(WEIGHTS), &dir.join(WEIGHTS)) > 0.0);
+    assert!(
+        out.join("checkpoints/latest/fake/state/model.safetensors")
+            .is_file(),
+        "the fake score network is checkpointed"
+    );
+    // From that generator as --init (an LCM pipeline: its own grid is kept), with the
+    // regression term towards it.
+    let again = scratch("dmd", "from-student");
+    let mut args = dmd_args(&teacher, &again, "2");
+    args.extend_from_slice(&[
+        "--init",
+        dir.to_str().unwrap(),
+        "--regression",
+        "0.25",
+        "--scales",
+        "5",
+    ]);
+    ok(&fewstep(&args));
+    let p = Pipeline::load(&again.join("student"), &device).unwrap();
+    assert_eq!(
+        p.scheduler.resolve(Algorithm::Lcm).original_inference_steps,
+        10
+    );
+    samples_in(&again.join("student"), 1);
+}
+
+#[test]
+fn an_interrupted_run_resumes_to_the_uninterrupted_generator() {
+    // The fake score network, both optimisers and the generator's EMA are in the checkpoint:
+    // without any of them the resumed run would differ.
+    let teacher = tiny_model("dmd", "teacher-b");
+    let args = |out: &Path| -> Vec<String> {
+        let mut a: Vec<String> = dmd_args(&teacher, out, "12")
+            .into_iter()
+            .map(String::from)
+            .collect();
+        for x in ["--sampling-steps", "2", "--ema", "0.9"] {
+            a.push(x.into());
+        }
+        a
+    };
+    let whole = scratch("dmd", "whole");
+    let a = args(&whole);
+    ok(&fewstep(&a.iter().map(String::as_str).collect::<Vec<_>>()));
+    let split = scratch("dmd", "split");
+    let a = args(&split);
+    interrupt_after_rows(
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+        &split.join("loss.csv"),
+        5,
+    );
+    assert!(!split.join("student").exists());
+    ok(&fewstep(&[
+        "distill",
+        "dmd",
+        "--out",
+        split.to_str().unwrap(),
+        "--resume",
+        "--no-eval",
+        "--quiet",
+    ]));
+    let w = format!("student/{WEIGHTS}");
+    let max = max_weight_difference(&whole.join(&w), &split.join(&w));
+    assert!(max == 0.0, "resumed differs by {max}");
+}
+
+#[test]
+fn bad_dmd_input_is_one_clear_line_and_writes_nothing() {
+    let teacher = tiny_model("dmd", "teacher-c");
+    let cases: [(&str, &[&str], &str); 5] = [
+        ("1", &[], "--fake-warmup 1"),
+        ("3", &["--sampling-steps", "11"], "--sampling-steps 11"),
+        ("3", &["--quantize", "int8"], "--quantize"),
+        ("3", &["--devices", "2"], "--devices"),
+        ("3", &["--guidance", "2"], "--guidance"),
+    ];
+    for (i, (iters, extra, needle)) in cases.iter().enumerate() {
+        let out = scratch("dmd", &format!("bad-{i}"));
+        let mut args = dmd_args(&teacher, &out, iters);
+        args.extend_from_slice(extra);
+        assert_clean_failure(fewstep(&args), needle);
+        assert!(!out.exists(), "{needle}: nothing written on bad input");
+    }
+}
