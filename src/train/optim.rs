@@ -210,7 +210,7 @@ mod tests {
 
     #[test]
     fn every_shipped_run_reads_with_the_optimizer_it_was_trained_with() {
-        use super::super::{checkpoint, clip, consistency, gan, progressive, vae};
+        use super::super::{checkpoint, clip, consistency, dmd, gan, progressive, vae};
         let weights = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
         let mut read = 0;
         for entry in std::fs::read_dir(&weights).unwrap().flatten() {
@@ -236,6 +236,12 @@ mod tests {
                 }
                 k if k == consistency::CONSISTENCY_RUN => {
                     checkpoint::read_run_as::<consistency::ConsistencyRun>(&dir, k)
+                        .unwrap()
+                        .config
+                        .optimizer
+                }
+                k if k == dmd::DMD_RUN => {
+                    checkpoint::read_run_as::<dmd::DmdRun>(&dir, k)
                         .unwrap()
                         .config
                         .optimizer
