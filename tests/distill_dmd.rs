@@ -33,8 +33,6 @@ fn dmd_args<'a>(teacher: &'a Path, out: &'a Path, iters: &'a str) -> Vec<&'a str
         "1",
         "--lr",
         "1e-3",
-        "--scales",
-        "10",
         "--checkpoint-every",
         "3",
         "--no-eval",
@@ -63,7 +61,7 @@ fn the_generator_is_an_lcm_pipeline_from_the_teacher_or_a_consistency_student() 
     // From the teacher itself: read as a consistency function on a 10-scale grid.
     let out = scratch("dmd", "from-teacher");
     let mut args = dmd_args(&teacher, &out, "3");
-    args.extend_from_slice(&["--sampling-steps", "2", "--ema", "0.9"]);
+    args.extend_from_slice(&["--scales", "10", "--sampling-steps", "2", "--ema", "0.9"]);
     ok(&fewstep(&args));
     let dir = out.join("student");
     let device = fewstep::backend::cpu_device().expect("a CPU backend is compiled in");
@@ -82,8 +80,8 @@ fn the_generator_is_an_lcm_pipeline_from_the_teacher_or_a_consistency_student() 
             .is_file(),
         "the fake score network is checkpointed"
     );
-    // From that generator as --init (an LCM pipeline: its own grid is kept), with the
-    // regression term towards it.
+    // From that generator as --init (an LCM pipeline: its own 10-point grid is kept, not
+    // --scales), with the regression term towards it.
     let again = scratch("dmd", "from-student");
     let mut args = dmd_args(&teacher, &again, "2");
     args.extend_from_slice(&[
@@ -113,7 +111,7 @@ fn an_interrupted_run_resumes_to_the_uninterrupted_generator() {
             .into_iter()
             .map(String::from)
             .collect();
-        for x in ["--sampling-steps", "2", "--ema", "0.9"] {
+        for x in ["--scales", "10", "--sampling-steps", "2", "--ema", "0.9"] {
             a.push(x.into());
         }
         a
@@ -148,7 +146,11 @@ fn bad_dmd_input_is_one_clear_line_and_writes_nothing() {
     let teacher = tiny_model("dmd", "teacher-c");
     let cases: [(&str, &[&str], &str); 5] = [
         ("1", &[], "--fake-warmup 1"),
-        ("3", &["--sampling-steps", "11"], "--sampling-steps 11"),
+        (
+            "3",
+            &["--scales", "10", "--sampling-steps", "11"],
+            "--sampling-steps 11",
+        ),
         ("3", &["--quantize", "int8"], "--quantize"),
         ("3", &["--devices", "2"], "--devices"),
         ("3", &["--guidance", "2"], "--guidance"),

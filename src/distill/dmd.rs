@@ -115,7 +115,12 @@ mod tests {
         let value: f32 = loss.clone().sum().into_scalar();
         assert!((value - 3.0).abs() < 1e-5, "{value}");
         let grads = loss.sum().backward();
-        let g: Vec<f32> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
+        let g: Vec<f32> = x
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
         let want = [0.5, -0.5, 0.0, 1.0];
         for (a, b) in g.iter().zip(want) {
             assert!((a - b).abs() < 1e-5, "{g:?}");
