@@ -55,6 +55,17 @@ pub enum Budget {
     Full,
 }
 
+impl Budget {
+    /// The teacher's DDIM step count an LCM student's ratio column divides by: quick 8, full
+    /// 250 (the many-step reference, a divisor of the 1000 train timesteps).
+    pub fn reference_steps(self) -> usize {
+        match self {
+            Budget::Quick => 8,
+            Budget::Full => 250,
+        }
+    }
+}
+
 /// What every distillation command takes: teacher, data, run folder, evaluation, device.
 #[derive(Debug, clap::Args)]
 pub struct DistillArgs {
@@ -673,10 +684,8 @@ impl ConsistencyArgs {
     }
 
     fn reference_steps(&self) -> usize {
-        self.reference_steps.unwrap_or(match self.common.preset {
-            Budget::Quick => 8,
-            Budget::Full => 250,
-        })
+        self.reference_steps
+            .unwrap_or(self.common.preset.reference_steps())
     }
 }
 

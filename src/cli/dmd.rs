@@ -160,10 +160,9 @@ pub fn run(args: DmdArgs) -> Result<()> {
             common: &args.common,
             out: &args.out,
             eval_steps: &args.eval_steps,
-            reference_steps: args.reference_steps.unwrap_or(match args.common.preset {
-                Budget::Quick => 8,
-                Budget::Full => 250,
-            }),
+            reference_steps: args
+                .reference_steps
+                .unwrap_or(args.common.preset.reference_steps()),
             teacher: &run.teacher,
             data: &run.data,
             // The generator samples unguided; the teacher's columns are unguided too.

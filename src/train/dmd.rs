@@ -268,6 +268,7 @@ struct Sides<'a> {
     generator_prediction: Prediction,
     steps: &'a [ConsistencyStep],
     alpha_bars: &'a [f64],
+    schedule: &'a fewstep_schedulers::NoiseSchedule,
     conditioning: &'a TeacherConditioning,
     shape: [usize; 4],
 }
@@ -338,7 +339,8 @@ impl Sides<'_> {
     }
 
     /// One denoising step's loss of the fake score network on generator samples `x0`, at
-    /// timesteps and noise drawn from `rng` (the teacher's objective).
+    /// timesteps and noise drawn from `rng` (the teacher's objective,
+    /// [`super::diffusion::denoising_loss`]).
     fn fake_loss(
         &self,
         fake: &UNet,
@@ -347,18 +349,20 @@ impl Sides<'_> {
         rng: &mut NoiseStream,
     ) -> Tensor<1> {
         let device = x0.device();
-        let b = self.shape[0];
-        let t: Vec<usize> = (0..b)
+        let t: Vec<usize> = (0..self.shape[0])
             .map(|_| rng.below(self.alpha_bars.len() as u64) as usize)
             .collect();
         let eps = crate::sample::host_noise(rng, self.shape, &device.clone().without_autodiff());
-        let a: Vec<f64> = t.iter().map(|&t| self.alpha_bars[t]).collect();
-        let z = noise_to(x0.clone(), eps.clone().autodiff(), &a);
-        let target =
-            crate::denoiser::training_target(self.teacher_prediction, x0, eps.autodiff(), &a);
-        let t_i: Vec<i64> = t.iter().map(|&t| t as i64).collect();
-        let out = model_output(fake, z, &t_i, cond);
-        (out - target).powf_scalar(2.0).mean()
+        super::diffusion::denoising_loss(
+            fake,
+            x0,
+            eps.autodiff(),
+            &t,
+            cond,
+            self.schedule,
+            self.teacher_prediction,
+            None,
+        )
     }
 }
 
@@ -458,6 +462,7 @@ pub fn distill_dmd(
         generator_prediction: scheduler.resolve(Algorithm::Lcm).prediction,
         steps: &steps,
         alpha_bars: &alpha_bars,
+        schedule: &schedule,
         conditioning: &conditioning,
         shape: [cfg.batch, teacher.unet_config.in_channels, size, size],
     };
