@@ -358,6 +358,30 @@ impl Generation<'_> {
     }
 }
 
+/// The uneven sampling grids this process has warned of, as (algorithm, steps, train
+/// timesteps): `distill progressive` names its first round's grid, and its FID table then
+/// samples the teacher on that grid without saying so again.
+static GRIDS_WARNED: std::sync::Mutex<Vec<(Algorithm, usize, usize)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Prints the warning `line` about `algorithm`'s grid of `steps` over `train_t` timesteps,
+/// unless one about that grid was printed already; says whether it printed.
+pub fn warn_grid_once(
+    algorithm: Algorithm,
+    steps: usize,
+    train_t: usize,
+    line: impl FnOnce() -> String,
+) -> bool {
+    let mut warned = GRIDS_WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    let key = (algorithm, steps, train_t);
+    if warned.contains(&key) {
+        return false;
+    }
+    warned.push(key);
+    eprintln!("{}", line());
+    true
+}
+
 /// Applies the sampler settings of a [`Generation`] to `scheduler`: DDIM's η and the LCM
 /// scheduler's custom timesteps (each refused, in one line, by schedulers that do not take it).
 pub fn configure_scheduler(
@@ -521,4 +545,24 @@ pub fn generate_gan(
         each(first, generator.forward(z, labels))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use fewstep_schedulers::Algorithm;
+
+    #[test]
+    fn a_grid_is_warned_of_once_per_process() {
+        // Train-timestep counts no other test uses: the registry is process-wide.
+        let warn = |algorithm, steps, train_t| {
+            super::warn_grid_once(algorithm, steps, train_t, || {
+                format!("warning: test grid {steps}")
+            })
+        };
+        assert!(warn(Algorithm::Ddim, 16, 1003));
+        assert!(!warn(Algorithm::Ddim, 16, 1003), "the same grid again");
+        assert!(warn(Algorithm::Ddim, 12, 1003), "another step count");
+        assert!(warn(Algorithm::Lcm, 16, 1003), "another algorithm");
+        assert!(warn(Algorithm::Ddim, 16, 1007), "another train length");
+    }
 }

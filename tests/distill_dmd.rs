@@ -1,6 +1,7 @@
 //! `fewstep distill dmd` on tiny teachers: the generator is an LCM pipeline folder that samples
 //! in 1 and 2 steps, started from a consistency student or the teacher; an interrupted run
-//! resumes to the uninterrupted generator; bad input is one clear line.
+//! resumes to the uninterrupted generator and a finished one extends with `--resume --iters`; bad
+//! input is one clear line.
 
 mod common;
 use common::{
@@ -139,6 +140,40 @@ fn an_interrupted_run_resumes_to_the_uninterrupted_generator() {
     let w = format!("student/{WEIGHTS}");
     let max = max_weight_difference(&whole.join(&w), &split.join(&w));
     assert!(max == 0.0, "resumed differs by {max}");
+    // A finished 8-iteration run, extended with `--resume --iters 12`, is the 12-iteration run;
+    // fewer iterations than it has done are refused and leave it as it was.
+    let short = scratch("dmd", "short");
+    let mut a = args(&short);
+    let at = a.iter().position(|x| x == "--iters").unwrap();
+    a[at + 1] = "8".into();
+    ok(&fewstep(&a.iter().map(String::as_str).collect::<Vec<_>>()));
+    let resume = |iters: &str| {
+        fewstep(&[
+            "distill",
+            "dmd",
+            "--out",
+            short.to_str().unwrap(),
+            "--resume",
+            "--iters",
+            iters,
+            "--no-eval",
+            "--quiet",
+        ])
+    };
+    let run_json = std::fs::read_to_string(short.join("run.json")).unwrap();
+    assert_clean_failure(resume("5"), "--iters 5");
+    assert_eq!(
+        std::fs::read_to_string(short.join("run.json")).unwrap(),
+        run_json
+    );
+    ok(&resume("12"));
+    let max = max_weight_difference(&whole.join(&w), &short.join(&w));
+    assert!(max == 0.0, "extended differs by {max}");
+    let rows = std::fs::read_to_string(short.join("loss.csv"))
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(rows, 13, "loss.csv: a header and 12 iterations");
 }
 
 #[test]

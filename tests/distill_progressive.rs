@@ -105,6 +105,10 @@ fn a_round_factor_of_four_makes_one_student_at_a_quarter_of_the_steps() {
     )
     .unwrap();
     assert_eq!(p.scheduler.distilled_steps, Some(1));
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("distill.json")).unwrap()).unwrap();
+    assert_eq!(record["stage"], "round", "not a halving: {record}");
+    assert_eq!(record["teacher_steps_per_step"], 4);
     let teacher_w =
         io::read_safetensors(&teacher.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
     let student_w = student_weights(&out, 1);

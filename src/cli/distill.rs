@@ -284,9 +284,8 @@ pub struct ProgressiveArgs {
     /// `distill consistency --loss teacher-features`; one more encoder pass over both images).
     #[arg(long, value_enum, default_value = "l2")]
     pub loss: LossKind,
-    /// c of the pseudo-Huber distance with --loss huber.
-    #[arg(long, value_parser = super::values::positive_f32, default_value_t = 0.001)]
-    pub huber_c: f32,
+    #[command(flatten)]
+    pub huber: HuberArgs,
     /// The run folder (round-<N>steps/ students, checkpoints, loss.csv, report.{json,csv}).
     #[arg(long, default_value = "runs/progressive")]
     pub out: PathBuf,
@@ -304,12 +303,21 @@ pub enum LossKind {
     TeacherFeatures,
 }
 
-impl LossKind {
-    /// The distance this flag names, `huber_c` being --huber-c.
-    pub fn distance(self, huber_c: f32) -> Distance {
-        match self {
+/// `--huber-c`, the constant of every distillation command's pseudo-Huber distance.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct HuberArgs {
+    /// c of the pseudo-Huber distance √((a − b)² + c²) − c, where a loss flag names huber (LCM:
+    /// 0.001).
+    #[arg(long, value_parser = super::values::positive_f32, default_value_t = 0.001)]
+    pub huber_c: f32,
+}
+
+impl HuberArgs {
+    /// The distance a loss flag names.
+    pub fn distance(self, kind: LossKind) -> Distance {
+        match kind {
             LossKind::L2 => Distance::L2,
-            LossKind::Huber => Distance::PseudoHuber { c: huber_c },
+            LossKind::Huber => Distance::PseudoHuber { c: self.huber_c },
             LossKind::TeacherFeatures => Distance::TeacherFeatures,
         }
     }
@@ -406,9 +414,8 @@ pub struct ConsistencyArgs {
     /// With --adversarial: the discriminator's learning rate (Adam, β = 0.5, 0.999).
     #[arg(long, value_parser = super::values::positive_f64, default_value_t = 2e-4, requires = "adversarial")]
     pub adversarial_lr: f64,
-    /// c of the pseudo-Huber distance (LCM: 0.001).
-    #[arg(long, value_parser = super::values::positive_f32, default_value_t = 0.001)]
-    pub huber_c: f32,
+    #[command(flatten)]
+    pub huber: HuberArgs,
     /// Classifier-free guidance of the teacher's targets, x0 = c + w·(c − u), for a
     /// class-conditional teacher: one scale `w`, or a range `w_min,w_max` drawn per example —
     /// the student then takes w through a guidance-scale embedding (LCM's time_cond_proj_dim)
@@ -479,7 +486,7 @@ impl ProgressiveArgs {
             guided_halving: self.guided_halving,
             rollout_fraction: self.rollout_fraction,
             snr_weight_cap: self.snr_weight_cap,
-            distance: self.loss.distance(self.huber_c),
+            distance: self.huber.distance(self.loss),
             quantize: self.common.quantize()?,
         })
     }
@@ -636,7 +643,7 @@ impl ConsistencyArgs {
             scales_start: self.scales_start,
             target_ema: self.target_ema,
             timestep_scaling: self.timestep_scaling,
-            distance: self.loss.distance(self.huber_c),
+            distance: self.huber.distance(self.loss),
             solver: match self.solver {
                 SolverKind::Ddim => Solver::Ddim,
                 SolverKind::Heun => Solver::Heun,

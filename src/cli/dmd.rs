@@ -13,7 +13,8 @@ use crate::train::{self, checkpoint};
 pub struct DmdArgs {
     #[command(flatten)]
     pub common: DistillArgs,
-    /// Generator steps (quick 300, full 3000).
+    /// Generator steps (quick 300, full 3000); with --resume a new total, which extends a
+    /// finished run.
     #[arg(long, value_parser = super::values::count)]
     pub iters: Option<usize>,
     /// Samples per step, for the generator and for each fake-score step (quick 16, full 32).
@@ -56,9 +57,8 @@ pub struct DmdArgs {
     /// Distance of the regression term.
     #[arg(long, value_enum, default_value = "teacher-features")]
     pub regression_loss: LossKind,
-    /// c of the pseudo-Huber distance with --regression-loss huber.
-    #[arg(long, value_parser = super::values::positive_f32, default_value_t = 0.001)]
-    pub huber_c: f32,
+    #[command(flatten)]
+    pub huber: super::distill::HuberArgs,
     /// EMA decay of the written generator (default: none).
     #[arg(long, value_parser = super::values::decay)]
     pub ema: Option<f32>,
@@ -93,7 +93,7 @@ impl DmdArgs {
             timestep_scaling: self.timestep_scaling,
             guidance: self.guidance,
             regression: self.regression,
-            regression_distance: self.regression_loss.distance(self.huber_c),
+            regression_distance: self.huber.distance(self.regression_loss),
             optimizer: self.common.optimizer()?,
             ema_decay: self.ema.filter(|&d| d > 0.0),
             seed: self.common.seed,
@@ -116,7 +116,7 @@ pub fn run(args: DmdArgs) -> Result<()> {
     }
     let device = args.common.device.device()?;
     let run = if args.common.resume {
-        super::warn_flags_on_resume(&[]);
+        super::warn_flags_on_resume(&["--iters"]);
         None
     } else {
         let (teacher, data) = args.common.teacher_and_data()?;
@@ -130,6 +130,11 @@ pub fn run(args: DmdArgs) -> Result<()> {
             data,
         })
     };
+    if args.common.resume
+        && let Some(iters) = args.iters
+    {
+        dmd::extend_run(&args.out, iters)?;
+    }
     train::install_interrupt_handler();
     let outcome = dmd::distill_dmd(
         &args.out,

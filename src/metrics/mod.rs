@@ -166,7 +166,8 @@ fn progress_line(label: &str, done: usize, num: usize, seconds: f64) -> String {
 
 /// Generates `request.num` images from `pipeline` with `algorithm` at `steps` steps (progress bar
 /// labelled `label`) and extracts their features, keeping the first `keep` images. Prints the
-/// scheduler's grid warning (DDIM at a step count that does not divide the train timesteps).
+/// scheduler's grid warning (DDIM at a step count that does not divide the train timesteps),
+/// once per grid in a process.
 #[allow(clippy::too_many_arguments)]
 pub fn sample_features(
     pipeline: &Pipeline,
@@ -185,7 +186,10 @@ pub fn sample_features(
         .set_timesteps(steps)
         .map_err(|e| Error::Usage(format!("--steps {steps}: {}", e.0)))?;
     if let Some(w) = scheduler.grid_warning() {
-        eprintln!("warning: {label} @ {steps} steps: {w}");
+        let train_t = scheduler.schedule().num_train_timesteps();
+        crate::sample::warn_grid_once(algorithm, steps, train_t, || {
+            format!("warning: {label} @ {steps} steps: {w}")
+        });
     }
     collect_features(
         request.num,

@@ -264,6 +264,39 @@ pub fn read_run_as<T: serde::de::DeserializeOwned>(run: &Path, kind: &str) -> Re
         .map_err(|e| Error::file(run.join(RUN_FILE), format!("not a valid `{kind}` run: {e}")))
 }
 
+/// The iteration the newest complete checkpoint of `run` holds (0 without one).
+pub fn latest_iteration(run: &Path) -> usize {
+    latest(run)
+        .and_then(|c| io::read_text(&c.join("state").join("state.json")).ok())
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|v| v["iter"].as_u64())
+        .unwrap_or(0) as usize
+}
+
+/// `--resume --iters N`: rewrites the `kind` run's `run.json` in `run` with `N` total
+/// iterations (`set_iters` stores them and validates the result), refusing fewer than its
+/// latest checkpoint holds. A finished run then continues from its last checkpoint to `N`.
+pub fn extend_run<T: serde::Serialize + serde::de::DeserializeOwned>(
+    run: &Path,
+    kind: &str,
+    iters: usize,
+    set_iters: impl FnOnce(&mut T, usize) -> Result<()>,
+) -> Result<()> {
+    let mut settings: T = read_run_as(run, kind)?;
+    let done = latest_iteration(run);
+    if iters < done {
+        return Err(Error::Usage(format!(
+            "--iters {iters}: the run in {} is already at iteration {done} (expected at least that)",
+            run.display()
+        )));
+    }
+    set_iters(&mut settings, iters)?;
+    io::write_json(
+        &run.join(RUN_FILE),
+        &serde_json::to_value(&settings).expect("run serialises"),
+    )
+}
+
 /// Undoes [`prepare_new_run`] after a failure before the run's first `run.json`: removes what
 /// the run wrote, and the folder itself unless it `existed` (empty) before.
 pub fn abandon_new_run(run: &Path, existed: bool) {

@@ -535,32 +535,23 @@ fn draw_batch(
     })
 }
 
-/// Runs (or resumes) consistency distillation in `run_dir`; data-parallel over `devices` when
-/// there are several (the first holds the models and the data).
 /// Raises a stored run's iterations to `iters` (`--resume --iters N`): the run continues from
 /// its latest checkpoint to the new total, a finished one included, and rewrites its student (and
 /// LoRA file). Learning-rate decay and the scale curriculum are stretched to the new total.
 pub fn extend_run(run_dir: &Path, iters: usize) -> Result<()> {
-    let mut run = checkpoint::read_run_as::<ConsistencyRun>(run_dir, CONSISTENCY_RUN)?;
-    let done = checkpoint::latest(run_dir)
-        .and_then(|c| io::read_text(&c.join("state").join("state.json")).ok())
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v["iter"].as_u64())
-        .unwrap_or(0) as usize;
-    if iters < done {
-        return Err(Error::Usage(format!(
-            "--iters {iters}: the run in {} is already at iteration {done} (expected at least that)",
-            run_dir.display()
-        )));
-    }
-    run.config.iters = iters;
-    run.config.validate()?;
-    io::write_json(
-        &run_dir.join(checkpoint::RUN_FILE),
-        &serde_json::to_value(&run).expect("run serialises"),
+    checkpoint::extend_run(
+        run_dir,
+        CONSISTENCY_RUN,
+        iters,
+        |run: &mut ConsistencyRun, n| {
+            run.config.iters = n;
+            run.config.validate()
+        },
     )
 }
 
+/// Runs (or resumes) consistency distillation in `run_dir`; data-parallel over `devices` when
+/// there are several (the first holds the models and the data).
 pub fn distill_consistency(
     run_dir: &Path,
     run: Option<ConsistencyRun>,

@@ -379,6 +379,16 @@ fn draw_conditioning(
         .batch(sides.teacher, labels, &rows, rng, device)
 }
 
+/// Raises a stored run's iterations to `iters` (`--resume --iters N`): the run continues from
+/// its latest checkpoint to the new total, a finished one included, and rewrites its generator.
+/// The learning rate is constant after its warm-up, so the extended run is the longer run.
+pub fn extend_run(run_dir: &Path, iters: usize) -> Result<()> {
+    checkpoint::extend_run(run_dir, DMD_RUN, iters, |run: &mut DmdRun, n| {
+        run.config.iters = n;
+        run.config.validate()
+    })
+}
+
 /// Runs (or resumes) distribution-matching distillation in `run_dir` on `device`.
 pub fn distill_dmd(
     run_dir: &Path,
@@ -394,11 +404,15 @@ pub fn distill_dmd(
     };
     let cfg = &run.config;
     let student_dir = run_dir.join(STUDENT_DIR);
-    if resume && student_dir.join("model_index.json").is_file() {
-        let recorded: serde_json::Value = io::read_text(&student_dir.join(super::DISTILL_RECORD))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_default();
+    let recorded: serde_json::Value = io::read_text(&student_dir.join(super::DISTILL_RECORD))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    // A finished run returns its generator, unless `extend_run` raised its iterations since.
+    let finished = recorded["iters"]
+        .as_u64()
+        .is_none_or(|done| done as usize >= cfg.iters);
+    if resume && finished && student_dir.join("model_index.json").is_file() {
         return Ok(DmdOutcome {
             student: Some(student_dir),
             final_loss: recorded["final_loss"].as_f64().unwrap_or(f64::NAN),

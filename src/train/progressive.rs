@@ -116,12 +116,15 @@ impl Stage {
         }
     }
 
-    /// The stage's name in the student's `distill.json`.
-    fn record_name(self) -> &'static str {
-        match self {
-            Stage::Guided { halving: true, .. } => "guided-halving",
-            Stage::Guided { .. } => "guided",
-            Stage::Halving { .. } => "halving",
+    /// The stage's name in the student's `distill.json`, `factor` being the round factor:
+    /// "halving" for the paper's 2, "round" (K teacher steps into one) for any other.
+    fn record_name(self, factor: usize) -> &'static str {
+        match (self, factor == 2) {
+            (Stage::Guided { halving: true, .. }, true) => "guided-halving",
+            (Stage::Guided { halving: true, .. }, false) => "guided-round",
+            (Stage::Guided { .. }, _) => "guided",
+            (Stage::Halving { .. }, true) => "halving",
+            (Stage::Halving { .. }, false) => "round",
         }
     }
 }
@@ -567,14 +570,15 @@ pub fn distill_progressive(
                 run.teacher.display()
             )));
         }
-        if let Some(warning) = uneven_grid_warning(
-            teacher
-                .scheduler
-                .resolve(Algorithm::Ddim)
-                .num_train_timesteps,
-            run.config.from_steps,
-        ) {
-            eprintln!("{warning}");
+        let train_t = teacher
+            .scheduler
+            .resolve(Algorithm::Ddim)
+            .num_train_timesteps;
+        if let Some(warning) = uneven_grid_warning(train_t, run.config.from_steps) {
+            // The FID table's teacher column at these steps does not warn of the grid again.
+            crate::sample::warn_grid_once(Algorithm::Ddim, run.config.from_steps, train_t, || {
+                warning
+            });
         }
         images = Some(open_images(
             &run.data,
@@ -884,7 +888,8 @@ pub fn distill_progressive(
             },
             &json!({
                 "steps": steps,
-                "stage": stage.record_name(),
+                "stage": stage.record_name(cfg.round_factor),
+                "teacher_steps_per_step": factor,
                 "guidance": cfg.guidance,
                 "teacher": teacher_dir,
                 "final_loss": final_loss,
