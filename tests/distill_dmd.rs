@@ -1,7 +1,8 @@
 //! `fewstep distill dmd` on tiny teachers: the generator is an LCM pipeline folder that samples
 //! in 1 and 2 steps, started from a consistency student or the teacher; an interrupted run
-//! resumes to the uninterrupted generator and a finished one extends with `--resume --iters`; bad
-//! input is one clear line.
+//! resumes to the uninterrupted generator and a finished one extends with `--resume --iters`;
+//! DMD2's adversarial term trains heads on the fake network and resumes exactly; bad input is
+//! one clear line.
 
 mod common;
 use common::{
@@ -177,10 +178,62 @@ fn an_interrupted_run_resumes_to_the_uninterrupted_generator() {
 }
 
 #[test]
+fn the_adversarial_term_trains_heads_on_the_fake_network_and_resumes_exactly() {
+    let teacher = tiny_model("dmd", "teacher-g");
+    let args = |out: &Path, gan: bool| -> Vec<String> {
+        let mut a: Vec<String> = dmd_args(&teacher, out, "8")
+            .into_iter()
+            .map(String::from)
+            .collect();
+        if gan {
+            for x in ["--gan-weight", "0.5", "--gan-fake-weight", "0.5"] {
+                a.push(x.into());
+            }
+        }
+        a
+    };
+    let run = |a: Vec<String>| ok(&fewstep(&a.iter().map(String::as_str).collect::<Vec<_>>()));
+    let plain = scratch("dmd", "gan-plain");
+    run(args(&plain, false));
+    let whole = scratch("dmd", "gan-whole");
+    run(args(&whole, true));
+    let stored = std::fs::read_to_string(whole.join("run.json")).unwrap();
+    assert!(stored.contains("\"generator_weight\": 0.5"), "{stored}");
+    let heads = whole.join("checkpoints/latest/gan/state/model.safetensors");
+    assert!(heads.is_file(), "the heads are checkpointed");
+    assert!(!plain.join("checkpoints/latest/gan").exists());
+    let w = format!("student/{WEIGHTS}");
+    let gap = max_weight_difference(&plain.join(&w), &whole.join(&w));
+    assert!(gap > 0.0, "the adversarial term changes the generator");
+    samples_in(&whole.join("student"), 1);
+    // Interrupted after 3 iterations: the heads and their optimiser come back with the rest.
+    let split = scratch("dmd", "gan-split");
+    let a = args(&split, true);
+    interrupt_after_rows(
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+        &split.join("loss.csv"),
+        3,
+    );
+    ok(&fewstep(&[
+        "distill",
+        "dmd",
+        "--out",
+        split.to_str().unwrap(),
+        "--resume",
+        "--no-eval",
+        "--quiet",
+    ]));
+    let max = max_weight_difference(&whole.join(&w), &split.join(&w));
+    assert!(max == 0.0, "resumed differs by {max}");
+}
+
+#[test]
 fn bad_dmd_input_is_one_clear_line_and_writes_nothing() {
     let teacher = tiny_model("dmd", "teacher-c");
-    let cases: [(&str, &[&str], &str); 5] = [
+    let cases: [(&str, &[&str], &str); 7] = [
         ("1", &[], "--fake-warmup 1"),
+        ("3", &["--gan-weight", "0"], "--gan-weight"),
+        ("3", &["--gan-fake-weight", "0.1"], "--gan-weight"),
         (
             "3",
             &["--scales", "10", "--sampling-steps", "11"],

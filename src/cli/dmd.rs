@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use super::distill::{Budget, DistillArgs, LcmReport, LossKind, lcm_report};
 use crate::error::{Error, Result};
-use crate::train::dmd::{self, DMD_RUN, DmdConfig, DmdRun};
+use crate::train::dmd::{self, DMD_RUN, DmdConfig, DmdGan, DmdRun};
 use crate::train::{self, checkpoint};
 
 #[derive(Debug, clap::Args)]
@@ -59,6 +59,16 @@ pub struct DmdArgs {
     pub regression_loss: LossKind,
     #[command(flatten)]
     pub huber: super::distill::HuberArgs,
+    /// DMD2's adversarial term, this weight against the distribution-matching loss's 1 (DMD2:
+    /// 3e-3): heads on the fake score network's encoder learn to tell noised training images
+    /// from noised generator samples, and the generator learns to fool them (non-saturating
+    /// loss). Default: none.
+    #[arg(long, value_parser = super::values::positive_f32)]
+    pub gan_weight: Option<f32>,
+    /// With --gan-weight: the weight of the heads' classification loss in the fake score
+    /// network's objective, against its denoising loss's 1 (DMD2: 1e-2).
+    #[arg(long, value_parser = super::values::positive_f32, default_value_t = 1e-2, requires = "gan_weight")]
+    pub gan_fake_weight: f32,
     /// EMA decay of the written generator (default: none).
     #[arg(long, value_parser = super::values::decay)]
     pub ema: Option<f32>,
@@ -94,6 +104,10 @@ impl DmdArgs {
             guidance: self.guidance,
             regression: self.regression,
             regression_distance: self.huber.distance(self.regression_loss),
+            gan: self.gan_weight.map(|w| DmdGan {
+                generator_weight: w,
+                fake_weight: self.gan_fake_weight,
+            }),
             optimizer: self.common.optimizer()?,
             ema_decay: self.ema.filter(|&d| d > 0.0),
             seed: self.common.seed,

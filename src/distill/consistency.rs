@@ -365,24 +365,31 @@ pub fn discriminator_logits(
     })
 }
 
-/// The student's adversarial loss: the hinge generator loss −E[D], averaged over the heads.
-pub fn adversarial_generator_loss(logits: Vec<Tensor<2>>) -> Tensor<1> {
+/// The student's adversarial loss over every head's positions, averaged over the heads: the
+/// hinge generator loss −E[D] (adversarial consistency distillation) or the non-saturating
+/// softplus(−D) (DMD2).
+pub fn adversarial_generator_loss(kind: GanLoss, logits: Vec<Tensor<2>>) -> Tensor<1> {
     let n = logits.len() as f64;
     logits
         .into_iter()
-        .map(|l| generator_loss(GanLoss::Hinge, l.flatten(0, 1)))
+        .map(|l| generator_loss(kind, l.flatten(0, 1)))
         .reduce(|a, b| a + b)
         .expect("at least one head")
         .div_scalar(n)
 }
 
-/// The discriminator's loss: the hinge loss E[max(0, 1 − D(real))] + E[max(0, 1 + D(fake))] of
-/// every position, averaged over the heads.
-pub fn adversarial_discriminator_loss(real: Vec<Tensor<2>>, fake: Vec<Tensor<2>>) -> Tensor<1> {
+/// The discriminator's loss of every position, averaged over the heads: the hinge loss
+/// E[max(0, 1 − D(real))] + E[max(0, 1 + D(fake))], or the non-saturating softplus(−D(real)) +
+/// softplus(D(fake)).
+pub fn adversarial_discriminator_loss(
+    kind: GanLoss,
+    real: Vec<Tensor<2>>,
+    fake: Vec<Tensor<2>>,
+) -> Tensor<1> {
     let n = real.len() as f64;
     real.into_iter()
         .zip(fake)
-        .map(|(r, f)| discriminator_loss(GanLoss::Hinge, r.flatten(0, 1), f.flatten(0, 1)))
+        .map(|(r, f)| discriminator_loss(kind, r.flatten(0, 1), f.flatten(0, 1)))
         .reduce(|a, b| a + b)
         .expect("at least one head")
         .div_scalar(n)
@@ -664,6 +671,7 @@ mod tests {
                     )
                 };
                 adversarial_discriminator_loss(
+                    GanLoss::Hinge,
                     logits(normal(k) * 0.1 + 0.5),
                     logits(normal(k + 1) * 0.1 - 0.5),
                 )
@@ -686,15 +694,18 @@ mod tests {
             // The generator's loss reaches its samples, not the teacher or the discriminator.
             let frozen = d.valid().to_device(&ad).no_grad();
             let x = (normal(7) * 0.1 - 0.5).autodiff().require_grad();
-            let g = adversarial_generator_loss(discriminator_logits(
-                Some(&net),
-                &frozen,
-                x.clone(),
-                normal(8).autodiff(),
-                &t,
-                &alpha_bar,
-                &cond,
-            ));
+            let g = adversarial_generator_loss(
+                GanLoss::Hinge,
+                discriminator_logits(
+                    Some(&net),
+                    &frozen,
+                    x.clone(),
+                    normal(8).autodiff(),
+                    &t,
+                    &alpha_bar,
+                    &cond,
+                ),
+            );
             let grads = g.backward();
             let gx = x.grad(&grads).expect("the samples get a gradient");
             assert!(gx.abs().sum().into_scalar::<f32>() > 0.0);

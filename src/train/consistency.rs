@@ -30,6 +30,7 @@ use crate::distill::consistency::{
     Solver, adversarial_discriminator_loss, adversarial_generator_loss, consistency_output,
     discriminator_logits, distance, noised, skipping_grid, teacher_solver_step,
 };
+use crate::distill::gan::GanLoss;
 use crate::error::{Error, Result};
 use crate::io;
 use crate::models::feature_heads::{ConsistencyDiscriminator, FeatureHeads};
@@ -851,7 +852,8 @@ pub fn distill_consistency(
                                 &shard.take_list(&rows.alpha_bar),
                                 &ad_cond,
                             );
-                            loss + adversarial_generator_loss(logits).mul_scalar(a.weight)
+                            loss + adversarial_generator_loss(GanLoss::Hinge, logits)
+                                .mul_scalar(a.weight)
                         }
                         _ => loss,
                     }
@@ -895,7 +897,11 @@ pub fn distill_consistency(
                         &b.cond.clone().autodiff(),
                     )
                 };
-                let d_loss = adversarial_discriminator_loss(logits(rows.x0.clone()), logits(fake));
+                let d_loss = adversarial_discriminator_loss(
+                    GanLoss::Hinge,
+                    logits(rows.x0.clone()),
+                    logits(fake),
+                );
                 let d_value: f32 = d_loss.clone().into_scalar::<f32>();
                 let grads = GradientsParams::from_grads(d_loss.backward(), &d.net);
                 let Discriminator { net, mut optim } = d;
