@@ -42,6 +42,21 @@ fn dmd_args<'a>(teacher: &'a Path, out: &'a Path, iters: &'a str) -> Vec<&'a str
     ]
 }
 
+/// `distill dmd --resume` of the run in `out`, with `extra` flags.
+fn resume(out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "distill",
+        "dmd",
+        "--out",
+        out.to_str().unwrap(),
+        "--resume",
+        "--no-eval",
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    fewstep(&args)
+}
+
 fn samples_in(dir: &Path, steps: usize) {
     let o = fewstep(&[
         "sample",
@@ -129,15 +144,7 @@ fn an_interrupted_run_resumes_to_the_uninterrupted_generator() {
         5,
     );
     assert!(!split.join("student").exists());
-    ok(&fewstep(&[
-        "distill",
-        "dmd",
-        "--out",
-        split.to_str().unwrap(),
-        "--resume",
-        "--no-eval",
-        "--quiet",
-    ]));
+    ok(&resume(&split, &[]));
     let w = format!("student/{WEIGHTS}");
     let max = max_weight_difference(&whole.join(&w), &split.join(&w));
     assert!(max == 0.0, "resumed differs by {max}");
@@ -148,26 +155,14 @@ fn an_interrupted_run_resumes_to_the_uninterrupted_generator() {
     let at = a.iter().position(|x| x == "--iters").unwrap();
     a[at + 1] = "8".into();
     ok(&fewstep(&a.iter().map(String::as_str).collect::<Vec<_>>()));
-    let resume = |iters: &str| {
-        fewstep(&[
-            "distill",
-            "dmd",
-            "--out",
-            short.to_str().unwrap(),
-            "--resume",
-            "--iters",
-            iters,
-            "--no-eval",
-            "--quiet",
-        ])
-    };
+    let extend = |iters: &str| resume(&short, &["--iters", iters]);
     let run_json = std::fs::read_to_string(short.join("run.json")).unwrap();
-    assert_clean_failure(resume("5"), "--iters 5");
+    assert_clean_failure(extend("5"), "--iters 5");
     assert_eq!(
         std::fs::read_to_string(short.join("run.json")).unwrap(),
         run_json
     );
-    ok(&resume("12"));
+    ok(&extend("12"));
     let max = max_weight_difference(&whole.join(&w), &short.join(&w));
     assert!(max == 0.0, "extended differs by {max}");
     let rows = std::fs::read_to_string(short.join("loss.csv"))
@@ -214,15 +209,7 @@ fn the_adversarial_term_trains_heads_on_the_fake_network_and_resumes_exactly() {
         &split.join("loss.csv"),
         3,
     );
-    ok(&fewstep(&[
-        "distill",
-        "dmd",
-        "--out",
-        split.to_str().unwrap(),
-        "--resume",
-        "--no-eval",
-        "--quiet",
-    ]));
+    ok(&resume(&split, &[]));
     let max = max_weight_difference(&whole.join(&w), &split.join(&w));
     assert!(max == 0.0, "resumed differs by {max}");
 }

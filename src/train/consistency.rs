@@ -570,19 +570,13 @@ pub fn distill_consistency(
     };
     let cfg = &run.config;
     let student_dir = run_dir.join(STUDENT_DIR);
-    let recorded: serde_json::Value = io::read_text(&student_dir.join(super::DISTILL_RECORD))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default();
     // A finished run returns its student, unless `extend_run` raised its iterations since.
-    let finished = recorded["iters"]
-        .as_u64()
-        .is_none_or(|done| done as usize >= cfg.iters);
-    if resume && finished && student_dir.join("model_index.json").is_file() {
+    if resume && let Some((final_loss, seconds)) = super::finished_student(&student_dir, cfg.iters)
+    {
         return Ok(ConsistencyOutcome {
             student: Some(student_dir),
-            final_loss: recorded["final_loss"].as_f64().unwrap_or(f64::NAN),
-            seconds: recorded["seconds"].as_f64().unwrap_or(f64::NAN),
+            final_loss,
+            seconds,
         });
     }
     // Everything is checked against the teacher before a new run folder is made.

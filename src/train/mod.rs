@@ -671,6 +671,28 @@ pub(crate) fn write_student(
 /// The figures of a finished student, written beside it.
 pub const DISTILL_RECORD: &str = "distill.json";
 
+/// The final loss and seconds of the student a finished run wrote in `student_dir`, or `None`
+/// when there is none yet, or its record holds fewer than `iters` iterations (`--resume
+/// --iters N` raised them since).
+pub(crate) fn finished_student(student_dir: &Path, iters: usize) -> Option<(f64, f64)> {
+    if !student_dir.join("model_index.json").is_file() {
+        return None;
+    }
+    let recorded: serde_json::Value = io::read_text(&student_dir.join(DISTILL_RECORD))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    recorded["iters"]
+        .as_u64()
+        .is_none_or(|done| done as usize >= iters)
+        .then(|| {
+            (
+                recorded["final_loss"].as_f64().unwrap_or(f64::NAN),
+                recorded["seconds"].as_f64().unwrap_or(f64::NAN),
+            )
+        })
+}
+
 /// Opens the run's data at the model's sample size, reporting unreadable files once and checking
 /// that a class-conditional model gets labelled images.
 pub(crate) fn open_images(
