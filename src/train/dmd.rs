@@ -8,11 +8,12 @@
 //! noised data from noised generator samples (their loss joins the fake network's, which it
 //! also trains), and the generator takes their non-saturating loss.
 //!
-//! Run folder: `run.json`, `loss.csv` (the generator's loss; the fake score's in the progress
+//! Run folder: `run.json`, `loss.csv` (the generator's loss; the fake score's denoising loss, and
+//! with `gan` the heads' classification loss and the generator's adversarial loss, in the progress
 //! line), `checkpoints/{latest,previous}` (generator and its optimiser in `state/`, its EMA in
 //! `state/ema.safetensors`, the fake score network and its optimiser in `fake/state/`, the
-//! adversarial heads and theirs in `gan/state/`), and
-//! `student/` at the end: an `LCMScheduler` pipeline folder that samples in 1, 2, 4 … steps.
+//! adversarial heads and theirs in `gan/state/`), and `student/` at the end: an `LCMScheduler`
+//! pipeline folder that samples in 1, 2, 4 … steps.
 
 use std::path::{Path, PathBuf};
 
@@ -657,6 +658,10 @@ pub fn distill_dmd(
                 .map(|_| super::model_space(&teacher, real).autodiff());
             let ad_cond = cond.clone().autodiff();
             let mut fake_value = 0.0f32;
+            // With `gan`: the heads' classification loss (2·ln 2 ≈ 1.386 at chance) and the
+            // generator's adversarial loss, unweighted, for the progress line.
+            let mut heads_value = 0.0f32;
+            let mut adversarial_value = None;
             for _ in 0..cfg.fake_updates {
                 let generator = state.generator.valid();
                 let level = sides.level(&mut rng);
@@ -672,6 +677,7 @@ pub fn distill_dmd(
                 );
                 let x0 = x0.autodiff();
                 let mut loss = sides.fake_loss(&state.fake, x0.clone(), &ad_cond, &mut rng);
+                fake_value += loss.clone().into_scalar::<f32>() / cfg.fake_updates as f32;
                 if let (Some(g), Some(gan), Some(real)) = (cfg.gan, &state.gan, &real) {
                     let uniform: Vec<f64> = (0..cfg.batch).map(|_| rng.uniform()).collect();
                     let t = score_timesteps(alpha_bars.len(), &uniform);
@@ -680,11 +686,11 @@ pub fn distill_dmd(
                         sides.realism(&state.fake, &gan.heads, x, eps.autodiff(), &t, &ad_cond)
                     };
                     let (on_real, on_fake) = (judge(real.clone()), judge(x0));
-                    loss = loss
-                        + adversarial_discriminator_loss(GanLoss::NonSaturating, on_real, on_fake)
-                            .mul_scalar(g.fake_weight);
+                    let heads =
+                        adversarial_discriminator_loss(GanLoss::NonSaturating, on_real, on_fake);
+                    heads_value += heads.clone().into_scalar::<f32>() / cfg.fake_updates as f32;
+                    loss = loss + heads.mul_scalar(g.fake_weight);
                 }
-                fake_value += loss.clone().into_scalar::<f32>() / cfg.fake_updates as f32;
                 let mut grads = loss.backward();
                 if let Some(mut gan) = state.gan.take() {
                     let heads = GradientsParams::from_module(&mut grads, &gan.heads);
@@ -740,9 +746,9 @@ pub fn distill_dmd(
                 // fake network and the heads to the generator (their own gradients unused).
                 let logits =
                     sides.realism(&state.fake, &gan.heads, x0, eps.autodiff(), &t, &ad_cond);
-                loss = loss
-                    + adversarial_generator_loss(GanLoss::NonSaturating, logits)
-                        .mul_scalar(g.generator_weight);
+                let adversarial = adversarial_generator_loss(GanLoss::NonSaturating, logits);
+                adversarial_value = Some(adversarial.clone().into_scalar::<f32>());
+                loss = loss + adversarial.mul_scalar(g.generator_weight);
             }
             let value: f32 = loss.clone().into_scalar();
             let lr = cfg.lr_at(iter);
@@ -763,7 +769,12 @@ pub fn distill_dmd(
                 IterReport {
                     loss: value,
                     lr,
-                    note: format!(" | fake {fake_value:.4}"),
+                    note: match adversarial_value {
+                        Some(adv) => format!(
+                            " | fake {fake_value:.4} | heads {heads_value:.3} | adversarial {adv:.3}"
+                        ),
+                        None => format!(" | fake {fake_value:.4}"),
+                    },
                 },
             ))
         },
