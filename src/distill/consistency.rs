@@ -345,8 +345,8 @@ pub enum DiscriminatorBackbone {
 pub const HEAD_WIDTH: usize = 64;
 
 /// The discriminator's logits for `x` re-noised with `eps` to each row's `t` (ᾱ `alpha_bar`):
-/// the frozen teacher `net`'s encoder maps at t, each through its head ([B, H·W] per map), or
-/// the pixel network's ([B, 1]; `net` unused).
+/// `net`'s encoder maps at t (the frozen teacher's here, the fake score network's in DMD2),
+/// each through its head ([B, H·W] per map), or the pixel network's ([B, 1]; `net` unused).
 pub fn discriminator_logits(
     net: Option<&UNet>,
     d: &ConsistencyDiscriminator,

@@ -30,13 +30,13 @@ use crate::data::{DataSource, TrainImages};
 use crate::denoiser::{guided_output, model_output, noise_to, per_row, x0_from_output};
 use crate::distill::consistency::{
     At, ConsistencyStep, Distance, HEAD_WIDTH, adversarial_discriminator_loss,
-    adversarial_generator_loss, consistency_output, distance,
+    adversarial_generator_loss, consistency_output, discriminator_logits, distance,
 };
 use crate::distill::dmd::{distribution_matching_loss, generator_steps, score_timesteps};
 use crate::distill::gan::GanLoss;
 use crate::error::{Error, Result};
 use crate::io;
-use crate::models::feature_heads::FeatureHeads;
+use crate::models::feature_heads::{ConsistencyDiscriminator, FeatureHeads};
 use crate::models::{Conditioning, UNet, UNetConfig};
 use crate::noise::NoiseStream;
 use crate::pipeline::{self, Pipeline};
@@ -222,7 +222,7 @@ struct State {
 /// The adversarial heads on the fake score network's encoder, and their optimiser (the fake
 /// network's settings and rate, as DMD2 trains them as one).
 struct Heads {
-    heads: FeatureHeads,
+    heads: ConsistencyDiscriminator,
     optim: ModuleOptimizer,
 }
 
@@ -231,7 +231,14 @@ impl Heads {
     fn new(fake: &UNet, cfg: &DmdConfig, device: &Device) -> Self {
         device.seed(cfg.seed);
         Heads {
-            heads: FeatureHeads::new(&fake.encoder_channels(), HEAD_WIDTH, device),
+            heads: ConsistencyDiscriminator {
+                heads: Some(FeatureHeads::new(
+                    &fake.encoder_channels(),
+                    HEAD_WIDTH,
+                    device,
+                )),
+                pixels: None,
+            },
             optim: cfg.optimizer.init(),
         }
     }
@@ -413,25 +420,19 @@ impl Sides<'_> {
     }
 
     /// The adversarial heads' logits for `x0` (on the autodiff device) noised to timesteps `t`
-    /// with `eps`: the heads on `fake`'s encoder maps there.
+    /// with `eps`: [`discriminator_logits`] with `fake`'s encoder as the backbone.
     fn realism(
         &self,
         fake: &UNet,
-        heads: &FeatureHeads,
+        heads: &ConsistencyDiscriminator,
         x0: Tensor<4>,
         eps: Tensor<4>,
         t: &[usize],
         cond: &Conditioning,
     ) -> Vec<Tensor<2>> {
-        let device = x0.device();
+        let t_i: Vec<i64> = t.iter().map(|&t| t as i64).collect();
         let a: Vec<f64> = t.iter().map(|&t| self.alpha_bars[t]).collect();
-        let t_in: Vec<f32> = t.iter().map(|&t| t as f32).collect();
-        let z = noise_to(x0, eps, &a);
-        heads.forward(fake.encoder_features(
-            z,
-            Tensor::<1>::from_floats(t_in.as_slice(), &device),
-            cond,
-        ))
+        discriminator_logits(Some(fake), heads, x0, eps, &t_i, &a, cond)
     }
 
     /// One denoising step's loss of the fake score network on generator samples `x0`, at
