@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{command, max_weight_difference, ok, scratch};
+use common::{command, csv_lines, max_weight_difference, ok, scratch};
 
 fn train_args(out: &Path) -> Vec<String> {
     [
@@ -160,10 +160,7 @@ fn a_run_killed_anywhere_recovers_to_the_uninterrupted_weights() {
             .unwrap();
         let started = Instant::now();
         loop {
-            let n = std::fs::read_to_string(run.join("loss.csv"))
-                .map(|t| t.lines().count())
-                .unwrap_or(0);
-            if n >= rows || child.try_wait().unwrap().is_some() {
+            if csv_lines(&run.join("loss.csv")) >= rows || child.try_wait().unwrap().is_some() {
                 break;
             }
             assert!(

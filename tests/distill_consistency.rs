@@ -4,8 +4,8 @@
 
 mod common;
 use common::{
-    assert_clean_failure, fewstep, interrupt_after_rows, losses, max_weight_difference, ok,
-    scratch, tiny_model, tiny_model_with, widened,
+    assert_clean_failure, csv_lines, fewstep, interrupt_after_rows, losses, max_weight_difference,
+    ok, scratch, tiny_model, tiny_model_with, widened,
 };
 
 use std::path::Path;
@@ -259,11 +259,11 @@ fn a_finished_run_extends_with_resume_iters_to_the_longer_runs_student() {
     let w = format!("student/{WEIGHTS}");
     let max = max_weight_difference(&whole.join(&w), &short.join(&w));
     assert!(max == 0.0, "extended differs by {max}");
-    let rows = std::fs::read_to_string(short.join("loss.csv"))
-        .unwrap()
-        .lines()
-        .count();
-    assert_eq!(rows, 21, "loss.csv: a header and 20 iterations");
+    assert_eq!(
+        csv_lines(&short.join("loss.csv")),
+        21,
+        "loss.csv: a header and 20 iterations"
+    );
 }
 
 #[test]

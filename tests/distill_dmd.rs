@@ -1,13 +1,13 @@
 //! `fewstep distill dmd` on tiny teachers: the generator is an LCM pipeline folder that samples
 //! in 1 and 2 steps, started from a consistency student or the teacher; an interrupted run
 //! resumes to the uninterrupted generator and a finished one extends with `--resume --iters`;
-//! DMD2's adversarial term trains heads on the fake network and resumes exactly; bad input is
-//! one clear line.
+//! DMD2's adversarial term trains heads on the fake network and resumes exactly; two devices
+//! train the one-device generator; bad input is one clear line.
 
 mod common;
 use common::{
-    assert_clean_failure, fewstep, interrupt_after_rows, max_weight_difference, ok, scratch,
-    tiny_model,
+    assert_clean_failure, csv_lines, fewstep, interrupt_after_rows, max_weight_difference, ok,
+    scratch, tiny_model,
 };
 
 use std::path::Path;
@@ -165,11 +165,11 @@ fn an_interrupted_run_resumes_to_the_uninterrupted_generator() {
     ok(&extend("12"));
     let max = max_weight_difference(&whole.join(&w), &short.join(&w));
     assert!(max == 0.0, "extended differs by {max}");
-    let rows = std::fs::read_to_string(short.join("loss.csv"))
-        .unwrap()
-        .lines()
-        .count();
-    assert_eq!(rows, 13, "loss.csv: a header and 12 iterations");
+    assert_eq!(
+        csv_lines(&short.join("loss.csv")),
+        13,
+        "loss.csv: a header and 12 iterations"
+    );
 }
 
 #[test]
@@ -215,6 +215,41 @@ fn the_adversarial_term_trains_heads_on_the_fake_network_and_resumes_exactly() {
 }
 
 #[test]
+fn two_devices_train_the_one_device_generator() {
+    // Every term at once: the adversarial heads (trained with the fake network in one backward
+    // pass, stepped by their own optimiser) and the regression term, sharded over two workers.
+    let teacher = tiny_model("dmd", "teacher-dp");
+    let args = |out: &Path, devices: &'static str| -> Vec<String> {
+        let mut a: Vec<String> = dmd_args(&teacher, out, "4")
+            .into_iter()
+            .map(String::from)
+            .collect();
+        let more = [
+            "--gan-weight",
+            "0.5",
+            "--regression",
+            "0.25",
+            "--devices",
+            devices,
+        ];
+        a.extend(more.map(String::from));
+        a
+    };
+    let run = |a: Vec<String>| ok(&fewstep(&a.iter().map(String::as_str).collect::<Vec<_>>()));
+    let (one, two) = (scratch("dmd", "dp-one"), scratch("dmd", "dp-two"));
+    run(args(&one, "1"));
+    run(args(&two, "2"));
+    for w in [
+        format!("student/{WEIGHTS}"),
+        "checkpoints/latest/fake/state/model.safetensors".into(),
+        "checkpoints/latest/gan/state/model.safetensors".into(),
+    ] {
+        let max = max_weight_difference(&one.join(&w), &two.join(&w));
+        assert!(max < 1e-4, "{w}: two devices differ from one by {max}");
+    }
+}
+
+#[test]
 fn bad_dmd_input_is_one_clear_line_and_writes_nothing() {
     let teacher = tiny_model("dmd", "teacher-c");
     let cases: [(&str, &[&str], &str); 7] = [
@@ -227,7 +262,7 @@ fn bad_dmd_input_is_one_clear_line_and_writes_nothing() {
             "--sampling-steps 11",
         ),
         ("3", &["--quantize", "int8"], "--quantize"),
-        ("3", &["--devices", "2"], "--devices"),
+        ("3", &["--devices", "0"], "--devices"),
         ("3", &["--guidance", "2"], "--guidance"),
     ];
     for (i, (iters, extra, needle)) in cases.iter().enumerate() {

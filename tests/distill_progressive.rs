@@ -3,8 +3,8 @@
 
 mod common;
 use common::{
-    assert_clean_failure, fewstep, interrupt_after_rows, max_weight_difference, ok, scratch,
-    tiny_model, tiny_model_with, widened,
+    assert_clean_failure, csv_lines, fewstep, interrupt_after_rows, max_weight_difference, ok,
+    scratch, tiny_model, tiny_model_with, widened,
 };
 
 use std::path::Path;
@@ -338,9 +338,5 @@ fn guided_halving_makes_the_first_student_at_half_the_teachers_steps() {
         assert_eq!(config["time_cond_proj_dim"], 256, "{steps}");
     }
     // 3 guided + 2 halving iterations, each logged once.
-    let rows = std::fs::read_to_string(out.join("loss.csv"))
-        .unwrap()
-        .lines()
-        .count();
-    assert_eq!(rows, 1 + 5);
+    assert_eq!(csv_lines(&out.join("loss.csv")), 1 + 5);
 }

@@ -3,7 +3,10 @@
 //! peers that die or never come.
 
 mod common;
-use common::{Scratch, assert_clean_failure, fewstep, ok, scratch, tiny_model, tiny_model_with};
+use common::{
+    Scratch, assert_clean_failure, fewstep, ok, scratch, tiny_model, tiny_model_with,
+    wait_for_csv_lines,
+};
 
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -13,7 +16,7 @@ use std::time::{Duration, Instant};
 /// test processes' blocks, and below Linux's ephemeral range (32768–60999), where the system
 /// hands out ports to outgoing connections, this test's own among them.
 fn ports(test: u16) -> u16 {
-    20_000 + (std::process::id() % 480) as u16 * 24 + test * 4
+    20_000 + (std::process::id() % 440) as u16 * 28 + test * 4
 }
 
 /// Starts rank `rank` of `nodes` processes running `fewstep args`.
@@ -202,6 +205,24 @@ fn two_processes_distill_consistency_to_the_one_process_student() {
     two_match_one("cd", ports(4), args, &[w]);
 }
 
+#[test]
+fn two_processes_distill_dmd_to_the_one_process_generator() {
+    // Guided class-conditional teacher, with the adversarial heads and the regression term:
+    // labels, draws and every loss split with the rows.
+    let teacher = tiny_model_with("dist", "teacher-dmd", &["--class-conditional"]);
+    let args = |out: &Path| {
+        let flags = "--iters 3 --batch 2 --fake-updates 2 --fake-warmup 1 --lr 1e-3 --guidance 2 \
+                     --gan-weight 0.5 --regression 0.25 --checkpoint-every 2 --no-eval --quiet";
+        command("distill dmd", &teacher, out, flags)
+    };
+    let weights = [
+        "student/unet/diffusion_pytorch_model.safetensors".to_string(),
+        "checkpoints/latest/fake/state/model.safetensors".to_string(),
+        "checkpoints/latest/gan/state/model.safetensors".to_string(),
+    ];
+    two_match_one("dmd", ports(6), args, &weights);
+}
+
 /// `fewstep <command> --teacher <teacher> --out <out> <flags>` (flags split at spaces).
 fn command(command: &str, teacher: &Path, out: &Path, flags: &str) -> Vec<String> {
     let paths = [
@@ -237,18 +258,12 @@ fn a_killed_peer_ends_the_other_process_with_one_line() {
     let args = |out: &Path| train_args(out, &["--steps", "100000", "--checkpoint-every", "2"]);
     let rank0 = spawn(&strs(&args(&a)), 2, 0, port);
     let mut rank1 = spawn(&strs(&args(&b)), 2, 1, port);
-    let started = Instant::now();
-    while std::fs::read_to_string(a.join("loss.csv"))
-        .map(|t| t.lines().count())
-        .unwrap_or(0)
-        < 4
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "never trained"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_csv_lines(
+        &a.join("loss.csv"),
+        4,
+        Duration::from_secs(120),
+        "never trained",
+    );
     rank1.kill().unwrap(); // SIGKILL
     let _ = rank1.wait();
     // Rank 1's private run folder, which a killed process cannot remove (the next launch of rank

@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{fewstep, ok, repo, scratch};
+use common::{csv_lines, fewstep, ok, repo, scratch};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -276,11 +276,7 @@ fn text_to_image_teacher_students_and_adherence_on_tiny_models() {
         "guided"
     );
     // 2 guided + 2 halving iterations, each logged once.
-    let rows = std::fs::read_to_string(pd.join("loss.csv"))
-        .unwrap()
-        .lines()
-        .count();
-    assert_eq!(rows, 1 + 4);
+    assert_eq!(csv_lines(&pd.join("loss.csv")), 1 + 4);
 
     // Prompt adherence: an attribute classifier, then `eval fid` on the teacher.
     let attributes = root.join("attributes");

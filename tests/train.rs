@@ -2,11 +2,13 @@
 //! bad input.
 
 mod common;
-use common::{assert_clean_failure, fewstep, losses, max_weight_difference, ok, scratch};
+use common::{
+    assert_clean_failure, fewstep, losses, max_weight_difference, ok, scratch, wait_for_csv_lines,
+};
 
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fewstep::pipeline::Pipeline;
 
@@ -179,19 +181,12 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let csv = run.join("loss.csv");
-    let started = Instant::now();
-    while std::fs::read_to_string(&csv)
-        .map(|t| t.lines().count())
-        .unwrap_or(0)
-        < 2
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "training never started"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_csv_lines(
+        &run.join("loss.csv"),
+        2,
+        Duration::from_secs(60),
+        "training never started",
+    );
     std::thread::sleep(Duration::from_millis(300));
     let status = Command::new("kill")
         .args(["-INT", &child.id().to_string()])

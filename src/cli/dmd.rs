@@ -122,13 +122,8 @@ pub fn run(args: DmdArgs) -> Result<()> {
             "--quantize: distill dmd trains a full-precision generator; quantize it afterwards (`fewstep quantize`, or `distill consistency --quantize --init` for a fine-tune)".into(),
         ));
     }
-    if args.common.data_parallel.nodes.is_some() || args.common.data_parallel.devices.trim() != "1"
-    {
-        return Err(Error::Usage(
-            "--devices/--nodes: distill dmd trains on one device (--device)".into(),
-        ));
-    }
-    let device = args.common.device.device()?;
+    let devices = args.common.data_parallel.devices(&args.common.device)?;
+    let device = devices[0].clone();
     let run = if args.common.resume {
         super::warn_flags_on_resume(&["--iters"]);
         None
@@ -144,19 +139,27 @@ pub fn run(args: DmdArgs) -> Result<()> {
             data,
         })
     };
+    let folder = args
+        .common
+        .data_parallel
+        .join("distill dmd", &args.out, args.common.resume)?;
     if args.common.resume
         && let Some(iters) = args.iters
     {
-        dmd::extend_run(&args.out, iters)?;
+        dmd::extend_run(folder.path(), iters)?;
     }
     train::install_interrupt_handler();
     let outcome = dmd::distill_dmd(
-        &args.out,
+        folder.path(),
         run,
         args.common.resume,
-        &device,
-        args.common.quiet,
+        &devices,
+        args.common.quiet || !folder.is_main(),
     )?;
+    if !folder.is_main() {
+        return Ok(());
+    }
+    folder.report_overhead(args.common.quiet);
     let Some(student) = &outcome.student else {
         eprintln!(
             "interrupted; resume with: fewstep distill dmd --out {} --resume",

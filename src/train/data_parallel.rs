@@ -331,6 +331,30 @@ impl burn::module::ModuleVisitor for Rebuild<'_> {
     }
 }
 
+/// The gradients of `module`'s parameters, moved out of `grads`: what one optimiser steps when
+/// one backward pass trained several modules with optimisers of their own.
+pub fn take_grads<M: Module>(grads: &mut GradientsParams, module: &M) -> GradientsParams {
+    let mut take = TakeGrads {
+        from: grads,
+        taken: GradientsParams::new(),
+    };
+    module.visit(&mut take);
+    take.taken
+}
+
+struct TakeGrads<'a> {
+    from: &'a mut GradientsParams,
+    taken: GradientsParams,
+}
+
+impl burn::module::ModuleVisitor for TakeGrads<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+        if let Some(g) = self.from.remove::<D>(param.id) {
+            self.taken.register::<D>(param.id, g);
+        }
+    }
+}
+
 /// The loss's value and its gradients with respect to `model`'s parameters.
 fn backward<M: Module>(loss: Tensor<1>, model: &M) -> (f32, GradientsParams) {
     let value = loss.clone().into_scalar::<f32>();

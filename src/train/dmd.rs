@@ -18,7 +18,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
-use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::optim::ModuleOptimizer;
 use burn::prelude::*;
 use fewstep_schedulers::{Algorithm, Prediction, SchedulerConfig};
 use serde_json::json;
@@ -214,33 +214,32 @@ struct State {
     generator: UNet,
     optim: ModuleOptimizer,
     ema: Option<UNet>,
-    fake: UNet,
+    critic: Critic,
     fake_optim: ModuleOptimizer,
-    gan: Option<Heads>,
+    /// The adversarial heads' optimiser (the fake network's settings and rate, as DMD2 trains
+    /// them as one).
+    heads_optim: Option<ModuleOptimizer>,
 }
 
-/// The adversarial heads on the fake score network's encoder, and their optimiser (the fake
-/// network's settings and rate, as DMD2 trains them as one).
-struct Heads {
-    heads: ConsistencyDiscriminator,
-    optim: ModuleOptimizer,
+/// What each fake-score step trains in one backward pass: the fake score network and, with the
+/// adversarial term, the heads on its encoder (each with its own optimiser, checkpointed apart).
+#[derive(Module, Debug)]
+struct Critic {
+    score: UNet,
+    heads: Option<ConsistencyDiscriminator>,
 }
 
-impl Heads {
-    /// Fresh heads for `fake`'s encoder maps on `device` (an autodiff device), from `seed`.
-    fn new(fake: &UNet, cfg: &DmdConfig, device: &Device) -> Self {
-        device.seed(cfg.seed);
-        Heads {
-            heads: ConsistencyDiscriminator {
-                heads: Some(FeatureHeads::new(
-                    &fake.encoder_channels(),
-                    HEAD_WIDTH,
-                    device,
-                )),
-                pixels: None,
-            },
-            optim: cfg.optimizer.init(),
-        }
+/// Fresh adversarial heads for `fake`'s encoder maps on `device` (an autodiff device), from the
+/// run's seed.
+fn new_heads(fake: &UNet, cfg: &DmdConfig, device: &Device) -> ConsistencyDiscriminator {
+    device.seed(cfg.seed);
+    ConsistencyDiscriminator {
+        heads: Some(FeatureHeads::new(
+            &fake.encoder_channels(),
+            HEAD_WIDTH,
+            device,
+        )),
+        pixels: None,
     }
 }
 
@@ -279,12 +278,12 @@ fn save_checkpoint(
     }
     checkpoint::write_state(
         &dir.join(FAKE_DIR),
-        &state.fake,
+        &state.critic.score,
         &state.fake_optim,
         &progress,
     )?;
-    if let Some(gan) = &state.gan {
-        checkpoint::write_state(&dir.join(GAN_DIR), &gan.heads, &gan.optim, &progress)?;
+    if let (Some(heads), Some(optim)) = (&state.critic.heads, &state.heads_optim) {
+        checkpoint::write_state(&dir.join(GAN_DIR), heads, optim, &progress)?;
     }
     checkpoint::publish(run_dir).map(|_| ())
 }
@@ -318,25 +317,25 @@ fn load_checkpoint(
         fake_config.init(&ad),
         cfg.optimizer.init(),
     )?;
-    let gan = match cfg.gan {
+    let (heads, heads_optim) = match cfg.gan {
         Some(_) => {
-            let fresh = Heads::new(&fake.model, cfg, &ad);
-            let hs = checkpoint::read_state(&ckpt.join(GAN_DIR), fresh.heads, fresh.optim)?;
-            Some(Heads {
-                heads: hs.model,
-                optim: hs.optim,
-            })
+            let fresh = new_heads(&fake.model, cfg, &ad);
+            let hs = checkpoint::read_state(&ckpt.join(GAN_DIR), fresh, cfg.optimizer.init())?;
+            (Some(hs.model), Some(hs.optim))
         }
-        None => None,
+        None => (None, None),
     };
     Ok(Some((
         State {
             generator: st.model,
             optim: st.optim,
             ema,
-            fake: fake.model,
+            critic: Critic {
+                score: fake.model,
+                heads,
+            },
             fake_optim: fake.optim,
-            gan,
+            heads_optim,
         },
         iter,
     )))
@@ -435,31 +434,102 @@ impl Sides<'_> {
         discriminator_logits(Some(fake), heads, x0, eps, &t_i, &a, cond)
     }
 
-    /// One denoising step's loss of the fake score network on generator samples `x0`, at
-    /// timesteps and noise drawn from `rng` (the teacher's objective,
-    /// [`super::diffusion::denoising_loss`]).
-    fn fake_loss(
-        &self,
-        fake: &UNet,
-        x0: Tensor<4>,
-        cond: &Conditioning,
-        rng: &mut NoiseStream,
-    ) -> Tensor<1> {
-        let device = x0.device();
+    /// The draws of one fake-score step for the whole batch (its shards take their rows): the
+    /// denoising loss's timesteps and noise, then with `gan` the heads' timesteps and the noise
+    /// of the real and of the generated rows.
+    fn critic_draws(&self, gan: bool, rng: &mut NoiseStream, device: &Device) -> CriticDraws {
         let t: Vec<usize> = (0..self.shape[0])
             .map(|_| rng.below(self.alpha_bars.len() as u64) as usize)
             .collect();
-        let eps = crate::sample::host_noise(rng, self.shape, &device.clone().without_autodiff());
-        super::diffusion::denoising_loss(
-            fake,
-            x0,
-            eps.autodiff(),
-            &t,
+        let eps = crate::sample::host_noise(rng, self.shape, device);
+        let judged = gan.then(|| {
+            let uniform: Vec<f64> = (0..self.shape[0]).map(|_| rng.uniform()).collect();
+            let t = score_timesteps(self.alpha_bars.len(), &uniform);
+            let real = crate::sample::host_noise(rng, self.shape, device);
+            let fake = crate::sample::host_noise(rng, self.shape, device);
+            JudgeDraws { t, real, fake }
+        });
+        CriticDraws { t, eps, judged }
+    }
+
+    /// One shard's losses of a fake-score step, on generator samples `x0` (autodiff side): the
+    /// fake network's denoising loss (the teacher's objective,
+    /// [`super::diffusion::denoising_loss`]) and, with heads and `real` rows, the heads'
+    /// non-saturating classification loss of noised `real` against noised `x0`.
+    fn critic_losses(
+        &self,
+        critic: &Critic,
+        x0: Tensor<4>,
+        real: Option<Tensor<4>>,
+        draws: &CriticDraws,
+        shard: &data_parallel::Shard<'_>,
+        cond: &Conditioning,
+    ) -> (Tensor<1>, Option<Tensor<1>>) {
+        let denoising = super::diffusion::denoising_loss(
+            &critic.score,
+            x0.clone(),
+            shard.take(&draws.eps).autodiff(),
+            &shard.take_list(&draws.t),
             cond,
             self.schedule,
             self.teacher_prediction,
             None,
-        )
+        );
+        let heads = match (&critic.heads, real, &draws.judged) {
+            (Some(heads), Some(real), Some(j)) => {
+                let t = shard.take_list(&j.t);
+                let judge = |x: Tensor<4>, eps: &Tensor<4>| {
+                    let eps = shard.take(eps).autodiff();
+                    self.realism(&critic.score, heads, x, eps, &t, cond)
+                };
+                let (on_real, on_fake) = (judge(real, &j.real), judge(x0, &j.fake));
+                Some(adversarial_discriminator_loss(
+                    GanLoss::NonSaturating,
+                    on_real,
+                    on_fake,
+                ))
+            }
+            _ => None,
+        };
+        (denoising, heads)
+    }
+}
+
+/// See [`Sides::critic_draws`].
+struct CriticDraws {
+    t: Vec<usize>,
+    eps: Tensor<4>,
+    judged: Option<JudgeDraws>,
+}
+
+struct JudgeDraws {
+    t: Vec<usize>,
+    real: Tensor<4>,
+    fake: Tensor<4>,
+}
+
+/// Row-weighted means of the loss parts the progress line shows, summed over the shards of a
+/// data-parallel step (each shard adds its own mean with its row count; in a multi-process run,
+/// over this process's rows).
+#[derive(Default)]
+struct ShownParts(std::sync::Mutex<[(f64, usize); 3]>);
+
+impl ShownParts {
+    const FAKE: usize = 0;
+    const HEADS: usize = 1;
+    const ADVERSARIAL: usize = 2;
+
+    fn add(&self, part: usize, mean: &Tensor<1>, rows: usize) {
+        let value = mean.clone().into_scalar::<f32>() as f64;
+        let mut parts = self.0.lock().expect("no shard panicked holding the lock");
+        parts[part].0 += value * rows as f64;
+        parts[part].1 += rows;
+    }
+
+    /// The part's mean over the rows added; `None` if no shard added it.
+    fn mean(&self, part: usize) -> Option<f32> {
+        let (sum, rows) = self.0.lock().expect("no shard panicked holding the lock")[part];
+        (rows > 0).then(|| (sum / rows as f64) as f32)
     }
 }
 
@@ -493,9 +563,12 @@ pub fn distill_dmd(
     run_dir: &Path,
     run: Option<DmdRun>,
     resume: bool,
-    device: &Device,
+    devices: &[Device],
     quiet: bool,
 ) -> Result<DmdOutcome> {
+    let device = devices
+        .first()
+        .ok_or_else(|| Error::Usage("--devices: expected at least one device".into()))?;
     let run = match (resume, run) {
         (true, _) => checkpoint::read_run_as::<DmdRun>(run_dir, DMD_RUN)?,
         (false, None) => return Err(Error::Usage("nothing to distill: give a teacher".into())),
@@ -575,13 +648,19 @@ pub fn distill_dmd(
     };
     // The regression term's frozen reference, and the teacher on the autodiff side for the
     // teacher-feature distance.
-    let anchor =
-        (cfg.regression > 0.0).then(|| crate::models::quant::trainable_weights(init.unet.clone()));
-    let feature_net =
-        (cfg.regression > 0.0 && cfg.regression_distance == Distance::TeacherFeatures).then(|| {
-            data_parallel::frozen_through(&teacher.unet, device, std::slice::from_ref(device))
-                .remove(0)
-        });
+    let anchors = (cfg.regression > 0.0).then(|| {
+        data_parallel::replicate(
+            &crate::models::quant::trainable_weights(init.unet.clone()),
+            devices,
+        )
+    });
+    let feature_nets =
+        if cfg.regression > 0.0 && cfg.regression_distance == Distance::TeacherFeatures {
+            data_parallel::frozen_through(&teacher.unet, device, devices)
+        } else {
+            Vec::new()
+        };
+    let teachers = data_parallel::replicate(&teacher.unet, devices);
     let unet_config = {
         let mut c = init.unet_config.clone();
         c.quantization_config = None;
@@ -612,9 +691,12 @@ pub fn distill_dmd(
                     ema: cfg.ema_decay.map(|_| generator.valid()),
                     generator,
                     optim: cfg.optimizer.init(),
-                    gan: cfg.gan.map(|_| Heads::new(&fake, cfg, &ad)),
-                    fake,
+                    critic: Critic {
+                        heads: cfg.gan.map(|_| new_heads(&fake, cfg, &ad)),
+                        score: fake,
+                    },
                     fake_optim: cfg.optimizer.init(),
+                    heads_optim: cfg.gan.map(|_| cfg.optimizer.init()),
                 },
                 0,
             )
@@ -648,113 +730,152 @@ pub fn distill_dmd(
         start,
         state,
         |mut state, iter| {
-            // Order of draws: rows, then per fake step its level, sampler noise and denoising
-            // noise (with `gan`: then the heads' timesteps and the real and generated rows'
-            // noise), then the generator step's level, sampler noise, score timesteps and noise
-            // (fixed: resume relies on it).
+            // Order of draws: rows, then per fake step its level, sampler noise, denoising
+            // timesteps and noise (with `gan`: then the heads' timesteps and the real and
+            // generated rows' noise), then the generator step's level, sampler noise, score
+            // timesteps and noise (fixed: resume relies on it). Every draw is of the whole
+            // batch; a data-parallel shard takes its rows.
             let mut rng = NoiseStream::for_step(cfg.seed, iter as u64);
             let (real, cond) = draw_rows(&sides, &images, &mut rng, device)?;
-            let real = cfg
-                .gan
-                .map(|_| super::model_space(&teacher, real).autodiff());
-            let ad_cond = cond.clone().autodiff();
-            let mut fake_value = 0.0f32;
-            // With `gan`: the heads' classification loss (2·ln 2 ≈ 1.386 at chance) and the
-            // generator's adversarial loss, unweighted, for the progress line.
-            let mut heads_value = 0.0f32;
-            let mut adversarial_value = None;
+            let real = cfg.gan.map(|_| super::model_space(&teacher, real));
+            // The fake-score network's denoising loss, and with `gan` the heads' classification
+            // loss (2·ln 2 ≈ 1.386 at chance) and the generator's adversarial loss, unweighted,
+            // for the progress line.
+            let shown = ShownParts::default();
             for _ in 0..cfg.fake_updates {
                 let generator = state.generator.valid();
                 let level = sides.level(&mut rng);
                 let x = sides.generator_input(&generator, level, &cond, &mut rng, device);
-                let x0 = consistency_output(
-                    &generator,
-                    sides.generator_prediction,
-                    x,
-                    &vec![steps[level]; cfg.batch],
-                    At::Start,
-                    &cond,
-                    None,
-                );
-                let x0 = x0.autodiff();
-                let mut loss = sides.fake_loss(&state.fake, x0.clone(), &ad_cond, &mut rng);
-                fake_value += loss.clone().into_scalar::<f32>() / cfg.fake_updates as f32;
-                if let (Some(g), Some(gan), Some(real)) = (cfg.gan, &state.gan, &real) {
-                    let uniform: Vec<f64> = (0..cfg.batch).map(|_| rng.uniform()).collect();
-                    let t = score_timesteps(alpha_bars.len(), &uniform);
-                    let mut judge = |x: Tensor<4>| {
-                        let eps = crate::sample::host_noise(&mut rng, sides.shape, device);
-                        sides.realism(&state.fake, &gan.heads, x, eps.autodiff(), &t, &ad_cond)
-                    };
-                    let (on_real, on_fake) = (judge(real.clone()), judge(x0));
-                    let heads =
-                        adversarial_discriminator_loss(GanLoss::NonSaturating, on_real, on_fake);
-                    heads_value += heads.clone().into_scalar::<f32>() / cfg.fake_updates as f32;
-                    loss = loss + heads.mul_scalar(g.fake_weight);
-                }
-                let mut grads = loss.backward();
-                if let Some(mut gan) = state.gan.take() {
-                    let heads = GradientsParams::from_module(&mut grads, &gan.heads);
-                    gan.heads = gan.optim.step(cfg.fake_lr, gan.heads, heads);
-                    state.gan = Some(gan);
-                }
-                let grads = GradientsParams::from_module(&mut grads, &state.fake);
-                state.fake = state.fake_optim.step(cfg.fake_lr, state.fake, grads);
+                let draws = sides.critic_draws(cfg.gan.is_some(), &mut rng, device);
+                let generators = data_parallel::replicate(&generator, devices);
+                let (_, mut grads) = data_parallel::loss_and_grads(
+                    &state.critic,
+                    devices,
+                    cfg.batch,
+                    |critic, shard| {
+                        let rows = shard.rows.len();
+                        let cond = shard.take_conditioning(&cond);
+                        let x0 = consistency_output(
+                            &generators[shard.index],
+                            sides.generator_prediction,
+                            shard.take(&x),
+                            &vec![steps[level]; rows],
+                            At::Start,
+                            &cond,
+                            None,
+                        );
+                        let real = real.as_ref().map(|r| shard.take(r).autodiff());
+                        let ad_cond = cond.autodiff();
+                        let (denoising, heads) = sides.critic_losses(
+                            critic,
+                            x0.autodiff(),
+                            real,
+                            &draws,
+                            shard,
+                            &ad_cond,
+                        );
+                        shown.add(ShownParts::FAKE, &denoising, rows);
+                        match (heads, cfg.gan) {
+                            (Some(heads), Some(g)) => {
+                                shown.add(ShownParts::HEADS, &heads, rows);
+                                denoising + heads.mul_scalar(g.fake_weight)
+                            }
+                            _ => denoising,
+                        }
+                    },
+                )?;
+                let Critic { score, heads } = state.critic;
+                let heads = match (heads, state.heads_optim.as_mut()) {
+                    (Some(heads), Some(optim)) => {
+                        let g = data_parallel::take_grads(&mut grads, &heads);
+                        Some(optim.step(cfg.fake_lr, heads, g))
+                    }
+                    (heads, _) => heads,
+                };
+                let score = state.fake_optim.step(cfg.fake_lr, score, grads);
+                state.critic = Critic { score, heads };
             }
             let level = sides.level(&mut rng);
             let x = sides.generator_input(&state.generator.valid(), level, &cond, &mut rng, device);
-            let row_steps = vec![steps[level]; cfg.batch];
             let uniform: Vec<f64> = (0..cfg.batch).map(|_| rng.uniform()).collect();
             let t = score_timesteps(alpha_bars.len(), &uniform);
             let eps = crate::sample::host_noise(&mut rng, sides.shape, device);
-            let x0 = consistency_output(
+            let fakes = data_parallel::replicate(&state.critic.score.valid(), devices);
+            // The adversarial term's critic, frozen: gradients pass through it to the generator.
+            let judges = match cfg.gan {
+                Some(_) => data_parallel::frozen_through(&state.critic.valid(), device, devices),
+                None => Vec::new(),
+            };
+            let (value, grads) = data_parallel::loss_and_grads(
                 &state.generator,
-                sides.generator_prediction,
-                x.clone().autodiff(),
-                &row_steps,
-                At::Start,
-                &ad_cond,
-                None,
-            );
-            let a: Vec<f64> = t.iter().map(|&t| alpha_bars[t]).collect();
-            let xt = noise_to(x0.clone().inner(), eps.clone(), &a);
-            let real = sides.score_x0(&teacher.unet, xt.clone(), &t, &cond, cfg.guidance);
-            let fake = sides.score_x0(&state.fake.valid(), xt, &t, &cond, None);
-            let mut loss = distribution_matching_loss(x0.clone(), real.autodiff(), fake.autodiff());
-            if let Some(anchor) = &anchor {
-                let reference = consistency_output(
-                    anchor,
-                    sides.generator_prediction,
-                    x,
-                    &row_steps,
-                    At::Start,
-                    &cond,
-                    None,
-                );
-                let features = feature_net.as_ref().map(|net| (net, &ad_cond));
-                loss = loss
-                    + distance(
-                        x0.clone(),
-                        reference.autodiff(),
-                        cfg.regression_distance,
-                        features,
-                    )
-                    .mul_scalar(cfg.regression);
-            }
-            let mut loss = loss.mean();
-            if let (Some(g), Some(gan)) = (cfg.gan, &state.gan) {
-                // The same timesteps and noise as the distribution-matching term, through the
-                // fake network and the heads to the generator (their own gradients unused).
-                let logits =
-                    sides.realism(&state.fake, &gan.heads, x0, eps.autodiff(), &t, &ad_cond);
-                let adversarial = adversarial_generator_loss(GanLoss::NonSaturating, logits);
-                adversarial_value = Some(adversarial.clone().into_scalar::<f32>());
-                loss = loss + adversarial.mul_scalar(g.generator_weight);
-            }
-            let value: f32 = loss.clone().into_scalar();
+                devices,
+                cfg.batch,
+                |generator, shard| {
+                    let rows = shard.rows.len();
+                    let (x, t, eps) = (shard.take(&x), shard.take_list(&t), shard.take(&eps));
+                    let cond = shard.take_conditioning(&cond);
+                    let ad_cond = cond.clone().autodiff();
+                    let row_steps = vec![steps[level]; rows];
+                    let x0 = consistency_output(
+                        generator,
+                        sides.generator_prediction,
+                        x.clone().autodiff(),
+                        &row_steps,
+                        At::Start,
+                        &ad_cond,
+                        None,
+                    );
+                    let a: Vec<f64> = t.iter().map(|&t| alpha_bars[t]).collect();
+                    let xt = noise_to(x0.clone().inner(), eps.clone(), &a);
+                    let teacher = &teachers[shard.index];
+                    let real = sides.score_x0(teacher, xt.clone(), &t, &cond, cfg.guidance);
+                    let fake = sides.score_x0(&fakes[shard.index], xt, &t, &cond, None);
+                    let mut loss =
+                        distribution_matching_loss(x0.clone(), real.autodiff(), fake.autodiff());
+                    if let Some(anchors) = &anchors {
+                        let reference = consistency_output(
+                            &anchors[shard.index],
+                            sides.generator_prediction,
+                            x,
+                            &row_steps,
+                            At::Start,
+                            &cond,
+                            None,
+                        );
+                        let features = feature_nets.get(shard.index).map(|net| (net, &ad_cond));
+                        loss = loss
+                            + distance(
+                                x0.clone(),
+                                reference.autodiff(),
+                                cfg.regression_distance,
+                                features,
+                            )
+                            .mul_scalar(cfg.regression);
+                    }
+                    let loss = loss.mean();
+                    match (cfg.gan, judges.get(shard.index)) {
+                        // The same timesteps and noise as the distribution-matching term,
+                        // through the fake network and the heads.
+                        (
+                            Some(g),
+                            Some(Critic {
+                                score,
+                                heads: Some(heads),
+                            }),
+                        ) => {
+                            let logits =
+                                sides.realism(score, heads, x0, eps.autodiff(), &t, &ad_cond);
+                            let adversarial =
+                                adversarial_generator_loss(GanLoss::NonSaturating, logits);
+                            shown.add(ShownParts::ADVERSARIAL, &adversarial, rows);
+                            loss + adversarial.mul_scalar(g.generator_weight)
+                        }
+                        _ => loss,
+                    }
+                },
+            )?;
             let lr = cfg.lr_at(iter);
             if lr > 0.0 {
-                let grads = GradientsParams::from_grads(loss.backward(), &state.generator);
                 state.generator = state.optim.step(lr, state.generator, grads);
                 if let (Some(decay), Some(e)) = (cfg.ema_decay, state.ema.take()) {
                     let k = iter - cfg.fake_warmup;
@@ -770,11 +891,15 @@ pub fn distill_dmd(
                 IterReport {
                     loss: value,
                     lr,
-                    note: match adversarial_value {
-                        Some(adv) => format!(
-                            " | fake {fake_value:.4} | heads {heads_value:.3} | adversarial {adv:.3}"
-                        ),
-                        None => format!(" | fake {fake_value:.4}"),
+                    note: {
+                        let fake = shown.mean(ShownParts::FAKE).unwrap_or(f32::NAN);
+                        let heads = shown.mean(ShownParts::HEADS).unwrap_or(f32::NAN);
+                        match shown.mean(ShownParts::ADVERSARIAL) {
+                            Some(adv) => format!(
+                                " | fake {fake:.4} | heads {heads:.3} | adversarial {adv:.3}"
+                            ),
+                            None => format!(" | fake {fake:.4}"),
+                        }
                     },
                 },
             ))

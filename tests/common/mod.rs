@@ -188,19 +188,27 @@ pub fn train_tiny(run: &Path, extra: &[&str]) {
     ok(&fewstep(&args));
 }
 
+/// The lines of a run's `loss.csv` at `csv`, its header included; 0 while it does not exist.
+pub fn csv_lines(csv: &Path) -> usize {
+    std::fs::read_to_string(csv)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+/// Waits until `csv` has `lines` lines, failing with `what` after `limit`.
+pub fn wait_for_csv_lines(csv: &Path, lines: usize, limit: Duration, what: &str) {
+    let started = Instant::now();
+    while csv_lines(csv) < lines {
+        assert!(started.elapsed() < limit, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Runs `fewstep args`, sends it Ctrl-C (SIGINT) once `csv` has `rows` lines, and returns its
 /// output after checking that it stopped cleanly and said how to resume.
 pub fn interrupt_after_rows(args: &[&str], csv: &Path, rows: usize) -> Output {
     let child = command().args(args).stderr(Stdio::piped()).spawn().unwrap();
-    let started = Instant::now();
-    while std::fs::read_to_string(csv)
-        .map(|t| t.lines().count())
-        .unwrap_or(0)
-        < rows
-    {
-        assert!(started.elapsed() < Duration::from_secs(60), "never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_csv_lines(csv, rows, Duration::from_secs(60), "never started");
     let status = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
