@@ -742,12 +742,13 @@ pub fn distill_dmd(
             // loss (2·ln 2 ≈ 1.386 at chance) and the generator's adversarial loss, unweighted,
             // for the progress line.
             let shown = ShownParts::default();
+            // The generator does not change during the fake-score steps.
+            let generator = state.generator.valid();
+            let generators = data_parallel::replicate(&generator, devices);
             for _ in 0..cfg.fake_updates {
-                let generator = state.generator.valid();
                 let level = sides.level(&mut rng);
                 let x = sides.generator_input(&generator, level, &cond, &mut rng, device);
                 let draws = sides.critic_draws(cfg.gan.is_some(), &mut rng, device);
-                let generators = data_parallel::replicate(&generator, devices);
                 let (_, mut grads) = data_parallel::loss_and_grads(
                     &state.critic,
                     devices,
@@ -796,7 +797,7 @@ pub fn distill_dmd(
                 state.critic = Critic { score, heads };
             }
             let level = sides.level(&mut rng);
-            let x = sides.generator_input(&state.generator.valid(), level, &cond, &mut rng, device);
+            let x = sides.generator_input(&generator, level, &cond, &mut rng, device);
             let uniform: Vec<f64> = (0..cfg.batch).map(|_| rng.uniform()).collect();
             let t = score_timesteps(alpha_bars.len(), &uniform);
             let eps = crate::sample::host_noise(&mut rng, sides.shape, device);
