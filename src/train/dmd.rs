@@ -6,7 +6,9 @@
 //! optional regression term towards the frozen `--init` generator's output for the same input).
 //! With `gan`, DMD2's adversarial term: heads on the fake score network's encoder learn to tell
 //! noised data from noised generator samples (their loss joins the fake network's, which it
-//! also trains), and the generator takes their non-saturating loss.
+//! also trains), and the generator takes their non-saturating loss. Each step is data-parallel
+//! over `--devices` and `--nodes` ([`data_parallel::loss_and_grads`]): the iteration's draws are
+//! of the whole batch, and each shard takes its rows.
 //!
 //! Run folder: `run.json`, `loss.csv` (the generator's loss; the fake score's denoising loss, and
 //! with `gan` the heads' classification loss and the generator's adversarial loss, in the progress
