@@ -219,26 +219,14 @@ fn two_devices_train_the_one_device_generator() {
     // Every term at once: the adversarial heads (trained with the fake network in one backward
     // pass, stepped by their own optimiser) and the regression term, sharded over two workers.
     let teacher = tiny_model("dmd", "teacher-dp");
-    let args = |out: &Path, devices: &'static str| -> Vec<String> {
-        let mut a: Vec<String> = dmd_args(&teacher, out, "4")
-            .into_iter()
-            .map(String::from)
-            .collect();
-        let more = [
-            "--gan-weight",
-            "0.5",
-            "--regression",
-            "0.25",
-            "--devices",
-            devices,
-        ];
-        a.extend(more.map(String::from));
-        a
-    };
-    let run = |a: Vec<String>| ok(&fewstep(&a.iter().map(String::as_str).collect::<Vec<_>>()));
     let (one, two) = (scratch("dmd", "dp-one"), scratch("dmd", "dp-two"));
-    run(args(&one, "1"));
-    run(args(&two, "2"));
+    for (out, devices) in [(&one, "1"), (&two, "2")] {
+        let mut args = dmd_args(&teacher, out, "4");
+        let terms = ["--gan-weight", "0.5", "--regression", "0.25"];
+        args.extend_from_slice(&terms);
+        args.extend_from_slice(&["--devices", devices]);
+        ok(&fewstep(&args));
+    }
     for w in [
         format!("student/{WEIGHTS}"),
         "checkpoints/latest/fake/state/model.safetensors".into(),
